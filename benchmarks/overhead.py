@@ -1,0 +1,296 @@
+"""How much does interlace cost on top of a plain PyTorch forward?
+
+Run `python benchmarks/overhead.py [--quick]`. Everything is measured in one run, side by side:
+each repeat runs every variant of a row once in turn (so drift hits all of them alike), and a row
+reports the median over repeats, after warmup. Three sections:
+
+1. Per model (a 12-block MLP and a random-weight GPT-2 small, 128 tokens; the real SmolLM2-135M at
+   batch 1 and 8, 16 and 128 tokens) and scenario (save every
+   block's output; save the last block's; add a constant in place to the middle block's output and
+   save the model output; save block 2 with early stop): the bare forward, the same work done by
+   hand with `register_forward_hook` (outputs kept by reference, like `.save()`; stopping by raising
+   from the hook where interlace stops early), and interlace, with the ratios interlace/raw and
+   interlace/bare. Bare and raw run under `torch.no_grad` (interlace does so itself when the graph
+   needs no backward).
+2. Fixed cost on a tiny model (Linear(4, 4)): an empty trace, and a trace saving only the root
+   output minus the bare forward.
+3. Scaling with graph size (1, 16, 256 nodes: the tiny model's output, a chain of `h = h + 1`, a
+   `.save()`): recording = the `with` body alone; executing = the whole block minus the body minus
+   the bare forward (so it includes entering and leaving the trace, hooks and running the graph).
+
+Extending: a model is a `ModelSpec` built by a function in `MODELS`; scenarios are
+`(name, make_raw, make_interlace)` triples in `SCENARIOS`. A new section (say `--smollm2`) adds a
+spec function and calls `model_rows(spec, repeats, warmup)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import interlace  # noqa: E402
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    module: torch.nn.Module
+    layers: list[str]  # module paths of the blocks, in order
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    tuple_output: bool = field(init=False, default=False)  # blocks return (hidden, ...), not a tensor?
+
+    def __post_init__(self):
+        if self.layers:
+            seen = []
+            handle = self.block(0).register_forward_hook(lambda m, a, out: seen.append(out))
+            with torch.no_grad():
+                self.forward()
+            handle.remove()
+            self.tuple_output = isinstance(seen[0], tuple)
+
+    def forward(self):
+        return self.module(*self.args, **self.kwargs)
+
+    def trace(self, net, **options):
+        return net.trace(*self.args, **self.kwargs, **options)
+
+    def block(self, index: int) -> torch.nn.Module:
+        return self.module.get_submodule(self.layers[index])
+
+
+def mlp_spec(layers: int = 12, width: int = 512, tokens: int = 128) -> ModelSpec:
+    torch.manual_seed(0)
+    blocks = [torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU()) for _ in range(layers)]
+    module = torch.nn.Sequential(*blocks).eval()
+    return ModelSpec(f"MLP {layers}x{width}", module, [str(i) for i in range(layers)], (torch.randn(tokens, width),))
+
+
+def gpt2_spec(tokens: int = 128) -> ModelSpec:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config()
+    module = GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, config.vocab_size, (1, tokens))
+    paths = [f"transformer.h.{i}" for i in range(config.n_layer)]
+    return ModelSpec("GPT-2 small (random)", module, paths, kwargs={"input_ids": ids})
+
+
+@functools.lru_cache(maxsize=1)
+def _smollm2():
+    return interlace.LanguageModel.default(dispatch=True).module
+
+
+def smollm2_spec(batch: int, tokens: int) -> ModelSpec:
+    """The embedded real SmolLM2-135M (30 blocks), random token ids."""
+    module = _smollm2()
+    torch.manual_seed(0)
+    ids = torch.randint(0, module.config.vocab_size, (batch, tokens))
+    paths = [f"model.layers.{i}" for i in range(module.config.num_hidden_layers)]
+    return ModelSpec(f"SmolLM2 b{batch} s{tokens}", module, paths, kwargs={"input_ids": ids})
+
+
+MODELS = {
+    "mlp": mlp_spec,
+    "gpt2": gpt2_spec,
+    **{f"smollm2-b{b}-s{t}": functools.partial(smollm2_spec, b, t) for b in (1, 8) for t in (16, 128)},
+}
+DEFAULT_MODELS = "mlp,gpt2,smollm2-b1-s16,smollm2-b1-s128,smollm2-b8-s16,smollm2-b8-s128"
+
+
+# -- scenarios: each maker returns a zero-argument callable doing one run ------------------------
+class _Stop(Exception):
+    pass
+
+
+def _hidden(spec, out):
+    return out[0] if spec.tuple_output else out
+
+
+def _with_hooks(spec, hooks):
+    """The bare forward under no_grad with `{layer index: hook}` registered, removed after."""
+    def run():
+        handles = [spec.block(i).register_forward_hook(h) for i, h in hooks.items()]
+        try:
+            with torch.no_grad():
+                return spec.forward()
+        except _Stop:
+            return None
+        finally:
+            for handle in handles:
+                handle.remove()
+    return run
+
+
+def _keep(store, i, stop=False):
+    """A hook storing the output (by reference, as interlace's .save() does), then maybe stopping."""
+    def hook(module, args, out):
+        store[i] = out
+        if stop:
+            raise _Stop
+    return hook
+
+
+def raw_save(spec, layers, stop=False):
+    store, layers = {}, [i % len(spec.layers) for i in layers]
+    last = max(layers)
+    return _with_hooks(spec, {i: _keep(store, i, stop and i == last) for i in layers})
+
+
+def raw_add_middle(spec):
+    def hook(module, args, out):
+        _hidden(spec, out).add_(1.0)
+    return _with_hooks(spec, {len(spec.layers) // 2: hook})
+
+
+def il_save(spec, net, layers, **options):
+    def run():
+        with spec.trace(net, **options):
+            saved = [net.get(spec.layers[i]).output.save() for i in layers]
+        return saved
+    return run
+
+
+def il_add_middle(spec, net):
+    def run():
+        with spec.trace(net):
+            _hidden(spec, net.get(spec.layers[len(spec.layers) // 2]).output).add_(1.0)
+            out = net.output.save()
+        return out
+    return run
+
+
+# (name, make_raw(spec), make_interlace(spec, net)). Saving the last block with early stop on skips
+# whatever follows it (GPT-2: ln_f and the LM head), so the overhead rows turn it off.
+SCENARIOS = [
+    ("save every layer (no early stop)", lambda s: raw_save(s, range(len(s.layers))),
+     lambda s, n: il_save(s, n, range(len(s.layers)), early_stop=False)),
+    ("save last layer (no early stop)",
+     lambda s: raw_save(s, [-1]), lambda s, n: il_save(s, n, [-1], early_stop=False)),
+    ("save last layer (early stop; raw stops too)",
+     lambda s: raw_save(s, [-1], stop=True), lambda s, n: il_save(s, n, [-1])),
+    ("add 1 in place to middle layer, save output", raw_add_middle, il_add_middle),
+    ("save layer 2 (early stop; raw stops too)",
+     lambda s: raw_save(s, [2], stop=True), lambda s, n: il_save(s, n, [2])),
+]
+
+
+# -- timing ---------------------------------------------------------------------------------------
+def side_by_side(fns: dict, repeats: int, warmup: int) -> dict:
+    """Median seconds per callable; each repeat calls every callable once, in turn."""
+    times = {name: [] for name in fns}
+    for rep in range(warmup + repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if rep >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def bare(spec):
+    def run():
+        with torch.no_grad():
+            return spec.forward()
+    return run
+
+
+def model_rows(spec: ModelSpec, repeats: int, warmup: int) -> list[list[str]]:
+    net = interlace.Model(spec.module)
+    rows = []
+    for name, make_raw, make_il in SCENARIOS:
+        t = side_by_side({"bare": bare(spec), "raw": make_raw(spec), "il": make_il(spec, net)}, repeats, warmup)
+        rows.append([spec.name, name, *(f"{t[k] * 1e3:.2f}" for k in ("bare", "raw", "il")),
+                     f"{t['il'] / t['raw']:.3f}", f"{t['il'] / t['bare']:.3f}"])
+    return rows
+
+
+def tiny():
+    """A Linear(4, 4) as (interlace model, input, bare forward)."""
+    torch.manual_seed(0)
+    module, x = torch.nn.Linear(4, 4).eval(), torch.randn(1, 4)
+    return interlace.Model(module), x, bare(ModelSpec("Linear(4, 4)", module, [], (x,)))
+
+
+def fixed_cost_rows(repeats: int, warmup: int) -> list[list[str]]:
+    net, x, bare_forward = tiny()
+
+    def empty():
+        with net.trace(x):
+            pass
+
+    def save_root():
+        with net.trace(x):
+            out = net.output.save()
+        return out
+
+    t = side_by_side({"bare": bare_forward, "empty": empty, "root": save_root}, repeats, warmup)
+    return [["empty trace (`with net.trace(x): pass`)", f"{t['empty'] * 1e6:.1f}"],
+            ["bare forward, no_grad", f"{t['bare'] * 1e6:.1f}"],
+            ["save root output - bare forward", f"{(t['root'] - t['bare']) * 1e6:.1f}"]]
+
+
+def _chain(net, x, size, report):
+    """One trace of `size` nodes: the root output, size - 2 adds, a save; `report(body seconds)`.
+
+    The trace's exit rebinds saved proxies in the caller's locals by walking every list, dict and
+    tuple there, so this frame holds no growing container (`report` is a bound method)."""
+    with net.trace(x) as tracer:
+        start = time.perf_counter()
+        h = net.output
+        for _ in range(size - 2):
+            h = h + 1
+        if size > 1:
+            h.save()
+        report(time.perf_counter() - start)
+    assert len(tracer.graph) == size
+
+
+def scaling_rows(repeats: int, warmup: int, sizes=(1, 16, 256)) -> list[list[str]]:
+    (net, x, bare_forward), bodies = tiny(), {size: [] for size in sizes}
+    fns = {size: functools.partial(_chain, net, x, size, bodies[size].append) for size in sizes}
+    t = side_by_side({"bare": bare_forward, **fns}, repeats, warmup)
+    rows = []
+    for size in sizes:
+        record = statistics.median(bodies[size][warmup:])
+        run = t[size] - record - t["bare"]
+        rows.append([str(size), f"{record * 1e6:.1f}", f"{record / size * 1e6:.2f}", f"{run * 1e6:.1f}",
+                     f"{run / size * 1e6:.2f}"])
+    return rows
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (a rough check)")
+    parser.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated, from {sorted(MODELS)}")
+    args = parser.parse_args(argv)
+    repeats, warmup, small = (3, 1, 20) if args.quick else (11, 2, 200)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {repeats} after {warmup} "
+          f"warmup, load average {os.getloadavg()[0]:.2f} at start (other processes skew timings)\n")
+    rows = []
+    for key in args.models.split(","):
+        rows += model_rows(MODELS[key](), repeats, warmup)
+    print(table(["model", "scenario", "bare ms", "raw hooks ms", "interlace ms", "interlace/raw",
+                 "interlace/bare"], rows))
+    print("\n" + table(["fixed cost (Linear(4,4))", "µs"], fixed_cost_rows(small, warmup)))
+    print("\n" + table(["nodes", "record µs", "record µs/node", "execute µs", "execute µs/node"],
+                       scaling_rows(small, warmup)))
+
+
+if __name__ == "__main__":
+    main()

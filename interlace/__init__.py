@@ -1,0 +1,61 @@
+"""interlace: read and change the internals of any PyTorch model.
+
+>>> import torch, interlace
+>>> net = interlace.Model(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh()))
+>>> with net.trace(torch.ones(1, 3)):
+...     hidden = net[0].output.save()
+>>> isinstance(hidden, torch.Tensor)
+True
+"""
+
+from . import tracer as _tracer
+from .envoy import Envoy
+from .errors import (
+    ExecutionError,
+    InterlaceError,
+    ModelError,
+    ModulePathError,
+    NotSavedError,
+    OutOfOrderError,
+    ProxyValueError,
+    SerializationError,
+)
+from .graph import Graph, Node
+from .models.base import Model
+from .models.language import LanguageModel
+from .proxy import Proxy
+
+NNsight = Model
+
+
+def apply(fn, *args, **kwargs):
+    """Run `fn` on the real values of `args` when the graph runs (inside a trace), else call it now."""
+    if not _tracer._active:
+        return fn(*args, **kwargs)
+    return _tracer.current().apply(fn, *args, **kwargs)
+
+
+def list():  # noqa: A001 - mirrors the builtin on purpose: a list that lives in the graph
+    """A list recorded in the graph; `.append(value)` inside loops and steps, `.save()` to keep it."""
+    return _tracer.current().record("call", "builtins.list")
+
+
+__all__ = [
+    "Envoy",
+    "ExecutionError",
+    "Graph",
+    "InterlaceError",
+    "LanguageModel",
+    "Model",
+    "ModelError",
+    "ModulePathError",
+    "NNsight",
+    "Node",
+    "NotSavedError",
+    "OutOfOrderError",
+    "Proxy",
+    "ProxyValueError",
+    "SerializationError",
+    "apply",
+    "list",
+]

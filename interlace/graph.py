@@ -1,0 +1,214 @@
+"""The intervention graph as plain data: `Node`, `Ref` and `Graph`.
+
+A graph is an ordered list of nodes. Each node names an operation (`op`, from the closed set
+`OPS`), a `target` (a module path, a registry name, or for trusted graphs a callable), `args` and
+`kwargs` that may hold `Ref`s to earlier nodes, the user's source location, and an optional `guard`
+(the `cond` node that must be true for it to run). Nothing here knows about hooks, proxies or
+models: a graph can be printed, compared, serialized and executed anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+OPS = frozenset(
+    {
+        "module_value",  # target=path; kwargs: kind (output|input|inputs), call, invoke
+        "parameter",  # target=dotted name of a parameter or buffer
+        "call",  # target=registry name (or a callable in trusted graphs)
+        "call_method",  # target=method name; args[0] is the object
+        "swap",  # args=(Ref to a module_value or grad node, new value)
+        "skip",  # target=path; kwargs: call, invoke; args=(value,)
+        "save",  # args=(Ref,)
+        "apply",  # target=user callable (trusted only)
+        "module_call",  # target=path; run that module on args/kwargs
+        "grad",  # args=(Ref to a tensor,); its gradient in the backward pass
+        "cond",  # args=(predicate,); a bool guarding later nodes
+        "stop",  # end the forward pass here
+        "log",  # args=values to print
+    }
+)
+
+
+class Ref:
+    """A reference to the value of node `index`, as it appears inside args and kwargs."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"%{self.index}"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Ref) and other.index == self.index
+
+    def __hash__(self) -> int:
+        return hash(("Ref", self.index))
+
+
+class Node:
+    """One recorded operation. `location` is the user's (filename, lineno)."""
+
+    __slots__ = ("index", "op", "target", "args", "kwargs", "location", "guard", "_refs")
+
+    def __init__(self, index, op, target=None, args=(), kwargs=None, location=None, guard=None):
+        self.index = index
+        self.op = op
+        self.target = target
+        self.args = args
+        self.kwargs = kwargs if kwargs is not None else {}
+        self.location = location
+        self.guard = guard
+        self._refs = None
+
+    @property
+    def name(self) -> str:
+        return f"%{self.index}"
+
+    def refs(self) -> tuple[int, ...]:
+        """Indices of the nodes this node reads, each once, in order (guard included)."""
+        if self._refs is None:  # nodes are not changed after recording, so this is computed once
+            found: list[int] = []
+            _collect_refs(self.args, found)
+            _collect_refs(self.kwargs, found)
+            if self.guard is not None:
+                found.append(self.guard)
+            self._refs = tuple(dict.fromkeys(found))
+        return self._refs
+
+    def describe(self) -> str:
+        """A short human description of what the node does, e.g. `model.layer1.output`."""
+        if self.op == "module_value":
+            call = self.kwargs.get("call", 0)
+            suffix = f" (call {call})" if call else ""
+            return f"{self.target or '<root>'}.{self.kwargs.get('kind', 'output')}{suffix}"
+        if self.op in ("call", "apply"):
+            return f"{target_name(self.target)}(...)"
+        if self.op == "call_method":
+            return f".{self.target}(...)"
+        return self.op
+
+    def _key(self):
+        return (self.op, target_name(self.target), repr(self.args), repr(self.kwargs), self.guard)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Node) and self.index == other.index and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash((self.index,) + self._key())
+
+    def __repr__(self) -> str:
+        parts = [_format(a) for a in self.args] + [f"{k}={_format(v)}" for k, v in self.kwargs.items()]
+        target = "" if self.target is None else f"[{target_name(self.target)}]"
+        guard = f" if %{self.guard}" if self.guard is not None else ""
+        where = ""
+        if self.location:
+            where = f"  # {os.path.basename(self.location[0])}:{self.location[1]}"
+        return f"%{self.index} = {self.op}{target}({', '.join(parts)}){guard}{where}"
+
+
+def _format(value) -> str:
+    """Arguments as a user would write them: `[:, -1]`, `...`, `%3`."""
+    kind = type(value)
+    if kind is slice:
+        parts = ["" if p is None else _format(p) for p in (value.start, value.stop, value.step)]
+        return ":".join(parts[:2] if value.step is None else parts)
+    if value is Ellipsis:
+        return "..."
+    if kind is tuple:
+        inner = ", ".join(_format(v) for v in value)
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    if kind is list:
+        return "[" + ", ".join(_format(v) for v in value) + "]"
+    if kind is dict:
+        return "{" + ", ".join(f"{k!r}: {_format(v)}" for k, v in value.items()) + "}"
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"tensor{tuple(value.shape)}:{str(value.dtype).replace('torch.', '')}"
+    return repr(value)
+
+
+def target_name(target) -> str:
+    if target is None or isinstance(target, str):
+        return str(target)
+    return getattr(target, "__qualname__", None) or repr(target)
+
+
+def _collect_refs(obj, found: list) -> None:
+    kind = type(obj)
+    if kind is Ref:
+        found.append(obj.index)
+    elif kind in (tuple, list):
+        for item in obj:
+            _collect_refs(item, found)
+    elif kind is dict:
+        for item in obj.values():
+            _collect_refs(item, found)
+    elif kind is slice:
+        _collect_refs((obj.start, obj.stop, obj.step), found)
+
+
+def map_refs(obj, fn):
+    """Return `obj` with every Ref replaced by `fn(ref)`, through tuples, lists, dicts and slices."""
+    kind = type(obj)
+    if kind is Ref:
+        return fn(obj)
+    if kind is tuple:
+        return tuple([map_refs(item, fn) for item in obj])
+    if kind is list:
+        return [map_refs(item, fn) for item in obj]
+    if kind is dict:
+        return {key: map_refs(item, fn) for key, item in obj.items()}
+    if kind is slice:
+        return slice(map_refs(obj.start, fn), map_refs(obj.stop, fn), map_refs(obj.step, fn))
+    return obj
+
+
+class Graph:
+    """An ordered list of nodes.
+
+    >>> g = Graph()
+    >>> a = g.add("module_value", "layer1", kwargs={"kind": "output", "call": 0, "invoke": 0})
+    >>> s = g.add("save", args=(Ref(a.index),))
+    >>> len(g)
+    2
+    """
+
+    def __init__(self):
+        self.nodes: list[Node] = []
+
+    def add(self, op, target=None, args=(), kwargs=None, location=None, guard=None) -> Node:
+        node = Node(len(self.nodes), op, target, args, kwargs, location, guard)
+        self.nodes.append(node)
+        return node
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __iter__(self):
+        return iter(self.nodes)
+
+    def __getitem__(self, index: int) -> Node:
+        return self.nodes[index]
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Graph) and self.nodes == other.nodes
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.nodes))
+
+    def users(self) -> list[list[int]]:
+        """For each node, the indices of the nodes that read it."""
+        users: list[list[int]] = [[] for _ in self.nodes]
+        for node in self.nodes:
+            for ref in node.refs():
+                users[ref].append(node.index)
+        return users
+
+    def saved(self) -> list[int]:
+        """Indices of the nodes whose values are kept after execution."""
+        return [node.args[0].index for node in self.nodes if node.op == "save"]
+
+    def __str__(self) -> str:
+        return "\n".join(repr(node) for node in self.nodes) or "<empty graph>"

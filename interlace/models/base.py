@@ -1,0 +1,169 @@
+"""Model: wraps any `nn.Module` so it can be traced.
+
+A `Model` is the root envoy of its module tree plus `trace()`. Executing a trace batches the
+invokes' inputs into one forward call (tensors concatenated along the batch dimension) and hands the
+graph to the local interleaver.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..backends.local import Interleaver
+from ..backends.scan import Scanner
+from ..envoy import Envoy
+from ..errors import InterlaceError
+from ..tracer import Editor, Session, Tracer
+
+
+class Model(Envoy):
+    """Any PyTorch module, ready to trace.
+
+    >>> import torch, interlace
+    >>> net = interlace.Model(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
+    >>> x = torch.randn(2, 4)
+    >>> with net.trace(x):
+    ...     net[0].output[:, 0] = 0
+    ...     out = net.output.save()
+    >>> bool((out[:, 0] == 0).all())
+    True
+    """
+
+    def __init__(self, module: torch.nn.Module, *, rename: dict[str, str] | None = None):
+        if not isinstance(module, torch.nn.Module):
+            raise InterlaceError(f"Model wraps a torch.nn.Module, not {type(module).__name__}")
+        super().__init__(module)
+        self._rename = dict(rename or {})
+        self._session: Session | None = None
+        self._edits: list = []  # nodes recorded by edit(), replayed at the start of every trace
+        self._apply_renames()
+
+    def _apply_renames(self) -> None:
+        """`rename={"transformer.h": "layers", "attn": "attention"}`: aliases for module paths.
+
+        A dotted path becomes an attribute of the root; a plain name aliases every child so named.
+        Graphs still hold the real paths, so they serialize and run anywhere.
+        """
+        for source, alias in self._rename.items():
+            if "." in source:
+                self._aliases[alias] = self.get(source)
+                continue
+            for envoy in self.modules():
+                if source in envoy._children:
+                    envoy._aliases[alias] = envoy._children[source]
+
+    def trace(self, *args, early_stop: bool = True, scan: bool = False, validate: bool = False, **kwargs) -> Tracer:
+        """Record interventions for one run of the model on `args`/`kwargs` (or on invokes).
+
+        early_stop: end the forward as soon as nothing in the graph needs the model any more.
+        scan / validate: evaluate every line on fake tensors as it is recorded, so shape errors are
+        raised at that line before the model runs, and `proxy.shape` is a real size.
+        """
+        return Tracer(self, args, kwargs, early_stop=early_stop, scan=scan or validate)
+
+    def session(self) -> Session:
+        """Several traces run together: values of one can be used in the next."""
+        return Session(self)
+
+    def edit(self, *, inplace: bool = False) -> Editor:
+        """Record interventions that apply to every later trace.
+
+        Returns (from `with`) an edited copy of the model sharing the same weights; with
+        `inplace=True` the model itself is edited. `clear_edits()` removes them.
+        """
+        return Editor(self, inplace=inplace, early_stop=True)
+
+    def clear_edits(self) -> None:
+        self._edits = []
+
+    def _copy(self) -> "Model":
+        """A new wrapper of the same module with its own envoys (and so its own edits)."""
+        clone = copy.copy(self)
+        Envoy.__init__(clone, self._module)
+        clone._session, clone._edits = None, []
+        clone._apply_renames()
+        return clone
+
+    # -- used by Tracer -------------------------------------------------------------------------
+    def _attach(self, tracer: Tracer) -> None:
+        if self._tracer is not None:
+            raise InterlaceError("a trace on this model is already open; close it before starting another")
+        self._tracer = tracer
+        if tracer.options.get("scan"):
+            tracer.scanner = Scanner(tracer.graph, self._module, modules=self._extra_modules())
+            for index in range(len(tracer.invokes)):
+                self._scan_invoke(tracer, index)
+
+    def _scan_invoke(self, tracer: Tracer, index: int) -> None:
+        args, kwargs = self._call_inputs(tracer, index)
+        tracer.scanner.capture(index, lambda fake: self._module(*fake(args), **fake(kwargs)))
+
+    def _call_inputs(self, tracer: Tracer, index: int):
+        """The (args, kwargs) the model is called with for invoke `index` alone."""
+        return tracer.invokes[index]
+
+    def _extra_modules(self) -> dict:
+        """Modules outside the wrapped tree that graphs may name (LanguageModel's generator)."""
+        return {}
+
+    def _detach(self, tracer: Tracer) -> None:
+        self._tracer = None
+
+    def _execute(self, tracer: Tracer, **span) -> Interleaver:
+        """Run the tracer's graph (or a session's span of it); returns the finished interleaver."""
+        args, kwargs, rows, batch_size = self._batch(tracer.invokes)
+        interleaver = Interleaver(
+            tracer.graph, self._module, rows, batch_size, early_stop=tracer.options["early_stop"], **span
+        )
+        interleaver.run(lambda: self._run(args, kwargs))
+        return interleaver
+
+    def _run(self, args, kwargs):
+        if args is None:
+            raise InterlaceError(
+                "the trace has no input: pass inputs to `model.trace(...)` or add them with "
+                "`tracer.invoke(...)`"
+            )
+        return self._module(*args, **kwargs)
+
+    def _batch(self, invokes):
+        """One call's (args, kwargs) from the invokes, and each invoke's (start, stop) rows."""
+        if not invokes:
+            return None, None, [], 0
+        sizes = [_batch_size(args, kwargs) for args, kwargs in invokes]
+        rows, start = [], 0
+        for size in sizes:
+            rows.append((start, start + size))
+            start += size
+        if len(invokes) == 1:
+            args, kwargs = invokes[0]
+            return args, kwargs, rows, start
+        arities = {(len(a), tuple(k)) for a, k in invokes}
+        if len(arities) > 1:
+            raise InterlaceError("every invoke must pass the same positional and keyword arguments")
+        args = tuple(_concat([a[i] for a, _ in invokes], f"argument {i}") for i in range(len(invokes[0][0])))
+        kwargs = {key: _concat([k[key] for _, k in invokes], f"argument '{key}'") for key in invokes[0][1]}
+        return args, kwargs, rows, start
+
+
+def _batch_size(args, kwargs) -> int:
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim():
+            return value.shape[0]
+    return 1
+
+
+def _concat(values, name):
+    if all(isinstance(v, torch.Tensor) for v in values):
+        try:
+            return torch.cat(values)
+        except RuntimeError as error:
+            raise InterlaceError(
+                f"the invokes' {name} cannot be batched: {error}. Inputs of different invokes must "
+                "match in every dimension but the first."
+            ) from None
+    if any(v is not values[0] and v != values[0] for v in values[1:]):
+        raise InterlaceError(f"the invokes pass different non-tensor values for {name}; they must be equal")
+    return values[0]

@@ -1,0 +1,212 @@
+"""Proxy: a stand-in for a value that exists only when the graph runs.
+
+Every operator, attribute read, method call, indexing and `torch.*` function (through
+`__torch_function__`) on a proxy appends a node to its recorder's graph and returns a new proxy.
+Using a proxy where Python needs the real value now (`if`, `int()`, `len()`, iteration) raises a
+`ProxyValueError` that says what to use instead.
+"""
+
+from __future__ import annotations
+
+import operator
+
+from . import ops
+from .errors import NotSavedError, ProxyValueError
+
+_MISSING = object()
+
+
+class Proxy:
+    """The recorded value of one graph node.
+
+    >>> import torch, interlace
+    >>> net = interlace.Model(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU()))
+    >>> with net.trace(torch.ones(1, 2)):
+    ...     h = net[0].output.save()
+    >>> tuple(h.shape)
+    (1, 3)
+    """
+
+    __slots__ = ("_tracer", "_index")
+
+    def __init__(self, tracer, index: int):
+        object.__setattr__(self, "_tracer", tracer)
+        object.__setattr__(self, "_index", index)
+
+    # -- recording helpers -------------------------------------------------------------------
+    def _call(self, fn, *args):
+        return self._tracer.record("call", ops.name_of(fn), (self,) + args)
+
+    def _rcall(self, fn, other):
+        return self._tracer.record("call", ops.name_of(fn), (other, self))
+
+    # -- verbs -----------------------------------------------------------------------------
+    def save(self) -> "Proxy":
+        """Keep this value after the trace; the name bound to it then holds the real value."""
+        self._tracer.record("save", None, (self,))
+        return self
+
+    @property
+    def value(self):
+        """The real value after the trace ran (only for saved proxies)."""
+        value = self._tracer.results.get(self._index, _MISSING)
+        if value is _MISSING:
+            node = self._tracer.graph[self._index]
+            raise NotSavedError(
+                f"{node.describe()} was not saved, so it is gone after the trace. "
+                "Call .save() on it inside the trace to keep it."
+            )
+        return value
+
+    @property
+    def shape(self):
+        """The shape: a real `torch.Size` while scanning (`trace(..., scan=True)`), else traced."""
+        scanner = self._tracer.scanner
+        if scanner is not None and not self._tracer._closed:
+            value = scanner.values.get(self._index)
+            if value is not None and hasattr(value, "shape"):
+                return value.shape
+        return _Attribute(self, "shape")
+
+    @property
+    def grad(self) -> "Proxy":
+        """The gradient of this value in the backward pass started inside the trace."""
+        return self._tracer.record("grad", None, (self,))
+
+    @grad.setter
+    def grad(self, value) -> None:
+        self._tracer.record("swap", None, (self.grad, value))
+
+    def __setattr__(self, name, value):
+        if name == "grad":
+            return Proxy.grad.fset(self, value)
+        raise ProxyValueError(
+            f"cannot set attribute '{name}' on a traced value; only .grad can be assigned. "
+            "To change a module's value assign to the module: `model.layer.output = new_value`."
+        )
+
+    # -- reads that record -----------------------------------------------------------------
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Attribute(self, name)
+
+    def __getitem__(self, key):
+        return self._call(operator.getitem, key)
+
+    def __setitem__(self, key, value) -> None:
+        self._call(operator.setitem, key, value)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        tracer = _find_tracer((args, kwargs))
+        target = ops.name_of(func) or func
+        return tracer.record("call", target, tuple(args), dict(kwargs or {}))
+
+    # -- values Python needs now -----------------------------------------------------------
+    def __bool__(self):
+        raise ProxyValueError(
+            "a traced value was used as a Python bool (`if`, `and`, `or`, `not`), but it has no "
+            "value until the model runs. Use `with tracer.cond(value):` for a data-dependent "
+            "branch, or compute on it with interlace.apply(fn, value)."
+        )
+
+    def _needs_value(self, what: str):
+        raise ProxyValueError(
+            f"a traced value was used as {what}, but it has no value until the model runs. "
+            "Keep it as a proxy (index and compute with torch ops), or use "
+            "interlace.apply(fn, value) to run your own function on the real value."
+        )
+
+    def __int__(self):
+        self._needs_value("a Python int")
+
+    def __float__(self):
+        self._needs_value("a Python float")
+
+    def __index__(self):
+        self._needs_value("an index (int)")
+
+    def __len__(self):
+        self._needs_value("len(); use value.shape[0] (a traced value) instead")
+
+    def __iter__(self):
+        self._needs_value("an iterable (a for loop or `a, b = value`); index it instead, e.g. value[0]")
+
+    def __repr__(self) -> str:
+        value = self._tracer.results.get(self._index, _MISSING)
+        if value is not _MISSING:
+            return repr(value)
+        return f"<Proxy {self._tracer.graph[self._index].describe()} (%{self._index})>"
+
+    __hash__ = object.__hash__
+
+
+class _Attribute(Proxy):
+    """`proxy.name`: becomes a `getattr` node when used as a value, a method call when called."""
+
+    __slots__ = ("_base", "_name")
+
+    def __init__(self, base: Proxy, name: str):
+        object.__setattr__(self, "_tracer", base._tracer)
+        object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_index", None)
+
+    def __getattribute__(self, name):
+        if name == "_index":
+            index = object.__getattribute__(self, "_index")
+            if index is None:
+                base, attr = object.__getattribute__(self, "_base"), object.__getattribute__(self, "_name")
+                index = base._tracer.record("call", "builtins.getattr", (base, attr))._index
+                object.__setattr__(self, "_index", index)
+            return index
+        return object.__getattribute__(self, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._tracer.record("call_method", self._name, (self._base,) + args, kwargs)
+
+
+def _find_tracer(obj):
+    if isinstance(obj, Proxy):
+        return obj._tracer
+    if isinstance(obj, (tuple, list)):
+        for item in obj:
+            found = _find_tracer(item)
+            if found is not None:
+                return found
+    if isinstance(obj, dict):
+        return _find_tracer(tuple(obj.values()))
+    return None
+
+
+def _binary(fn):
+    def method(self, other):
+        return self._call(fn, other)
+
+    return method
+
+
+def _reflected(fn):
+    def method(self, other):
+        return self._rcall(fn, other)
+
+    return method
+
+
+def _unary(fn):
+    def method(self):
+        return self._call(fn)
+
+    return method
+
+
+for _name in "add sub mul truediv floordiv mod pow matmul and or xor lshift rshift".split():
+    _fn = getattr(operator, _name + ("_" if _name in ("and", "or") else ""))
+    setattr(Proxy, f"__{_name}__", _binary(_fn))
+    setattr(Proxy, f"__r{_name}__", _reflected(_fn))
+    setattr(Proxy, f"__i{_name}__", _binary(getattr(operator, f"i{_name}")))
+for _name in "lt le eq ne gt ge".split():
+    setattr(Proxy, f"__{_name}__", _binary(getattr(operator, _name)))
+for _name in "neg pos abs invert".split():
+    setattr(Proxy, f"__{_name}__", _unary(getattr(operator, _name)))

@@ -1,0 +1,312 @@
+"""The interleaver: interventions reach the model, invokes keep to their rows, early stop, errors."""
+
+import pytest
+import torch
+
+import interlace
+from interlace import Model
+
+from helpers import MLP, assert_clean
+
+
+def hooked(model, x, module, fn):
+    """Run `model(x)` with a hand-written forward hook `fn(output) -> output` on `module`."""
+    handle = module.register_forward_hook(lambda m, a, o: fn(o))
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        handle.remove()
+
+
+def test_trace_without_interventions_is_exactly_eager(mlp, x):
+    net = Model(mlp)
+    with net.trace(x):
+        out = net.output.save()
+    with torch.no_grad():
+        assert torch.equal(out, mlp(x))
+
+
+def test_in_place_change_reaches_downstream(mlp, x):
+    net = Model(mlp)
+    with net.trace(x):
+        net.layers[1].output[:, 0] = 0
+        net.layers[2].output[:, 1:3] += 1.5
+        out = net.output.save()
+
+    def zero(o):
+        o[:, 0] = 0
+
+    def add(o):
+        o[:, 1:3] += 1.5
+
+    h1 = mlp.layers[1].register_forward_hook(lambda m, a, o: zero(o))
+    want = hooked(mlp, x, mlp.layers[2], lambda o: add(o))
+    h1.remove()
+    assert torch.equal(out, want)
+    assert_clean(mlp)
+
+
+def test_replace_output_and_input(mlp, x):
+    net = Model(mlp)
+    with net.trace(x):
+        net.layers[0].output = net.layers[0].output * 0.5
+        out = net.output.save()
+    assert torch.equal(out, hooked(mlp, x, mlp.layers[0], lambda o: o * 0.5))
+
+    with net.trace(x):
+        net.head.input = torch.zeros(2, 8)
+        zeroed = net.output.save()
+    assert torch.allclose(zeroed, mlp.head.bias.detach().expand(2, -1))
+
+
+def test_input_and_inputs(mlp, x):
+    net = Model(mlp)
+    with net.trace(x):
+        first = net.layers[2].input.save()
+        args, kwargs = net.layers[2].inputs[0], net.layers[2].inputs[1]
+        args = args.save()
+        kwargs = kwargs.save()
+        previous = net.layers[1].output.save()
+    assert torch.equal(first, previous)
+    assert isinstance(args, tuple) and torch.equal(args[0], previous) and kwargs == {}
+
+
+def test_invokes_run_one_batched_forward_and_keep_to_their_rows(mlp):
+    torch.manual_seed(3)
+    a, b = torch.randn(1, 3), torch.randn(2, 3)
+    calls = []
+    handle = mlp.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    net = Model(mlp)
+    with net.trace() as tracer:
+        with tracer.invoke(a):
+            ha = net.layers[1].output.save()
+            net.layers[2].output[:] = 0
+            oa = net.output.save()
+        with tracer.invoke(b):
+            hb = net.layers[1].output.save()
+            ob = net.output.save()
+    handle.remove()
+    assert calls == [3]
+    with torch.no_grad():
+        assert torch.allclose(ha, Model_capture(mlp, a, 1))
+        assert torch.allclose(hb, Model_capture(mlp, b, 1))
+        assert torch.allclose(ob, mlp(b))  # the other invoke's change did not leak
+        assert torch.allclose(oa, mlp.head(mlp.layers[3](torch.zeros(1, 8))))
+    assert ha.shape == (1, 8) and hb.shape == (2, 8)
+
+
+def Model_capture(model, x, layer):
+    seen = {}
+    handle = model.layers[layer].register_forward_hook(lambda m, a, o: seen.setdefault("o", o))
+    model(x)
+    handle.remove()
+    return seen["o"]
+
+
+def test_values_flow_between_invokes(mlp):
+    torch.manual_seed(4)
+    a, b = torch.randn(1, 3), torch.randn(1, 3)
+    net = Model(mlp)
+    with net.trace() as tracer:
+        with tracer.invoke(a):
+            cat = net.layers[1].output.save()
+        with tracer.invoke(b):
+            net.layers[1].output = cat
+            patched = net.output.save()
+    with torch.no_grad():
+        want = hooked(mlp, a, mlp.layers[3], lambda o: o)
+        assert torch.allclose(patched, want)
+
+
+def test_calling_an_envoy_runs_its_module(mlp, x):
+    net = Model(mlp)
+    with net.trace(x):
+        direct = net.head(net.layers[1].output).save()
+        h1 = net.layers[1].output.save()
+    assert torch.equal(direct, mlp.head(h1).detach())
+
+
+class Twice(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.shared = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.shared(torch.relu(self.shared(x)))
+
+
+def test_module_called_twice_next_and_at_call():
+    torch.manual_seed(0)
+    model = Twice()
+    net = Model(model)
+    x = torch.randn(2, 4)
+    with net.trace(x):
+        first = net.shared.output.save()
+        second = net.shared.next().output.save()
+    with net.trace(x):
+        also_second = net.shared.at_call(1).output.save()
+        net.shared.at_call(0).output = torch.zeros(2, 4)
+        out = net.output.save()
+    with torch.no_grad():
+        f = model.shared(x)
+        assert torch.equal(first, f)
+        assert torch.equal(second, model.shared(torch.relu(f)))
+        assert torch.equal(out, model.shared(torch.zeros(2, 4)))
+    assert torch.equal(also_second, out)  # call 1 saw the replaced call 0
+
+
+def test_apply_and_log(mlp, x, capsys):
+    net = Model(mlp)
+    seen = []
+    with net.trace(x) as tracer:
+        h = net.layers[0].output
+        norm = interlace.apply(lambda t: seen.append(t.shape) or float(t.norm()), h).save()
+        tracer.log("norm is", norm)
+    assert seen == [torch.Size([2, 8])]
+    assert isinstance(norm, float)
+    assert f"norm is {norm}" in capsys.readouterr().out
+
+
+def test_cond_runs_block_only_when_true(mlp, x):
+    net = Model(mlp)
+    for threshold, expect_change in [(-1e9, True), (1e9, False)]:
+        with net.trace(x) as tracer:
+            h = net.layers[0].output
+            with tracer.cond(h.sum() > threshold):
+                net.layers[0].output[:] = 0
+            out = net.output.save()
+        with torch.no_grad():
+            changed = not torch.equal(out, mlp(x))
+        assert changed == expect_change
+
+
+def test_early_stop_skips_later_layers_and_stop(mlp, x):
+    ran = []
+    handles = [m.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, m in enumerate(mlp.layers)]
+    net = Model(mlp)
+    with net.trace(x):
+        h = net.layers[1].output.save()
+    assert ran == [0, 1]
+    ran.clear()
+    with net.trace(x, early_stop=False):
+        net.layers[1].output.save()
+    assert ran == [0, 1, 2, 3]
+    ran.clear()
+    with net.trace(x) as tracer:
+        net.layers[0].output.save()
+        tracer.stop()
+    assert ran == [0]
+    for handle in handles:
+        handle.remove()
+    assert isinstance(h, torch.Tensor)
+
+
+def test_skip_uses_value_without_running_module(mlp, x):
+    ran = []
+    handle = mlp.layers[2].linear.register_forward_hook(lambda *a: ran.append(1))
+    net = Model(mlp)
+    with net.trace(x):
+        net.layers[2].skip(net.layers[2].input)
+        out = net.output.save()
+    handle.remove()
+    assert ran == []
+    with torch.no_grad():
+        h = mlp.layers[1](mlp.layers[0](mlp.embed(x)))
+        want = mlp.head(mlp.layers[3](h))
+    assert torch.equal(out, want)
+    assert_clean(mlp)
+
+
+def test_gradients_read_and_set():
+    torch.manual_seed(0)
+    model = MLP()
+    net = Model(model)
+    x = torch.randn(2, 3)
+    with net.trace(x):
+        h = net.layers[1].output
+        grad = h.grad.save()
+        loss = net.output.sum()
+        loss.backward()
+    # reference: autograd by hand
+    store = {}
+    handle = model.layers[1].register_forward_hook(lambda m, a, o: store.setdefault("h", o))
+    out = model(x)
+    handle.remove()
+    want = torch.autograd.grad(out.sum(), store["h"])[0]
+    assert torch.allclose(grad, want)
+    assert all(p.grad is None for p in model.parameters())
+
+    with net.trace(x):
+        net.layers[1].output.grad = net.layers[1].output.grad * 0
+        embed_grad = net.embed.output.grad.save()
+        net.output.sum().backward()
+    assert torch.count_nonzero(embed_grad) == 0
+    assert_clean(model)
+
+
+def test_reading_a_later_module_to_change_an_earlier_one_is_an_error(mlp, x):
+    net = Model(mlp)
+    with pytest.raises(interlace.OutOfOrderError) as info:
+        with net.trace(x):
+            net.layers[0].output[:] = net.layers[3].output
+    message = str(info.value)
+    assert "layers.3.output" in message and "layers.0.output" in message
+    assert "test_local.py" in message
+    assert_clean(mlp)
+
+
+def test_shape_error_names_the_user_line_and_module(mlp, x):
+    net = Model(mlp)
+    with pytest.raises(interlace.ExecutionError) as info:
+        with net.trace(x):
+            net.layers[1].output[:, 0] = torch.ones(5)  # wrong shape
+    message = str(info.value)
+    assert "test_local.py" in message and "torch.ones(5)" in message
+    assert "layers.1 (output, call 0)" in message
+    assert_clean(mlp)
+    with torch.no_grad():  # the model still works as before
+        with net.trace(x):
+            out = net.output.save()
+        assert torch.equal(out, mlp(x))
+
+
+def test_module_never_reached_is_an_error(mlp, x):
+    net = Model(mlp)
+    with pytest.raises(interlace.OutOfOrderError, match="never reached.*ran 1 time"):
+        with net.trace(x):
+            net.layers[0].next().output.save()
+    assert_clean(mlp)
+
+
+class Broken(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(2, 2)
+
+    def forward(self, x):
+        self.first(x)
+        raise ValueError("boom")
+
+
+def test_exception_inside_the_model():
+    model = Broken()
+    net = Model(model)
+    with pytest.raises(interlace.ModelError, match="ValueError: boom.*waiting for <root>.output"):
+        with net.trace(torch.ones(1, 2)):
+            net.first.output.save()
+            net.output.save()
+    assert_clean(model)
+
+
+def test_freed_values(mlp, x):
+    net = Model(mlp)
+    with net.trace(x) as tracer:
+        for layer in net.layers:
+            layer.output.sum()
+        saved = net.head.output.save()
+    from interlace.backends.local import Interleaver
+
+    interleaver = Interleaver(tracer.graph, mlp, [(0, 2)], 2)
+    interleaver.run(lambda: mlp(x))
+    assert set(interleaver.values) <= {len(tracer.graph) - 2}

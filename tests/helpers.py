@@ -1,0 +1,79 @@
+"""Small models and checks shared by the tests."""
+
+import torch
+import transformers
+
+class Block(torch.nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.linear = torch.nn.Linear(width, width)
+        self.act = torch.nn.GELU()
+
+    def forward(self, x):
+        return x + self.act(self.linear(x))
+
+
+class MLP(torch.nn.Module):
+    """embed -> layers[0..n) -> head, each layer a residual Block."""
+
+    def __init__(self, width=8, depth=4, out=5):
+        super().__init__()
+        self.embed = torch.nn.Linear(3, width)
+        self.layers = torch.nn.ModuleList([Block(width) for _ in range(depth)])
+        self.head = torch.nn.Linear(width, out)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h)
+
+
+def assert_clean(module: torch.nn.Module):
+    """No hooks and no patched forward left anywhere in the module tree."""
+    for name, sub in module.named_modules():
+        assert not sub._forward_hooks, name
+        assert not sub._forward_pre_hooks, name
+        assert not sub._backward_hooks, name
+        assert "forward" not in sub.__dict__, name
+
+
+FAMILIES = {
+    "gpt2": lambda: transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64),
+    "llama": lambda: transformers.LlamaConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100, max_position_embeddings=64,
+    ),
+    "qwen2": lambda: transformers.Qwen2Config(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100, max_position_embeddings=64,
+    ),
+    "mistral": lambda: transformers.MistralConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100, max_position_embeddings=64,
+    ),
+    "gemma2": lambda: transformers.Gemma2Config(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, vocab_size=100, max_position_embeddings=64,
+    ),
+}
+
+
+def tiny(family: str):
+    torch.manual_seed(0)
+    config = FAMILIES[family]()
+    config.pad_token_id = config.bos_token_id = 0
+    config.eos_token_id = None  # random models must not end generation early
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def tiny_tokenizer(vocab_size: int = 100):
+    """A word-level tokenizer built offline: words 'w0' ... 'w{n-1}' are token ids 0 ... n-1."""
+    import tokenizers
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w1"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="w0", eos_token="w0", unk_token="w1"
+    )

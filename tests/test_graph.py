@@ -1,0 +1,41 @@
+"""The graph as plain data: building, comparing, listing."""
+
+import torch
+
+from interlace import Model
+from interlace.graph import Graph, Ref, map_refs
+
+
+def test_graph_is_plain_comparable_data():
+    def build():
+        g = Graph()
+        a = g.add("module_value", "layer", kwargs={"kind": "output", "call": 0, "invoke": 0}, location=("f.py", 3))
+        b = g.add("call", "operator.add", (Ref(a.index), 1), location=("f.py", 4))
+        g.add("save", None, (Ref(b.index),))
+        return g
+
+    first, second = build(), build()
+    assert first == second and hash(first) == hash(second)
+    second.add("log", None, ("x",))
+    assert first != second
+    assert first.users() == [[1], [2], []]
+    assert first.saved() == [1]
+    assert first[1].refs() == (0,)
+
+
+def test_map_refs_reaches_into_containers_and_slices():
+    value = {"a": [Ref(1), (Ref(2), slice(Ref(3), None))], "b": 4}
+    mapped = map_refs(value, lambda ref: ref.index * 10)
+    assert mapped == {"a": [10, (20, slice(30, None))], "b": 4}
+
+
+def test_listing_shows_one_node_a_line_with_the_user_line():
+    net = Model(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
+    with net.trace(torch.randn(2, 4)) as tracer:
+        net[0].output[:, 0] = 0
+        net[1].output[..., 1:3].sum(dim=-1).save()
+    lines = str(tracer.graph).splitlines()
+    assert len(lines) == len(tracer.graph) == 6
+    assert lines[1].startswith("%1 = call[operator.setitem](%0, (:, 0), 0)")
+    assert "(..., 1:3)" in lines[3] and "call_method[sum](%3, dim=-1)" in lines[4]
+    assert all("test_graph.py:" in line for line in lines)

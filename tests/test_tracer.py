@@ -1,0 +1,128 @@
+"""Recording and binding: saved values become real values; proxies refuse to be Python values."""
+
+import pytest
+import torch
+
+import interlace
+from interlace import Model, ProxyValueError
+
+from helpers import assert_clean
+
+
+def capture(module, x, submodule):
+    """What a hand-written forward hook sees."""
+    seen = {}
+    handle = submodule.register_forward_hook(lambda m, a, o: seen.setdefault("out", o.detach().clone()))
+    with torch.no_grad():
+        module(x)
+    handle.remove()
+    return seen["out"]
+
+
+def test_saved_value_is_real_tensor_equal_to_hook(mlp, x):
+    net = Model(mlp)
+    with net.trace(x):
+        h = net.layers[1].output.save()
+    assert isinstance(h, torch.Tensor)
+    assert torch.equal(h, capture(mlp, x, mlp.layers[1]))
+    assert_clean(mlp)
+
+
+def test_saved_values_in_function_locals_lists_and_dicts(mlp, x):
+    def run():
+        net = Model(mlp)
+        found = {}
+        outs = []
+        with net.trace(x):
+            for i in range(4):
+                outs.append(net.layers[i].output.save())
+            found["head"] = net.head.output.save()
+            pair = (net.embed.output.save(), 1)
+            local = net.layers[0].input.save()
+        return outs, found, pair, local
+
+    outs, found, pair, local = run()
+    assert all(isinstance(o, torch.Tensor) for o in outs)
+    assert torch.equal(outs[2], capture(mlp, x, mlp.layers[2]))
+    assert torch.equal(found["head"], mlp(x).detach())
+    assert isinstance(pair[0], torch.Tensor) and pair[1] == 1
+    assert torch.equal(local, pair[0])
+
+
+def test_unsaved_value_is_not_available_after_trace(mlp, x):
+    net = Model(mlp)
+    with net.trace(x):
+        h = net.layers[0].output
+    with pytest.raises(interlace.NotSavedError, match="save"):
+        h.value
+
+
+def test_saved_proxy_held_elsewhere_behaves_like_value(mlp, x):
+    net = Model(mlp)
+    holder = type("Holder", (), {})()
+    with net.trace(x) as tracer:
+        holder.h = net.layers[0].output.save()
+    assert isinstance(holder.h, interlace.Proxy)
+    assert torch.equal(holder.h.value, capture(mlp, x, mlp.layers[0]))
+    assert torch.equal(holder.h.sum(), capture(mlp, x, mlp.layers[0]).sum())
+    assert len(tracer.graph) == 2
+
+
+@pytest.mark.parametrize(
+    "use, advice",
+    [
+        (lambda p: bool(p), "tracer.cond"),
+        (lambda p: int(p), "interlace.apply"),
+        (lambda p: len(p), r"shape\[0\]"),
+        (lambda p: [a for a in p], "index it"),
+        (lambda p: range(10)[p], "interlace.apply"),
+    ],
+)
+def test_proxy_used_as_python_value_says_what_to_use(mlp, x, use, advice):
+    net = Model(mlp)
+    with pytest.raises(ProxyValueError, match=advice):
+        with net.trace(x):
+            use(net.layers[0].output.sum())
+    assert_clean(mlp)
+
+
+def test_graph_records_user_line(mlp, x):
+    net = Model(mlp)
+    with net.trace(x) as tracer:
+        net.layers[0].output.save()
+    node = tracer.graph[0]
+    assert node.location[0] == __file__
+    assert "test_tracer.py" in str(tracer.graph)
+
+
+def test_nested_invokes_are_refused(mlp, x):
+    net = Model(mlp)
+    with pytest.raises(interlace.InterlaceError, match="nested"):
+        with net.trace() as tracer:
+            with tracer.invoke(x):
+                with tracer.invoke(x):
+                    pass
+
+
+def test_envoy_values_outside_trace_are_an_error(mlp):
+    net = Model(mlp)
+    with pytest.raises(interlace.InterlaceError, match="inside `with model.trace"):
+        net.layers[0].output
+
+
+def test_unknown_module_path_names_children(mlp, x):
+    net = Model(mlp)
+    with pytest.raises(interlace.ModulePathError, match="embed, layers, head"):
+        with net.trace(x):
+            net.layer.output.save()
+    with pytest.raises(interlace.ModulePathError, match="out of range"):
+        net.layers[7]
+
+
+def test_cond_node_records_the_user_line(mlp, x):
+    net = Model(mlp)
+    with net.trace(x) as tracer:
+        with tracer.cond(net.layers[0].output.sum() > 0):
+            net.layers[0].output[:] = 0
+    cond = next(node for node in tracer.graph if node.op == "cond")
+    assert cond.location[0] == __file__
