@@ -1,0 +1,104 @@
+"""Scanning: evaluate a graph on fake tensors while it is recorded (`trace(..., scan=True)`).
+
+Each invoke's input is first run through the model under `FakeTensorMode`, capturing every module's
+inputs and outputs (shapes and dtypes, no real compute, the weights untouched). Every node is then
+evaluated on those fake values the moment it is recorded, so a shape error is raised at the user's
+own line before the real model runs, and `proxy.shape` is a real `torch.Size` during recording.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from ..errors import ExecutionError, InterlaceError
+from ..graph import Node
+from .local import Interleaver
+
+_NO_EFFECT = frozenset({"save", "swap", "skip", "log", "stop", "cond", "grad"})
+
+
+class Scanner(Interleaver):
+    """Evaluates nodes as they are recorded, on fake values; unknown values stay None."""
+
+    def __init__(self, graph, root: torch.nn.Module, *, modules: dict | None = None):
+        super().__init__(graph, root, [], 0, modules=modules)
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self.captured: dict[int, dict[tuple, object]] = {}
+        self.device = next((p.device for p in root.parameters()), torch.device("cpu"))
+
+    def capture(self, invoke: int, forward) -> None:
+        """Run `forward(fake)` (which calls the model on `fake(inputs)`), recording every module call."""
+        seen: dict[tuple, object] = {}
+        counts: dict[tuple, int] = {}
+        handles = []
+
+        def record(path, kind, value):
+            call = counts.get((path, kind), 0)
+            counts[(path, kind)] = call + 1
+            seen[(path, kind, call)] = value
+
+        for path, module in list(self.root.named_modules()) + list(self.extra_modules.items()):
+            handles.append(module.register_forward_pre_hook(
+                lambda m, args, kwargs, path=path: record(path, "input", (args, kwargs)), with_kwargs=True))
+            handles.append(module.register_forward_hook(
+                lambda m, args, output, path=path: record(path, "output", output)))
+        try:
+            with self.mode, torch.no_grad():
+                forward(self.fake)
+        except Exception as error:
+            raise InterlaceError(
+                f"scanning could not run the model on fake tensors ({type(error).__name__}: {error}); "
+                "run without scan=True"
+            ) from error
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.captured[invoke] = seen
+
+    def fake(self, value):
+        """`value` with every tensor turned into a fake tensor on the model's device."""
+        if isinstance(value, torch.Tensor):
+            return self.mode.from_tensor(value.to(self.device))
+        if isinstance(value, (tuple, list)):
+            return type(value)(self.fake(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self.fake(v) for k, v in value.items()}
+        return value
+
+    def evaluate(self, node: Node) -> None:
+        """Compute the fake value of a node just recorded; errors name the user's line."""
+        if node.op in _NO_EFFECT or any(self.values.get(ref) is None for ref in node.refs()):
+            self.values[node.index] = None
+            return
+        logger = logging.getLogger("torch._subclasses.fake_tensor")
+        level = logger.level
+        logger.setLevel(logging.CRITICAL)  # the error reaches the user as ours, at their line
+        try:
+            with self.mode:
+                self.values[node.index] = getattr(self, "_op_" + node.op)(node)
+        except InterlaceError:
+            raise
+        except Exception as error:
+            raise self._execution_error(node, error) from error
+        finally:
+            logger.setLevel(level)
+
+    def _execution_error(self, node, error) -> ExecutionError:
+        wrapped = super()._execution_error(node, error)
+        return ExecutionError(f"{wrapped} (found while scanning, before the model ran)")
+
+    def _op_module_value(self, node):
+        invoke = node.kwargs["invoke"]
+        captured = self.captured.get(invoke if invoke is not None else 0, {})
+        kind = node.kwargs["kind"]
+        value = captured.get((node.target, "output" if kind == "output" else "input", node.kwargs["call"]))
+        if value is None or kind == "output":
+            return value
+        args, kwargs = value
+        return (args[0] if args else next(iter(kwargs.values()), None)) if kind == "input" else (args, kwargs)
+
+    def _op_parameter(self, node):
+        return self.fake(super()._op_parameter(node))

@@ -1,0 +1,63 @@
+"""Scanning: shapes during recording and errors at the user's line before the model runs."""
+
+import pytest
+import torch
+
+import interlace
+from interlace import LanguageModel, Model
+
+from helpers import assert_clean, tiny
+
+
+def test_shape_is_real_while_scanning(mlp, x):
+    net = Model(mlp)
+    with net.trace(x, scan=True):
+        h = net.layers[1].output.save()
+        assert h.shape == torch.Size([2, 8])
+        assert (h[:, :3] * 2).shape == (2, 3)
+        width = h.shape[-1]  # a real int: usable in Python control flow
+        parts = [h[:, i].save() for i in range(width)]
+    assert len(parts) == 8 and torch.equal(parts[3], h[:, 3])
+
+
+def test_shape_error_is_raised_at_the_line_before_the_model_runs(mlp, x):
+    ran = []  # whether each call of the model got real tensors
+    handle = mlp.register_forward_pre_hook(lambda m, args: ran.append(type(args[0]) is torch.Tensor))
+    net = Model(mlp)
+    weights = [p.clone() for p in mlp.parameters()]
+    with pytest.raises(interlace.ExecutionError) as info:
+        with net.trace(x, validate=True):
+            h = net.layers[1].output
+            net.layers[2].output[:] = h @ torch.ones(3, 3)  # bad shapes
+    handle.remove()
+    message = str(info.value)
+    assert "test_scan.py" in message and "torch.ones(3, 3)" in message and "before the model ran" in message
+    assert ran == [False]  # only the scan's call, on fake tensors: the real model never ran
+    assert all(torch.equal(a, b) for a, b in zip(weights, mlp.parameters()))
+    assert_clean(mlp)
+
+
+def test_scan_with_invokes_and_language_model():
+    model = tiny("llama")
+    lm = LanguageModel(model)
+    with lm.trace(scan=True) as tracer:
+        with tracer.invoke([5, 6, 7]):
+            assert lm.model.layers[0].output.shape == (1, 3, 32)
+        with tracer.invoke([[1, 2], [3, 4]]):
+            logits = lm.output.logits
+            assert logits.shape == (2, 2, 100)
+            logits = logits.save()
+    assert logits.shape == (2, 3, 100)  # the real batch is padded to the longest invoke
+
+
+def test_scan_on_meta_model(tmp_path):
+    from helpers import tiny_tokenizer
+
+    tiny("gpt2").save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    lm = LanguageModel(str(tmp_path))
+    with pytest.raises(interlace.ExecutionError, match="before the model ran"):
+        with lm.trace("w1 w2 w3", scan=True):
+            assert lm.transformer.h[0].output.shape == (1, 3, 32)
+            lm.transformer.h[0].output[:, :, :5] = torch.zeros(4)
+    assert not lm.dispatched  # nothing was loaded to find the error
