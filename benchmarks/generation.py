@@ -37,7 +37,9 @@ def main(argv=None) -> None:
     ids = lm.tokenizer(PROMPT, return_tensors="pt")
     torch.manual_seed(0)
     steer = torch.randn(model.config.hidden_size) * 2
-    options = {"max_new_tokens": TOKENS, "do_sample": False, "pad_token_id": lm.tokenizer.pad_token_id}
+    # min_new_tokens: every variant makes exactly TOKENS steps, even if steering leads to EOS sooner
+    options = {"max_new_tokens": TOKENS, "min_new_tokens": TOKENS, "do_sample": False,
+               "pad_token_id": lm.tokenizer.pad_token_id}
     results = {}
 
     def bare():
@@ -56,7 +58,7 @@ def main(argv=None) -> None:
             handle.remove()
 
     def ours():
-        with lm.generate(PROMPT, max_new_tokens=TOKENS) as tracer:
+        with lm.generate(PROMPT, max_new_tokens=TOKENS, min_new_tokens=TOKENS) as tracer:
             with tracer.all():
                 lm.model.layers[LAYER].output[:, -1] += steer
             tokens = lm.generator.output.save()
@@ -70,7 +72,8 @@ def main(argv=None) -> None:
     for name, seconds in median.items():
         print(f"| {name} | {seconds * 1e3:.1f} | {seconds / median['raw hooks']:.3f} | {seconds / median['bare']:.3f} |")
     same = torch.equal(results["raw"], results["interlace"])
-    print(f"\nsteered tokens identical to the raw hook's: {same}")
+    new = results["interlace"].shape[-1] - ids["input_ids"].shape[-1]
+    print(f"\nsteered tokens identical to the raw hook's: {same} ({new} new tokens each)")
 
 
 if __name__ == "__main__":

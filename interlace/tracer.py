@@ -23,6 +23,8 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 _SKIPPED_DIRS = (_PACKAGE_DIR, _TORCH_DIR)
 
+_PLAIN = frozenset({int, float, bool, str, type(None)})  # values that can hold no proxy
+
 _active: list["Tracer"] = []  # open tracers, innermost last (for interlace.apply and friends)
 
 
@@ -97,6 +99,8 @@ class Tracer:
 
     def _to_refs(self, obj):
         kind = type(obj)
+        if kind in _PLAIN:
+            return obj
         if isinstance(obj, Proxy):
             if obj._tracer.graph is self.graph:
                 return Ref(obj._index)

@@ -94,21 +94,22 @@ class Interleaver:
         last_mutation: dict[int, int] = {}
         ready = []
         start = self.start
+        users, waiting, remaining = self.users, self.waiting, self.remaining
         for node in nodes[start : self.end]:
-            index = node.index
-            deps = {ref for ref in node.refs() if ref >= start}
-            if node.op == "stop":  # stop once everything recorded before it has run
-                deps.update(range(start, index))
-            for ref in list(deps):
-                if ref in last_mutation:
-                    deps.add(last_mutation[ref])
+            index, op = node.index, node.op
+            reads = [ref for ref in node.refs() if ref >= start]
+            for ref in reads:
+                remaining[ref] += 1
+            deps = reads
+            if op == "stop":  # stop once everything recorded before it has run
+                deps = range(start, index)
+            elif last_mutation:  # a read of a value waits for the in-place changes recorded before it
+                changes = [last_mutation[ref] for ref in reads if ref in last_mutation]
+                if changes:
+                    deps = list(dict.fromkeys(reads + changes))
             for dep in deps:
-                self.users[dep].append(index)
-            self.waiting[index] = len(deps)
-            for dep in node.refs():
-                if dep >= start:
-                    self.remaining[dep] += 1
-            op = node.op
+                users[dep].append(index)
+            waiting[index] = len(deps)
             if op == "module_value":
                 key = self._event_of(index)
                 self.event_keys[index] = key
@@ -174,7 +175,7 @@ class Interleaver:
                 self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
             if path in outputs:
                 hook = self._post_hook(path)
-                self.handles.append(module.register_forward_hook(hook, with_kwargs=True))
+                self.handles.append(module.register_forward_hook(hook))
             if path in skipped:
                 self._patch_forward(module, path)
 
@@ -210,7 +211,7 @@ class Interleaver:
         return hook
 
     def _post_hook(self, path):
-        def hook(module, args, kwargs, output):
+        def hook(module, args, output):
             if self.bypass:
                 return None
             key = (path, "output", self._count(path, "output"))

@@ -172,6 +172,20 @@ def test_dispatch_false_builds_on_meta_and_loads_on_first_run(tmp_path):
     torch.testing.assert_close(logits[0], alone(model, [5, 6, 7]))
 
 
+@pytest.mark.parametrize("options", [{"dtype": torch.bfloat16}, {"device_map": "cpu", "dtype": torch.float16}])
+def test_loading_options_reach_from_pretrained(tmp_path, options):
+    model = tiny("llama")
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    lm = LanguageModel(str(tmp_path), **options)
+    assert next(lm.module.parameters()).dtype == options["dtype"]  # the meta build already has it
+    with lm.trace("w5 w6 w7"):
+        hidden = lm.model.layers[0].output.save()
+    assert lm.dispatched and hidden.dtype == options["dtype"]
+    want = model.to(options["dtype"])(torch.tensor([[5, 6, 7]]), output_hidden_states=True).hidden_states[1]
+    torch.testing.assert_close(hidden, want)
+
+
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(interlace.InterlaceError, match="cannot load the config"):
         LanguageModel(str(tmp_path / "nothing-here"))
