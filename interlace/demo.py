@@ -59,16 +59,16 @@ def patching_sweep(lm: LanguageModel, clean: str, corrupted: str, answer: str, f
         clean_logits = lm.output.logits[0, -1].save()
     with lm.trace(corrupted):
         corrupted_logits = lm.output.logits[0, -1].save()
+
+    def diff(logits):
+        return (logits[answer_id] - logits[foil_id]).item()
+
     diffs = []
     for index in tqdm(range(len(layers)), desc="patching layers", unit="layer"):
         with lm.trace(corrupted):
             layers[index].output[:, -1] = clean_states[index]
             logits = lm.output.logits[0, -1].save()
-        diffs.append((logits[answer_id] - logits[foil_id]).item())
-
-    def diff(logits):
-        return (logits[answer_id] - logits[foil_id]).item()
-
+        diffs.append(diff(logits))
     return diffs, diff(clean_logits), diff(corrupted_logits)
 
 

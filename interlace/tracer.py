@@ -246,8 +246,14 @@ class Session:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.model._session = None
-        if exc_type is not None:
-            return False
+        try:
+            if exc_type is None:
+                self._run(sys._getframe(1))
+        finally:
+            self.traces.clear()  # tracers point back at the session: no cycle may keep values alive
+        return False
+
+    def _run(self, frame) -> None:
         carried: dict[int, object] = {}
         spans = [(t.start, len(self.graph) if i + 1 == len(self.traces) else self.traces[i + 1].start)
                  for i, t in enumerate(self.traces)]
@@ -257,11 +263,9 @@ class Session:
             run = self.model._execute(tracer, span=span, known=carried, keep=keep)
             self.results.update(run.results)
             carried.update({i: run.values[i] for i in keep if i in run.values})
-        frame = sys._getframe(1)
         for tracer in self.traces:
             tracer.results = self.results
             tracer._bind(frame)
-        return False
 
 
 class Editor(Tracer):

@@ -28,6 +28,9 @@ from ..graph import OPS, Graph, Ref, map_refs
 
 _PENDING = object()  # a node that waits for a later event (a gradient)
 _VIEW_TARGETS = frozenset({"operator.getitem", "builtins.getattr"})
+# op -> method name; looked up on each call, as a table of bound methods would make the
+# interleaver a reference cycle and keep its values (activations) alive until the garbage collector
+_METHODS = {op: "_op_" + op for op in OPS}
 
 
 class EarlyStop(Exception):
@@ -71,7 +74,6 @@ class Interleaver:
         self.bypass = False
         self.stopped = False
         self.handles: list = []
-        self._ops = {op: getattr(self, "_op_" + op) for op in OPS}
         self._plan()
 
     # -- planning ------------------------------------------------------------------------------
@@ -273,7 +275,7 @@ class Interleaver:
             value = None  # a false (or skipped) cond: the node does not run
         else:
             try:
-                value = self._ops[node.op](node)
+                value = getattr(self, _METHODS[node.op])(node)
             except (InterlaceError, EarlyStop):
                 raise
             except Exception as error:

@@ -310,3 +310,35 @@ def test_freed_values(mlp, x):
     interleaver = Interleaver(tracer.graph, mlp, [(0, 2)], 2)
     interleaver.run(lambda: mlp(x))
     assert set(interleaver.values) <= {len(tracer.graph) - 2}
+
+
+def _saved_in_trace(net, x):
+    with net.trace(x):
+        saved = net.layers[1].output.save()
+        net.layers[2].output[:] = net.layers[2].output * 2
+    return saved
+
+
+def _saved_in_session(net, x):
+    with net.session():
+        with net.trace(x):
+            first = net.layers[1].output
+        with net.trace(x):
+            net.layers[1].output = first
+            saved = net.layers[1].output.save()
+    return saved
+
+
+@pytest.mark.parametrize("experiment", [_saved_in_trace, _saved_in_session])
+def test_values_are_freed_without_the_garbage_collector(mlp, x, experiment):
+    """No reference cycle keeps a trace's activations alive once the user's function returns."""
+    import gc
+    import weakref
+
+    net = Model(mlp)
+    gc.disable()
+    try:
+        alive = weakref.ref(experiment(net, x))
+        assert alive() is None
+    finally:
+        gc.enable()

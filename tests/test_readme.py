@@ -1,0 +1,25 @@
+"""The README's examples run as written (on the real model, loaded once per session)."""
+
+import re
+from pathlib import Path
+
+import torch
+
+import interlace
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_examples_run(smollm2, monkeypatch, capsys):
+    monkeypatch.setattr(interlace.LanguageModel, "default", classmethod(lambda cls, **kw: smollm2))
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert len(blocks) >= 2
+    scope: dict = {}
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), scope)
+    # what the examples promise
+    assert isinstance(scope["hidden"], torch.Tensor) and scope["last"].shape == (1, 576)
+    assert scope["tokens"].shape[-1] == scope["lm"].tokenizer("Hello", return_tensors="pt").input_ids.shape[-1] + 5
+    assert list(scope["cache"]) == ["model.layers.10", "model.norm"]
+    assert "module_value[model.layers.5]" in capsys.readouterr().out
+    assert not any(module._forward_hooks for module in smollm2.module.modules())
