@@ -89,8 +89,9 @@ def run(prompt: str | None = None, model: str | None = None) -> None:
     diffs, clean, corrupted = patching_sweep(lm, CLEAN, CORRUPTED, " Paris", " Rome")
     print(f"logit(' Paris') - logit(' Rome'): clean {clean:+.2f}, corrupted {corrupted:+.2f}")
     span = max(clean - corrupted, 1e-6)
+    print(f"{'layer':>5}  {'diff':>7}  {'restored':>8}")
     for index, value in enumerate(diffs):
         restored = (value - corrupted) / span
         bar = "#" * max(0, round(restored * 30))
-        print(f"{index:>5}  {value:+7.2f}  {restored:6.0%}  {bar}")
+        print(f"{index:>5}  {value:+7.2f}  {restored:8.0%}  {bar}")
     print(f"\ndone in {time.perf_counter() - loaded:.1f}s after loading")
