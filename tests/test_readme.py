@@ -7,6 +7,8 @@ import torch
 
 import interlace
 
+from helpers import assert_clean
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -22,4 +24,4 @@ def test_readme_examples_run(smollm2, monkeypatch, capsys):
     assert scope["tokens"].shape[-1] == scope["lm"].tokenizer("Hello", return_tensors="pt").input_ids.shape[-1] + 5
     assert list(scope["cache"]) == ["model.layers.10", "model.norm"]
     assert "module_value[model.layers.5]" in capsys.readouterr().out
-    assert not any(module._forward_hooks for module in smollm2.module.modules())
+    assert_clean(smollm2.module)

@@ -1,5 +1,8 @@
 """The interleaver: interventions reach the model, invokes keep to their rows, early stop, errors."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -332,9 +335,6 @@ def _saved_in_session(net, x):
 @pytest.mark.parametrize("experiment", [_saved_in_trace, _saved_in_session])
 def test_values_are_freed_without_the_garbage_collector(mlp, x, experiment):
     """No reference cycle keeps a trace's activations alive once the user's function returns."""
-    import gc
-    import weakref
-
     net = Model(mlp)
     gc.disable()
     try:
