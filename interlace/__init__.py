@@ -11,13 +11,17 @@ True
 from . import tracer as _tracer
 from .envoy import Envoy
 from .errors import (
+    CancelledError,
     ExecutionError,
+    GraphError,
     InterlaceError,
+    LimitError,
     ModelError,
     ModulePathError,
     NotSavedError,
     OutOfOrderError,
     ProxyValueError,
+    RefusedError,
     SerializationError,
 )
 from .graph import Graph, Node
@@ -41,11 +45,14 @@ def list():  # noqa: A001 - mirrors the builtin on purpose: a list that lives in
 
 
 __all__ = [
+    "CancelledError",
     "Envoy",
     "ExecutionError",
     "Graph",
+    "GraphError",
     "InterlaceError",
     "LanguageModel",
+    "LimitError",
     "Model",
     "ModelError",
     "ModulePathError",
@@ -55,6 +62,7 @@ __all__ = [
     "OutOfOrderError",
     "Proxy",
     "ProxyValueError",
+    "RefusedError",
     "SerializationError",
     "apply",
     "list",

@@ -2,7 +2,8 @@
 
 Every message says what happened, where (the user's file and line, the module path and call it was
 waiting for) and how to fix it. All of them subclass `InterlaceError`, so `except InterlaceError`
-catches everything the library raises on purpose.
+catches everything the library raises on purpose. An error about one graph node carries it as
+`error.node`: `{"index", "op", "target", "location"}`, plain data a server can send back.
 """
 
 from __future__ import annotations
@@ -10,17 +11,35 @@ from __future__ import annotations
 import linecache
 
 
-def describe_location(location) -> str:
-    """`file.py:12: <source line>` for a recorded (filename, lineno), or '' when unknown."""
+def describe_location(location, *, read_source: bool = True) -> str:
+    """`file.py:12: <source line>` for a recorded (filename, lineno), or '' when unknown.
+
+    read_source=False quotes the location as recorded and never opens the file: a location in a
+    graph from someone else is just text.
+    """
     if not location:
         return ""
     filename, lineno = location
-    source = linecache.getline(filename, lineno).strip()
+    source = linecache.getline(filename, lineno).strip() if read_source else ""
     return f"{filename}:{lineno}" + (f": {source}" if source else "")
+
+
+def node_info(node) -> dict:
+    """The plain-data description of a graph node that errors carry."""
+    target = node.target if node.target is None or isinstance(node.target, str) else repr(node.target)
+    location = list(node.location) if node.location else None
+    return {"index": node.index, "op": node.op, "target": target, "location": location}
 
 
 class InterlaceError(Exception):
     """Base class of every error interlace raises on purpose."""
+
+    node: dict | None = None  # the graph node at fault, when there is one (see node_info)
+
+    def at(self, node) -> "InterlaceError":
+        """This error, marked as raised by graph node `node`."""
+        self.node = node_info(node)
+        return self
 
 
 class ProxyValueError(InterlaceError, TypeError):
@@ -49,3 +68,19 @@ class NotSavedError(InterlaceError):
 
 class SerializationError(InterlaceError, ValueError):
     """Bytes that are not a valid interlace graph or result, or a graph that cannot be sent."""
+
+
+class GraphError(InterlaceError, ValueError):
+    """A graph whose structure is invalid: an unknown op or module path, a bad reference, arity."""
+
+
+class RefusedError(InterlaceError):
+    """An operation an untrusted run does not allow (a user function, a write to a weight, ...)."""
+
+
+class LimitError(InterlaceError):
+    """A request or a run went over one of its limits (bytes, nodes, elements, time)."""
+
+
+class CancelledError(InterlaceError):
+    """The run was cancelled while it was queued or running."""

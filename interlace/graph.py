@@ -2,14 +2,17 @@
 
 A graph is an ordered list of nodes. Each node names an operation (`op`, from the closed set
 `OPS`), a `target` (a module path, a registry name, or for trusted graphs a callable), `args` and
-`kwargs` that may hold `Ref`s to earlier nodes, the user's source location, and an optional `guard`
-(the `cond` node that must be true for it to run). Nothing here knows about hooks, proxies or
-models: a graph can be printed, compared, serialized and executed anywhere.
+`kwargs` that may hold `Ref`s to earlier nodes, the user's source location, an optional `guard`
+(the `cond` node that must be true for it to run) and a `saved` flag (keep its value after the
+run). Nothing here knows about hooks, proxies or models: a graph can be printed, compared,
+serialized and executed anywhere. A `Request` is a graph with the traces that run it (inputs and
+options per trace): what a client sends to a server.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 
 OPS = frozenset(
     {
@@ -19,7 +22,6 @@ OPS = frozenset(
         "call_method",  # target=method name; args[0] is the object
         "swap",  # args=(Ref to a module_value or grad node, new value)
         "skip",  # target=path; kwargs: call, invoke; args=(value,)
-        "save",  # args=(Ref,)
         "apply",  # target=user callable (trusted only)
         "module_call",  # target=path; run that module on args/kwargs
         "grad",  # args=(Ref to a tensor,); its gradient in the backward pass
@@ -51,9 +53,9 @@ class Ref:
 class Node:
     """One recorded operation. `location` is the user's (filename, lineno)."""
 
-    __slots__ = ("index", "op", "target", "args", "kwargs", "location", "guard", "_refs")
+    __slots__ = ("index", "op", "target", "args", "kwargs", "location", "guard", "saved", "_refs")
 
-    def __init__(self, index, op, target=None, args=(), kwargs=None, location=None, guard=None):
+    def __init__(self, index, op, target=None, args=(), kwargs=None, location=None, guard=None, saved=False):
         self.index = index
         self.op = op
         self.target = target
@@ -61,6 +63,7 @@ class Node:
         self.kwargs = kwargs if kwargs is not None else {}
         self.location = location
         self.guard = guard
+        self.saved = saved
         self._refs = None
 
     @property
@@ -91,7 +94,7 @@ class Node:
         return self.op
 
     def _key(self):
-        return (self.op, target_name(self.target), repr(self.args), repr(self.kwargs), self.guard)
+        return (self.op, target_name(self.target), repr(self.args), repr(self.kwargs), self.guard, self.saved)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Node) and self.index == other.index and self._key() == other._key()
@@ -103,6 +106,7 @@ class Node:
         parts = [_format(a) for a in self.args] + [f"{k}={_format(v)}" for k, v in self.kwargs.items()]
         target = "" if self.target is None else f"[{target_name(self.target)}]"
         guard = f" if %{self.guard}" if self.guard is not None else ""
+        guard += "  saved" if self.saved else ""
         where = ""
         if self.location:
             where = f"  # {os.path.basename(self.location[0])}:{self.location[1]}"
@@ -170,16 +174,17 @@ class Graph:
 
     >>> g = Graph()
     >>> a = g.add("module_value", "layer1", kwargs={"kind": "output", "call": 0, "invoke": 0})
-    >>> s = g.add("save", args=(Ref(a.index),))
-    >>> len(g)
-    2
+    >>> b = g.add("call", "operator.mul", (Ref(a.index), 2), saved=True)
+    >>> print(g)
+    %0 = module_value[layer1](kind='output', call=0, invoke=0)
+    %1 = call[operator.mul](%0, 2)  saved
     """
 
     def __init__(self):
         self.nodes: list[Node] = []
 
-    def add(self, op, target=None, args=(), kwargs=None, location=None, guard=None) -> Node:
-        node = Node(len(self.nodes), op, target, args, kwargs, location, guard)
+    def add(self, op, target=None, args=(), kwargs=None, location=None, guard=None, saved=False) -> Node:
+        node = Node(len(self.nodes), op, target, args, kwargs, location, guard, saved)
         self.nodes.append(node)
         return node
 
@@ -208,7 +213,29 @@ class Graph:
 
     def saved(self) -> list[int]:
         """Indices of the nodes whose values are kept after execution."""
-        return [node.args[0].index for node in self.nodes if node.op == "save"]
+        return [node.index for node in self.nodes if node.saved]
 
     def __str__(self) -> str:
         return "\n".join(repr(node) for node in self.nodes) or "<empty graph>"
+
+
+@dataclass
+class TraceSpec:
+    """One trace of a request: its nodes `start..end`, its invokes' `(args, kwargs)`, its options.
+
+    options: `mode` ("trace" or "generate"), `kwargs` (for the model's forward or `generate`),
+    `early_stop`; a server checks them against its own limits.
+    """
+
+    start: int
+    end: int
+    invokes: list = field(default_factory=list)
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class Request:
+    """A graph and the traces that run it: one for a trace, several for a session."""
+
+    graph: Graph
+    traces: list[TraceSpec]

@@ -43,7 +43,7 @@ class Proxy:
     # -- verbs -----------------------------------------------------------------------------
     def save(self) -> "Proxy":
         """Keep this value after the trace; the name bound to it then holds the real value."""
-        self._tracer.record("save", None, (self,))
+        self._tracer.mark_saved(self)
         return self
 
     @property
@@ -100,8 +100,16 @@ class Proxy:
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         tracer = _find_tracer((args, kwargs))
-        target = ops.name_of(func) or func
-        return tracer.record("call", target, tuple(args), dict(kwargs or {}))
+        args, kwargs = tuple(args), dict(kwargs or {})
+        name = ops.name_of(func)
+        if name is not None:
+            return tracer.record("call", name, args, kwargs)
+        # a real tensor's method or operator with a traced argument: `steer + layer.output`
+        method = ops.tensor_method_of(func)
+        if method is not None:
+            op, target, reflected = method
+            return tracer.record(op, target, args[::-1] if reflected else args, kwargs)
+        return tracer.record("call", func, args, kwargs)  # any other callable: local traces only
 
     # -- values Python needs now -----------------------------------------------------------
     def __bool__(self):

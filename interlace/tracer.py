@@ -16,7 +16,7 @@ import torch
 
 from . import ops
 from .errors import InterlaceError, NotSavedError
-from .graph import Graph, Ref, map_refs
+from .graph import Graph, Ref, Request, TraceSpec, map_refs
 from .proxy import Proxy
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -57,14 +57,15 @@ class Tracer:
     True
     """
 
-    def __init__(self, model, args: tuple = (), kwargs: dict | None = None, **options):
+    def __init__(self, model, args: tuple = (), input_kwargs: dict | None = None, **options):
         self.model = model
         self.session: Session | None = model._session
         # in a session every trace records into the session's one graph
         self.graph = self.session.graph if self.session is not None else Graph()
         self.start = len(self.graph)
-        self.graph.nodes.extend(model._edits)  # persistent interventions from model.edit()
+        replay(self.graph, model._edits)  # persistent interventions from model.edit()
         self.results: dict[int, object] = {}
+        self.missing: dict[int, str] = {}  # saved nodes that have no value: why
         self.scanner = None  # set by the model when scanning: evaluates nodes on fake tensors
         self._caches: list[dict] = []
         self.invokes: list[tuple[tuple, dict]] = []
@@ -77,8 +78,8 @@ class Tracer:
         self._step = 0  # the generation step an iteration block is recording
         self._iterating = False
         self._location = None
-        if args or kwargs:
-            self.invokes.append((args, kwargs or {}))
+        if args or input_kwargs:
+            self.invokes.append((args, input_kwargs or {}))
             self.current_invoke = 0
 
     # -- recording ----------------------------------------------------------------------------
@@ -124,6 +125,15 @@ class Tracer:
         if op == "call_method":
             return getattr(args[0], target)(*args[1:], **kwargs)
         return (ops.resolve(target) if isinstance(target, str) else target)(*args, **kwargs)
+
+    def mark_saved(self, proxy: Proxy) -> None:
+        """`proxy.save()`: keep the value of its node after the run."""
+        active = self.model._tracer
+        if self._closed and (active is None or active.graph is not self.graph):
+            raise NotSavedError(
+                "this trace has ended: call .save() inside the `with` block that computes the value"
+            )
+        self.graph.nodes[proxy._index].saved = True
 
     def call_index(self, envoy) -> int:
         return envoy._call + self._offsets.get(envoy._path, 0) + self._step
@@ -181,7 +191,8 @@ class Tracer:
 
     def apply(self, fn, *args, **kwargs) -> Proxy:
         """Run `fn` on the real values of `args` when the graph runs; returns its traced result."""
-        return self.record("apply", fn, args, kwargs)
+        name = ops.name_of(fn)  # an allowed operation is an ordinary call, which can travel as data
+        return self.record("call", name, args, kwargs) if name else self.record("apply", fn, args, kwargs)
 
     # -- context ----------------------------------------------------------------------------------
     def __enter__(self) -> "Tracer":
@@ -201,9 +212,15 @@ class Tracer:
         if self.session is not None:
             self.session.traces.append(self)  # runs when the session ends
             return False
-        self.results = self.model._execute(self).results
+        outcome = self.model.run(Request(self.graph, [self.spec(len(self.graph))]))
+        self.results, self.missing = outcome.results, outcome.missing
         self._bind(sys._getframe(1))
         return False
+
+    def spec(self, end: int) -> TraceSpec:
+        """This trace as a part of a request: its nodes, inputs and run options."""
+        options = {key: self.options[key] for key in ("mode", "kwargs", "early_stop") if key in self.options}
+        return TraceSpec(self.start, end, self.invokes, options)
 
     def _bind(self, frame) -> None:
         """Give saved values to proxies, caches and the names in `frame` that held proxies."""
@@ -254,17 +271,12 @@ class Session:
         return False
 
     def _run(self, frame) -> None:
-        carried: dict[int, object] = {}
-        spans = [(t.start, len(self.graph) if i + 1 == len(self.traces) else self.traces[i + 1].start)
-                 for i, t in enumerate(self.traces)]
-        for tracer, span in zip(self.traces, spans):
-            later = {ref for node in self.graph.nodes[span[1]:] for ref in node.refs()}
-            keep = {i for i in later if span[0] <= i < span[1]}
-            run = self.model._execute(tracer, span=span, known=carried, keep=keep)
-            self.results.update(run.results)
-            carried.update({i: run.values[i] for i in keep if i in run.values})
-        for tracer in self.traces:
-            tracer.results = self.results
+        traces = self.traces
+        ends = [t.start for t in traces[1:]] + [len(self.graph)]
+        outcome = self.model.run(Request(self.graph, [t.spec(end) for t, end in zip(traces, ends)]))
+        self.results = outcome.results
+        for tracer in traces:
+            tracer.results, tracer.missing = outcome.results, outcome.missing
             tracer._bind(frame)
 
 
@@ -283,6 +295,19 @@ class Editor(Tracer):
         if exc_type is None:
             self.edited._edits = list(self.graph.nodes)
         return False
+
+
+def replay(graph: Graph, nodes) -> None:
+    """Append copies of `nodes` (a graph of their own, numbered from 0) to `graph`, refs moved along."""
+    offset = len(graph)
+
+    def moved(ref):
+        return Ref(ref.index + offset)
+
+    for node in nodes:
+        guard = None if node.guard is None else node.guard + offset
+        graph.add(node.op, node.target, map_refs(node.args, moved), map_refs(node.kwargs, moved),
+                  node.location, guard, node.saved)
 
 
 class Condition:
@@ -383,7 +408,7 @@ class Iteration:
                     kwargs["call"] += shift
                 args = (step,) if node.index == start else map_refs(node.args, moved)
                 guard = node.guard + offset if node.guard is not None and node.guard >= start else node.guard
-                graph.add(node.op, node.target, args, kwargs, node.location, guard)
+                graph.add(node.op, node.target, args, kwargs, node.location, guard, node.saved)
         return False
 
 

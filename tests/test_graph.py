@@ -10,12 +10,15 @@ def test_graph_is_plain_comparable_data():
     def build():
         g = Graph()
         a = g.add("module_value", "layer", kwargs={"kind": "output", "call": 0, "invoke": 0}, location=("f.py", 3))
-        b = g.add("call", "operator.add", (Ref(a.index), 1), location=("f.py", 4))
-        g.add("save", None, (Ref(b.index),))
+        b = g.add("call", "operator.add", (Ref(a.index), 1), location=("f.py", 4), saved=True)
+        g.add("call", "operator.mul", (Ref(b.index), 2))
         return g
 
     first, second = build(), build()
     assert first == second and hash(first) == hash(second)
+    second[2].saved = True
+    assert first != second
+    second[2].saved = False
     second.add("log", None, ("x",))
     assert first != second
     assert first.users() == [[1], [2], []]
@@ -35,7 +38,8 @@ def test_listing_shows_one_node_a_line_with_the_user_line():
         net[0].output[:, 0] = 0
         net[1].output[..., 1:3].sum(dim=-1).save()
     lines = str(tracer.graph).splitlines()
-    assert len(lines) == len(tracer.graph) == 6
+    assert len(lines) == len(tracer.graph) == 5
+    assert lines[4].endswith("saved  # test_graph.py:" + lines[4].rsplit(":", 1)[1])
     assert lines[1].startswith("%1 = call[operator.setitem](%0, (:, 0), 0)")
     assert "(..., 1:3)" in lines[3] and "call_method[sum](%3, dim=-1)" in lines[4]
     assert all("test_graph.py:" in line for line in lines)

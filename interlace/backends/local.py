@@ -1,11 +1,16 @@
 """The local backend: interleave a graph with a real run of the model.
 
 `Interleaver` hooks exactly the modules the graph names, runs the model, and, inside each hook,
-executes every node that has become ready, in graph order. A node is ready when every node it reads
-has run; a `module_value` node is ready only while its module's call is happening (an "event").
-Replacements (`swap`) change the value the hook hands back to the model; an invoke's reads and
-writes touch only its rows of the batch. When nothing in the graph waits on the model any more the
-forward is stopped early. Every hook is removed afterwards, also on error.
+executes every node that has become ready, in graph order (`Plan` says what each node waits for). A
+`module_value` node is ready only while its module's call is happening (an "event"). Replacements
+(`swap`) change the value the hook hands back to the model; an invoke's reads and writes touch only
+its rows of the batch. When nothing in the graph waits on the model any more the forward is stopped
+early. Every hook is removed afterwards, also on error, and the model is left as it was (`Guard`).
+
+An untrusted run (what a server does with a stranger's graph) also checks the graph against the
+model first, runs only allow-listed operations, refuses writes to weights, bounds every value before
+it is made, returns `log` output instead of printing it, and never opens the files its locations
+name.
 """
 
 from __future__ import annotations
@@ -22,12 +27,17 @@ from ..errors import (
     InterlaceError,
     ModelError,
     OutOfOrderError,
+    RefusedError,
     describe_location,
 )
-from ..graph import OPS, Graph, Ref, map_refs
+from ..graph import OPS, Graph, map_refs
+from .guard import Guard, global_state, restore_global_state
+from .limits import Limits
+from .plan import Plan, mutates
+from .rows import first_input, narrow, replace_first_input, write_rows
 
 _PENDING = object()  # a node that waits for a later event (a gradient)
-_VIEW_TARGETS = frozenset({"operator.getitem", "builtins.getattr"})
+_MISSING = object()
 # op -> method name; looked up on each call, as a table of bound methods would make the
 # interleaver a reference cycle and keep its values (activations) alive until the garbage collector
 _METHODS = {op: "_op_" + op for op in OPS}
@@ -48,107 +58,75 @@ class Interleaver:
     """Executes `graph` while `run()` calls the model `root`.
 
     rows: for each invoke, its (start, stop) rows of the batch; `batch_size` the total.
+    untrusted: run a stranger's graph (see the module docstring) within `limits`; `cancel` (anything
+    with `is_set()`) stops it between operations.
     """
 
     def __init__(
         self, graph: Graph, root: torch.nn.Module, rows, batch_size: int, *,
         early_stop: bool = True, strict: bool = True, modules: dict | None = None,
         span: tuple[int, int] | None = None, known: dict | None = None, keep=(),
+        untrusted: bool = False, limits: Limits | None = None, cancel=None,
     ):
         self.graph, self.nodes, self.root = graph, graph.nodes, root
         # a session runs a graph in spans, one forward each: nodes before `span` ran earlier and
         # `known` holds the values of theirs that this span reads; `keep` must outlive the span
         self.start, self.end = span or (0, len(graph))
-        self.keep = set(keep)
         self.strict = strict  # False: calls never reached (generation ended early) are no error
-        self.extra_modules = modules or {}  # paths outside the model's tree, e.g. 'generator' 
+        self.extra_modules = modules or {}  # paths outside the model's tree, e.g. 'generator'
         self.rows = rows if len(rows) > 1 else None  # one invoke: nothing to narrow
         self.batch_size = batch_size
         self.early_stop = early_stop
+        self.untrusted = untrusted
+        self.guard = Guard(root, untrusted=untrusted, limits=limits, cancel=cancel)
+        if untrusted:
+            from .validate import check_against_model  # noqa: PLC0415 - validate imports ops only
+
+            check_against_model(graph, root, self.extra_modules, len(rows), self.start, self.end)
         self.values: dict[int, object] = dict(known or {})
         self.results: dict[int, object] = {}
+        self.logs: list[tuple[int, tuple]] = []  # untrusted runs return `log` output, not print it
+        self.not_run: dict[int, str] = {}  # saved nodes that did not run: why
         self.events: list[_Event] = []
         self.open_sources: set[int] = set()  # sources whose event is on but whose guard is not
         self.calls: dict[tuple, int] = {}
-        self.skips: dict[tuple, tuple] = {}
+        self.skip_values: dict[tuple, tuple] = {}
         self.bypass = False
         self.stopped = False
         self.handles: list = []
-        self._plan()
-
-    # -- planning ------------------------------------------------------------------------------
-    def _plan(self) -> None:
-        nodes = self.nodes
-        n = len(nodes)
-        self.users: list[list[int]] = [[] for _ in range(n)]
-        self.waiting = [0] * n
-        self.remaining = [0] * n
-        self.done = bytearray(n)
+        plan = self.plan = Plan(graph, self.start, self.end)
+        self.users, self.waiting, self.remaining = plan.users, plan.waiting, plan.remaining
+        self.sources = plan.sources
+        self.saved = plan.saved | set(keep) | set(self.values)
+        self.ready = list(plan.ready)  # already in graph order, so a valid heap
+        self.done = bytearray(self.end)
         self.done[: self.start] = b"\x01" * self.start
         self.total = self.end - self.start
         self.finished = 0
-        self.sources: dict[tuple, list[int]] = {}
-        self.event_keys: dict[int, tuple] = {}
-        self.mutations: dict[tuple, list[int]] = {}
-        self.skip_nodes: dict[tuple, int] = {}
-        self.saved = set(self.graph.saved()) | self.keep | set(self.values)
-        self.needs_grad = False
-        last_mutation: dict[int, int] = {}
-        ready = []
-        start = self.start
-        users, waiting, remaining = self.users, self.waiting, self.remaining
-        for node in nodes[start : self.end]:
-            index, op = node.index, node.op
-            reads = [ref for ref in node.refs() if ref >= start]
-            for ref in reads:
-                remaining[ref] += 1
-            deps = reads
-            if op == "stop":  # stop once everything recorded before it has run
-                deps = range(start, index)
-            elif last_mutation:  # a read of a value waits for the in-place changes recorded before it
-                changes = [last_mutation[ref] for ref in reads if ref in last_mutation]
-                if changes:
-                    deps = list(dict.fromkeys(reads + changes))
-            for dep in deps:
-                users[dep].append(index)
-            waiting[index] = len(deps)
-            if op == "module_value":
-                key = self._event_of(index)
-                self.event_keys[index] = key
-                self.sources.setdefault(key, []).append(index)
-            elif op == "skip":
-                self.skip_nodes[(node.target, node.kwargs["call"])] = index
-            elif op == "grad" or (op == "call_method" and node.target == "backward"):
-                self.needs_grad = True
-            if _mutates(node) and type(node.args[0]) is Ref:
-                last_mutation[node.args[0].index] = index
-                key = self._event_of(node.args[0].index)
-                if key is not None:
-                    self.mutations.setdefault(key, []).append(index)
-            if not deps and op != "module_value":
-                ready.append(index)
-        self.ready = ready  # already in graph order, so a valid heap
 
-    def _event_of(self, index: int):
-        """The module event whose value node `index` views, or None for computed values."""
-        node = self.nodes[index]
-        while node.op == "call" and node.target in _VIEW_TARGETS and type(node.args[0]) is Ref:
-            node = self.nodes[node.args[0].index]
-        if node.op == "module_value":
-            kind = "output" if node.kwargs["kind"] == "output" else "input"
-            return (node.target, kind, node.kwargs["call"])
-        if node.op == "grad":
-            return ("grad", node.index)
-        return None
+    def missing(self) -> dict[int, str]:
+        """Saved nodes of this run that have no value, and why."""
+        reasons = {}
+        for index in self.plan.saved:
+            if index >= self.start and index not in self.results:
+                reasons[index] = self.not_run.get(index) or (
+                    "the trace stopped (tracer.stop() or an early stop) before it was computed" if self.stopped
+                    else "its module did not run that many times (the generation ended earlier)"
+                )
+        return reasons
 
     # -- running ---------------------------------------------------------------------------------
     def run(self, forward):
         """Call `forward()` (which runs the model) with the graph interleaved; returns results."""
-        grads = None
         with ExitStack() as stack:
             stack.callback(self._remove_hooks)
-            if self.needs_grad:
+            stack.callback(self.guard.restore_weights)
+            stack.callback(restore_global_state, global_state())
+            if self.plan.needs_grad:
+                # fresh gradients for the run; the parameters' own .grad objects come back after it
                 grads = {p: p.grad for p in self.root.parameters()}
+                for param in grads:
+                    param.grad = None
                 stack.callback(_restore_grads, grads)
             else:
                 stack.enter_context(torch.no_grad())
@@ -169,7 +147,7 @@ class Interleaver:
     def _install(self) -> None:
         outputs = {key[0] for key in self.sources if key[1] == "output"}
         inputs = {key[0] for key in self.sources if key[1] == "input"}
-        skipped = {key[0] for key in self.skip_nodes}
+        skipped = {key[0] for key in self.plan.skips}
         for path in outputs | inputs | skipped:
             module = self._module_at(path)
             if path in inputs:
@@ -190,7 +168,7 @@ class Interleaver:
             raise InterlaceError(f"the model has no module '{path}'") from None
 
     def _remove_hooks(self) -> None:
-        for handle in self.handles:
+        for handle in reversed(self.handles):
             handle.remove()
         self.handles.clear()
 
@@ -231,20 +209,25 @@ class Interleaver:
             if self.bypass:
                 return original(*args, **kwargs)
             call = self._count(path, "skip")
-            index = self.skip_nodes.get((path, call))
+            index = self.plan.skips.get((path, call))
             if index is None:
                 return original(*args, **kwargs)
             if not self.done[index]:
                 raise self._out_of_order(index, f"{path} (call {call}) runs")
-            value, rows = self.skips[(path, call)]
+            value, rows = self.skip_values[(path, call)]
+            if self.untrusted:
+                self.guard.check_replacement((args, kwargs), value, f"the value that replaces {path}")
             if rows is None:
                 return value
-            return _write_rows(original(*args, **kwargs), value, rows)
+            return write_rows(original(*args, **kwargs), value, rows)
 
+        # an instance forward may be someone else's (accelerate's hooks): put back exactly what was there
+        self.handles.append(_InstanceAttribute(module, "forward"))
         module.forward = forward
-        self.handles.append(_DeleteAttribute(module, "forward"))
 
     def _event(self, key, value) -> _Event:
+        if self.untrusted:
+            self.guard.tick()
         event = _Event(key, value)
         self.events.append(event)
         try:
@@ -255,7 +238,7 @@ class Interleaver:
                 else:
                     heapq.heappush(self.ready, index)
             self._drain()
-            for index in sources + self.mutations.get(key, []):
+            for index in sources + self.plan.mutations.get(key, []):
                 if not self.done[index]:
                     raise self._out_of_order(index, f"{key[0]}.{key[1]} (call {key[2]}) ends")
         finally:
@@ -271,35 +254,43 @@ class Interleaver:
 
     def _execute(self, index: int) -> None:
         node = self.nodes[index]
+        if self.untrusted:
+            self.guard.tick()
         if node.guard is not None and not self.values.get(node.guard):
-            value = None  # a false (or skipped) cond: the node does not run
-        else:
-            try:
-                value = getattr(self, _METHODS[node.op])(node)
-            except (InterlaceError, EarlyStop):
-                raise
-            except Exception as error:
-                raise self._execution_error(node, error) from error
-            if value is _PENDING:
-                return
-        self._finish(index, value)
+            self._finish(index, None, ran=False)  # a false (or skipped) cond: the node does not run
+            return
+        try:
+            value = getattr(self, _METHODS[node.op])(node)
+        except (InterlaceError, EarlyStop) as error:
+            if isinstance(error, InterlaceError) and error.node is None:
+                error.at(node)
+            raise
+        except Exception as error:
+            raise self._execution_error(node, error) from error
+        if value is not _PENDING:
+            self._finish(index, value)
 
-    def _finish(self, index: int, value) -> None:
-        self.values[index] = value
+    def _finish(self, index: int, value, ran: bool = True) -> None:
+        if ran:
+            self.values[index] = value
+            if index in self.saved:
+                self.results[index] = value
+        elif index in self.saved:
+            self.not_run[index] = "its condition (tracer.cond) was false"
         self.done[index] = 1
         self.finished += 1
-        waiting, ready = self.waiting, self.ready
+        waiting, ready, nodes = self.waiting, self.ready, self.nodes
         for user in self.users[index]:
             waiting[user] -= 1
             if not waiting[user]:
-                if self.nodes[user].op != "module_value":
+                if nodes[user].op != "module_value":
                     heapq.heappush(ready, user)
                 elif user in self.open_sources:
                     self.open_sources.discard(user)
                     heapq.heappush(ready, user)
         # free inputs whose last reader has run
         remaining, saved, start = self.remaining, self.saved, self.start
-        for ref in self.nodes[index].refs():
+        for ref in nodes[index].refs():
             if ref >= start:
                 remaining[ref] -= 1
                 if not remaining[ref] and ref not in saved:
@@ -316,12 +307,11 @@ class Interleaver:
         value = event.value
         kind = node.kwargs["kind"]
         if kind == "input":
-            args, kwargs = value
-            value = args[0] if args else next(iter(kwargs.values()), None)
+            value = first_input(*value)
         elif kind == "inputs":
             value = (tuple(value[0]), dict(value[1]))
         rows = self._rows(node.kwargs["invoke"])
-        return value if rows is None else _narrow(value, rows, self.batch_size)
+        return value if rows is None else narrow(value, rows, self.batch_size)
 
     def _op_parameter(self, node):
         try:
@@ -330,33 +320,49 @@ class Interleaver:
             return self.root.get_buffer(node.target)
 
     def _op_call(self, node):
-        fn = ops.resolve(node.target) if isinstance(node.target, str) else node.target
-        return fn(*self._resolve(node.args), **self._resolve(node.kwargs))
+        target = node.target
+        fn = ops.resolve(target) if isinstance(target, str) else target
+        args, kwargs = self._resolve(node.args), self._resolve(node.kwargs)
+        if self.untrusted:
+            self.guard.before_call(target, fn, args, kwargs)
+            result = fn(*args, **kwargs)
+            self.guard.check_value(result)
+            return result
+        if mutates(node) and args:
+            self.guard.before_write(args[0], node.describe())
+        return fn(*args, **kwargs)
 
     def _op_call_method(self, node):
-        args = self._resolve(node.args)
-        return getattr(args[0], node.target)(*args[1:], **self._resolve(node.kwargs))
+        args, kwargs = self._resolve(node.args), self._resolve(node.kwargs)
+        if self.untrusted:
+            self.guard.before_method(node.target, args, kwargs)
+            result = getattr(args[0], node.target)(*args[1:], **kwargs)
+            self.guard.check_value(result)
+            return result
+        if mutates(node):
+            self.guard.before_write(args[0], node.describe())
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
 
-    _op_apply = _op_call
-
-    def _op_save(self, node):
-        index = node.args[0].index
-        self.results[index] = self.values[index]
-        return None
+    def _op_apply(self, node):
+        if self.untrusted:
+            raise RefusedError("user functions (interlace.apply) do not run here; use allowed operations")
+        return self._op_call(node)
 
     def _op_swap(self, node):
         target = self.nodes[node.args[0].index]
         new = self._resolve(node.args[1])
         event = self._find_event(target.index)
+        if self.untrusted:
+            self.guard.check_replacement(self.values.get(target.index, event.value), new, "the replacement value")
         if target.op == "grad":
             event.value = new
         else:
             rows = self._rows(target.kwargs["invoke"])
             kind = target.kwargs["kind"]
             if kind == "output":
-                event.value = new if rows is None else _write_rows(event.value, new, rows)
+                event.value = new if rows is None else write_rows(event.value, new, rows)
             elif kind == "input":
-                event.value = _replace_first_input(event.value, new, rows)
+                event.value = replace_first_input(event.value, new, rows)
             else:
                 args, kwargs = new
                 event.value = (tuple(args), dict(kwargs))
@@ -365,14 +371,17 @@ class Interleaver:
 
     def _op_skip(self, node):
         rows = self._rows(node.kwargs["invoke"])
-        self.skips[(node.target, node.kwargs["call"])] = (self._resolve(node.args[0]), rows)
+        self.skip_values[(node.target, node.kwargs["call"])] = (self._resolve(node.args[0]), rows)
         return None
 
     def _op_module_call(self, node):
         module = self._module_at(node.target)
+        args, kwargs = self._resolve(node.args), self._resolve(node.kwargs)
+        if self.untrusted:
+            self.guard.before_module_call(module, node.target, args, kwargs)
         self.bypass = True
         try:
-            return module(*self._resolve(node.args), **self._resolve(node.kwargs))
+            return module(*args, **kwargs)
         finally:
             self.bypass = False
 
@@ -405,7 +414,11 @@ class Interleaver:
         raise EarlyStop()
 
     def _op_log(self, node):
-        print(*self._resolve(node.args))
+        values = self._resolve(node.args)
+        if self.untrusted:
+            self.logs.append((node.index, values))
+        else:
+            print(*values)
         return None
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -415,11 +428,14 @@ class Interleaver:
         return self.rows[invoke]
 
     def _find_event(self, index: int) -> _Event:
-        key = self.event_keys.get(index) or self._event_of(index)
+        key = self.plan.event_keys[index]
         for event in reversed(self.events):
             if event.key == key:
                 return event
         raise self._out_of_order(index, "its module runs")
+
+    def _where(self, node) -> str:
+        return describe_location(node.location, read_source=not self.untrusted)
 
     def _pending_source(self, index: int):
         """The first source (module value or gradient) that node `index` still waits for."""
@@ -437,19 +453,19 @@ class Interleaver:
     def _out_of_order(self, index: int, moment: str) -> OutOfOrderError:
         node = self.nodes[index]
         source = self._pending_source(index)
-        needs = f" needs {source.describe()} (recorded at {describe_location(source.location)})" if source else ""
+        needs = f" needs {source.describe()} (recorded at {self._where(source)})" if source else ""
         return OutOfOrderError(
-            f"{describe_location(node.location)}\n  {node.describe()}{needs}, which the model "
+            f"{self._where(node)}\n  {node.describe()}{needs}, which the model "
             f"has not computed yet when {moment}. The model computes modules in the order it "
             "calls them: read values from earlier modules, or use .next() for a later call."
-        )
+        ).at(node)
 
     def _execution_error(self, node, error: Exception) -> ExecutionError:
         waiting = f" in the hook of {self._event_name()}" if self.events else ""
         return ExecutionError(
-            f"{describe_location(node.location)}\n  {type(error).__name__}: {error}\n"
+            f"{self._where(node)}\n  {type(error).__name__}: {error}\n"
             f"  while running {node.describe()}{waiting}. Check the shapes and indices on that line."
-        )
+        ).at(node)
 
     def _event_name(self) -> str:
         key = self.events[-1].key
@@ -458,25 +474,29 @@ class Interleaver:
         return f"{key[0] or '<root>'} ({key[1]}, call {key[2]})"
 
     def _model_error(self, error: Exception) -> ModelError:
-        pending = next((n for n in self.nodes[: self.end] if not self.done[n.index]), None)
+        pending = next((n for n in self.nodes[self.start : self.end] if not self.done[n.index]), None)
         waiting = ""
         if pending is not None:
             source = self._pending_source(pending.index) or pending
-            waiting = f" The graph was waiting for {source.describe()} ({describe_location(source.location)})."
+            waiting = f" The graph was waiting for {source.describe()} ({self._where(source)})."
         return ModelError(f"the model raised {type(error).__name__}: {error}.{waiting}")
 
     def _check_finished(self) -> None:
         if self.finished == self.total or self.stopped:
             return
+        checked: set[int] = set()  # sources already found optional: each is looked at once
         for pending in self.nodes[self.start : self.end]:
             if self.done[pending.index]:
                 continue
             source = self._pending_source(pending.index) or pending
+            if source.index in checked:
+                continue
+            checked.add(source.index)
             if source.op == "module_value" and (
                 source.kwargs.get("optional") or not self.strict and source.kwargs["call"] > 0
             ):
                 continue  # a cached module that did not run, or a step generation never reached
-            raise OutOfOrderError(f"{describe_location(pending.location)}\n  {self._never_ran(source)}.")
+            raise OutOfOrderError(f"{self._where(pending)}\n  {self._never_ran(source)}.").at(pending)
 
     def _never_ran(self, source) -> str:
         if source.op == "grad":
@@ -491,61 +511,20 @@ class Interleaver:
         return f"{source.describe()} never ran"
 
 
-def _mutates(node) -> bool:
-    if node.op == "call":
-        return node.target in ops.MUTATING_TARGETS
-    return node.op == "call_method" and ops.is_in_place_method(node.target)
-
-
-def _narrow(value, rows, batch_size):
-    """The invoke's rows of every batch-first tensor in `value` (views, so writes go through)."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() and value.shape[0] == batch_size:
-            return value[rows[0] : rows[1]]
-        return value
-    if isinstance(value, (tuple, list)):
-        items = [_narrow(item, rows, batch_size) for item in value]
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-    if isinstance(value, dict):
-        return type(value)(**{k: _narrow(v, rows, batch_size) for k, v in value.items()})
-    return value
-
-
-def _write_rows(dest, new, rows):
-    """A copy of `dest` whose rows `rows` of batch-first tensors hold `new`."""
-    if isinstance(dest, torch.Tensor):
-        dest = dest.clone()
-        dest[rows[0] : rows[1]] = new
-        return dest
-    if isinstance(dest, (tuple, list)):
-        items = [_write_rows(d, n, rows) for d, n in zip(dest, new)]
-        return type(dest)(*items) if hasattr(dest, "_fields") else type(dest)(items)
-    if isinstance(dest, dict):
-        return type(dest)(**{k: _write_rows(v, new[k], rows) for k, v in dest.items()})
-    return new
-
-
-def _replace_first_input(value, new, rows):
-    args, kwargs = value
-    if rows is not None:
-        old = args[0] if args else next(iter(kwargs.values()))
-        new = _write_rows(old, new, rows)
-    if args:
-        return ((new,) + tuple(args[1:]), kwargs)
-    first = next(iter(kwargs))
-    return (args, {**kwargs, first: new})
-
-
 def _restore_grads(grads) -> None:
     for param, grad in grads.items():
         param.grad = grad
 
 
-class _DeleteAttribute:
-    """A handle that removes an instance attribute (our patched `forward`) on `remove()`."""
+class _InstanceAttribute:
+    """A handle that puts an instance attribute back as it was (or removes it) on `remove()`."""
 
     def __init__(self, obj, name):
         self.obj, self.name = obj, name
+        self.before = obj.__dict__.get(name, _MISSING)
 
     def remove(self) -> None:
-        self.obj.__dict__.pop(self.name, None)
+        if self.before is _MISSING:
+            self.obj.__dict__.pop(self.name, None)
+        else:
+            self.obj.__dict__[self.name] = self.before

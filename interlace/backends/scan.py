@@ -17,7 +17,7 @@ from ..errors import ExecutionError, InterlaceError
 from ..graph import Node
 from .local import Interleaver
 
-_NO_EFFECT = frozenset({"save", "swap", "skip", "log", "stop", "cond", "grad"})
+_NO_EFFECT = frozenset({"swap", "skip", "log", "stop", "cond", "grad"})
 
 
 class Scanner(Interleaver):

@@ -1,15 +1,20 @@
-"""The wire format of a graph with its invokes' inputs, and of a results dict.
+"""The wire format, version 1 (frozen): a request (a graph, its traces' inputs and options) and results.
 
-This module owns the bytes a client sends and a server returns:
+    prefix   magic (b"ILG" request, b"ILR" results) | version u8 | flags u8 | count u32 LE
+    body     header length u64 LE | JSON header | safetensors section     (zstd-compressed when
+                                                                            flags & 1)
 
-    magic (b"ILG" graph, b"ILR" results) + version byte + flags byte, then a body
-    (zstd-compressed when the flags say so): 8-byte little-endian header length, JSON header,
-    safetensors section holding every tensor the header refers to.
+`count` is the number of nodes (request) or values (results), so an over-long graph is refused
+before anything is parsed. The header is checked by the pydantic models below; values inside it are
+tagged JSON (`{"ref": 3}`, `{"tuple": [...]}`, `{"tensor": "0"}`, ...), and every tensor the header
+refers to lives in the safetensors section (none that it does not). Call targets travel as names of
+the allow-list in `ops`; a user function travels only in trusted mode (cloudpickle, flags & 2).
 
-The header is checked by the pydantic models below. Values inside it are tagged JSON (`{"ref": 3}`,
-`{"tuple": [...]}`, `{"tensor": "0"}`, ...). Callables travel as registry names; a user function
-travels only in trusted mode (cloudpickle). Loading never unpickles unless the caller says
-`trusted=True`, and any malformed input is a `SerializationError`, never a crash.
+Loading treats every byte as hostile: the frame, the decompressed header (decompression is streamed
+and stops at the limit), the tensor section, the node count, nesting depth, string lengths, list
+lengths and int sizes are all checked against `Limits` before they are used, pickle is never
+loaded without `trusted=True`, and any failure is a `SerializationError` or `GraphError` naming the
+node, never a crash.
 """
 
 from __future__ import annotations
@@ -25,20 +30,20 @@ import cloudpickle
 import safetensors.torch
 import torch
 import zstandard
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import ops
-from ..errors import SerializationError
-from ..graph import OPS, Graph, Node, Ref
+from ..errors import InterlaceError, LimitError, SerializationError, describe_location
+from ..graph import OPS, Graph, Node, Ref, Request, TraceSpec
+from .limits import Limits
+from .validate import check_structure
 
 GRAPH_MAGIC, VALUES_MAGIC = b"ILG", b"ILR"
 VERSION = 1
 SUPPORTED_VERSIONS = (1,)
-MAX_BYTES = 1 << 30
-MAX_NODES = 1_000_000
 _ZSTD, _PICKLED = 1, 2  # flag bits; _PICKLED lets a loader refuse before parsing anything
+_PREFIX = struct.Struct("<3sBBI")
 _LENGTH = struct.Struct("<Q")
-_PATH_OPS = frozenset({"module_value", "parameter", "module_call", "skip"})
 _DTYPES = {str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.dtype)}
 _FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
@@ -50,21 +55,14 @@ class _Strict(BaseModel):
 
 class NodeModel(_Strict):
     index: int = Field(ge=0)
-    op: str
-    # a module path, registry name or method name; {"registry": name} for a registry callable
-    # held as an object; {"pickle": base64} for a user callable (trusted graphs only)
-    target: str | dict[str, str] | None = None
+    op: Literal[tuple(sorted(OPS))]
+    # a module path, allow-list name or method name; {"pickle": base64} for a user function
+    target: str | dict[Literal["pickle"], str] | None = None
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
     location: tuple[str, int] | None = None
     guard: int | None = None
-
-    @field_validator("op")
-    @classmethod
-    def _known_op(cls, op: str) -> str:
-        if op not in OPS:
-            raise ValueError(f"unknown op {op!r}; known ops: {', '.join(sorted(OPS))}")
-        return op
+    saved: bool = False
 
 
 class InvokeModel(_Strict):
@@ -72,15 +70,23 @@ class InvokeModel(_Strict):
     kwargs: dict[str, Any] = {}
 
 
+class TraceModel(_Strict):
+    start: int = Field(ge=0)
+    end: int = Field(ge=0)
+    invokes: list[InvokeModel] = []
+    options: dict[str, Any] = {}
+
+
 class Header(_Strict):
     version: Literal[1]
     nodes: list[NodeModel]
-    invokes: list[InvokeModel] = []
+    traces: list[TraceModel]
 
 
 class ValuesHeader(_Strict):
     version: Literal[1]
     values: list[tuple[int, Any]]
+    logs: list[tuple[int, list[Any]]] = []
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -93,6 +99,7 @@ class _Encoder:
         self._keys: dict[int, str] = {}  # id(tensor) -> key: one tensor object is stored once
         self._kept: list = []  # keeps those ids from being reused while we encode
         self._storages: set[int] = set()
+        self.nbytes = 0  # of the tensors collected so far
 
     def encode(self, obj):
         kind = type(obj)
@@ -140,11 +147,12 @@ class _Encoder:
             data = data.clone()
         self._storages.add(data.untyped_storage().data_ptr())
         key = self._keys[id(tensor)] = str(len(self.tensors))
-        self.tensors[key] = data
+        self.tensors[key] = data.cpu()
+        self.nbytes += data.numel() * data.element_size()
         self._kept.append(tensor)
         return key
 
-    def frame(self, magic: bytes, header: dict, compress: bool, flags: int = 0) -> bytes:
+    def frame(self, magic: bytes, header: dict, count: int, compress: bool, flags: int = 0) -> bytes:
         text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
         try:
             section = safetensors.torch.save(self.tensors) if self.tensors else b""
@@ -153,11 +161,11 @@ class _Encoder:
         body = _LENGTH.pack(len(text)) + text + section
         if compress:
             body, flags = zstandard.ZstdCompressor(level=3).compress(body), flags | _ZSTD
-        return magic + bytes([VERSION, flags]) + body
+        return _PREFIX.pack(magic, VERSION, flags, count) + body
 
 
 def _where(node: Node) -> str:
-    at = f" at {node.location[0]}:{node.location[1]}" if node.location else ""
+    at = f" at {describe_location(node.location, read_source=False)}" if node.location else ""
     return f"node %{node.index} ({node.op}{at})"
 
 
@@ -169,101 +177,128 @@ def _encode_target(node: Node, trusted: bool):
         raise SerializationError(f"cannot serialize a target of type {type(target).__name__}")
     name = ops.name_of(target)
     if name is not None:
-        return {"registry": name}
+        return name
     if not trusted:
         raise SerializationError(
-            f"its target {getattr(target, '__qualname__', target)!r} is a Python function, not a "
-            "registry operation, so the graph cannot travel as data. Use torch, operator or Tensor "
-            "operations instead, or serialize with trusted=True (the receiver must load with "
-            "trusted=True as well, and a server only accepts that when started in trusted mode).")
+            f"its target {getattr(target, '__qualname__', target)!r} is a Python function, not an "
+            "operation of the allow-list (interlace.ops), so the graph cannot travel as data. Use torch, "
+            "operator or Tensor operations instead, or serialize with trusted=True (the receiver must "
+            "load with trusted=True as well, and a server only accepts that when started with --trusted).")
     try:
         return {"pickle": base64.b64encode(cloudpickle.dumps(target)).decode()}
     except Exception as error:
         raise SerializationError(f"cloudpickle cannot pickle its target: {error}") from None
 
 
-def serialize_graph(graph: Graph, invokes=(), *, trusted: bool = False, compress: bool = False) -> bytes:
-    """The bytes of `graph` and of each invoke's `(args, kwargs)` inputs."""
+def serialize_request(request: Request, *, trusted: bool = False, compress: bool = False) -> bytes:
+    """The bytes of a request: the graph, and each trace's span, invokes and options."""
     encoder, nodes, flags = _Encoder(), [], 0
-    for node in graph.nodes:
+    for node in request.graph.nodes:
         try:
             target = _encode_target(node, trusted)
-            _check_node(node.op, target, node.args, trusted)
             item = {"index": node.index, "op": node.op}
             # fields at their defaults are left out: a smaller header parses faster
             if target is not None:
                 item["target"] = target
-                flags |= _PICKLED if type(target) is dict and "pickle" in target else 0
+                flags |= _PICKLED if type(target) is dict else 0
             if node.args or node.kwargs:
                 item["args"], item["kwargs"] = encoder.call(node.args, node.kwargs)
             if node.location:
                 item["location"] = list(node.location)
             if node.guard is not None:
                 item["guard"] = node.guard
+            if node.saved:
+                item["saved"] = True
         except SerializationError as error:
-            raise SerializationError(f"{_where(node)}: {error}") from None
+            raise SerializationError(f"{_where(node)}: {error}").at(node) from None
         except RecursionError:
-            raise SerializationError(f"{_where(node)}: its arguments are nested too deeply (or contain themselves)") from None
+            raise SerializationError(f"{_where(node)}: its arguments are nested too deeply (or contain themselves)").at(node) from None
         nodes.append(item)
-    encoder.refs, encoded = False, []
-    for number, (args, kwargs) in enumerate(invokes):
+    check_structure(request.graph, trusted=trusted)
+    encoder.refs, traces = False, []
+    for number, trace in enumerate(request.traces):
+        invokes = []
+        for invoke, (args, kwargs) in enumerate(trace.invokes):
+            try:
+                args, kwargs = encoder.call(args, kwargs)
+            except (SerializationError, RecursionError) as error:
+                raise SerializationError(f"input of invoke {invoke}: {error}") from None
+            invokes.append({"args": args, "kwargs": kwargs})
         try:
-            args, kwargs = encoder.call(args, kwargs)
+            options = encoder.call((), trace.options)[1]
         except (SerializationError, RecursionError) as error:
-            raise SerializationError(f"input of invoke {number}: {error}") from None
-        encoded.append({"args": args, "kwargs": kwargs})
-    return encoder.frame(GRAPH_MAGIC, {"version": VERSION, "nodes": nodes, "invokes": encoded}, compress, flags)
+            raise SerializationError(f"options of trace {number}: {error}") from None
+        traces.append({"start": trace.start, "end": trace.end, "invokes": invokes, "options": options})
+    header = {"version": VERSION, "nodes": nodes, "traces": traces}
+    return encoder.frame(GRAPH_MAGIC, header, len(nodes), compress, flags)
 
 
-def serialize_values(values: dict, *, compress: bool = False) -> bytes:
-    """The bytes of a results dict {node index: value}; values only, never callables."""
+def serialize_graph(graph: Graph, invokes=(), *, options: dict | None = None, trusted: bool = False,
+                    compress: bool = False) -> bytes:
+    """The bytes of `graph` run as one trace on `invokes` (each an `(args, kwargs)` pair)."""
+    trace = TraceSpec(0, len(graph), list(invokes), dict(options or {}))
+    return serialize_request(Request(graph, [trace]), trusted=trusted, compress=compress)
+
+
+def serialize_results(values: dict, logs=(), *, compress: bool = False, graph: Graph | None = None,
+                      limits: Limits | None = None) -> bytes:
+    """The bytes of a run's results: {node index: saved value} and `(node index, values)` logs.
+
+    Values only, never callables. `limits.max_result_bytes` bounds the tensors sent back; errors name
+    the node (with its location when `graph` is given).
+    """
+    limits = limits or Limits()
     encoder, items = _Encoder(refs=False), []
+
+    def fail(index, message, error=LimitError):
+        node = graph[index] if graph is not None and 0 <= index < len(graph) else None
+        where = _where(node) if node is not None else f"node %{index}"
+        raised = error(f"value of {where}: {message}")
+        return raised.at(node) if node is not None else raised
+
     for index, value in values.items():
         if type(index) is not int or index < 0:
             raise SerializationError(f"result keys must be node indices (int >= 0), not {index!r}")
         try:
             items.append([index, encoder.encode(value)])
         except (SerializationError, RecursionError) as error:
-            raise SerializationError(f"value of node %{index}: {error}") from None
-    return encoder.frame(VALUES_MAGIC, {"version": VERSION, "values": items}, compress)
-
-
-# -- the whitelist, checked in both directions -----------------------------------------------------
-def _check_node(op: str, target, args, trusted: bool) -> None:
-    """What a target may be for each op; `target` in its JSON form."""
-    if op in _PATH_OPS:
-        if type(target) is not str:
-            raise SerializationError(f"op {op!r} needs a module path as its target, not {_short(target)}")
-    elif op == "call_method":
-        if type(target) is not str or not ops.allowed_method(target):
-            raise SerializationError(f"method {_short(target)} is not an allowed method")
-    elif op in ("call", "apply"):
-        if type(target) is dict and list(target) == ["pickle"]:
-            if not trusted:
-                raise SerializationError("its target is a pickled Python function; that needs trusted=True")
-            return
-        name = target["registry"] if type(target) is dict and list(target) == ["registry"] else target
-        if not ops.is_registered(name):
-            raise SerializationError(f"{_short(name)} is not a registered operation")
-        # getattr reaches any object from any value: untrusted graphs keep to public names
-        if name == "builtins.getattr" and not trusted:
-            attr = args[1] if len(args) > 1 else None
-            if type(attr) is not str or not ops.allowed_attribute(attr):
-                raise SerializationError(f"getattr of {_short(attr)} is refused: only public attribute names")
-    elif target is not None:
-        raise SerializationError(f"op {op!r} takes no target, got {_short(target)}")
+            raise fail(index, str(error) if isinstance(error, SerializationError) else "nested too deeply",
+                       SerializationError) from None
+        if encoder.nbytes > limits.max_result_bytes:
+            raise fail(index, f"the results hold {encoder.nbytes} bytes of tensors, over the limit of "
+                              f"{limits.max_result_bytes} (max_result_bytes); save less")
+    encoded_logs = []
+    for index, logged in logs:
+        try:
+            encoded_logs.append([index, [encoder.encode(value) for value in logged]])
+        except (SerializationError, RecursionError):
+            encoded_logs.append([index, [_short(logged)]])  # a log line is text to its reader
+    header = {"version": VERSION, "values": items, "logs": encoded_logs}
+    return encoder.frame(VALUES_MAGIC, header, len(items), compress)
 
 
 # -- reading ---------------------------------------------------------------------------------------
 class _Decoder:
-    def __init__(self, tensors: dict):
-        self.tensors = tensors
+    """Tagged JSON -> values, within the limits; remembers which tensors were referred to."""
 
-    def decode(self, obj, limit):
+    def __init__(self, tensors: dict, limits: Limits):
+        self.tensors, self.limits = tensors, limits
+        self.used: set[str] = set()
+
+    def decode(self, obj, limit, depth: int = 0):
         """Decode tagged JSON; refs must point below `limit` (None: refs are not allowed here)."""
         kind = type(obj)
-        if obj is None or kind is bool or kind is int or kind is str or kind is float:
+        if obj is None or kind is bool or kind is float:
             return obj
+        if kind is int:
+            if obj.bit_length() > self.limits.max_int_bits:
+                raise LimitError(f"an int of {obj.bit_length()} bits is over the limit of "
+                                 f"{self.limits.max_int_bits} (max_int_bits)")
+            return obj
+        if kind is str:
+            return self.text(obj)
+        if depth >= self.limits.max_depth:
+            raise LimitError(f"a value is nested more than {self.limits.max_depth} levels deep (max_depth)")
         tag, body = next(iter(obj.items())) if kind is dict and len(obj) == 1 else (None, None)
         if tag == "ref":
             if limit is None:
@@ -272,13 +307,16 @@ class _Decoder:
                 raise SerializationError(f"ref {_short(body)} does not point to an earlier node (0..{limit - 1})")
             return Ref(body)
         if tag in ("tuple", "list", "slice", "size", "dict") and type(body) is list:
+            if len(body) > self.limits.max_list_length:
+                raise LimitError(f"a {tag} of {len(body)} items is over the limit of "
+                                 f"{self.limits.max_list_length} (max_list_length)")
             if tag == "dict":
                 if not all(type(p) is list and len(p) == 2 and type(p[0]) in (str, int) for p in body):
                     raise SerializationError("dict entries must be [str or int key, value] pairs")
-                return {key: self.decode(value, limit) for key, value in body}
-            if tag == "size" and all(type(n) is int and n >= 0 for n in body):
+                return {self.decode(key, None, depth + 1): self.decode(value, limit, depth + 1) for key, value in body}
+            if tag == "size" and all(type(n) is int and 0 <= n < 2**63 for n in body):
                 return torch.Size(body)
-            items = [self.decode(item, limit) for item in body]
+            items = [self.decode(item, limit, depth + 1) for item in body]
             if tag == "slice" and len(items) == 3:
                 return slice(*items)
             if tag in ("tuple", "list"):
@@ -286,6 +324,7 @@ class _Decoder:
         elif tag == "tensor" and type(body) is str:
             if body not in self.tensors:
                 raise SerializationError(f"tensor {_short(body)} is missing from the tensor section")
+            self.used.add(body)
             return self.tensors[body]
         elif tag == "dtype":
             if type(body) is not str or body not in _DTYPES:
@@ -293,7 +332,7 @@ class _Decoder:
             return _DTYPES[body]
         elif tag == "device" and type(body) is str:
             try:
-                return torch.device(body)
+                return torch.device(self.text(body))
             except RuntimeError:
                 raise SerializationError(f"invalid device {_short(body)}") from None
         elif tag == "float" and type(body) is str and body in _FLOATS:
@@ -302,101 +341,177 @@ class _Decoder:
             return Ellipsis
         raise SerializationError(f"unrecognized value {_short(obj)}")
 
+    def text(self, value: str) -> str:
+        if len(value) > self.limits.max_string_length:
+            raise LimitError(f"a string of {len(value)} characters is over the limit of "
+                             f"{self.limits.max_string_length} (max_string_length)")
+        return value
+
+    def check_all_used(self) -> None:
+        unused = set(self.tensors) - self.used
+        if unused:
+            raise SerializationError(f"the tensor section holds {len(unused)} tensor(s) the header never refers "
+                                     f"to ({_short(sorted(unused))}); a valid frame carries only what it uses")
+
 
 def _short(obj) -> str:
     text = repr(obj)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _unframe(data, magic: bytes, what: str, trusted: bool, max_bytes: int):
-    """Check the prefix and the limits; returns (JSON header bytes, tensors)."""
+class _Body:
+    """The frame's body, read in order; decompressed as a stream when zstd, never past a limit."""
+
+    def __init__(self, data: memoryview, compressed: bool):
+        self.data, self.offset = data, 0
+        self.stream = zstandard.ZstdDecompressor().stream_reader(data) if compressed else None
+
+    def read(self, size: int) -> bytes:
+        if self.stream is None:
+            chunk = self.data[self.offset : self.offset + size]
+            self.offset += len(chunk)
+            return bytes(chunk)
+        chunks, left = [], size
+        try:
+            while left:
+                chunk = self.stream.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
+        except zstandard.ZstdError as error:
+            raise SerializationError(f"invalid zstd data: {error}") from None
+        return b"".join(chunks)
+
+
+def _unframe(data, magic: bytes, what: str, trusted: bool, limits: Limits, count_limit: int):
+    """Check the prefix and the limits; returns (count, JSON header bytes, tensors)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise SerializationError(f"expected bytes, got {type(data).__name__}")
     data = memoryview(data).cast("B")  # slices below are views: a large tensor is not copied twice
-    if len(data) > max_bytes:
-        raise SerializationError(f"{len(data)} bytes is over the limit of {max_bytes} (max_bytes)")
+    if len(data) > limits.max_frame_bytes:
+        raise LimitError(f"{len(data)} bytes is over the limit of {limits.max_frame_bytes} (max_frame_bytes)")
     if data[:3] != magic:
         raise SerializationError(f"not an interlace {what}: expected magic {magic!r}, got {bytes(data[:3])!r}")
     if len(data) < 5:
         raise SerializationError(f"truncated {what}: the prefix is incomplete")
-    version, flags, body = data[3], data[4], data[5:]
+    version, flags = data[3], data[4]
     if version not in SUPPORTED_VERSIONS:
+        newer = "newer" if version > VERSION else "older"
         raise SerializationError(
-            f"unsupported {what} format version {version}; this interlace reads versions "
-            f"{', '.join(map(str, SUPPORTED_VERSIONS))}: use the same interlace version on both sides")
+            f"this {what} uses wire format version {version}, but this interlace reads version "
+            f"{', '.join(map(str, SUPPORTED_VERSIONS))}: the sender's interlace is {newer}; use the same "
+            "interlace version on both sides")
+    if len(data) < _PREFIX.size:
+        raise SerializationError(f"truncated {what}: the prefix is incomplete")
+    count = _PREFIX.unpack_from(data)[3]
     if flags & ~(_ZSTD | _PICKLED):
         raise SerializationError(f"unknown flags {flags:#04x} in the {what} prefix")
     if flags & _PICKLED and not trusted:
         raise SerializationError(f"this {what} holds pickled Python functions (made with trusted=True); "
                                  "load it with trusted=True only if you trust its sender")
-    if flags & _ZSTD:
-        try:  # the frame must declare its size, so the limit holds before anything is allocated
-            size = zstandard.frame_content_size(body)
-            if size < 0 or size > max_bytes:
-                raise SerializationError(f"zstd frame content size {size} is unknown or over the limit of {max_bytes}")
-            body = memoryview(zstandard.ZstdDecompressor().decompress(body))
-        except zstandard.ZstdError as error:
-            raise SerializationError(f"invalid zstd data: {error}") from None
-    if len(body) < _LENGTH.size:
+    if count > count_limit:
+        raise LimitError(f"the {what} has {count} {'nodes' if what == 'graph' else 'values'}, over the limit "
+                         f"of {count_limit} (max_nodes)")
+    body = _Body(data[_PREFIX.size:], bool(flags & _ZSTD))
+    length = body.read(_LENGTH.size)
+    if len(length) < _LENGTH.size:
         raise SerializationError(f"truncated {what}: no header length")
-    (length,), rest = _LENGTH.unpack_from(body), len(body) - _LENGTH.size
-    if length > rest:
-        raise SerializationError(f"truncated {what}: header length {length} is larger than the {rest} bytes that follow")
-    section = body[_LENGTH.size + length:]
-    tensors = safetensors.torch.load(bytes(section)) if len(section) else {}
-    return bytes(body[_LENGTH.size:_LENGTH.size + length]), tensors
+    (length,) = _LENGTH.unpack(length)
+    if length > limits.max_header_bytes:
+        raise LimitError(f"the header is {length} bytes, over the limit of {limits.max_header_bytes} (max_header_bytes)")
+    text = body.read(length)
+    if len(text) < length:
+        raise SerializationError(f"truncated {what}: header length {length} is larger than the {len(text)} bytes that follow")
+    section = body.read(limits.max_tensor_bytes + 1)
+    if len(section) > limits.max_tensor_bytes:
+        raise LimitError(f"the tensor section is over the limit of {limits.max_tensor_bytes} bytes (max_tensor_bytes)")
+    tensors = safetensors.torch.load(section) if section else {}
+    return count, text, tensors
 
 
 def _guarded(load):
-    """Every failure of a loader becomes a SerializationError: a server must never crash on input."""
+    """Every failure of a loader becomes an interlace error: a server must never crash on input."""
     @functools.wraps(load)
     def wrapper(data, **options):
         try:
             return load(data, **options)
-        except SerializationError:
+        except InterlaceError:
             raise
         except ValidationError as error:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()[:3])
             raise SerializationError(f"invalid header: {problems}") from None
+        except MemoryError:
+            raise LimitError("the data needs more memory than this process has") from None
         except Exception as error:  # safetensors, recursion, ...: malformed bytes
-            raise SerializationError(f"malformed interlace data: {type(error).__name__}: {error}") from None
+            raise SerializationError(f"malformed interlace data: {type(error).__name__}: {_short(str(error))}") from None
     return wrapper
 
 
 @_guarded
-def deserialize_graph(data: bytes, *, trusted: bool = False, max_bytes: int = MAX_BYTES, max_nodes: int = MAX_NODES):
-    """(Graph, invokes) from `serialize_graph` bytes; refuses pickled functions unless `trusted`."""
-    text, tensors = _unframe(data, GRAPH_MAGIC, "graph", trusted, max_bytes)
-    header = Header.model_validate_json(text)  # its size is bounded by max_bytes
-    if len(header.nodes) > max_nodes:
-        raise SerializationError(f"the graph has {len(header.nodes)} nodes, over the limit of {max_nodes} (max_nodes)")
-    decoder, graph = _Decoder(tensors), Graph()
+def deserialize_request(data: bytes, *, trusted: bool = False, limits: Limits | None = None) -> Request:
+    """A `Request` from `serialize_request` bytes; refuses pickled functions unless `trusted`."""
+    limits = limits or Limits()
+    count, text, tensors = _unframe(data, GRAPH_MAGIC, "graph", trusted, limits, limits.max_nodes)
+    header = Header.model_validate_json(text)
+    if len(header.nodes) != count:
+        raise SerializationError(f"the prefix says {count} nodes but the header holds {len(header.nodes)}")
+    decoder, graph = _Decoder(tensors, limits), Graph()
     for position, model in enumerate(header.nodes):
+        node = Node(position, model.op, location=model.location)
         try:
             if model.index != position:
                 raise SerializationError(f"has index {model.index}; nodes must be numbered in order")
             args = tuple([decoder.decode(a, position) for a in model.args])
-            kwargs = {k: decoder.decode(v, position) for k, v in model.kwargs.items()}
-            _check_node(model.op, model.target, args, trusted)
-            guard = model.guard
-            if guard is not None and not (0 <= guard < position and graph.nodes[guard].op == "cond"):
-                raise SerializationError(f"guard %{guard} is not an earlier cond node")
-        except SerializationError as error:
-            raise SerializationError(f"{_where(Node(position, model.op, location=model.location))}: {error}") from None
-        target = model.target
-        if type(target) is dict:
-            registry = target.get("registry")
-            # reached only when trusted: _check_node refuses pickled targets otherwise
-            target = ops.resolve(registry) if registry else cloudpickle.loads(base64.b64decode(target["pickle"], validate=True))
-        graph.add(model.op, target, args, kwargs, model.location, guard)
-    invokes = [(tuple([decoder.decode(a, None) for a in invoke.args]),
-                {k: decoder.decode(v, None) for k, v in invoke.kwargs.items()}) for invoke in header.invokes]
-    return graph, invokes
+            kwargs = {decoder.text(k): decoder.decode(v, position) for k, v in model.kwargs.items()}
+            location = model.location and (decoder.text(model.location[0]), model.location[1])
+            target = model.target
+            if type(target) is str:
+                decoder.text(target)
+            elif type(target) is dict:
+                if not trusted:
+                    raise SerializationError("its target is a pickled Python function; that needs trusted=True")
+                target = cloudpickle.loads(base64.b64decode(target["pickle"], validate=True))
+        except InterlaceError as error:
+            raise type(error)(f"{_where(node)}: {error}").at(node) from None
+        graph.add(model.op, target, args, kwargs, location, model.guard, model.saved)
+    check_structure(graph, trusted=trusted)
+    traces = []
+    for number, trace in enumerate(header.traces):
+        try:
+            if not trace.start <= trace.end <= len(graph) or traces and trace.start != traces[-1].end:
+                raise SerializationError(f"span {trace.start}..{trace.end} does not follow the previous trace")
+            invokes = [(tuple([decoder.decode(a, None) for a in invoke.args]),
+                        {decoder.text(k): decoder.decode(v, None) for k, v in invoke.kwargs.items()})
+                       for invoke in trace.invokes]
+            options = {decoder.text(k): decoder.decode(v, None) for k, v in trace.options.items()}
+        except InterlaceError as error:
+            raise type(error)(f"trace {number}: {error}") from None
+        traces.append(TraceSpec(trace.start, trace.end, invokes, options))
+    if not traces or traces[-1].end != len(graph):
+        raise SerializationError("the traces must cover every node of the graph, in order")
+    decoder.check_all_used()
+    return Request(graph, traces)
+
+
+def deserialize_graph(data: bytes, *, trusted: bool = False, limits: Limits | None = None):
+    """(Graph, invokes) from `serialize_graph` bytes (a request with one trace)."""
+    request = deserialize_request(data, trusted=trusted, limits=limits)
+    if len(request.traces) != 1:
+        raise SerializationError(f"expected one trace, found {len(request.traces)}: use deserialize_request")
+    return request.graph, request.traces[0].invokes
 
 
 @_guarded
-def deserialize_values(data: bytes, *, max_bytes: int = MAX_BYTES) -> dict:
-    """The results dict {node index: value} from `serialize_values` bytes."""
-    text, tensors = _unframe(data, VALUES_MAGIC, "result", False, max_bytes)
-    decoder = _Decoder(tensors)
-    return {index: decoder.decode(value, None) for index, value in ValuesHeader.model_validate_json(text).values}
+def deserialize_results(data: bytes, *, limits: Limits | None = None) -> tuple[dict, list]:
+    """({node index: value}, [(node index, logged values)]) from `serialize_results` bytes."""
+    limits = limits or Limits()
+    count, text, tensors = _unframe(data, VALUES_MAGIC, "result", False, limits, limits.max_nodes)
+    header = ValuesHeader.model_validate_json(text)
+    if len(header.values) != count:
+        raise SerializationError(f"the prefix says {count} values but the header holds {len(header.values)}")
+    decoder = _Decoder(tensors, limits)
+    values = {index: decoder.decode(value, None) for index, value in header.values}
+    logs = [(index, tuple(decoder.decode(value, None) for value in logged)) for index, logged in header.logs]
+    decoder.check_all_used()
+    return values, logs

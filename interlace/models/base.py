@@ -8,14 +8,26 @@ graph to the local interleaver.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 
 import torch
 
+from ..backends.limits import Limits
 from ..backends.local import Interleaver
 from ..backends.scan import Scanner
 from ..envoy import Envoy
-from ..errors import InterlaceError
+from ..errors import InterlaceError, RefusedError
+from ..graph import Graph, Request, TraceSpec
 from ..tracer import Editor, Session, Tracer
+
+
+@dataclass
+class Outcome:
+    """What running a request gives back: saved values, `log` lines, and why saved values are missing."""
+
+    results: dict = field(default_factory=dict)  # node index -> value
+    logs: list = field(default_factory=list)  # (node index, values), in untrusted runs
+    missing: dict = field(default_factory=dict)  # node index -> why a saved node has no value
 
 
 class Model(Envoy):
@@ -61,7 +73,7 @@ class Model(Envoy):
         scan / validate: evaluate every line on fake tensors as it is recorded, so shape errors are
         raised at that line before the model runs, and `proxy.shape` is a real size.
         """
-        return Tracer(self, args, kwargs, early_stop=early_stop, scan=scan or validate)
+        return Tracer(self, args, kwargs, mode="trace", early_stop=early_stop, scan=scan or validate)
 
     def session(self) -> Session:
         """Several traces run together: values of one can be used in the next."""
@@ -111,12 +123,39 @@ class Model(Envoy):
     def _detach(self, tracer: Tracer) -> None:
         self._tracer = None
 
-    def _execute(self, tracer: Tracer, **span) -> Interleaver:
-        """Run the tracer's graph (or a session's span of it); returns the finished interleaver."""
-        args, kwargs, rows, batch_size = self._batch(tracer.invokes)
-        interleaver = Interleaver(
-            tracer.graph, self._module, rows, batch_size, early_stop=tracer.options["early_stop"], **span
-        )
+    def run(self, request: Request, *, untrusted: bool = False, limits: Limits | None = None,
+            cancel=None) -> Outcome:
+        """Execute a request: each trace is one forward (or generation); values flow between traces.
+
+        `trace()` and `session()` end here; so does a server with a request it received, with
+        `untrusted=True`: the graph is checked against the model, runs only allowed operations within
+        `limits`, may not change the weights, and returns its `log` lines instead of printing them.
+        `cancel` (anything with `is_set()`) stops an untrusted run between operations.
+        """
+        graph, traces = request.graph, request.traces
+        limits = limits or Limits()
+        if untrusted and len(traces) > limits.max_traces:
+            raise RefusedError(f"the request has {len(traces)} traces, over the limit of {limits.max_traces} (max_traces)")
+        last_reader = _last_reader(graph, traces)
+        outcome, carried = Outcome(), {}
+        for number, trace in enumerate(traces):
+            keep = {i for i in range(trace.start, trace.end) if last_reader[i] > number}
+            interleaver = self._execute(graph, trace, known=carried, keep=keep, untrusted=untrusted,
+                                        limits=limits, cancel=cancel)
+            outcome.results.update(interleaver.results)
+            outcome.logs += interleaver.logs
+            outcome.missing.update(interleaver.missing())
+            carried.update({i: interleaver.values[i] for i in keep if i in interleaver.values})
+        return outcome
+
+    def _execute(self, graph: Graph, trace: TraceSpec, **run) -> Interleaver:
+        """Run one trace of a request; returns the finished interleaver."""
+        options = trace.options
+        if run["untrusted"] and (options.get("mode", "trace") != "trace" or options.get("kwargs")):
+            raise RefusedError("a Model runs traces of its inputs only: mode 'trace' and no keyword options")
+        args, kwargs, rows, batch_size = self._batch(trace.invokes)
+        interleaver = Interleaver(graph, self._module, rows, batch_size, early_stop=options.get("early_stop", True),
+                                  span=(trace.start, trace.end), **run)
         interleaver.run(lambda: self._run(args, kwargs))
         return interleaver
 
@@ -146,6 +185,16 @@ class Model(Envoy):
         args = tuple(_concat([a[i] for a, _ in invokes], f"argument {i}") for i in range(len(invokes[0][0])))
         kwargs = {key: _concat([k[key] for _, k in invokes], f"argument '{key}'") for key in invokes[0][1]}
         return args, kwargs, rows, start
+
+
+def _last_reader(graph: Graph, traces) -> list[int]:
+    """For each node, the number of the last trace that reads it (-1: none)."""
+    last = [-1] * len(graph)
+    for number, trace in enumerate(traces):
+        for node in graph.nodes[trace.start : trace.end]:
+            for ref in node.refs():
+                last[ref] = number
+    return last
 
 
 def _batch_size(args, kwargs) -> int:

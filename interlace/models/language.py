@@ -18,7 +18,7 @@ import torch
 
 from ..backends.local import Interleaver
 from ..envoy import Envoy
-from ..errors import InterlaceError
+from ..errors import InterlaceError, LimitError, RefusedError
 from ..tracer import Tracer
 from .base import Model
 
@@ -149,7 +149,7 @@ class LanguageModel(Model):
         `BatchEncoding` or a dict with `input_ids` (and `attention_mask`). Keyword arguments go to
         the model's forward. scan / validate: see `Model.trace`.
         """
-        return Tracer(self, inputs, early_stop=early_stop, mode="trace", call_kwargs=kwargs, scan=scan or validate)
+        return Tracer(self, inputs, early_stop=early_stop, mode="trace", kwargs=kwargs, scan=scan or validate)
 
     def generate(self, *inputs, max_new_tokens: int = 20, **kwargs) -> Tracer:
         """Record interventions for `generate`; `lm.generator.output` holds the token ids.
@@ -159,19 +159,21 @@ class LanguageModel(Model):
         arguments (a `streamer` too) go to `generate`.
         """
         kwargs["max_new_tokens"] = max_new_tokens
-        return Tracer(self, inputs, early_stop=False, mode="generate", steps=max_new_tokens, call_kwargs=kwargs)
+        return Tracer(self, inputs, early_stop=False, mode="generate", steps=max_new_tokens, kwargs=kwargs)
 
-    def _execute(self, tracer: Tracer, **span) -> Interleaver:
+    def _execute(self, graph, trace, **run) -> Interleaver:
         if not self.dispatched:
             self.dispatch()
-        invokes = tracer.invokes
-        forward_kwargs = tracer.options["call_kwargs"]
-        batch, rows = self._tokenize(invokes) if invokes else (None, [])
-        generating = tracer.options["mode"] == "generate"
+        options = trace.options
+        forward_kwargs = options.get("kwargs", {})
+        batch, rows = self._tokenize(trace.invokes) if trace.invokes else (None, [])
+        generating = options.get("mode", "trace") == "generate"
+        if run["untrusted"]:
+            _check_untrusted_options(options, batch, run["limits"])
         interleaver = Interleaver(
-            tracer.graph, self._module, rows, len(batch["input_ids"]) if batch else 0,
-            early_stop=tracer.options["early_stop"], strict=not generating,
-            modules=self._extra_modules(), **span,
+            graph, self._module, rows, len(batch["input_ids"]) if batch else 0,
+            early_stop=options.get("early_stop", True), strict=not generating,
+            modules=self._extra_modules(), span=(trace.start, trace.end), **run,
         )
 
         def run():
@@ -192,7 +194,7 @@ class LanguageModel(Model):
 
     def _call_inputs(self, tracer: Tracer, index: int):
         batch, _ = self._tokenize([tracer.invokes[index]])
-        return (), {**batch, **tracer.options["call_kwargs"]}
+        return (), {**batch, **tracer.options["kwargs"]}
 
     def _tokenize(self, invokes):
         """Pad every invoke's sequences into one batch; returns (batch dict, rows per invoke)."""
@@ -257,6 +259,32 @@ class LanguageModel(Model):
             f"cannot use {type(value).__name__} as model input: pass a prompt, a list of prompts, "
             "token ids (list or tensor), a BatchEncoding or a dict with 'input_ids'"
         )
+
+
+# keyword options a stranger's request may pass to the forward or to generate (plain values only)
+_UNTRUSTED_OPTIONS = {
+    "trace": frozenset({"output_attentions", "output_hidden_states", "use_cache", "return_dict", "logits_to_keep"}),
+    "generate": frozenset({"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+                           "repetition_penalty", "no_repeat_ngram_size", "use_cache"}),
+}
+
+
+def _check_untrusted_options(options: dict, batch, limits) -> None:
+    mode, kwargs = options.get("mode", "trace"), options.get("kwargs", {})
+    if mode not in _UNTRUSTED_OPTIONS:
+        raise RefusedError(f"mode must be 'trace' or 'generate', not {mode!r}")
+    refused = sorted(set(kwargs) - _UNTRUSTED_OPTIONS[mode])
+    if refused:
+        raise RefusedError(f"option(s) {', '.join(refused)} are not allowed for {mode}; allowed: "
+                           f"{', '.join(sorted(_UNTRUSTED_OPTIONS[mode]))}")
+    new_tokens = kwargs.get("max_new_tokens", 0)
+    if type(new_tokens) is not int or not 0 <= new_tokens <= limits.max_new_tokens:
+        raise LimitError(f"max_new_tokens must be an int from 0 to {limits.max_new_tokens} (max_new_tokens)")
+    if batch is not None:
+        rows, length = batch["input_ids"].shape
+        if rows * (length + new_tokens) > limits.max_tokens:
+            raise LimitError(f"{rows} prompts of {length} tokens (+{new_tokens} new) are over the limit of "
+                             f"{limits.max_tokens} token positions (max_tokens)")
 
 
 def _unpad(ids, mask):

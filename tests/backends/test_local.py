@@ -312,7 +312,7 @@ def test_freed_values(mlp, x):
 
     interleaver = Interleaver(tracer.graph, mlp, [(0, 2)], 2)
     interleaver.run(lambda: mlp(x))
-    assert set(interleaver.values) <= {len(tracer.graph) - 2}
+    assert set(interleaver.values) <= {len(tracer.graph) - 1}  # only the saved head output
 
 
 def _saved_in_trace(net, x):

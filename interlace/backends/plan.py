@@ -1,0 +1,89 @@
+"""Planning: what each node of a graph waits for, in one linear pass.
+
+For the span of nodes a run executes, `Plan` works out each node's dependencies (the nodes it reads,
+the in-place changes recorded before it to a value it reads, the previous `stop`), who reads each
+node (so values are freed after their last reader), which module event ("layer 3, output, call 0")
+each module value belongs to, and which nodes are ready before the model runs. Every step is linear
+in the size of the graph: a `stop` waits only for the nodes since the previous one, and each view
+knows its module event from the node it views, so 100,000 nodes of any mix plan in well under a
+second.
+"""
+
+from __future__ import annotations
+
+from .. import ops
+from ..graph import Graph, Ref
+
+VIEW_TARGETS = frozenset({"operator.getitem", "builtins.getattr"})
+
+
+class Plan:
+    """The dependencies of nodes `start..end` of `graph`; nodes before `start` ran earlier."""
+
+    def __init__(self, graph: Graph, start: int, end: int):
+        nodes = graph.nodes
+        self.start, self.end = start, end
+        self.users: list[list[int]] = [[] for _ in range(end)]
+        self.waiting = [0] * end  # dependencies not yet finished
+        self.remaining = [0] * end  # readers not yet finished: the value is freed at zero
+        self.event_keys: list = [None] * end  # module event a value is (a view of), or None
+        self.sources: dict[tuple, list[int]] = {}  # module event -> its module_value nodes
+        self.mutations: dict[tuple, list[int]] = {}  # module event -> in-place changes of it
+        self.skips: dict[tuple, int] = {}  # (path, call) -> skip node
+        self.saved = {node.index for node in nodes[start:end] if node.saved}
+        self.needs_grad = False
+        self.ready: list[int] = []  # ready before the model runs, in graph order
+        for node in nodes[:start]:
+            self.event_keys[node.index] = self._event_key(node)
+        last_mutation: dict[int, int] = {}
+        previous_stop = start
+        users, waiting, remaining = self.users, self.waiting, self.remaining
+        for node in nodes[start:end]:
+            index, op = node.index, node.op
+            reads = [ref for ref in node.refs() if ref >= start]
+            for ref in reads:
+                remaining[ref] += 1
+            deps = reads
+            if op == "stop":  # everything recorded since the previous stop (which waits for the rest)
+                deps = range(previous_stop, index)
+                previous_stop = index
+            elif last_mutation:  # a read waits for the in-place changes recorded before it
+                changes = [last_mutation[ref] for ref in reads if ref in last_mutation]
+                if changes:
+                    deps = list(dict.fromkeys(reads + changes))
+            for dep in deps:
+                users[dep].append(index)
+            waiting[index] = len(deps)
+            key = self.event_keys[index] = self._event_key(node)
+            if op == "module_value":
+                self.sources.setdefault(key, []).append(index)
+            elif op == "skip":
+                self.skips[(node.target, node.kwargs["call"])] = index
+            elif op == "grad" or (op == "call_method" and node.target == "backward"):
+                self.needs_grad = True
+            if mutates(node) and type(node.args[0]) is Ref:
+                last_mutation[node.args[0].index] = index
+                target_key = self.event_keys[node.args[0].index]
+                if target_key is not None:
+                    self.mutations.setdefault(target_key, []).append(index)
+            if not deps and op != "module_value":
+                self.ready.append(index)
+
+    def _event_key(self, node):
+        """The module event whose value `node` is or views (getitem/getattr of one), else None."""
+        op = node.op
+        if op == "module_value":
+            kind = "output" if node.kwargs["kind"] == "output" else "input"
+            return (node.target, kind, node.kwargs["call"])
+        if op == "grad":
+            return ("grad", node.index)
+        if op == "call" and node.target in VIEW_TARGETS and node.args and type(node.args[0]) is Ref:
+            return self.event_keys[node.args[0].index]
+        return None
+
+
+def mutates(node) -> bool:
+    """Whether `node` changes its first argument in place."""
+    if node.op == "call":
+        return node.target in ops.MUTATING_TARGETS
+    return node.op == "call_method" and ops.is_in_place_method(node.target)
