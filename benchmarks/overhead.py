@@ -248,7 +248,7 @@ def _chain(net, x, size, report):
     with net.trace(x) as tracer:
         start = time.perf_counter()
         h = net.output
-        for _ in range(size - 2):
+        for _ in range(size - 1):
             h = h + 1
         if size > 1:
             h.save()

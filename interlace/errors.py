@@ -62,8 +62,8 @@ class ModelError(InterlaceError):
     """The wrapped model itself raised while running under a trace."""
 
 
-class NotSavedError(InterlaceError):
-    """A value from a trace was used after the trace without having been saved."""
+class NotSavedError(InterlaceError, ValueError):
+    """A value from a trace is not available: it was not saved, or the run never computed it."""
 
 
 class SerializationError(InterlaceError, ValueError):

@@ -49,9 +49,13 @@ class Proxy:
     @property
     def value(self):
         """The real value after the trace ran (only for saved proxies)."""
-        value = self._tracer.results.get(self._index, _MISSING)
+        tracer = self._tracer
+        value = tracer.results.get(self._index, _MISSING)
         if value is _MISSING:
-            node = self._tracer.graph[self._index]
+            node = tracer.graph[self._index]
+            if node.saved and tracer._closed:
+                reason = tracer.missing.get(self._index, "the run did not reach it")
+                raise NotSavedError(f"{node.describe()} was saved but has no value: {reason}.")
             raise NotSavedError(
                 f"{node.describe()} was not saved, so it is gone after the trace. "
                 "Call .save() on it inside the trace to keep it."

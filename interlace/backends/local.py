@@ -121,7 +121,8 @@ class Interleaver:
         with ExitStack() as stack:
             stack.callback(self._remove_hooks)
             stack.callback(self.guard.restore_weights)
-            stack.callback(restore_global_state, global_state())
+            if self.untrusted:  # allowed operations cannot change it: this is a second line of defence
+                stack.callback(restore_global_state, global_state())
             if self.plan.needs_grad:
                 # fresh gradients for the run; the parameters' own .grad objects come back after it
                 grads = {p: p.grad for p in self.root.parameters()}

@@ -371,17 +371,16 @@ class _Body:
             chunk = self.data[self.offset : self.offset + size]
             self.offset += len(chunk)
             return bytes(chunk)
-        chunks, left = [], size
+        data = bytearray()  # grows in place: the bytes are held once, up to the limit
         try:
-            while left:
-                chunk = self.stream.read(min(left, 1 << 20))
+            while len(data) < size:
+                chunk = self.stream.read(min(size - len(data), 1 << 20))
                 if not chunk:
                     break
-                chunks.append(chunk)
-                left -= len(chunk)
+                data += chunk
         except zstandard.ZstdError as error:
             raise SerializationError(f"invalid zstd data: {error}") from None
-        return b"".join(chunks)
+        return bytes(data) if len(data) < (1 << 20) else data
 
 
 def _unframe(data, magic: bytes, what: str, trusted: bool, limits: Limits, count_limit: int):
@@ -426,7 +425,7 @@ def _unframe(data, magic: bytes, what: str, trusted: bool, limits: Limits, count
     section = body.read(limits.max_tensor_bytes + 1)
     if len(section) > limits.max_tensor_bytes:
         raise LimitError(f"the tensor section is over the limit of {limits.max_tensor_bytes} bytes (max_tensor_bytes)")
-    tensors = safetensors.torch.load(section) if section else {}
+    tensors = safetensors.torch.load(bytes(section)) if section else {}
     return count, text, tensors
 
 
@@ -456,6 +455,8 @@ def deserialize_request(data: bytes, *, trusted: bool = False, limits: Limits | 
     header = Header.model_validate_json(text)
     if len(header.nodes) != count:
         raise SerializationError(f"the prefix says {count} nodes but the header holds {len(header.nodes)}")
+    if len(header.traces) > limits.max_traces:
+        raise LimitError(f"the request has {len(header.traces)} traces, over the limit of {limits.max_traces} (max_traces)")
     decoder, graph = _Decoder(tensors, limits), Graph()
     for position, model in enumerate(header.nodes):
         node = Node(position, model.op, location=model.location)

@@ -1,0 +1,143 @@
+"""Untrusted graphs: what a server does with a stranger's request, attacked the way a stranger would.
+
+Every hostile request in `tests/hostile.py` runs in a child process capped in memory and time
+(`capped.Worker`), so a bomb that got through would kill only that child and fail its test. Each
+asserts the exact error class, its message, and that the model and torch's global state are exactly
+as before (every parameter and buffer bit for bit, requires_grad, .grad, hooks, instance forward).
+"""
+
+import re
+
+import pytest
+import torch
+
+import interlace
+from capped import Worker
+from helpers import MLP, assert_clean
+from hostile import CASES
+from interlace.backends.guard import ModelState
+from interlace.backends.limits import Limits
+from interlace.backends.serialize import deserialize_request, serialize_graph
+
+
+@pytest.fixture(scope="module")
+def worker():
+    worker = Worker("hostile")
+    yield worker
+    worker.close()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile_request(worker, name):
+    error, pattern, _ = CASES[name]
+    answer = worker.run("run_case", name, memory_mb=1536, seconds=60)
+    assert "ok" in answer, answer["died"]
+    result = answer["ok"]
+    assert result["error"] == error, result["message"]
+    if error is not None:
+        assert result["interlace"], result["message"]
+        assert re.search(pattern, result["message"], re.MULTILINE), result["message"]
+    assert result["changes"] == []
+
+
+def test_there_are_at_least_forty_hostile_cases():
+    assert len(CASES) >= 40
+
+
+def test_fuzzed_frames_give_only_interlace_errors_and_never_change_the_model(worker):
+    answer = worker.run("fuzz", 0, 2500, memory_mb=1536, seconds=300)
+    assert "ok" in answer, answer["died"]
+    report = answer["ok"]
+    assert report["other_errors"] == [] and report["changed"] == []
+    assert report["mutations"] == 2500 and report["ran"] > 100  # many mutants got as far as running
+
+
+# -- what a local user gets -----------------------------------------------------------------------------
+def test_a_local_trace_may_change_a_weight_for_its_run_only():
+    torch.manual_seed(0)
+    mlp = MLP().eval()
+    net = interlace.Model(mlp)
+    x = torch.randn(2, 3)
+    before = {name: p.detach().clone() for name, p in mlp.named_parameters()}
+    with net.trace(x):
+        net.head.weight[:] = 0  # a parameter, changed in place for this run
+        net.layers[0].linear.bias.T.mul_(2.0)  # through a view
+        out = net.output.save()
+    assert torch.equal(out, mlp.head.bias.detach().expand(2, -1))  # the change took effect in the run
+    for name, p in mlp.named_parameters():
+        assert torch.equal(p, before[name]), name  # and is gone after it
+    assert_clean(mlp)
+
+
+def test_skip_puts_back_the_instance_forward_that_was_there():
+    torch.manual_seed(0)
+    mlp = MLP().eval()
+    original = mlp.layers[1].forward
+
+    def wrapped(*args, **kwargs):  # what accelerate's hooks install on a dispatched model
+        return original(*args, **kwargs)
+
+    mlp.layers[1].forward = wrapped
+    net = interlace.Model(mlp)
+    with net.trace(torch.randn(2, 3)):
+        net.layers[1].skip(net.layers[1].input)
+        out = net.output.save()
+    assert mlp.layers[1].__dict__["forward"] is wrapped
+    assert out.shape == (2, 5)
+
+
+def test_backward_in_a_trace_leaves_existing_gradients_untouched():
+    torch.manual_seed(0)
+    mlp = MLP()
+    x = torch.randn(2, 3)
+    mlp(x).sum().backward()
+    grads = {name: p.grad.clone() for name, p in mlp.named_parameters()}
+    net = interlace.Model(mlp)
+    with net.trace(x):
+        grad = net.layers[0].output.grad.save()
+        net.output.sum().backward()
+    assert grad.shape == (2, 8)
+    for name, p in mlp.named_parameters():
+        assert torch.equal(p.grad, grads[name]), name  # not accumulated into
+
+
+def test_untrusted_run_of_a_good_request_equals_the_local_trace():
+    torch.manual_seed(0)
+    mlp = MLP().eval()
+    net = interlace.Model(mlp)
+    x = torch.randn(2, 3)
+    with net.trace(x) as tracer:
+        net.layers[1].output[:, 0] = 0
+        hidden = net.layers[2].output.save()
+        tracer.log("mean", net.layers[0].output.mean())
+        out = net.output.save()
+    state = ModelState(mlp)
+    request = deserialize_request(serialize_graph(tracer.graph, tracer.invokes, options=tracer.spec(0).options))
+    outcome = net.run(request, untrusted=True, limits=Limits())
+    saved = [i for i in range(len(tracer.graph)) if tracer.graph[i].saved]
+    assert torch.equal(outcome.results[saved[0]], hidden) and torch.equal(outcome.results[saved[1]], out)
+    assert outcome.logs[0][1][0] == "mean" and torch.equal(outcome.logs[0][1][1], mlp.layers[0](mlp.embed(x)).mean())
+    assert state.diff() == []
+    assert_clean(mlp)
+
+
+def test_model_state_sees_every_kind_of_change():
+    torch.manual_seed(0)
+    mlp = MLP()
+    state = ModelState(mlp)
+    mlp.head.weight.data[0, 0] += 1
+    mlp.embed.bias.requires_grad_(False)
+    mlp.layers[0].register_forward_hook(lambda *a: None)
+    mlp.layers[1].forward = lambda x: x
+    mlp.head.bias.grad = torch.ones(5)
+    mlp.embed.weight.register_hook(lambda g: g)
+    torch.set_default_dtype(torch.float64)
+    changes = state.diff()
+    assert set(changes) == {
+        "head.weight: values changed", "embed.bias: requires_grad True -> False",
+        "layers.0: _forward_hooks changed", "layers.1: instance forward changed", "head.bias: .grad changed",
+        "embed.weight: tensor hooks changed", "torch global default_dtype: torch.float32 -> torch.float64",
+    }
+    state.restore()
+    assert state.diff() == []
+    assert torch.get_default_dtype() == torch.float32
