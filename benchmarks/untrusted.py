@@ -1,0 +1,130 @@
+"""What running a stranger's graph costs: planning at scale, loading, and untrusted vs local execution.
+
+Run `python benchmarks/untrusted.py [--smollm2]`. Printed, all measured in this run:
+
+1. Planning 100,000 nodes of each kind (stops, in-place changes down a chain of views, nodes guarded
+   by a cond, a mix): the time to build the plan, and the time to load and check the same graph from
+   bytes (`deserialize_request`, structure checks included).
+2. The same request run locally (`untrusted=False`) and as a server runs it (`untrusted=True`: model
+   checks, size rules before every call, write protection, deadline), side by side, median of
+   repeats, with the ratio; on a 12-block MLP and, with --smollm2, on the embedded SmolLM2-135M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import interlace  # noqa: E402
+from interlace.backends.limits import Limits  # noqa: E402
+from interlace.backends.plan import Plan  # noqa: E402
+from interlace.backends.serialize import deserialize_request, serialize_graph  # noqa: E402
+from interlace.graph import Graph, Ref  # noqa: E402
+
+N = 100_000
+
+
+def _graph(kind: str) -> Graph:
+    graph = Graph()
+    value = graph.add("module_value", "0", kwargs={"kind": "output", "call": 0, "invoke": None}).index
+    cond = graph.add("cond", args=(True,)).index
+    for i in range(N - 2):
+        choice = kind if kind != "mix" else ("stops", "views", "guards")[i % 3]
+        if choice == "stops":
+            graph.add("stop")
+        elif choice == "views":
+            value = graph.add("call", "operator.getitem", (Ref(value), slice(None))).index
+            graph.add("call", "operator.iadd", (Ref(value), 1.0))
+        else:
+            graph.add("call", "operator.add", (Ref(value), 1.0), guard=cond)
+    del graph.nodes[N:]
+    return graph
+
+
+def planning_rows() -> list[str]:
+    rows = ["| 100,000 nodes | plan | load and check from bytes |", "|---|---|---|"]
+    for kind in ("stops", "views", "guards", "mix"):
+        graph = _graph(kind)
+        start = time.perf_counter()
+        Plan(graph, 0, len(graph))
+        planned = time.perf_counter() - start
+        data = serialize_graph(graph, [((torch.zeros(1, 4),), {})])
+        start = time.perf_counter()
+        deserialize_request(data, limits=Limits(max_nodes=N))
+        loaded = time.perf_counter() - start
+        rows.append(f"| {kind} | {planned * 1e3:.0f} ms | {loaded * 1e3:.0f} ms |")
+    return rows
+
+
+def _median(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_rows(name: str, model: interlace.Model, record, repeats: int) -> list[str]:
+    """`record(model)` records a trace; its request runs locally and untrusted, alternating."""
+    tracer = record(model)
+    data = serialize_graph(tracer.graph, tracer.invokes, options=tracer.spec(0).options)
+    request = deserialize_request(data)
+    limits = Limits()
+    local = lambda: model.run(request)  # noqa: E731
+    untrusted = lambda: model.run(request, untrusted=True, limits=limits)  # noqa: E731
+    for fn in (local, untrusted):
+        fn()
+    times = {"local": [], "untrusted": []}
+    for _ in range(repeats):
+        for key, fn in (("local", local), ("untrusted", untrusted)):
+            times[key].append(_median(fn, 1))
+    local_ms, untrusted_ms = (statistics.median(times[k]) * 1e3 for k in ("local", "untrusted"))
+    return [f"| {name} | {len(tracer.graph)} | {local_ms:.2f} | {untrusted_ms:.2f} | {untrusted_ms / local_ms:.3f} |"]
+
+
+def _mlp_trace(net):
+    x = torch.randn(16, 256)
+    with net.trace(x) as tracer:
+        for block in net:
+            block.output[:, :8] *= 0.5
+        hidden = [block.output.mean(0).save() for block in net]
+        net.output.softmax(-1).save()
+    return tracer
+
+
+def _smollm2_trace(lm):
+    with lm.trace("The Eiffel Tower is in the city of") as tracer:
+        lm.model.layers[5].output[:, -1].save()
+        lm.model.layers[10].output[:, -1] += 2.0
+        lm.output.logits[:, -1].save()
+    return tracer
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smollm2", action="store_true", help="also the embedded SmolLM2-135M")
+    parser.add_argument("--repeats", type=int, default=21)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    print("\n".join(planning_rows()))
+    print()
+    print("| request | nodes | local ms | untrusted ms | untrusted/local |")
+    print("|---|---|---|---|---|")
+    mlp = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU()) for _ in range(12)])
+    print("\n".join(run_rows("MLP 12x256, steer every block, save 13", interlace.Model(mlp.eval()), _mlp_trace,
+                             args.repeats)))
+    if args.smollm2:
+        lm = interlace.LanguageModel.default(dispatch=True)
+        print("\n".join(run_rows("SmolLM2: save layer 5, steer layer 10, save logits", lm, _smollm2_trace,
+                                 args.repeats)))
+
+
+if __name__ == "__main__":
+    main()
