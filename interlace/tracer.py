@@ -146,9 +146,12 @@ class Tracer:
         self._offsets[path] = self._offsets.get(path, 0) + steps
 
     # -- user-facing verbs ------------------------------------------------------------------------
-    def invoke(self, *args, **kwargs) -> "Invoker":
-        """Add an input to the batch; what is recorded inside sees and changes only its rows."""
-        return Invoker(self, args, kwargs)
+    def invoke(self, *args, scan: bool = False, validate: bool = False, **kwargs) -> "Invoker":
+        """Add an input to the batch; what is recorded inside sees and changes only its rows.
+
+        scan / validate: check this invoke's lines on fake tensors (as `trace(..., scan=True)`).
+        """
+        return Invoker(self, args, kwargs, scan=scan or validate)
 
     def cond(self, predicate) -> "Condition":
         """`with tracer.cond(pred):` runs the block's interventions only when `pred` is true."""
@@ -212,7 +215,7 @@ class Tracer:
         if self.session is not None:
             self.session.traces.append(self)  # runs when the session ends
             return False
-        outcome = self.model.run(Request(self.graph, [self.spec(len(self.graph))]))
+        outcome = self.model.submit(Request(self.graph, [self.spec(len(self.graph))]), self.options)
         self.results, self.missing = outcome.results, outcome.missing
         self._bind(sys._getframe(1))
         return False
@@ -249,8 +252,9 @@ class Session:
     True
     """
 
-    def __init__(self, model):
+    def __init__(self, model, **options):
         self.model = model
+        self.options = options  # scan (for every trace inside), remote, blocking, timeout, backend
         self.graph = Graph()
         self.traces: list[Tracer] = []
         self.results: dict[int, object] = {}
@@ -273,7 +277,7 @@ class Session:
     def _run(self, frame) -> None:
         traces = self.traces
         ends = [t.start for t in traces[1:]] + [len(self.graph)]
-        outcome = self.model.run(Request(self.graph, [t.spec(end) for t, end in zip(traces, ends)]))
+        outcome = self.model.submit(Request(self.graph, [t.spec(end) for t, end in zip(traces, ends)]), self.options)
         self.results = outcome.results
         for tracer in traces:
             tracer.results, tracer.missing = outcome.results, outcome.missing
@@ -328,9 +332,10 @@ class Condition:
 class Invoker:
     """One input of a batched trace (`with tracer.invoke(x):`)."""
 
-    def __init__(self, tracer: Tracer, args: tuple, kwargs: dict):
+    def __init__(self, tracer: Tracer, args: tuple, kwargs: dict, *, scan: bool = False):
         self.tracer = tracer
         self.args, self.kwargs = args, kwargs
+        self.scan = scan
         self.index: int | None = None
 
     def __enter__(self) -> "Invoker":
@@ -342,7 +347,9 @@ class Invoker:
         self.index = len(tracer.invokes) - 1
         tracer.current_invoke, tracer._offsets = self.index, {}
         tracer._in_invoke = True
-        if tracer.scanner is not None:
+        if self.scan and tracer.scanner is None:
+            tracer.model._start_scan(tracer)  # captures every invoke so far, this one included
+        elif tracer.scanner is not None:
             tracer.model._scan_invoke(tracer, self.index)
         return self
 

@@ -66,18 +66,28 @@ class Model(Envoy):
                 if source in envoy._children:
                     envoy._aliases[alias] = envoy._children[source]
 
-    def trace(self, *args, early_stop: bool = True, scan: bool = False, validate: bool = False, **kwargs) -> Tracer:
-        """Record interventions for one run of the model on `args`/`kwargs` (or on invokes).
+    def trace(self, *inputs, early_stop: bool = True, scan: bool = False, validate: bool = False,
+              remote: bool = False, blocking: bool = True, timeout: float | None = None, backend=None,
+              **kwargs) -> Tracer:
+        """Record interventions for one run of the model on `inputs` (or on invokes).
 
         early_stop: end the forward as soon as nothing in the graph needs the model any more.
         scan / validate: evaluate every line on fake tensors as it is recorded, so shape errors are
         raised at that line before the model runs, and `proxy.shape` is a real size.
+        remote / backend, blocking, timeout: run on a server (see README, "Remote").
+        Other keyword arguments are the model's own (checked against its forward).
         """
-        return Tracer(self, args, kwargs, mode="trace", early_stop=early_stop, scan=scan or validate)
+        args, input_kwargs, forward_kwargs = self._trace_inputs(inputs, kwargs)
+        return Tracer(self, args, input_kwargs, mode="trace", kwargs=forward_kwargs, early_stop=early_stop,
+                      scan=scan or validate, **self._remote_options(remote, blocking, timeout, backend))
 
-    def session(self) -> Session:
-        """Several traces run together: values of one can be used in the next."""
-        return Session(self)
+    def session(self, *, scan: bool = False, validate: bool = False, remote: bool = False, blocking: bool = True,
+                timeout: float | None = None, backend=None) -> Session:
+        """Several traces run together: values of one can be used in the next (remotely: one request).
+
+        scan / validate apply to every trace in the session.
+        """
+        return Session(self, scan=scan or validate, **self._remote_options(remote, blocking, timeout, backend))
 
     def edit(self, *, inplace: bool = False) -> Editor:
         """Record interventions that apply to every later trace.
@@ -99,14 +109,46 @@ class Model(Envoy):
         return clone
 
     # -- used by Tracer -------------------------------------------------------------------------
+    def _trace_inputs(self, inputs: tuple, kwargs: dict):
+        """(args, kwargs of the first invoke, keyword arguments of the forward): here all are inputs."""
+        return inputs, kwargs, {}
+
+    def _remote_options(self, remote: bool, blocking: bool, timeout, backend) -> dict:
+        """The options of a remote run, checked now: a remote trace needs somewhere to run."""
+        if (remote or backend is not None) and not self._can_run_remotely(backend):
+            raise InterlaceError(
+                "remote=True needs a server, and this model has none: create it with "
+                "LanguageModel(name, host='http://...', api_key=...) or set INTERLACE_HOST and "
+                "INTERLACE_API_KEY (see README, 'Remote'). To run here, leave out remote=True."
+            )
+        return {"remote": bool(remote or backend is not None), "blocking": blocking, "timeout": timeout,
+                "backend": backend}
+
+    def _can_run_remotely(self, backend) -> bool:
+        return False
+
+    def submit(self, request: Request, options: dict):
+        """Run a recorded request where its options say: here (`run`), or on a server."""
+        if options.get("remote"):
+            return self.run_remote(request, blocking=options["blocking"], timeout=options["timeout"],
+                                   backend=options["backend"])
+        return self.run(request)
+
+    def run_remote(self, request: Request, *, blocking: bool = True, timeout=None, backend=None):
+        raise InterlaceError("this model cannot run remotely (it has no server)")
+
     def _attach(self, tracer: Tracer) -> None:
         if self._tracer is not None:
             raise InterlaceError("a trace on this model is already open; close it before starting another")
         self._tracer = tracer
-        if tracer.options.get("scan"):
-            tracer.scanner = Scanner(tracer.graph, self._module, modules=self._extra_modules())
-            for index in range(len(tracer.invokes)):
-                self._scan_invoke(tracer, index)
+        if tracer.options.get("scan") or tracer.session is not None and tracer.session.options.get("scan"):
+            self._start_scan(tracer)
+
+    def _start_scan(self, tracer: Tracer) -> None:
+        """Evaluate the tracer's nodes on fake tensors from now on; every invoke so far is captured."""
+        tracer.scanner = Scanner(tracer.graph, self._module, modules=self._extra_modules())
+        for index in range(len(tracer.invokes)):
+            self._scan_invoke(tracer, index)
 
     def _scan_invoke(self, tracer: Tracer, index: int) -> None:
         args, kwargs = self._call_inputs(tracer, index)

@@ -142,24 +142,39 @@ class LanguageModel(Model):
         return repr(self._module)
 
     # -- tracing --------------------------------------------------------------------------------
-    def trace(self, *inputs, early_stop: bool = True, scan: bool = False, validate: bool = False, **kwargs) -> Tracer:
+    def trace(self, *inputs, **options) -> Tracer:
         """Record interventions for one forward pass over `inputs` (or over invokes).
 
         inputs: a prompt, a list of prompts, token ids (a list, a list of lists or a tensor), a
-        `BatchEncoding` or a dict with `input_ids` (and `attention_mask`). Keyword arguments go to
-        the model's forward. scan / validate: see `Model.trace`.
+        `BatchEncoding` or a dict with `input_ids` (and `attention_mask`). Keyword arguments are the
+        options of `Model.trace` (early_stop, scan, validate, remote, blocking, timeout, backend) or
+        arguments of the model's forward (`output_attentions=True`); anything else is an error.
         """
-        return Tracer(self, inputs, early_stop=early_stop, mode="trace", kwargs=kwargs, scan=scan or validate)
+        return super().trace(*inputs, **options)
 
-    def generate(self, *inputs, max_new_tokens: int = 20, **kwargs) -> Tracer:
+    def generate(self, *inputs, max_new_tokens: int = 20, scan: bool = False, validate: bool = False,
+                 remote: bool = False, blocking: bool = True, timeout: float | None = None, backend=None,
+                 **kwargs) -> Tracer:
         """Record interventions for `generate`; `lm.generator.output` holds the token ids.
 
         Interventions apply to the first forward pass unless placed in `tracer.all()` or
         `tracer.iter[...]`. Greedy decoding unless `do_sample=True` is given; other keyword
-        arguments (a `streamer` too) go to `generate`.
+        arguments (a `streamer` too) go to `generate`. scan / validate check the first step's shapes.
         """
         kwargs["max_new_tokens"] = max_new_tokens
-        return Tracer(self, inputs, early_stop=False, mode="generate", steps=max_new_tokens, kwargs=kwargs)
+        return Tracer(self, inputs, early_stop=False, mode="generate", steps=max_new_tokens, kwargs=kwargs,
+                      scan=scan or validate, **self._remote_options(remote, blocking, timeout, backend))
+
+    def _trace_inputs(self, inputs: tuple, kwargs: dict):
+        """Prompts are the invoke's input; keyword arguments must be arguments of the forward."""
+        unknown = [name for name in kwargs if not self._accepts(name)]
+        if unknown:
+            raise InterlaceError(
+                f"trace() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}: neither an "
+                "interlace option (early_stop, scan, validate, remote, blocking, timeout, backend) nor an "
+                f"argument of {type(self._module).__name__}.forward"
+            )
+        return inputs, {}, kwargs
 
     def _execute(self, graph, trace, **run) -> Interleaver:
         if not self.dispatched:
@@ -226,7 +241,13 @@ class LanguageModel(Model):
         return batch, rows
 
     def _accepts(self, name: str) -> bool:
-        return name in inspect.signature(self._module.forward).parameters
+        """Whether the forward takes `name`: a parameter it names, or a documented model keyword."""
+        parameters = inspect.signature(self._module.forward).parameters
+        if name in parameters and parameters[name].kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                                inspect.Parameter.VAR_KEYWORD):
+            return True
+        takes_more = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        return takes_more and name in _model_keywords()
 
     def _sequences(self, value) -> list[tuple[list[int], list[int]]]:
         """(token ids, attention mask) pairs for one invoke's input."""
@@ -285,6 +306,15 @@ def _check_untrusted_options(options: dict, batch, limits) -> None:
         if rows * (length + new_tokens) > limits.max_tokens:
             raise LimitError(f"{rows} prompts of {length} tokens (+{new_tokens} new) are over the limit of "
                              f"{limits.max_tokens} token positions (max_tokens)")
+
+
+def _model_keywords() -> frozenset:
+    """The keyword arguments transformers' models take through **kwargs (TransformersKwargs)."""
+    try:
+        from transformers.utils.generic import TransformersKwargs
+    except ImportError:  # an older transformers: its forwards name their arguments
+        return frozenset()
+    return frozenset(TransformersKwargs.__annotations__)
 
 
 def _unpad(ids, mask):
