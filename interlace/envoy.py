@@ -25,16 +25,27 @@ class Envoy:
     """
 
     def __init__(self, module: torch.nn.Module, path: str = "", root: "Envoy | None" = None):
-        self._module = module
-        self._path = path
-        self._root = root if root is not None else self
-        self._call = 0  # fixed call index chosen with at_call()
-        self._tracer = None  # set on the root while a trace records
-        self._aliases: dict[str, Envoy] = {}  # from Model(rename=...)
-        self._children = {
-            name: Envoy(child, f"{path}.{name}" if path else name, self._root)
-            for name, child in module.named_children()
-        }
+        set_ = object.__setattr__
+        set_(self, "_module", module)
+        set_(self, "_path", path)
+        set_(self, "_root", root if root is not None else self)
+        set_(self, "_call", 0)  # fixed call index chosen with at_call()
+        set_(self, "_tracer", None)  # set on the root while a trace records
+        set_(self, "_aliases", {})  # from Model(rename=...)
+        set_(self, "_children", {name: self._child_envoy(name, child) for name, child in module.named_children()})
+
+    def _child_envoy(self, name: str, module: torch.nn.Module) -> "Envoy":
+        return Envoy(module, f"{self._path}.{name}" if self._path else name, self._root)
+
+    def _child(self, name: str) -> "Envoy | None":
+        """The envoy of child `name`, made now for a module attached after this envoy was built."""
+        child = self._children.get(name)
+        module = self._module._modules.get(name)
+        if module is None:
+            return None
+        if child is None or child._module is not module:
+            child = self._children[name] = self._child_envoy(name, module)
+        return child
 
     # -- tree -------------------------------------------------------------------------------
     @property
@@ -56,8 +67,9 @@ class Envoy:
         """The envoy at a dotted module path (`'layers.3.mlp'`)."""
         envoy = self
         for part in filter(None, path.split(".")):
-            if part in envoy._children:
-                envoy = envoy._children[part]
+            child = envoy._child(part)
+            if child is not None:
+                envoy = child
             elif part in envoy._aliases:
                 envoy = envoy._aliases[part]
             else:
@@ -67,9 +79,9 @@ class Envoy:
     def __getattr__(self, name: str):
         if name.startswith("__") or name in ("_children", "_module", "_root", "_path", "_aliases"):
             raise AttributeError(name)
-        children = self._children
-        if name in children:
-            return children[name]
+        child = self._child(name)
+        if child is not None:
+            return child
         if name in self._aliases:
             return self._aliases[name]
         tracer = self._root._tracer
@@ -82,11 +94,18 @@ class Envoy:
         except AttributeError:
             raise ModulePathError(_missing_child(self, name)) from None
 
+    def __setattr__(self, name: str, value) -> None:
+        """`envoy.sae = SAE()` attaches a module to the wrapped one, traceable like any other."""
+        if isinstance(value, torch.nn.Module) and not name.startswith("_"):
+            setattr(self._module, name, value)
+        else:
+            object.__setattr__(self, name, value)
+
     def __getitem__(self, key):
-        names = list(self._children)
+        names = self._names()
         if isinstance(key, int):
             try:
-                return self._children[names[key]]
+                return self._child(names[key])
             except IndexError:
                 raise ModulePathError(
                     f"{self._path or 'the model'} has {len(names)} children; index {key} is out of range"
@@ -96,10 +115,13 @@ class Envoy:
         raise ModulePathError(f"index a module with an int or a path string, not {type(key).__name__}")
 
     def __len__(self) -> int:
-        return len(self._children)
+        return len(self._names())
 
     def __iter__(self):
-        return iter(self._children.values())
+        return iter([self._child(name) for name in self._names()])
+
+    def _names(self) -> list[str]:
+        return [name for name, module in self._module._modules.items() if module is not None]
 
     def __repr__(self) -> str:
         return repr(self._module)
@@ -145,11 +167,44 @@ class Envoy:
         call, invoke = tracer.call_index(self), tracer.current_invoke
         tracer.record("skip", self._path, (value,), {"call": call, "invoke": invoke})
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args, hook: bool = False, **kwargs):
+        """Run the module on (traced) values. hook=True runs it through its hooks, so the values of
+        it and its submodules in this call can be read and changed like any other module's."""
         tracer = self._root._tracer
         if tracer is None:
             return self._module(*args, **kwargs)
-        return tracer.record("module_call", self._path, args, kwargs)
+        return tracer.record("module_call", self._path, args, {**kwargs, "hook": True} if hook else kwargs)
+
+    # -- the module's own methods that return it: here they return the envoy, to chain calls -------
+    def to(self, *args, **kwargs) -> "Envoy":
+        self._module.to(*args, **kwargs)
+        return self
+
+    def cuda(self, device=None) -> "Envoy":
+        return self.to("cuda" if device is None else device)
+
+    def cpu(self) -> "Envoy":
+        return self.to("cpu")
+
+    def float(self) -> "Envoy":
+        return self.to(torch.float32)
+
+    def half(self) -> "Envoy":
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> "Envoy":
+        return self.to(torch.bfloat16)
+
+    def train(self, mode: bool = True) -> "Envoy":
+        self._module.train(mode)
+        return self
+
+    def eval(self) -> "Envoy":
+        return self.train(False)
+
+    def requires_grad_(self, requires_grad: bool = True) -> "Envoy":
+        self._module.requires_grad_(requires_grad)
+        return self
 
 
 def _missing_child(envoy: Envoy, name: str) -> str:

@@ -203,6 +203,27 @@ class Graph:
     def __hash__(self) -> int:
         return hash(tuple(self.nodes))
 
+    def extend_shifted(self, nodes, base: int, calls: int = 0) -> int:
+        """Append copies of `nodes`; returns the index of the first copy.
+
+        References (and guards) to nodes at or after `base` move by the distance from `base` to the
+        first copy, so a block recorded once can be repeated (edits replayed into a trace, a block
+        applied to several generation steps or session values); module calls move by `calls`.
+        """
+        first = len(self.nodes)
+        offset = first - base
+
+        def moved(ref):
+            return Ref(ref.index + offset) if ref.index >= base else ref
+
+        for node in list(nodes):
+            kwargs = map_refs(node.kwargs, moved)
+            if calls and node.op in ("module_value", "skip"):
+                kwargs["call"] += calls
+            guard = node.guard + offset if node.guard is not None and node.guard >= base else node.guard
+            self.add(node.op, node.target, map_refs(node.args, moved), kwargs, node.location, guard, node.saved)
+        return first
+
     def users(self) -> list[list[int]]:
         """For each node, the indices of the nodes that read it."""
         users: list[list[int]] = [[] for _ in self.nodes]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import builtins
 import heapq
+import warnings
 from contextlib import ExitStack
 
 import torch
@@ -93,6 +94,7 @@ class Interleaver:
         self.skip_values: dict[tuple, tuple] = {}
         self.bypass = False
         self.stopped = False
+        self.skip_to: int | None = None  # set by a session.stop(): the session goes on from this node
         self.handles: list = []
         plan = self.plan = Plan(graph, self.start, self.end)
         self.users, self.waiting, self.remaining = plan.users, plan.waiting, plan.remaining
@@ -117,7 +119,10 @@ class Interleaver:
 
     # -- running ---------------------------------------------------------------------------------
     def run(self, forward):
-        """Call `forward()` (which runs the model) with the graph interleaved; returns results."""
+        """Call `forward()` (which runs the model) with the graph interleaved; returns results.
+
+        forward=None runs the nodes that need no model (a session's own nodes between its traces).
+        """
         with ExitStack() as stack:
             stack.callback(self._remove_hooks)
             stack.callback(self.guard.restore_weights)
@@ -131,17 +136,17 @@ class Interleaver:
                 stack.callback(_restore_grads, grads)
             else:
                 stack.enter_context(torch.no_grad())
-            self._drain()
-            if self.finished < self.total or not self.early_stop:
-                self._install()
-                try:
+            try:
+                self._drain()
+                if forward is not None and (self.finished < self.total or not self.early_stop):
+                    self._install()
                     forward()
-                except EarlyStop:
-                    pass
-                except InterlaceError:
-                    raise
-                except Exception as error:
-                    raise self._model_error(error) from error
+            except EarlyStop:
+                pass
+            except InterlaceError:
+                raise
+            except Exception as error:
+                raise self._model_error(error) from error
             self._check_finished()
         return self.results
 
@@ -234,6 +239,8 @@ class Interleaver:
         try:
             sources = self.sources.pop(key)
             for index in sources:
+                if self.done[index]:  # under a false cond: done before its event
+                    continue
                 if self.waiting[index]:  # guarded by a cond computed during this event
                     self.open_sources.add(index)
                 else:
@@ -281,11 +288,13 @@ class Interleaver:
         self.done[index] = 1
         self.finished += 1
         waiting, ready, nodes = self.waiting, self.ready, self.nodes
+        values = self.values
         for user in self.users[index]:
             waiting[user] -= 1
             if not waiting[user]:
-                if nodes[user].op != "module_value":
-                    heapq.heappush(ready, user)
+                node = nodes[user]
+                if node.op != "module_value" or node.guard is not None and not values.get(node.guard):
+                    heapq.heappush(ready, user)  # (a module value under a false cond is done: no event needed)
                 elif user in self.open_sources:
                     self.open_sources.discard(user)
                     heapq.heappush(ready, user)
@@ -324,6 +333,8 @@ class Interleaver:
         target = node.target
         fn = ops.resolve(target) if isinstance(target, str) else target
         args, kwargs = self._resolve(node.args), self._resolve(node.kwargs)
+        if node.index in self.plan.row_zero:
+            _warn_row_zero(self.nodes[node.args[0].index], args[0])
         if self.untrusted:
             self.guard.before_call(target, fn, args, kwargs)
             result = fn(*args, **kwargs)
@@ -335,6 +346,8 @@ class Interleaver:
 
     def _op_call_method(self, node):
         args, kwargs = self._resolve(node.args), self._resolve(node.kwargs)
+        if node.target == "backward":
+            self._watch_gradients(node.index)
         if self.untrusted:
             self.guard.before_method(node.target, args, kwargs)
             result = getattr(args[0], node.target)(*args[1:], **kwargs)
@@ -378,23 +391,32 @@ class Interleaver:
     def _op_module_call(self, node):
         module = self._module_at(node.target)
         args, kwargs = self._resolve(node.args), self._resolve(node.kwargs)
-        if self.untrusted:
-            self.guard.before_module_call(module, node.target, args, kwargs)
-        self.bypass = True
+        hooked = kwargs.pop("hook", False)  # hook=True: its modules' values can be read and changed
+        outer, self.bypass = self.bypass, True
         try:
+            if self.untrusted:
+                self.guard.before_module_call(module, node.target, args, kwargs)
+            self.bypass = outer if hooked else True
             return module(*args, **kwargs)
         finally:
-            self.bypass = False
+            self.bypass = outer
 
     def _op_grad(self, node):
-        tensor = self.values[node.args[0].index]
-        if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
-            raise InterlaceError(
-                "the value has no gradient: it is not part of the autograd graph (is it a tensor "
-                "computed from the model's parameters or inputs that require grad?)"
-            )
-        self.handles.append(tensor.register_hook(lambda grad: self._grad_event(node.index, grad)))
-        return _PENDING
+        return _PENDING  # computed in the backward pass it belongs to (see _watch_gradients)
+
+    def _watch_gradients(self, backward: int) -> None:
+        """Before backward call `backward` runs: hook the tensors of the .grad nodes that are its."""
+        for index in self.plan.gradients.get(backward, ()):
+            if self.done[index]:  # under a false cond
+                continue
+            node = self.nodes[index]
+            tensor = self.values[node.args[0].index]
+            if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
+                raise InterlaceError(
+                    "the value has no gradient: it is not part of the autograd graph (is it a tensor "
+                    "computed from the model's parameters or inputs that require grad?)"
+                ).at(node)
+            self.handles.append(tensor.register_hook(lambda grad, index=index: self._grad_event(index, grad)))
 
     def _grad_event(self, index: int, grad):
         event = _Event(("grad", index), grad)
@@ -411,6 +433,8 @@ class Interleaver:
 
     def _op_stop(self, node):
         self.stopped = True
+        if node.kwargs.get("session"):
+            self.skip_to = node.kwargs.get("skip_to") or len(self.nodes)
         self._finish(node.index, None)
         raise EarlyStop()
 
@@ -510,6 +534,29 @@ class Interleaver:
                 "this run. Check the call index (.next(), at_call) or whether the module runs at all"
             )
         return f"{source.describe()} never ran"
+
+
+class BatchIndexWarning(UserWarning):
+    """`module.output[0]` on a batch-first tensor: in transformers 5 that is batch row 0, not a tuple item."""
+
+
+_warned_paths: set[str] = set()
+
+
+def _warn_row_zero(source, value) -> None:
+    """Warn once per module path when `output[0]` takes the first row of a batch-first tensor."""
+    path = source.target
+    if path in _warned_paths or not isinstance(value, torch.Tensor) or value.dim() < 3:
+        return
+    _warned_paths.add(path)
+    warnings.warn(
+        f"{path or 'the model'}.output is a tensor of shape {tuple(value.shape)}, so `.output[0]` is its "
+        "first row (batch item 0), not the hidden states. In transformers 5 decoder layers return the "
+        "hidden states themselves, where older releases (and older nnsight examples) returned a tuple. "
+        "Use `.output` (or `.output[:, ...]`) for the hidden states; if row 0 is what you want, silence "
+        "this with warnings.filterwarnings('ignore', category=interlace.BatchIndexWarning).",
+        BatchIndexWarning, stacklevel=2,
+    )
 
 
 def _restore_grads(grads) -> None:

@@ -32,11 +32,14 @@ class Plan:
         self.skips: dict[tuple, int] = {}  # (path, call) -> skip node
         self.saved = {node.index for node in nodes[start:end] if node.saved}
         self.needs_grad = False
+        self.gradients: dict[int, list[int]] = {}  # backward call -> the grad nodes it computes
+        self.row_zero: set[int] = set()  # `module.output[0]` nodes (a tuple's first item, or batch row 0?)
         self.ready: list[int] = []  # ready before the model runs, in graph order
         for node in nodes[:start]:
             self.event_keys[node.index] = self._event_key(node)
         last_mutation: dict[int, int] = {}
         previous_stop = start
+        previous_backward, waiting_grads = None, []
         users, waiting, remaining = self.users, self.waiting, self.remaining
         for node in nodes[start:end]:
             index, op = node.index, node.op
@@ -47,10 +50,19 @@ class Plan:
             if op == "stop":  # everything recorded since the previous stop (which waits for the rest)
                 deps = range(previous_stop, index)
                 previous_stop = index
-            elif last_mutation:  # a read waits for the in-place changes recorded before it
-                changes = [last_mutation[ref] for ref in reads if ref in last_mutation]
-                if changes:
-                    deps = list(dict.fromkeys(reads + changes))
+            else:
+                # a read waits for the in-place changes recorded before it
+                extra = [last_mutation[ref] for ref in reads if ref in last_mutation] if last_mutation else []
+                if op == "call_method" and node.target == "backward":
+                    # each .grad recorded since the previous backward is this one's; a backward runs
+                    # after the previous one has finished, never inside its gradient hooks
+                    self.gradients[index], waiting_grads = waiting_grads, []
+                    extra += [nodes[g].args[0].index for g in self.gradients[index] if nodes[g].args[0].index >= start]
+                    if previous_backward is not None:
+                        extra.append(previous_backward)
+                    previous_backward = index
+                if extra:
+                    deps = list(dict.fromkeys(reads + extra))
             for dep in deps:
                 users[dep].append(index)
             waiting[index] = len(deps)
@@ -61,6 +73,13 @@ class Plan:
                 self.skips[(node.target, node.kwargs["call"])] = index
             elif op == "grad" or (op == "call_method" and node.target == "backward"):
                 self.needs_grad = True
+                if op == "grad":
+                    waiting_grads.append(index)
+            elif (op == "call" and node.target == "operator.getitem" and len(node.args) == 2
+                  and type(node.args[1]) is int and node.args[1] == 0
+                  and type(node.args[0]) is Ref and nodes[node.args[0].index].op == "module_value"
+                  and nodes[node.args[0].index].kwargs["kind"] == "output"):
+                self.row_zero.add(index)
             if mutates(node) and type(node.args[0]) is Ref:
                 last_mutation[node.args[0].index] = index
                 target_key = self.event_keys[node.args[0].index]

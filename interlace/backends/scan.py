@@ -17,6 +17,8 @@ from ..errors import ExecutionError, InterlaceError
 from ..graph import Node
 from .local import Interleaver
 
+# gradients are not computed on fake tensors: their values stay unknown, and lines using them unchecked
+_GRADIENT_METHODS = frozenset({"backward", "retain_grad", "requires_grad_"})
 _NO_EFFECT = frozenset({"swap", "skip", "log", "stop", "cond", "grad"})
 
 
@@ -70,7 +72,8 @@ class Scanner(Interleaver):
 
     def evaluate(self, node: Node) -> None:
         """Compute the fake value of a node just recorded; errors name the user's line."""
-        if node.op in _NO_EFFECT or any(self.values.get(ref) is None for ref in node.refs()):
+        if (node.op in _NO_EFFECT or node.op == "call_method" and node.target in _GRADIENT_METHODS
+                or any(self.values.get(ref) is None for ref in node.refs())):
             self.values[node.index] = None
             return
         logger = logging.getLogger("torch._subclasses.fake_tensor")

@@ -18,7 +18,9 @@ from ..backends.scan import Scanner
 from ..envoy import Envoy
 from ..errors import InterlaceError, RefusedError
 from ..graph import Graph, Request, TraceSpec
-from ..tracer import Editor, Session, Tracer
+from ..graph import map_refs
+from ..session import Session
+from ..tracer import Editor, Tracer
 
 
 @dataclass
@@ -162,6 +164,15 @@ class Model(Envoy):
         """Modules outside the wrapped tree that graphs may name (LanguageModel's generator)."""
         return {}
 
+    def _result_envoy(self, tracer: Tracer) -> Envoy:
+        """The envoy whose output is what the traced call returns (`tracer.result`)."""
+        return self
+
+    @property
+    def _model(self) -> torch.nn.Module:
+        """The wrapped module (as nnsight's `model._model`)."""
+        return self._module
+
     def _detach(self, tracer: Tracer) -> None:
         self._tracer = None
 
@@ -177,15 +188,26 @@ class Model(Envoy):
         graph, traces = request.graph, request.traces
         limits = limits or Limits()
         last_reader = _last_reader(graph, traces)
-        outcome, carried = Outcome(), {}
+        outcome, carried, skip_to = Outcome(), {}, 0
         for number, trace in enumerate(traces):
+            if trace.start < skip_to:  # a session.stop() ended the loop this span belongs to
+                outcome.missing.update({node.index: "session.stop() ended the loop before it ran"
+                                        for node in graph.nodes[trace.start : trace.end] if node.saved})
+                continue
             keep = {i for i in range(trace.start, trace.end) if last_reader[i] > number}
-            interleaver = self._execute(graph, trace, known=carried, keep=keep, untrusted=untrusted,
-                                        limits=limits, cancel=cancel)
+            trace = TraceSpec(trace.start, trace.end, _inputs(trace, carried, number), trace.options)
+            run = {"known": carried, "keep": keep, "untrusted": untrusted, "limits": limits, "cancel": cancel}
+            if trace.options.get("mode") == "session":  # the session's own nodes: no model run
+                interleaver = Interleaver(graph, self._module, [], 0, span=(trace.start, trace.end),
+                                          modules=self._extra_modules(), **run)
+                interleaver.run(None)
+            else:
+                interleaver = self._execute(graph, trace, **run)
             outcome.results.update(interleaver.results)
             outcome.logs += interleaver.logs
             outcome.missing.update(interleaver.missing())
             carried.update({i: interleaver.values[i] for i in keep if i in interleaver.values})
+            skip_to = max(skip_to, interleaver.skip_to or 0)
         return outcome
 
     def _execute(self, graph: Graph, trace: TraceSpec, **run) -> Interleaver:
@@ -228,13 +250,32 @@ class Model(Envoy):
 
 
 def _last_reader(graph: Graph, traces) -> list[int]:
-    """For each node, the number of the last trace that reads it (-1: none)."""
+    """For each node, the number of the last trace that reads it (its nodes or its inputs; -1: none)."""
     last = [-1] * len(graph)
+
+    def read(ref, number):
+        last[ref.index] = number
+        return ref
+
     for number, trace in enumerate(traces):
         for node in graph.nodes[trace.start : trace.end]:
             for ref in node.refs():
                 last[ref] = number
+        map_refs(trace.invokes, lambda ref, number=number: read(ref, number))
     return last
+
+
+def _inputs(trace: TraceSpec, carried: dict, number: int) -> list:
+    """A trace's invokes with values of earlier traces (a session's values) in place of references."""
+    def value(ref):
+        if ref.index not in carried:
+            raise InterlaceError(
+                f"an input of trace {number} is the value of node %{ref.index}, which was not computed "
+                "(a false condition, or a stop before it)"
+            )
+        return carried[ref.index]
+
+    return map_refs(trace.invokes, value)
 
 
 def _batch_size(args, kwargs) -> int:

@@ -1,0 +1,131 @@
+"""Blocks that shape what is recorded inside them: conditions and loops.
+
+`Condition` guards the nodes recorded in its block by a `cond` node. `Steps`/`Iteration` record a
+block once and apply it to several generation steps; `SessionIteration` records a block of a session
+(traces included) once and applies it to each of several values. Both repeat the block as copies of
+its nodes (`Graph.extend_shifted`), so the graph stays plain data that runs anywhere.
+"""
+
+from __future__ import annotations
+
+from .errors import InterlaceError
+from .graph import Ref, TraceSpec, map_refs
+from .proxy import Proxy
+
+
+class Condition:
+    """The block of a `tracer.cond(...)` or `session.cond(...)`: its nodes run only when it is true."""
+
+    def __init__(self, recorder, node: Proxy):
+        self.recorder, self.node = recorder, node
+
+    def __enter__(self) -> Proxy:
+        self.outer, self.recorder._guard = self.recorder._guard, self.node._index
+        return self.node
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.recorder._guard = self.outer
+        return False
+
+
+class Steps:
+    """`tracer.iter[...]`: choose the generation steps a block applies to."""
+
+    def __init__(self, tracer):
+        self.tracer = tracer
+
+    def __getitem__(self, key) -> "Iteration":
+        steps = range(self.tracer.options.get("steps", 1))
+        if isinstance(key, int):
+            key = slice(key, key + 1 if key != -1 else None)
+        if not isinstance(key, slice):
+            raise InterlaceError(f"tracer.iter takes a step or a slice of steps, not {type(key).__name__}")
+        chosen = steps[key]
+        if not chosen:
+            raise InterlaceError(f"tracer.iter[{key.start}:{key.stop}] selects no step of {len(steps)}")
+        return Iteration(self.tracer, chosen)
+
+
+class Iteration:
+    """A block recorded once and applied to several generation steps.
+
+    The block's nodes are recorded for the first step, then copied for each later step with every
+    module call index moved by the step distance. The value bound by `as` is the step number;
+    `interlace.list()` collects one entry per step.
+    """
+
+    def __init__(self, tracer, steps: range):
+        self.tracer, self.steps = tracer, steps
+
+    def __enter__(self) -> Proxy:
+        tracer = self.tracer
+        if tracer._iterating:
+            raise InterlaceError("iteration blocks cannot be nested")
+        tracer._iterating = True
+        self.start = len(tracer.graph)
+        step = tracer.record("call", "builtins.int", (self.steps[0],))
+        tracer._step = self.steps[0]
+        return step
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        tracer = self.tracer
+        tracer._step, tracer._iterating = 0, False
+        if exc_type is not None:
+            return False
+        graph, start = tracer.graph, self.start
+        template = graph.nodes[start:]
+        for step in self.steps[1:]:
+            first = graph.extend_shifted(template, start, calls=step - self.steps[0])
+            graph.nodes[first].args = (step,)
+        return False
+
+
+class SessionIteration:
+    """`with session.iter(values) as value:` — a block of a session applied to each value.
+
+    The block (its session-level nodes and whole traces) is recorded once, for the first value, and
+    copied for the others; the value is `values[i]` in copy i. `session.stop()` inside ends the
+    loop. Names bound inside the block hold the last value's results; collect every value's with
+    `interlace.list()` (a list made before the loop and appended to inside it).
+    """
+
+    def __init__(self, session, values):
+        if isinstance(values, Proxy):
+            raise InterlaceError("session.iter needs the values now (a list, a tuple, a range), not a traced value")
+        self.session, self.values = session, list(values)
+
+    def __enter__(self) -> Proxy:
+        session = self.session
+        if not self.values:
+            raise InterlaceError("session.iter was given no values")
+        if session.model._tracer is not None:
+            raise InterlaceError("session.iter loops over traces: open it outside `with model.trace(...)`; "
+                                 "inside a generation use tracer.iter")
+        self.source = session.record("call", "builtins.tuple", (tuple(self.values),))
+        self.start, self.first_trace = len(session.graph), len(session.traces)
+        return session.record("call", "operator.getitem", (self.source, 0))
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            return False
+        session, graph, start = self.session, self.session.graph, self.start
+        template, traces = graph.nodes[start:], session.traces[self.first_trace:]
+        last = {}
+        for number in range(1, len(self.values)):
+            first = graph.extend_shifted(template, start)
+            graph.nodes[first].args = (Ref(self.source._index), number)
+            offset = first - start
+
+            def moved(ref, offset=offset):
+                return Ref(ref.index + offset) if ref.index >= start else ref
+
+            for trace in traces:
+                session.traces.append(TraceSpec(trace.start + offset, trace.end + offset,
+                                                map_refs(trace.invokes, moved), trace.options))
+            last = {node.index: node.index + offset for node in template if node.saved}
+        session.aliases.update(last)  # names bound in the block get the last value's results
+        end = len(graph)
+        for node in graph.nodes[start:]:
+            if node.op == "stop" and node.kwargs.get("session") and node.kwargs.get("skip_to") is None:
+                node.kwargs = {**node.kwargs, "skip_to": end}
+        return False

@@ -1,0 +1,102 @@
+"""Session: several traces, and the control flow between them, run together when the block ends.
+
+Everything recorded in a session goes into one graph: the traces' nodes, and between them the
+session's own nodes (`session.apply`, `session.cond`, `session.iter`, `session.stop`, values from one
+trace used in the next). The session becomes one request: each trace a span of the graph with its
+inputs, and the session's own nodes spans that run without the model. Remotely it is one request.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .blocks import SessionIteration
+from .errors import InterlaceError
+from .graph import Graph, Request, TraceSpec
+from .tracer import Recorder, Tracer, _active
+
+
+class Session(Recorder):
+    """Several traces recorded into one graph and run together when the block ends.
+
+    >>> import torch, interlace
+    >>> net = interlace.Model(torch.nn.Linear(2, 2))
+    >>> with net.session() as session:
+    ...     outputs = interlace.list().save()
+    ...     with session.iter([1.0, 2.0, 3.0]) as scale:
+    ...         with net.trace(torch.ones(1, 2)):
+    ...             _ = outputs.append(net.output * scale)
+    >>> [round(o[0, 0].item() / outputs[0][0, 0].item(), 3) for o in outputs]
+    [1.0, 2.0, 3.0]
+    """
+
+    def __init__(self, model, **options):
+        super().__init__(model)
+        self.options = options  # scan (for every trace inside), remote, blocking, timeout, backend
+        self.graph = Graph()
+        self.traces: list[TraceSpec] = []  # in graph order; a session.iter adds copies
+        self.tracers: list[Tracer] = []  # the traces as recorded, for binding their caches
+        self.aliases: dict[int, int] = {}  # node -> node whose result it takes (session.iter's last copy)
+
+    def _recorder(self):
+        if self._closed:
+            return None
+        return self.model._tracer or self  # a node recorded while a trace is open belongs to it
+
+    def add_trace(self, tracer: Tracer) -> None:
+        """A trace of this session has been recorded; it runs when the session ends."""
+        self.traces.append(tracer.spec(len(self.graph)))
+        self.tracers.append(tracer)
+
+    # -- control flow between traces ---------------------------------------------------------------
+    def iter(self, values) -> SessionIteration:
+        """`with session.iter(values) as value:` applies the block (traces included) to each value."""
+        return SessionIteration(self, values)
+
+    def stop(self) -> None:
+        """End the innermost `session.iter` loop here (or, outside loops, the rest of the session)."""
+        self.record("stop", None, (), {"session": True, "skip_to": None})
+
+    # -- context ----------------------------------------------------------------------------------
+    def __enter__(self) -> "Session":
+        if self.model._session is not None:
+            raise InterlaceError("sessions cannot be nested")
+        self.model._session = self
+        _active.append(self)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.model._session = None
+        _active.remove(self)
+        self._closed = True
+        try:
+            if exc_type is None:
+                self._run(sys._getframe(1))
+        finally:
+            self.tracers.clear()  # tracers point back at the session: no cycle may keep values alive
+        return False
+
+    def request(self) -> Request:
+        """The session as one request: its traces, and spans of its own nodes between them."""
+        spans, position = [], 0
+        for trace in self.traces:
+            if trace.start > position:
+                spans.append(TraceSpec(position, trace.start, [], {"mode": "session"}))
+            spans.append(trace)
+            position = trace.end
+        if position < len(self.graph):
+            spans.append(TraceSpec(position, len(self.graph), [], {"mode": "session"}))
+        return Request(self.graph, spans)
+
+    def _run(self, frame) -> None:
+        outcome = self.model.submit(self.request(), self.options)
+        results = outcome.results
+        for alias, source in self.aliases.items():
+            if source in results:
+                results[alias] = results[source]
+        recorders = (self, *self.tracers)
+        for recorder in recorders:
+            recorder.results, recorder.missing = results, outcome.missing
+        for tracer in self.tracers:
+            tracer._bind(frame, ())
+        self._bind(frame, recorders)
