@@ -9,6 +9,7 @@ True
 """
 
 from . import tracer as _tracer
+from .backends.local import BatchIndexWarning
 from .envoy import Envoy
 from .errors import (
     CancelledError,
@@ -45,6 +46,7 @@ def list():  # noqa: A001 - mirrors the builtin on purpose: a list that lives in
 
 
 __all__ = [
+    "BatchIndexWarning",
     "CancelledError",
     "Envoy",
     "ExecutionError",

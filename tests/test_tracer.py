@@ -126,3 +126,53 @@ def test_cond_node_records_the_user_line(mlp, x):
             net.layers[0].output[:] = 0
     cond = next(node for node in tracer.graph if node.op == "cond")
     assert cond.location[0] == __file__
+
+
+def test_saved_values_that_were_never_computed_say_why(mlp, x):
+    net = Model(mlp)
+    with net.trace(x) as tracer:
+        with tracer.cond(net.layers[0].output.sum() > 1e9):
+            skipped = net.layers[1].output.save()
+        tracer.stop()
+        unreached = net.layers[2].output.save()
+    with pytest.raises(ValueError, match="layers.1.output was saved but has no value: its condition"):
+        skipped.value
+    with pytest.raises(interlace.NotSavedError, match="the trace stopped"):
+        unreached + 1
+
+
+def test_edit_records_through_the_returned_model_too(mlp, x):
+    net = Model(mlp)
+    with net.edit() as edited:
+        edited.layers[0].output[:] = 0  # nnsight's docs use both spellings
+        net.layers[1].output[:, 0] = 1.0
+    with edited.trace(x):
+        out = edited.output.save()
+    with torch.no_grad():
+        h = mlp.layers[1](torch.zeros(2, 8))
+        h[:, 0] = 1.0
+        want = mlp.head(mlp.layers[3](mlp.layers[2](h)))
+    assert torch.equal(out, want)
+    assert edited._tracer is None and net._tracer is None
+
+
+def test_a_session_replays_edits_at_each_trace(mlp, x):
+    net = Model(mlp)
+    with net.edit() as edited:
+        edited.layers[0].output[:] = edited.layers[0].output * 0
+    with edited.session():
+        with edited.trace(x):
+            first = edited.output.save()
+        with edited.trace(x):
+            second = edited.output.save()
+    assert torch.equal(first, second)
+    with torch.no_grad():
+        assert torch.equal(first, mlp.head(mlp.layers[3](mlp.layers[2](mlp.layers[1](torch.zeros(2, 8))))))
+
+
+def test_interlace_keywords_are_interlace_s(mlp, x):
+    net = Model(mlp)
+    with pytest.raises(interlace.InterlaceError, match="remote=True needs a server"):
+        net.trace(x, remote=True)
+    with pytest.raises(interlace.InterlaceError, match="remote=True needs a server"):
+        net.session(remote=True, timeout=300)

@@ -346,16 +346,16 @@ class Interleaver:
 
     def _op_call_method(self, node):
         args, kwargs = self._resolve(node.args), self._resolve(node.kwargs)
-        if node.target == "backward":
-            self._watch_gradients(node.index)
         if self.untrusted:
             self.guard.before_method(node.target, args, kwargs)
-            result = getattr(args[0], node.target)(*args[1:], **kwargs)
-            self.guard.check_value(result)
-            return result
-        if mutates(node):
+        elif mutates(node):
             self.guard.before_write(args[0], node.describe())
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.target == "backward":
+            return self._backward(node, args, kwargs)
+        result = getattr(args[0], node.target)(*args[1:], **kwargs)
+        if self.untrusted:
+            self.guard.check_value(result)
+        return result
 
     def _op_apply(self, node):
         if self.untrusted:
@@ -402,28 +402,35 @@ class Interleaver:
             self.bypass = outer
 
     def _op_grad(self, node):
-        return _PENDING  # computed in the backward pass it belongs to (see _watch_gradients)
+        return _PENDING  # computed in the backward pass it belongs to (see _backward)
 
-    def _watch_gradients(self, backward: int) -> None:
-        """Before backward call `backward` runs: hook the tensors of the .grad nodes that are its."""
-        for index in self.plan.gradients.get(backward, ()):
-            if self.done[index]:  # under a false cond
-                continue
-            node = self.nodes[index]
-            tensor = self.values[node.args[0].index]
-            if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
-                raise InterlaceError(
-                    "the value has no gradient: it is not part of the autograd graph (is it a tensor "
-                    "computed from the model's parameters or inputs that require grad?)"
-                ).at(node)
-            self.handles.append(tensor.register_hook(lambda grad, index=index: self._grad_event(index, grad)))
+    def _backward(self, node, args, kwargs):
+        """A backward call: the .grad nodes that are its (see Plan.gradients) are hooked during it only."""
+        handles = []
+        try:
+            for index in self.plan.gradients.get(node.index, ()):
+                if self.done[index]:  # under a false cond
+                    continue
+                grad = self.nodes[index]
+                tensor = self.values[grad.args[0].index]
+                if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
+                    raise InterlaceError(
+                        "the value has no gradient: it is not part of the autograd graph (is it a tensor "
+                        "computed from the model's parameters or inputs that require grad?)"
+                    ).at(grad)
+                handles.append(tensor.register_hook(lambda g, index=index: self._grad_event(index, g)))
+            return args[0].backward(*args[1:], **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _grad_event(self, index: int, grad):
         event = _Event(("grad", index), grad)
         self.events.append(event)
         try:
             self._finish(index, grad)
-            self._drain()
+            with torch.enable_grad():  # autograd turns it off in its hooks; later backwards need it
+                self._drain()
         finally:
             self.events.pop()
         return event.value if event.changed else None

@@ -81,7 +81,12 @@ class LanguageModel(Model):
             self._source = (str(model), gguf_file)
             if gguf_file is not None:
                 self._load_kwargs["gguf_file"] = gguf_file
-            config = _from_local_or_hub(_auto("AutoConfig"), model, self._load_kwargs, "config")
+            # keywords that are config attributes (reorder_and_upcast_attn=True) change the config,
+            # as from_pretrained does; the others are for loading the weights
+            config, unused = _from_local_or_hub(
+                _auto("AutoConfig"), model, {**self._load_kwargs, "return_unused_kwargs": True}, "config")
+            loading = {k: v for k, v in self._load_kwargs.items() if k in _LOADING_KEYWORDS}
+            self._load_kwargs = {**loading, **unused}
             self._config = config  # loading weights reuses it: parsing a GGUF file again takes seconds
             if tokenizer is None:
                 # for GGUF, the fast tokenizer class directly: AutoTokenizer parses the file again
@@ -133,6 +138,14 @@ class LanguageModel(Model):
         clone = super()._copy()
         clone.generator = Envoy(self._generator, "generator", clone)
         return clone
+
+    def to(self, *args, **kwargs) -> "LanguageModel":
+        """Move the model (loading its weights first when they are not loaded yet)."""
+        self.dispatch()
+        return super().to(*args, **kwargs)
+
+    def _result_envoy(self, tracer: Tracer) -> Envoy:
+        return self.generator if tracer.options.get("mode") == "generate" else self
 
     @property
     def config(self):
@@ -306,6 +319,14 @@ def _check_untrusted_options(options: dict, batch, limits) -> None:
         if rows * (length + new_tokens) > limits.max_tokens:
             raise LimitError(f"{rows} prompts of {length} tokens (+{new_tokens} new) are over the limit of "
                              f"{limits.max_tokens} token positions (max_tokens)")
+
+
+# keywords of from_pretrained that are about loading, not the model's configuration
+_LOADING_KEYWORDS = frozenset(
+    "gguf_file revision trust_remote_code cache_dir torch_dtype dtype device_map attn_implementation "
+    "low_cpu_mem_usage quantization_config max_memory offload_folder offload_state_dict token subfolder "
+    "variant use_safetensors key_mapping tp_plan".split()
+)
 
 
 def _model_keywords() -> frozenset:

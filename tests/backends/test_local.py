@@ -248,6 +248,39 @@ def test_gradients_read_and_set():
     assert_clean(model)
 
 
+def test_several_backward_passes_each_grad_belongs_to_the_next_backward():
+    torch.manual_seed(0)
+    model = MLP()
+    net = Model(model)
+    x = torch.randn(2, 3)
+    with net.trace(x):
+        h = net.layers[1].output
+        first = h.grad.save()
+        net.output.sum().backward(retain_graph=True)
+        second = h.grad.save()
+        (net.output ** 2).sum().backward(retain_graph=True)
+        third = h.grad.save()
+        net.output[:, 0].sum().backward()
+    store = {}
+    handle = model.layers[1].register_forward_hook(lambda m, a, o: store.setdefault("h", o))
+    out = model(x)
+    handle.remove()
+    for got, loss in ((first, out.sum()), (second, (out ** 2).sum()), (third, out[:, 0].sum())):
+        want = torch.autograd.grad(loss, store["h"], retain_graph=True)[0]
+        assert torch.allclose(got, want)
+    assert all(p.grad is None for p in model.parameters())
+    assert_clean(model)
+
+
+def test_a_grad_after_the_last_backward_is_a_clear_error(mlp, x):
+    net = Model(mlp)
+    with pytest.raises(interlace.OutOfOrderError, match="call .backward\\(\\) on a loss inside the trace"):
+        with net.trace(x):
+            h = net.layers[1].output
+            net.output.sum().backward()
+            h.grad.save()
+
+
 def test_reading_a_later_module_to_change_an_earlier_one_is_an_error(mlp, x):
     net = Model(mlp)
     with pytest.raises(interlace.OutOfOrderError) as info:

@@ -61,3 +61,29 @@ def test_scan_on_meta_model(tmp_path):
             assert lm.transformer.h[0].output.shape == (1, 3, 32)
             lm.transformer.h[0].output[:, :, :5] = torch.zeros(4)
     assert not lm.dispatched  # nothing was loaded to find the error
+
+
+def test_scan_accepts_gradient_code(mlp, x):
+    net = Model(mlp)
+    with net.trace(x, scan=True):
+        h = net.layers[1].output.save()
+        h.retain_grad()
+        grad = h.grad.save()
+        net.output.sum().backward()
+    assert grad.shape == h.shape == (2, 8) and torch.equal(h.grad, grad)
+
+
+def test_scan_on_an_invoke_and_on_generate():
+    model = tiny("llama")
+    lm = LanguageModel(model)
+    with pytest.raises(interlace.ExecutionError, match="found while scanning"):
+        with lm.trace() as tracer:
+            with tracer.invoke([5, 6, 7]):
+                lm.model.layers[0].output.save()
+            with tracer.invoke([1, 2], validate=True):
+                assert lm.model.layers[0].output.shape == (1, 2, 32)  # scanning from this invoke on
+                lm.model.layers[0].output @ torch.ones(3, 3)
+    with lm.generate([5, 6], max_new_tokens=2, validate=True):
+        assert lm.model.layers[0].output.shape == (1, 2, 32)
+        tokens = lm.generator.output.save()
+    assert tokens.shape == (1, 4)

@@ -211,3 +211,59 @@ def test_model_id_from_the_local_cache_without_network(tmp_path, monkeypatch):
     with lm.trace("w5 w6 w7"):
         logits = lm.output.logits.save()
     torch.testing.assert_close(logits[0], alone(model, [5, 6, 7]))
+
+
+def test_keywords_that_are_config_attributes_change_the_config(tmp_path):
+    """GPT-2 calls its attn_dropout module only in the reordered, upcast eager attention."""
+    model = tiny("gpt2")
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    for dispatch in (False, True):
+        lm = LanguageModel(str(tmp_path), reorder_and_upcast_attn=True, attn_implementation="eager", dispatch=dispatch)
+        assert lm.config.reorder_and_upcast_attn
+        with lm.trace("w5 w6 w7"):
+            probabilities = lm.transformer.h[0].attn.attn_dropout.input.save()
+            attn_input = lm.transformer.h[0].ln_1.output.save()
+        assert probabilities.shape == (1, 4, 3, 3)
+        torch.testing.assert_close(probabilities.sum(-1), torch.ones(1, 4, 3))
+        attention = lm.module.transformer.h[0].attn  # eager attention by hand
+        q, k, _ = attention.c_attn(attn_input).split(32, dim=-1)
+        q, k = (t.view(1, 3, 4, 8).transpose(1, 2) for t in (q, k))
+        scores = (q @ k.transpose(-1, -2)) / 8**0.5 + torch.triu(torch.full((3, 3), float("-inf")), 1)
+        torch.testing.assert_close(probabilities, scores.softmax(-1))
+
+
+def test_trace_keywords_are_interlace_options_or_forward_arguments():
+    lm = LanguageModel(tiny("llama"))
+    with pytest.raises(interlace.InterlaceError, match="unexpected keyword argument.*'timeout_s'.*LlamaForCausalLM"):
+        lm.trace([5, 6], timeout_s=300)
+    with pytest.raises(interlace.InterlaceError, match="remote=True needs a server"):
+        lm.trace([5, 6], remote=True, timeout=300)
+    with pytest.raises(interlace.InterlaceError, match="remote=True needs a server"):
+        lm.generate([5, 6], remote=True)
+    with lm.trace([5, 6, 7], output_hidden_states=True, logits_to_keep=1):  # the forward's own
+        out = lm.output.save()
+    assert len(out.hidden_states) == 3 and out.logits.shape == (1, 1, 100)
+
+
+def test_output_zero_of_a_layer_warns_once_about_transformers_5():
+    interlace.backends.local._warned_paths.clear()
+    lm = LanguageModel(tiny("llama"))
+    with pytest.warns(interlace.BatchIndexWarning, match=r"model.layers.0.output is a tensor of shape \(2, 3, 32\)"):
+        with lm.trace([[5, 6, 7], [8, 9, 10]]):
+            row = lm.model.layers[0].output[0].save()
+    assert row.shape == (3, 32)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per path: no second warning
+        with lm.trace([[5, 6, 7], [8, 9, 10]]):
+            lm.model.layers[0].output[0].save()
+            lm.model.layers[1].self_attn.output[0].save()  # attention returns a tuple: no warning
+
+
+def test_to_loads_the_weights_first(tmp_path):
+    tiny("llama").save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    lm = LanguageModel(str(tmp_path))
+    assert lm.to("cpu") is lm and lm.dispatched

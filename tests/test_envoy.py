@@ -1,0 +1,83 @@
+"""Envoys: module methods that chain, modules attached after wrapping, module calls through hooks."""
+
+import pytest
+import torch
+
+import interlace
+from interlace import Model
+
+from helpers import MLP, assert_clean
+
+
+class SAE(torch.nn.Module):
+    def __init__(self, width=8, features=16):
+        super().__init__()
+        self.encoder = torch.nn.Linear(width, features)
+        self.decoder = torch.nn.Linear(features, width)
+
+    def forward(self, x):
+        return self.decoder(torch.relu(self.encoder(x)))
+
+
+def test_module_methods_return_the_envoy_so_calls_chain(x):
+    torch.manual_seed(0)
+    mlp = MLP()
+    net = interlace.NNsight(mlp).to("cpu").eval().float()
+    assert isinstance(net, Model) and not mlp.training
+    assert net.requires_grad_(False) is net and not any(p.requires_grad for p in mlp.parameters())
+    assert net.train().half().bfloat16().cpu() is net and mlp.head.weight.dtype == torch.bfloat16
+    assert net.layers[0].float() is net.layers[0] and mlp.layers[0].linear.weight.dtype == torch.float32
+    net.float().eval()
+    with net.to("cpu").trace(x):
+        out = net.output.save()
+    with torch.no_grad():
+        assert torch.equal(out, mlp(x))
+
+
+@pytest.mark.parametrize("attach", ["envoy", "module"])
+def test_a_module_attached_after_wrapping_is_traceable(x, attach):
+    torch.manual_seed(0)
+    mlp = MLP().eval()
+    net = Model(mlp)
+    sae = SAE()
+    if attach == "envoy":
+        net.layers[1].sae = sae  # nnsight-style: set on the envoy, lands on the module
+    else:
+        mlp.layers[1].sae = sae
+    assert mlp.layers[1].sae is sae
+    with net.trace(x):
+        hidden = net.layers[1].output
+        reconstruction = net.layers[1].sae(hidden, hook=True).save()
+        features = net.layers[1].sae.encoder.output.save()
+        net.layers[1].sae.encoder.output[:, :4] = 0  # changes this call of the SAE
+    with torch.no_grad():
+        h = mlp.layers[1](mlp.layers[0](mlp.embed(x)))
+        encoded = sae.encoder(h)
+        clipped = encoded.clone()
+        clipped[:, :4] = 0
+        assert torch.equal(features, clipped)  # the saved tensor is the one changed in place
+        assert torch.allclose(reconstruction, sae.decoder(torch.relu(clipped)))
+    assert_clean(mlp)
+
+
+def test_a_module_call_without_hook_is_invisible_to_hooks(x):
+    torch.manual_seed(0)
+    mlp = MLP().eval()
+    net = Model(mlp)
+    with net.trace(x):
+        projected = net.head(net.layers[0].output).save()  # not a call of head in the forward
+        head_in_forward = net.head.output.save()
+    with torch.no_grad():
+        assert torch.equal(head_in_forward, mlp(x))
+        assert torch.equal(projected, mlp.head(mlp.layers[0](mlp.embed(x))))
+
+
+def test_model_underscore_model_and_tracer_result(x):
+    torch.manual_seed(0)
+    mlp = MLP().eval()
+    net = Model(mlp)
+    assert net._model is mlp
+    with net.trace(x) as tracer:
+        result = tracer.result.save()
+    with torch.no_grad():
+        assert torch.equal(result, mlp(x))
