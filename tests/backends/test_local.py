@@ -221,6 +221,15 @@ def test_skip_uses_value_without_running_module(mlp, x):
     assert_clean(mlp)
 
 
+def forward_keeping(model, x, module):
+    """(the model's output, `module`'s output) of a plain forward with autograd: the reference."""
+    store = {}
+    handle = module.register_forward_hook(lambda m, a, o: store.setdefault("h", o))
+    out = model(x)
+    handle.remove()
+    return out, store["h"]
+
+
 def test_gradients_read_and_set():
     torch.manual_seed(0)
     model = MLP()
@@ -231,12 +240,8 @@ def test_gradients_read_and_set():
         grad = h.grad.save()
         loss = net.output.sum()
         loss.backward()
-    # reference: autograd by hand
-    store = {}
-    handle = model.layers[1].register_forward_hook(lambda m, a, o: store.setdefault("h", o))
-    out = model(x)
-    handle.remove()
-    want = torch.autograd.grad(out.sum(), store["h"])[0]
+    out, hidden = forward_keeping(model, x, model.layers[1])
+    want = torch.autograd.grad(out.sum(), hidden)[0]
     assert torch.allclose(grad, want)
     assert all(p.grad is None for p in model.parameters())
 
@@ -261,12 +266,9 @@ def test_several_backward_passes_each_grad_belongs_to_the_next_backward():
         (net.output ** 2).sum().backward(retain_graph=True)
         third = h.grad.save()
         net.output[:, 0].sum().backward()
-    store = {}
-    handle = model.layers[1].register_forward_hook(lambda m, a, o: store.setdefault("h", o))
-    out = model(x)
-    handle.remove()
+    out, hidden = forward_keeping(model, x, model.layers[1])
     for got, loss in ((first, out.sum()), (second, (out ** 2).sum()), (third, out[:, 0].sum())):
-        want = torch.autograd.grad(loss, store["h"], retain_graph=True)[0]
+        want = torch.autograd.grad(loss, hidden, retain_graph=True)[0]
         assert torch.allclose(got, want)
     assert all(p.grad is None for p in model.parameters())
     assert_clean(model)
