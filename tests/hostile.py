@@ -20,7 +20,7 @@ import transformers
 import zstandard
 
 import interlace
-from interlace.backends.guard import ModelState
+from interlace.backends.state import ModelState
 from interlace.backends.limits import Limits
 from interlace.backends.serialize import deserialize_request, serialize_graph, serialize_results
 from interlace.graph import Graph, Ref

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from interlace import ops
-from interlace.backends import guard
+from interlace import LimitError
+from interlace.backends import sizes
 from interlace.backends.limits import Limits
 
 _NAMESPACES = {"operator": operator, "builtins": builtins, "torch": torch, "torch.nn.functional": torch.nn.functional,
@@ -43,7 +44,7 @@ def test_every_function_entry_is_what_its_name_says_and_harmless(name):
     assert callable(fn) and not isinstance(fn, type) or name in ("builtins.list", "builtins.tuple", "builtins.dict",
                                                                  "builtins.int", "builtins.float", "builtins.bool")
     assert not attribute.startswith("_")
-    assert rule in guard._RULES
+    assert rule in sizes.RULES
     assert not _words(attribute) & _FORBIDDEN, name
     if namespace == "builtins":  # only functions that cannot call back into a value they are given
         assert attribute in {"getattr", "list", "tuple", "dict", "int", "float", "bool", "len", "abs"}
@@ -52,7 +53,7 @@ def test_every_function_entry_is_what_its_name_says_and_harmless(name):
 @pytest.mark.parametrize("name", sorted(ops.TENSOR_METHODS))
 def test_every_tensor_method_is_a_real_public_method(name):
     assert callable(getattr(torch.Tensor, name)) and not name.startswith("_")
-    assert ops.TENSOR_METHODS[name] in guard._RULES
+    assert ops.TENSOR_METHODS[name] in sizes.RULES
     assert not _words(name) & _FORBIDDEN, name
     if name.endswith("_"):
         assert ops.is_in_place_method(name)
@@ -103,8 +104,8 @@ def _checked(fn, rule, as_method: bool):
             result = fn(*args)
         except Exception:
             continue
-        bound = guard._RULES[rule](args, {}, limits, fn)
-        assert bound >= guard._elements(result) // 2, (fn, args)  # rules bound within a factor of 2
+        bound = sizes.RULES[rule](args, {}, limits, fn)
+        assert bound >= sizes.elements(result) // 2, (fn, args)  # rules bound within a factor of 2
         tried += 1
     return tried
 
@@ -130,13 +131,13 @@ def test_size_rules_bound_what_the_calls_really_make():
 def test_growth_is_seen_before_it_happens():
     limits = Limits()
     x = torch.randn(1000)
-    assert guard._RULES["broadcast"]((x[:, None], x[None, :]), {}, limits, torch.add) == 1_000_000
-    assert guard._RULES["matmul"]((x[:, None], x[None, :]), {}, limits, torch.matmul) == 1_000_000
-    assert guard._RULES["index"]((torch.randn(10, 10), torch.zeros(500, dtype=torch.long)), {}, limits, None) == 5000
-    assert guard._RULES["size"]((2**20, 2**20), {}, limits, torch.zeros) == 2**40
-    assert guard._RULES["range"]((0, 1e12), {}, limits, torch.arange) == 10**12
-    assert guard._RULES["repeat"]((x, 1000, 1000), {}, limits, torch.Tensor.repeat) == 10**9
-    assert guard._RULES["expand"]((x[:, None], -1, 10**6), {}, limits, torch.Tensor.expand) == 10**9
-    assert guard._RULES["repeat_interleave"]((x, torch.tensor(10**6)), {}, limits, torch.repeat_interleave) == 10**9
-    with pytest.raises(guard.LimitError, match="max_pieces"):
-        guard._RULES["pieces"]((x, 1), {}, Limits(max_pieces=10), torch.split)
+    assert sizes.RULES["broadcast"]((x[:, None], x[None, :]), {}, limits, torch.add) == 1_000_000
+    assert sizes.RULES["matmul"]((x[:, None], x[None, :]), {}, limits, torch.matmul) == 1_000_000
+    assert sizes.RULES["index"]((torch.randn(10, 10), torch.zeros(500, dtype=torch.long)), {}, limits, None) == 5000
+    assert sizes.RULES["size"]((2**20, 2**20), {}, limits, torch.zeros) == 2**40
+    assert sizes.RULES["range"]((0, 1e12), {}, limits, torch.arange) == 10**12
+    assert sizes.RULES["repeat"]((x, 1000, 1000), {}, limits, torch.Tensor.repeat) == 10**9
+    assert sizes.RULES["expand"]((x[:, None], -1, 10**6), {}, limits, torch.Tensor.expand) == 10**9
+    assert sizes.RULES["repeat_interleave"]((x, torch.tensor(10**6)), {}, limits, torch.repeat_interleave) == 10**9
+    with pytest.raises(LimitError, match="max_pieces"):
+        sizes.RULES["pieces"]((x, 1), {}, Limits(max_pieces=10), torch.split)

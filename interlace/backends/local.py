@@ -32,10 +32,11 @@ from ..errors import (
     describe_location,
 )
 from ..graph import OPS, Graph, map_refs
-from .guard import Guard, global_state, restore_global_state
+from .guard import Guard
 from .limits import Limits
 from .plan import Plan, mutates
 from .rows import first_input, narrow, replace_first_input, write_rows
+from .state import global_state, restore_global_state
 
 _PENDING = object()  # a node that waits for a later event (a gradient)
 _MISSING = object()

@@ -15,7 +15,7 @@ import interlace
 from capped import Worker
 from helpers import MLP, assert_clean
 from hostile import CASES
-from interlace.backends.guard import ModelState
+from interlace.backends.state import ModelState
 from interlace.backends.limits import Limits
 from interlace.backends.serialize import deserialize_request, serialize_graph
 

@@ -1,0 +1,139 @@
+"""The state of a model and of torch a run could change, and how to put it back.
+
+`ModelState` is a snapshot of everything about a model a run could change (parameters, buffers,
+`requires_grad`, `.grad`, hooks, instance `forward`, training flags) and of torch's global state;
+`restore()` puts it back and `diff()` says what changed (the tests use it on every hostile graph).
+`global_state` / `restore_global_state` are the cheap part an untrusted run restores every time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+_HOOK_TABLES = (
+    "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
+    "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)
+
+
+def global_state() -> dict:
+    """torch's process-wide settings a graph could change."""
+    state = {
+        "grad_enabled": torch.is_grad_enabled(),
+        "default_dtype": torch.get_default_dtype(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "anomaly": torch.is_anomaly_enabled(),
+    }
+    for device in ("cpu", "cuda"):
+        state[f"autocast_{device}"] = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+    return state
+
+
+class ModelState:
+    """Everything about `root` (and torch's global state) a run could change, and how to restore it.
+
+    >>> net = torch.nn.Linear(2, 2)
+    >>> state = ModelState(net)
+    >>> net.weight.requires_grad_(False) is net.weight
+    True
+    >>> state.diff()
+    ['weight: requires_grad True -> False']
+    >>> state.restore(); state.diff()
+    []
+    """
+
+    def __init__(self, root: torch.nn.Module, *, values: bool = True):
+        self.root = root
+        self.modules = [(name, module, module.__dict__.get("forward"), module.training,
+                         {table: dict(getattr(module, table, {}) or {}) for table in _HOOK_TABLES})
+                        for name, module in root.named_modules(remove_duplicate=False)]
+        self.tensors = []
+        for name, module in root.named_modules(remove_duplicate=False):
+            for table in (module._parameters, module._buffers):
+                for key, tensor in table.items():
+                    if tensor is None:
+                        continue
+                    copy = tensor.detach().clone() if values and tensor.device.type != "meta" else None
+                    hooks = dict(tensor._backward_hooks or {})
+                    self.tensors.append((f"{name}.{key}".lstrip("."), table, key, tensor, tensor.requires_grad,
+                                         tensor.grad, hooks, copy))
+        self.globals = global_state()
+
+    def diff(self) -> list[str]:
+        """What differs from the snapshot, one line each (empty when nothing does)."""
+        changes = []
+        for name, module, forward, training, hooks in self.modules:
+            if module.__dict__.get("forward") is not forward:
+                changes.append(f"{name or '<root>'}: instance forward changed")
+            if module.training != training:
+                changes.append(f"{name or '<root>'}: training {training} -> {module.training}")
+            for table, before in hooks.items():
+                if dict(getattr(module, table, {}) or {}) != before:
+                    changes.append(f"{name or '<root>'}: {table} changed")
+        for name, table, key, tensor, requires_grad, grad, hooks, copy in self.tensors:
+            if table.get(key) is not tensor:
+                changes.append(f"{name}: replaced")
+            if tensor.requires_grad != requires_grad:
+                changes.append(f"{name}: requires_grad {requires_grad} -> {tensor.requires_grad}")
+            if tensor.grad is not grad:
+                changes.append(f"{name}: .grad changed")
+            if dict(tensor._backward_hooks or {}) != hooks:
+                changes.append(f"{name}: tensor hooks changed")
+            if copy is not None and not _same_bits(tensor, copy):
+                changes.append(f"{name}: values changed")
+        now = global_state()
+        changes += [f"torch global {key}: {value} -> {now[key]}" for key, value in self.globals.items() if now[key] != value]
+        return changes
+
+    def restore(self) -> None:
+        for _, module, forward, training, hooks in self.modules:
+            if forward is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = forward
+            module.training = training
+            for table, before in hooks.items():
+                current = getattr(module, table, None)
+                if current is not None and dict(current) != before:
+                    current.clear()
+                    current.update(before)
+        with torch.no_grad():
+            for _, table, key, tensor, requires_grad, grad, hooks, copy in self.tensors:
+                table[key] = tensor
+                tensor.requires_grad_(requires_grad)
+                tensor.grad = grad
+                if tensor._backward_hooks is not None and dict(tensor._backward_hooks) != hooks:
+                    tensor._backward_hooks.clear()
+                    tensor._backward_hooks.update(hooks)
+                if copy is not None and not _same_bits(tensor, copy):
+                    tensor.copy_(copy)
+        restore_global_state(self.globals)
+
+
+def restore_global_state(state: dict) -> None:
+    """Put back the settings of `state` that differ now (setting them all costs ~100 us)."""
+    now = global_state()
+    if now["grad_enabled"] != state["grad_enabled"]:
+        torch.set_grad_enabled(state["grad_enabled"])
+    if now["default_dtype"] != state["default_dtype"]:
+        torch.set_default_dtype(state["default_dtype"])
+    if now["deterministic"] != state["deterministic"]:
+        torch.use_deterministic_algorithms(state["deterministic"])
+    if now["anomaly"] != state["anomaly"]:
+        torch.set_anomaly_enabled(state["anomaly"])
+    for device in ("cpu", "cuda"):
+        key = f"autocast_{device}"
+        if now[key] != state[key]:
+            torch.set_autocast_enabled(device, state[key][0])
+            torch.set_autocast_dtype(device, state[key][1])
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    a, b = a.detach().contiguous().reshape(-1), b.contiguous().reshape(-1)
+    if a.dtype.is_floating_point or a.dtype.is_complex:
+        return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    return torch.equal(a, b)
