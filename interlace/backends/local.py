@@ -37,6 +37,7 @@ from .limits import Limits
 from .plan import Plan, mutates
 from .rows import first_input, narrow, replace_first_input, write_rows
 from .state import global_state, restore_global_state
+from .validate import check_against_model
 
 _PENDING = object()  # a node that waits for a later event (a gradient)
 _MISSING = object()
@@ -82,8 +83,6 @@ class Interleaver:
         self.untrusted = untrusted
         self.guard = Guard(root, untrusted=untrusted, limits=limits, cancel=cancel)
         if untrusted:
-            from .validate import check_against_model  # noqa: PLC0415 - validate imports ops only
-
             check_against_model(graph, root, self.extra_modules, len(rows), self.start, self.end)
         self.values: dict[int, object] = dict(known or {})
         self.results: dict[int, object] = {}
