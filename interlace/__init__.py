@@ -23,6 +23,7 @@ from .errors import (
 from .graph import Graph, Node
 from .models.base import Model
 from .models.language import LanguageModel
+from .models.standardized import RenameConfig, StandardizationError, StandardizedTransformer
 from .proxy import Proxy
 
 NNsight = Model
@@ -55,7 +56,10 @@ __all__ = [
     "OutOfOrderError",
     "Proxy",
     "ProxyValueError",
+    "RenameConfig",
     "SerializationError",
+    "StandardizationError",
+    "StandardizedTransformer",
     "apply",
     "list",
 ]
