@@ -117,10 +117,12 @@ def install(model: torch.nn.Module, attention_modules: list, *, probabilities: b
     if not hasattr(model, "set_attn_implementation") or not type(model)._can_set_attn_implementation():
         return f"{type(model).__name__}'s attention does not go through transformers' attention interface"
     current = model.config._attn_implementation
-    native = current
     existing = getattr(attention_modules[0], PROBES, None) if attention_modules else None
     if isinstance(existing, AttentionProbes):
         native = existing.native
+    else:  # a config already switched by us (weights loaded later share it) names the native one
+        native = {f"interlace_{inner}": inner for inner in _WRAPPED}.get(current, current)
+        native = "eager" if native == PROBABILITIES else native
     if probabilities:
         if not all(hasattr(sys.modules[type(m).__module__], "eager_attention_forward") for m in attention_modules):
             return f"{type(model).__name__} has no eager attention function to compute probabilities with"
