@@ -138,15 +138,17 @@ _FIELD = {
 }
 
 
-def rename_table(family: Family) -> dict[str, str]:
+def rename_table(model: torch.nn.Module | Family, rename_config: RenameConfig | None = None) -> dict[str, str]:
     """The `Model(rename=...)` aliases giving a plain LanguageModel the standardized names.
 
-    Root paths become root attributes (`embed_tokens`, `layers`, `ln_final`, `lm_head`); each layer's
-    attention and MLP module get the aliases `self_attn` and `mlp`.
+    model: a built Hugging Face model (its family is looked up) or a `Family`. Root paths become root
+    attributes (`embed_tokens`, `layers`, `ln_final`, `lm_head`); each layer's attention and MLP
+    module get the aliases `self_attn` and `mlp`.
 
     >>> rename_table(FAMILIES["gpt2"])["transformer.h"]
     'layers'
     """
+    family = model if isinstance(model, Family) else family_of(model, rename_config)
     table = {
         family.embed_tokens: "embed_tokens",
         family.layers: "layers",
