@@ -23,3 +23,9 @@ def x():
 def smollm2():
     """The embedded real model, loaded once per test session."""
     return interlace.LanguageModel.default(dispatch=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_standardized(smollm2):
+    """The same SmolLM2 modules under the standardized names (its probes change no number)."""
+    return interlace.StandardizedTransformer(smollm2.module, tokenizer=smollm2.tokenizer)
