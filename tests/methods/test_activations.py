@@ -8,6 +8,8 @@ from interlace.methods import collect_token_activations_batched, get_token_activ
 
 from helpers import tiny, tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = ["w5 w6 w7 w8", "w9 w22", "w23 w24 w25", "w26 w27 w28 w29 w30", "w31"]
 
 

@@ -18,6 +18,8 @@ from interlace.methods import (
 
 from helpers import assert_clean, tiny, tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # (tiny_tokenizer splits words that start with its special tokens "w0" and "w1": none here)
 SOURCES = ["w5 w6 w7 w8", "w9 w22"]
 TARGETS = ["w23 w24 w25", "w26 w27 w28 w29 w30"]

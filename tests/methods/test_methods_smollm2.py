@@ -1,11 +1,14 @@
 """The methods and the full check on the real SmolLM2-135M: actual predictions."""
 
+import pytest
 import torch
 
 from interlace.methods import Prompt, get_first_tokens, logit_lens, run_prompts
 from interlace.models.standardized.check import check_model
 
 from helpers import assert_clean
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT = "The capital of France is"
 

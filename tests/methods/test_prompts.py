@@ -10,6 +10,8 @@ from interlace.methods import Prompt, get_first_tokens, logit_lens, run_prompts
 
 from helpers import tiny, tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def model():

@@ -15,6 +15,8 @@ from interlace.models.standardized.attention import PROBES
 
 from helpers import assert_clean, tiny, tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 IDS = [[5, 6, 7, 8, 9], [10, 11, 12]]
 
 

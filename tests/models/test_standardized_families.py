@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import assert_clean  # noqa: E402
 
 README = Path(__file__).resolve().parents[2] / "README.md"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # tiny sizes, given to each config class that accepts them (the names differ between families)
 SIZES = dict(
@@ -66,15 +67,6 @@ def expected_missing(model_type: str) -> set[str]:
     if model_type in NO_ATTENTION_INTERFACE:
         missing |= set(HEAD_ROWS)
     return missing
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared machine they cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
