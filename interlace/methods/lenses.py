@@ -33,7 +33,11 @@ def logit_lens(model, prompts, remote: bool = False) -> torch.Tensor:
 
 @dataclass
 class TargetPrompt:
-    """A target prompt and the position in it that a patchscope overwrites."""
+    """A target prompt and the position in it that a patchscope overwrites.
+
+    >>> TargetPrompt("cat -> cat; dog -> dog; ? ->", index_to_patch=-2).index_to_patch
+    -2
+    """
 
     prompt: str
     index_to_patch: int
@@ -76,7 +80,12 @@ def it_repeat_prompt(
 
 @dataclass
 class TargetPromptBatch:
-    """Several target prompts, each with its own position to patch."""
+    """Several target prompts, each with its own position to patch.
+
+    >>> batch = TargetPromptBatch.from_prompts(["a b ?", "c ?"], [-1, 0])
+    >>> batch[1]
+    TargetPrompt(prompt='c ?', index_to_patch=0)
+    """
 
     prompts: list[str]
     index_to_patch: torch.Tensor

@@ -37,7 +37,12 @@ def get_first_tokens(words, tokenizer) -> list[int]:
 
 @dataclass
 class Prompt:
-    """A prompt and the tokens of each target category to track in its next-token distribution."""
+    """A prompt and the tokens of each target category to track in its next-token distribution.
+
+    >>> prompt = Prompt("The capital of France is", {"target": [7042], "traps": [4528, 24405]})
+    >>> prompt.has_no_collisions()
+    True
+    """
 
     prompt: str
     target_tokens: dict[str, list[int]]

@@ -41,6 +41,12 @@ class AttentionProbes(torch.nn.Module):
     head_dim]` (as the attention function receives them: after rotary embeddings, with cached
     positions during generation), `probabilities` `[batch, heads, seq, kv_seq]`, `heads`
     `[batch, heads, seq, head_dim]` (the per-head output, before the output projection).
+
+    >>> import torch
+    >>> probes = AttentionProbes(native="sdpa")
+    >>> keys = torch.ones(1, 2, 3, 4)
+    >>> probes.keys(keys) is keys
+    True
     """
 
     def __init__(self, native: str):

@@ -34,7 +34,15 @@ READS = [
 
 @dataclass
 class CheckResult:
-    """One row of the check: what was compared, `ok` / `FAIL` / `n/a`, and the numbers."""
+    """One row of the check: what was compared, `ok` / `FAIL` / `n/a`, and the numbers.
+
+    >>> import transformers, interlace
+    >>> config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50)
+    >>> model = interlace.StandardizedTransformer(transformers.GPT2LMHeadModel(config).eval())
+    >>> rows = check_model(model)
+    >>> sorted({row.status for row in rows})
+    ['n/a', 'ok']
+    """
 
     name: str
     status: str

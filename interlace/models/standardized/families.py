@@ -19,6 +19,11 @@ class Family:
     final_logits: `(kind, config attribute)` applied after `lm_head`, as the family's own forward
     does: `softcap` (`cap * tanh(logits / cap)`), `scale` (`logits * value`) or `divide`
     (`logits / value`); skipped when the config value is None.
+
+    >>> FAMILIES["gpt2"].layers, FAMILIES["gpt2"].attention
+    ('transformer.h', 'attn')
+    >>> FAMILIES["gemma2"].final_logits
+    ('softcap', 'final_logit_softcapping')
     """
 
     embed_tokens: str = "model.embed_tokens"
