@@ -41,13 +41,19 @@ class _Values:
 
 
 class LayerValues:
-    """One value per layer, indexed like the layers: `model.layers_output[i]`, read and assigned."""
+    """One value (or module) per layer, indexed like the layers: `model.layers_output[i]`.
+
+    kind: `output` / `input` (tensors, read and assigned; tuples unwrapped and rebuilt), `router`
+    (the router's whole output) or `module` (the envoy itself: `model.attentions[i]`).
+    """
 
     def __init__(self, model: "StandardizedTransformer", part: str, kind: str):
         self._model, self._part, self._kind = model, part, kind
 
-    def __getitem__(self, layer: int) -> Proxy:
+    def __getitem__(self, layer: int):
         envoy = self._model._module_of(self._part, layer)
+        if self._kind == "module":
+            return envoy
         if self._kind == "input":
             return envoy.input
         output = envoy.output
@@ -57,36 +63,14 @@ class LayerValues:
 
     def __setitem__(self, layer: int, value) -> None:
         envoy = self._model._module_of(self._part, layer)
+        if self._kind == "module":
+            raise StandardizationError(f"cannot assign a module; assign its value: {self._part}_output[{layer}] = ...")
         if self._kind == "input":
             envoy.input = value
         elif self._kind == "output" and self._model._returns_tuple(envoy):
             envoy.output = (value,) + envoy.output[1:]  # rebuilt: the rest of the tuple passes through
         else:
             envoy.output = value
-
-    def __len__(self) -> int:
-        return self._model.num_layers
-
-    def __iter__(self):
-        return (self[layer] for layer in range(len(self)))
-
-
-class _Modules:
-    """Descriptor for `model.attentions` / `mlps` / `routers`: the envoys, indexed by layer."""
-
-    def __init__(self, part: str, doc: str):
-        self.part, self.__doc__ = part, doc
-
-    def __get__(self, model, owner=None):
-        return self if model is None else _LayerModules(model, self.part)
-
-
-class _LayerModules:
-    def __init__(self, model, part):
-        self._model, self._part = model, part
-
-    def __getitem__(self, layer: int) -> Envoy:
-        return self._model._module_of(self._part, layer)
 
     def __len__(self) -> int:
         return self._model.num_layers
@@ -128,9 +112,9 @@ class StandardizedTransformer(LanguageModel):
         "attention_probabilities", "output", "Attention after the softmax [batch, heads, seq, kv_seq]."
     )
     heads_output = _Values("heads_output", "output", "Per-head attention output [batch, heads, seq, head_dim].")
-    attentions = _Modules("attentions", "Each layer's attention module.")
-    mlps = _Modules("mlps", "Each layer's MLP module.")
-    routers = _Modules("routers", "Each layer's MoE router module.")
+    attentions = _Values("attentions", "module", "Each layer's attention module.")
+    mlps = _Values("mlps", "module", "Each layer's MLP module.")
+    routers = _Values("routers", "module", "Each layer's MoE router module.")
 
     def __init__(
         self,
