@@ -238,7 +238,7 @@ def test_rename_table_gives_a_plain_language_model_the_names():
     assert hidden.shape == normed.shape == (1, 5, 32)
 
 
-def test_router_outputs_are_the_chosen_experts():
+def test_router_outputs_are_the_chosen_experts_and_assigning_them_reroutes():
     config = transformers.MixtralConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                                         num_key_value_heads=2, vocab_size=100, num_local_experts=4, num_experts_per_tok=2)
     torch.manual_seed(0)
@@ -247,6 +247,13 @@ def test_router_outputs_are_the_chosen_experts():
         logits, weights, experts = (mixtral.routers_output[1][i].save() for i in range(3))
     assert logits.shape == (10, 4) and experts.shape == (10, 2)
     assert torch.equal(experts.sort(-1).values, logits.topk(2).indices.sort(-1).values)
+    with mixtral.trace(IDS):
+        routed = mixtral.routers_output[1]
+        mixtral.routers_output[1] = (routed[0], routed[1], routed[2] * 0)  # every token to expert 0
+        rerouted = mixtral.logits.save()
+    want = hooked_logits(mixtral.module, [("model.layers.1.mlp.gate", lambda m, a, out: (out[0], out[1], out[2] * 0))])
+    torch.testing.assert_close(rerouted, want)
+    assert not torch.allclose(rerouted, hooked_logits(mixtral.module, []))
 
 
 def test_unknown_family_is_found_by_names_with_a_warning_and_rename_config():
