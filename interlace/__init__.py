@@ -28,6 +28,7 @@ from .errors import (
 from .graph import Graph, Node
 from .models.base import Model
 from .models.language import LanguageModel
+from .models.standardized import RenameConfig, StandardizationError, StandardizedTransformer
 from .proxy import Proxy
 
 NNsight = Model
@@ -65,7 +66,10 @@ __all__ = [
     "Proxy",
     "ProxyValueError",
     "RefusedError",
+    "RenameConfig",
     "SerializationError",
+    "StandardizationError",
+    "StandardizedTransformer",
     "apply",
     "list",
 ]

@@ -5,76 +5,78 @@
 2. Patching: the clean run's last-position hidden state at layer L is written into the corrupted
    run ("The Colosseum ..."), one layer at a time; the layers whose patch moves the answer from
    " Rome" to " Paris" are the ones that carry it at that position.
+
+Both run on the standardized names, so `--model` takes any family of the table.
+`--plot FILE.html` also writes the logit lens over every layer and position, and each layer's top
+tokens, as interactive figures.
 """
 
 from __future__ import annotations
 
 import time
 
-import torch
 from tqdm import tqdm
 
+from . import methods
 from .models.language import LanguageModel
-
-# (layers, final norm, unembedding) module paths, one row per naming family
-_NAMES = [
-    ("model.layers", "model.norm", "lm_head"),
-    ("transformer.h", "transformer.ln_f", "lm_head"),
-    ("gpt_neox.layers", "gpt_neox.final_layer_norm", "embed_out"),
-]
+from .models.standardized import StandardizedTransformer
 
 CLEAN = "The Eiffel Tower is in the city of"
 CORRUPTED = "The Colosseum is in the city of"
 
 
-def _parts(lm: LanguageModel):
-    for layers, norm, head in _NAMES:
-        try:
-            return lm.get(layers), lm.get(norm), lm.get(head)
-        except AttributeError:
-            continue
-    raise SystemExit("the demo knows Llama-, GPT-2- and NeoX-style module names; this model has none")
+def _standardized(lm: LanguageModel) -> StandardizedTransformer:
+    """`lm` under the standardized names (a plain LanguageModel is wrapped around the same modules)."""
+    if isinstance(lm, StandardizedTransformer):
+        return lm
+    return StandardizedTransformer(lm.module, tokenizer=lm.tokenizer)
 
 
 def logit_lens(lm: LanguageModel, prompt: str):
     """For each layer: (top token, its probability, probability of the final top token)."""
-    layers, norm, head = _parts(lm)
-    with lm.trace(prompt):
-        probs = [head(norm(layer.output[:, -1])).softmax(-1).save() for layer in layers]
-    final = probs[-1][0].argmax()
-    rows = []
-    for p in probs:
-        top = p[0].argmax()
-        rows.append((lm.tokenizer.decode(top), p[0, top].item(), p[0, final].item()))
-    return rows, lm.tokenizer.decode(final)
+    model = _standardized(lm)
+    probs = methods.logit_lens(model, [prompt])[0]
+    final = probs[-1].argmax()
+    rows = [(model.tokenizer.decode(p.argmax()), p.max().item(), p[final].item()) for p in probs]
+    return rows, model.tokenizer.decode(final)
 
 
 def patching_sweep(lm: LanguageModel, clean: str, corrupted: str, answer: str, foil: str):
     """Logit difference answer - foil after patching each layer's last position clean -> corrupted."""
-    layers, _, _ = _parts(lm)
-    answer_id = lm.tokenizer(answer)["input_ids"][-1]
-    foil_id = lm.tokenizer(foil)["input_ids"][-1]
-    with lm.trace(clean):
-        clean_states = [layer.output[:, -1].save() for layer in layers]
-        clean_logits = lm.output.logits[0, -1].save()
-    with lm.trace(corrupted):
-        corrupted_logits = lm.output.logits[0, -1].save()
+    model = _standardized(lm)
+    answer_id = model.tokenizer(answer)["input_ids"][-1]
+    foil_id = model.tokenizer(foil)["input_ids"][-1]
+    with model.trace(clean):
+        clean_states = [model.layers_output[layer][:, -1].save() for layer in range(model.num_layers)]
+        clean_logits = model.logits[0, -1].save()
+    with model.trace(corrupted):
+        corrupted_logits = model.logits[0, -1].save()
 
     def diff(logits):
         return (logits[answer_id] - logits[foil_id]).item()
 
     diffs = []
-    for index in tqdm(range(len(layers)), desc="patching layers", unit="layer"):
-        with lm.trace(corrupted):
-            layers[index].output[:, -1] = clean_states[index]
-            logits = lm.output.logits[0, -1].save()
+    for layer in tqdm(range(model.num_layers), desc="patching layers", unit="layer"):
+        with model.trace(corrupted):
+            model.layers_output[layer][:, -1] = clean_states[layer]
+            logits = model.logits[0, -1].save()
         diffs.append(diff(logits))
     return diffs, diff(clean_logits), diff(corrupted_logits)
 
 
-def run(prompt: str | None = None, model: str | None = None) -> None:
+def write_plots(model: StandardizedTransformer, prompt: str, path: str) -> None:
+    """The logit lens over layers and positions, and each layer's top tokens, in one HTML file."""
+    from .display import plot_logit_lens, plot_topk_tokens
+
+    figures = [plot_logit_lens(model, prompt), plot_topk_tokens(methods.logit_lens(model, [prompt]), model.tokenizer, k=5)]
+    parts = [fig.to_html(full_html=False, include_plotlyjs=index == 0) for index, fig in enumerate(figures)]
+    with open(path, "w", encoding="utf-8") as file:
+        file.write("<html><head><meta charset='utf-8'></head><body>" + "".join(parts) + "</body></html>")
+
+
+def run(prompt: str | None = None, model: str | None = None, plot: str | None = None) -> None:
     started = time.perf_counter()
-    lm = LanguageModel(model, dispatch=True) if model else LanguageModel.default(dispatch=True)
+    lm = StandardizedTransformer(model, dispatch=True) if model else StandardizedTransformer.default(dispatch=True)
     loaded = time.perf_counter()
     print(f"loaded {type(lm.module).__name__} in {loaded - started:.1f}s\n")
     prompt = prompt or "The capital of France is"
@@ -94,4 +96,7 @@ def run(prompt: str | None = None, model: str | None = None) -> None:
         restored = (value - corrupted) / span
         bar = "#" * max(0, round(restored * 30))
         print(f"{index:>5}  {value:+7.2f}  {restored:8.0%}  {bar}")
+    if plot:
+        write_plots(lm, prompt, plot)
+        print(f"\nfigures written to {plot}")
     print(f"\ndone in {time.perf_counter() - loaded:.1f}s after loading")

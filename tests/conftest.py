@@ -23,3 +23,19 @@ def x():
 def smollm2():
     """The embedded real model, loaded once per test session."""
     return interlace.LanguageModel.default(dispatch=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_standardized(smollm2):
+    """The same SmolLM2 modules under the standardized names (its probes change no number)."""
+    return interlace.StandardizedTransformer(smollm2.module, tokenizer=smollm2.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: small forwards gain nothing from more, and on a shared
+    two-core machine the threads of several processes wait on each other (tens of times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -12,8 +12,9 @@ from helpers import assert_clean
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_examples_run(smollm2, monkeypatch, capsys):
+def test_readme_examples_run(smollm2, smollm2_standardized, monkeypatch, capsys):
     monkeypatch.setattr(interlace.LanguageModel, "default", classmethod(lambda cls, **kw: smollm2))
+    monkeypatch.setattr(interlace.StandardizedTransformer, "default", classmethod(lambda cls, **kw: smollm2_standardized))
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert len(blocks) >= 2
     scope: dict = {}
@@ -24,4 +25,5 @@ def test_readme_examples_run(smollm2, monkeypatch, capsys):
     assert scope["tokens"].shape[-1] == scope["lm"].tokenizer("Hello", return_tensors="pt").input_ids.shape[-1] + 5
     assert list(scope["cache"]) == ["model.layers.10", "model.norm"]
     assert "module_value[model.layers.5]" in capsys.readouterr().out
+    assert scope["layer_probs"].shape == (1, 30, 49152) and scope["by_layer"]["target"].shape == (1, 30)
     assert_clean(smollm2.module)

@@ -1,0 +1,8 @@
+"""The standardized transformer: one interface over every decoder family (see `transformer.py`)."""
+
+from .families import FAMILIES, Family
+from .layout import RenameConfig, rename_table
+from .structure import StandardizationError
+from .transformer import StandardizedTransformer
+
+__all__ = ["FAMILIES", "Family", "RenameConfig", "StandardizationError", "StandardizedTransformer", "rename_table"]

@@ -1,0 +1,167 @@
+"""Per-head attention values through transformers' attention interface, without touching model source.
+
+Most families call their attention through `ALL_ATTENTION_FUNCTIONS`, chosen by the config's
+`_attn_implementation`. We register three implementations there and switch the model to one:
+
+- `interlace_sdpa` and `interlace_eager` compute exactly what `sdpa` / `eager` compute (the same
+  functions, the same masks), but first pass the queries, keys and values, and afterwards the
+  per-head output, through identity submodules (`AttentionProbes`) added under each attention
+  module. Envoys hook those like any module, so reading and assigning them just works.
+- `interlace_probabilities` runs the family's own eager attention (softcapping, sinks, sliding
+  windows and all), passes its probabilities through the `probabilities` identity, then multiplies
+  the values by whatever came out, so writing the probabilities changes the output.
+
+A model whose native implementation is neither sdpa nor eager (flash attention) gets no per-head
+values unless probabilities are asked for. Families whose attention does not use the interface
+(Bloom, Falcon, GPT-Neo, MPT) get none; `StandardizedTransformer` says so when they are read.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+PROBES = "probes"  # the attribute, under each attention module, holding its AttentionProbes
+PROBABILITIES = "interlace_probabilities"
+_WRAPPED = ("sdpa", "eager")  # native implementations we can wrap without changing a single number
+
+
+class Identity(torch.nn.Module):
+    """Returns its input: a module-tree place for a value computed inside a function."""
+
+    def forward(self, value):
+        return value
+
+
+class AttentionProbes(torch.nn.Module):
+    """The identity modules one attention module passes its per-head values through.
+
+    Shapes: `queries` `[batch, heads, seq, head_dim]`, `keys` and `values` `[batch, kv_heads, kv_seq,
+    head_dim]` (as the attention function receives them: after rotary embeddings, with cached
+    positions during generation), `probabilities` `[batch, heads, seq, kv_seq]`, `heads`
+    `[batch, heads, seq, head_dim]` (the per-head output, before the output projection).
+
+    >>> import torch
+    >>> probes = AttentionProbes(native="sdpa")
+    >>> keys = torch.ones(1, 2, 3, 4)
+    >>> probes.keys(keys) is keys
+    True
+    """
+
+    def __init__(self, native: str):
+        super().__init__()
+        self.native = native  # the implementation the model had before interlace switched it
+        self.queries = Identity()
+        self.keys = Identity()
+        self.values = Identity()
+        self.probabilities = Identity()
+        self.heads = Identity()
+
+
+def _family_eager(module):
+    """The family's own eager attention function (defined beside its attention class)."""
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def _repeat_heads(value, heads: int):
+    """Grouped-query values repeated to one per query head, as the eager functions do."""
+    groups = heads // value.shape[1]
+    if groups == 1:
+        return value
+    batch, kv_heads, length, dim = value.shape
+    return value[:, :, None].expand(batch, kv_heads, groups, length, dim).reshape(batch, heads, length, dim)
+
+
+def _attention_function(inner: str | None):
+    """The registered attention function: `inner` computes the attention; None: eager with probabilities."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        probes = getattr(module, PROBES)
+        query, key, value = probes.queries(query), probes.keys(key), probes.values(value)
+        if inner is None:
+            _, weights = _family_eager(module)(module, query, key, value, attention_mask, **kwargs)
+            weights = probes.probabilities(weights)
+            output = torch.matmul(weights, _repeat_heads(value, weights.shape[1])).transpose(1, 2).contiguous()
+        elif inner == "eager":
+            output, weights = _family_eager(module)(module, query, key, value, attention_mask, **kwargs)
+        else:
+            output, weights = ALL_ATTENTION_FUNCTIONS[inner](module, query, key, value, attention_mask, **kwargs)
+        # functions return [batch, seq, heads, head_dim]; per-head outputs are read like the queries
+        output = probes.heads(output.transpose(1, 2)).transpose(1, 2)
+        return output, weights
+
+    return attention
+
+
+_registered = False
+
+
+def _register() -> None:
+    """Add our implementations to transformers' attention and mask interfaces (once per process)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    for inner in _WRAPPED:
+        AttentionInterface.register(f"interlace_{inner}", _attention_function(inner))
+        AttentionMaskInterface.register(f"interlace_{inner}", ALL_MASK_ATTENTION_FUNCTIONS[inner])
+    AttentionInterface.register(PROBABILITIES, _attention_function(None))
+    AttentionMaskInterface.register(PROBABILITIES, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    _registered = True
+
+
+def install(model: torch.nn.Module, attention_modules: list, *, probabilities: bool) -> str | None:
+    """Add `AttentionProbes` under each attention module and switch the implementation.
+
+    Returns None on success, else why the per-head values are unavailable (nothing is changed then).
+    Installing twice (an already standardized model) reuses the probes.
+    """
+    if not hasattr(model, "set_attn_implementation") or not type(model)._can_set_attn_implementation():
+        return f"{type(model).__name__}'s attention does not go through transformers' attention interface"
+    current = model.config._attn_implementation
+    existing = getattr(attention_modules[0], PROBES, None) if attention_modules else None
+    if isinstance(existing, AttentionProbes):
+        native = existing.native
+    else:  # a config already switched by us (weights loaded later share it) names the native one
+        native = {f"interlace_{inner}": inner for inner in _WRAPPED}.get(current, current)
+        native = "eager" if native == PROBABILITIES else native
+    if probabilities:
+        if not all(hasattr(sys.modules[type(m).__module__], "eager_attention_forward") for m in attention_modules):
+            return f"{type(model).__name__} has no eager attention function to compute probabilities with"
+        target = PROBABILITIES
+    elif native in _WRAPPED:
+        target = f"interlace_{native}"
+    else:
+        return (
+            f"the model runs attention with '{native}'; per-head values need 'sdpa' or 'eager' "
+            "(load with attn_implementation='sdpa') or enable_attention_probs=True"
+        )
+    _register()
+    for module in attention_modules:
+        if not isinstance(getattr(module, PROBES, None), AttentionProbes):
+            setattr(module, PROBES, AttentionProbes(native))
+    if current != target:
+        model.set_attn_implementation(target)
+    return None
+
+
+def native_implementation(attention_module) -> str | None:
+    """The implementation the model ran before `install` switched it (None when not installed)."""
+    probes = getattr(attention_module, PROBES, None)
+    return probes.native if isinstance(probes, AttentionProbes) else None
+
+
+def uninstall(model: torch.nn.Module, attention_modules: list) -> None:
+    """Remove the probes and restore the native implementation."""
+    native = None
+    for module in attention_modules:
+        probes = getattr(module, PROBES, None)
+        if isinstance(probes, AttentionProbes):
+            native = probes.native
+            delattr(module, PROBES)
+    if native is not None and model.config._attn_implementation != native:
+        model.set_attn_implementation(native)

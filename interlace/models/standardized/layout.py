@@ -1,0 +1,161 @@
+"""Finding a model's layout: its row of the family table, or a search of its module tree by names.
+
+`family_of(module)` returns the `Family` of a built Hugging Face model: the table row for its
+`config.model_type`, or, for a family the table does not know (or when a `RenameConfig` is given),
+the paths found by looking for the usual module names. `rename_table(family)` turns a layout into
+the alias table of `Model(rename=...)`, so a plain `LanguageModel` gets the standardized names too.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .families import FAMILIES, OUT_OF_REACH, Family
+from .structure import StandardizationError
+
+# Module names searched for when a family is not in the table, most common first.
+SEARCHED_NAMES = {
+    "layers": ("layers", "h", "blocks"),
+    "attention": ("self_attn", "attn", "attention", "self_attention"),
+    "mlp": ("mlp", "ffn", "feed_forward", "block_sparse_moe"),
+    "router": ("router", "gate"),
+    "ln_final": ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "layer_norm"),
+    "lm_head": ("lm_head", "embed_out", "output_projection"),
+    "embed_tokens": ("embed_tokens", "wte", "embed_in", "word_embeddings"),
+}
+
+Names = str | list[str] | None
+
+
+@dataclass
+class RenameConfig:
+    """Module names (or dotted paths) of an architecture the family table does not know.
+
+    The fields are nnterp's: each names the module to use for that standardized part; None means
+    "search the usual names". `ignore_mlp` / `ignore_router` mark parts the model does not have;
+    `*_config_key` name the config attribute holding a size, or give the size as an int.
+
+    >>> import transformers, interlace
+    >>> config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50)
+    >>> model = transformers.GPT2LMHeadModel(config)
+    >>> st = interlace.StandardizedTransformer(model, rename_config=RenameConfig(attn_name="attn"))
+    >>> st.attentions[0].path
+    'transformer.h.0.attn'
+    """
+
+    attn_name: Names = None
+    mlp_name: Names = None
+    ln_final_name: Names = None
+    lm_head_name: Names = None
+    model_name: Names = None
+    layers_name: Names = None
+    router_name: Names = None
+    embed_tokens_name: Names = None
+    ignore_mlp: bool = False
+    ignore_router: bool = False
+    attn_head_config_key: str | list[str] | int | None = None
+    hidden_size_config_key: str | list[str] | int | None = None
+    vocab_size_config_key: str | list[str] | int | None = None
+
+
+def family_of(module: torch.nn.Module, rename_config: RenameConfig | None = None) -> Family:
+    """The layout of `module`: the table row for its model type, or one found by module names."""
+    config = getattr(module, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise StandardizationError(
+            f"{type(module).__name__} is an encoder-decoder model; StandardizedTransformer covers "
+            "decoder-only language models. Use interlace.LanguageModel (or interlace.Model) with its own module names."
+        )
+    if model_type in OUT_OF_REACH:
+        raise StandardizationError(
+            f"'{model_type}' is {OUT_OF_REACH[model_type]}, so StandardizedTransformer cannot describe it. "
+            "Use interlace.LanguageModel with the model's own module names."
+        )
+    if rename_config is None and model_type in FAMILIES:
+        return FAMILIES[model_type]
+    if rename_config is None:
+        warnings.warn(
+            f"'{model_type}' is not in interlace's tested family table; its module names were found by "
+            "search. Run `interlace check-model` on it, and pass a RenameConfig if a name is wrong.",
+            stacklevel=3,
+        )
+    return _search(module, rename_config or RenameConfig())
+
+
+def _search(module: torch.nn.Module, names: RenameConfig) -> Family:
+    paths = dict(module.named_modules())
+    layers = _find(paths, names.layers_name, "layers", lambda p, m: isinstance(m, torch.nn.ModuleList)
+                   and (names.model_name is None or p.startswith(_first(names.model_name) + ".")))
+    outside = {p: m for p, m in paths.items() if not p.startswith(layers + ".")}
+    layer0 = dict(paths[layers + ".0"].named_modules()) if layers + ".0" in paths else {}
+    attention = _find(layer0, names.attn_name, "attention")
+    mlp = None if names.ignore_mlp else _find(layer0, names.mlp_name, "mlp", required=False)
+    router = None
+    if mlp is not None and not names.ignore_router:
+        below = {p[len(mlp) + 1:]: m for p, m in layer0.items() if p.startswith(mlp + ".")}
+        found = _find(below, names.router_name, "router", required=False)
+        router = f"{mlp}.{found}" if found else None
+    return Family(
+        embed_tokens=_find(outside, names.embed_tokens_name, "embed_tokens"),
+        layers=layers,
+        attention=attention,
+        mlp=mlp,
+        ln_final=_find(outside, names.ln_final_name, "ln_final", last=True),
+        lm_head=_find(outside, names.lm_head_name, "lm_head"),
+        router=router,
+    )
+
+
+def _first(names: Names) -> str:
+    return names if isinstance(names, str) else names[0]
+
+
+def _find(paths: dict, given: Names, part: str, accept=None, *, required: bool = True, last: bool = False):
+    """The path in `paths` that is one of the given names (or a usual name for `part`)."""
+    wanted = SEARCHED_NAMES[part] if given is None else ([given] if isinstance(given, str) else list(given))
+    found = []
+    for name in wanted:
+        for path, module in paths.items():
+            if path and (path == name or path.endswith("." + name)) and (accept is None or accept(path, module)):
+                found.append(path)
+        if found:
+            return found[-1] if last else found[0]
+    if not required:
+        return None
+    raise StandardizationError(
+        f"could not find the {part} module: none of {', '.join(map(repr, wanted))} is a module of this model. "
+        f"Print the model to see its module names and pass the right one in RenameConfig({_FIELD[part]}=...)."
+    )
+
+
+_FIELD = {
+    "layers": "layers_name", "attention": "attn_name", "mlp": "mlp_name", "router": "router_name",
+    "ln_final": "ln_final_name", "lm_head": "lm_head_name", "embed_tokens": "embed_tokens_name",
+}
+
+
+def rename_table(model: torch.nn.Module | Family, rename_config: RenameConfig | None = None) -> dict[str, str]:
+    """The `Model(rename=...)` aliases giving a plain LanguageModel the standardized names.
+
+    model: a built Hugging Face model (its family is looked up) or a `Family`. Root paths become root
+    attributes (`embed_tokens`, `layers`, `ln_final`, `lm_head`); each layer's attention and MLP
+    module get the aliases `self_attn` and `mlp`.
+
+    >>> rename_table(FAMILIES["gpt2"])["transformer.h"]
+    'layers'
+    """
+    family = model if isinstance(model, Family) else family_of(model, rename_config)
+    table = {
+        family.embed_tokens: "embed_tokens",
+        family.layers: "layers",
+        family.ln_final: "ln_final",
+        family.lm_head: "lm_head",
+    }
+    for part, alias in ((family.attention, "self_attn"), (family.mlp, "mlp")):
+        if part is not None and "." not in part and part != alias:
+            table[part] = alias
+    return {path: alias for path, alias in table.items() if path != alias}

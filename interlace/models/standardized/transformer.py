@@ -1,0 +1,397 @@
+"""StandardizedTransformer: one set of names for the internals of every decoder family.
+
+The model is wrapped as it is (the original Hugging Face modules, never reimplemented). The family
+table gives module paths; aliases (`Model(rename=...)`) expose them as `embed_tokens`, `layers`,
+`ln_final`, `lm_head`, `layers[i].self_attn`, `layers[i].mlp`; accessors such as
+`layers_output[i]` read and assign each layer's values as `[batch, seq, hidden]` tensors, unwrapping
+tuples on read and rebuilding them on assignment. Everything they record is plain graph operations
+on module values, so the same code can run wherever the graph runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...envoy import Envoy
+from ...proxy import Proxy
+from ..language import LanguageModel
+from . import attention as attention_probes
+from .families import CONFIG_KEYS
+from .layout import RenameConfig, family_of, rename_table
+from .structure import StandardizationError, matches, observe, shape_of
+
+# per-head values: accessor name -> identity module under each attention module's probes
+HEAD_VALUES = {
+    "queries": "queries",
+    "keys": "keys",
+    "values": "values",
+    "attention_probabilities": "probabilities",
+    "heads_output": "heads",
+}
+
+
+class _Values:
+    """Descriptor for `model.layers_output` and friends: a `LayerValues` bound to the model."""
+
+    def __init__(self, part: str, kind: str, doc: str):
+        self.part, self.kind, self.__doc__ = part, kind, doc
+
+    def __get__(self, model, owner=None):
+        return self if model is None else LayerValues(model, self.part, self.kind)
+
+
+class LayerValues:
+    """One value (or module) per layer, indexed like the layers: `model.layers_output[i]`.
+
+    kind: `output` / `input` (tensors, read and assigned; tuples unwrapped and rebuilt), `router`
+    (the router's whole output) or `module` (the envoy itself: `model.attentions[i]`).
+    """
+
+    def __init__(self, model: "StandardizedTransformer", part: str, kind: str):
+        self._model, self._part, self._kind = model, part, kind
+
+    def __getitem__(self, layer: int):
+        envoy = self._model._module_of(self._part, layer)
+        if self._kind == "module":
+            return envoy
+        if self._kind == "input":
+            return envoy.input
+        output = envoy.output
+        if self._kind == "output" and self._model._returns_tuple(envoy):
+            output = output[0]
+        return output.clone() if self._part in self._model.family.copy_on_read else output
+
+    def __setitem__(self, layer: int, value) -> None:
+        envoy = self._model._module_of(self._part, layer)
+        if self._kind == "module":
+            raise StandardizationError(f"cannot assign a module; assign its value: {self._part}_output[{layer}] = ...")
+        if self._kind == "input":
+            envoy.input = value
+        elif self._kind == "output" and self._model._returns_tuple(envoy):
+            envoy.output = (value,) + envoy.output[1:]  # rebuilt: the rest of the tuple passes through
+        else:
+            envoy.output = value
+
+    def __len__(self) -> int:
+        return self._model.num_layers
+
+    def __iter__(self):
+        return (self[layer] for layer in range(len(self)))
+
+
+class StandardizedTransformer(LanguageModel):
+    """A decoder language model under nnterp's standardized names, on its original modules.
+
+    `layers_output[i]` is the residual stream after layer `i` (before the final norm), a tensor
+    `[batch, seq, hidden]` on every family; `attentions_output[i]` and `mlps_output[i]` are what the
+    attention and MLP add to it; all of them can be assigned. Prompts are padded on the left.
+
+    >>> import transformers, interlace
+    >>> config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=16, intermediate_size=32,
+    ...                                   num_attention_heads=2, vocab_size=50)
+    >>> model = interlace.StandardizedTransformer(transformers.LlamaForCausalLM(config))
+    >>> with model.trace([[1, 2, 3]]):
+    ...     hidden = model.layers_output[1].save()
+    ...     logits = model.project_on_vocab(hidden).save()
+    ...     model.layers_output[0] = model.layers_output[0] * 2
+    >>> tuple(hidden.shape), tuple(logits.shape)
+    ((1, 3, 16), (1, 3, 50))
+    """
+
+    layers_input = _Values("layers", "input", "The residual stream entering each layer.")
+    layers_output = _Values("layers", "output", "The residual stream after each layer, before the final norm.")
+    attentions_input = _Values("attentions", "input", "What each attention module reads (normed, on pre-norm families).")
+    attentions_output = _Values("attentions", "output", "What each attention module returns, before it joins the residual.")
+    mlps_input = _Values("mlps", "input", "What each MLP reads.")
+    mlps_output = _Values("mlps", "output", "What each MLP returns, before it joins the residual.")
+    routers_output = _Values("routers", "router", "Each MoE router's output: (logits, top-k weights, chosen experts).")
+    queries = _Values("queries", "output", "Per-head queries [batch, heads, seq, head_dim], after rotary embeddings.")
+    keys = _Values("keys", "output", "Per-head keys [batch, kv_heads, kv_seq, head_dim], after rotary embeddings.")
+    values = _Values("values", "output", "Per-head values [batch, kv_heads, kv_seq, head_dim].")
+    attention_probabilities = _Values(
+        "attention_probabilities", "output", "Attention after the softmax [batch, heads, seq, kv_seq]."
+    )
+    heads_output = _Values("heads_output", "output", "Per-head attention output [batch, heads, seq, head_dim].")
+    attentions = _Values("attentions", "module", "Each layer's attention module.")
+    mlps = _Values("mlps", "module", "Each layer's MLP module.")
+    routers = _Values("routers", "module", "Each layer's MoE router module.")
+
+    def __init__(
+        self,
+        model,
+        *,
+        tokenizer=None,
+        enable_attention_probs: bool = False,
+        rename_config: RenameConfig | None = None,
+        check: bool = True,
+        dispatch: bool = False,
+        padding_side: str = "left",
+        rename: dict[str, str] | None = None,
+        **load_kwargs,
+    ):
+        if padding_side != "left":
+            raise StandardizationError(
+                f"StandardizedTransformer pads prompts on the left (got padding_side={padding_side!r}), so "
+                "that position -1 is every prompt's last token; use LanguageModel for right padding."
+            )
+        super().__init__(model, tokenizer=tokenizer, dispatch=dispatch, rename=rename, **load_kwargs)
+        self.family = family_of(self._module, rename_config)
+        self._rename_config = rename_config or RenameConfig()
+        self._attention_probs = enable_attention_probs
+        self._unavailable: dict[str, str] = {}
+        self._tuple_outputs: dict[str, int] = {}  # module path -> length of the tuple it returns
+        self._prepare(self._module)
+        # rebuild the envoys: the tree now holds the probes, and the aliases give the standard names
+        self._rename = {**rename_table(self.family), **(rename or {})}
+        Envoy.__init__(self, self._module)
+        self._apply_renames()
+        self._inspect(check)
+
+    # -- loading --------------------------------------------------------------------------------
+    def _prepare(self, module: torch.nn.Module) -> None:
+        """Add the attention probes to `module` (the model itself, or one just loaded by dispatch)."""
+        attention_modules = [module.get_submodule(p) for p in self._paths_of("attentions")]
+        reason = attention_probes.install(module, attention_modules, probabilities=self._attention_probs)
+        if reason is not None:
+            for name in HEAD_VALUES:
+                self._unavailable.setdefault(name, reason)
+
+    def _load_weights(self) -> torch.nn.Module:
+        module = super()._load_weights()
+        if hasattr(self, "family"):  # dispatch after construction: give the loaded model its probes
+            self._prepare(module)
+        return module
+
+    def _paths_of(self, part: str) -> list[str]:
+        """The module path of `part` in each layer (empty when the family has no such part)."""
+        family = self.family
+        layers = self._module.get_submodule(family.layers)
+        under = {"layers": "", "attentions": family.attention, "mlps": family.mlp, "routers": family.router}
+        if part in HEAD_VALUES:
+            suffix = f"{family.attention}.{attention_probes.PROBES}.{HEAD_VALUES[part]}"
+        else:
+            suffix = under[part]
+        if suffix is None:
+            return []
+        return [f"{family.layers}.{i}" + (f".{suffix}" if suffix else "") for i in range(len(layers))]
+
+    def _inspect(self, check: bool) -> None:
+        """Run the model once on fake tensors: learn which modules return tuples, check every shape."""
+        family = self.family
+        # probabilities run only under the eager attention: without it they are checked when enabled
+        parts = ["layers", "attentions", "mlps", "routers"] + [
+            name for name in HEAD_VALUES
+            if name not in self._unavailable and (name != "attention_probabilities" or self._attention_probs)
+        ]
+        per_layer = {part: self._paths_of(part) for part in parts}
+        for part, paths in per_layer.items():
+            if not paths:
+                self._unavailable.setdefault(part, self._missing_reason(part))
+        top = [family.embed_tokens, family.ln_final, family.lm_head]
+        seen = observe(self._module, top + [p for paths in per_layer.values() for p in paths])
+        batch, length = 2, 3
+        hidden, heads = self.hidden_size, self.num_heads
+        for path, (_, output) in seen.items():
+            if isinstance(output, tuple):
+                self._tuple_outputs[path] = len(output)
+        expected = {
+            "layers": (batch, length, hidden),
+            "attentions": (batch, length, hidden),
+            "mlps": (batch, length, hidden),
+            "routers": (batch * length, None),
+            "queries": (batch, heads, length, None),
+            "keys": (batch, None, length, None),
+            "values": (batch, None, length, None),
+            "attention_probabilities": (batch, heads, length, length),
+            "heads_output": (batch, heads, length, None),
+        }
+        problems = []
+        for part, paths in per_layer.items():
+            for path in paths:
+                if path not in seen:
+                    self._unavailable.setdefault(part, f"{path} never ran in a forward pass")
+                    break
+                if not matches(shape_of(seen[path][1]), expected[part]):
+                    reason = f"{path} returned {shape_of(seen[path][1])}, expected {_fmt(expected[part])}"
+                    self._unavailable.setdefault(part, reason)
+                    if part == "layers":
+                        problems.append(reason)
+                    break
+        for path, shape in ((family.ln_final, (batch, length, hidden)), (family.lm_head, (batch, length, self.vocab_size))):
+            got = shape_of(seen[path][1]) if path in seen else None
+            if not matches(got, shape):
+                problems.append(f"{path} returned {got}, expected {_fmt(shape)}")
+        if problems and check:
+            raise StandardizationError(
+                f"{type(self._module).__name__} does not fit the standardized layout: " + "; ".join(problems)
+                + ". Pass a RenameConfig naming the right modules, or check=False to load it anyway."
+            )
+
+    def _missing_reason(self, part: str) -> str:
+        model_type = getattr(self.config, "model_type", type(self._module).__name__)
+        if part == "mlps":
+            return f"'{model_type}' has no MLP module (its feed-forward layers sit on the layer itself)"
+        if part == "routers":
+            return f"'{model_type}' is not a mixture-of-experts family (no router module)"
+        return f"'{model_type}' has no {part}"
+
+    # -- parts ------------------------------------------------------------------------------------
+    def _module_of(self, part: str, layer: int) -> Envoy:
+        """The envoy of `part` in layer `layer`; a clear error when the family has none."""
+        if part in self._unavailable:
+            raise StandardizationError(f"{part} is not available on this model: {self._unavailable[part]}.")
+        if part == "attention_probabilities" and not self._attention_probs:
+            raise StandardizationError(
+                "attention_probabilities needs the eager attention: load the model with "
+                "StandardizedTransformer(..., enable_attention_probs=True)."
+            )
+        family = self.family
+        envoy = self.layers[layer]
+        if part == "layers":
+            return envoy
+        if part in HEAD_VALUES:
+            return envoy.get(f"{family.attention}.{attention_probes.PROBES}.{HEAD_VALUES[part]}")
+        return envoy.get({"attentions": family.attention, "mlps": family.mlp, "routers": family.router}[part])
+
+    def _returns_tuple(self, envoy: Envoy) -> bool:
+        return envoy.path in self._tuple_outputs
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int | None:
+        return self._config_value("hidden_size", self._rename_config.hidden_size_config_key)
+
+    @property
+    def num_heads(self) -> int | None:
+        return self._config_value("num_heads", self._rename_config.attn_head_config_key)
+
+    @property
+    def vocab_size(self) -> int | None:
+        return self._config_value("vocab_size", self._rename_config.vocab_size_config_key)
+
+    def _config_value(self, name: str, override) -> int | None:
+        if isinstance(override, int):
+            return override
+        keys = ([override] if isinstance(override, str) else list(override or [])) + list(CONFIG_KEYS[name])
+        config = self.config
+        config = getattr(config, "text_config", None) or config
+        return next((getattr(config, key) for key in keys if getattr(config, key, None) is not None), None)
+
+    @property
+    def available(self) -> dict[str, str | None]:
+        """Each standardized part: None when available, else why not."""
+        parts = ["layers", "attentions", "mlps", "routers", *HEAD_VALUES]
+        reasons = {part: self._unavailable.get(part) for part in parts}
+        if reasons["attention_probabilities"] is None and not self._attention_probs:
+            reasons["attention_probabilities"] = "load with enable_attention_probs=True"
+        return reasons
+
+    # -- whole-model values -------------------------------------------------------------------------
+    @property
+    def token_embeddings(self) -> Proxy:
+        """The output of `embed_tokens` (before any scaling the model applies after it)."""
+        return self.embed_tokens.output
+
+    @token_embeddings.setter
+    def token_embeddings(self, value) -> None:
+        self.embed_tokens.output = value
+
+    @property
+    def logits(self) -> Proxy:
+        """The model's logits `[batch, seq, vocab]`, final-logit transforms included."""
+        return self.output.logits
+
+    @property
+    def next_token_probs(self) -> Proxy:
+        """The softmax of the last position's logits `[batch, vocab]`."""
+        return self.output.logits[:, -1].softmax(-1)
+
+    @property
+    def input_ids(self) -> Proxy:
+        """The token ids the model was called with (left padded)."""
+        return self.inputs[1]["input_ids"]
+
+    @property
+    def attention_mask(self) -> Proxy:
+        """The attention mask the model was called with (0 on padding)."""
+        return self.inputs[1]["attention_mask"]
+
+    # -- interventions ------------------------------------------------------------------------------
+    def skip_layer(self, layer: int, skip_with=None) -> None:
+        """Do not run `layer`: its output is `skip_with`, by default its input (the residual passes through)."""
+        self.skip_layers(layer, layer, skip_with)
+
+    def skip_layers(self, start: int, end: int, skip_with=None) -> None:
+        """Skip layers `start` to `end` inclusive: each outputs `skip_with`, by default `layers_input[start]`."""
+        if skip_with is None:
+            skip_with = self.layers_input[start]
+        for layer in range(start, end + 1):
+            envoy = self.layers[layer]
+            length = self._tuple_outputs.get(envoy.path)
+            envoy.skip(skip_with if length is None else (skip_with,) + (None,) * (length - 1))
+
+    def steer(self, layers, steering_vector: torch.Tensor, factor: float = 1.0, token_positions=None, batch_index=None) -> None:
+        """Add `factor * steering_vector` to the output of each layer in `layers`.
+
+        token_positions / batch_index: an int, a list or a tensor restricting where it is added
+        (default: every position of every prompt). Layers are steered in ascending order.
+        """
+        layers = [layers] if isinstance(layers, int) else sorted(layers)
+        delta = factor * steering_vector
+        rows = slice(None) if batch_index is None else torch.as_tensor(batch_index)
+        columns = slice(None) if token_positions is None else torch.as_tensor(token_positions)
+        if isinstance(rows, torch.Tensor) and isinstance(columns, torch.Tensor) and rows.dim() and columns.dim():
+            rows = rows.reshape(-1, 1)  # every chosen position of every chosen prompt, not pairs
+        for layer in layers:
+            hidden = self.layers_output[layer]
+            hidden[rows, columns] += delta.to(hidden)
+
+    def project_on_vocab(self, hidden):
+        """Logits of a residual-stream value: final norm, `lm_head`, then the family's final-logit transform.
+
+        Works inside a trace on traced values and outside on real tensors.
+        """
+        logits = self.lm_head(self.ln_final(hidden))
+        if self.family.final_logits is None:
+            return logits
+        kind, attribute = self.family.final_logits
+        value = getattr(self.config, attribute, None)
+        if value is None:
+            return logits
+        if kind == "softcap":
+            return torch.tanh(logits / value) * value
+        return logits * value if kind == "scale" else logits / value
+
+    def get_topk_closest_tokens(self, hidden: torch.Tensor, k: int = 5):
+        """The `k` likeliest next tokens of a saved hidden state, as `{token: probability}`.
+
+        hidden: `[hidden]` gives one dict; `[n, hidden]` a list of n dicts.
+        """
+        if isinstance(hidden, Proxy):
+            raise StandardizationError(
+                "get_topk_closest_tokens needs a real tensor: save the hidden state in the trace and call it after."
+            )
+        with torch.no_grad():
+            probs = self.project_on_vocab(hidden).softmax(-1)
+        values, indices = probs.topk(k, dim=-1)
+        rows = [
+            {self.tokenizer.decode(i) if self.tokenizer else str(i): v for i, v in zip(ids, ps)}
+            for ids, ps in zip(indices.reshape(-1, k).tolist(), values.reshape(-1, k).tolist())
+        ]
+        return rows[0] if hidden.dim() == 1 else rows
+
+    def _set_attention_probs(self, enabled: bool) -> None:
+        """Switch between the native attention and the eager one that exposes probabilities."""
+        if "attention_probabilities" in self._unavailable:
+            raise StandardizationError(
+                f"attention probabilities are not available: {self._unavailable['attention_probabilities']}"
+            )
+        self._attention_probs = enabled
+        self._prepare(self._module)
+
+
+def _fmt(shape: tuple) -> str:
+    return "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"

@@ -1,0 +1,147 @@
+"""The lenses on a tiny random Llama, each against a reference built from hand-written hooks."""
+
+import pytest
+import torch
+
+from interlace import StandardizedTransformer
+from interlace.methods import (
+    TargetPrompt,
+    TargetPromptBatch,
+    it_repeat_prompt,
+    logit_lens,
+    patch_object_attn_lens,
+    patchscope_generate,
+    patchscope_lens,
+    repeat_prompt,
+    steer,
+)
+
+from helpers import assert_clean, tiny, tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# (tiny_tokenizer splits words that start with its special tokens "w0" and "w1": none here)
+SOURCES = ["w5 w6 w7 w8", "w9 w22"]
+TARGETS = ["w23 w24 w25", "w26 w27 w28 w29 w30"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return StandardizedTransformer(tiny("llama"), tokenizer=tiny_tokenizer())
+
+
+def run(model, prompts, hooks=(), pre_hooks=()):
+    """A plain forward of the left-padded prompts with hand-written hooks; returns the logits."""
+    batch = model.tokenizer(prompts, padding=True, return_tensors="pt")
+    batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    handles = [model.module.get_submodule(p).register_forward_hook(h) for p, h in hooks]
+    handles += [model.module.get_submodule(p).register_forward_pre_hook(h, with_kwargs=True) for p, h in pre_hooks]
+    try:
+        with torch.no_grad():
+            return model.module(**batch).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def last_tokens(model, prompts, part="layers", kind="output"):
+    """Each layer's last-token value (output, or attention input), captured by hooks."""
+    seen = {}
+    if kind == "output":
+        hooks = [(f"model.layers.{i}", lambda m, a, out, i=i: seen.__setitem__(i, out[:, -1].clone())) for i in range(2)]
+        run(model, prompts, hooks=hooks)
+    else:
+        pre = [(f"model.layers.{i}.self_attn", lambda m, a, k, i=i: seen.__setitem__(i, k["hidden_states"][:, -1].clone()))
+               for i in range(2)]
+        run(model, prompts, pre_hooks=pre)
+    return [seen[i] for i in range(2)]
+
+
+def test_logit_lens_projects_every_layer_at_the_last_position(model):
+    probs = logit_lens(model, SOURCES)
+    hidden = torch.stack(last_tokens(model, SOURCES), dim=1)
+    with torch.no_grad():
+        want = model.module.lm_head(model.module.model.norm(hidden)).softmax(-1)
+    assert probs.shape == (2, 2, 100) and probs.device.type == "cpu"
+    torch.testing.assert_close(probs, want)
+    torch.testing.assert_close(probs[:, -1], run(model, SOURCES)[:, -1].softmax(-1))
+    assert_clean(model.module)
+
+
+def test_patchscope_lens_equals_a_patching_hook(model):
+    targets = TargetPromptBatch.from_prompts(TARGETS, [-1, -2])
+    probs = patchscope_lens(model, source_prompts=SOURCES, target_patch_prompts=targets, layers=[0, 1])
+    sources = last_tokens(model, SOURCES)
+    for layer in range(2):
+
+        def patch(module, args, output, layer=layer):
+            output = output.clone()
+            output[0, -1], output[1, -2] = sources[layer][0], sources[layer][1]
+            return output
+
+        want = run(model, TARGETS, hooks=[(f"model.layers.{layer}", patch)])[:, -1].softmax(-1)
+        torch.testing.assert_close(probs[:, layer], want)
+    assert probs.shape == (2, 2, 100)
+
+
+def test_patchscope_forms_agree(model):
+    latents = torch.stack(last_tokens(model, SOURCES))[[1]]  # layer 1 only: [1, sources, hidden]
+    from_latents = patchscope_lens(model, latents=latents, target_patch_prompts=TargetPrompt(TARGETS[0], -1), layers=[1])
+    from_sources = patchscope_lens(model, source_prompts=SOURCES, target_patch_prompts=TargetPrompt(TARGETS[0], -1),
+                                   layer_to_patch=1)
+    torch.testing.assert_close(from_latents, from_sources)
+    # a position counted from the start of the prompt is that token, whatever the padding
+    first = TargetPromptBatch.from_prompts(TARGETS, [0, 0])
+    from_end = TargetPromptBatch.from_prompts(TARGETS, [-3, -5])
+    torch.testing.assert_close(
+        patchscope_lens(model, source_prompts=SOURCES, target_patch_prompts=first, layers=[0]),
+        patchscope_lens(model, source_prompts=SOURCES, target_patch_prompts=from_end, layers=[0]),
+    )
+    with pytest.raises(ValueError, match="not both"):
+        patchscope_lens(model, source_prompts=SOURCES, layers=[0], layer_to_patch=1)
+
+
+def test_target_prompt_helpers():
+    assert repeat_prompt() == TargetPrompt("king king\n1135 1135\nhello hello\n?", -1)
+    assert repeat_prompt(["a"], rel="=", sep=";").prompt == "a=a;?"
+    batch = TargetPromptBatch.auto(TargetPrompt("x", -2), 3)
+    assert batch.prompts == ["x"] * 3 and batch.index_to_patch.tolist() == [-2] * 3 and batch[1] == TargetPrompt("x", -2)
+    assert TargetPromptBatch.auto([TargetPrompt("a", 1), TargetPrompt("b", 2)], 2).index_to_patch.tolist() == [1, 2]
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    chat = it_repeat_prompt(tokenizer, words=["w3"])
+    assert chat.prompt.startswith("<system>") and chat.prompt.endswith("<assistant>w3 w3\n?") and chat.index_to_patch == -1
+
+
+def test_patchscope_generate_starts_with_the_lens_prediction(model):
+    target = TargetPrompt(TARGETS[1], -1)
+    generated = patchscope_generate(model, SOURCES, target, max_length=3, layers=[1])
+    lens = patchscope_lens(model, source_prompts=SOURCES, target_patch_prompts=target, layers=[1])
+    assert generated[1].shape == (2, 5 + 3)
+    assert generated[1][:, 5].tolist() == lens[:, 0].argmax(-1).tolist()
+
+
+def test_patch_object_attn_lens_equals_patching_the_attention_input(model):
+    probs = patch_object_attn_lens(model, SOURCES[:1], TARGETS[1:], attn_idx_patch=-2, num_patches=1)
+    sources = last_tokens(model, SOURCES[:1], kind="attention input")
+    for layer in range(2):
+
+        def patch(module, args, kwargs, layer=layer):
+            hidden = kwargs["hidden_states"].clone()
+            hidden[:, -2] = sources[layer]
+            return args, {**kwargs, "hidden_states": hidden}
+
+        want = run(model, TARGETS[1:], pre_hooks=[(f"model.layers.{layer}.self_attn", patch)])[:, -1].softmax(-1)
+        torch.testing.assert_close(probs[:, layer], want)
+
+
+def test_steer_function_is_the_method(model):
+    vector = torch.ones(32)
+    with model.trace(SOURCES):
+        steer(model, [1], vector, factor=0.5, positions=-1)
+        by_function = model.logits.save()
+    with model.trace(SOURCES):
+        model.steer(1, vector, factor=0.5, token_positions=-1)
+        by_method = model.logits.save()
+    torch.testing.assert_close(by_function, by_method)
+    assert not torch.allclose(by_function, run(model, SOURCES))

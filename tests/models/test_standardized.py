@@ -1,0 +1,267 @@
+"""StandardizedTransformer on tiny random models: names, accessors, interventions and loading paths.
+
+References are computed another way: hand-written forward hooks, the modules called by hand, a
+plain forward. The by-value check of every family is in test_standardized_families.py.
+"""
+
+import pytest
+import torch
+import transformers
+
+import interlace
+from interlace import StandardizedTransformer
+from interlace.models.standardized import rename_table
+from interlace.models.standardized.attention import PROBES
+
+from helpers import assert_clean, tiny, tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+IDS = [[5, 6, 7, 8, 9], [10, 11, 12]]
+
+
+def hooked_logits(model, hooks, ids=IDS):
+    """Logits of a plain forward on the left-padded batch, with hand-written forward hooks."""
+    handles = [model.get_submodule(path).register_forward_hook(hook) for path, hook in hooks]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[0] * (width - len(row)) + row for row in ids])
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids])
+    try:
+        with torch.no_grad():
+            return model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.fixture
+def llama():
+    return StandardizedTransformer(tiny("llama"))
+
+
+def test_standard_names_alias_the_native_modules(llama):
+    native = llama.module
+    assert llama.layers[1].module is native.model.layers[1]
+    assert llama.layers[1].self_attn.module is native.model.layers[1].self_attn
+    assert llama.attentions[1].module is native.model.layers[1].self_attn
+    assert llama.mlps[0].module is native.model.layers[0].mlp
+    assert llama.ln_final.module is native.model.norm and llama.embed_tokens.module is native.model.embed_tokens
+    assert llama.model.layers[0].module is native.model.layers[0]  # native paths keep working
+    assert (llama.num_layers, llama.hidden_size, llama.num_heads, llama.vocab_size) == (2, 32, 4, 100)
+
+
+def test_gpt2_names_are_standardized_too():
+    gpt2 = StandardizedTransformer(tiny("gpt2"))
+    assert gpt2.layers[0].self_attn.module is gpt2.module.transformer.h[0].attn
+    assert gpt2.ln_final.module is gpt2.module.transformer.ln_f
+
+
+def test_queries_are_after_rotary_and_heads_output_feeds_the_output_projection(llama):
+    with llama.trace([IDS[0]]):
+        normed = llama.attentions_input[0].save()
+        queries = llama.queries[0].save()
+        keys = llama.keys[0].save()
+        heads = llama.heads_output[0].save()
+        projection_input = llama.layers[0].self_attn.o_proj.input.save()
+    attention = llama.module.model.layers[0].self_attn
+    position_ids = torch.arange(5)[None]
+    cos, sin = llama.module.model.rotary_emb(normed, position_ids)
+    q = attention.q_proj(normed).view(1, 5, 4, 8).transpose(1, 2)
+    k = attention.k_proj(normed).view(1, 5, 2, 8).transpose(1, 2)
+    q, k = transformers.models.llama.modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    torch.testing.assert_close(queries, q)
+    torch.testing.assert_close(keys, k)
+    assert heads.shape == (1, 4, 5, 8)
+    torch.testing.assert_close(heads.transpose(1, 2).reshape(1, 5, 32), projection_input)
+
+
+def test_writing_values_changes_the_attention(llama):
+    with llama.trace(IDS):
+        llama.values[0] = llama.values[0] * 0
+        logits = llama.logits.save()
+    probe = f"model.layers.0.self_attn.{PROBES}.values"
+    want = hooked_logits(llama.module, [(probe, lambda m, a, out: out * 0)])
+    torch.testing.assert_close(logits, want)
+    assert_clean(llama.module)
+
+
+def test_attention_probabilities_need_the_flag_and_work_on_a_built_model():
+    model = tiny("llama")
+    plain = StandardizedTransformer(model)
+    with pytest.raises(interlace.StandardizationError, match="enable_attention_probs=True"):
+        with plain.trace(IDS):
+            plain.attention_probabilities[0].save()
+    assert model.config._attn_implementation == "interlace_sdpa"
+    probs_model = StandardizedTransformer(model, enable_attention_probs=True)
+    assert model.config._attn_implementation == "interlace_probabilities"
+    with probs_model.trace(IDS):
+        probs = probs_model.attention_probabilities[1].save()
+    assert probs.shape == (2, 4, 5, 5)
+    torch.testing.assert_close(probs[0].sum(-1), torch.ones(4, 5))
+    assert torch.all(probs[1, :, 2:, :2] == 0)  # no real token attends to the left padding
+    assert_clean(model)
+
+
+def test_families_without_the_attention_interface_say_so():
+    bloom = StandardizedTransformer(transformers.BloomForCausalLM(transformers.BloomConfig(
+        n_layer=2, hidden_size=32, n_head=4, vocab_size=100)).eval())
+    with pytest.raises(interlace.StandardizationError, match="attention interface"):
+        with bloom.trace(IDS):
+            bloom.queries[0].save()
+
+
+def test_tuple_outputs_are_unwrapped_and_rebuilt():
+    falcon = StandardizedTransformer(transformers.FalconForCausalLM(transformers.FalconConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=100)).eval())
+    assert isinstance(falcon._tuple_outputs.get(falcon.layers[0].path), int)  # Falcon layers return tuples
+    with falcon.trace(IDS):
+        before = falcon.layers_output[0].clone().save()
+        falcon.layers_output[0] = falcon.layers_output[0] + 1
+        after = falcon.layers_input[1].save()
+    torch.testing.assert_close(after, before + 1)
+
+
+def test_skip_layers_passes_the_residual_through(llama):
+    with llama.trace(IDS):
+        entering = llama.layers_input[0].save()
+        llama.skip_layers(0, 1)
+        last = llama.layers_output[1].save()
+        logits = llama.logits.save()
+    torch.testing.assert_close(last, entering)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, llama.module.lm_head(llama.module.model.norm(entering)))
+    assert_clean(llama.module)
+
+
+def test_skip_with_a_saved_value(llama):
+    with llama.trace(IDS):
+        saved = llama.layers_output[1].save()
+    with llama.trace(IDS):
+        llama.skip_layers(0, 1, skip_with=saved)
+        logits = llama.logits.save()
+    with llama.trace(IDS):
+        want = llama.logits.save()
+    torch.testing.assert_close(logits, want)
+
+
+@pytest.mark.parametrize(("positions", "rows"), [(None, None), (-1, None), ([1, 3], None), (-1, [1]), ([2, 4], [0, 1])])
+def test_steer_equals_a_hook_adding_the_vector(llama, positions, rows):
+    torch.manual_seed(3)
+    vector = torch.randn(32)
+    with llama.trace(IDS):
+        llama.steer([1, 0], vector, factor=2.0, token_positions=positions, batch_index=rows)
+        logits = llama.logits.save()
+
+    def add(module, args, output):
+        output = output.clone()
+        r = slice(None) if rows is None else torch.tensor(rows)[:, None]
+        p = slice(None) if positions is None else torch.as_tensor(positions)
+        output[r, p] += 2.0 * vector
+        return output
+
+    want = hooked_logits(llama.module, [("model.layers.0", add), ("model.layers.1", add)])
+    torch.testing.assert_close(logits, want)
+
+
+def test_next_token_probs_and_inputs(llama):
+    with llama.trace(IDS):
+        probs = llama.next_token_probs.save()
+        ids = llama.input_ids.save()
+        mask = llama.attention_mask.save()
+        embeddings = llama.token_embeddings.save()
+    assert ids.tolist() == [[5, 6, 7, 8, 9], [0, 0, 10, 11, 12]]  # left padded
+    assert mask.tolist() == [[1] * 5, [0, 0, 1, 1, 1]]
+    torch.testing.assert_close(probs, hooked_logits(llama.module, [])[:, -1].softmax(-1))
+    torch.testing.assert_close(embeddings, llama.module.model.embed_tokens(ids))
+
+
+def test_left_padding_is_enforced():
+    tokenizer = tiny_tokenizer()
+    tokenizer.padding_side = "right"
+    model = StandardizedTransformer(tiny("llama"), tokenizer=tokenizer)
+    assert model.tokenizer.padding_side == "left"
+    with pytest.raises(interlace.StandardizationError, match="left"):
+        StandardizedTransformer(tiny("llama"), padding_side="right")
+
+
+def test_get_topk_closest_tokens(llama):
+    with llama.trace(IDS):
+        hidden = llama.layers_output[1][:, -1].save()
+    rows = llama.get_topk_closest_tokens(hidden, k=3)
+    with torch.no_grad():
+        probs = llama.module.lm_head(llama.module.model.norm(hidden)).softmax(-1)
+    for row, p in zip(rows, probs):
+        values, ids = p.topk(3)
+        assert list(row) == [str(i) for i in ids.tolist()]  # no tokenizer: token ids as keys
+        assert list(row.values()) == pytest.approx(values.tolist())
+    single = llama.get_topk_closest_tokens(hidden[0], k=3)
+    assert list(single) == list(rows[0]) and list(single.values()) == pytest.approx(list(rows[0].values()))
+
+
+def test_loading_from_a_folder_checks_on_fake_tensors_then_dispatches(tmp_path):
+    tiny("llama").save_pretrained(tmp_path)
+    model = StandardizedTransformer(str(tmp_path), tokenizer=tiny_tokenizer())  # meta device until used
+    assert not model.dispatched
+    with model.trace([IDS[0]]):
+        queries = model.queries[1].save()
+        logits = model.logits.save()
+    assert model.dispatched and queries.shape == (1, 4, 5, 8)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(logits, reference(torch.tensor([IDS[0]])).logits)
+
+
+def test_edited_copy_keeps_the_standard_names(llama):
+    vector = torch.ones(32)
+    with llama.edit() as steered:
+        llama.steer(0, vector)
+    with steered.trace(IDS):
+        logits = steered.logits.save()
+    want = hooked_logits(llama.module, [("model.layers.0", lambda m, a, out: out + vector)])
+    torch.testing.assert_close(logits, want)
+
+
+def test_generation_runs_through_the_probes(llama):
+    with llama.generate([IDS[0]], max_new_tokens=4):
+        tokens = llama.generator.output.save()
+    with torch.no_grad():
+        want = llama.module.generate(torch.tensor([IDS[0]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(tokens, want)
+
+
+def test_rename_table_gives_a_plain_language_model_the_names():
+    model = tiny("gpt2")
+    lm = interlace.LanguageModel(model, rename=rename_table(interlace.models.standardized.FAMILIES["gpt2"]))
+    with lm.trace([IDS[0]]):
+        hidden = lm.layers[0].self_attn.output[0].save()
+        normed = lm.ln_final.output.save()
+    assert hidden.shape == normed.shape == (1, 5, 32)
+
+
+def test_router_outputs_are_the_chosen_experts_and_assigning_them_reroutes():
+    config = transformers.MixtralConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=100, num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    mixtral = StandardizedTransformer(transformers.MixtralForCausalLM(config).eval())
+    with mixtral.trace(IDS):
+        logits, weights, experts = (mixtral.routers_output[1][i].save() for i in range(3))
+    assert logits.shape == (10, 4) and experts.shape == (10, 2)
+    assert torch.equal(experts.sort(-1).values, logits.topk(2).indices.sort(-1).values)
+    with mixtral.trace(IDS):
+        routed = mixtral.routers_output[1]
+        mixtral.routers_output[1] = (routed[0], routed[1], routed[2] * 0)  # every token to expert 0
+        rerouted = mixtral.logits.save()
+    want = hooked_logits(mixtral.module, [("model.layers.1.mlp.gate", lambda m, a, out: (out[0], out[1], out[2] * 0))])
+    torch.testing.assert_close(rerouted, want)
+    assert not torch.allclose(rerouted, hooked_logits(mixtral.module, []))
+
+
+def test_unknown_family_is_found_by_names_with_a_warning_and_rename_config():
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.config.model_type = "my_gpt"
+    with pytest.warns(UserWarning, match="not in interlace's tested family table"):
+        found = StandardizedTransformer(model)
+    assert found.family.layers == "transformer.h" and found.family.attention == "attn"
+    with pytest.raises(interlace.StandardizationError, match="RenameConfig\\(attn_name=...\\)"):
+        StandardizedTransformer(model, rename_config=interlace.RenameConfig(attn_name="missing"))
