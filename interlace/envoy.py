@@ -60,8 +60,8 @@ class Envoy:
     def modules(self):
         """This envoy and every envoy below it, depth first."""
         yield self
-        for child in self._children.values():
-            yield from child.modules()
+        for name in self._names():
+            yield from self._child(name).modules()
 
     def get(self, path: str) -> "Envoy":
         """The envoy at a dotted module path (`'layers.3.mlp'`)."""

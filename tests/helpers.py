@@ -74,6 +74,7 @@ def tiny_tokenizer(vocab_size: int = 100):
     vocab = {f"w{i}": i for i in range(vocab_size)}
     backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w1"))
     backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="w0", eos_token="w0", unk_token="w1"
-    )
+    # whole-word special tokens: plain ones would also match inside "w14" and split it
+    special = {name: tokenizers.AddedToken(word, single_word=True) for name, word in
+               (("pad_token", "w0"), ("eos_token", "w0"), ("unk_token", "w1"))}
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **special)

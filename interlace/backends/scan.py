@@ -9,6 +9,7 @@ own line before the real model runs, and `proxy.shape` is a real `torch.Size` du
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -48,7 +49,7 @@ class Scanner(Interleaver):
             handles.append(module.register_forward_hook(
                 lambda m, args, output, path=path: record(path, "output", output)))
         try:
-            with self.mode, torch.no_grad():
+            with batched_experts(self.root), self.mode, quiet("torch._subclasses.fake_tensor"), torch.no_grad():
                 forward(self.fake)
         except Exception as error:
             raise InterlaceError(
@@ -76,18 +77,13 @@ class Scanner(Interleaver):
                 or any(self.values.get(ref) is None for ref in node.refs())):
             self.values[node.index] = None
             return
-        logger = logging.getLogger("torch._subclasses.fake_tensor")
-        level = logger.level
-        logger.setLevel(logging.CRITICAL)  # the error reaches the user as ours, at their line
         try:
-            with self.mode:
+            with self.mode, quiet("torch._subclasses.fake_tensor"):  # the error reaches the user as ours
                 self.values[node.index] = getattr(self, "_op_" + node.op)(node)
         except InterlaceError:
             raise
         except Exception as error:
             raise self._execution_error(node, error) from error
-        finally:
-            logger.setLevel(level)
 
     def _execution_error(self, node, error) -> ExecutionError:
         wrapped = super()._execution_error(node, error)
@@ -105,3 +101,30 @@ class Scanner(Interleaver):
 
     def _op_parameter(self, node):
         return self.fake(super()._op_parameter(node))
+
+
+@contextmanager
+def batched_experts(module: torch.nn.Module):
+    """Mixture-of-experts layers on `batched_mm` for a fake run: torch has no fake `grouped_mm` for float32."""
+    get = getattr(module, "get_experts_implementation", None)
+    original = get() if get is not None else None
+    switch = original is not None and "grouped_mm" in original.values()
+    if switch:
+        module.set_experts_implementation({k: "batched_mm" if v == "grouped_mm" else v for k, v in original.items()})
+    try:
+        yield
+    finally:
+        if switch:
+            module.set_experts_implementation(original)
+
+
+@contextmanager
+def quiet(logger_name: str):
+    """Silence a logger: fake-tensor failures are reported as our errors, not printed as tracebacks."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

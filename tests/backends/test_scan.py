@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+import transformers
+
 import interlace
 from interlace import LanguageModel, Model
 
@@ -87,3 +89,19 @@ def test_scan_on_an_invoke_and_on_generate():
         assert lm.model.layers[0].output.shape == (1, 2, 32)
         tokens = lm.generator.output.save()
     assert tokens.shape == (1, 4)
+
+
+def test_scan_on_a_mixture_of_experts_model():
+    """torch has no fake grouped_mm for float32: the experts run batched_mm while scanning."""
+    config = transformers.MixtralConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=100, num_local_experts=4, num_experts_per_tok=2)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    lm = LanguageModel(model)
+    before = model.get_experts_implementation()
+    with lm.trace([[1, 2, 3]], scan=True):
+        assert lm.model.layers[0].output.shape == (1, 3, 32)
+        logits = lm.output.logits.save()
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(torch.tensor([[1, 2, 3]])).logits)
+    assert model.get_experts_implementation() == before

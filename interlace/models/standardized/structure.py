@@ -8,11 +8,9 @@ and the load-time check compares every shape with the documented one.
 
 from __future__ import annotations
 
-import logging
-from contextlib import contextmanager
-
 import torch
 
+from ...backends.scan import batched_experts, quiet
 from ...errors import InterlaceError
 
 
@@ -45,10 +43,10 @@ def observe(module: torch.nn.Module, paths: list[str], *, batch: int = 2, length
         handles.append(target.register_forward_hook(record(path), with_kwargs=True))
     ids = torch.ones(batch, length, dtype=torch.long, device=device)
     try:
-        with _batched_experts(module), torch.no_grad():
+        with batched_experts(module), torch.no_grad():
             try:
                 mode = FakeTensorMode(allow_non_fake_inputs=True)
-                with mode, _quiet("torch._subclasses.fake_tensor"):
+                with mode, quiet("torch._subclasses.fake_tensor"):
                     module(input_ids=mode.from_tensor(ids), attention_mask=mode.from_tensor(torch.ones_like(ids)))
             except Exception as error:
                 if device.type == "meta":
@@ -63,33 +61,6 @@ def observe(module: torch.nn.Module, paths: list[str], *, batch: int = 2, length
         for handle in handles:
             handle.remove()
     return seen
-
-
-@contextmanager
-def _batched_experts(module):
-    """Mixture-of-experts layers on `batched_mm` for the run: torch has no fake `grouped_mm` for float32."""
-    get = getattr(module, "get_experts_implementation", None)
-    original = get() if get is not None else None
-    switch = original is not None and "grouped_mm" in original.values()
-    if switch:
-        module.set_experts_implementation({k: "batched_mm" if v == "grouped_mm" else v for k, v in original.items()})
-    try:
-        yield
-    finally:
-        if switch:
-            module.set_experts_implementation(original)
-
-
-@contextmanager
-def _quiet(logger_name: str):
-    """Silence a logger (fake-tensor failures are handled here, not printed as tracebacks)."""
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def shape_of(value) -> tuple | None:

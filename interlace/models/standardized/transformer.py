@@ -141,9 +141,8 @@ class StandardizedTransformer(LanguageModel):
         self._unavailable: dict[str, str] = {}
         self._tuple_outputs: dict[str, int] = {}  # module path -> length of the tuple it returns
         self._prepare(self._module)
-        # rebuild the envoys: the tree now holds the probes, and the aliases give the standard names
+        # the aliases give the standard names (the probes' envoys are made when first reached)
         self._rename = {**rename_table(self.family), **(rename or {})}
-        Envoy.__init__(self, self._module)
         self._apply_renames()
         self._inspect(check)
 
