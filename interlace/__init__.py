@@ -13,6 +13,7 @@ from .backends.local import BatchIndexWarning
 from .envoy import Envoy
 from .errors import (
     CancelledError,
+    DeadlineError,
     ExecutionError,
     GraphError,
     InterlaceError,
@@ -24,6 +25,7 @@ from .errors import (
     ProxyValueError,
     RefusedError,
     SerializationError,
+    VersionError,
 )
 from .graph import Graph, Node
 from .models.base import Model
@@ -49,6 +51,7 @@ def list():  # noqa: A001 - mirrors the builtin on purpose: a list that lives in
 __all__ = [
     "BatchIndexWarning",
     "CancelledError",
+    "DeadlineError",
     "Envoy",
     "ExecutionError",
     "Graph",
@@ -70,6 +73,7 @@ __all__ = [
     "SerializationError",
     "StandardizationError",
     "StandardizedTransformer",
+    "VersionError",
     "apply",
     "list",
 ]
