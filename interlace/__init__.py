@@ -13,7 +13,6 @@ from .backends.local import BatchIndexWarning
 from .envoy import Envoy
 from .errors import (
     CancelledError,
-    DeadlineError,
     ExecutionError,
     GraphError,
     InterlaceError,
@@ -25,7 +24,6 @@ from .errors import (
     ProxyValueError,
     RefusedError,
     SerializationError,
-    VersionError,
 )
 from .graph import Graph, Node
 from .models.base import Model
@@ -51,7 +49,6 @@ def list():  # noqa: A001 - mirrors the builtin on purpose: a list that lives in
 __all__ = [
     "BatchIndexWarning",
     "CancelledError",
-    "DeadlineError",
     "Envoy",
     "ExecutionError",
     "Graph",
@@ -73,7 +70,6 @@ __all__ = [
     "SerializationError",
     "StandardizationError",
     "StandardizedTransformer",
-    "VersionError",
     "apply",
     "list",
 ]

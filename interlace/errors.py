@@ -70,10 +70,6 @@ class SerializationError(InterlaceError, ValueError):
     """Bytes that are not a valid interlace graph or result, or a graph that cannot be sent."""
 
 
-class VersionError(SerializationError):
-    """Bytes in a wire format version this interlace does not read; the message names both versions."""
-
-
 class GraphError(InterlaceError, ValueError):
     """A graph whose structure is invalid: an unknown op or module path, a bad reference, arity."""
 
@@ -84,10 +80,6 @@ class RefusedError(InterlaceError):
 
 class LimitError(InterlaceError):
     """A request or a run went over one of its limits (bytes, nodes, elements, time)."""
-
-
-class DeadlineError(LimitError):
-    """A run took longer than its time limit."""
 
 
 class CancelledError(InterlaceError):

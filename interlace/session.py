@@ -12,7 +12,7 @@ import sys
 
 from .blocks import SessionIteration
 from .errors import InterlaceError
-from .graph import Graph, Outcome, Request, TraceSpec
+from .graph import Graph, Request, TraceSpec
 from .tracer import Recorder, Tracer, _active
 
 
@@ -37,7 +37,6 @@ class Session(Recorder):
         self.traces: list[TraceSpec] = []  # in graph order; a session.iter adds copies
         self.tracers: list[Tracer] = []  # the traces as recorded, for binding their caches
         self.aliases: dict[int, int] = {}  # node -> node whose result it takes (session.iter's last copy)
-        self.job = None  # a remote job, when the session ran with remote=True, blocking=False
 
     def _recorder(self):
         if self._closed:
@@ -74,8 +73,7 @@ class Session(Recorder):
             if exc_type is None:
                 self._run(sys._getframe(1))
         finally:
-            if self.job is None:
-                self.tracers.clear()  # tracers point back at the session: no cycle may keep values alive
+            self.tracers.clear()  # tracers point back at the session: no cycle may keep values alive
         return False
 
     def request(self) -> Request:
@@ -92,21 +90,13 @@ class Session(Recorder):
 
     def _run(self, frame) -> None:
         outcome = self.model.submit(self.request(), self.options)
-        if not isinstance(outcome, Outcome):  # a remote job not waited for: session.job.result() later
-            self.job = outcome
-            outcome.on_result = self._adopt
-            return
-        self._adopt(outcome)
-        recorders = (self, *self.tracers)
-        for tracer in self.tracers:
-            tracer._bind(frame, ())
-        self._bind(frame, recorders)
-
-    def _adopt(self, outcome: Outcome) -> None:
-        """The run's outcome: saved values become the proxies' `.value`, in every trace of the session."""
         results = outcome.results
         for alias, source in self.aliases.items():
             if source in results:
                 results[alias] = results[source]
-        for recorder in (self, *self.tracers):
+        recorders = (self, *self.tracers)
+        for recorder in recorders:
             recorder.results, recorder.missing = results, outcome.missing
+        for tracer in self.tracers:
+            tracer._bind(frame, ())
+        self._bind(frame, recorders)

@@ -18,7 +18,7 @@ from . import ops
 from .binding import bind_saved, bound, values_of
 from .blocks import Condition, Iteration, Steps
 from .errors import InterlaceError, NotSavedError
-from .graph import Graph, Outcome, Ref, Request, TraceSpec
+from .graph import Graph, Ref, Request, TraceSpec
 from .proxy import Proxy
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -154,7 +154,6 @@ class Tracer(Recorder):
         self.start = self.graph.extend_shifted(model._edits, 0)  # persistent interventions of model.edit()
         self._guard = self.session._guard if self.session is not None else None
         self._caches: list[dict] = []
-        self.job = None  # a remote job, when the trace ran with remote=True, blocking=False
         self.invokes: list[tuple[tuple, dict]] = []
         self.options = options
         self.current_invoke: int | None = None
@@ -247,17 +246,9 @@ class Tracer(Recorder):
             self.session.add_trace(self)  # runs when the session ends
             return False
         outcome = self.model.submit(Request(self.graph, [self.spec(len(self.graph))]), self.options)
-        if not isinstance(outcome, Outcome):  # a remote job not waited for: tracer.job.result() later
-            self.job = outcome
-            outcome.on_result = self._adopt
-            return False
-        self._adopt(outcome)
+        self.results, self.missing = outcome.results, outcome.missing
         self._bind(sys._getframe(1), (self,))
         return False
-
-    def _adopt(self, outcome: Outcome) -> None:
-        """The run's outcome: saved values become the proxies' `.value`."""
-        self.results, self.missing = outcome.results, outcome.missing
 
     def spec(self, end: int) -> TraceSpec:
         """This trace as a part of a request: its nodes, inputs and run options."""

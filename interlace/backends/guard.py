@@ -21,7 +21,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .. import ops
-from ..errors import CancelledError, DeadlineError, LimitError, RefusedError
+from ..errors import CancelledError, LimitError, RefusedError
 from .limits import Limits
 from .sizes import RULES, elements, rehearse, shapes
 
@@ -75,7 +75,7 @@ class Guard:
         if self.cancel is not None and self.cancel.is_set():
             raise CancelledError("the run was cancelled")
         if self.deadline is not None and time.monotonic() > self.deadline:
-            raise DeadlineError(f"the run took longer than its limit of {self.limits.max_seconds:g} s (max_seconds)")
+            raise LimitError(f"the run took longer than its limit of {self.limits.max_seconds:g} s (max_seconds)")
 
     def before_call(self, name: str, fn, args, kwargs) -> None:
         """Checks before calling function entry `name` (untrusted runs)."""

@@ -33,8 +33,8 @@ import zstandard
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import ops
-from ..errors import InterlaceError, LimitError, SerializationError, VersionError, describe_location
-from ..graph import OPS, Graph, Node, Outcome, Ref, Request, TraceSpec
+from ..errors import InterlaceError, LimitError, SerializationError, describe_location
+from ..graph import OPS, Graph, Node, Ref, Request, TraceSpec
 from .limits import Limits
 from .validate import check_structure
 
@@ -87,7 +87,6 @@ class ValuesHeader(_Strict):
     version: Literal[1]
     values: list[tuple[int, Any]]
     logs: list[tuple[int, list[Any]]] = []
-    missing: list[tuple[int, str]] = []
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -241,10 +240,9 @@ def serialize_graph(graph: Graph, invokes=(), *, options: dict | None = None, tr
     return serialize_request(Request(graph, [trace]), trusted=trusted, compress=compress)
 
 
-def serialize_results(values: dict, logs=(), missing: dict | None = None, *, compress: bool = False,
-                      graph: Graph | None = None, limits: Limits | None = None) -> bytes:
-    """The bytes of a run's results: {node index: saved value}, `(node index, values)` logs, and
-    {node index: why} for saved nodes that have no value.
+def serialize_results(values: dict, logs=(), *, compress: bool = False, graph: Graph | None = None,
+                      limits: Limits | None = None) -> bytes:
+    """The bytes of a run's results: {node index: saved value} and `(node index, values)` logs.
 
     Values only, never callables. `limits.max_result_bytes` bounds the tensors sent back; errors name
     the node (with its location when `graph` is given).
@@ -275,8 +273,7 @@ def serialize_results(values: dict, logs=(), missing: dict | None = None, *, com
             encoded_logs.append([index, [encoder.encode(value) for value in logged]])
         except (SerializationError, RecursionError):
             encoded_logs.append([index, [_short(logged)]])  # a log line is text to its reader
-    reasons = [[index, str(why)] for index, why in (missing or {}).items()]
-    header = {"version": VERSION, "values": items, "logs": encoded_logs, "missing": reasons}
+    header = {"version": VERSION, "values": items, "logs": encoded_logs}
     return encoder.frame(VALUES_MAGIC, header, len(items), compress)
 
 
@@ -400,7 +397,7 @@ def _unframe(data, magic: bytes, what: str, trusted: bool, limits: Limits, count
     version, flags = data[3], data[4]
     if version not in SUPPORTED_VERSIONS:
         newer = "newer" if version > VERSION else "older"
-        raise VersionError(
+        raise SerializationError(
             f"this {what} uses wire format version {version}, but this interlace reads version "
             f"{', '.join(map(str, SUPPORTED_VERSIONS))}: the sender's interlace is {newer}; use the same "
             "interlace version on both sides")
@@ -507,8 +504,8 @@ def deserialize_graph(data: bytes, *, trusted: bool = False, limits: Limits | No
 
 
 @_guarded
-def deserialize_results(data: bytes, *, limits: Limits | None = None) -> Outcome:
-    """The `Outcome` (saved values, logs, why values are missing) from `serialize_results` bytes."""
+def deserialize_results(data: bytes, *, limits: Limits | None = None) -> tuple[dict, list]:
+    """({node index: value}, [(node index, logged values)]) from `serialize_results` bytes."""
     limits = limits or Limits()
     count, text, tensors = _unframe(data, VALUES_MAGIC, "result", False, limits, limits.max_nodes)
     header = ValuesHeader.model_validate_json(text)
@@ -518,4 +515,4 @@ def deserialize_results(data: bytes, *, limits: Limits | None = None) -> Outcome
     values = {index: decoder.decode(value, None) for index, value in header.values}
     logs = [(index, tuple(decoder.decode(value, None) for value in logged)) for index, logged in header.logs]
     decoder.check_all_used()
-    return Outcome(values, logs, {index: decoder.text(why) for index, why in header.missing})
+    return values, logs

@@ -8,19 +8,28 @@ graph to the local interleaver.
 from __future__ import annotations
 
 import copy
-import os
+from dataclasses import dataclass, field
 
 import torch
 
 from ..backends.limits import Limits
 from ..backends.local import Interleaver
-from ..backends.remote import RemoteBackend
 from ..backends.scan import Scanner
 from ..envoy import Envoy
 from ..errors import InterlaceError, RefusedError
-from ..graph import Graph, Outcome, Request, TraceSpec, map_refs
+from ..graph import Graph, Request, TraceSpec
+from ..graph import map_refs
 from ..session import Session
 from ..tracer import Editor, Tracer
+
+
+@dataclass
+class Outcome:
+    """What running a request gives back: saved values, `log` lines, and why saved values are missing."""
+
+    results: dict = field(default_factory=dict)  # node index -> value
+    logs: list = field(default_factory=list)  # (node index, values), in untrusted runs
+    missing: dict = field(default_factory=dict)  # node index -> why a saved node has no value
 
 
 class Model(Envoy):
@@ -42,7 +51,6 @@ class Model(Envoy):
         super().__init__(module)
         self._rename = dict(rename or {})
         self._session: Session | None = None
-        self.__dict__.setdefault("_backend", None)  # the server this model lives on (LanguageModel(host=...))
         self._edits: list = []  # nodes recorded by edit(), replayed at the start of every trace
         self._apply_renames()
 
@@ -119,7 +127,7 @@ class Model(Envoy):
                 "backend": backend}
 
     def _can_run_remotely(self, backend) -> bool:
-        return backend is not None or self._backend is not None or bool(os.environ.get("INTERLACE_HOST"))
+        return False
 
     def submit(self, request: Request, options: dict):
         """Run a recorded request where its options say: here (`run`), or on a server."""
@@ -129,25 +137,7 @@ class Model(Envoy):
         return self.run(request)
 
     def run_remote(self, request: Request, *, blocking: bool = True, timeout=None, backend=None):
-        """Run `request` on a server: its `Outcome` (log lines printed here), or a `RemoteJob` when not blocking.
-
-        backend: a `RemoteBackend`, or a server's address; default the model's own server (made with
-        `host=`), else INTERLACE_HOST / INTERLACE_API_KEY.
-        """
-        if not isinstance(backend, RemoteBackend):
-            if backend is None and self._backend is not None:
-                backend = self._backend
-            else:
-                backend = RemoteBackend(backend, model=self._remote_name())
-        answer = backend.run(request, blocking=blocking, timeout=timeout)
-        if isinstance(answer, Outcome):
-            for _, values in answer.logs:
-                print(*values)
-        return answer
-
-    def _remote_name(self) -> str:
-        raise InterlaceError("a server needs to know which of its models to run this on: pass "
-                             "backend=RemoteBackend(host, api_key, model='ID')")
+        raise InterlaceError("this model cannot run remotely (it has no server)")
 
     def _attach(self, tracer: Tracer) -> None:
         if self._tracer is not None:
@@ -220,16 +210,11 @@ class Model(Envoy):
             skip_to = max(skip_to, interleaver.skip_to or 0)
         return outcome
 
-    def check_options(self, options: dict, limits: Limits) -> None:
-        """The options of a trace in a stranger's request: a Model runs traces of its inputs only."""
-        if options.get("mode", "trace") not in ("trace", "session") or options.get("kwargs") not in (None, {}):
-            raise RefusedError("a Model runs traces of its inputs only: mode 'trace' and no keyword options")
-
     def _execute(self, graph: Graph, trace: TraceSpec, **run) -> Interleaver:
         """Run one trace of a request; returns the finished interleaver."""
         options = trace.options
-        if run["untrusted"]:
-            self.check_options(options, run["limits"])
+        if run["untrusted"] and (options.get("mode", "trace") != "trace" or options.get("kwargs")):
+            raise RefusedError("a Model runs traces of its inputs only: mode 'trace' and no keyword options")
         args, kwargs, rows, batch_size = self._batch(trace.invokes)
         interleaver = Interleaver(graph, self._module, rows, batch_size, early_stop=options.get("early_stop", True),
                                   span=(trace.start, trace.end), **run)

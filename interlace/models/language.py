@@ -17,7 +17,6 @@ import os
 import torch
 
 from ..backends.local import Interleaver
-from ..backends.remote import RemoteBackend
 from ..envoy import Envoy
 from ..errors import InterlaceError, LimitError, RefusedError
 from ..tracer import Tracer
@@ -70,20 +69,12 @@ class LanguageModel(Model):
         gguf_file: str | None = None,
         padding_side: str = "left",
         rename: dict[str, str] | None = None,
-        host: str | None = None,
-        api_key: str | None = None,
         **load_kwargs,
     ):
         self._load_kwargs = dict(load_kwargs)
-        self._backend = None  # set before anything loads: loading weights asks whether they are remote
         if isinstance(model, torch.nn.Module):
             self._source = None
             module = model
-        elif host is not None:  # the model lives on a server: its envoys and tokenizer from the manifest
-            self._backend = RemoteBackend(host, api_key, model=str(model))
-            self._source = (str(model), None)
-            module, manifest_tokenizer = _from_manifest(self._backend.manifest())
-            tokenizer = tokenizer or manifest_tokenizer
         else:
             if model == DEFAULT_MODEL:
                 model, gguf_file = default_model_path()
@@ -124,11 +115,6 @@ class LanguageModel(Model):
         return {k: v for k, v in self._load_kwargs.items() if k in ("gguf_file", "revision", "trust_remote_code", "cache_dir")}
 
     def _load_weights(self) -> torch.nn.Module:
-        if self._backend is not None:
-            raise InterlaceError(
-                f"the weights of {self._source[0]!r} are on the server at {self._backend.host}, not here: "
-                "trace with remote=True"
-            )
         name, _ = self._source
         kwargs = {"config": self._config, **self._load_kwargs}
         module = _from_local_or_hub(_auto("AutoModelForCausalLM"), name, kwargs, "model")
@@ -157,11 +143,6 @@ class LanguageModel(Model):
         """Move the model (loading its weights first when they are not loaded yet)."""
         self.dispatch()
         return super().to(*args, **kwargs)
-
-    def _remote_name(self) -> str:
-        if self._source is None:
-            return super()._remote_name()
-        return self._source[0]
 
     def _result_envoy(self, tracer: Tracer) -> Envoy:
         return self.generator if tracer.options.get("mode") == "generate" else self
@@ -207,9 +188,6 @@ class LanguageModel(Model):
                 f"argument of {type(self._module).__name__}.forward"
             )
         return inputs, {}, kwargs
-
-    def check_options(self, options: dict, limits) -> None:
-        _check_untrusted_options(options, None, limits)
 
     def _execute(self, graph, trace, **run) -> Interleaver:
         if not self.dispatched:
@@ -319,7 +297,6 @@ class LanguageModel(Model):
 
 # keyword options a stranger's request may pass to the forward or to generate (plain values only)
 _UNTRUSTED_OPTIONS = {
-    "session": frozenset(),  # a session's own nodes: no model run
     "trace": frozenset({"output_attentions", "output_hidden_states", "use_cache", "return_dict", "logits_to_keep"}),
     "generate": frozenset({"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
                            "repetition_penalty", "no_repeat_ngram_size", "use_cache"}),
@@ -328,10 +305,8 @@ _UNTRUSTED_OPTIONS = {
 
 def _check_untrusted_options(options: dict, batch, limits) -> None:
     mode, kwargs = options.get("mode", "trace"), options.get("kwargs", {})
-    if type(mode) is not str or type(kwargs) is not dict:
-        raise RefusedError("options must hold a mode (a str) and kwargs (a dict)")
     if mode not in _UNTRUSTED_OPTIONS:
-        raise RefusedError(f"mode must be 'trace', 'generate' or 'session', not {mode!r}")
+        raise RefusedError(f"mode must be 'trace' or 'generate', not {mode!r}")
     refused = sorted(set(kwargs) - _UNTRUSTED_OPTIONS[mode])
     if refused:
         raise RefusedError(f"option(s) {', '.join(refused)} are not allowed for {mode}; allowed: "
@@ -361,29 +336,6 @@ def _model_keywords() -> frozenset:
     except ImportError:  # an older transformers: its forwards name their arguments
         return frozenset()
     return frozenset(TransformersKwargs.__annotations__)
-
-
-def _from_manifest(manifest: dict):
-    """(the module tree on the meta device, the tokenizer) from a server's model manifest."""
-    import transformers
-
-    config = dict(manifest["config"])
-    config = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
-    with torch.device("meta"):
-        module = transformers.AutoModelForCausalLM.from_config(config)
-    served = [path for path, _ in manifest["modules"]]
-    if [path for path, _ in module.named_modules()] != served:
-        raise InterlaceError(
-            f"the module tree built here from {manifest['id']}'s config differs from the server's: the "
-            "transformers versions of client and server may differ; install the server's"
-        )
-    tokenizer = None
-    if manifest.get("tokenizer"):
-        import tokenizers
-
-        backend = tokenizers.Tokenizer.from_str(manifest["tokenizer"]["json"])
-        tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **manifest["tokenizer"]["special"])
-    return module, tokenizer
 
 
 def _unpad(ids, mask):

@@ -1,1 +1,0 @@
-"""The HTTP resources of the server, one router each: health, models, jobs, metrics."""
