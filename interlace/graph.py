@@ -260,3 +260,12 @@ class Request:
 
     graph: Graph
     traces: list[TraceSpec]
+
+
+@dataclass
+class Outcome:
+    """What running a request gives back: saved values, `log` lines, and why saved values are missing."""
+
+    results: dict = field(default_factory=dict)  # node index -> value
+    logs: list = field(default_factory=list)  # (node index, values), in untrusted runs
+    missing: dict = field(default_factory=dict)  # node index -> why a saved node has no value

@@ -219,7 +219,9 @@ class Interleaver:
             if index is None:
                 return original(*args, **kwargs)
             if not self.done[index]:
-                raise self._out_of_order(index, f"{path} (call {call}) runs")
+                self._node_failed(index, self._out_of_order(index, f"{path} (call {call}) runs"))
+            if (path, call) not in self.skip_values:  # its job failed or stopped: the module runs
+                return original(*args, **kwargs)
             value, rows = self.skip_values[(path, call)]
             if self.untrusted:
                 self.guard.check_replacement((args, kwargs), value, f"the value that replaces {path}")
@@ -248,7 +250,7 @@ class Interleaver:
             self._drain()
             for index in sources + self.plan.mutations.get(key, []):
                 if not self.done[index]:
-                    raise self._out_of_order(index, f"{key[0]}.{key[1]} (call {key[2]}) ends")
+                    self._node_failed(index, self._out_of_order(index, f"{key[0]}.{key[1]} (call {key[2]}) ends"))
         finally:
             self.events.pop()
         if self.early_stop and self.finished == self.total and not self.events:
@@ -261,6 +263,8 @@ class Interleaver:
             self._execute(heapq.heappop(ready))
 
     def _execute(self, index: int) -> None:
+        if self.done[index]:  # finished already (its job failed or stopped, in a merged run)
+            return
         node = self.nodes[index]
         if self.untrusted:
             self.guard.tick()
@@ -269,22 +273,30 @@ class Interleaver:
             return
         try:
             value = getattr(self, _METHODS[node.op])(node)
-        except (InterlaceError, EarlyStop) as error:
-            if isinstance(error, InterlaceError) and error.node is None:
-                error.at(node)
+        except EarlyStop:
             raise
+        except InterlaceError as error:
+            self._node_failed(index, error if error.node is not None else error.at(node))
+            return
         except Exception as error:
-            raise self._execution_error(node, error) from error
+            failure = self._execution_error(node, error)
+            failure.__cause__ = error
+            self._node_failed(index, failure)
+            return
         if value is not _PENDING:
             self._finish(index, value)
 
-    def _finish(self, index: int, value, ran: bool = True) -> None:
+    def _node_failed(self, index: int, error: InterlaceError) -> None:
+        """Node `index` failed: the run fails (a merged run fails only that node's job: see merge.py)."""
+        raise error
+
+    def _finish(self, index: int, value, ran: bool = True, why: str = "its condition (tracer.cond) was false") -> None:
         if ran:
             self.values[index] = value
             if index in self.saved:
                 self.results[index] = value
         elif index in self.saved:
-            self.not_run[index] = "its condition (tracer.cond) was false"
+            self.not_run[index] = why
         self.done[index] = 1
         self.finished += 1
         waiting, ready, nodes = self.waiting, self.ready, self.nodes
@@ -425,6 +437,8 @@ class Interleaver:
                 handle.remove()
 
     def _grad_event(self, index: int, grad):
+        if self.done[index]:
+            return None
         event = _Event(("grad", index), grad)
         self.events.append(event)
         try:
@@ -528,7 +542,8 @@ class Interleaver:
                 source.kwargs.get("optional") or not self.strict and source.kwargs["call"] > 0
             ):
                 continue  # a cached module that did not run, or a step generation never reached
-            raise OutOfOrderError(f"{self._where(pending)}\n  {self._never_ran(source)}.").at(pending)
+            error = OutOfOrderError(f"{self._where(pending)}\n  {self._never_ran(source)}.")
+            self._node_failed(pending.index, error.at(pending))
 
     def _never_ran(self, source) -> str:
         if source.op == "grad":

@@ -8,28 +8,19 @@ graph to the local interleaver.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+import dataclasses
 
 import torch
 
 from ..backends.limits import Limits
 from ..backends.local import Interleaver
+from ..backends.merge import MergedInterleaver, merge, merge_key, split
 from ..backends.scan import Scanner
 from ..envoy import Envoy
-from ..errors import InterlaceError, RefusedError
-from ..graph import Graph, Request, TraceSpec
-from ..graph import map_refs
+from ..errors import InterlaceError, ModelError, RefusedError
+from ..graph import Graph, Outcome, Request, TraceSpec, map_refs
 from ..session import Session
 from ..tracer import Editor, Tracer
-
-
-@dataclass
-class Outcome:
-    """What running a request gives back: saved values, `log` lines, and why saved values are missing."""
-
-    results: dict = field(default_factory=dict)  # node index -> value
-    logs: list = field(default_factory=list)  # (node index, values), in untrusted runs
-    missing: dict = field(default_factory=dict)  # node index -> why a saved node has no value
 
 
 class Model(Envoy):
@@ -210,14 +201,71 @@ class Model(Envoy):
             skip_to = max(skip_to, interleaver.skip_to or 0)
         return outcome
 
+    def run_many(self, requests: list[Request], *, untrusted: bool = False, limits: Limits | None = None,
+                 cancels=None) -> list:
+        """Run several requests, sharing one batched forward among those that can (cross-user batching).
+
+        Requests with one trace and the same mode and options merge into one forward, each keeping
+        its own rows; the answer for each is its `Outcome`, equal to running it alone (up to float
+        rounding in a different batch), or the `InterlaceError` that failed it alone: a request
+        that fails, stops early or is cancelled (`cancels[i].is_set()`) never cuts the others short.
+        """
+        limits = limits or Limits()
+        cancels = list(cancels) if cancels is not None else [None] * len(requests)
+        answers: list = [None] * len(requests)
+        groups: dict = {}
+        for number, request in enumerate(requests):
+            key = merge_key(request)
+            if key is not None:  # only a forward of the same shape: positions mean the same in every row
+                key = (key, self._call_shape(request.traces[0].invokes))
+            groups.setdefault(key if key is not None else ("alone", number), []).append(number)
+        for members in groups.values():
+            if len(members) == 1:
+                answers[members[0]] = self._answer(requests[members[0]], untrusted, limits, cancels[members[0]])
+                continue
+            merged = self._run_merged([requests[i] for i in members], untrusted, limits, [cancels[i] for i in members])
+            for number, answer in zip(members, merged):
+                answers[number] = answer
+        return answers
+
+    def _call_shape(self, invokes) -> tuple:
+        """What must match for invokes to share a forward: the inputs' shapes but the batch dimension."""
+        def shape(value):
+            return tuple(value.shape[1:]) if hasattr(value, "shape") else repr(value)[:100]
+
+        args, kwargs = invokes[0]
+        return tuple(shape(a) for a in args), tuple((k, shape(v)) for k, v in kwargs.items())
+
+    def _answer(self, request: Request, untrusted: bool, limits: Limits, cancel):
+        try:
+            return self.run(request, untrusted=untrusted, limits=limits, cancel=cancel)
+        except InterlaceError as error:
+            return error
+
+    def _run_merged(self, requests: list[Request], untrusted: bool, limits: Limits, cancels: list) -> list:
+        merged, parts = merge(requests)
+        count = len(parts)
+        shared = dataclasses.replace(limits, max_total_elements=limits.max_total_elements * count,
+                                     max_tokens=limits.max_tokens * count)
+        try:
+            interleaver = self._execute(merged.graph, merged.traces[0], known={}, keep=(), untrusted=untrusted,
+                                        limits=shared, cancel=None, interleaver=MergedInterleaver, parts=parts,
+                                        cancels=cancels)
+        except ModelError:  # the forward itself broke: run each alone, so it fails only whose request broke it
+            return [self._answer(r, untrusted, limits, c) for r, c in zip(requests, cancels)]
+        except InterlaceError as error:  # the whole run failed (its deadline, a check): every request with it
+            return [error] * count
+        return split(interleaver, parts)
+
     def _execute(self, graph: Graph, trace: TraceSpec, **run) -> Interleaver:
         """Run one trace of a request; returns the finished interleaver."""
         options = trace.options
         if run["untrusted"] and (options.get("mode", "trace") != "trace" or options.get("kwargs")):
             raise RefusedError("a Model runs traces of its inputs only: mode 'trace' and no keyword options")
         args, kwargs, rows, batch_size = self._batch(trace.invokes)
-        interleaver = Interleaver(graph, self._module, rows, batch_size, early_stop=options.get("early_stop", True),
-                                  span=(trace.start, trace.end), **run)
+        interleaver = run.pop("interleaver", Interleaver)(
+            graph, self._module, rows, batch_size, early_stop=options.get("early_stop", True),
+            span=(trace.start, trace.end), **run)
         interleaver.run(lambda: self._run(args, kwargs))
         return interleaver
 

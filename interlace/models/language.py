@@ -198,7 +198,7 @@ class LanguageModel(Model):
         generating = options.get("mode", "trace") == "generate"
         if run["untrusted"]:
             _check_untrusted_options(options, batch, run["limits"])
-        interleaver = Interleaver(
+        interleaver = run.pop("interleaver", Interleaver)(
             graph, self._module, rows, len(batch["input_ids"]) if batch else 0,
             early_stop=options.get("early_stop", True), strict=not generating,
             modules=self._extra_modules(), span=(trace.start, trace.end), **run,
@@ -219,6 +219,14 @@ class LanguageModel(Model):
 
     def _extra_modules(self) -> dict:
         return {"generator": self._generator}
+
+    def _call_shape(self, invokes) -> tuple:
+        """Invokes share a forward when they pad to the same length (positions then mean the same)."""
+        try:
+            batch, _ = self._tokenize(invokes)
+        except InterlaceError:
+            return ("invalid",)  # its run says why
+        return (batch["input_ids"].shape[1],)
 
     def _call_inputs(self, tracer: Tracer, index: int):
         batch, _ = self._tokenize([tracer.invokes[index]])

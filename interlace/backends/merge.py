@@ -1,0 +1,123 @@
+"""Merging: several requests run as one batched forward, each keeping its own rows (cross-user batching).
+
+Requests that can share a forward (one trace each, with inputs, and the same mode and keyword
+options) become one request: their graphs laid end to end, their invokes one batch. Each request's
+nodes read and write only its invokes' rows; nodes it recorded outside an invoke (its whole batch)
+get a row range of their own. `MergedInterleaver` runs the merged graph so that each request stays
+alone in every way that matters: a failure fails only its request, a stop or early stop ends only
+its request (the forward runs on while another needs it), a cancelled request leaves cleanly.
+`split` hands each request its own outcome, numbered as in its own graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import CancelledError, InterlaceError
+from ..graph import Graph, Outcome, Request, TraceSpec
+from .local import Interleaver
+
+
+@dataclass(frozen=True)
+class Part:
+    """Where one request lies in a merged one."""
+
+    start: int  # its nodes: start..end of the merged graph
+    end: int
+    first_invoke: int  # its invokes: first_invoke .. first_invoke + invokes
+    invokes: int
+    rows_invoke: int  # the invoke index that stands for all of its rows
+
+
+def merge_key(request: Request):
+    """Requests with equal keys (and a forward of the same shape: see `Model.run_many`) can share
+    one forward; None: this one runs alone."""
+    if len(request.traces) != 1 or not request.traces[0].invokes:
+        return None
+    options = request.traces[0].options
+    return options.get("mode", "trace"), repr(sorted(options.get("kwargs", {}).items()))
+
+
+def merge(requests: list[Request]) -> tuple[Request, list[Part]]:
+    """One request holding all of `requests` (which share a `merge_key`), and where each lies in it."""
+    graph, invokes, parts = Graph(), [], []
+    total = sum(len(request.traces[0].invokes) for request in requests)
+    for number, request in enumerate(requests):
+        trace = request.traces[0]
+        first_node, first_invoke = graph.extend_shifted(request.graph.nodes, 0), len(invokes)
+        rows_invoke = total + number
+        for node in graph.nodes[first_node:]:
+            if node.op in ("module_value", "skip"):
+                invoke = node.kwargs["invoke"]
+                node.kwargs["invoke"] = rows_invoke if invoke is None else invoke + first_invoke
+        invokes += trace.invokes
+        parts.append(Part(first_node, len(graph), first_invoke, len(trace.invokes), rows_invoke))
+    options = dict(requests[0].traces[0].options)
+    options["early_stop"] = all(r.traces[0].options.get("early_stop", True) for r in requests)
+    return Request(graph, [TraceSpec(0, len(graph), invokes, options)]), parts
+
+
+def split(interleaver: Interleaver, parts: list[Part]) -> list[Outcome | InterlaceError]:
+    """Each request's outcome from a merged run (or the error that failed it), in its own numbering."""
+    missing = interleaver.missing()
+    answers = []
+    for number, part in enumerate(parts):
+        failure = interleaver.failures.get(number)
+        if failure is not None:
+            answers.append(_renumbered(failure, part))
+            continue
+        outcome = Outcome()
+        outcome.results = {i - part.start: v for i, v in interleaver.results.items() if part.start <= i < part.end}
+        outcome.logs = [(i - part.start, values) for i, values in interleaver.logs if part.start <= i < part.end]
+        outcome.missing = {i - part.start: why for i, why in missing.items() if part.start <= i < part.end}
+        answers.append(outcome)
+    return answers
+
+
+def _renumbered(error: InterlaceError, part: Part) -> InterlaceError:
+    if error.node is not None:
+        error.node = {**error.node, "index": error.node["index"] - part.start}
+    return error
+
+
+class MergedInterleaver(Interleaver):
+    """Runs a merged request; each part (request) fails, stops and is cancelled on its own.
+
+    cancels: for each part, anything with `is_set()` (or None).
+    """
+
+    def __init__(self, graph: Graph, root, rows, batch_size: int, *, parts: list[Part], cancels=None, **options):
+        # each part's whole batch is the rows of its invokes
+        rows = list(rows) + [(rows[p.first_invoke][0], rows[p.first_invoke + p.invokes - 1][1]) for p in parts]
+        super().__init__(graph, root, rows, batch_size, **options)
+        self.parts = parts
+        self.cancels = cancels or [None] * len(parts)
+        self.part_of = [0] * len(graph)
+        for number, part in enumerate(parts):
+            self.part_of[part.start : part.end] = [number] * (part.end - part.start)
+        self.failures: dict[int, InterlaceError] = {}
+
+    def _execute(self, index: int) -> None:
+        cancel = self.cancels[self.part_of[index]]
+        if cancel is not None and cancel.is_set() and not self.done[index]:
+            self._node_failed(index, CancelledError("the job was cancelled while it ran"))
+            return
+        super()._execute(index)
+
+    def _node_failed(self, index: int, error: InterlaceError) -> None:
+        """Only this node's part fails: its nodes are done (not run), the others go on."""
+        number = self.part_of[index]
+        self.failures.setdefault(number, error)
+        self._abandon(number, self.parts[number].start, "its request failed")
+
+    def _op_stop(self, node):
+        if node.kwargs.get("session"):
+            return super()._op_stop(node)
+        self._abandon(self.part_of[node.index], node.index + 1,
+                      "the trace stopped (tracer.stop() or an early stop) before it was computed")
+        return None  # the forward runs on for the other parts; it stops early once all are done
+
+    def _abandon(self, number: int, start: int, why: str) -> None:
+        for index in range(start, self.parts[number].end):
+            if not self.done[index]:
+                self._finish(index, None, ran=False, why=why)
