@@ -66,6 +66,7 @@ class Tracer:
         replay(self.graph, model._edits)  # persistent interventions from model.edit()
         self.results: dict[int, object] = {}
         self.missing: dict[int, str] = {}  # saved nodes that have no value: why
+        self.job = None  # remote=True, blocking=False: the job handle (values bind on job.result())
         self.scanner = None  # set by the model when scanning: evaluates nodes on fake tensors
         self._caches: list[dict] = []
         self.invokes: list[tuple[tuple, dict]] = []
@@ -216,9 +217,15 @@ class Tracer:
             self.session.traces.append(self)  # runs when the session ends
             return False
         outcome = self.model.submit(Request(self.graph, [self.spec(len(self.graph))]), self.options)
-        self.results, self.missing = outcome.results, outcome.missing
-        self._bind(sys._getframe(1))
+        if _pending(self.options):  # a remote job: values bind when `tracer.job.result()` is read
+            self.job = outcome.on_result(self._receive)
+        else:
+            self._receive(outcome, sys._getframe(1))
         return False
+
+    def _receive(self, outcome, frame) -> None:
+        self.results, self.missing = outcome.results, outcome.missing
+        self._bind(frame)
 
     def spec(self, end: int) -> TraceSpec:
         """This trace as a part of a request: its nodes, inputs and run options."""
@@ -258,6 +265,7 @@ class Session:
         self.graph = Graph()
         self.traces: list[Tracer] = []
         self.results: dict[int, object] = {}
+        self.job = None  # remote=True, blocking=False: the job handle (values bind on job.result())
 
     def __enter__(self) -> "Session":
         if self.model._session is not None:
@@ -278,10 +286,16 @@ class Session:
         traces = self.traces
         ends = [t.start for t in traces[1:]] + [len(self.graph)]
         outcome = self.model.submit(Request(self.graph, [t.spec(end) for t, end in zip(traces, ends)]), self.options)
+        if _pending(self.options):  # a remote job: values bind when `session.job.result()` is read
+            kept = list(traces)  # self.traces is cleared when the block ends
+            self.job = outcome.on_result(lambda outcome, frame: self._receive(outcome, frame, kept))
+        else:
+            self._receive(outcome, frame, traces)
+
+    def _receive(self, outcome, frame, traces) -> None:
         self.results = outcome.results
         for tracer in traces:
-            tracer.results, tracer.missing = outcome.results, outcome.missing
-            tracer._bind(frame)
+            tracer._receive(outcome, frame)
 
 
 class Editor(Tracer):
@@ -299,6 +313,11 @@ class Editor(Tracer):
         if exc_type is None:
             self.edited._edits = list(self.graph.nodes)
         return False
+
+
+def _pending(options: dict) -> bool:
+    """Whether a submission returns a job handle (remote, blocking=False) rather than its outcome."""
+    return bool(options.get("remote")) and not options.get("blocking", True)
 
 
 def replay(graph: Graph, nodes) -> None:

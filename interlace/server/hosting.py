@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ import torch
 
 from ..backends.guard import ModelState
 from ..backends.limits import Limits
+from ..backends.remote import package_version
 from ..backends.serialize import GRAPH_MAGIC, VERSION, deserialize_request, serialize_results
 from ..backends.validate import check_against_model
 from ..errors import LimitError, RefusedError
@@ -37,13 +37,6 @@ from ..models.language import DEFAULT_MODEL, LanguageModel, _check_untrusted_opt
 log = logging.getLogger("interlace.server")
 
 _PICKLED = 2  # the prefix flag of a request that carries pickled functions (serialize.py)
-
-
-def interlace_version() -> str:
-    try:
-        return importlib.metadata.version("interlace")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def load_model(source: str) -> LanguageModel:
@@ -137,7 +130,7 @@ class HostedModel:
     def _build_manifest(self) -> dict:
         module = self.model.module
         manifest = {
-            "id": self.name, "interlace": interlace_version(), "wire_version": VERSION, "trusted": self.trusted,
+            "id": self.name, "interlace": package_version(), "wire_version": VERSION, "trusted": self.trusted,
             "kind": "language" if isinstance(self.model, LanguageModel) else "model",
             "modules": [[path, type(sub).__name__] for path, sub in module.named_modules()],
             "limits": dataclasses.asdict(self.limits), "config": None, "tokenizer": {}, "padding_side": None,

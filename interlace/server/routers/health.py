@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Response
 
+from ...backends.remote import package_version
 from ...backends.serialize import VERSION
 from ..auth import service
-from ..hosting import interlace_version
 from ..schemas import Health
 
 router = APIRouter(tags=["health"])
@@ -16,7 +16,7 @@ router = APIRouter(tags=["health"])
 def health(svc=Depends(service)) -> Health:
     checking = [m for m in svc.models.values() if m.checksum is not None]
     return Health(
-        status="ok", interlace=interlace_version(), wire_version=VERSION, models=list(svc.models),
+        status="ok", interlace=package_version(), wire_version=VERSION, models=list(svc.models),
         queued={name: len(queue) for name, queue in svc.queues.items()},
         running={worker.name.removeprefix("interlace-worker-"): worker.current is not None for worker in svc.workers},
         checked_jobs=sum(m.checked for m in checking) if checking else None,
