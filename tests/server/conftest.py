@@ -1,6 +1,6 @@
 """Fixtures of the server tests: a tiny GPT-2 saved to a folder that the server and the tests both
 load, a key database, and two real server processes (one with roomy limits and weight checks after
-every job, one with tight limits for queue, rate and deadline refusals), each started once per test
+every job, one --trusted with tight limits for queue, rate and deadline refusals), each started once per test
 session and stopped at its end, also when a test fails."""
 
 import pytest
@@ -37,7 +37,7 @@ def server(setup):
 
 @pytest.fixture(scope="session")
 def tight(setup):
-    server = Server(setup["folder"], setup["db"], "--queue-depth", "1", "--jobs-per-key", "2", "--rate", "8",
+    server = Server(setup["folder"], setup["db"], "--trusted", "--queue-depth", "1", "--jobs-per-key", "2", "--rate", "8",
                     "--max-seconds", "1.5")
     yield server
     server.stop()
