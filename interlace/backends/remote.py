@@ -95,18 +95,21 @@ class RemoteBackend:
 
     # -- running --------------------------------------------------------------------------------------
     def run(self, request: Request, *, blocking: bool = True, timeout: float | None = None):
-        """Submit `request`; its `Outcome` when blocking, else a `Job` to ask later."""
+        """Submit `request`; its `Outcome` when blocking, else a `Job` to ask later.
+
+        timeout: seconds the job may run on the server (its deadline, at most the server's max_seconds).
+        """
         data = serialize_request(request, trusted=self.manifest()["trusted"])
         params = {"model": self.model, "wait": _FIRST_WAIT if blocking else 0}
         if timeout is not None:
             params["timeout"] = timeout
         response = self._call("POST", "/v1/jobs", params=params, content=data, answered=(200, 202))
-        job = Job(self, request, response.headers["interlace-job"])
+        job = Job(self, response.headers["interlace-job"])
         if response.status_code == 200:
             job._outcome = _outcome(response)
         if not blocking:
             return job
-        return job._wait(timeout)
+        return job._wait(None)  # the server holds the job to `timeout`; the queue before it is bounded
 
     def _call(self, method: str, path: str, *, answered=(200,), **options) -> httpx.Response:
         try:
@@ -139,9 +142,8 @@ class RemoteBackend:
                         if deadline is not None and time.monotonic() > deadline:
                             raise TimeoutError
         except (TimeoutError, httpx.ReadTimeout):
-            job.cancel()
-            raise LimitError(f"job {job.id} did not finish within timeout={job.timeout:g} s; it was cancelled "
-                             "(max_seconds)") from None
+            raise LimitError(f"job {job.id} is not finished after {job.timeout:g} s; it goes on: ask again with "
+                             "job.result(), or stop it with job.cancel()") from None
         except httpx.TransportError as error:
             raise ServiceError(f"lost the connection to {self.host} while waiting for job {job.id}: {error}",
                                status=0, code="unreachable") from None
@@ -156,8 +158,8 @@ class Job:
     `tracer.job.result()` binds the saved values into the caller's names, as a blocking trace would.
     """
 
-    def __init__(self, backend: RemoteBackend, request: Request, job_id: str):
-        self.backend, self.request, self.id = backend, request, job_id
+    def __init__(self, backend: RemoteBackend, job_id: str):
+        self.backend, self.id = backend, job_id
         self.timeout: float | None = None
         self._outcome = None
         self._receivers: list = []  # tracer callbacks: (outcome, frame) -> bind saved values
@@ -178,7 +180,10 @@ class Job:
         return self
 
     def result(self, timeout: float | None = None):
-        """Wait for the job (up to `timeout` s) and return its `Outcome`; saved values bind as locally."""
+        """Wait for the job and return its `Outcome`; saved values bind as locally.
+
+        timeout: seconds to wait here; past them a LimitError says the job goes on.
+        """
         outcome = self._wait(timeout)
         for receiver in self._receivers:
             receiver(outcome, sys._getframe(1))

@@ -3,6 +3,7 @@
 import json
 
 import httpx
+import pytest
 import torch
 
 import interlace
@@ -66,3 +67,16 @@ def test_a_trusted_server_runs_user_functions(tight, setup, local):
         return doubled
 
     assert torch.equal(work(lm, True), work(local, False))
+
+
+def test_waiting_for_a_job_handle_can_time_out_and_cancel(tight, setup):
+    from interlace.backends.remote import RemoteBackend
+    from interlace.backends.serialize import deserialize_request
+
+    backend = RemoteBackend(tight.url, setup["keys"]["mallory"], model="tiny-gpt2", progress=False)
+    job = backend.run(deserialize_request(slow()), blocking=False)
+    with pytest.raises(interlace.LimitError, match="goes on"):
+        job.result(timeout=0.2)
+    assert job.cancel()["state"] in ("running", "cancelled")
+    with pytest.raises(interlace.CancelledError):
+        job.result(timeout=30)
