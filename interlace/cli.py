@@ -1,9 +1,13 @@
-"""The `interlace` command: `interlace demo`, `interlace check-model` (more commands come with the server)."""
+"""The `interlace` command: `demo`, `check-model` (a model's standardized names), `serve` (host a model for
+remote traces) and `keys` (its API keys)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+
+from .backends.limits import Limits
 
 
 def _demo(args) -> int:
@@ -28,6 +32,64 @@ def _check_model(args) -> int:
     return 1 if failed else 0
 
 
+def _serve(args) -> int:
+    import logging
+
+    import uvicorn
+
+    from .server.app import create_app
+    from .server.config import ServerConfig
+    from .server.hosting import HostedModel, default_name, load_model
+    from .server.keys import KeyStore
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.trusted:
+        print("WARNING: --trusted: this server runs the Python functions (interlace.apply) that clients send, "
+              "with this process's rights. Use it only when every key holder may run code on this machine.",
+              file=sys.stderr)
+    limits = Limits(**{name: getattr(args, name) for name in Limits.names()})
+    config = ServerConfig(limits=limits, **{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)
+                                            if f.name != "limits"})
+    print(f"interlace: loading {args.model} ...", file=sys.stderr, flush=True)
+    hosted = HostedModel(load_model(args.model), name=args.name or default_name(args.model), limits=limits,
+                         trusted=args.trusted, check_weights=args.check_weights)
+    app = create_app([hosted], KeyStore(args.db), config)
+    print(f"interlace: serving '{hosted.name}' on http://{args.host}:{args.port} (keys: {args.db})",
+          file=sys.stderr, flush=True)
+    # the HTTP loop and the model's worker share the GIL: hand it over within 0.5 ms, not the default 5 ms,
+    # so a finished job is answered at once
+    sys.setswitchinterval(0.0005)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _keys(args) -> int:
+    from .server.keys import KeyStore
+
+    store = KeyStore(args.db)
+    if args.action == "create":
+        if not args.name:
+            print("interlace keys create needs --name NAME (who the key is for)", file=sys.stderr)
+            return 2
+        print(store.create(args.name))  # the only time the key is shown
+    elif args.action == "list":
+        for key in store.list():
+            print(f"{key.id}  {key.name}  {'revoked' if key.revoked else 'active'}")
+    else:
+        if not args.name:
+            print("interlace keys revoke needs --name NAME or key id", file=sys.stderr)
+            return 2
+        count = store.revoke(args.name)
+        print(f"revoked {count} key(s)")
+        return 0 if count else 1
+    return 0
+
+
+def _flag(parser, name: str, default, help: str) -> None:
+    parser.add_argument("--" + name.replace("_", "-"), dest=name, type=type(default), default=default,
+                        metavar=type(default).__name__.upper(), help=f"{help} (default {default})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="interlace", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +105,35 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--gguf-file", default=None, help="GGUF file name inside the model folder")
     check.add_argument("--prompt", action="append", help="a prompt to run the checks on (repeatable)")
     check.set_defaults(handler=_check_model)
+
+    serve = commands.add_parser("serve", help="host a model for remote traces (FastAPI on uvicorn)")
+    serve.add_argument("model", help="'smollm2', a local model folder, a GGUF file, or a Hugging Face cache id")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--db", default="keys.db", help="the API key database (interlace keys create)")
+    serve.add_argument("--name", default=None, help="the model's id for clients (default: from MODEL)")
+    serve.add_argument("--trusted", action="store_true",
+                       help="also run graphs with pickled user functions (interlace.apply): only for trusted users")
+    serve.add_argument("--check-weights", action="store_true",
+                       help="test mode: checksum the weights after every job (see /v1/health)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    service_help = {"queue_depth": "jobs waiting per model", "rate": "job submissions per key per minute",
+                    "jobs_per_key": "unfinished jobs per key", "result_ttl": "seconds a result stays readable",
+                    "max_wait": "longest ?wait= in seconds"}
+    from .server.config import ServerConfig  # noqa: PLC0415 - light: no model, no web framework
+
+    for spec in dataclasses.fields(ServerConfig):
+        if spec.name != "limits":
+            _flag(serve, spec.name, spec.default, service_help[spec.name])
+    for name in Limits.names():
+        _flag(serve, name, getattr(Limits(), name), "limit of every job")
+    serve.set_defaults(handler=_serve)
+
+    keys = commands.add_parser("keys", help="create, list or revoke the API keys of a server")
+    keys.add_argument("action", choices=["create", "list", "revoke"])
+    keys.add_argument("--db", required=True, help="the key database file (created if missing)")
+    keys.add_argument("--name", default=None, help="who the key is for (create), or a name or key id (revoke)")
+    keys.set_defaults(handler=_keys)
     args = parser.parse_args(argv)
     return args.handler(args)
 

@@ -70,6 +70,21 @@ class SerializationError(InterlaceError, ValueError):
     """Bytes that are not a valid interlace graph or result, or a graph that cannot be sent."""
 
 
+class VersionError(SerializationError):
+    """Data in a wire format version this interlace does not read; the message names both versions."""
+
+
+class ServiceError(InterlaceError):
+    """A server refused a request for a reason of its own: the key, the job id, the rate, the queue.
+
+    `status` is the HTTP status and `code` a short name (`unauthorized`, `not_found`, `queue_full`, ...).
+    """
+
+    def __init__(self, message: str, *, status: int, code: str):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
 class GraphError(InterlaceError, ValueError):
     """A graph whose structure is invalid: an unknown op or module path, a bad reference, arity."""
 

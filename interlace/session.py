@@ -13,7 +13,7 @@ import sys
 from .blocks import SessionIteration
 from .errors import InterlaceError
 from .graph import Graph, Request, TraceSpec
-from .tracer import Recorder, Tracer, _active
+from .tracer import Recorder, Tracer, _active, pending
 
 
 class Session(Recorder):
@@ -90,13 +90,20 @@ class Session(Recorder):
 
     def _run(self, frame) -> None:
         outcome = self.model.submit(self.request(), self.options)
+        if pending(self.options):  # a remote job: values bind when `session.job.result()` is read
+            tracers = list(self.tracers)  # self.tracers is cleared when the block ends
+            self.job = outcome.on_result(lambda outcome, frame: self._receive(outcome, frame, tracers))
+        else:
+            self._receive(outcome, frame, self.tracers)
+
+    def _receive(self, outcome, frame, tracers) -> None:
         results = outcome.results
         for alias, source in self.aliases.items():
             if source in results:
                 results[alias] = results[source]
-        recorders = (self, *self.tracers)
+        recorders = (self, *tracers)
         for recorder in recorders:
             recorder.results, recorder.missing = results, outcome.missing
-        for tracer in self.tracers:
+        for tracer in tracers:
             tracer._bind(frame, ())
         self._bind(frame, recorders)

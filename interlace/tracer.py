@@ -55,6 +55,7 @@ class Recorder:
         self.model = model
         self.results: dict[int, object] = {}
         self.missing: dict[int, str] = {}  # saved nodes that have no value: why
+        self.job = None  # remote=True, blocking=False: the job handle (values bind on job.result())
         self._guard: int | None = None
         self._closed = False
 
@@ -246,9 +247,15 @@ class Tracer(Recorder):
             self.session.add_trace(self)  # runs when the session ends
             return False
         outcome = self.model.submit(Request(self.graph, [self.spec(len(self.graph))]), self.options)
-        self.results, self.missing = outcome.results, outcome.missing
-        self._bind(sys._getframe(1), (self,))
+        if pending(self.options):  # a remote job: values bind when `tracer.job.result()` is read
+            self.job = outcome.on_result(self._receive)
+        else:
+            self._receive(outcome, sys._getframe(1))
         return False
+
+    def _receive(self, outcome, frame) -> None:
+        self.results, self.missing = outcome.results, outcome.missing
+        self._bind(frame, (self,))
 
     def spec(self, end: int) -> TraceSpec:
         """This trace as a part of a request: its nodes, inputs and run options."""
@@ -284,6 +291,11 @@ class Editor(Tracer):
         if exc_type is None:
             self.edited._edits = list(self.graph.nodes)
         return False
+
+
+def pending(options: dict) -> bool:
+    """Whether a submission returns a job handle (remote, blocking=False) rather than its outcome."""
+    return bool(options.get("remote")) and not options.get("blocking", True)
 
 
 class Invoker:

@@ -656,7 +656,7 @@ def too_many_traces():
     return attack(raw([], traces=[{"start": 0, "end": 0} for _ in range(100)]))
 
 
-@case("SerializationError", "uses wire format version 2, but this interlace reads version 1")
+@case("VersionError", "uses wire format version 2, but this interlace reads version 1")
 def newer_wire_version():
     return attack(raw([{"index": 0, "op": "stop"}], version=2))
 

@@ -34,6 +34,7 @@ class Limits:
     # the model's own work
     max_tokens: int = 65_536  # token positions of one batch (rows x padded length)
     max_new_tokens: int = 1_024
+    max_invokes: int = 256  # invokes of one trace (a server checks it before queueing)
 
     @classmethod
     def names(cls) -> list[str]:

@@ -33,7 +33,7 @@ import zstandard
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import ops
-from ..errors import InterlaceError, LimitError, SerializationError, describe_location
+from ..errors import InterlaceError, LimitError, SerializationError, VersionError, describe_location
 from ..graph import OPS, Graph, Node, Ref, Request, TraceSpec
 from .limits import Limits
 from .validate import check_structure
@@ -397,7 +397,7 @@ def _unframe(data, magic: bytes, what: str, trusted: bool, limits: Limits, count
     version, flags = data[3], data[4]
     if version not in SUPPORTED_VERSIONS:
         newer = "newer" if version > VERSION else "older"
-        raise SerializationError(
+        raise VersionError(
             f"this {what} uses wire format version {version}, but this interlace reads version "
             f"{', '.join(map(str, SUPPORTED_VERSIONS))}: the sender's interlace is {newer}; use the same "
             "interlace version on both sides")

@@ -36,6 +36,8 @@ class Model(Envoy):
     True
     """
 
+    _remote = None  # the RemoteBackend of a model that lives on a server (LanguageModel(name, host=...))
+
     def __init__(self, module: torch.nn.Module, *, rename: dict[str, str] | None = None):
         if not isinstance(module, torch.nn.Module):
             raise InterlaceError(f"Model wraps a torch.nn.Module, not {type(module).__name__}")
@@ -118,7 +120,7 @@ class Model(Envoy):
                 "backend": backend}
 
     def _can_run_remotely(self, backend) -> bool:
-        return False
+        return backend is not None or self._remote is not None
 
     def submit(self, request: Request, options: dict):
         """Run a recorded request where its options say: here (`run`), or on a server."""
@@ -128,7 +130,8 @@ class Model(Envoy):
         return self.run(request)
 
     def run_remote(self, request: Request, *, blocking: bool = True, timeout=None, backend=None):
-        raise InterlaceError("this model cannot run remotely (it has no server)")
+        """Run on a server (`backend`, a RemoteBackend, or the model's own): an Outcome, or a job handle."""
+        return (backend or self._remote).run(request, blocking=blocking, timeout=timeout)
 
     def _attach(self, tracer: Tracer) -> None:
         if self._tracer is not None:

@@ -69,9 +69,17 @@ class LanguageModel(Model):
         gguf_file: str | None = None,
         padding_side: str = "left",
         rename: dict[str, str] | None = None,
+        host: str | None = None,
+        api_key: str | None = None,
         **load_kwargs,
     ):
         self._load_kwargs = dict(load_kwargs)
+        host = host or os.environ.get("INTERLACE_HOST")
+        if host and isinstance(model, str) and not dispatch:  # the model lives on a server: built from its manifest
+            from ..backends.remote import RemoteBackend
+
+            self._remote = RemoteBackend(host, api_key, model=model)
+            model, tokenizer, padding_side = self._remote.build()
         if isinstance(model, torch.nn.Module):
             self._source = None
             module = model
@@ -115,6 +123,12 @@ class LanguageModel(Model):
         return {k: v for k, v in self._load_kwargs.items() if k in ("gguf_file", "revision", "trust_remote_code", "cache_dir")}
 
     def _load_weights(self) -> torch.nn.Module:
+        if self._source is None:
+            raise InterlaceError(
+                "this model has no weights here: it was built on the meta device (from a server's manifest "
+                "when given host=...). Trace it with remote=True, or load it here with "
+                "LanguageModel(path, dispatch=True)."
+            )
         name, _ = self._source
         kwargs = {"config": self._config, **self._load_kwargs}
         module = _from_local_or_hub(_auto("AutoModelForCausalLM"), name, kwargs, "model")

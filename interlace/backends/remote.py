@@ -1,0 +1,266 @@
+"""The remote backend: run a recorded request on an `interlace serve` server; only saved values come back.
+
+`RemoteBackend(host, api_key, model=ID)` talks to one hosted model over HTTP. `build()` makes the
+module tree on the meta device and the tokenizer from the server's manifest (no weights, no hub), so
+envoy paths, `print(lm)` and scans work on a machine that has never seen the model. `run()` sends a
+request (wire format v1), waits for it, showing the queue position and state from the job's events
+when it does not finish at once, prints its `log` lines, and returns an `Outcome`; with
+`blocking=False` it returns a `Job` handle instead. A server's error is raised here as the same class
+a local run raises, with the user's own source line quoted (the server only knows file and line).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import sys
+import tempfile
+import time
+
+import httpx
+import torch
+
+from .. import errors
+from ..errors import InterlaceError, LimitError, ServiceError, VersionError, describe_location
+from ..graph import Outcome, Request
+from .limits import Limits
+from .serialize import VERSION, deserialize_results, serialize_request
+
+_FIRST_WAIT = 1.0  # seconds a blocking submission waits for its result before following events
+_FINISHED = ("completed", "error", "cancelled")
+
+
+def package_version() -> str:
+    """This interlace's version, as installed."""
+    try:
+        return importlib.metadata.version("interlace")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class RemoteBackend:
+    """One model of one server. `host` and `api_key` default to $INTERLACE_HOST and $INTERLACE_API_KEY."""
+
+    def __init__(self, host: str | None = None, api_key: str | None = None, *, model: str, progress: bool = True):
+        host = host or os.environ.get("INTERLACE_HOST")
+        api_key = api_key or os.environ.get("INTERLACE_API_KEY")
+        if not host:
+            raise InterlaceError("no server: pass host='http://HOST:PORT' or set INTERLACE_HOST")
+        if not api_key:
+            raise InterlaceError(f"no API key for the server at {host}: pass api_key=... or set INTERLACE_API_KEY "
+                                 "(its operator creates one with `interlace keys create`)")
+        self.host, self.model, self.progress = host.rstrip("/"), model, progress
+        self._client = httpx.Client(base_url=self.host, headers={"Authorization": f"Bearer {api_key}"},
+                                    timeout=httpx.Timeout(60.0, connect=10.0))
+        self._manifest: dict | None = None
+
+    # -- the model, without weights -------------------------------------------------------------------
+    def manifest(self) -> dict:
+        """The server's description of the model (fetched once); a different wire version is an error."""
+        if self._manifest is None:
+            manifest = self._call("GET", f"/v1/models/{self.model}/manifest").json()
+            if manifest["wire_version"] != VERSION:
+                raise VersionError(
+                    f"the server at {self.host} speaks wire format version {manifest['wire_version']} "
+                    f"(interlace {manifest['interlace']}), this client version {VERSION} (interlace "
+                    f"{package_version()}): use the same interlace version on both sides")
+            self._manifest = manifest
+        return self._manifest
+
+    def build(self):
+        """(module tree on the meta device, tokenizer or None, padding side) from the manifest."""
+        import transformers
+
+        manifest = self.manifest()
+        if manifest["kind"] != "language":
+            raise InterlaceError(f"'{self.model}' is not a language model; wrap the same module here with "
+                                 "interlace.Model(module) and trace it with backend=RemoteBackend(...)")
+        settings = dict(manifest["config"])
+        config = transformers.AutoConfig.for_model(settings.pop("model_type"), **settings)
+        with torch.device("meta"):
+            module = transformers.AutoModelForCausalLM.from_config(config)
+        if [[path, type(sub).__name__] for path, sub in module.named_modules()] != [list(m) for m in manifest["modules"]]:
+            raise InterlaceError(
+                f"the module tree built here from the config of '{self.model}' differs from the server's: "
+                f"install the server's transformers version (this is {transformers.__version__})")
+        tokenizer = None
+        if manifest["tokenizer"]:
+            with tempfile.TemporaryDirectory() as folder:
+                for name, text in manifest["tokenizer"].items():
+                    with open(os.path.join(folder, os.path.basename(name)), "w", encoding="utf-8") as file:
+                        file.write(text)
+                tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        return module.eval(), tokenizer, manifest["padding_side"] or "left"
+
+    # -- running --------------------------------------------------------------------------------------
+    def run(self, request: Request, *, blocking: bool = True, timeout: float | None = None):
+        """Submit `request`; its `Outcome` when blocking, else a `Job` to ask later.
+
+        timeout: seconds the job may run on the server (its deadline, at most the server's max_seconds).
+        """
+        data = serialize_request(request, trusted=self.manifest()["trusted"])
+        params = {"model": self.model, "wait": _FIRST_WAIT if blocking else 0}
+        if timeout is not None:
+            params["timeout"] = timeout
+        response = self._call("POST", "/v1/jobs", params=params, content=data, answered=(200, 202))
+        job = Job(self, response.headers["interlace-job"])
+        if response.status_code == 200:
+            job._outcome = _outcome(response)
+        if not blocking:
+            return job
+        return job._wait(None)  # the server holds the job to `timeout`; the queue before it is bounded
+
+    def _call(self, method: str, path: str, *, answered=(200,), **options) -> httpx.Response:
+        try:
+            response = self._client.request(method, path, **options)
+        except httpx.TransportError as error:
+            raise ServiceError(f"cannot reach the interlace server at {self.host}: {error}. Is `interlace serve` "
+                               "running there?", status=0, code="unreachable") from None
+        if response.status_code not in answered:
+            raise _error(response)
+        return response
+
+    def _follow(self, job: "Job", deadline: float | None) -> None:
+        """Wait for the job's final event, showing its queue position and state."""
+        status = _Status(job.id, self.progress)
+        try:
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError
+                read = 30.0 if left is None else min(left, 30.0)  # the server pings every 15 s
+                with self._client.stream("GET", f"/v1/jobs/{job.id}/events",
+                                         timeout=httpx.Timeout(read, connect=10.0)) as response:
+                    if response.status_code != 200:
+                        response.read()
+                        raise _error(response)
+                    for kind, data in _events(response.iter_lines()):
+                        status.show(kind, data)
+                        if kind in _FINISHED:
+                            return
+                        if deadline is not None and time.monotonic() > deadline:
+                            raise TimeoutError
+        except (TimeoutError, httpx.ReadTimeout):
+            raise LimitError(f"job {job.id} is not finished after {job.timeout:g} s; it goes on: ask again with "
+                             "job.result(), or stop it with job.cancel()") from None
+        except httpx.TransportError as error:
+            raise ServiceError(f"lost the connection to {self.host} while waiting for job {job.id}: {error}",
+                               status=0, code="unreachable") from None
+        finally:
+            status.close()
+
+
+class Job:
+    """A submitted request: `status()`, `result()` (waits, then binds saved values), `cancel()`.
+
+    From `with model.trace(..., remote=True, blocking=False) as tracer:`, the handle is `tracer.job`;
+    `tracer.job.result()` binds the saved values into the caller's names, as a blocking trace would.
+    """
+
+    def __init__(self, backend: RemoteBackend, job_id: str):
+        self.backend, self.id = backend, job_id
+        self.timeout: float | None = None
+        self._outcome = None
+        self._receivers: list = []  # tracer callbacks: (outcome, frame) -> bind saved values
+
+    def __repr__(self) -> str:
+        return f"<interlace job {self.id} on {self.backend.host}>"
+
+    def status(self) -> dict:
+        """The job's state (queued, running, completed, error, cancelled), queue position and times."""
+        return self.backend._call("GET", f"/v1/jobs/{self.id}").json()
+
+    def cancel(self) -> dict:
+        """Cancel it: at once while queued, at its next operation while running."""
+        return self.backend._call("DELETE", f"/v1/jobs/{self.id}").json()
+
+    def on_result(self, receiver) -> "Job":
+        self._receivers.append(receiver)
+        return self
+
+    def result(self, timeout: float | None = None):
+        """Wait for the job and return its `Outcome`; saved values bind as locally.
+
+        timeout: seconds to wait here; past them a LimitError says the job goes on.
+        """
+        outcome = self._wait(timeout)
+        for receiver in self._receivers:
+            receiver(outcome, sys._getframe(1))
+        return outcome
+
+    def _wait(self, timeout: float | None):
+        if self._outcome is None:
+            self.timeout = timeout
+            deadline = None if timeout is None else time.monotonic() + timeout
+            self.backend._follow(self, deadline)
+            self._outcome = _outcome(self.backend._call("GET", f"/v1/jobs/{self.id}/result"))
+        return self._outcome
+
+
+def _outcome(response: httpx.Response):
+    values, logs = deserialize_results(response.content, limits=Limits())
+    missing = {}
+    for reason, indices in json.loads(response.headers.get("interlace-missing", "{}")).items():
+        missing.update({index: reason for index in indices})
+    for _, logged in logs:
+        print(*logged)  # `tracer.log` prints on the client, as in a local run
+    return Outcome(values, logs, missing)
+
+
+def _error(response: httpx.Response) -> InterlaceError:
+    """The error a server's answer stands for, as the class a local run raises."""
+    try:
+        body = response.json()
+        code, message, node, hint = body["code"], body["message"], body.get("node"), body.get("hint")
+    except (ValueError, KeyError, TypeError):
+        return ServiceError(f"the server answered {response.status_code}: {response.text[:200]}",
+                            status=response.status_code, code="http_error")
+    if node and node.get("location"):
+        filename, lineno = node["location"]
+        message = message.replace(f"{filename}:{lineno}", describe_location((filename, lineno)), 1)
+    kind = getattr(errors, code, None)
+    if isinstance(kind, type) and issubclass(kind, InterlaceError) and kind is not ServiceError:
+        error = kind(message + (f"\n  hint: {hint}" if hint and response.status_code != 422 else ""))
+    else:
+        error = ServiceError(f"{message}" + (f"\n  hint: {hint}" if hint else ""), status=response.status_code,
+                             code=code)
+    error.node = node
+    return error
+
+
+def _events(lines):
+    """(kind, data) for each server-sent event; (None, None) for a keep-alive comment."""
+    kind, data = "message", []
+    for line in lines:
+        if not line:
+            if data:
+                yield kind, json.loads("\n".join(data))
+            kind, data = "message", []
+        elif line.startswith(":"):
+            yield None, None
+        elif line.startswith("event:"):
+            kind = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip())
+
+
+class _Status:
+    """One status line on stderr (tqdm) while a blocking call waits: queue position, then state."""
+
+    def __init__(self, job_id: str, enabled: bool):
+        self.job_id, self.enabled, self.bar = job_id, enabled, None
+
+    def show(self, kind, data) -> None:
+        if not self.enabled or kind in (None, "log"):
+            return
+        if self.bar is None:
+            from tqdm import tqdm  # noqa: PLC0415 - only when a job has to wait
+
+            self.bar = tqdm(total=0, bar_format="{desc}", file=sys.stderr, leave=False)
+        text = f"queued, position {data['position']}" if kind == "queued" else kind
+        self.bar.set_description_str(f"interlace job {self.job_id[:8]}: {text}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

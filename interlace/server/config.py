@@ -1,0 +1,19 @@
+"""The service's settings: each is a flag of `interlace serve` (the budgets of one job are `Limits`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..backends.limits import Limits
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings of one server; `limits` are the budgets of every job."""
+
+    limits: Limits = field(default_factory=Limits)
+    queue_depth: int = 64  # jobs waiting per model
+    rate: int = 600  # submissions per key per minute
+    jobs_per_key: int = 8  # unfinished jobs per key
+    result_ttl: float = 600.0  # seconds a finished job's result stays readable
+    max_wait: float = 60.0  # the longest ?wait= a request may hold

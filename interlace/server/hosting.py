@@ -1,0 +1,157 @@
+"""A model the server hosts: loading it by name, its manifest, and running a job's request on it.
+
+`HostedModel` is the seam between the service and the executor. Before a job is queued, `admit`
+reads the request's bytes within the limits and checks everything that can be known without running
+it (wire version, user functions, node structure, module paths, invokes, options, max_new_tokens).
+A worker thread then calls `execute` for one job at a time: the request runs untrusted (allowed
+operations only, read-only weights, limits, a deadline, cancel between operations) and its saved
+values come back as the bytes of `serialize_results`. Only a server started with `--trusted` runs
+graphs that carry pickled user functions (`interlace.apply`), and those as a local run would.
+
+With `check_weights` (a test mode) every parameter and buffer is checksummed at start and again
+after every job, together with hooks, `requires_grad` and the rest of `ModelState`: a job that left
+any trace on the shared model shows in `/v1/health`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+
+import torch
+
+from ..backends.state import ModelState
+from ..backends.limits import Limits
+from ..backends.remote import package_version
+from ..backends.serialize import GRAPH_MAGIC, VERSION, deserialize_request, serialize_results
+from ..backends.validate import check_against_model
+from ..errors import LimitError, RefusedError
+from ..graph import Request
+from ..models.base import Model
+from ..models.language import DEFAULT_MODEL, LanguageModel, _check_untrusted_options
+
+log = logging.getLogger("interlace.server")
+
+_PICKLED = 2  # the prefix flag of a request that carries pickled functions (serialize.py)
+
+
+def load_model(source: str) -> LanguageModel:
+    """"smollm2", a local model folder, a GGUF file, or a Hugging Face cache id; weights loaded."""
+    if source.endswith(".gguf") and os.path.isfile(source):
+        folder, name = os.path.split(os.path.abspath(source))
+        return LanguageModel(folder, gguf_file=name, dispatch=True)
+    return LanguageModel(source, dispatch=True)
+
+
+def default_name(source: str) -> str:
+    """The id clients use for a model: 'smollm2', a folder's or file's name, or the cache id."""
+    if source == DEFAULT_MODEL or not os.path.exists(source):
+        return source
+    return os.path.basename(os.path.normpath(source)).removesuffix(".gguf")
+
+
+def weights_checksum(module: torch.nn.Module) -> str:
+    """SHA-256 over every parameter's and buffer's name and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        digest.update(name.encode())
+        if tensor.device.type != "meta":
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class HostedModel:
+    """One hosted model instance (one job at a time runs on it)."""
+
+    def __init__(self, model: Model, *, name: str, limits: Limits, trusted: bool = False,
+                 check_weights: bool = False):
+        self.model, self.name, self.limits, self.trusted = model, name, limits, trusted
+        self.checksum = weights_checksum(model.module) if check_weights else None
+        self._state = ModelState(model.module, values=False) if check_weights else None
+        self.checked = 0  # jobs after which the model was checked
+        self.changes: list[str] = []  # what any job left behind (check_weights only)
+        self._manifest: dict | None = None
+
+    # -- before queueing (a thread of the HTTP side) ------------------------------------------------
+    def admit(self, data: bytes) -> Request:
+        """The request in `data`, checked as far as it can be without running it."""
+        if bytes(data[:3]) == GRAPH_MAGIC and len(data) > 4 and data[4] & _PICKLED and not self.trusted:
+            raise RefusedError("this request carries pickled Python functions (interlace.apply), which this "
+                               "server does not run: it runs graphs of allowed operations only")
+        request = deserialize_request(data, trusted=self.trusted, limits=self.limits)
+        for trace in request.traces:
+            if len(trace.invokes) > self.limits.max_invokes:
+                raise LimitError(f"a trace has {len(trace.invokes)} invokes, over the limit of "
+                                 f"{self.limits.max_invokes} (max_invokes)")
+            if not _has_functions(request.graph):
+                check_against_model(request.graph, self.model.module, self.model._extra_modules(),
+                                    len(trace.invokes), trace.start, trace.end)
+            if isinstance(self.model, LanguageModel):
+                _check_untrusted_options(trace.options, None, self.limits)
+        return request
+
+    # -- a job (the model's worker thread) --------------------------------------------------------------
+    def execute(self, request: Request, *, limits: Limits, cancel) -> tuple[bytes, list, dict]:
+        """Run the request; (result bytes, log lines, missing saved values)."""
+        try:
+            untrusted = not _has_functions(request.graph)  # only a --trusted server admits functions
+            outcome = self.model.run(request, untrusted=untrusted, limits=limits, cancel=cancel)
+            data = serialize_results(outcome.results, outcome.logs, graph=request.graph, limits=limits)
+            return data, outcome.logs, outcome.missing
+        finally:
+            if self.checksum is not None:
+                self._check()
+
+    def _check(self) -> None:
+        self.checked += 1
+        changes = self._state.diff()
+        if weights_checksum(self.model.module) != self.checksum:
+            changes.append("weights: checksum changed")
+        if changes:
+            log.error("a job changed the hosted model %s: %s", self.name, "; ".join(changes))
+            self.changes += changes
+
+    def limits_for(self, timeout: float | None) -> Limits:
+        """This server's limits, with the deadline shortened to a client's `timeout`."""
+        if timeout is None or timeout >= self.limits.max_seconds:
+            return self.limits
+        return dataclasses.replace(self.limits, max_seconds=max(timeout, 0.001))
+
+    # -- what a client needs to build the model without weights -----------------------------------------
+    def manifest(self) -> dict:
+        if self._manifest is None:
+            self._manifest = self._build_manifest()
+        return self._manifest
+
+    def _build_manifest(self) -> dict:
+        module = self.model.module
+        manifest = {
+            "id": self.name, "interlace": package_version(), "wire_version": VERSION, "trusted": self.trusted,
+            "kind": "language" if isinstance(self.model, LanguageModel) else "model",
+            "modules": [[path, type(sub).__name__] for path, sub in module.named_modules()],
+            "limits": dataclasses.asdict(self.limits), "config": None, "tokenizer": {}, "padding_side": None,
+        }
+        if isinstance(self.model, LanguageModel):
+            manifest["config"] = json.loads(module.config.to_json_string(use_diff=False))
+            manifest["padding_side"] = self.model.padding_side
+            if self.model.tokenizer is not None:
+                with tempfile.TemporaryDirectory() as folder:
+                    self.model.tokenizer.save_pretrained(folder)
+                    for name in sorted(os.listdir(folder)):
+                        with open(os.path.join(folder, name), encoding="utf-8") as file:
+                            manifest["tokenizer"][name] = file.read()
+        return manifest
+
+    def summary(self) -> dict:
+        return {"id": self.name, "kind": "language" if isinstance(self.model, LanguageModel) else "model",
+                "type": type(self.model.module).__name__,
+                "parameters": sum(p.numel() for p in self.model.module.parameters())}
+
+
+def _has_functions(graph) -> bool:
+    """Whether a (trusted) graph names Python callables rather than allow-list entries."""
+    return any(node.target is not None and not isinstance(node.target, str) for node in graph.nodes)

@@ -1,0 +1,244 @@
+"""Jobs: what a submitted request becomes, the bounded queue it waits in, the worker that runs it.
+
+A `Job` holds one request, whose key submitted it, its state (`queued`, `running`, `completed`,
+`error`, `cancelled`), its events (what `GET /v1/jobs/{id}/events` streams), and in the end its
+result bytes or its error body. Events are published from any thread and awaited on the event loop.
+
+`JobQueue` is bounded (a full queue refuses with 429) and tells every waiting job its position when
+it moves. One `Worker` thread per hosted model instance takes jobs from its queue one at a time and
+hands each to `execute` (hooks sit on the shared module: two jobs at once would see each other's
+activations). `JobStore` finds jobs by id for the key that made them, counts each key's unfinished
+jobs, and drops finished jobs once their results expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections import Counter, deque
+
+from ..errors import CancelledError, ServiceError
+from .errors import error_body
+
+log = logging.getLogger("interlace.server")
+
+FINISHED = frozenset({"completed", "error", "cancelled"})
+
+
+class Job:
+    """One request on its way through the server; created on the event loop's thread."""
+
+    def __init__(self, request, *, key: str, model: str, limits, loop: asyncio.AbstractEventLoop):
+        self.id = secrets.token_urlsafe(16)  # random: ids cannot be guessed, only received
+        self.request, self.key, self.model, self.limits = request, key, model, limits
+        self.state = "queued"
+        self.position: int | None = None
+        self.created, self.started, self.finished = time.time(), None, None
+        self.result: bytes | None = None
+        self.missing: dict = {}  # saved nodes without a value, and why
+        self.error: dict | None = None  # {code, message, node, hint} and its status
+        self.status = 200
+        self.events: list[tuple[str, dict]] = []
+        self.cancel = threading.Event()  # the executor checks it between operations
+        self._loop = loop
+        self._changed = asyncio.Event()
+        self._lock = threading.Lock()
+        self.on_finish = None  # set by the store: called once when the job reaches a final state
+
+    def info(self) -> dict:
+        return {"id": self.id, "model": self.model, "state": self.state, "position": self.position,
+                "created": self.created, "started": self.started, "finished": self.finished,
+                "error": self.error, "missing": {str(k): v for k, v in self.missing.items()}}
+
+    # -- state changes (any thread) -------------------------------------------------------------
+    def publish(self, kind: str, **data) -> None:
+        with self._lock:
+            self.events.append((kind, data))
+        self._loop.call_soon_threadsafe(self._wake)
+
+    def queued(self, position: int) -> None:
+        self.position = position
+        self.publish("queued", position=position)
+
+    def running(self) -> None:
+        self.state, self.position, self.started = "running", None, time.time()
+        self.publish("running")
+
+    def complete(self, result: bytes, logs, missing: dict) -> None:
+        self.result, self.missing = result, missing
+        for index, values in logs:
+            self.publish("log", node=index, text=" ".join(map(str, values)))
+        self._finish("completed")
+
+    def fail(self, error: Exception, status: int) -> None:
+        if self.state in FINISHED:
+            return
+        self.error, self.status = error_body(error), status
+        self._finish("cancelled" if isinstance(error, CancelledError) else "error", **self.error)
+
+    def _finish(self, state: str, **data) -> None:
+        with self._lock:
+            if self.state in FINISHED:
+                return
+            self.state, self.position, self.finished = state, None, time.time()
+        self.publish(state, **data)
+        if self.on_finish is not None:
+            self.on_finish(self)
+
+    # -- waiting (on the event loop) --------------------------------------------------------------
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def next_events(self, seen: int, timeout: float) -> list[tuple[str, dict]]:
+        """Events after the first `seen`, waiting up to `timeout` seconds for one."""
+        changed = self._changed  # taken before looking: a wake after the look still reaches us
+        if len(self.events) <= seen:
+            try:
+                await asyncio.wait_for(changed.wait(), timeout)
+            except TimeoutError:
+                pass
+        return self.events[seen:]
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait until the job is finished or `timeout` seconds passed; whether it is finished."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while self.state not in FINISHED and (left := deadline - time.monotonic()) > 0:
+            seen += len(await self.next_events(seen, left))
+        return self.state in FINISHED
+
+
+class JobQueue:
+    """Jobs waiting for one hosted model, at most `depth` of them."""
+
+    def __init__(self, depth: int):
+        self.depth = depth
+        self._jobs: deque[Job] = deque()
+        self._ready = threading.Condition()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def put(self, job: Job) -> None:
+        with self._ready:
+            if len(self._jobs) >= self.depth:
+                error = ServiceError(f"the queue of model '{job.model}' is full ({self.depth} jobs waiting); "
+                                     "try again shortly", status=429, code="queue_full")
+                error.retry_after = 2
+                raise error
+            self._jobs.append(job)
+            job.queued(len(self._jobs))
+            self._ready.notify()
+
+    def take(self) -> Job | None:
+        """The next job (blocking); None once the queue is closed."""
+        with self._ready:
+            while not self._jobs and not self._closed:
+                self._ready.wait()
+            if self._closed:
+                return None
+            job = self._jobs.popleft()
+            self._moved()
+            return job
+
+    def remove(self, job: Job) -> bool:
+        """Take a queued job out (cancelled); whether it was still waiting."""
+        with self._ready:
+            try:
+                self._jobs.remove(job)
+            except ValueError:
+                return False
+            self._moved()
+            return True
+
+    def _moved(self) -> None:
+        for position, job in enumerate(self._jobs, 1):
+            job.queued(position)
+
+    def close(self) -> list[Job]:
+        """Stop the worker; returns the jobs still waiting."""
+        with self._ready:
+            self._closed = True
+            waiting, self._jobs = list(self._jobs), deque()
+            self._ready.notify_all()
+            return waiting
+
+
+class Worker(threading.Thread):
+    """Runs the jobs of one queue one at a time: `execute(job)` returns (result bytes, logs, missing)."""
+
+    def __init__(self, queue: JobQueue, execute, *, name: str, status_of, on_done=None):
+        super().__init__(name=f"interlace-worker-{name}", daemon=True)
+        self.queue, self.execute, self.status_of, self.on_done = queue, execute, status_of, on_done
+        self.current: Job | None = None
+
+    def run(self) -> None:
+        while (job := self.queue.take()) is not None:
+            if job.cancel.is_set():  # cancelled while it waited
+                job.fail(CancelledError("the job was cancelled while queued"), 410)
+                continue
+            self.current = job
+            job.running()
+            try:
+                job.complete(*self.execute(job))
+            except Exception as error:  # noqa: BLE001 - a failed job must never stop the worker
+                if self.status_of(error) == 500:
+                    log.exception("job %s failed unexpectedly", job.id)
+                job.fail(error, self.status_of(error))
+            finally:
+                self.current = None
+                if self.on_done is not None:
+                    self.on_done(job)
+
+
+class JobStore:
+    """Jobs by id, each readable only with the key that made it; finished ones expire after `ttl` s."""
+
+    def __init__(self, ttl: float):
+        self.ttl = ttl
+        self._jobs: dict[str, Job] = {}
+        self._active: Counter = Counter()  # key -> unfinished jobs
+        self._lock = threading.Lock()
+
+    def add(self, job: Job) -> None:
+        self.expire()
+        with self._lock:
+            self._jobs[job.id] = job
+            self._active[job.key] += 1
+        job.on_finish = self._finished
+
+    def discard(self, job: Job) -> None:
+        """Forget a job that never made it into the queue."""
+        with self._lock:
+            if self._jobs.pop(job.id, None) is not None:
+                self._active[job.key] -= 1
+
+    def _finished(self, job: Job) -> None:
+        with self._lock:
+            self._active[job.key] -= 1
+
+    def active(self, key: str) -> int:
+        return self._active[key]
+
+    def get(self, job_id: str, key: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None or job.key != key:  # another key's job is as unknown as a made-up id
+            raise ServiceError(f"no job '{job_id[:64]}' for this key (unknown, another key's, or expired)",
+                               status=404, code="not_found")
+        return job
+
+    def expire(self) -> None:
+        cutoff = time.time() - self.ttl
+        with self._lock:
+            old = [i for i, job in self._jobs.items() if job.finished is not None and job.finished < cutoff]
+            for job_id in old:
+                del self._jobs[job_id]
+
+    def unfinished(self) -> list[Job]:
+        with self._lock:
+            return [job for job in self._jobs.values() if job.state not in FINISHED]

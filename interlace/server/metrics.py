@@ -1,0 +1,38 @@
+"""Prometheus metrics of one server: jobs by outcome, queue depth, time waiting and running, refusals.
+
+Each app has its own registry, so several apps in one process (tests) keep separate counts.
+`GET /metrics` serves them in Prometheus' text format.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+_SECONDS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self):
+        self.registry = registry = CollectorRegistry()
+        self.submitted = Counter("interlace_jobs_submitted", "Jobs accepted into a queue", ["model"], registry=registry)
+        self.finished = Counter("interlace_jobs_finished", "Jobs finished, by final state", ["model", "state"],
+                                registry=registry)
+        self.refused = Counter("interlace_requests_refused", "Requests answered with an error, by status",
+                               ["status"], registry=registry)
+        self.queued = Gauge("interlace_queue_depth", "Jobs waiting in the queue", ["model"], registry=registry)
+        self.waited = Histogram("interlace_job_wait_seconds", "Time from submission to start", ["model"],
+                                buckets=_SECONDS, registry=registry)
+        self.ran = Histogram("interlace_job_run_seconds", "Time a job ran on the model", ["model"],
+                             buckets=_SECONDS, registry=registry)
+
+    def job_done(self, job) -> None:
+        self.finished.labels(job.model, job.state).inc()
+        if job.started is not None:
+            self.waited.labels(job.model).observe(job.started - job.created)
+            self.ran.labels(job.model).observe(job.finished - job.started)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

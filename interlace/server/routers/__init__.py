@@ -1,0 +1,1 @@
+"""One router per resource: `health` (health, metrics), `models` (list, manifest), `jobs`."""

@@ -1,0 +1,29 @@
+"""The server's own state: `GET /v1/health` (no key needed) and `GET /metrics` (Prometheus)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Response
+
+from ...backends.remote import package_version
+from ...backends.serialize import VERSION
+from ..auth import service
+from ..schemas import Health
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/v1/health", response_model=Health)
+def health(svc=Depends(service)) -> Health:
+    checking = [m for m in svc.models.values() if m.checksum is not None]
+    return Health(
+        status="ok", interlace=package_version(), wire_version=VERSION, models=list(svc.models),
+        queued={name: len(queue) for name, queue in svc.queues.items()},
+        running={worker.name.removeprefix("interlace-worker-"): worker.current is not None for worker in svc.workers},
+        checked_jobs=sum(m.checked for m in checking) if checking else None,
+        model_changes=[change for m in checking for change in m.changes] if checking else None,
+    )
+
+
+@router.get("/metrics")
+def metrics(svc=Depends(service)) -> Response:
+    return Response(svc.metrics.render(), media_type=svc.metrics.content_type)

@@ -1,0 +1,117 @@
+"""Jobs: submit (`POST /v1/jobs?wait=S`), status, events (server-sent), result, cancel (`DELETE`).
+
+A submission's body is the bytes of a request (`serialize_request`). It is read up to the frame
+limit, checked and queued; with `wait=S` the answer waits up to S seconds for the job and is then
+its result (200, the bytes of `serialize_results`) or its id and state (202). Every job is readable
+only with the key that submitted it: any other key gets the same 404 as an unknown id.
+"""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import JSONResponse
+from sse_starlette.sse import EventSourceResponse
+
+from ...errors import LimitError, ServiceError
+from ..auth import caller, service
+from ..jobs import FINISHED, Job
+from ..keys import Key
+from ..schemas import JobInfo
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+_RESULTS = "application/x-interlace-results"
+_MISSING_HEADER_LIMIT = 8192  # bytes; past that the client gets a general reason
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused as soon as it is known to be over `limit` bytes (before it is all read)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ServiceError("the Content-Length header is not a number", status=400, code="bad_request")
+        if int(declared) > limit:
+            raise LimitError(f"the request is {declared} bytes, over the limit of {limit} (max_frame_bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise LimitError(f"the request is over the limit of {limit} bytes (max_frame_bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _answer(job: Job) -> Response:
+    """The result of a finished job, its error, or (not finished) its state with 202."""
+    if job.state == "completed":
+        headers = {"Interlace-Job": job.id}
+        if job.missing:
+            reasons: dict[str, list[int]] = {}
+            for index, why in job.missing.items():
+                reasons.setdefault(why, []).append(index)
+            text = json.dumps(reasons)
+            if len(text) <= _MISSING_HEADER_LIMIT:
+                headers["Interlace-Missing"] = text
+        return Response(job.result, media_type=_RESULTS, headers=headers)
+    if job.state in FINISHED:
+        response = JSONResponse(job.error, status_code=job.status)
+        response.headers["Interlace-Job"] = job.id
+        return response
+    return JSONResponse(JobInfo(**job.info()).model_dump(), status_code=202, headers={"Interlace-Job": job.id})
+
+
+@router.post("", responses={200: {"content": {_RESULTS: {}}}, 202: {"model": JobInfo}})
+async def submit(request: Request, model: str | None = None, wait: float = Query(0.0, ge=0),
+                 timeout: float | None = Query(None, gt=0), key: Key = Depends(caller), svc=Depends(service)):
+    """Queue a request; with `wait`, answer with its result when it is done within that many seconds.
+
+    `timeout` shortens the job's deadline (never past the server's max_seconds).
+    """
+    data = await _read_body(request, svc.model(model).limits.max_frame_bytes)
+    job = await svc.submit(data, key.id, model, timeout)
+    if wait:
+        await job.wait(min(wait, svc.config.max_wait))
+    return _answer(job)
+
+
+@router.get("/{job_id}", response_model=JobInfo)
+def status(job_id: str, key: Key = Depends(caller), svc=Depends(service)):
+    return svc.store.get(job_id, key.id).info()
+
+
+@router.get("/{job_id}/result", responses={200: {"content": {_RESULTS: {}}}, 202: {"model": JobInfo}})
+async def result(job_id: str, wait: float = Query(0.0, ge=0), key: Key = Depends(caller), svc=Depends(service)):
+    """The result (200), the job's error (its status), or with 202 its state while it is not finished."""
+    job = svc.store.get(job_id, key.id)
+    if wait:
+        await job.wait(min(wait, svc.config.max_wait))
+    return _answer(job)
+
+
+@router.get("/{job_id}/events")
+async def events(job_id: str, key: Key = Depends(caller), svc=Depends(service)):
+    """Server-sent events: queued (with position), running, log, then completed, error or cancelled."""
+    job = svc.store.get(job_id, key.id)
+
+    async def stream():
+        seen = 0
+        while True:
+            new = await job.next_events(seen, 15.0)
+            seen += len(new)
+            for kind, data in new:
+                yield {"event": kind, "data": json.dumps(data)}
+                if kind in FINISHED:
+                    return
+
+    return EventSourceResponse(stream(), ping=15)
+
+
+@router.delete("/{job_id}", response_model=JobInfo)
+def cancel(job_id: str, key: Key = Depends(caller), svc=Depends(service)):
+    """Cancel a queued job at once, a running one at its next operation; a finished one is left as is."""
+    job = svc.store.get(job_id, key.id)
+    if job.state not in FINISHED:
+        svc.cancel(job)
+    return job.info()

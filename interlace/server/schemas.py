@@ -1,0 +1,57 @@
+"""The JSON bodies of the API, as pydantic models (request and result graphs travel as wire-format bytes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class ErrorBody(BaseModel):
+    code: str  # the error class (GraphError, ...) or the service's reason (unauthorized, queue_full, ...)
+    message: str
+    node: dict | None = None  # index, op, target, location of the node at fault
+    hint: str | None = None
+
+
+class Health(BaseModel):
+    status: str
+    interlace: str
+    wire_version: int
+    models: list[str]
+    queued: dict[str, int]
+    running: dict[str, bool]
+    checked_jobs: int | None = None  # jobs after which the weights were checked (--check-weights)
+    model_changes: list[str] | None = None  # what any job left on a hosted model (expected: none)
+
+
+class ModelSummary(BaseModel):
+    id: str
+    kind: str
+    type: str
+    parameters: int
+
+
+class Manifest(BaseModel):
+    id: str
+    interlace: str
+    wire_version: int
+    trusted: bool
+    kind: str
+    modules: list[tuple[str, str]]  # (path, class name) of every module
+    limits: dict[str, int | float]
+    config: dict[str, Any] | None  # the transformers config, for LanguageModel
+    tokenizer: dict[str, str]  # file name -> text, as save_pretrained writes them
+    padding_side: str | None
+
+
+class JobInfo(BaseModel):
+    id: str
+    model: str
+    state: str  # queued, running, completed, error, cancelled
+    position: int | None  # 1 = next, while queued
+    created: float
+    started: float | None
+    finished: float | None
+    error: ErrorBody | None
+    missing: dict[str, str]  # saved node -> why it has no value

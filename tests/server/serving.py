@@ -1,0 +1,64 @@
+"""A real `interlace serve` process on 127.0.0.1 for the tests: started, waited for, always stopped."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`interlace serve MODEL --db DB *flags` on a free port; `stop()` ends it (kill after 15 s)."""
+
+    def __init__(self, model: str, db: str, *flags: str, ready_within: float = 90.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile(mode="w+")
+        command = [sys.executable, "-m", "interlace", "serve", model, "--db", db, "--port", str(self.port),
+                   "--log-level", "warning", *flags]
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            self._wait_ready(ready_within)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/v1/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"the server did not answer within {seconds} s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-5000:]
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/v1/health", timeout=10).json()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
