@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     service_help = {"queue_depth": "jobs waiting per model", "rate": "job submissions per key per minute",
                     "jobs_per_key": "unfinished jobs per key", "result_ttl": "seconds a result stays readable",
-                    "max_wait": "longest ?wait= in seconds"}
+                    "max_wait": "longest ?wait= in seconds", "batch_jobs": "jobs run together in one forward",
+                    "batch_tokens": "token positions of one batch of jobs",
+                    "batch_wait": "seconds a job waits for others to batch with"}
     from .server.config import ServerConfig  # noqa: PLC0415 - light: no model, no web framework
 
     for spec in dataclasses.fields(ServerConfig):

@@ -78,3 +78,9 @@ def tiny_tokenizer(vocab_size: int = 100):
     special = {name: tokenizers.AddedToken(word, single_word=True) for name, word in
                (("pad_token", "w0"), ("eos_token", "w0"), ("unk_token", "w1"))}
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **special)
+
+
+def assert_close_in_batch(got: torch.Tensor, want: torch.Tensor, message: str = "") -> None:
+    """Equal up to float rounding in a different batch: within 1e-5 relative to the tensor's scale."""
+    scale = want.abs().max().item() if want.numel() and want.is_floating_point() else 0.0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale + 1e-7, msg=lambda m: f"{message} {m}")

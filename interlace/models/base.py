@@ -218,9 +218,7 @@ class Model(Envoy):
         answers: list = [None] * len(requests)
         groups: dict = {}
         for number, request in enumerate(requests):
-            key = merge_key(request)
-            if key is not None:  # only a forward of the same shape: positions mean the same in every row
-                key = (key, self._call_shape(request.traces[0].invokes))
+            key = self.merge_group(request)
             groups.setdefault(key if key is not None else ("alone", number), []).append(number)
         for members in groups.values():
             if len(members) == 1:
@@ -230,6 +228,22 @@ class Model(Envoy):
             for number, answer in zip(members, merged):
                 answers[number] = answer
         return answers
+
+    def merge_group(self, request: Request):
+        """Requests with equal groups can share one forward (`run_many`); None: this one runs alone."""
+        key = merge_key(request)
+        if key is None:
+            return None
+        return key, self._call_shape(request.traces[0].invokes)  # positions must mean the same in every row
+
+    def request_size(self, request: Request) -> int:
+        """How much of a merged batch a request takes: its rows (LanguageModel: its token positions)."""
+        size = 0
+        for trace in request.traces:
+            for args, kwargs in trace.invokes:
+                first = next(iter(args), None) if args else next(iter(kwargs.values()), None)
+                size += first.shape[0] if getattr(first, "ndim", 0) else 1
+        return size
 
     def _call_shape(self, invokes) -> tuple:
         """What must match for invokes to share a forward: the inputs' shapes but the batch dimension."""

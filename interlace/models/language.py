@@ -242,6 +242,19 @@ class LanguageModel(Model):
             return ("invalid",)  # its run says why
         return (batch["input_ids"].shape[1],)
 
+    def request_size(self, request: Request) -> int:
+        """Token positions: rows x (padded length + new tokens) of each trace."""
+        size = 0
+        for trace in request.traces:
+            if trace.invokes:
+                try:
+                    batch, _ = self._tokenize(trace.invokes)
+                except InterlaceError:
+                    continue  # its run says why
+                rows, length = batch["input_ids"].shape
+                size += rows * (length + trace.options.get("kwargs", {}).get("max_new_tokens", 0))
+        return size
+
     def _call_inputs(self, tracer: Tracer, index: int):
         batch, _ = self._tokenize([tracer.invokes[index]])
         return (), {**batch, **tracer.options["kwargs"]}

@@ -2,7 +2,8 @@
 
 `create_app(models, keys, config)` builds the FastAPI app: one router per resource (`routers/`),
 auth and quotas as dependencies (`auth.py`), one error mapping (`errors.py`). Each hosted model
-instance has a bounded `JobQueue` and one `Worker` thread; the HTTP side only reads requests, checks
+instance has a bounded `JobQueue` and one `Worker` thread, which runs queued jobs that can share a
+forward as one batch; the HTTP side only reads requests, checks
 them (in a thread pool) and waits on events, so it never blocks on the model.
 """
 
@@ -31,20 +32,33 @@ log = logging.getLogger("interlace.server")
 class Service:
     """Everything one server holds, shared by its routes and its workers."""
 
-    def __init__(self, models: list[HostedModel], keys: KeyStore, config: ServerConfig):
+    def __init__(self, models: list[HostedModel], keys: KeyStore, config: ServerConfig, runners: dict | None = None):
         self.models = {hosted.name: hosted for hosted in models}
         self.keys, self.config = keys, config
         self.queues = {name: JobQueue(config.queue_depth) for name in self.models}
         self.store = JobStore(config.result_ttl)
         self.quota = Quota(config.rate, config.jobs_per_key)
         self.metrics = Metrics()
-        self.workers = [Worker(self.queues[name], self._runner(hosted), name=name, status_of=errors.status_of,
-                               on_done=self._done) for name, hosted in self.models.items()]
+        runners = runners or {name: [self._runner(hosted)] for name, hosted in self.models.items()}
+        batch = (config.batch_jobs, config.batch_tokens, config.batch_wait)
+        self.workers = [Worker(self.queues[name], self._counted(name, run), name=name, status_of=errors.status_of,
+                               on_done=self._done, batch=batch)
+                        for name in self.models for run in runners[name]]
 
-    def _runner(self, hosted: HostedModel):
-        def execute(job: Job):
-            self.metrics.queued.labels(job.model).set(len(self.queues[job.model]))
-            return hosted.execute(job.request, limits=job.limits, cancel=job.cancel)
+    @staticmethod
+    def _runner(hosted: HostedModel):
+        """Run a batch of jobs on the model in this process."""
+        def execute(jobs: list[Job]) -> list:
+            return hosted.execute_many([job.request for job in jobs], limits=jobs[0].limits,
+                                       cancels=[job.cancel for job in jobs])
+
+        return execute
+
+    def _counted(self, name: str, run):
+        def execute(jobs: list[Job]) -> list:
+            self.metrics.queued.labels(name).set(len(self.queues[name]))
+            self.metrics.batch_jobs.labels(name).observe(len(jobs))
+            return run(jobs)
 
         return execute
 
@@ -62,8 +76,8 @@ class Service:
             for job in queue.close():
                 job.fail(CancelledError("the server is shutting down"), 410)
         for worker in self.workers:
-            if worker.current is not None:
-                worker.current.cancel.set()
+            for job in worker.current:
+                job.cancel.set()
         for worker in self.workers:
             worker.join(timeout)
 
@@ -80,11 +94,17 @@ class Service:
         hosted = self.model(model)
         self.quota.count_submission(key)
         self.quota.check_active(key, self.store.active(key))
-        request = await run_in_threadpool(hosted.admit, data)
+        limits = hosted.limits_for(timeout)
+
+        def admit():
+            request = hosted.admit(data)
+            return (request, *hosted.batching(request, limits))
+
+        request, group, size = await run_in_threadpool(admit)
         # nothing awaits from here on: the checks and the queueing happen as one step
         self.quota.check_active(key, self.store.active(key))
-        job = Job(request, key=key, model=hosted.name, limits=hosted.limits_for(timeout),
-                  loop=asyncio.get_running_loop())
+        job = Job(request, key=key, model=hosted.name, limits=limits, loop=asyncio.get_running_loop(), data=data,
+                  group=group, size=size)
         self.store.add(job)
         try:
             self.queues[hosted.name].put(job)
@@ -101,8 +121,11 @@ class Service:
             job.fail(CancelledError("the job was cancelled while queued"), 410)
 
 
-def create_app(models: list[HostedModel], keys: KeyStore, config: ServerConfig | None = None) -> FastAPI:
-    service = Service(models, keys, config or ServerConfig())
+def create_app(models: list[HostedModel], keys: KeyStore, config: ServerConfig | None = None,
+               runners: dict | None = None) -> FastAPI:
+    """The app serving `models`. `runners` (default: each model in this process) maps a model's name to
+    functions that each run a batch of its jobs somewhere (one worker thread each, e.g. one per replica)."""
+    service = Service(models, keys, config or ServerConfig(), runners)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

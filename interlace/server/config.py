@@ -17,3 +17,7 @@ class ServerConfig:
     jobs_per_key: int = 8  # unfinished jobs per key
     result_ttl: float = 600.0  # seconds a finished job's result stays readable
     max_wait: float = 60.0  # the longest ?wait= a request may hold
+    # cross-user batching: queued jobs that can share a forward run as one batch
+    batch_jobs: int = 16  # jobs in one batch (1: one job at a time)
+    batch_tokens: int = 8192  # token positions (rows x padded length) of one batch
+    batch_wait: float = 0.0  # seconds a job waits for companions; 0: run at once with what is queued

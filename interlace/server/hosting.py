@@ -94,17 +94,48 @@ class HostedModel:
                 _check_untrusted_options(trace.options, None, self.limits)
         return request
 
-    # -- a job (the model's worker thread) --------------------------------------------------------------
+    def batching(self, request: Request, limits: Limits) -> tuple:
+        """(group, size) of a job: jobs of one group (None: none) can share a forward; size in tokens."""
+        group = None if _has_functions(request.graph) else self.model.merge_group(request)
+        return (None if group is None else (group, limits)), self.model.request_size(request)
+
+    # -- jobs (the model's worker thread) ---------------------------------------------------------------
     def execute(self, request: Request, *, limits: Limits, cancel) -> tuple[bytes, list, dict]:
         """Run the request; (result bytes, log lines, missing saved values)."""
+        answer = self.execute_many([request], limits=limits, cancels=[cancel])[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def execute_many(self, requests: list[Request], *, limits: Limits, cancels: list) -> list:
+        """Run requests together where they can share a forward (one group; see `batching`); for each,
+        (result bytes, log lines, missing saved values) or the exception that failed it alone."""
         try:
-            untrusted = not _has_functions(request.graph)  # only a --trusted server admits functions
-            outcome = self.model.run(request, untrusted=untrusted, limits=limits, cancel=cancel)
-            data = serialize_results(outcome.results, outcome.logs, graph=request.graph, limits=limits)
-            return data, outcome.logs, outcome.missing
+            if len(requests) == 1 and _has_functions(requests[0].graph):  # only a --trusted server admits these
+                answers = [self._answer(lambda: self.model.run(requests[0], limits=limits, cancel=cancels[0]))]
+            else:
+                answers = self.model.run_many(requests, untrusted=True, limits=limits, cancels=cancels)
+            return [self._reply(request, answer, limits) for request, answer in zip(requests, answers)]
         finally:
             if self.checksum is not None:
                 self._check()
+
+    @staticmethod
+    def _answer(run):
+        try:
+            return run()
+        except Exception as error:  # noqa: BLE001 - reported to its job
+            return error
+
+    @staticmethod
+    def _reply(request: Request, answer, limits: Limits):
+        if isinstance(answer, Exception):
+            return answer
+        try:
+            data = serialize_results(answer.results, answer.logs, graph=request.graph, limits=limits)
+        except Exception as error:  # noqa: BLE001 - too large to send, say: that job's error alone
+            return error
+        return data, answer.logs, answer.missing
 
     def _check(self) -> None:
         self.checked += 1

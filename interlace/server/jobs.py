@@ -5,9 +5,10 @@ A `Job` holds one request, whose key submitted it, its state (`queued`, `running
 result bytes or its error body. Events are published from any thread and awaited on the event loop.
 
 `JobQueue` is bounded (a full queue refuses with 429) and tells every waiting job its position when
-it moves. One `Worker` thread per hosted model instance takes jobs from its queue one at a time and
-hands each to `execute` (hooks sit on the shared module: two jobs at once would see each other's
-activations). `JobStore` finds jobs by id for the key that made them, counts each key's unfinished
+it moves. One `Worker` thread per hosted model instance takes from its queue a batch of jobs that
+can share one forward (same group, within the server's bounds on jobs and token positions) and hands
+it to `execute`, which runs them together, each on its own rows (hooks sit on the shared module: two
+batches at once would see each other's activations). `JobStore` finds jobs by id for the key that made them, counts each key's unfinished
 jobs, and drops finished jobs once their results expire.
 """
 
@@ -31,9 +32,12 @@ FINISHED = frozenset({"completed", "error", "cancelled"})
 class Job:
     """One request on its way through the server; created on the event loop's thread."""
 
-    def __init__(self, request, *, key: str, model: str, limits, loop: asyncio.AbstractEventLoop):
+    def __init__(self, request, *, key: str, model: str, limits, loop: asyncio.AbstractEventLoop, data: bytes = b"",
+                 group=None, size: int = 1):
         self.id = secrets.token_urlsafe(16)  # random: ids cannot be guessed, only received
         self.request, self.key, self.model, self.limits = request, key, model, limits
+        self.data = data  # the request's bytes as received (a runner in another process sends them on)
+        self.group, self.size = group, size  # jobs of one group may share a forward; size: its token positions
         self.state = "queued"
         self.position: int | None = None
         self.created, self.started, self.finished = time.time(), None, None
@@ -133,18 +137,37 @@ class JobQueue:
                 raise error
             self._jobs.append(job)
             job.queued(len(self._jobs))
-            self._ready.notify()
+            self._ready.notify_all()  # a worker waiting for companions counts them too
 
-    def take(self) -> Job | None:
-        """The next job (blocking); None once the queue is closed."""
+    def take(self, jobs: int = 1, size: int = 0, wait: float = 0.0) -> list[Job] | None:
+        """The next job and up to `jobs - 1` queued jobs of its group, all together at most `size` big
+        (blocking; waiting up to `wait` seconds for companions); None once the queue is closed."""
         with self._ready:
-            while not self._jobs and not self._closed:
-                self._ready.wait()
-            if self._closed:
-                return None
-            job = self._jobs.popleft()
+            first = None
+            while first is None or not self._jobs or self._jobs[0] is not first:  # it may be cancelled meanwhile
+                while not self._jobs and not self._closed:
+                    self._ready.wait()
+                if self._closed:
+                    return None
+                first, deadline = self._jobs[0], time.monotonic() + wait
+                while len(self._jobs) < jobs and self._jobs[0] is first and (left := deadline - time.monotonic()) > 0:
+                    self._ready.wait(left)
+                    if self._closed:
+                        return None
+                    if not self._jobs:
+                        break
+            batch, total = [], 0
+            for job in self._jobs:
+                if len(batch) == jobs:
+                    break
+                if batch and (first.group is None or job.group != first.group or total + job.size > size):
+                    continue  # it waits for a batch of its own kind; order within a group is kept
+                batch.append(job)
+                total += job.size
+            for job in batch:
+                self._jobs.remove(job)
             self._moved()
-            return job
+            return batch
 
     def remove(self, job: Job) -> bool:
         """Take a queued job out (cancelled); whether it was still waiting."""
@@ -154,6 +177,7 @@ class JobQueue:
             except ValueError:
                 return False
             self._moved()
+            self._ready.notify_all()
             return True
 
     def _moved(self) -> None:
@@ -170,30 +194,42 @@ class JobQueue:
 
 
 class Worker(threading.Thread):
-    """Runs the jobs of one queue one at a time: `execute(job)` returns (result bytes, logs, missing)."""
+    """Runs batches of jobs from one queue: `execute(jobs)` answers each with (result bytes, logs,
+    missing) or the exception that failed it. Several workers may share a queue (one per replica)."""
 
-    def __init__(self, queue: JobQueue, execute, *, name: str, status_of, on_done=None):
+    def __init__(self, queue: JobQueue, execute, *, name: str, status_of, on_done=None, batch: tuple = (1, 0, 0.0)):
         super().__init__(name=f"interlace-worker-{name}", daemon=True)
         self.queue, self.execute, self.status_of, self.on_done = queue, execute, status_of, on_done
-        self.current: Job | None = None
+        self.batch = batch  # (jobs, size, wait) of JobQueue.take
+        self.current: list[Job] = []
 
     def run(self) -> None:
-        while (job := self.queue.take()) is not None:
-            if job.cancel.is_set():  # cancelled while it waited
+        while (jobs := self.queue.take(*self.batch)) is not None:
+            for job in [job for job in jobs if job.cancel.is_set()]:  # cancelled while it waited
                 job.fail(CancelledError("the job was cancelled while queued"), 410)
-                continue
-            self.current = job
-            job.running()
+                jobs.remove(job)
+            self.current = jobs
+            for job in jobs:
+                job.running()
             try:
-                job.complete(*self.execute(job))
-            except Exception as error:  # noqa: BLE001 - a failed job must never stop the worker
-                if self.status_of(error) == 500:
-                    log.exception("job %s failed unexpectedly", job.id)
-                job.fail(error, self.status_of(error))
-            finally:
-                self.current = None
-                if self.on_done is not None:
-                    self.on_done(job)
+                answers = self.execute(jobs)
+            except Exception as error:  # noqa: BLE001 - a failed batch must never stop the worker
+                answers = [error] * len(jobs)
+            for job, answer in zip(jobs, answers):
+                self._finish(job, answer)
+            self.current = []
+
+    def _finish(self, job: Job, answer) -> None:
+        try:
+            if isinstance(answer, Exception):
+                if self.status_of(answer) == 500:
+                    log.error("job %s failed unexpectedly", job.id, exc_info=answer)
+                job.fail(answer, self.status_of(answer))
+            else:
+                job.complete(*answer)
+        finally:
+            if self.on_done is not None:
+                self.on_done(job)
 
 
 class JobStore:

@@ -1,4 +1,5 @@
-"""Prometheus metrics of one server: jobs by outcome, queue depth, time waiting and running, refusals.
+"""Prometheus metrics of one server: jobs by outcome, queue depth, time waiting and running, refusals,
+jobs per batch.
 
 Each app has its own registry, so several apps in one process (tests) keep separate counts.
 `GET /metrics` serves them in Prometheus' text format.
@@ -27,6 +28,9 @@ class Metrics:
                                 buckets=_SECONDS, registry=registry)
         self.ran = Histogram("interlace_job_run_seconds", "Time a job ran on the model", ["model"],
                              buckets=_SECONDS, registry=registry)
+
+        self.batch_jobs = Histogram("interlace_batch_jobs", "Jobs run together in one forward", ["model"],
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry)
 
     def job_done(self, job) -> None:
         self.finished.labels(job.model, job.state).inc()

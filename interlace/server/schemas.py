@@ -20,7 +20,7 @@ class Health(BaseModel):
     wire_version: int
     models: list[str]
     queued: dict[str, int]
-    running: dict[str, bool]
+    running: dict[str, int]  # jobs running now, per model
     checked_jobs: int | None = None  # jobs after which the weights were checked (--check-weights)
     model_changes: list[str] | None = None  # what any job left on a hosted model (expected: none)
 

@@ -2,8 +2,7 @@
 
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
+from helpers import assert_close_in_batch
 from interlace.backends.remote import RemoteBackend
 from interlace.graph import Request
 
@@ -31,6 +30,7 @@ def test_a_hundred_jobs_from_ten_keys(server, setup, local):
         results = [future.result(timeout=300) for future in futures]
     for number, (got, wanted) in enumerate(zip(results, expected)):
         assert got.keys() == wanted.keys(), number
-        assert all(torch.equal(got[i], wanted[i]) for i in wanted), number
+        for index in wanted:  # jobs batched together: equal up to float rounding in a larger batch
+            assert_close_in_batch(got[index], wanted[index], f"job {number}:")
     health = server.health()
     assert health["model_changes"] == [] and health["queued"] == {"tiny-gpt2": 0}

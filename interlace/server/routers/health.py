@@ -18,7 +18,8 @@ def health(svc=Depends(service)) -> Health:
     return Health(
         status="ok", interlace=package_version(), wire_version=VERSION, models=list(svc.models),
         queued={name: len(queue) for name, queue in svc.queues.items()},
-        running={worker.name.removeprefix("interlace-worker-"): worker.current is not None for worker in svc.workers},
+        running={name: sum(len(w.current) for w in svc.workers if w.name == f"interlace-worker-{name}")
+                 for name in svc.models},
         checked_jobs=sum(m.checked for m in checking) if checking else None,
         model_changes=[change for m in checking for change in m.changes] if checking else None,
     )
