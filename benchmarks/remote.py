@@ -1,15 +1,17 @@
 """What running on a server costs: a small job remote over loopback vs the same trace here, and jobs/s.
 
-Run `python benchmarks/remote.py [--model tiny] [--repeats 30] [--jobs 48]`. It starts `interlace serve`
-on 127.0.0.1 (its own key database in a temporary folder), loads the same model here, and prints,
+Run `python benchmarks/remote.py [--model tiny] [--repeats 30] [--jobs 96]`. It starts two `interlace
+serve` processes on 127.0.0.1 (its own key database in a temporary folder), loads the same model here, and prints,
 all measured in this run:
 
 1. The small job (save one layer's last position) run locally and remotely, alternating, median of
    repeats; the difference is what remote adds. Where that time goes: serializing the request,
    the job on the server (from its start and finish times), reading the result, and the rest (HTTP
    over loopback, queueing, waking the waiting request).
-2. Jobs per second with 1, 4 and 16 concurrent clients (threads, each with its own key), against
-   the local rate of the same trace run one after another.
+2. Jobs per second and per-job latency (median, 95th percentile) with 1, 4 and 16 concurrent
+   clients (threads, each with its own key), on a server that batches users' jobs (the default)
+   and on one that runs them one at a time (`--batch-jobs 1`), against the local rate of the same
+   trace run one after another.
 
 Model: the embedded SmolLM2-135M (default) or a tiny random GPT-2 (`--model tiny`).
 
@@ -78,23 +80,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--jobs", type=int, default=48, help="jobs per throughput measurement")
+    parser.add_argument("--jobs", type=int, default=96, help="jobs per throughput measurement")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         source, local, layers, prompt = _model(args.model, folder)
         store = KeyStore(os.path.join(folder, "keys.db"))
         keys = [store.create(f"client{i}") for i in range(max(CLIENTS))]
-        server = Server(source, os.path.join(folder, "keys.db"), "--rate", "100000", "--jobs-per-key", "64",
-                        ready_within=300)
+        quotas = ("--rate", "100000", "--jobs-per-key", "64")
+        server = Server(source, os.path.join(folder, "keys.db"), *quotas, ready_within=300)
+        alone = Server(source, os.path.join(folder, "keys.db"), *quotas, "--batch-jobs", "1", ready_within=300)
         try:
             name = os.path.basename(source) if args.model == "tiny" else "smollm2"
             remote = interlace.LanguageModel(name, host=server.url, api_key=keys[0])
-            _report(local, remote, server, keys, name, layers, prompt, args)
+            _report(local, remote, server, alone, keys, name, layers, prompt, args)
         finally:
             server.stop()
+            alone.stop()
 
 
-def _report(local, remote, server, keys, name, layers, prompt, args) -> None:
+def _report(local, remote, server, alone, keys, name, layers, prompt, args) -> None:
     for _ in range(3):  # warm both sides
         _small_job(local, layers, prompt, False), _small_job(remote, layers, prompt, True)
     here, there = [], []
@@ -133,22 +137,36 @@ def _report(local, remote, server, keys, name, layers, prompt, args) -> None:
     overhead = _median_ms(parts["HTTP round trip"]) - _median_ms(parts["job on the server"])
     print(f"  {'HTTP + queue + wake (round trip - job)':32}{overhead:9.2f}")
 
-    # throughput
+    # throughput, with and without cross-user batching
     start = time.perf_counter()
     for _ in range(args.jobs):
         _small_job(local, layers, prompt, False)
     local_rate = args.jobs / (time.perf_counter() - start)
-    backends = [RemoteBackend(server.url, key, model=name, progress=False) for key in keys]
-    print(f"\njobs per second ({args.jobs} jobs each; one model instance runs one job at a time)")
-    print(f"{'clients':>8}{'jobs/s':>10}{'vs local':>10}")
-    print(f"{'local':>8}{local_rate:10.1f}{1.0:10.2f}")
+    print(f"\njobs per second and per-job latency ({args.jobs} jobs each; local: the same trace run here, "
+          f"{local_rate:.1f} jobs/s)")
+    print(f"{'clients':>8}{'server':>18}{'jobs/s':>9}{'vs local':>10}{'median ms':>11}{'p95 ms':>9}")
+    rates = {}
     for clients in CLIENTS:
-        with ThreadPoolExecutor(clients) as pool:
-            start = time.perf_counter()
-            list(pool.map(lambda i: backends[i % clients].run(request), range(args.jobs)))
-            rate = args.jobs / (time.perf_counter() - start)
-        print(f"{clients:>8}{rate:10.1f}{rate / local_rate:10.2f}")
+        for label, url in (("one at a time", alone.url), ("batched", server.url)):
+            backends = [RemoteBackend(url, key, model=name, progress=False) for key in keys]
 
+            def job(number):
+                begun = time.perf_counter()
+                backends[number % clients].run(request)
+                return time.perf_counter() - begun
+
+            with ThreadPoolExecutor(clients) as pool:
+                list(pool.map(job, range(clients)))  # warm: connections open, threads started
+                start = time.perf_counter()
+                latencies = sorted(pool.map(job, range(args.jobs)))
+                rate = args.jobs / (time.perf_counter() - start)
+            rates[clients, label] = rate
+            p95 = latencies[min(len(latencies) - 1, round(0.95 * len(latencies)))]
+            print(f"{clients:>8}{label:>18}{rate:9.1f}{rate / local_rate:10.2f}{_median_ms(latencies):11.1f}"
+                  f"{p95 * 1000:9.1f}")
+    for clients in CLIENTS:
+        print(f"batched / one at a time, {clients:2} clients: "
+              f"{rates[clients, 'batched'] / rates[clients, 'one at a time']:.2f}x")
 
 if __name__ == "__main__":
     main()
