@@ -141,11 +141,24 @@ def create_app(models: list[HostedModel], keys: KeyStore, config: ServerConfig |
     for router in (health.router, model_routes.router, jobs.router):
         app.include_router(router)
 
-    @app.middleware("http")
-    async def count_refusals(request, call_next):
-        response = await call_next(request)
-        if response.status_code >= 400:
-            service.metrics.refused.labels(str(response.status_code)).inc()
-        return response
-
+    app.add_middleware(_CountRefusals, metrics=service.metrics)
     return app
+
+
+class _CountRefusals:
+    """Counts answers of status 400 and above by status (plain ASGI: a BaseHTTPMiddleware costs a task
+    and a stream per request)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counted(message):
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                self.metrics.refused.labels(str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
