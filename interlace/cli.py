@@ -51,7 +51,8 @@ def _serve(args) -> int:
     config = ServerConfig(limits=limits, **{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)
                                             if f.name != "limits"})
     print(f"interlace: loading {args.model} ...", file=sys.stderr, flush=True)
-    hosted = HostedModel(load_model(args.model), name=args.name or default_name(args.model), limits=limits,
+    model = load_model(args.model, standardized=args.standardized, attention_probs=args.attention_probs)
+    hosted = HostedModel(model, name=args.name or default_name(args.model), limits=limits,
                          trusted=args.trusted, check_weights=args.check_weights)
     app = create_app([hosted], KeyStore(args.db), config)
     print(f"interlace: serving '{hosted.name}' on http://{args.host}:{args.port} (keys: {args.db})",
@@ -117,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--check-weights", action="store_true",
                        help="test mode: checksum the weights after every job (see /v1/health)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--standardized", action="store_true",
+                       help="host it as a StandardizedTransformer, so clients can read per-head values")
+    serve.add_argument("--attention-probs", action="store_true",
+                       help="also attention probabilities (the eager attention; implies --standardized)")
     service_help = {"queue_depth": "jobs waiting per model", "rate": "job submissions per key per minute",
                     "jobs_per_key": "unfinished jobs per key", "result_ttl": "seconds a result stays readable",
                     "max_wait": "longest ?wait= in seconds", "batch_jobs": "jobs run together in one forward",

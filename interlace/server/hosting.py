@@ -33,18 +33,28 @@ from ..errors import LimitError, RefusedError
 from ..graph import Request
 from ..models.base import Model
 from ..models.language import DEFAULT_MODEL, LanguageModel, _check_untrusted_options
+from ..models.standardized import StandardizedTransformer
+from ..models.standardized.attention import AttentionProbes
 
 log = logging.getLogger("interlace.server")
 
 _PICKLED = 2  # the prefix flag of a request that carries pickled functions (serialize.py)
 
 
-def load_model(source: str) -> LanguageModel:
-    """"smollm2", a local model folder, a GGUF file, or a Hugging Face cache id; weights loaded."""
+def load_model(source: str, *, standardized: bool = False, attention_probs: bool = False) -> LanguageModel:
+    """"smollm2", a local model folder, a GGUF file, or a Hugging Face cache id; weights loaded.
+
+    standardized: host a StandardizedTransformer, whose attention probes (per-head values) clients can
+    read; attention_probs (implies standardized): with attention probabilities, on the eager attention.
+    """
+    options = {"dispatch": True}
+    kind = LanguageModel
+    if standardized or attention_probs:
+        kind, options["enable_attention_probs"] = StandardizedTransformer, attention_probs
     if source.endswith(".gguf") and os.path.isfile(source):
         folder, name = os.path.split(os.path.abspath(source))
-        return LanguageModel(folder, gguf_file=name, dispatch=True)
-    return LanguageModel(source, dispatch=True)
+        return kind(folder, gguf_file=name, **options)
+    return kind(source, **options)
 
 
 def default_name(source: str) -> str:
@@ -160,12 +170,20 @@ class HostedModel:
 
     def _build_manifest(self) -> dict:
         module = self.model.module
+        # the tree a client builds from the config: without a standardized model's attention probes,
+        # which the client adds itself (see "standardized")
+        probes = tuple(path + "." for path, sub in module.named_modules() if isinstance(sub, AttentionProbes))
+        modules = [[path, type(sub).__name__] for path, sub in module.named_modules()
+                   if not (path + ".").startswith(probes)]
         manifest = {
             "id": self.name, "interlace": package_version(), "wire_version": VERSION, "trusted": self.trusted,
             "kind": "language" if isinstance(self.model, LanguageModel) else "model",
-            "modules": [[path, type(sub).__name__] for path, sub in module.named_modules()],
+            "modules": modules,
             "limits": dataclasses.asdict(self.limits), "config": None, "tokenizer": {}, "padding_side": None,
+            "standardized": None,
         }
+        if isinstance(self.model, StandardizedTransformer):  # clients add the same probes to the tree they build
+            manifest["standardized"] = {"attention_probs": self.model._attention_probs}
         if isinstance(self.model, LanguageModel):
             manifest["config"] = json.loads(module.config.to_json_string(use_diff=False))
             manifest["padding_side"] = self.model.padding_side

@@ -43,6 +43,7 @@ class Manifest(BaseModel):
     config: dict[str, Any] | None  # the transformers config, for LanguageModel
     tokenizer: dict[str, str]  # file name -> text, as save_pretrained writes them
     padding_side: str | None
+    standardized: dict[str, bool] | None = None  # a StandardizedTransformer's options ({"attention_probs": ...})
 
 
 class JobInfo(BaseModel):
