@@ -6,6 +6,10 @@ table gives module paths; aliases (`Model(rename=...)`) expose them as `embed_to
 `layers_output[i]` read and assign each layer's values as `[batch, seq, hidden]` tensors, unwrapping
 tuples on read and rebuilding them on assignment. Everything they record is plain graph operations
 on module values, so the same code can run wherever the graph runs.
+
+Remotely (`host=`, or $INTERLACE_HOST), the tree is built from the server's manifest and gets its
+probes here; per-head values need a server started with `interlace serve MODEL --standardized`
+(probabilities: `--attention-probs` too), and reading one the server lacks is a StandardizationError.
 """
 
 from __future__ import annotations
@@ -139,6 +143,8 @@ class StandardizedTransformer(LanguageModel):
         self._rename_config = rename_config or RenameConfig()
         self._attention_probs = enable_attention_probs
         self._unavailable: dict[str, str] = {}
+        if self._remote is not None:
+            self._unavailable.update(self._missing_on_server())
         self._tuple_outputs: dict[str, int] = {}  # module path -> length of the tuple it returns
         self._prepare(self._module)
         # the aliases give the standard names (the probes' envoys are made when first reached)
@@ -154,6 +160,23 @@ class StandardizedTransformer(LanguageModel):
         if reason is not None:
             for name in HEAD_VALUES:
                 self._unavailable.setdefault(name, reason)
+
+    def _missing_on_server(self) -> dict[str, str]:
+        """Per-head values the server cannot give (its model has no probes, or no probabilities): why not.
+
+        The probes are identity modules: a client adds them to the tree it builds from the manifest,
+        but only a server that hosts a StandardizedTransformer runs values through them.
+        """
+        served = self._remote.manifest().get("standardized")
+        hosted = f"the server at {self._remote.host} hosts '{self._remote.model}'"
+        if served is None:
+            reason = (f"{hosted} without attention probes; its operator can start it with "
+                      "`interlace serve MODEL --standardized` (add --attention-probs for attention_probabilities)")
+            return dict.fromkeys(HEAD_VALUES, reason)
+        if not served["attention_probs"]:
+            return {"attention_probabilities": f"{hosted} without attention probabilities; its operator can "
+                                               "start it with `interlace serve MODEL --standardized --attention-probs`"}
+        return {}
 
     def _load_weights(self) -> torch.nn.Module:
         module = super()._load_weights()
