@@ -35,6 +35,9 @@ def _check_model(args) -> int:
 def _serve(args) -> int:
     import logging
 
+    if not args.ray and (args.replicas != 1 or args.max_replicas or args.gpus_per_replica):
+        print("--replicas, --max-replicas and --gpus-per-replica need --ray", file=sys.stderr)
+        return 2
     import uvicorn
 
     from .server.app import create_app
@@ -50,6 +53,10 @@ def _serve(args) -> int:
     limits = Limits(**{name: getattr(args, name) for name in Limits.names()})
     config = ServerConfig(limits=limits, **{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)
                                             if f.name != "limits"})
+    if args.ray:
+        from .server.cluster import serve_on_ray
+
+        return serve_on_ray(args, config)
     print(f"interlace: loading {args.model} ...", file=sys.stderr, flush=True)
     model = load_model(args.model, standardized=args.standardized, attention_probs=args.attention_probs)
     hosted = HostedModel(model, name=args.name or default_name(args.model), limits=limits,
@@ -122,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
                        help="host it as a StandardizedTransformer, so clients can read per-head values")
     serve.add_argument("--attention-probs", action="store_true",
                        help="also attention probabilities (the eager attention; implies --standardized)")
+    serve.add_argument("--ray", action="store_true",
+                       help="run as a Ray Serve application (the cluster at RAY_ADDRESS, or a Ray instance started "
+                            "here): one HTTP ingress, the model in --replicas replicas; needs interlace[ray]")
+    serve.add_argument("--replicas", type=int, default=1, help="--ray: model replicas (default 1)")
+    serve.add_argument("--max-replicas", type=int, default=None,
+                       help="--ray: let Ray autoscale between --replicas and this many replicas by load")
+    serve.add_argument("--gpus-per-replica", type=float, default=0,
+                       help="--ray: GPUs each replica asks Ray for; the model spreads over them (device_map='auto')")
     service_help = {"queue_depth": "jobs waiting per model", "rate": "job submissions per key per minute",
                     "jobs_per_key": "unfinished jobs per key", "result_ttl": "seconds a result stays readable",
                     "max_wait": "longest ?wait= in seconds", "batch_jobs": "jobs run together in one forward",

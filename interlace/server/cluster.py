@@ -1,0 +1,283 @@
+"""Scale-out on Ray Serve: `interlace serve MODEL --ray --replicas N` (needs `pip install 'interlace[ray]'`).
+
+The same FastAPI app and service as one process (`create_app`), run as a Ray Serve application of two
+deployments:
+
+- `Ingress`, one replica on the node where the command runs: the app and everything a server holds,
+  the key store (SQLite, `--db`), quotas, jobs with their ids, owners, events and results, and the
+  model's queue. Keys, limits and job ownership hold across replicas because they live only here.
+  It builds the model without weights (config and tokenizer; the module on the meta device), which is
+  all that checking requests (`HostedModel.admit`) and the manifest need.
+- `ModelReplica`, N replicas (or autoscaled between `--replicas` and `--max-replicas`): the weights in
+  a `HostedModel`, one batch of jobs at a time (`max_ongoing_requests=1`: hooks sit on the shared
+  module). Requests travel as their wire bytes and answers as result bytes or an error body, the same
+  data the HTTP side sends and receives; the ingress raises each error again as its own class.
+
+The ingress starts one worker thread per replica (`runners` of `create_app`), all taking batches from
+the model's one queue; each sends its batch through the replica deployment's handle and waits, and
+Ray's router gives it to a free replica. Ray replaces a replica that dies or fails its health check.
+A batch that was running on a replica that died fails with 503 `replica_failed` (the client submits
+it again); no wait lasts longer than the batch's deadline plus `ANSWER_MARGIN` seconds.
+
+Cancelling a running job: the ingress marks it cancelled at once (the client sees 410 right away), but
+the cancel does not reach the replica: its batch runs on to its end or its deadline, and its answer
+for that job is dropped.
+
+`GET /v1/replicas` (any valid key) lists the replicas that answered jobs: Ray's replica id, process,
+node, jobs, and with `--check-weights` the replica's own checks (`/v1/health` reports only the
+ingress, which has no weights to check).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import Counter
+
+import httpx
+
+from ..backends.limits import Limits
+from ..backends.remote import _error
+from ..errors import CancelledError, ServiceError
+from ..models.language import LanguageModel
+from .config import ServerConfig
+from .errors import error_body, status_of
+
+log = logging.getLogger("interlace.server")
+
+INSTALL = "pip install 'interlace[ray]'"
+APP_NAME = "interlace"
+ANSWER_MARGIN = 60.0  # seconds, over a batch's own deadline: routing, and a replacement replica starting
+CANCEL_CHECK = 0.25  # seconds between looks at the jobs' cancel flags while a replica runs them
+
+
+def build_model(source: str, *, weights: bool, standardized: bool = False, attention_probs: bool = False,
+                **options) -> LanguageModel:
+    """What `hosting.load_model` loads; without `weights`, config and tokenizer only (a meta module).
+    `options` go to the model (device_map)."""
+    from ..models.standardized import StandardizedTransformer
+
+    kind = LanguageModel
+    if standardized or attention_probs:
+        kind, options["enable_attention_probs"] = StandardizedTransformer, attention_probs
+    if source.endswith(".gguf") and os.path.isfile(source):
+        folder, name = os.path.split(os.path.abspath(source))
+        return kind(folder, gguf_file=name, dispatch=weights, **options)
+    return kind(source, dispatch=weights, **options)
+
+
+# -- the model's replicas --------------------------------------------------------------------------------
+class ModelReplica:
+    """One copy of the model with its weights (a Ray Serve replica); runs one batch of jobs at a time."""
+
+    def __init__(self, source: str, *, name: str, kind: dict, limits: dict, trusted: bool, check_weights: bool,
+                 device_map: str | None = None):
+        from .hosting import HostedModel
+
+        options = {"device_map": device_map} if device_map else {}
+        self.hosted = HostedModel(build_model(source, weights=True, **kind, **options), name=name,
+                                  limits=Limits(**limits), trusted=trusted, check_weights=check_weights)
+
+    def identity(self) -> dict:
+        """Which replica this is: Ray's replica id, its process and node, and its weight checks."""
+        serve = sys.modules.get("ray.serve")  # loaded in a Ray Serve replica; not imported just to ask
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside Ray Serve (called directly): the process is the replica
+            replica = f"pid{os.getpid()}"
+        return {"replica": replica, "pid": os.getpid(), "node": socket.gethostname(),
+                "checked": self.hosted.checked, "changes": list(self.hosted.changes)}
+
+    def run(self, requests: list[bytes], limits: dict) -> dict:
+        """Run one batch: `requests` are the wire bytes the ingress admitted, `limits` (`Limits` as a dict)
+        are the batch's. Returns this replica's identity and per request one `encode_answer`."""
+        answers: list = [None] * len(requests)
+        admitted = []
+        for number, data in enumerate(requests):
+            try:
+                admitted.append((number, self.hosted.admit(data)))
+            except Exception as error:  # noqa: BLE001 - that request's answer
+                answers[number] = error
+        if admitted:
+            # nothing sets these: a cancel stays in the ingress (see the module's docstring)
+            cancels = [threading.Event() for _ in admitted]
+            done = self.hosted.execute_many([request for _, request in admitted], limits=Limits(**limits),
+                                            cancels=cancels)
+            for (number, _), answer in zip(admitted, done):
+                answers[number] = answer
+        return {"replica": self.identity(), "answers": [encode_answer(answer) for answer in answers]}
+
+
+def encode_answer(answer) -> tuple:
+    """A job's answer as plain data: ("completed", result bytes, logs, missing) or ("error", status, body)."""
+    if isinstance(answer, Exception):
+        if status_of(answer) == 500:
+            log.error("a job failed unexpectedly", exc_info=answer)
+        return "error", status_of(answer), error_body(answer)
+    result, logs, missing = answer
+    return "completed", result, [(index, [str(value) for value in values]) for index, values in logs], missing
+
+
+def decode_answer(answer: tuple):
+    """What `encode_answer` encoded: (result bytes, logs, missing), or the error as its own class again."""
+    if answer[0] == "completed":
+        return tuple(answer[1:])
+    _, status, body = answer
+    # the client's own mapping from code to class; node and hint go in as they are, not into the message
+    error = _error(httpx.Response(status, json={**body, "node": None, "hint": None}))
+    error.node = body.get("node")
+    return error
+
+
+# -- the HTTP side -----------------------------------------------------------------------------------------
+class Ingress:
+    """The app (a Ray Serve ingress): the whole service of one process, its jobs run by `ModelReplica`s."""
+
+    def __init__(self, replicas, *, source: str, name: str, kind: dict, config: ServerConfig, db: str,
+                 trusted: bool, workers: int):
+        self.replicas = replicas  # the handle of the ModelReplica deployment
+        self.source, self.name, self.kind, self.config, self.db, self.trusted = source, name, kind, config, db, trusted
+        self.workers = workers
+        self.seen: dict[str, dict] = {}  # replica id -> its identity and the jobs it answered
+        self.jobs: Counter = Counter()
+        self._lock = threading.Lock()
+
+    def __serve_build_asgi_app__(self):
+        from fastapi import Depends
+
+        from .app import create_app
+        from .auth import caller
+        from .hosting import HostedModel
+        from .keys import KeyStore
+
+        os.environ.pop("INTERLACE_HOST", None)  # this process is the server: a model name here is never remote
+        hosted = HostedModel(build_model(self.source, weights=False, **self.kind), name=self.name,
+                             limits=self.config.limits, trusted=self.trusted)
+        app = create_app([hosted], KeyStore(self.db), self.config,
+                         runners={hosted.name: [self.run_batch] * self.workers})
+        app.add_api_route("/v1/replicas", self.replica_view, methods=["GET"], dependencies=[Depends(caller)],
+                          tags=["health"], summary="The model replicas that answered jobs, and how many each")
+        return app
+
+    def replica_view(self) -> dict:
+        with self._lock:
+            return {"replicas": [{**identity, "jobs": self.jobs[replica]} for replica, identity in self.seen.items()]}
+
+    def run_batch(self, jobs: list) -> list:
+        """One worker's batch, run on a free replica; per job (result bytes, logs, missing) or its error."""
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+        limits = jobs[0].limits  # a batch shares its limits (they are part of its group)
+        response = self.replicas.run.remote([job.data for job in jobs], dataclasses.asdict(limits))
+        for job in jobs:
+            job.data = b""  # sent: the bytes need not stay with the job until its result expires
+        longest = limits.max_seconds + ANSWER_MARGIN
+        deadline = time.monotonic() + longest
+        while True:
+            try:
+                reply = response.result(timeout_s=CANCEL_CHECK)
+                break
+            except TimeoutError:  # not answered yet (waiting for a free replica, or running there)
+                for job in jobs:
+                    if job.cancel.is_set():  # shown at once; the replica's answer is dropped below
+                        job.fail(CancelledError("the job was cancelled while running"), 410)
+                if time.monotonic() > deadline:
+                    response.cancel()
+                    error = ServiceError(f"no model replica answered within {longest:.0f} s (the job's deadline and "
+                                         "a margin): the cluster may have too few replicas running; submit the job "
+                                         "again", status=504, code="replica_timeout")
+                    return [error] * len(jobs)
+            except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as error:
+                log.warning("a model replica failed while running %d job(s): %s", len(jobs), str(error)[:300])
+                error = ServiceError("the model replica running this job stopped (Ray is replacing it); submit the "
+                                     "job again", status=503, code="replica_failed")
+                return [error] * len(jobs)
+        identity = reply["replica"]
+        with self._lock:
+            self.seen[identity["replica"]] = identity
+            self.jobs[identity["replica"]] += len(jobs)
+        cancelled = CancelledError("the job was cancelled while running")
+        return [cancelled if job.cancel.is_set() else decode_answer(answer)
+                for job, answer in zip(jobs, reply["answers"])]
+
+
+def application(source: str, *, name: str, config: ServerConfig, db: str, kind: dict | None = None,
+                trusted: bool = False, check_weights: bool = False, replicas: int = 1, max_replicas: int | None = None,
+                gpus_per_replica: float = 0):
+    """The Ray Serve application: the ingress on this node, bound to the model replicas.
+    `kind`: `standardized` and `attention_probs` of `build_model`."""
+    import ray
+    from ray import serve
+
+    kind = kind or {}
+
+    scaling = ({"autoscaling_config": {"min_replicas": replicas, "max_replicas": max_replicas,
+                                       "target_ongoing_requests": 1}}
+               if max_replicas and max_replicas > replicas else {"num_replicas": replicas})
+    model = serve.deployment(
+        ModelReplica, name="ModelReplica", max_ongoing_requests=1,  # one batch at a time: hooks sit on the module
+        ray_actor_options={"num_cpus": 1, "num_gpus": gpus_per_replica}, **scaling,
+    ).bind(source, name=name, kind=kind, limits=dataclasses.asdict(config.limits), trusted=trusted,
+           check_weights=check_weights,
+           device_map="auto" if gpus_per_replica else None)  # "auto": over the GPUs Ray gave the replica
+    ingress = serve.deployment(
+        serve.ingress()(Ingress), name="Ingress", num_replicas=1,
+        # every HTTP request goes through it, long waits and event streams included
+        max_ongoing_requests=100_000,
+        # on this node: the key database (--db) is a file here; it holds no model, so no CPU is reserved
+        ray_actor_options={"num_cpus": 0, "resources": {f"node:{ray.util.get_node_ip_address()}": 0.001}},
+    )
+    return ingress.bind(model, source=source, name=name, kind=kind, config=config, db=db, trusted=trusted,
+                        workers=max(replicas, max_replicas or 0))
+
+
+# -- the command -------------------------------------------------------------------------------------------
+def serve_on_ray(args, config: ServerConfig) -> int:
+    """`interlace serve MODEL --ray`: on the cluster at RAY_ADDRESS, or on a Ray instance started here."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        print(f"interlace serve --ray needs Ray Serve, which is not installed: {INSTALL}", file=sys.stderr)
+        return 2
+    if args.replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.replicas):
+        print("--replicas must be at least 1, and --max-replicas at least --replicas", file=sys.stderr)
+        return 2
+    from .hosting import default_name
+
+    # paths as seen from here: the ingress and the replicas run in other processes (or nodes)
+    source = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
+    name = args.name or default_name(args.model)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level=args.log_level.upper())  # joins the cluster RAY_ADDRESS names
+    else:  # a Ray instance of our own, ended with this command; room for every replica, even on a small machine
+        ray.init(num_cpus=max(os.cpu_count() or 1, args.replicas, args.max_replicas or 0), include_dashboard=False,
+                 logging_level=args.log_level.upper())
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a terminate ends Serve and Ray as Ctrl-C does
+    logging_config = {"log_level": args.log_level.upper()}
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port}, proxy_location="HeadOnly",
+                    logging_config=logging_config)
+        print(f"interlace: starting '{name}' on Ray Serve: {args.replicas} replica(s) of {args.model} ...",
+              file=sys.stderr, flush=True)
+        kind = {"standardized": args.standardized, "attention_probs": args.attention_probs}
+        serve.run(application(source, name=name, config=config, db=os.path.abspath(args.db), kind=kind,
+                              trusted=args.trusted, check_weights=args.check_weights, replicas=args.replicas,
+                              max_replicas=args.max_replicas, gpus_per_replica=args.gpus_per_replica),
+                  name=APP_NAME, route_prefix="/", logging_config=logging_config)
+        print(f"interlace: serving '{name}' on http://{args.host}:{args.port} (keys: {args.db})",
+              file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        serve.shutdown()
+        ray.shutdown()
