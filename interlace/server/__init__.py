@@ -1,8 +1,9 @@
 """The server: `interlace serve` hosts a model, and clients run their traces on it with `remote=True`.
 
 app.py (the service and the app factory), config.py (its settings), hosting.py (a hosted model: admit
-and execute requests, its manifest), jobs.py (jobs, the queue, the worker thread, the job store),
+and execute requests, its manifest), jobs.py (jobs, the queue and its batches, the worker threads, the job store),
 keys.py (API keys in SQLite), auth.py (key and quota dependencies), errors.py (error -> status),
-metrics.py (Prometheus), schemas.py (JSON bodies), routers/ (health, models, jobs).
+metrics.py (Prometheus), schemas.py (JSON bodies), routers/ (health, models, jobs), cluster.py (the
+same app on Ray Serve, its model replicas run batches; needs the `ray` extra).
 The service imports the executor (models, backends); nothing there imports the service.
 """

@@ -63,7 +63,7 @@ class Service:
         return execute
 
     def _done(self, job: Job) -> None:
-        job.request = None  # the inputs are no longer needed; the result stays until it expires
+        job.request, job.data = None, b""  # the inputs are no longer needed; the result stays until it expires
         self.metrics.job_done(job)
 
     def start(self) -> None:

@@ -45,7 +45,6 @@ import httpx
 from ..backends.limits import Limits
 from ..backends.remote import _error
 from ..errors import CancelledError, ServiceError
-from ..models.language import LanguageModel
 from .config import ServerConfig
 from .errors import error_body, status_of
 
@@ -57,31 +56,16 @@ ANSWER_MARGIN = 60.0  # seconds, over a batch's own deadline: routing, and a rep
 CANCEL_CHECK = 0.25  # seconds between looks at the jobs' cancel flags while a replica runs them
 
 
-def build_model(source: str, *, weights: bool, standardized: bool = False, attention_probs: bool = False,
-                **options) -> LanguageModel:
-    """What `hosting.load_model` loads; without `weights`, config and tokenizer only (a meta module).
-    `options` go to the model (device_map)."""
-    from ..models.standardized import StandardizedTransformer
-
-    kind = LanguageModel
-    if standardized or attention_probs:
-        kind, options["enable_attention_probs"] = StandardizedTransformer, attention_probs
-    if source.endswith(".gguf") and os.path.isfile(source):
-        folder, name = os.path.split(os.path.abspath(source))
-        return kind(folder, gguf_file=name, dispatch=weights, **options)
-    return kind(source, dispatch=weights, **options)
-
-
 # -- the model's replicas --------------------------------------------------------------------------------
 class ModelReplica:
     """One copy of the model with its weights (a Ray Serve replica); runs one batch of jobs at a time."""
 
     def __init__(self, source: str, *, name: str, kind: dict, limits: dict, trusted: bool, check_weights: bool,
                  device_map: str | None = None):
-        from .hosting import HostedModel
+        from .hosting import HostedModel, load_model
 
         options = {"device_map": device_map} if device_map else {}
-        self.hosted = HostedModel(build_model(source, weights=True, **kind, **options), name=name,
+        self.hosted = HostedModel(load_model(source, **kind, **options), name=name,
                                   limits=Limits(**limits), trusted=trusted, check_weights=check_weights)
 
     def identity(self) -> dict:
@@ -153,11 +137,11 @@ class Ingress:
 
         from .app import create_app
         from .auth import caller
-        from .hosting import HostedModel
+        from .hosting import HostedModel, load_model
         from .keys import KeyStore
 
         os.environ.pop("INTERLACE_HOST", None)  # this process is the server: a model name here is never remote
-        hosted = HostedModel(build_model(self.source, weights=False, **self.kind), name=self.name,
+        hosted = HostedModel(load_model(self.source, weights=False, **self.kind), name=self.name,
                              limits=self.config.limits, trusted=self.trusted)
         app = create_app([hosted], KeyStore(self.db), self.config,
                          runners={hosted.name: [self.run_batch] * self.workers})
@@ -212,7 +196,7 @@ def application(source: str, *, name: str, config: ServerConfig, db: str, kind: 
                 trusted: bool = False, check_weights: bool = False, replicas: int = 1, max_replicas: int | None = None,
                 gpus_per_replica: float = 0):
     """The Ray Serve application: the ingress on this node, bound to the model replicas.
-    `kind`: `standardized` and `attention_probs` of `build_model`."""
+    `kind`: `standardized` and `attention_probs` of `hosting.load_model`."""
     import ray
     from ray import serve
 

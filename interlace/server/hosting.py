@@ -41,20 +41,22 @@ log = logging.getLogger("interlace.server")
 _PICKLED = 2  # the prefix flag of a request that carries pickled functions (serialize.py)
 
 
-def load_model(source: str, *, standardized: bool = False, attention_probs: bool = False) -> LanguageModel:
-    """"smollm2", a local model folder, a GGUF file, or a Hugging Face cache id; weights loaded.
+def load_model(source: str, *, weights: bool = True, standardized: bool = False, attention_probs: bool = False,
+               **options) -> LanguageModel:
+    """"smollm2", a local model folder, a GGUF file, or a Hugging Face cache id.
 
-    standardized: host a StandardizedTransformer, whose attention probes (per-head values) clients can
-    read; attention_probs (implies standardized): with attention probabilities, on the eager attention.
+    weights: load them (else config and tokenizer only, the module on the meta device: enough to check
+    requests and write the manifest). standardized: host a StandardizedTransformer, whose attention
+    probes (per-head values) clients can read; attention_probs (implies standardized): with attention
+    probabilities, on the eager attention. `options` go to the model (device_map, ...).
     """
-    options = {"dispatch": True}
     kind = LanguageModel
     if standardized or attention_probs:
         kind, options["enable_attention_probs"] = StandardizedTransformer, attention_probs
     if source.endswith(".gguf") and os.path.isfile(source):
         folder, name = os.path.split(os.path.abspath(source))
-        return kind(folder, gguf_file=name, **options)
-    return kind(source, **options)
+        return kind(folder, gguf_file=name, dispatch=weights, **options)
+    return kind(source, dispatch=weights, **options)
 
 
 def default_name(source: str) -> str:

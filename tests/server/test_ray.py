@@ -25,7 +25,7 @@ from interlace.backends.serialize import deserialize_results, serialize_request
 from interlace.cli import main
 from interlace.errors import ExecutionError, LimitError
 from interlace.graph import Request
-from interlace.server.cluster import ModelReplica, build_model, decode_answer
+from interlace.server.cluster import ModelReplica, decode_answer
 from interlace.server.errors import status_of
 from interlace.server.hosting import HostedModel, load_model
 from serving import Server
@@ -155,7 +155,7 @@ def test_a_replicas_answers_are_the_local_results_and_errors(setup, local):
 
 @pytest.mark.parametrize("kind", [{}, {"standardized": True, "attention_probs": True}], ids=["native", "standardized"])
 def test_the_ingress_model_has_no_weights_and_checks_requests_as_the_loaded_one(setup, kind):
-    front = HostedModel(build_model(setup["folder"], weights=False, **kind), name="tiny-gpt2", limits=Limits())
+    front = HostedModel(load_model(setup["folder"], weights=False, **kind), name="tiny-gpt2", limits=Limits())
     loaded = HostedModel(load_model(setup["folder"], **kind), name="tiny-gpt2", limits=Limits())
     assert all(p.is_meta for p in front.model.module.parameters())
     assert front.manifest() == loaded.manifest()
