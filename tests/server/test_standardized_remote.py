@@ -135,7 +135,7 @@ def test_the_hosted_model_is_unchanged_by_the_jobs(probs_server, remote):
 def test_interlace_host_from_the_environment(probs_server, setup, local, monkeypatch):
     monkeypatch.setenv("INTERLACE_HOST", probs_server.url)
     monkeypatch.setenv("INTERLACE_API_KEY", setup["keys"]["bob"])
-    remote = StandardizedTransformer(MODEL, enable_attention_probs=True)
+    remote = StandardizedTransformer(MODEL)  # probabilities on by default: the server has them
     assert not remote.dispatched
 
     def work(model, remote):

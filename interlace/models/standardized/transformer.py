@@ -125,7 +125,7 @@ class StandardizedTransformer(LanguageModel):
         model,
         *,
         tokenizer=None,
-        enable_attention_probs: bool = False,
+        enable_attention_probs: bool | None = None,
         rename_config: RenameConfig | None = None,
         check: bool = True,
         dispatch: bool = False,
@@ -141,6 +141,9 @@ class StandardizedTransformer(LanguageModel):
         super().__init__(model, tokenizer=tokenizer, dispatch=dispatch, rename=rename, **load_kwargs)
         self.family = family_of(self._module, rename_config)
         self._rename_config = rename_config or RenameConfig()
+        if enable_attention_probs is None:  # by default: what the server hosts (remotely), else off
+            served = self._remote.manifest().get("standardized") if self._remote is not None else None
+            enable_attention_probs = bool(served and served["attention_probs"])
         self._attention_probs = enable_attention_probs
         self._unavailable: dict[str, str] = {}
         if self._remote is not None:
