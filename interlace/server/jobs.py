@@ -208,6 +208,8 @@ class Worker(threading.Thread):
             for job in [job for job in jobs if job.cancel.is_set()]:  # cancelled while it waited
                 job.fail(CancelledError("the job was cancelled while queued"), 410)
                 jobs.remove(job)
+            if not jobs:
+                continue
             self.current = jobs
             for job in jobs:
                 job.running()

@@ -167,3 +167,22 @@ def test_the_queue_waits_for_companions_only_when_told():
     late.join()
     assert len(batch) == 2 and batch[0] is first  # it waited for the second, and no longer
     assert time.monotonic() - started < 4.0
+
+
+def test_a_worker_fails_jobs_cancelled_while_queued_and_runs_the_rest_together():
+    from interlace.server.errors import status_of
+    from interlace.server.jobs import Worker
+
+    queue, batches = JobQueue(depth=16), []
+    jobs = [queued(queue, "a") for _ in range(4)]
+    jobs[1].cancel.set()
+    worker = Worker(queue, lambda batch: batches.append(batch) or [(b"", [], {})] * len(batch), name="m",
+                    status_of=status_of, batch=(8, 10, 0.0))
+    worker.start()
+    deadline = time.monotonic() + 10
+    while any(job.state not in ("completed", "cancelled") for job in jobs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    queue.close()
+    worker.join(5)
+    assert [job.state for job in jobs] == ["completed", "cancelled", "completed", "completed"]
+    assert jobs[1].status == 410 and batches == [[jobs[0], jobs[2], jobs[3]]]  # one batch, without it
