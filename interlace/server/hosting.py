@@ -3,13 +3,14 @@
 `HostedModel` is the seam between the service and the executor. Before a job is queued, `admit`
 reads the request's bytes within the limits and checks everything that can be known without running
 it (wire version, user functions, node structure, module paths, invokes, options, max_new_tokens).
-A worker thread then calls `execute` for one job at a time: the request runs untrusted (allowed
-operations only, read-only weights, limits, a deadline, cancel between operations) and its saved
-values come back as the bytes of `serialize_results`. Only a server started with `--trusted` runs
-graphs that carry pickled user functions (`interlace.apply`), and those as a local run would.
+A worker thread then calls `execute_many` for one batch of jobs at a time (those that can share a
+forward run as one, see `batching`): each request runs untrusted (allowed operations only, read-only
+weights, limits, a deadline, cancel between operations) and its saved values come back as the bytes
+of `serialize_results`. Only a server started with `--trusted` runs graphs that carry pickled user
+functions (`interlace.apply`), and those as a local run would.
 
 With `check_weights` (a test mode) every parameter and buffer is checksummed at start and again
-after every job, together with hooks, `requires_grad` and the rest of `ModelState`: a job that left
+after every batch, together with hooks, `requires_grad` and the rest of `ModelState`: a job that left
 any trace on the shared model shows in `/v1/health`.
 """
 
@@ -112,13 +113,6 @@ class HostedModel:
         return (None if group is None else (group, limits)), self.model.request_size(request)
 
     # -- jobs (the model's worker thread) ---------------------------------------------------------------
-    def execute(self, request: Request, *, limits: Limits, cancel) -> tuple[bytes, list, dict]:
-        """Run the request; (result bytes, log lines, missing saved values)."""
-        answer = self.execute_many([request], limits=limits, cancels=[cancel])[0]
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
     def execute_many(self, requests: list[Request], *, limits: Limits, cancels: list) -> list:
         """Run requests together where they can share a forward (one group; see `batching`); for each,
         (result bytes, log lines, missing saved values) or the exception that failed it alone."""

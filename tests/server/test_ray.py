@@ -57,7 +57,7 @@ def values(data: bytes) -> dict:
 def run_here(local, data: bytes) -> dict:
     """The same request run in this process: what a replica's result is compared with."""
     hosted = HostedModel(local, name="here", limits=Limits())
-    return values(hosted.execute(hosted.admit(data), limits=Limits(), cancel=threading.Event())[0])
+    return values(hosted.execute_many([hosted.admit(data)], limits=Limits(), cancels=[threading.Event()])[0][0])
 
 
 def descendants(pid: int) -> list[int]:
