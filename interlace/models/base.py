@@ -110,7 +110,7 @@ class Model(Envoy):
 
     def _remote_options(self, remote: bool, blocking: bool, timeout, backend) -> dict:
         """The options of a remote run, checked now: a remote trace needs somewhere to run."""
-        if (remote or backend is not None) and not self._can_run_remotely(backend):
+        if remote and backend is None and self._remote is None:
             raise InterlaceError(
                 "remote=True needs a server, and this model has none: create it with "
                 "LanguageModel(name, host='http://...', api_key=...) or set INTERLACE_HOST and "
@@ -118,9 +118,6 @@ class Model(Envoy):
             )
         return {"remote": bool(remote or backend is not None), "blocking": blocking, "timeout": timeout,
                 "backend": backend}
-
-    def _can_run_remotely(self, backend) -> bool:
-        return backend is not None or self._remote is not None
 
     def submit(self, request: Request, options: dict):
         """Run a recorded request where its options say: here (`run`), or on a server."""
@@ -238,12 +235,7 @@ class Model(Envoy):
 
     def request_size(self, request: Request) -> int:
         """How much of a merged batch a request takes: its rows (LanguageModel: its token positions)."""
-        size = 0
-        for trace in request.traces:
-            for args, kwargs in trace.invokes:
-                first = next(iter(args), None) if args else next(iter(kwargs.values()), None)
-                size += first.shape[0] if getattr(first, "ndim", 0) else 1
-        return size
+        return sum(_batch_size(args, kwargs) for trace in request.traces for args, kwargs in trace.invokes)
 
     def _call_shape(self, invokes) -> tuple:
         """What must match for invokes to share a forward: the inputs' shapes but the batch dimension."""

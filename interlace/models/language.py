@@ -251,8 +251,7 @@ class LanguageModel(Model):
                     batch, _ = self._tokenize(trace.invokes)
                 except InterlaceError:
                     continue  # its run says why
-                rows, length = batch["input_ids"].shape
-                size += rows * (length + trace.options.get("kwargs", {}).get("max_new_tokens", 0))
+                size += _token_positions(batch, trace.options.get("kwargs", {}).get("max_new_tokens", 0))
         return size
 
     def _call_inputs(self, tracer: Tracer, index: int):
@@ -349,11 +348,16 @@ def _check_untrusted_options(options: dict, batch, limits) -> None:
     new_tokens = kwargs.get("max_new_tokens", 0)
     if type(new_tokens) is not int or not 0 <= new_tokens <= limits.max_new_tokens:
         raise LimitError(f"max_new_tokens must be an int from 0 to {limits.max_new_tokens} (max_new_tokens)")
-    if batch is not None:
+    if batch is not None and _token_positions(batch, new_tokens) > limits.max_tokens:
         rows, length = batch["input_ids"].shape
-        if rows * (length + new_tokens) > limits.max_tokens:
-            raise LimitError(f"{rows} prompts of {length} tokens (+{new_tokens} new) are over the limit of "
-                             f"{limits.max_tokens} token positions (max_tokens)")
+        raise LimitError(f"{rows} prompts of {length} tokens (+{new_tokens} new) are over the limit of "
+                         f"{limits.max_tokens} token positions (max_tokens)")
+
+
+def _token_positions(batch, new_tokens: int) -> int:
+    """What a run costs in tokens (`max_tokens`, the server's `--batch-tokens`): rows x (length + new)."""
+    rows, length = batch["input_ids"].shape
+    return rows * (length + new_tokens)
 
 
 # keywords of from_pretrained that are about loading, not the model's configuration
