@@ -62,14 +62,15 @@ class Interleaver:
 
     rows: for each invoke, its (start, stop) rows of the batch; `batch_size` the total.
     untrusted: run a stranger's graph (see the module docstring) within `limits`; `cancel` (anything
-    with `is_set()`) stops it between operations.
+    with `is_set()`) stops it between operations. `guard`: the Guard of the request this run is part of
+    (default: a new one from `untrusted`, `limits` and `cancel`).
     """
 
     def __init__(
         self, graph: Graph, root: torch.nn.Module, rows, batch_size: int, *,
         early_stop: bool = True, strict: bool = True, modules: dict | None = None,
         span: tuple[int, int] | None = None, known: dict | None = None, keep=(),
-        untrusted: bool = False, limits: Limits | None = None, cancel=None,
+        untrusted: bool = False, limits: Limits | None = None, cancel=None, guard: Guard | None = None,
     ):
         self.graph, self.nodes, self.root = graph, graph.nodes, root
         # a session runs a graph in spans, one forward each: nodes before `span` ran earlier and
@@ -81,7 +82,8 @@ class Interleaver:
         self.batch_size = batch_size
         self.early_stop = early_stop
         self.untrusted = untrusted
-        self.guard = Guard(root, untrusted=untrusted, limits=limits, cancel=cancel)
+        # one guard for all traces of a request: its deadline and budgets are the request's
+        self.guard = guard or Guard(root, untrusted=untrusted, limits=limits, cancel=cancel)
         if untrusted:
             check_against_model(graph, root, self.extra_modules, len(rows), self.start, self.end)
         self.values: dict[int, object] = dict(known or {})

@@ -12,6 +12,7 @@ import dataclasses
 
 import torch
 
+from ..backends.guard import Guard
 from ..backends.limits import Limits
 from ..backends.local import Interleaver
 from ..backends.merge import MergedInterleaver, merge, merge_key, split
@@ -180,6 +181,8 @@ class Model(Envoy):
         limits = limits or Limits()
         last_reader = _last_reader(graph, traces)
         outcome, carried, skip_to = Outcome(), {}, 0
+        # a session's traces share one deadline and one element budget: the request's, not each trace's
+        guard = Guard(self._module, untrusted=untrusted, limits=limits, cancel=cancel)
         for number, trace in enumerate(traces):
             if trace.start < skip_to:  # a session.stop() ended the loop this span belongs to
                 outcome.missing.update({node.index: "session.stop() ended the loop before it ran"
@@ -187,7 +190,8 @@ class Model(Envoy):
                 continue
             keep = {i for i in range(trace.start, trace.end) if last_reader[i] > number}
             trace = TraceSpec(trace.start, trace.end, _inputs(trace, carried, number), trace.options)
-            run = {"known": carried, "keep": keep, "untrusted": untrusted, "limits": limits, "cancel": cancel}
+            run = {"known": carried, "keep": keep, "untrusted": untrusted, "limits": limits, "cancel": cancel,
+                   "guard": guard}
             if trace.options.get("mode") == "session":  # the session's own nodes: no model run
                 interleaver = Interleaver(graph, self._module, [], 0, span=(trace.start, trace.end),
                                           modules=self._extra_modules(), **run)

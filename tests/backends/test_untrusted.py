@@ -141,3 +141,21 @@ def test_model_state_sees_every_kind_of_change():
     state.restore()
     assert state.diff() == []
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_a_sessions_traces_share_the_requests_element_budget():
+    net = interlace.Model(MLP().eval())
+    session = net.session()
+    with session:
+        for _ in range(2):
+            with net.trace(torch.randn(2, 3)):
+                (net.embed.output.sum() + torch.zeros(600)).save()
+    request = session.request()
+    assert len(request.traces) == 2
+    limits = Limits(max_total_elements=1000)  # one trace's 601 elements fit; both traces' do not
+    with pytest.raises(interlace.LimitError, match="max_total_elements"):
+        net.run(request, untrusted=True, limits=limits)
+    one = session.request()
+    one.traces = one.traces[:1]
+    assert net.run(one, untrusted=True, limits=limits).results  # the same trace alone runs
+    assert_clean(net.module)
