@@ -21,12 +21,14 @@ class Plan:
     """The dependencies of nodes `start..end` of `graph`; nodes before `start` ran earlier."""
 
     def __init__(self, graph: Graph, start: int, end: int):
-        nodes = graph.nodes
+        nodes = self.nodes = graph.nodes
         self.start, self.end = start, end
-        self.users: list[list[int]] = [[] for _ in range(end)]
+        # indexed by node; only nodes of the span have readers to wake (a session plans each trace)
+        self.users: list[list[int]] = [()] * start + [[] for _ in range(end - start)]
         self.waiting = [0] * end  # dependencies not yet finished
         self.remaining = [0] * end  # readers not yet finished: the value is freed at zero
-        self.event_keys: list = [None] * end  # module event a value is (a view of), or None
+        self.event_keys: list = [None] * end  # module event a value of the span is (a view of), or None
+        self._earlier_keys: dict[int, object] = {}  # the same for nodes of earlier traces that are viewed
         self.sources: dict[tuple, list[int]] = {}  # module event -> its module_value nodes
         self.mutations: dict[tuple, list[int]] = {}  # module event -> in-place changes of it
         self.skips: dict[tuple, int] = {}  # (path, call) -> skip node
@@ -35,8 +37,6 @@ class Plan:
         self.gradients: dict[int, list[int]] = {}  # backward call -> the grad nodes it computes
         self.row_zero: set[int] = set()  # `module.output[0]` nodes (a tuple's first item, or batch row 0?)
         self.ready: list[int] = []  # ready before the model runs, in graph order
-        for node in nodes[:start]:
-            self.event_keys[node.index] = self._event_key(node)
         last_mutation: dict[int, int] = {}
         previous_stop = start
         previous_backward, waiting_grads = None, []
@@ -96,9 +96,27 @@ class Plan:
             return (node.target, kind, node.kwargs["call"])
         if op == "grad":
             return ("grad", node.index)
-        if op == "call" and node.target in VIEW_TARGETS and node.args and type(node.args[0]) is Ref:
-            return self.event_keys[node.args[0].index]
+        if _is_view(node):
+            viewed = node.args[0].index
+            return self.event_keys[viewed] if viewed >= self.start else self._earlier_key(viewed)
         return None
+
+    def _earlier_key(self, index: int):
+        """The event key of node `index` of an earlier trace: found by following its views back, once."""
+        chain = []
+        while index not in self._earlier_keys and _is_view(self.nodes[index]):
+            chain.append(index)
+            index = self.nodes[index].args[0].index
+        if index not in self._earlier_keys:
+            self._earlier_keys[index] = self._event_key(self.nodes[index])  # not a view: no recursion
+        for viewing in chain:
+            self._earlier_keys[viewing] = self._earlier_keys[index]
+        return self._earlier_keys[index]
+
+
+def _is_view(node) -> bool:
+    """A getitem or getattr of a value: its module event is that value's."""
+    return node.op == "call" and node.target in VIEW_TARGETS and bool(node.args) and type(node.args[0]) is Ref
 
 
 def mutates(node) -> bool:
