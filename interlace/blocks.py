@@ -9,7 +9,7 @@ its nodes (`Graph.extend_shifted`), so the graph stays plain data that runs anyw
 from __future__ import annotations
 
 from .errors import InterlaceError
-from .graph import Ref, TraceSpec, map_refs
+from .graph import Ref, TraceSpec, shift_refs
 from .proxy import Proxy
 
 
@@ -110,20 +110,16 @@ class SessionIteration:
             return False
         session, graph, start = self.session, self.session.graph, self.start
         template, traces = graph.nodes[start:], session.traces[self.first_trace:]
-        last = {}
+        offset = 0
         for number in range(1, len(self.values)):
             first = graph.extend_shifted(template, start)
             graph.nodes[first].args = (Ref(self.source._index), number)
             offset = first - start
-
-            def moved(ref, offset=offset):
-                return Ref(ref.index + offset) if ref.index >= start else ref
-
             for trace in traces:
                 session.traces.append(TraceSpec(trace.start + offset, trace.end + offset,
-                                                map_refs(trace.invokes, moved), trace.options))
-            last = {node.index: node.index + offset for node in template if node.saved}
-        session.aliases.update(last)  # names bound in the block get the last value's results
+                                                shift_refs(trace.invokes, start, offset), trace.options))
+        if offset:  # names bound in the block get the last value's results
+            session.aliases.update({node.index: node.index + offset for node in template if node.saved})
         end = len(graph)
         for node in graph.nodes[start:]:
             if node.op == "stop" and node.kwargs.get("session") and node.kwargs.get("skip_to") is None:

@@ -169,6 +169,11 @@ def map_refs(obj, fn):
     return obj
 
 
+def shift_refs(obj, base: int, offset: int):
+    """`obj` with references to nodes at or after `base` moved by `offset` (a block's copy)."""
+    return map_refs(obj, lambda ref: Ref(ref.index + offset) if ref.index >= base else ref)
+
+
 class Graph:
     """An ordered list of nodes.
 
@@ -212,16 +217,13 @@ class Graph:
         """
         first = len(self.nodes)
         offset = first - base
-
-        def moved(ref):
-            return Ref(ref.index + offset) if ref.index >= base else ref
-
         for node in list(nodes):
-            kwargs = map_refs(node.kwargs, moved)
+            kwargs = shift_refs(node.kwargs, base, offset)
             if calls and node.op in ("module_value", "skip"):
                 kwargs["call"] += calls
             guard = node.guard + offset if node.guard is not None and node.guard >= base else node.guard
-            self.add(node.op, node.target, map_refs(node.args, moved), kwargs, node.location, guard, node.saved)
+            self.add(node.op, node.target, shift_refs(node.args, base, offset), kwargs, node.location, guard,
+                     node.saved)
         return first
 
     def users(self) -> list[list[int]]:
