@@ -198,9 +198,7 @@ def resolve(name: str):
 
 
 def size_rule(name: str) -> str:
-    """The size rule of a function entry or, for `Tensor.<method>` names, of a tensor method."""
-    if name.startswith("Tensor."):
-        return TENSOR_METHODS[name[len("Tensor."):]]
+    """The size rule of function entry `name` (a tensor method's is `TENSOR_METHODS[name]`)."""
     return FUNCTIONS[name][1]
 
 

@@ -40,5 +40,3 @@ class Limits:
     def names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
-
-DEFAULT_LIMITS = Limits()

@@ -17,6 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from ..errors import ExecutionError, InterlaceError
 from ..graph import Node
 from .local import Interleaver
+from .rows import first_input
 
 # gradients are not computed on fake tensors: their values stay unknown, and lines using them unchecked
 _GRADIENT_METHODS = frozenset({"backward", "retain_grad", "requires_grad_"})
@@ -97,7 +98,7 @@ class Scanner(Interleaver):
         if value is None or kind == "output":
             return value
         args, kwargs = value
-        return (args[0] if args else next(iter(kwargs.values()), None)) if kind == "input" else (args, kwargs)
+        return first_input(args, kwargs) if kind == "input" else (args, kwargs)
 
     def _op_parameter(self, node):
         return self.fake(super()._op_parameter(node))

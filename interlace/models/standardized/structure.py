@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ...backends.rows import first_input
 from ...backends.scan import batched_experts, quiet
 from ...errors import InterlaceError
 
@@ -33,8 +34,7 @@ def observe(module: torch.nn.Module, paths: list[str], *, batch: int = 2, length
     def record(path):
         def hook(mod, args, kwargs, output):
             if path not in seen:
-                first = args[0] if args else next(iter(kwargs.values()), None)
-                seen[path] = (first, output)
+                seen[path] = (first_input(args, kwargs), output)
 
         return hook
 
