@@ -105,5 +105,5 @@ class Session(Recorder):
         for recorder in recorders:
             recorder.results, recorder.missing = results, outcome.missing
         for tracer in tracers:
-            tracer._bind(frame, ())
-        self._bind(frame, recorders)
+            tracer._bind_caches()
+        self._bind(frame, recorders)  # the names, once for all traces

@@ -264,11 +264,15 @@ class Tracer(Recorder):
 
     def _bind(self, frame, recorders: tuple) -> None:
         """Give saved values to caches and to the names in `frame` that held proxies."""
+        self._bind_caches()
+        super()._bind(frame, recorders)
+
+    def _bind_caches(self) -> None:
+        """Fill `tracer.cache()` dicts with their saved values."""
         for cached in self._caches:
             bound(cached, (self,), 1)
             for path in [p for p, v in cached.items() if isinstance(v, Proxy)]:
                 del cached[path]  # that module did not run
-        super()._bind(frame, recorders)
 
 
 class Editor(Tracer):
