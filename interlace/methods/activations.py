@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm as auto_tqdm
 
-from .getters import standardized, trace_options
+from .getters import standardized
 
 
 def _token(model, hidden, idx: int):
@@ -48,7 +48,7 @@ def get_token_activations(
         return read()
     if prompts is None:
         raise ValueError("pass prompts (or an open tracer to record into)")
-    with model.trace(prompts, **trace_options(remote)):
+    with model.trace(prompts, remote=remote):
         activations = read().cpu().save()
     return activations
 

@@ -22,11 +22,6 @@ def standardized(model) -> StandardizedTransformer:
     return model
 
 
-def trace_options(remote: bool) -> dict:
-    """Trace keyword arguments for nnterp's `remote` flag (passed on only when set)."""
-    return {"remote": True} if remote else {}
-
-
 def get_num_layers(model) -> int:
     return standardized(model).num_layers
 
@@ -88,6 +83,6 @@ def get_next_token_probs(model):
 def compute_next_token_probs(model, prompts, remote: bool = False) -> torch.Tensor:
     """The next-token distribution after each prompt, `[num_prompts, vocab]`, on the CPU."""
     model = standardized(model)
-    with model.trace(prompts, **trace_options(remote)):
+    with model.trace(prompts, remote=remote):
         probs = model.next_token_probs.cpu().save()
     return probs

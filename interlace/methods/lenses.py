@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .activations import get_token_activations
-from .getters import standardized, trace_options
+from .getters import standardized
 
 
 @torch.no_grad()
@@ -25,7 +25,7 @@ def logit_lens(model, prompts, remote: bool = False) -> torch.Tensor:
     layer's output (no embedding row), then softmax. The last layer's row is `next_token_probs`.
     """
     model = standardized(model)
-    with model.trace(prompts, **trace_options(remote)):
+    with model.trace(prompts, remote=remote):
         hidden = torch.stack([model.layers_output[layer][:, -1] for layer in range(model.num_layers)], dim=1)
         probs = model.project_on_vocab(hidden).softmax(-1).cpu().save()
     return probs
@@ -161,7 +161,7 @@ def patchscope_lens(
     rows, columns = torch.arange(count), _from_end(model, targets.prompts, targets.index_to_patch)
     probs = []
     for latent, layer in zip(latents, layers):
-        with model.trace(targets.prompts, **trace_options(remote)):
+        with model.trace(targets.prompts, remote=remote):
             hidden = model.layers_output[layer]
             hidden[rows, columns] = latent.to(hidden)
             probs.append(model.next_token_probs.cpu().save())
@@ -184,7 +184,7 @@ def patchscope_generate(
     column = int(_from_end(model, targets[:1], torch.tensor([int(target_patch_prompt.index_to_patch)]))[0])
     generations = {}
     for hidden_states, layer in zip(hiddens, layers):
-        with model.generate(targets, max_new_tokens=max_length, **trace_options(remote)):
+        with model.generate(targets, max_new_tokens=max_length, remote=remote):
             hidden = model.layers_output[layer]
             hidden[:, column] = hidden_states.to(hidden)
             generations[layer] = model.generator.output.cpu().save()
@@ -211,7 +211,7 @@ def patch_object_attn_lens(
     columns = _from_end(model, target_prompts, torch.full((len(target_prompts),), attn_idx_patch))
     probs = []
     for layer in range(model.num_layers):
-        with model.trace(target_prompts, **trace_options(remote)):
+        with model.trace(target_prompts, remote=remote):
             for patched in range(layer, min(model.num_layers, layer + num_patches)):
                 hidden = model.attentions_input[patched]
                 hidden[rows, columns] = sources[patched].to(hidden)

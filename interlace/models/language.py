@@ -10,6 +10,7 @@ it would compute alone.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import os
@@ -368,6 +369,7 @@ _LOADING_KEYWORDS = frozenset(
 )
 
 
+@functools.cache
 def _model_keywords() -> frozenset:
     """The keyword arguments transformers' models take through **kwargs (TransformersKwargs)."""
     try:

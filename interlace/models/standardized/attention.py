@@ -148,20 +148,3 @@ def install(model: torch.nn.Module, attention_modules: list, *, probabilities: b
         model.set_attn_implementation(target)
     return None
 
-
-def native_implementation(attention_module) -> str | None:
-    """The implementation the model ran before `install` switched it (None when not installed)."""
-    probes = getattr(attention_module, PROBES, None)
-    return probes.native if isinstance(probes, AttentionProbes) else None
-
-
-def uninstall(model: torch.nn.Module, attention_modules: list) -> None:
-    """Remove the probes and restore the native implementation."""
-    native = None
-    for module in attention_modules:
-        probes = getattr(module, PROBES, None)
-        if isinstance(probes, AttentionProbes):
-            native = probes.native
-            delattr(module, PROBES)
-    if native is not None and model.config._attn_implementation != native:
-        model.set_attn_implementation(native)
