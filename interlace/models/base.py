@@ -206,22 +206,23 @@ class Model(Envoy):
         return outcome
 
     def run_many(self, requests: list[Request], *, untrusted: bool = False, limits: Limits | None = None,
-                 cancels=None) -> list:
+                 cancels=None, groups=None) -> list:
         """Run several requests, sharing one batched forward among those that can (cross-user batching).
 
         Requests with one trace and the same mode and options merge into one forward, each keeping
         its own rows; the answer for each is its `Outcome`, equal to running it alone (up to float
         rounding in a different batch), or the `InterlaceError` that failed it alone: a request
         that fails, stops early or is cancelled (`cancels[i].is_set()`) never cuts the others short.
+        groups: each request's group from `batching`, when the caller has it already.
         """
         limits = limits or Limits()
         cancels = list(cancels) if cancels is not None else [None] * len(requests)
         answers: list = [None] * len(requests)
-        groups: dict = {}
-        for number, request in enumerate(requests):
-            key = self.merge_group(request)
-            groups.setdefault(key if key is not None else ("alone", number), []).append(number)
-        for members in groups.values():
+        keys = groups if groups is not None else [self.batching(request)[0] for request in requests]
+        together: dict = {}
+        for number, key in enumerate(keys):
+            together.setdefault(key if key is not None else ("alone", number), []).append(number)
+        for members in together.values():
             if len(members) == 1:
                 answers[members[0]] = self._answer(requests[members[0]], untrusted, limits, cancels[members[0]])
                 continue
@@ -230,16 +231,14 @@ class Model(Envoy):
                 answers[number] = answer
         return answers
 
-    def merge_group(self, request: Request):
-        """Requests with equal groups can share one forward (`run_many`); None: this one runs alone."""
+    def batching(self, request: Request) -> tuple:
+        """(group, size): requests of one group can share a forward (`run_many`; None: it runs alone);
+        size is how much of a merged batch it takes (rows; LanguageModel: token positions)."""
+        size = sum(_batch_size(args, kwargs) for trace in request.traces for args, kwargs in trace.invokes)
         key = merge_key(request)
         if key is None:
-            return None
-        return key, self._call_shape(request.traces[0].invokes)  # positions must mean the same in every row
-
-    def request_size(self, request: Request) -> int:
-        """How much of a merged batch a request takes: its rows (LanguageModel: its token positions)."""
-        return sum(_batch_size(args, kwargs) for trace in request.traces for args, kwargs in trace.invokes)
+            return None, size
+        return (key, self._call_shape(request.traces[0].invokes)), size  # positions mean the same in every row
 
     def _call_shape(self, invokes) -> tuple:
         """What must match for invokes to share a forward: the inputs' shapes but the batch dimension."""

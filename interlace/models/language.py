@@ -18,6 +18,7 @@ import os
 import torch
 
 from ..backends.local import Interleaver
+from ..backends.merge import merge_key
 from ..envoy import Envoy
 from ..errors import InterlaceError, LimitError, RefusedError
 from ..tracer import Tracer
@@ -235,25 +236,20 @@ class LanguageModel(Model):
     def _extra_modules(self) -> dict:
         return {"generator": self._generator}
 
-    def _call_shape(self, invokes) -> tuple:
-        """Invokes share a forward when they pad to the same length (positions then mean the same)."""
-        try:
-            batch, _ = self._tokenize(invokes)
-        except InterlaceError:
-            return ("invalid",)  # its run says why
-        return (batch["input_ids"].shape[1],)
-
-    def request_size(self, request: Request) -> int:
-        """Token positions: rows x (padded length + new tokens) of each trace."""
-        size = 0
+    def batching(self, request: Request) -> tuple:
+        """(group, size) as `Model.batching`: invokes share a forward when they pad to the same length
+        (positions then mean the same); size is token positions, rows x (padded length + new tokens)."""
+        shape, size = None, 0
         for trace in request.traces:
             if trace.invokes:
                 try:
                     batch, _ = self._tokenize(trace.invokes)
                 except InterlaceError:
-                    continue  # its run says why
+                    return None, 0  # it runs alone, and its run says why
+                shape = shape or (batch["input_ids"].shape[1],)
                 size += _token_positions(batch, trace.options.get("kwargs", {}).get("max_new_tokens", 0))
-        return size
+        key = merge_key(request)
+        return (None if key is None else (key, shape)), size
 
     def _call_inputs(self, tracer: Tracer, index: int):
         batch, _ = self._tokenize([tracer.invokes[index]])

@@ -50,7 +50,8 @@ class Service:
         """Run a batch of jobs on the model in this process."""
         def execute(jobs: list[Job]) -> list:
             return hosted.execute_many([job.request for job in jobs], limits=jobs[0].limits,
-                                       cancels=[job.cancel for job in jobs])
+                                       cancels=[job.cancel for job in jobs],
+                                       groups=[job.group and job.group[0] for job in jobs])  # (model's, limits)
 
         return execute
 

@@ -109,18 +109,21 @@ class HostedModel:
 
     def batching(self, request: Request, limits: Limits) -> tuple:
         """(group, size) of a job: jobs of one group (None: none) can share a forward; size in tokens."""
-        group = None if _has_functions(request.graph) else self.model.merge_group(request)
-        return (None if group is None else (group, limits)), self.model.request_size(request)
+        group, size = self.model.batching(request)
+        if group is None or _has_functions(request.graph):
+            return None, size
+        return (group, limits), size
 
     # -- jobs (the model's worker thread) ---------------------------------------------------------------
-    def execute_many(self, requests: list[Request], *, limits: Limits, cancels: list) -> list:
+    def execute_many(self, requests: list[Request], *, limits: Limits, cancels: list, groups=None) -> list:
         """Run requests together where they can share a forward (one group; see `batching`); for each,
-        (result bytes, log lines, missing saved values) or the exception that failed it alone."""
+        (result bytes, log lines, missing saved values) or the exception that failed it alone.
+        groups: the model's group of each request (`Model.batching`), when known."""
         try:
             if len(requests) == 1 and _has_functions(requests[0].graph):  # only a --trusted server admits these
                 answers = [self._answer(lambda: self.model.run(requests[0], limits=limits, cancel=cancels[0]))]
             else:
-                answers = self.model.run_many(requests, untrusted=True, limits=limits, cancels=cancels)
+                answers = self.model.run_many(requests, untrusted=True, limits=limits, cancels=cancels, groups=groups)
             return [self._reply(request, answer, limits) for request, answer in zip(requests, answers)]
         finally:
             if self.checksum is not None:
