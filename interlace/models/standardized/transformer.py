@@ -138,7 +138,8 @@ class StandardizedTransformer(LanguageModel):
                 f"StandardizedTransformer pads prompts on the left (got padding_side={padding_side!r}), so "
                 "that position -1 is every prompt's last token; use LanguageModel for right padding."
             )
-        super().__init__(model, tokenizer=tokenizer, dispatch=dispatch, rename=rename, **load_kwargs)
+        # the user's names are applied below, with the family's
+        super().__init__(model, tokenizer=tokenizer, dispatch=dispatch, **load_kwargs)
         self.family = family_of(self._module, rename_config)
         self._rename_config = rename_config or RenameConfig()
         if enable_attention_probs is None:  # by default: what the server hosts (remotely), else off
