@@ -35,9 +35,13 @@ def _standardized(lm: LanguageModel) -> StandardizedTransformer:
 def logit_lens(lm: LanguageModel, prompt: str):
     """For each layer: (top token, its probability, probability of the final top token)."""
     model = _standardized(lm)
-    probs = methods.logit_lens(model, [prompt])[0]
-    final = probs[-1].argmax()
-    rows = [(model.tokenizer.decode(p.argmax()), p.max().item(), p[final].item()) for p in probs]
+    return _lens_rows(model, methods.logit_lens(model, [prompt]))
+
+
+def _lens_rows(model: StandardizedTransformer, probs):
+    """The rows of `logit_lens` from `methods.logit_lens` of one prompt, and the final top token."""
+    final = probs[0, -1].argmax()
+    rows = [(model.tokenizer.decode(p.argmax()), p.max().item(), p[final].item()) for p in probs[0]]
     return rows, model.tokenizer.decode(final)
 
 
@@ -64,11 +68,12 @@ def patching_sweep(lm: LanguageModel, clean: str, corrupted: str, answer: str, f
     return diffs, diff(clean_logits), diff(corrupted_logits)
 
 
-def write_plots(model: StandardizedTransformer, prompt: str, path: str) -> None:
-    """The logit lens over layers and positions, and each layer's top tokens, in one HTML file."""
+def write_plots(model: StandardizedTransformer, prompt: str, probs, path: str) -> None:
+    """The logit lens over layers and positions, and each layer's top tokens (`probs`: the prompt's
+    `methods.logit_lens`), in one HTML file."""
     from .display import plot_logit_lens, plot_topk_tokens
 
-    figures = [plot_logit_lens(model, prompt), plot_topk_tokens(methods.logit_lens(model, [prompt]), model.tokenizer, k=5)]
+    figures = [plot_logit_lens(model, prompt), plot_topk_tokens(probs, model.tokenizer, k=5)]
     parts = [fig.to_html(full_html=False, include_plotlyjs=index == 0) for index, fig in enumerate(figures)]
     with open(path, "w", encoding="utf-8") as file:
         file.write("<html><head><meta charset='utf-8'></head><body>" + "".join(parts) + "</body></html>")
@@ -81,7 +86,8 @@ def run(prompt: str | None = None, model: str | None = None, plot: str | None = 
     print(f"loaded {type(lm.module).__name__} in {loaded - started:.1f}s\n")
     prompt = prompt or "The capital of France is"
 
-    rows, final = logit_lens(lm, prompt)
+    probs = methods.logit_lens(lm, [prompt])
+    rows, final = _lens_rows(lm, probs)
     print(f"Logit lens: {prompt!r} -> {final!r}")
     print(f"{'layer':>5}  {'top token':<14} {'p(top)':>7}  {'p(' + final.strip() + ')':>9}")
     for index, (token, p_top, p_final) in enumerate(rows):
@@ -97,6 +103,6 @@ def run(prompt: str | None = None, model: str | None = None, plot: str | None = 
         bar = "#" * max(0, round(restored * 30))
         print(f"{index:>5}  {value:+7.2f}  {restored:8.0%}  {bar}")
     if plot:
-        write_plots(lm, prompt, plot)
+        write_plots(lm, prompt, probs, plot)
         print(f"\nfigures written to {plot}")
     print(f"\ndone in {time.perf_counter() - loaded:.1f}s after loading")
