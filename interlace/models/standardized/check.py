@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import PROBES
-from .transformer import HEAD_VALUES, StandardizedTransformer
+from ...backends.rows import first_input
+from .transformer import StandardizedTransformer
 
 # what each read accessor reads: (accessor, module part, input or output), in the order a layer runs
 READS = [
@@ -87,7 +87,7 @@ def _check_reads(model, inputs, results):
         logits = model.logits.save()
         projected = model.project_on_vocab(model.layers_output[-1]).save()
     args, kwargs = call
-    paths = {name: [model._module_of(part, i).path for i in range(model.num_layers)] for name, part, _ in reads}
+    paths = {name: model._paths_of(part) for name, part, _ in reads}
     kinds = {name: kind for name, _, kind in reads}
     paths["token_embeddings"], kinds["token_embeddings"] = [model.family.embed_tokens], "output"
     with _capture(model, paths, kinds) as captured, torch.no_grad():
@@ -118,7 +118,7 @@ def _capture(model, paths: dict, kinds: dict):
 
             if kinds[name] == "input":
                 handles.append(module.register_forward_pre_hook(
-                    lambda m, a, k, keep=keep: keep(a[0] if a else next(iter(k.values()))), with_kwargs=True))
+                    lambda m, a, k, keep=keep: keep(first_input(a, k)), with_kwargs=True))
             elif kinds[name] == "router":
                 handles.append(module.register_forward_hook(lambda m, a, out, keep=keep: keep(out)))
             else:
@@ -134,19 +134,9 @@ def _capture(model, paths: dict, kinds: dict):
 # -- writing ----------------------------------------------------------------------------------
 def _check_writes(model, call, inputs, results):
     """Assignments, steering and skipping against hand-written hooks doing the same."""
-    args, kwargs = call
     layer = model.num_layers // 2
     available = model.available
     layer_path = model.layers[layer].path
-
-    def reference(hooks):
-        handles = [model.module.get_submodule(path).register_forward_hook(hook) for path, hook in hooks]
-        try:
-            with torch.no_grad():
-                return model.module(*args, **kwargs).logits
-        finally:
-            for handle in handles:
-                handle.remove()
 
     # assignment rebuilds tuples; each part is checked alone, so one failure names its part
     for name, part, change in (
@@ -161,8 +151,7 @@ def _check_writes(model, call, inputs, results):
             accessor = getattr(model, name)
             accessor[layer] = change(accessor[layer])
             logits = model.logits.save()
-        path = model._module_of(part, layer).path
-        want = reference([(path, _output_hook(change))])
+        want = _forward_with_hooks(model, call, [(model._paths_of(part)[layer], _output_hook(change))])
         results.append(_close(f"{name}[{layer}] = ...", logits, want, "vs a hook replacing the output"))
 
     torch.manual_seed(0)
@@ -170,7 +159,7 @@ def _check_writes(model, call, inputs, results):
     with model.trace(inputs):
         model.steer(layer, vector, factor=0.5)
         logits = model.logits.save()
-    want = reference([(layer_path, _output_hook(lambda h: h + 0.5 * vector.to(h)))])
+    want = _forward_with_hooks(model, call, [(layer_path, _output_hook(lambda h: h + 0.5 * vector.to(h)))])
     results.append(_close(f"steer({layer}, v, 0.5)", logits, want, "vs a hook adding 0.5 * v to the output"))
 
     end = min(layer + 1, model.num_layers - 1)
@@ -179,14 +168,25 @@ def _check_writes(model, call, inputs, results):
         logits = model.logits.save()
     entering = []
     first = model.module.get_submodule(layer_path)
-    handle = first.register_forward_pre_hook(lambda m, a, k: entering.append(a[0] if a else next(iter(k.values()))),
-                                             with_kwargs=True)
+    handle = first.register_forward_pre_hook(lambda m, a, k: entering.append(first_input(a, k)), with_kwargs=True)
     try:
         paths = [model.layers[i].path for i in range(layer, end + 1)]
-        want = reference([(path, _output_hook(lambda h: entering[0])) for path in paths])
+        want = _forward_with_hooks(model, call, [(path, _output_hook(lambda h: entering[0])) for path in paths])
     finally:
         handle.remove()
     results.append(_close(f"skip_layers({layer}, {end})", logits, want, "vs hooks returning the input of the first"))
+
+
+def _forward_with_hooks(model, call, hooks):
+    """The plain model's logits on `call` (args, kwargs) with forward hooks [(module path, hook)] on."""
+    args, kwargs = call
+    handles = [model.module.get_submodule(path).register_forward_hook(hook) for path, hook in hooks]
+    try:
+        with torch.no_grad():
+            return model.module(*args, **kwargs).logits
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _output_hook(change):
@@ -209,9 +209,9 @@ def _check_probabilities(model, call, inputs, results):
         for row in ("sum to 1", "== eager attention", "logits == eager logits", "write"):
             results.append(CheckResult(f"{name}: {row}", "n/a", reason))
         return
-    args, kwargs = call
+    kwargs = call[1]
     enabled = model._attention_probs
-    attention_paths = [model._module_of("attentions", i).path for i in range(model.num_layers)]
+    attention_paths = model._paths_of("attentions")
     try:
         model._set_attention_probs(True)
         with model.trace(inputs):
@@ -220,27 +220,14 @@ def _check_probabilities(model, call, inputs, results):
         with model.trace(inputs):
             model.attention_probabilities[0] = model.attention_probabilities[0] * 0.5
             edited = model.logits.save()
-        probe = model.module.get_submodule(f"{attention_paths[0]}.{PROBES}.{HEAD_VALUES[name]}")
-        handle = probe.register_forward_hook(lambda m, a, output: output * 0.5)
-        try:
-            with torch.no_grad():
-                want_edited = model.module(*args, **kwargs).logits
-        finally:
-            handle.remove()
+        want_edited = _forward_with_hooks(model, call, [(model._paths_of(name)[0], lambda m, a, output: output * 0.5)])
         # the family's own eager attention returns its probabilities as the attention module's second output
         model.module.set_attn_implementation("eager")
         eager_probs = [None] * model.num_layers
-        handles = [
-            model.module.get_submodule(path).register_forward_hook(
-                lambda m, a, out, i=i: eager_probs.__setitem__(i, out[1].detach().clone()))
+        eager_logits = _forward_with_hooks(model, call, [
+            (path, lambda m, a, out, i=i: eager_probs.__setitem__(i, out[1].detach().clone()))
             for i, path in enumerate(attention_paths)
-        ]
-        try:
-            with torch.no_grad():
-                eager_logits = model.module(*args, **kwargs).logits
-        finally:
-            for handle in handles:
-                handle.remove()
+        ])
     finally:
         model._set_attention_probs(enabled)
     results.append(_sums(model, probs, kwargs.get("attention_mask"), attention_paths))
