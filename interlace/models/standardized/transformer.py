@@ -190,16 +190,18 @@ class StandardizedTransformer(LanguageModel):
 
     def _paths_of(self, part: str) -> list[str]:
         """The module path of `part` in each layer (empty when the family has no such part)."""
-        family = self.family
-        layers = self._module.get_submodule(family.layers)
-        under = {"layers": "", "attentions": family.attention, "mlps": family.mlp, "routers": family.router}
-        if part in HEAD_VALUES:
-            suffix = f"{family.attention}.{attention_probes.PROBES}.{HEAD_VALUES[part]}"
-        else:
-            suffix = under[part]
+        family, suffix = self.family, self._suffix(part)
         if suffix is None:
             return []
+        layers = self._module.get_submodule(family.layers)
         return [f"{family.layers}.{i}" + (f".{suffix}" if suffix else "") for i in range(len(layers))]
+
+    def _suffix(self, part: str) -> str | None:
+        """The path of `part` under a layer ("" for the layer itself; None: the family has none)."""
+        family = self.family
+        if part in HEAD_VALUES:
+            return f"{family.attention}.{attention_probes.PROBES}.{HEAD_VALUES[part]}"
+        return {"layers": "", "attentions": family.attention, "mlps": family.mlp, "routers": family.router}[part]
 
     def _inspect(self, check: bool) -> None:
         """Run the model once on fake tensors: learn which modules return tuples, check every shape."""
@@ -271,13 +273,8 @@ class StandardizedTransformer(LanguageModel):
                 "attention_probabilities needs the eager attention: load the model with "
                 "StandardizedTransformer(..., enable_attention_probs=True)."
             )
-        family = self.family
-        envoy = self.layers[layer]
-        if part == "layers":
-            return envoy
-        if part in HEAD_VALUES:
-            return envoy.get(f"{family.attention}.{attention_probes.PROBES}.{HEAD_VALUES[part]}")
-        return envoy.get({"attentions": family.attention, "mlps": family.mlp, "routers": family.router}[part])
+        envoy, suffix = self.layers[layer], self._suffix(part)
+        return envoy if suffix == "" else envoy.get(suffix)
 
     def _returns_tuple(self, envoy: Envoy) -> bool:
         return envoy.path in self._tuple_outputs
