@@ -97,19 +97,24 @@ def interlace_rows(repeats: int, warmup: int) -> dict:
     lm = interlace.LanguageModel.default(dispatch=True)
     raw_model = copy.deepcopy(lm.module)  # raw hooks run on a model interlace never touched
     model = interlace.StandardizedTransformer(lm.module, tokenizer=lm.tokenizer)
-    tokenizer = model.tokenizer
+    for prompts in (PROMPTS[:1], PROMPTS[:16]):
+        torch.testing.assert_close(logit_lens(model, prompts), raw_logit_lens(raw_model, model.tokenizer, prompts))
+    return timed(model, raw_model, model.tokenizer, logit_lens, get_token_activations, repeats, warmup)
+
+
+def timed(model, raw_model, tokenizer, logit_lens, get_token_activations, repeats: int, warmup: int) -> dict:
+    """(raw hooks, method) medians for 1 and 16 prompts: one library's methods beside raw hooks."""
     results = {}
     for count in (1, 16):
         prompts = PROMPTS[:count]
-        torch.testing.assert_close(logit_lens(model, prompts), raw_logit_lens(raw_model, tokenizer, prompts))
         times = side_by_side({
             "raw lens": lambda: raw_logit_lens(raw_model, tokenizer, prompts),
-            "interlace lens": lambda: logit_lens(model, prompts),
+            "lens": lambda: logit_lens(model, prompts),
             "raw acts": lambda: raw_activations(raw_model, tokenizer, prompts),
-            "interlace acts": lambda: get_token_activations(model, prompts),
+            "acts": lambda: get_token_activations(model, prompts),
         }, repeats, warmup)
-        results[f"logit_lens/{count}"] = (times["raw lens"], times["interlace lens"])
-        results[f"get_token_activations/{count}"] = (times["raw acts"], times["interlace acts"])
+        results[f"logit_lens/{count}"] = (times["raw lens"], times["lens"])
+        results[f"get_token_activations/{count}"] = (times["raw acts"], times["acts"])
     return results
 
 
@@ -125,19 +130,7 @@ def nnterp_rows(repeats: int, warmup: int, folder: str) -> dict:
     tokenizer.padding_side = "left"
     model = StandardizedTransformer(folder, gguf_file=SMOLLM2_FILE, tokenizer=tokenizer, device_map="cpu",
                                     torch_dtype=torch.float32, dispatch=True)
-    raw_model = model._model
-    results = {}
-    for count in (1, 16):
-        prompts = PROMPTS[:count]
-        times = side_by_side({
-            "raw lens": lambda: raw_logit_lens(raw_model, tokenizer, prompts),
-            "nnterp lens": lambda: logit_lens(model, prompts),
-            "raw acts": lambda: raw_activations(raw_model, tokenizer, prompts),
-            "nnterp acts": lambda: get_token_activations(model, prompts),
-        }, repeats, warmup)
-        results[f"logit_lens/{count}"] = (times["raw lens"], times["nnterp lens"])
-        results[f"get_token_activations/{count}"] = (times["raw acts"], times["nnterp acts"])
-    return results
+    return timed(model, model._model, tokenizer, logit_lens, get_token_activations, repeats, warmup)
 
 
 def run_nnterp(repeats: int, warmup: int) -> dict | None:
