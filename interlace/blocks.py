@@ -74,9 +74,11 @@ class Iteration:
             return False
         graph, start = tracer.graph, self.start
         template = graph.nodes[start:]
+        firsts = {self.steps[0]: start}  # where each step's copy starts (a streamed step finds its values)
         for step in self.steps[1:]:
-            first = graph.extend_shifted(template, start, calls=step - self.steps[0])
+            first = firsts[step] = graph.extend_shifted(template, start, calls=step - self.steps[0])
             graph.nodes[first].args = (step,)
+        tracer.copies.append((start, start + len(template), firsts))
         return False
 
 

@@ -20,6 +20,7 @@ from .blocks import Condition, Iteration, Steps
 from .errors import InterlaceError, NotSavedError
 from .graph import Graph, Ref, Request, TraceSpec
 from .proxy import Proxy
+from .stream import Stream
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
@@ -162,6 +163,10 @@ class Tracer(Recorder):
         self._in_invoke = False
         self._step = 0  # the generation step an iteration block is recording
         self._iterating = False
+        self.copies: list = []  # blocks repeated per step: (start, end, {step: first node of its copy})
+        self._stream: Stream | None = None
+        if options.get("stream") and self.session is not None:
+            raise InterlaceError("stream=True streams one trace: it cannot be used inside a session")
         if args or input_kwargs:
             self.invokes.append((args, input_kwargs or {}))
             self.current_invoke = 0
@@ -229,6 +234,15 @@ class Tracer(Recorder):
         """End the model's forward pass once the graph reaches this point."""
         self.record("stop")
 
+    def stream(self):
+        """After a `stream=True` block: yield each generation `Step` (tokens, text, values saved in the
+        step) as it is produced; once the last one is read the saved values bind as usual. Leaving
+        the loop early stops the generation at its next step."""
+        if self._stream is None:
+            raise InterlaceError("tracer.stream() needs a trace started with stream=True "
+                                 "(`with lm.generate(prompt, stream=True) as tracer:`), read after its block")
+        return self._stream.steps()
+
     # -- context ----------------------------------------------------------------------------------
     def __enter__(self) -> "Tracer":
         self.model._attach(self)
@@ -246,7 +260,11 @@ class Tracer(Recorder):
         if self.session is not None:
             self.session.add_trace(self)  # runs when the session ends
             return False
-        outcome = self.model.submit(Request(self.graph, [self.spec(len(self.graph))]), self.options)
+        request = Request(self.graph, [self.spec(len(self.graph))])
+        if self.options.get("stream"):  # runs now without waiting; tracer.stream() reads it
+            self._stream = Stream(self, request)
+            return False
+        outcome = self.model.submit(request, self.options)
         if pending(self.options):  # a remote job: values bind when `tracer.job.result()` is read
             self.job = outcome.on_result(self._receive)
         else:

@@ -108,6 +108,11 @@ class Interleaver:
         self.total = self.end - self.start
         self.finished = 0
 
+    def is_cancelled(self) -> bool:
+        """Whether the run was cancelled (a generation checks it between steps)."""
+        cancel = self.guard.cancel
+        return cancel is not None and cancel.is_set()
+
     def missing(self) -> dict[int, str]:
         """Saved nodes of this run that have no value, and why."""
         reasons = {}

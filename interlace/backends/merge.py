@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from ..errors import CancelledError, InterlaceError
 from ..graph import Graph, Outcome, Request, TraceSpec
+from ..stream import Step
 from .local import Interleaver
 
 
@@ -74,6 +75,29 @@ def split(interleaver: Interleaver, parts: list[Part]) -> list[Outcome | Interla
     return answers
 
 
+def split_step(parts: list[Part], on_steps: list):
+    """The step function of a merged run: each request that asked for steps gets its own rows and its
+    values in its own numbering; a request that failed or was cancelled gets no more."""
+    if not any(on_steps):
+        return None
+
+    def on_step(step: Step, interleaver: "MergedInterleaver") -> None:
+        for number, (part, receive) in enumerate(zip(parts, on_steps)):
+            if receive is None or number in interleaver.failures or interleaver.is_cancelled(number):
+                continue
+            start, stop = interleaver.rows[part.rows_invoke]
+            own = Step(step.index, step.tokens[start:stop] if step.tokens is not None else None,
+                       step.text[start:stop] if step.text is not None else None,
+                       {i - part.start: v for i, v in step.values.items() if part.start <= i < part.end},
+                       {i - part.start: v for i, v in step.items.items() if part.start <= i < part.end})
+            try:
+                receive(own)
+            except InterlaceError as error:  # its step could not be sent (too large): that request fails alone
+                interleaver._node_failed(part.start, error)
+
+    return on_step
+
+
 def _renumbered(error: InterlaceError, part: Part) -> InterlaceError:
     if error.node is not None:
         error.node = {**error.node, "index": error.node["index"] - part.start}
@@ -97,9 +121,15 @@ class MergedInterleaver(Interleaver):
             self.part_of[part.start : part.end] = [number] * (part.end - part.start)
         self.failures: dict[int, InterlaceError] = {}
 
+    def is_cancelled(self, number: int | None = None) -> bool:
+        """Whether part `number` was cancelled; without a number, whether every part was (nobody waits)."""
+        if number is None:
+            return all(self.is_cancelled(n) for n in range(len(self.parts)))
+        cancel = self.cancels[number]
+        return cancel is not None and cancel.is_set()
+
     def _execute(self, index: int) -> None:
-        cancel = self.cancels[self.part_of[index]]
-        if cancel is not None and cancel.is_set() and not self.done[index]:
+        if self.is_cancelled(self.part_of[index]) and not self.done[index]:
             self._node_failed(index, CancelledError("the job was cancelled while it ran"))
             return
         super()._execute(index)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import threading
 
 import torch
 
 from ..backends.guard import Guard
 from ..backends.limits import Limits
 from ..backends.local import Interleaver
-from ..backends.merge import MergedInterleaver, merge, merge_key, split
+from ..backends.merge import MergedInterleaver, merge, merge_key, split, split_step
 from ..backends.scan import Scanner
 from ..envoy import Envoy
 from ..errors import InterlaceError, ModelError, RefusedError
@@ -46,6 +47,9 @@ class Model(Envoy):
         self._rename = dict(rename or {})
         self._session: Session | None = None
         self._edits: list = []  # nodes recorded by edit(), replayed at the start of every trace
+        # one local run at a time: a streamed run goes on in a thread while the caller records the next
+        # trace, and hooks on a shared module would see both (copies from edit() share it too)
+        self._running = threading.RLock()
         self._apply_renames()
 
     def _apply_renames(self) -> None:
@@ -64,18 +68,19 @@ class Model(Envoy):
 
     def trace(self, *inputs, early_stop: bool = True, scan: bool = False, validate: bool = False,
               remote: bool = False, blocking: bool = True, timeout: float | None = None, backend=None,
-              **kwargs) -> Tracer:
+              stream: bool = False, **kwargs) -> Tracer:
         """Record interventions for one run of the model on `inputs` (or on invokes).
 
         early_stop: end the forward as soon as nothing in the graph needs the model any more.
         scan / validate: evaluate every line on fake tensors as it is recorded, so shape errors are
         raised at that line before the model runs, and `proxy.shape` is a real size.
         remote / backend, blocking, timeout: run on a server (see README, "Remote").
+        stream: start the run when the block ends without waiting; `tracer.stream()` yields it.
         Other keyword arguments are the model's own (checked against its forward).
         """
         args, input_kwargs, forward_kwargs = self._trace_inputs(inputs, kwargs)
         return Tracer(self, args, input_kwargs, mode="trace", kwargs=forward_kwargs, early_stop=early_stop,
-                      scan=scan or validate, **self._remote_options(remote, blocking, timeout, backend))
+                      scan=scan or validate, stream=stream, **self._remote_options(remote, blocking, timeout, backend))
 
     def session(self, *, scan: bool = False, validate: bool = False, remote: bool = False, blocking: bool = True,
                 timeout: float | None = None, backend=None) -> Session:
@@ -120,16 +125,25 @@ class Model(Envoy):
         return {"remote": bool(remote or backend is not None), "blocking": blocking, "timeout": timeout,
                 "backend": backend}
 
-    def submit(self, request: Request, options: dict):
-        """Run a recorded request where its options say: here (`run`), or on a server."""
+    def submit(self, request: Request, options: dict, *, on_step=None, cancel=None):
+        """Run a recorded request where its options say: here (`run`), or on a server.
+
+        on_step, cancel: of a streamed local run (see `run`). A streamed remote run gives a generator
+        of its steps that returns the outcome (see `RemoteBackend.stream`).
+        """
         if options.get("remote"):
             return self.run_remote(request, blocking=options["blocking"], timeout=options["timeout"],
-                                   backend=options["backend"])
-        return self.run(request)
+                                   backend=options["backend"], stream=options.get("stream", False))
+        with self._running:
+            return self.run(request, on_step=on_step, cancel=cancel)
 
-    def run_remote(self, request: Request, *, blocking: bool = True, timeout=None, backend=None):
-        """Run on a server (`backend`, a RemoteBackend, or the model's own): an Outcome, or a job handle."""
-        return (backend or self._remote).run(request, blocking=blocking, timeout=timeout)
+    def run_remote(self, request: Request, *, blocking: bool = True, timeout=None, backend=None, stream: bool = False):
+        """Run on a server (`backend`, a RemoteBackend, or the model's own): an Outcome, a job handle, or
+        (stream) a generator of its steps."""
+        backend = backend or self._remote
+        if stream:
+            return backend.stream(request, timeout=timeout)
+        return backend.run(request, blocking=blocking, timeout=timeout)
 
     def _attach(self, tracer: Tracer) -> None:
         if self._tracer is not None:
@@ -169,13 +183,14 @@ class Model(Envoy):
         self._tracer = None
 
     def run(self, request: Request, *, untrusted: bool = False, limits: Limits | None = None,
-            cancel=None) -> Outcome:
+            cancel=None, on_step=None) -> Outcome:
         """Execute a request: each trace is one forward (or generation); values flow between traces.
 
         `trace()` and `session()` end here; so does a server with a request it received, with
         `untrusted=True`: the graph is checked against the model, runs only allowed operations within
         `limits`, may not change the weights, and returns its `log` lines instead of printing them.
-        `cancel` (anything with `is_set()`) stops an untrusted run between operations.
+        `cancel` (anything with `is_set()`) stops an untrusted run between operations, and a generation
+        at its next step. `on_step(step)` is handed each generation step as it finishes (a `Step`).
         """
         graph, traces = request.graph, request.traces
         limits = limits or Limits()
@@ -197,7 +212,7 @@ class Model(Envoy):
                                           modules=self._extra_modules(), **run)
                 interleaver.run(None)
             else:
-                interleaver = self._execute(graph, trace, **run)
+                interleaver = self._execute(graph, trace, on_step=on_step and (lambda step, _: on_step(step)), **run)
             outcome.results.update(interleaver.results)
             outcome.logs += interleaver.logs
             outcome.missing.update(interleaver.missing())
@@ -206,17 +221,19 @@ class Model(Envoy):
         return outcome
 
     def run_many(self, requests: list[Request], *, untrusted: bool = False, limits: Limits | None = None,
-                 cancels=None, groups=None) -> list:
+                 cancels=None, groups=None, on_steps=None) -> list:
         """Run several requests, sharing one batched forward among those that can (cross-user batching).
 
         Requests with one trace and the same mode and options merge into one forward, each keeping
         its own rows; the answer for each is its `Outcome`, equal to running it alone (up to float
         rounding in a different batch), or the `InterlaceError` that failed it alone: a request
         that fails, stops early or is cancelled (`cancels[i].is_set()`) never cuts the others short.
-        groups: each request's group from `batching`, when the caller has it already.
+        groups: each request's group from `batching`, when the caller has it already. on_steps: for
+        each request, None or a function handed each of its generation steps (its own rows and values).
         """
         limits = limits or Limits()
         cancels = list(cancels) if cancels is not None else [None] * len(requests)
+        on_steps = list(on_steps) if on_steps is not None else [None] * len(requests)
         answers: list = [None] * len(requests)
         keys = groups if groups is not None else [self.batching(request)[0] for request in requests]
         together: dict = {}
@@ -224,9 +241,11 @@ class Model(Envoy):
             together.setdefault(key if key is not None else ("alone", number), []).append(number)
         for members in together.values():
             if len(members) == 1:
-                answers[members[0]] = self._answer(requests[members[0]], untrusted, limits, cancels[members[0]])
+                number = members[0]
+                answers[number] = self._answer(requests[number], untrusted, limits, cancels[number], on_steps[number])
                 continue
-            merged = self._run_merged([requests[i] for i in members], untrusted, limits, [cancels[i] for i in members])
+            merged = self._run_merged([requests[i] for i in members], untrusted, limits, [cancels[i] for i in members],
+                                      [on_steps[i] for i in members])
             for number, answer in zip(members, merged):
                 answers[number] = answer
         return answers
@@ -248,13 +267,13 @@ class Model(Envoy):
         args, kwargs = invokes[0]
         return tuple(shape(a) for a in args), tuple((k, shape(v)) for k, v in kwargs.items())
 
-    def _answer(self, request: Request, untrusted: bool, limits: Limits, cancel):
+    def _answer(self, request: Request, untrusted: bool, limits: Limits, cancel, on_step=None):
         try:
-            return self.run(request, untrusted=untrusted, limits=limits, cancel=cancel)
+            return self.run(request, untrusted=untrusted, limits=limits, cancel=cancel, on_step=on_step)
         except InterlaceError as error:
             return error
 
-    def _run_merged(self, requests: list[Request], untrusted: bool, limits: Limits, cancels: list) -> list:
+    def _run_merged(self, requests: list[Request], untrusted: bool, limits: Limits, cancels: list, on_steps: list) -> list:
         merged, parts = merge(requests)
         count = len(parts)
         shared = dataclasses.replace(limits, max_total_elements=limits.max_total_elements * count,
@@ -262,15 +281,18 @@ class Model(Envoy):
         try:
             interleaver = self._execute(merged.graph, merged.traces[0], known={}, keep=(), untrusted=untrusted,
                                         limits=shared, cancel=None, interleaver=MergedInterleaver, parts=parts,
-                                        cancels=cancels)
+                                        cancels=cancels, on_step=split_step(parts, on_steps))
         except ModelError:  # the forward itself broke: run each alone, so it fails only whose request broke it
-            return [self._answer(r, untrusted, limits, c) for r, c in zip(requests, cancels)]
+            return [self._answer(r, untrusted, limits, c, s) for r, c, s in zip(requests, cancels, on_steps)]
         except InterlaceError as error:  # the whole run failed (its deadline, a check): every request with it
             return [error] * count
         return split(interleaver, parts)
 
-    def _execute(self, graph: Graph, trace: TraceSpec, **run) -> Interleaver:
-        """Run one trace of a request; returns the finished interleaver."""
+    def _execute(self, graph: Graph, trace: TraceSpec, *, on_step=None, **run) -> Interleaver:
+        """Run one trace of a request; returns the finished interleaver.
+
+        on_step(step, interleaver): each generation step (a plain module has none; see LanguageModel).
+        """
         options = trace.options
         if run["untrusted"] and (options.get("mode", "trace") != "trace" or options.get("kwargs")):
             raise RefusedError("a Model runs traces of its inputs only: mode 'trace' and no keyword options")

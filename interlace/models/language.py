@@ -23,6 +23,7 @@ from ..envoy import Envoy
 from ..errors import InterlaceError, LimitError, RefusedError
 from ..tracer import Tracer
 from .base import Model
+from .streamer import Detokenizer, StepStreamer
 
 DEFAULT_MODEL = "smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -183,16 +184,17 @@ class LanguageModel(Model):
 
     def generate(self, *inputs, max_new_tokens: int = 20, scan: bool = False, validate: bool = False,
                  remote: bool = False, blocking: bool = True, timeout: float | None = None, backend=None,
-                 **kwargs) -> Tracer:
+                 stream: bool = False, **kwargs) -> Tracer:
         """Record interventions for `generate`; `lm.generator.output` holds the token ids.
 
         Interventions apply to the first forward pass unless placed in `tracer.all()` or
         `tracer.iter[...]`. Greedy decoding unless `do_sample=True` is given; other keyword
         arguments (a `streamer` too) go to `generate`. scan / validate check the first step's shapes.
+        stream: start generating when the block ends; `tracer.stream()` yields each step as it is made.
         """
         kwargs["max_new_tokens"] = max_new_tokens
         return Tracer(self, inputs, early_stop=False, mode="generate", steps=max_new_tokens, kwargs=kwargs,
-                      scan=scan or validate, **self._remote_options(remote, blocking, timeout, backend))
+                      scan=scan or validate, stream=stream, **self._remote_options(remote, blocking, timeout, backend))
 
     def _trace_inputs(self, inputs: tuple, kwargs: dict):
         """Prompts are the invoke's input; keyword arguments must be arguments of the forward."""
@@ -200,12 +202,12 @@ class LanguageModel(Model):
         if unknown:
             raise InterlaceError(
                 f"trace() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}: neither an "
-                "interlace option (early_stop, scan, validate, remote, blocking, timeout, backend) nor an "
+                "interlace option (early_stop, scan, validate, remote, blocking, timeout, backend, stream) nor an "
                 f"argument of {type(self._module).__name__}.forward"
             )
         return inputs, {}, kwargs
 
-    def _execute(self, graph, trace, **run) -> Interleaver:
+    def _execute(self, graph, trace, *, on_step=None, **run) -> Interleaver:
         if not self.dispatched:
             self.dispatch()
         options = trace.options
@@ -214,6 +216,8 @@ class LanguageModel(Model):
         generating = options.get("mode", "trace") == "generate"
         if run["untrusted"]:
             _check_untrusted_options(options, batch, run["limits"])
+        # a run someone may cancel stops between steps: generate hands each step to a streamer that checks
+        stoppable = run.get("cancel") is not None or any(c is not None for c in run.get("cancels") or ())
         interleaver = run.pop("interleaver", Interleaver)(
             graph, self._module, rows, len(batch["input_ids"]) if batch else 0,
             early_stop=options.get("early_stop", True), strict=not generating,
@@ -226,12 +230,23 @@ class LanguageModel(Model):
             if generating:
                 options = {"do_sample": False, "pad_token_id": self.tokenizer.pad_token_id if self.tokenizer else None}
                 options.update(forward_kwargs)
+                if on_step is not None or stoppable:
+                    options["streamer"] = self._step_streamer(interleaver, on_step, batch, options.get("streamer"))
                 generate_batch = {k: v for k, v in batch.items() if k != "position_ids"}
                 return self._generator(**generate_batch, **options)
             return self._module(**batch, **forward_kwargs)
 
         interleaver.run(run)
         return interleaver
+
+    def _step_streamer(self, interleaver, on_step, batch, forward) -> StepStreamer:
+        """What `generate` hands its tokens to: each step to `on_step`, a cancel check, the user's streamer."""
+        detokenizer = None
+        if on_step is not None and self.tokenizer is not None:
+            prompts = [[t for t, m in zip(ids, mask) if m] for ids, mask in
+                       zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist())]
+            detokenizer = Detokenizer(self.tokenizer, prompts)
+        return StepStreamer(interleaver, on_step, detokenizer, forward)
 
     def _extra_modules(self) -> dict:
         return {"generator": self._generator}

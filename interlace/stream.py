@@ -1,0 +1,139 @@
+"""Streaming: a run that hands out each generation step as it finishes (`stream=True`).
+
+A `Step` is what one generation step produced: each row's token, the text it adds, and the values
+saved during that step. `Stream` starts a traced run when its `with` block ends without waiting for
+it (here: the run goes to a thread and its steps come back through a queue; remotely: the job's
+events carry the steps) and `tracer.stream()` yields its steps as they come. After the last step the
+saved values bind as after any trace. Leaving the loop early (break, an exception, Ctrl-C) stops the
+run at its next step, and nothing binds.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+
+from .errors import InterlaceError, NotSavedError
+from .graph import Outcome, Request
+from .proxy import Proxy
+
+_DONE = object()  # what the run thread puts last (with its outcome or error)
+
+
+class Step:
+    """One generation step: `index`, each row's `tokens` (a tensor of token ids, one per row, or None
+    for a single forward) and `text` (each row's new text, or None without a tokenizer), and the values
+    saved during the step, read by their proxies: `step[h]` is the value of `h` in this step (`h`
+    saved in `tracer.all()` or `tracer.iter[...]`: this step's copy), `step[items]` the items an
+    `interlace.list()` gained in it.
+
+    >>> import interlace, transformers
+    >>> config = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20)
+    >>> lm = interlace.LanguageModel(transformers.GPT2LMHeadModel(config), tokenizer=None)
+    >>> with lm.generate([[1, 2, 3]], max_new_tokens=3, stream=True, pad_token_id=0) as tracer:
+    ...     with tracer.all():
+    ...         last = lm.transformer.h[0].output[:, -1].save()
+    >>> [(step.index, tuple(step[last].shape)) for step in tracer.stream()]
+    [(0, (1, 8)), (1, (1, 8)), (2, (1, 8))]
+    """
+
+    def __init__(self, index: int, tokens=None, text=None, values=None, items=None):
+        self.index, self.tokens, self.text = index, tokens, text
+        self.values: dict = values or {}  # node index -> value saved in this step
+        self.items: dict = items or {}  # node index of a saved list -> the items it gained in this step
+        self.copies: list = []  # the tracer's repeated blocks: (start, end, {step: first node of its copy})
+
+    def __repr__(self) -> str:
+        return f"Step({self.index}, tokens={self.tokens!r}, text={self.text!r}, values={sorted(self.values)})"
+
+    def __getitem__(self, proxy: Proxy):
+        if not isinstance(proxy, Proxy):
+            raise InterlaceError(f"a step is read with a proxy saved in the trace (step[h]), not {type(proxy).__name__}")
+        index = self.node_of(proxy._index)
+        if index in self.items:
+            return self.items[index]
+        if index in self.values:
+            return self.values[index]
+        raise NotSavedError(f"%{proxy._index} has no value saved in step {self.index}: save it in a block that "
+                            "runs at this step (tracer.all(), tracer.iter[...]); a value of the first forward only "
+                            "is in step 0")
+
+    def node_of(self, index: int) -> int:
+        """The node that stands for node `index` in this step (its copy, when a repeated block holds it)."""
+        for start, end, firsts in self.copies:
+            if start <= index < end and self.index in firsts:
+                return index - start + firsts[self.index]
+        return index
+
+
+class Stream:
+    """The run of a `stream=True` trace, started when its block ends; `steps()` yields its `Step`s."""
+
+    def __init__(self, tracer, request: Request):
+        self.tracer = tracer
+        self.started = False
+        self.cancel = threading.Event()
+        options = tracer.options
+        if options.get("remote"):
+            self.remote = tracer.model.submit(request, options)  # a generator of steps, returning the outcome
+            self.thread = None
+            return
+        self.queue: queue.Queue = queue.Queue()  # unbounded: the run never waits for its reader
+        self.thread = threading.Thread(target=self._run, args=(request,), name="interlace-stream", daemon=True)
+        self.thread.start()
+
+    def _run(self, request: Request) -> None:
+        try:
+            outcome = self.tracer.model.submit(request, self.tracer.options, on_step=self.queue.put, cancel=self.cancel)
+            if self.tracer.options.get("mode") != "generate":  # one forward: one step, holding every value
+                self.queue.put(_whole(outcome))
+            self.queue.put((_DONE, outcome, None))
+        except BaseException as error:  # noqa: BLE001 - handed to the reader, raised there
+            self.queue.put((_DONE, None, error))
+
+    def steps(self):
+        """Yield each step as it is produced; then bind the saved values in the caller's names."""
+        if self.started:
+            raise InterlaceError("tracer.stream() can be read once: keep the steps you need as they come")
+        self.started = True
+        finished = False
+        source = self.remote if self.thread is None else self._local()
+        try:
+            while True:
+                try:
+                    step = next(source)
+                except StopIteration as end:
+                    outcome = end.value
+                    break
+                step.copies = self.tracer.copies
+                yield step
+            finished = True
+            self.tracer._receive(outcome, sys._getframe(1))
+        finally:
+            if not finished:
+                self._stop()
+
+    def _local(self):
+        while True:
+            item = self.queue.get()
+            if isinstance(item, Step):
+                yield item
+                continue
+            _, outcome, error = item
+            if error is not None:
+                raise error
+            return outcome
+
+    def _stop(self) -> None:
+        """The reader left early: the run stops at its next step; wait for it so the model is as it was."""
+        self.cancel.set()
+        if self.thread is not None:
+            self.thread.join()
+        else:
+            self.remote.close()  # cancels the job
+
+
+def _whole(outcome: Outcome) -> Step:
+    values = {i: v for i, v in outcome.results.items() if type(v) is not list}
+    return Step(0, values=values, items={i: v for i, v in outcome.results.items() if type(v) is list})
