@@ -1,0 +1,253 @@
+"""Streaming (`stream=True`, `tracer.stream()`) on a tiny GPT-2: each step's tokens and values equal the
+same run without streaming and a hand-written hook; leaving the loop early stops the generation."""
+
+import threading
+
+import pytest
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+import interlace
+from helpers import assert_clean, tiny, tiny_tokenizer
+from interlace import InterlaceError, LanguageModel, NotSavedError, Proxy
+
+PROMPT = "w5 w6 w7"
+NEW = 6
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return LanguageModel(tiny("gpt2"), tokenizer=tiny_tokenizer())
+
+
+def steered(lm, tracer, factor=1.5):
+    """Steer layer 1's last position at every step; collect layer 0's last position and the logits."""
+    hidden, logits = interlace.list().save(), interlace.list().save()
+    with tracer.all():
+        lm.transformer.h[1].output[:, -1] *= factor
+        hidden.append(lm.transformer.h[0].output[:, -1])
+        logits.append(lm.lm_head.output[:, -1])
+    return hidden, logits
+
+
+def test_greedy_steps_equal_the_run_without_streaming_and_a_hand_written_hook(lm):
+    with lm.generate(PROMPT, max_new_tokens=NEW) as tracer:
+        hidden, logits = steered(lm, tracer)
+        out = lm.generator.output.save()
+
+    with lm.generate(PROMPT, max_new_tokens=NEW, stream=True) as tracer:
+        s_hidden, s_logits = steered(lm, tracer)
+        s_out = lm.generator.output.save()
+    steps = []
+    for step in tracer.stream():
+        assert isinstance(s_hidden, Proxy)  # values bind after the last step
+        steps.append((step.index, step.tokens, step.text, step[s_hidden], step[s_logits]))
+
+    # a hand-written hook doing the same on plain generate
+    seen = []
+
+    def steer(module, args, output):
+        output = output.clone()
+        output[:, -1] *= 1.5
+        return output
+
+    handles = [lm.module.transformer.h[1].register_forward_hook(steer),
+               lm.module.transformer.h[0].register_forward_hook(lambda m, a, o: seen.append(o[:, -1].clone()))]
+    try:
+        ids = torch.tensor([lm.tokenizer(PROMPT)["input_ids"]])
+        reference = lm.module.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
+                                       do_sample=False, pad_token_id=0)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    assert torch.equal(out, reference) and torch.equal(s_out, out)
+    assert [index for index, *_ in steps] == list(range(NEW))
+    length = ids.shape[1]
+    for index, tokens, text, step_hidden, step_logits in steps:
+        assert torch.equal(tokens, out[:, length + index])
+        assert text == [" " + lm.tokenizer.decode(tokens)]
+        assert len(step_hidden) == 1 and torch.equal(step_hidden[0], hidden[index])
+        assert torch.equal(step_hidden[0], seen[index])
+        assert torch.equal(step_logits[0], logits[index]) and torch.equal(tokens, logits[index].argmax(-1))
+    assert len(s_hidden) == NEW and all(torch.equal(a, b) for a, b in zip(s_hidden, hidden))
+    assert_clean(lm.module)
+
+
+def test_seeded_sampling_two_invokes_steered_every_step_is_bit_identical(lm):
+    def run(stream):
+        torch.manual_seed(7)
+        with lm.generate(max_new_tokens=NEW, do_sample=True, top_k=20, stream=stream) as tracer:
+            with tracer.invoke(PROMPT):  # steered: its rows only
+                with tracer.all():
+                    lm.transformer.h[1].output[:, -1] += 3.0
+                    first = lm.transformer.h[0].output[:, -1].save()
+            with tracer.invoke(["w1 w2", "w9 w8 w7 w6 w5"]):
+                with tracer.all():
+                    second = lm.transformer.h[1].output[:, -1].save()
+            out = lm.generator.output.save()
+        if not stream:
+            return out, first, second, None
+        steps = [(step.tokens, step.text, step[first], step[second]) for step in tracer.stream()]
+        return out, first, second, steps
+
+    out, first, second, _ = run(False)
+    s_out, s_first, s_second, steps = run(True)
+    assert torch.equal(s_out, out) and torch.equal(s_first, first) and torch.equal(s_second, second)
+    assert len(steps) == NEW
+    length = out.shape[1] - NEW
+    for index, (tokens, text, step_first, step_second) in enumerate(steps):
+        assert tokens.shape == (3,) and torch.equal(tokens, out[:, length + index])
+        assert text == [" " + lm.tokenizer.decode(int(t)) if int(t) else "" for t in tokens]
+        assert step_first.shape == (1, 32) and step_second.shape == (2, 32)
+    assert torch.equal(steps[0][2], first)  # `first` binds to step 0's copy, as without streaming
+    with lm.generate(max_new_tokens=NEW) as tracer:  # greedy differs: the tokens above were sampled
+        with tracer.invoke(PROMPT):
+            with tracer.all():
+                lm.transformer.h[1].output[:, -1] += 3.0
+        with tracer.invoke(["w1 w2", "w9 w8 w7 w6 w5"]):
+            pass
+        greedy = lm.generator.output.save()
+    assert not torch.equal(greedy, out)
+
+
+def test_a_stop_in_the_middle_ends_the_stream_and_the_values_equal_the_run_without_streaming(lm):
+    def run(stream):
+        with lm.generate(PROMPT, max_new_tokens=NEW, stream=stream) as tracer:
+            with tracer.iter[3]:  # a stop waits for what was recorded before it: here step 3's layer 0
+                lm.transformer.h[0].output
+                tracer.stop()
+            hidden, _ = steered(lm, tracer)
+            out = lm.generator.output.save()
+        steps = [(step.index, step[hidden]) for step in tracer.stream()] if stream else None
+        return hidden, out, steps, tracer
+
+    hidden, out, _, tracer = run(False)
+    s_hidden, s_out, steps, s_tracer = run(True)
+    assert [index for index, _ in steps] == [0, 1, 2]  # step 3 stopped in its forward: no token
+    assert len(s_hidden) == len(hidden) == 3 and all(torch.equal(a, b) for a, b in zip(s_hidden, hidden))
+    assert all(torch.equal(items[0], hidden[index]) for index, items in steps)
+    assert isinstance(out, Proxy) and isinstance(s_out, Proxy)  # generate never returned
+    assert s_tracer.missing == tracer.missing
+    assert_clean(lm.module)
+
+
+class Gate:
+    """A pre-hook on the model: counts forwards, and from the third on lets one in per permit (or after 1 s)."""
+
+    def __init__(self, module):
+        self.forwards, self.permits = 0, threading.Semaphore(0)
+        self.handle = module.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.forwards += 1
+        if self.forwards > 2:
+            self.permits.acquire(timeout=1.0)
+
+
+@pytest.mark.parametrize("leave", [None, ValueError, KeyboardInterrupt])
+def test_leaving_the_loop_early_stops_the_generation_at_its_next_step_and_leaves_the_model_as_it_was(lm, leave):
+    with lm.trace(PROMPT):
+        before = lm.output.logits.save()
+    gate = Gate(lm.module)
+    try:
+        with lm.generate(PROMPT, max_new_tokens=20, stream=True) as tracer:
+            hidden, _ = steered(lm, tracer)
+        read = []
+        with pytest.raises(leave) if leave else _nothing():
+            for step in tracer.stream():
+                read.append(step.index)
+                if step.index == 1:
+                    if leave:
+                        raise leave()
+                    break
+    finally:
+        gate.handle.remove()
+    # the loop left after step 1, while step 2's forward waited: the generation ended after step 2's token
+    assert read == [0, 1] and gate.forwards == 3
+    assert isinstance(hidden, Proxy)  # nothing binds
+    assert_clean(lm.module)
+    with lm.trace(PROMPT):  # the model is free and unchanged
+        after = lm.output.logits.save()
+    assert torch.equal(before, after)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class Recording(BaseStreamer):
+    """A user's Hugging Face streamer: what `generate` hands it."""
+
+    def __init__(self):
+        self.puts, self.ends = [], 0
+
+    def put(self, value):
+        self.puts.append(value.clone())
+
+    def end(self):
+        self.ends += 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_hugging_face_streamer_keeps_working(lm, stream):
+    streamer = Recording()
+    with lm.generate(PROMPT, max_new_tokens=4, streamer=streamer, stream=stream) as tracer:
+        out = lm.generator.output.save()
+    tokens = [step.tokens for step in tracer.stream()] if stream else None
+    assert streamer.ends == 1 and len(streamer.puts) == 5
+    assert torch.equal(streamer.puts[0], out[:, :3])  # the prompt, then each new token
+    assert torch.equal(torch.stack(streamer.puts[1:], 1), out[:, 3:])
+    if stream:
+        assert all(torch.equal(a, b) for a, b in zip(tokens, streamer.puts[1:]))
+
+
+def test_a_streamed_trace_is_one_step_with_every_value(lm):
+    with lm.trace(PROMPT):
+        want = lm.transformer.h[0].output.save()
+    with lm.trace(PROMPT, stream=True) as tracer:
+        hidden = lm.transformer.h[0].output.save()
+        items = interlace.list().save()
+        items.append(lm.transformer.h[1].output[:, -1])
+    steps = [(step.index, step.tokens, step[hidden], step[items]) for step in tracer.stream()]
+    assert len(steps) == 1 and steps[0][:2] == (0, None)
+    assert torch.equal(steps[0][2], want) and torch.equal(hidden, want) and len(steps[0][3]) == 1
+
+
+def test_mistakes_get_clear_errors(lm):
+    with lm.generate(PROMPT, max_new_tokens=2) as tracer:
+        lm.generator.output.save()
+    with pytest.raises(InterlaceError, match="needs a trace started with stream=True"):
+        tracer.stream()
+
+    with lm.generate(PROMPT, max_new_tokens=2, stream=True) as tracer:
+        first = lm.transformer.h[0].output.save()  # the first forward only
+    steps = tracer.stream()
+    step = next(steps)
+    assert step[first].shape == (1, 3, 32)
+    later = next(steps)
+    with pytest.raises(NotSavedError, match="no value saved in step 1"):
+        later[first]
+    with pytest.raises(InterlaceError, match="with a proxy saved in the trace"):
+        later["first"]
+    list(steps)
+    with pytest.raises(InterlaceError, match="can be read once"):
+        next(tracer.stream())
+
+    with pytest.raises(InterlaceError, match="cannot be used inside a session"):
+        with lm.session():
+            with lm.generate(PROMPT, stream=True):
+                pass
+
+    with lm.generate(PROMPT, max_new_tokens=3, stream=True) as tracer:
+        with tracer.iter[1]:
+            lm.transformer.h[0].output[:, :, 999] = 0  # out of range, at step 1
+    steps = tracer.stream()
+    assert next(steps).index == 0
+    with pytest.raises(interlace.ExecutionError, match="test_stream.py"):
+        next(steps)
+    assert_clean(lm.module)
