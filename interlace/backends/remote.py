@@ -5,7 +5,8 @@ module tree on the meta device and the tokenizer from the server's manifest (no 
 envoy paths, `print(lm)` and scans work on a machine that has never seen the model. `run()` sends a
 request (wire format v1), waits for it, showing the queue position and state from the job's events
 when it does not finish at once, prints its `log` lines, and returns an `Outcome`; with
-`blocking=False` it returns a `Job` handle instead. A server's error is raised here as the same class
+`blocking=False` it returns a `Job` handle instead; `stream()` yields each generation step as the
+job's events bring it. A server's error is raised here as the same class
 a local run raises, with the user's own source line quoted (the server only knows file and line).
 """
 
@@ -25,7 +26,7 @@ from .. import errors
 from ..errors import InterlaceError, LimitError, ServiceError, VersionError, describe_location
 from ..graph import Outcome, Request
 from .limits import Limits
-from .serialize import VERSION, deserialize_results, serialize_request
+from .serialize import VERSION, deserialize_results, deserialize_step, serialize_request
 
 _FIRST_WAIT = 1.0  # seconds a blocking submission waits for its result before following events
 _FINISHED = ("completed", "error", "cancelled")
@@ -110,6 +111,51 @@ class RemoteBackend:
         if not blocking:
             return job
         return job._wait(None)  # the server holds the job to `timeout`; the queue before it is bounded
+
+    def stream(self, request: Request, *, timeout: float | None = None):
+        """Submit `request` now; returns a generator of each generation `Step` as the server makes it,
+        which returns the `Outcome`. Closing it before the end (a reader that stops) cancels the job.
+
+        timeout: seconds the job may run on the server (as in `run`).
+        """
+        data = serialize_request(request, trusted=self.manifest()["trusted"])
+        params = {"model": self.model, "wait": 0, "stream": "true"}
+        if timeout is not None:
+            params["timeout"] = timeout
+        job = Job(self, self._call("POST", "/v1/jobs", params=params, content=data, answered=(200, 202))
+                  .headers["interlace-job"])
+        return self._steps(job)  # submitted now; its steps are read as the caller iterates
+
+    def _steps(self, job: "Job"):
+        finished = False
+        try:
+            try:
+                with self._client.stream("GET", f"/v1/jobs/{job.id}/events",
+                                         timeout=httpx.Timeout(30.0, connect=10.0)) as response:  # pings every 15 s
+                    if response.status_code != 200:
+                        response.read()
+                        raise _error(response)
+                    for kind, event in _events(response.iter_lines()):
+                        if kind == "step":
+                            yield deserialize_step(event, limits=Limits())
+                        elif kind in _FINISHED:
+                            break
+            except httpx.TransportError as error:
+                raise ServiceError(f"lost the connection to {self.host} while streaming job {job.id}: {error}",
+                                   status=0, code="unreachable") from None
+            outcome = _outcome(self._call("GET", f"/v1/jobs/{job.id}/result"))  # the job's error, if it failed
+            finished = True
+            return outcome
+        finally:
+            if not finished:
+                self._cancel_quietly(job)
+
+    def _cancel_quietly(self, job: "Job") -> None:
+        """Cancel a job whose reader left; the server may be gone already, which is no further error."""
+        try:
+            job.cancel()
+        except InterlaceError:
+            pass
 
     def _call(self, method: str, path: str, *, answered=(200,), **options) -> httpx.Response:
         try:
@@ -252,7 +298,7 @@ class _Status:
         self.job_id, self.enabled, self.bar = job_id, enabled, None
 
     def show(self, kind, data) -> None:
-        if not self.enabled or kind in (None, "log"):
+        if not self.enabled or kind in (None, "log", "step"):
             return
         if self.bar is None:
             from tqdm import tqdm  # noqa: PLC0415 - only when a job has to wait

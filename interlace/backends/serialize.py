@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .. import ops
 from ..errors import InterlaceError, LimitError, SerializationError, VersionError, describe_location
 from ..graph import OPS, Graph, Node, Ref, Request, TraceSpec
+from ..stream import Step
 from .limits import Limits
 from .validate import check_structure
 
@@ -87,6 +88,16 @@ class ValuesHeader(_Strict):
     version: Literal[1]
     values: list[tuple[int, Any]]
     logs: list[tuple[int, list[Any]]] = []
+
+
+class StepEvent(_Strict):
+    """One generation step of a streamed job, as its `step` event carries it (JSON)."""
+
+    step: int = Field(ge=0)
+    tokens: list[int] | None = None
+    text: list[str] | None = None
+    values: str | None = None  # base64 of `serialize_results` bytes: the step's values and list items
+    items: list[int] = []  # which of those values are the items a saved list gained in the step
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -275,6 +286,15 @@ def serialize_results(values: dict, logs=(), *, compress: bool = False, graph: G
             encoded_logs.append([index, [_short(logged)]])  # a log line is text to its reader
     header = {"version": VERSION, "values": items, "logs": encoded_logs}
     return encoder.frame(VALUES_MAGIC, header, len(items), compress)
+
+
+def serialize_step(step: Step, *, graph: Graph | None = None, limits: Limits | None = None) -> dict:
+    """A `Step` as the JSON of a `step` event: tokens and text as lists, values in the wire format."""
+    saved = {**step.values, **step.items}
+    values = serialize_results(saved, graph=graph, limits=limits) if saved else None
+    return StepEvent(step=step.index, tokens=None if step.tokens is None else step.tokens.tolist(), text=step.text,
+                     values=None if values is None else base64.b64encode(values).decode("ascii"),
+                     items=sorted(step.items)).model_dump()
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -516,3 +536,21 @@ def deserialize_results(data: bytes, *, limits: Limits | None = None) -> tuple[d
     logs = [(index, tuple(decoder.decode(value, None) for value in logged)) for index, logged in header.logs]
     decoder.check_all_used()
     return values, logs
+
+
+def deserialize_step(data: dict, *, limits: Limits | None = None) -> Step:
+    """The `Step` of a `step` event's JSON, checked as results are."""
+    try:
+        event = StepEvent.model_validate(data)
+    except ValidationError as error:
+        raise SerializationError(f"a step event is malformed: {error}") from None
+    values = {}
+    if event.values is not None:
+        try:
+            data = base64.b64decode(event.values, validate=True)
+        except ValueError:
+            raise SerializationError("a step event's values are not base64") from None
+        values, _ = deserialize_results(data, limits=limits)
+    items = {index: values.pop(index) for index in event.items if index in values}
+    tokens = None if event.tokens is None else torch.tensor(event.tokens, dtype=torch.long)
+    return Step(event.step, tokens, event.text, values, items)

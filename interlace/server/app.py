@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from ..backends.serialize import serialize_step
 from ..errors import CancelledError, ServiceError
 from . import errors
 from .auth import Quota
@@ -51,7 +52,8 @@ class Service:
         def execute(jobs: list[Job]) -> list:
             return hosted.execute_many([job.request for job in jobs], limits=jobs[0].limits,
                                        cancels=[job.cancel for job in jobs],
-                                       groups=[job.group and job.group[0] for job in jobs])  # (model's, limits)
+                                       groups=[job.group and job.group[0] for job in jobs],  # (model's, limits)
+                                       on_steps=[step_publisher(job) for job in jobs])
 
         return execute
 
@@ -90,7 +92,8 @@ class Service:
                                status=404, code="not_found")
         return self.models[name]
 
-    async def submit(self, data: bytes, key: str, model: str | None, timeout: float | None) -> Job:
+    async def submit(self, data: bytes, key: str, model: str | None, timeout: float | None,
+                     stream: bool = False) -> Job:
         """Check a request and queue it as a job; every refusal happens here, before the queue."""
         hosted = self.model(model)
         self.quota.count_submission(key)
@@ -105,7 +108,7 @@ class Service:
         # nothing awaits from here on: the checks and the queueing happen as one step
         self.quota.check_active(key, self.store.active(key))
         job = Job(request, key=key, model=hosted.name, limits=limits, loop=asyncio.get_running_loop(), data=data,
-                  group=group, size=size)
+                  group=group, size=size, stream=stream)
         self.store.add(job)
         try:
             self.queues[hosted.name].put(job)
@@ -120,6 +123,15 @@ class Service:
         job.cancel.set()  # a running job stops at its next operation
         if self.queues[job.model].remove(job):
             job.fail(CancelledError("the job was cancelled while queued"), 410)
+
+
+def step_publisher(job: Job):
+    """For a streamed job, what publishes each of its generation steps as a `step` event (its tokens,
+    text, and values in the wire format); None for the others."""
+    if not job.stream:
+        return None
+    graph, limits = job.request.graph, job.limits
+    return lambda step: job.publish("step", **serialize_step(step, graph=graph, limits=limits))
 
 
 def create_app(models: list[HostedModel], keys: KeyStore, config: ServerConfig | None = None,

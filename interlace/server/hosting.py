@@ -115,15 +115,20 @@ class HostedModel:
         return (group, limits), size
 
     # -- jobs (the model's worker thread) ---------------------------------------------------------------
-    def execute_many(self, requests: list[Request], *, limits: Limits, cancels: list, groups=None) -> list:
+    def execute_many(self, requests: list[Request], *, limits: Limits, cancels: list, groups=None,
+                     on_steps=None) -> list:
         """Run requests together where they can share a forward (one group; see `batching`); for each,
         (result bytes, log lines, missing saved values) or the exception that failed it alone.
-        groups: the model's group of each request (`Model.batching`), when known."""
+        groups: the model's group of each request (`Model.batching`), when known. on_steps: for each,
+        None or what is handed each of its generation steps (`Model.run_many`)."""
+        on_steps = on_steps or [None] * len(requests)
         try:
             if len(requests) == 1 and _has_functions(requests[0].graph):  # only a --trusted server admits these
-                answers = [self._answer(lambda: self.model.run(requests[0], limits=limits, cancel=cancels[0]))]
+                answers = [self._answer(lambda: self.model.run(requests[0], limits=limits, cancel=cancels[0],
+                                                               on_step=on_steps[0]))]
             else:
-                answers = self.model.run_many(requests, untrusted=True, limits=limits, cancels=cancels, groups=groups)
+                answers = self.model.run_many(requests, untrusted=True, limits=limits, cancels=cancels, groups=groups,
+                                              on_steps=on_steps)
             return [self._reply(request, answer, limits) for request, answer in zip(requests, answers)]
         finally:
             if self.checksum is not None:

@@ -33,11 +33,12 @@ class Job:
     """One request on its way through the server; created on the event loop's thread."""
 
     def __init__(self, request, *, key: str, model: str, limits, loop: asyncio.AbstractEventLoop, data: bytes = b"",
-                 group=None, size: int = 1):
+                 group=None, size: int = 1, stream: bool = False):
         self.id = secrets.token_urlsafe(16)  # random: ids cannot be guessed, only received
         self.request, self.key, self.model, self.limits = request, key, model, limits
         self.data = data  # the request's bytes as received (a runner in another process sends them on)
         self.group, self.size = group, size  # jobs of one group may share a forward; size: its token positions
+        self.stream = stream  # publish a `step` event per generation step
         self.state = "queued"
         self.position: int | None = None
         self.created, self.started, self.finished = time.time(), None, None

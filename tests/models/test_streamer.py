@@ -3,8 +3,6 @@ real model whose text is exactly the decoded tokens of the same run without stre
 
 import torch
 
-
-
 TEXTS = ["The café served crème brûlée 🙂🙂 and 世界 for 5€.", "  spaces\tand\nnewlines  ", "naïve Ωmega 👩‍👩‍👧 end"]
 
 

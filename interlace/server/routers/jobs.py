@@ -64,13 +64,15 @@ def _answer(job: Job) -> Response:
 
 @router.post("", responses={200: {"content": {_RESULTS: {}}}, 202: {"model": JobInfo}})
 async def submit(request: Request, model: str | None = None, wait: float = Query(0.0, ge=0),
-                 timeout: float | None = Query(None, gt=0), key: Key = Depends(caller), svc=Depends(service)):
+                 timeout: float | None = Query(None, gt=0), stream: bool = False, key: Key = Depends(caller),
+                 svc=Depends(service)):
     """Queue a request; with `wait`, answer with its result when it is done within that many seconds.
 
-    `timeout` shortens the job's deadline (never past the server's max_seconds).
+    `timeout` shortens the job's deadline (never past the server's max_seconds). `stream`: its events
+    carry each generation step (`step`: tokens, text, the step's saved values in the wire format).
     """
     data = await _read_body(request, svc.model(model).limits.max_frame_bytes)
-    job = await svc.submit(data, key.id, model, timeout)
+    job = await svc.submit(data, key.id, model, timeout, stream)
     if wait:
         await job.wait(min(wait, svc.config.max_wait))
     return _answer(job)
@@ -92,7 +94,8 @@ async def result(job_id: str, wait: float = Query(0.0, ge=0), key: Key = Depends
 
 @router.get("/{job_id}/events")
 async def events(job_id: str, key: Key = Depends(caller), svc=Depends(service)):
-    """Server-sent events: queued (with position), running, log, then completed, error or cancelled."""
+    """Server-sent events: queued (with position), running, step (streamed jobs), log, then completed, error
+    or cancelled."""
     job = svc.store.get(job_id, key.id)
 
     async def stream():
