@@ -11,7 +11,6 @@ run at its next step, and nothing binds.
 from __future__ import annotations
 
 import queue
-import sys
 import threading
 
 from .errors import InterlaceError, NotSavedError
@@ -75,8 +74,8 @@ class Stream:
         self.started = False
         self.cancel = threading.Event()
         options = tracer.options
-        if options.get("remote"):
-            self.remote = tracer.model.submit(request, options)  # a generator of steps, returning the outcome
+        if options.get("remote"):  # submitted now: the job, and a generator of its steps returning the outcome
+            tracer.job, self.remote = tracer.model.submit(request, options)
             self.thread = None
             return
         self.queue: queue.Queue = queue.Queue()  # unbounded: the run never waits for its reader
@@ -92,8 +91,8 @@ class Stream:
         except BaseException as error:  # noqa: BLE001 - handed to the reader, raised there
             self.queue.put((_DONE, None, error))
 
-    def steps(self):
-        """Yield each step as it is produced; then bind the saved values in the caller's names."""
+    def steps(self, frame):
+        """Yield each step as it is produced; then bind the saved values in the names of `frame`."""
         if self.started:
             raise InterlaceError("tracer.stream() can be read once: keep the steps you need as they come")
         self.started = True
@@ -109,7 +108,7 @@ class Stream:
                 step.copies = self.tracer.copies
                 yield step
             finished = True
-            self.tracer._receive(outcome, sys._getframe(1))
+            self.tracer._receive(outcome, frame)
         finally:
             if not finished:
                 self._stop()

@@ -241,7 +241,7 @@ class Tracer(Recorder):
         if self._stream is None:
             raise InterlaceError("tracer.stream() needs a trace started with stream=True "
                                  "(`with lm.generate(prompt, stream=True) as tracer:`), read after its block")
-        return self._stream.steps()
+        return self._stream.steps(sys._getframe(1))  # names bind where the loop is written (not in a comprehension)
 
     # -- context ----------------------------------------------------------------------------------
     def __enter__(self) -> "Tracer":

@@ -61,6 +61,7 @@ def test_greedy_steps_equal_the_run_without_streaming_and_a_hand_written_hook(lm
         for handle in handles:
             handle.remove()
 
+    assert type(s_out) is torch.Tensor and type(s_hidden) is list  # bound after the last step
     assert torch.equal(out, reference) and torch.equal(s_out, out)
     assert [index for index, *_ in steps] == list(range(NEW))
     length = ids.shape[1]
@@ -93,12 +94,14 @@ def test_seeded_sampling_two_invokes_steered_every_step_is_bit_identical(lm):
 
     out, first, second, _ = run(False)
     s_out, s_first, s_second, steps = run(True)
+    assert type(s_first) is torch.Tensor  # bound where the loop was written, though it is a comprehension
     assert torch.equal(s_out, out) and torch.equal(s_first, first) and torch.equal(s_second, second)
     assert len(steps) == NEW
     length = out.shape[1] - NEW
     for index, (tokens, text, step_first, step_second) in enumerate(steps):
         assert tokens.shape == (3,) and torch.equal(tokens, out[:, length + index])
-        assert text == [" " + lm.tokenizer.decode(int(t)) if int(t) else "" for t in tokens]
+        words = [lm.tokenizer.decode(int(t), skip_special_tokens=True) for t in tokens]
+        assert text == [" " + word if word else "" for word in words]  # w0, w1 are special: no text
         assert step_first.shape == (1, 32) and step_second.shape == (2, 32)
     assert torch.equal(steps[0][2], first)  # `first` binds to step 0's copy, as without streaming
     with lm.generate(max_new_tokens=NEW) as tracer:  # greedy differs: the tokens above were sampled
@@ -251,3 +254,18 @@ def test_mistakes_get_clear_errors(lm):
     with pytest.raises(interlace.ExecutionError, match="test_stream.py"):
         next(steps)
     assert_clean(lm.module)
+
+
+def test_seed_samples_the_same_tokens_every_time_and_leaves_the_callers_random_state(lm):
+    def run(seed, stream):
+        with lm.generate(PROMPT, max_new_tokens=NEW, do_sample=True, seed=seed, stream=stream) as tracer:
+            out = lm.generator.output.save()
+        tokens = [step.tokens for step in tracer.stream()] if stream else None
+        return out, tokens
+
+    state = torch.get_rng_state()
+    out, _ = run(3, False)
+    s_out, tokens = run(3, True)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(s_out, out) and torch.equal(torch.stack(tokens, 1), out[:, -NEW:])
+    assert not torch.equal(run(4, False)[0], out)

@@ -113,8 +113,8 @@ class RemoteBackend:
         return job._wait(None)  # the server holds the job to `timeout`; the queue before it is bounded
 
     def stream(self, request: Request, *, timeout: float | None = None):
-        """Submit `request` now; returns a generator of each generation `Step` as the server makes it,
-        which returns the `Outcome`. Closing it before the end (a reader that stops) cancels the job.
+        """Submit `request` now; returns its `Job` and a generator of each generation `Step` as the server
+        makes it, which returns the `Outcome`. Closing it before the end (a reader that stops) cancels the job.
 
         timeout: seconds the job may run on the server (as in `run`).
         """
@@ -124,7 +124,7 @@ class RemoteBackend:
             params["timeout"] = timeout
         job = Job(self, self._call("POST", "/v1/jobs", params=params, content=data, answered=(200, 202))
                   .headers["interlace-job"])
-        return self._steps(job)  # submitted now; its steps are read as the caller iterates
+        return job, self._steps(job)  # submitted now; its steps are read as the caller iterates
 
     def _steps(self, job: "Job"):
         finished = False

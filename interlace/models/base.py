@@ -128,8 +128,8 @@ class Model(Envoy):
     def submit(self, request: Request, options: dict, *, on_step=None, cancel=None):
         """Run a recorded request where its options say: here (`run`), or on a server.
 
-        on_step, cancel: of a streamed local run (see `run`). A streamed remote run gives a generator
-        of its steps that returns the outcome (see `RemoteBackend.stream`).
+        on_step, cancel: of a streamed local run (see `run`). A streamed remote run gives its job and a
+        generator of its steps that returns the outcome (see `RemoteBackend.stream`).
         """
         if options.get("remote"):
             return self.run_remote(request, blocking=options["blocking"], timeout=options["timeout"],
@@ -139,7 +139,7 @@ class Model(Envoy):
 
     def run_remote(self, request: Request, *, blocking: bool = True, timeout=None, backend=None, stream: bool = False):
         """Run on a server (`backend`, a RemoteBackend, or the model's own): an Outcome, a job handle, or
-        (stream) a generator of its steps."""
+        (stream) a job handle and a generator of its steps."""
         backend = backend or self._remote
         if stream:
             return backend.stream(request, timeout=timeout)

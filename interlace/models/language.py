@@ -188,8 +188,9 @@ class LanguageModel(Model):
         """Record interventions for `generate`; `lm.generator.output` holds the token ids.
 
         Interventions apply to the first forward pass unless placed in `tracer.all()` or
-        `tracer.iter[...]`. Greedy decoding unless `do_sample=True` is given; other keyword
-        arguments (a `streamer` too) go to `generate`. scan / validate check the first step's shapes.
+        `tracer.iter[...]`. Greedy decoding unless `do_sample=True` is given; `seed=N` samples from
+        torch's generator seeded with N (the same tokens here and on a server; the caller's random
+        state is left as it was). Other keyword arguments (a `streamer` too) go to `generate`. scan / validate check the first step's shapes.
         stream: start generating when the block ends; `tracer.stream()` yields each step as it is made.
         """
         kwargs["max_new_tokens"] = max_new_tokens
@@ -233,7 +234,13 @@ class LanguageModel(Model):
                 if on_step is not None or stoppable:
                     options["streamer"] = self._step_streamer(interleaver, on_step, batch, options.get("streamer"))
                 generate_batch = {k: v for k, v in batch.items() if k != "position_ids"}
-                return self._generator(**generate_batch, **options)
+                seed = options.pop("seed", None)
+                if seed is None:
+                    return self._generator(**generate_batch, **options)
+                device = generate_batch["input_ids"].device
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the seed stays inside
+                    torch.manual_seed(seed)
+                    return self._generator(**generate_batch, **options)
             return self._module(**batch, **forward_kwargs)
 
         interleaver.run(run)
@@ -345,7 +352,7 @@ class LanguageModel(Model):
 _UNTRUSTED_OPTIONS = {
     "trace": frozenset({"output_attentions", "output_hidden_states", "use_cache", "return_dict", "logits_to_keep"}),
     "generate": frozenset({"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-                           "repetition_penalty", "no_repeat_ngram_size", "use_cache"}),
+                           "repetition_penalty", "no_repeat_ngram_size", "use_cache", "seed"}),
 }
 
 
@@ -357,6 +364,9 @@ def _check_untrusted_options(options: dict, batch, limits) -> None:
     if refused:
         raise RefusedError(f"option(s) {', '.join(refused)} are not allowed for {mode}; allowed: "
                            f"{', '.join(sorted(_UNTRUSTED_OPTIONS[mode]))}")
+    seed = kwargs.get("seed")
+    if seed is not None and (type(seed) is not int or not 0 <= seed < 1 << 63):
+        raise RefusedError(f"seed must be an int from 0 to 2**63 - 1, not {seed!r}")
     new_tokens = kwargs.get("max_new_tokens", 0)
     if type(new_tokens) is not int or not 0 <= new_tokens <= limits.max_new_tokens:
         raise LimitError(f"max_new_tokens must be an int from 0 to {limits.max_new_tokens} (max_new_tokens)")

@@ -1,0 +1,150 @@
+"""Remote streaming against a real server: each step's tokens, text and values equal the local stream and
+the remote run without streaming; a reader that leaves cancels the job and frees the server; streamed
+jobs batched with other users' jobs each stream their own rows."""
+
+import threading
+
+import httpx
+import pytest
+import torch
+
+import interlace
+from helpers import assert_clean
+from interlace.backends import remote as remote_backend
+from test_batching import USERS, batch_sizes, batching  # noqa: F401 - the batching server fixture
+
+PROMPT = "w5 w6 w7 w8"
+NEW = 6
+
+
+def same(a, b) -> bool:
+    """Equal bit for bit, through lists."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def generation(lm, *, remote, stream, stop=False, **options):
+    """Seeded sampling, two invokes (one steered every step), an optional stop at step 3; what it gives."""
+    with lm.generate(max_new_tokens=NEW, remote=remote, stream=stream, do_sample=True, seed=11, **options) as tracer:
+        if stop:
+            with tracer.iter[3]:
+                lm.transformer.h[0].output
+                tracer.stop()
+        with tracer.invoke(PROMPT):
+            hidden = interlace.list().save()
+            with tracer.all():
+                lm.transformer.h[1].output[:, -1] += 2.0
+                hidden.append(lm.transformer.h[0].output[:, -1])
+        with tracer.invoke(["w9 w10", "w11 w12 w13 w14 w15"]):
+            with tracer.all():
+                logits = lm.lm_head.output[:, -1].save()
+        out = lm.generator.output.save()
+    steps = None
+    if stream:
+        steps = [(step.index, step.tokens, step.text, step[hidden], step[logits]) for step in tracer.stream()]
+    return {"hidden": hidden, "logits": logits, "out": out, "steps": steps, "missing": tracer.missing}
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_remote_steps_equal_the_local_stream_and_the_run_without_streaming(local, remote, stop):
+    here = generation(local, remote=False, stream=True, stop=stop)
+    there = generation(remote, remote=True, stream=True, stop=stop)
+    plain = generation(remote, remote=True, stream=False, stop=stop)
+    assert_clean(local.module)
+    assert [s[0] for s in there["steps"]] == list(range(3 if stop else NEW))
+    for mine, theirs in zip(here["steps"], there["steps"], strict=True):
+        assert same(list(mine), list(theirs))
+    for key in ("hidden", "logits") if stop else ("hidden", "logits", "out"):
+        assert same(there[key], here[key]) and same(plain[key], here[key])
+    if stop:  # generate never returned
+        assert all(isinstance(run["out"], interlace.Proxy) for run in (here, there, plain))
+    assert there["missing"] == plain["missing"] == here["missing"]
+    if not stop:
+        assert isinstance(there["out"], torch.Tensor) and there["out"].shape[0] == 3
+        length = there["out"].shape[1] - NEW
+        for index, tokens, text, hidden, logits in there["steps"]:
+            assert torch.equal(tokens, there["out"][:, length + index])
+            assert same(hidden, [there["hidden"][index]])
+            words = [remote.tokenizer.decode(int(t), skip_special_tokens=True) for t in tokens]
+            assert text == [" " + word if word else "" for word in words]  # w0, w1 are special: no text
+
+
+def slow_generation(lm, tracer):
+    """Every step also multiplies two 1500 x 1500 matrices on the server: steps take tens of milliseconds."""
+    with tracer.all():
+        scale = lm.transformer.h[0].output[0, -1, 0]
+        square = scale.expand(1500, 1500) * 1.0  # made on the server
+        lm.transformer.h[1].output[:, -1] += (square @ square).mean() * 0
+
+
+def test_a_reader_that_leaves_cancels_the_job_at_its_next_step_and_frees_the_server(server, setup, remote):
+    with remote.generate(PROMPT, max_new_tokens=16, remote=True, stream=True) as tracer:
+        slow_generation(remote, tracer)
+        out = remote.generator.output.save()
+    for step in tracer.stream():
+        assert step.index == 0
+        break  # the reader leaves
+    assert isinstance(out, interlace.Proxy)
+    job_id = tracer.job.id
+
+    headers = {"Authorization": f"Bearer {setup['keys']['alice']}"}
+    with httpx.stream("GET", f"{server.url}/v1/jobs/{job_id}/events", headers=headers, timeout=60) as response:
+        kinds = [kind for kind, _ in remote_backend._events(response.iter_lines()) if kind]
+    assert kinds[-1] == "cancelled" and kinds.count("step") < 16  # it stopped before its last step
+
+    with remote.generate(PROMPT, max_new_tokens=4, remote=True) as tracer:  # the next job runs
+        after = remote.generator.output.save()
+    assert after.shape == (1, 8)
+    health = server.health()
+    assert health["model_changes"] == [] and health["running"] == {"tiny-gpt2": 0}  # as before, and free
+
+
+def test_streamed_jobs_batched_with_other_users_each_stream_their_own_rows(batching, setup, local):  # noqa: F811
+    jobs_before, batches_before = batch_sizes(batching)
+    prompts = ["w20 w21 w22", "w30 w31 w32", "w40 w41 w42", "w50 w51 w52"]
+    started = []
+    for number, prompt in enumerate(prompts):
+        lm = interlace.LanguageModel("tiny-gpt2", host=batching.url, api_key=setup["keys"][USERS[number]])
+        streamed = number % 2 == 0
+        with lm.generate(prompt, max_new_tokens=NEW, remote=True, stream=streamed, blocking=streamed) as tracer:
+            hidden = interlace.list().save()
+            with tracer.all():
+                lm.transformer.h[1].output[:, -1] += float(number)
+                hidden.append(lm.transformer.h[0].output[:, -1])
+            out = lm.generator.output.save()
+        started.append((tracer, hidden, out))
+    results = [None] * len(prompts)
+
+    def read(number):
+        tracer, hidden, out = started[number]
+        if number % 2:  # a job that did not ask to stream, batched with those that did
+            results[number] = (None, tracer.job.result())
+            return
+        steps = [(step.tokens, step[hidden]) for step in tracer.stream()]
+        results[number] = (steps, (hidden, out))
+
+    threads = [threading.Thread(target=read, args=(n,)) for n in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    jobs, batches = batch_sizes(batching)
+    assert jobs - jobs_before == len(prompts) and batches - batches_before < len(prompts)  # they shared forwards
+
+    for number, prompt in enumerate(prompts[::2]):
+        steps, (hidden, out) = results[number * 2]
+        with local.generate(prompt, max_new_tokens=NEW) as tracer:  # the same job alone, here
+            alone = interlace.list().save()
+            with tracer.all():
+                local.transformer.h[1].output[:, -1] += float(number * 2)
+                alone.append(local.transformer.h[0].output[:, -1])
+            want = local.generator.output.save()
+        assert torch.equal(out, want)  # greedy tokens of its own rows
+        assert len(steps) == NEW
+        for index, (tokens, step_hidden) in enumerate(steps):
+            assert tokens.shape == (1,) and torch.equal(tokens, out[:, 3 + index])
+            assert same(step_hidden, [hidden[index]])
+            torch.testing.assert_close(step_hidden[0], alone[index], rtol=1e-5, atol=1e-6)
