@@ -13,7 +13,7 @@ from .backends.limits import Limits
 def _demo(args) -> int:
     from .demo import run
 
-    run(prompt=args.prompt, model=args.model, plot=args.plot)
+    run(prompt=args.prompt, model=args.model, plot=args.plot, stream=args.stream)
     return 0
 
 
@@ -102,9 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="interlace", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="logit lens and activation patching on the default model")
-    demo.add_argument("--prompt", default=None, help="prompt for the logit lens")
+    demo.add_argument("--prompt", default=None, help="prompt for the logit lens (or for --stream)")
     demo.add_argument("--model", default=None, help="model path or name (default: embedded SmolLM2)")
     demo.add_argument("--plot", default=None, metavar="FILE.html", help="also write the logit lens as figures")
+    demo.add_argument("--stream", action="store_true",
+                      help="instead stream a plain and a steered completion side by side as they are generated")
     demo.set_defaults(handler=_demo)
     check = commands.add_parser(
         "check-model", help="check every standardized name of a model by value, against hand-written hooks"

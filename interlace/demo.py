@@ -8,11 +8,16 @@
 
 Both run on the standardized names, so `--model` takes any family of the table.
 `--plot FILE.html` also writes the logit lens over every layer and position, and each layer's top
-tokens, as interactive figures.
+tokens, as interactive figures. `--stream` instead streams a completion and the same completion
+steered towards "love" (a difference of activations) side by side as they are generated: one
+generation of two invokes, the steering in the second one's rows only.
 """
 
 from __future__ import annotations
 
+import shutil
+import sys
+import textwrap
 import time
 
 from tqdm import tqdm
@@ -68,6 +73,64 @@ def patching_sweep(lm: LanguageModel, clean: str, corrupted: str, answer: str, f
     return diffs, diff(clean_logits), diff(corrupted_logits)
 
 
+STREAM_PROMPT = "I think my neighbour is"
+
+
+def love_vector(model: StandardizedTransformer, layer: int):
+    """The steering vector: layer `layer`'s last-position output on "I love" minus on "I hate"."""
+    with model.trace() as tracer:
+        with tracer.invoke("I love"):
+            love = model.layers_output[layer][:, -1].save()
+        with tracer.invoke("I hate"):
+            hate = model.layers_output[layer][:, -1].save()
+    return (love - hate)[0]
+
+
+def stream_side_by_side(lm: LanguageModel, prompt: str = STREAM_PROMPT, *, layer: int | None = None,
+                        factor: float = 1.0, max_new_tokens: int = 24, out=None) -> list[str]:
+    """Generate `prompt` plainly and steered towards "love" at `layer` (default: a third of the way
+    up), showing both as they stream in; returns the two completions."""
+    model = _standardized(lm)
+    layer = model.num_layers // 3 if layer is None else layer
+    vector = love_vector(model, layer)
+    with model.generate(max_new_tokens=max_new_tokens, stream=True) as tracer:
+        with tracer.invoke(prompt):
+            pass  # plain
+        with tracer.invoke(prompt):
+            with tracer.all():
+                model.layers_output[layer][:, -1] += factor * vector
+    view = _Columns(out or sys.stdout, ["plain", f"steered (layer {layer}, x{factor:g})"], prompt)
+    texts = ["", ""]
+    for step in tracer.stream():
+        texts = [text + piece for text, piece in zip(texts, step.text)]
+        view.draw(texts)
+    view.draw(texts, final=True)
+    return texts
+
+
+class _Columns:
+    """Two texts side by side in the terminal, redrawn in place as they grow (printed once when not a terminal)."""
+
+    def __init__(self, out, titles: list[str], prompt: str):
+        self.out, self.titles, self.prompt = out, titles, prompt
+        self.live = out.isatty()
+        self.width = max(20, (shutil.get_terminal_size().columns - 3) // 2)
+        self.drawn = 0
+
+    def draw(self, texts: list[str], final: bool = False) -> None:
+        if not self.live and not final:
+            return
+        columns = [textwrap.wrap(self.prompt + text, self.width) or [""] for text in texts]
+        lines = [f"{a:<{self.width}} | {b}" for a, b in zip(*(c + [""] * (max(map(len, columns)) - len(c))
+                                                               for c in columns))]
+        header = f"{self.titles[0]:<{self.width}} | {self.titles[1]}"
+        if self.drawn:
+            self.out.write(f"\x1b[{self.drawn}F\x1b[J")  # back to the block's first line, clear below
+        self.out.write("\n".join([header, *lines]) + "\n")
+        self.out.flush()
+        self.drawn = len(lines) + 1 if self.live else 0
+
+
 def write_plots(model: StandardizedTransformer, prompt: str, probs, path: str) -> None:
     """The logit lens over layers and positions, and each layer's top tokens (`probs`: the prompt's
     `methods.logit_lens`), in one HTML file."""
@@ -79,11 +142,14 @@ def write_plots(model: StandardizedTransformer, prompt: str, probs, path: str) -
         file.write("<html><head><meta charset='utf-8'></head><body>" + "".join(parts) + "</body></html>")
 
 
-def run(prompt: str | None = None, model: str | None = None, plot: str | None = None) -> None:
+def run(prompt: str | None = None, model: str | None = None, plot: str | None = None, stream: bool = False) -> None:
     started = time.perf_counter()
     lm = StandardizedTransformer(model, dispatch=True) if model else StandardizedTransformer.default(dispatch=True)
     loaded = time.perf_counter()
     print(f"loaded {type(lm.module).__name__} in {loaded - started:.1f}s\n")
+    if stream:
+        stream_side_by_side(lm, prompt or STREAM_PROMPT)
+        return
     prompt = prompt or "The capital of France is"
 
     probs = methods.logit_lens(lm, [prompt])

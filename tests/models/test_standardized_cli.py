@@ -28,3 +28,11 @@ def test_demo_writes_the_figures(folder, tmp_path, capsys):
     html = page.read_text()
     assert html.count('class="plotly-graph-div"') == 2 and "Logit lens: 'w5 w6 w7'" in html
     assert f"figures written to {page}" in capsys.readouterr().out
+
+
+def test_demo_streams_a_plain_and_a_steered_completion_side_by_side(folder, capsys):
+    assert cli.main(["demo", "--model", folder, "--prompt", "w5 w6 w7", "--stream"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("plain"))
+    assert "| steered (layer 0, x1)" in header  # two layers: a third of the way up is layer 0
+    assert sum(line.count("w5 w6 w7") for line in out.splitlines()) == 2  # each column starts with the prompt

@@ -41,3 +41,25 @@ def test_streamed_steered_text_is_the_decoded_generation(smollm2):
     with lm.generate("The capital of France is", max_new_tokens=8):
         plain = lm.generator.output.save()
     assert not torch.equal(plain, out)  # the steering changed the text
+
+
+def test_the_streaming_demo_shows_the_plain_and_the_steered_generation(smollm2_standardized):
+    import io
+
+    from interlace import demo
+
+    model = smollm2_standardized
+    shown = io.StringIO()
+    plain, steered = demo.stream_side_by_side(model, layer=10, max_new_tokens=12, out=shown)
+    prompt = len(model.tokenizer(demo.STREAM_PROMPT)["input_ids"])
+    vector = demo.love_vector(model, 10)
+    with model.generate(demo.STREAM_PROMPT, max_new_tokens=12):
+        alone = model.generator.output.save()
+    with model.generate(demo.STREAM_PROMPT, max_new_tokens=12) as tracer:
+        with tracer.all():
+            model.layers_output[10][:, -1] += vector
+        steered_alone = model.generator.output.save()
+    assert plain == model.tokenizer.decode(alone[0, prompt:], skip_special_tokens=True)
+    assert steered == model.tokenizer.decode(steered_alone[0, prompt:], skip_special_tokens=True)
+    assert plain != steered
+    assert shown.getvalue().count(demo.STREAM_PROMPT) == 2  # not a terminal: drawn once, at the end
