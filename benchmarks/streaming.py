@@ -1,0 +1,134 @@
+"""What streaming costs and gains: time to first token and per-token latency, local vs remote, streamed vs not.
+
+Run `python benchmarks/streaming.py [--model tiny] [--tokens 32] [--repeats 10]`. It starts an `interlace
+serve` process on 127.0.0.1 (its own key database in a temporary folder), loads the same model here, and
+runs one steered generation (a vector added to a middle layer's last position at every step, that
+position saved per step in an `interlace.list()`) four ways, alternating, so all see the same machine:
+local and remote (over loopback), each with and without `stream=True`. It prints medians of:
+
+- time to first token: from the end of the `with` block to the first step in hand (without streaming,
+  the first token comes with the last: the whole generation);
+- per-token latency: the time between steps (streamed), or the whole generation over its tokens;
+- the whole generation, and its ratio to the local generation without streaming.
+
+Model: the embedded SmolLM2-135M (default) or a tiny random GPT-2 (`--model tiny`). Both processes use
+`--threads` intra-op threads (default 1): on a small loaded machine two OpenMP threads in the main thread
+made a plain `generate` 5-10x slower than the same in another thread, which would credit streaming (a
+thread) with what is the thread pool's doing. The server also gets `OMP_WAIT_POLICY=PASSIVE` (see
+benchmarks/remote.py: spinning OpenMP threads slow its HTTP loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "server"))
+import interlace  # noqa: E402
+from interlace.server.keys import KeyStore  # noqa: E402
+from serving import Server  # noqa: E402
+
+PROMPT = "The Eiffel Tower is in the city of"
+
+
+def _model(kind: str, folder: str):
+    """(what `interlace serve` gets, the model loaded here, its layers' path, the prompt)."""
+    if kind == "tiny":
+        from helpers import tiny, tiny_tokenizer
+
+        path = os.path.join(folder, "tiny-gpt2")
+        tiny("gpt2").save_pretrained(path)
+        tiny_tokenizer().save_pretrained(path)
+        return path, interlace.LanguageModel(path, dispatch=True), "transformer.h", "w5 w6 w7 w8 w9"
+    return "smollm2", interlace.LanguageModel.default(dispatch=True), "model.layers", PROMPT
+
+
+def _generate(lm, layers: str, prompt: str, tokens: int, *, remote: bool, stream: bool):
+    """One steered generation; (seconds to the first token, seconds to each later one, the tokens)."""
+    layer = lm.get(layers)[len(lm.get(layers)) // 2]
+    steer = torch.full((lm.config.hidden_size,), 0.01)
+    with lm.generate(prompt, max_new_tokens=tokens, remote=remote, stream=stream) as tracer:
+        hidden = interlace.list().save()
+        with tracer.all():
+            layer.output[:, -1] += steer
+            hidden.append(layer.output[:, -1])
+        out = lm.generator.output.save()
+        start = time.perf_counter()  # the block ends right after this line: the run starts
+    if not stream:
+        total = time.perf_counter() - start
+        return total, [total / tokens] * (tokens - 1), out[0, -tokens:]
+    arrivals, got = [], []
+    for step in tracer.stream():
+        arrivals.append(time.perf_counter())
+        got.append(int(step.tokens[0]))
+    assert len(hidden) == tokens
+    gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:])]
+    return arrivals[0] - start, gaps, torch.tensor(got)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads, here and on the server")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as folder:
+        source, local, layers, prompt = _model(args.model, folder)
+        store = KeyStore(os.path.join(folder, "keys.db"))
+        key = store.create("bench")
+        server = Server(source, os.path.join(folder, "keys.db"), "--rate", "100000", ready_within=300,
+                        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(args.threads)})
+        try:
+            name = os.path.basename(source) if args.model == "tiny" else "smollm2"
+            remote = interlace.LanguageModel(name, host=server.url, api_key=key)
+            remote._remote.progress = False
+            _report(local, remote, name, layers, prompt, args)
+        finally:
+            server.stop()
+
+
+def _report(local, remote, name, layers, prompt, args) -> None:
+    ways = {"local": (local, False, False), "local, streamed": (local, False, True),
+            "remote": (remote, True, False), "remote, streamed": (remote, True, True)}
+    for lm, is_remote, stream in ways.values():  # warm every path
+        _generate(lm, layers, prompt, 4, remote=is_remote, stream=stream)
+    first, per_token, total = ({way: [] for way in ways} for _ in range(3))
+    tokens = {}
+    for _ in range(args.repeats):
+        for way, (lm, is_remote, stream) in ways.items():
+            to_first, gaps, got = _generate(lm, layers, prompt, args.tokens, remote=is_remote, stream=stream)
+            first[way].append(to_first)
+            per_token[way].append(statistics.median(gaps))
+            total[way].append(to_first + sum(gaps))
+            tokens.setdefault(way, got)
+    same = all(torch.equal(got, tokens["local"]) for got in tokens.values())
+    print(f"model: {name}; {args.tokens} new tokens, steered at every step, one value saved per step; "
+          f"median of {args.repeats}; the same tokens every way: {same}")
+    base = statistics.median(total["local"])
+    print(f"{'':20}{'first token ms':>16}{'per token ms':>14}{'whole ms':>10}{'whole / local':>15}")
+    for way in ways:
+        whole = statistics.median(total[way])
+        print(f"{way:20}{statistics.median(first[way]) * 1000:16.2f}{statistics.median(per_token[way]) * 1000:14.2f}"
+              f"{whole * 1000:10.1f}{whole / base:15.2f}")
+    local_first, remote_first = (statistics.median(first[w]) * 1000 for w in ("local, streamed", "remote, streamed"))
+    print(f"\nremote streamed first token - local streamed first token: {remote_first - local_first:+.2f} ms")
+    for where in ("local", "remote"):
+        streamed = statistics.median(per_token[f"{where}, streamed"]) / statistics.median(per_token[where])
+        print(f"{where}: per token, streamed / not streamed: {streamed:.2f}x; first token, streamed / not: "
+              f"{statistics.median(first[f'{where}, streamed']) / statistics.median(first[where]):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
