@@ -212,7 +212,7 @@ class Model(Envoy):
                                           modules=self._extra_modules(), **run)
                 interleaver.run(None)
             else:
-                interleaver = self._execute(graph, trace, on_step=on_step and (lambda step, _: on_step(step)), **run)
+                interleaver = self._execute(graph, trace, on_step=_each_step(on_step), **run)
             outcome.results.update(interleaver.results)
             outcome.logs += interleaver.logs
             outcome.missing.update(interleaver.missing())
@@ -329,6 +329,11 @@ class Model(Envoy):
         args = tuple(_concat([a[i] for a, _ in invokes], f"argument {i}") for i in range(len(invokes[0][0])))
         kwargs = {key: _concat([k[key] for _, k in invokes], f"argument '{key}'") for key in invokes[0][1]}
         return args, kwargs, rows, start
+
+
+def _each_step(on_step):
+    """`on_step(step)` as `_execute` calls it, `(step, interleaver)` (a merged run splits steps by part)."""
+    return None if on_step is None else lambda step, interleaver: on_step(step)
 
 
 def _last_reader(graph: Graph, traces) -> list[int]:
