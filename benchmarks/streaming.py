@@ -8,7 +8,7 @@ local and remote (over loopback), each with and without `stream=True`. It prints
 
 - time to first token: from the end of the `with` block to the first step in hand (without streaming,
   the first token comes with the last: the whole generation);
-- per-token latency: the time between steps (streamed), or the whole generation over its tokens;
+- per-token latency: the median time between steps (streamed), or the whole generation over its tokens;
 - the whole generation, and its ratio to the local generation without streaming.
 
 Model: the embedded SmolLM2-135M (default) or a tiny random GPT-2 (`--model tiny`). Both processes use
@@ -54,7 +54,7 @@ def _model(kind: str, folder: str):
 
 
 def _generate(lm, layers: str, prompt: str, tokens: int, *, remote: bool, stream: bool):
-    """One steered generation; (seconds to the first token, seconds to each later one, the tokens)."""
+    """One steered generation; (seconds to the first token, per token, in all; the tokens)."""
     layer = lm.get(layers)[len(lm.get(layers)) // 2]
     steer = torch.full((lm.config.hidden_size,), 0.01)
     with lm.generate(prompt, max_new_tokens=tokens, remote=remote, stream=stream) as tracer:
@@ -64,16 +64,16 @@ def _generate(lm, layers: str, prompt: str, tokens: int, *, remote: bool, stream
             hidden.append(layer.output[:, -1])
         out = lm.generator.output.save()
         start = time.perf_counter()  # the block ends right after this line: the run starts
-    if not stream:
+    if not stream:  # every token comes at the end
         total = time.perf_counter() - start
-        return total, [total / tokens] * (tokens - 1), out[0, -tokens:]
+        return total, total / tokens, total, out[0, -tokens:]
     arrivals, got = [], []
     for step in tracer.stream():
         arrivals.append(time.perf_counter())
         got.append(int(step.tokens[0]))
     assert len(hidden) == tokens
     gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:])]
-    return arrivals[0] - start, gaps, torch.tensor(got)
+    return arrivals[0] - start, statistics.median(gaps), time.perf_counter() - start, torch.tensor(got)
 
 
 def main() -> None:
@@ -108,10 +108,10 @@ def _report(local, remote, name, layers, prompt, args) -> None:
     tokens = {}
     for _ in range(args.repeats):
         for way, (lm, is_remote, stream) in ways.items():
-            to_first, gaps, got = _generate(lm, layers, prompt, args.tokens, remote=is_remote, stream=stream)
+            to_first, each, whole, got = _generate(lm, layers, prompt, args.tokens, remote=is_remote, stream=stream)
             first[way].append(to_first)
-            per_token[way].append(statistics.median(gaps))
-            total[way].append(to_first + sum(gaps))
+            per_token[way].append(each)
+            total[way].append(whole)
             tokens.setdefault(way, got)
     same = all(torch.equal(got, tokens["local"]) for got in tokens.values())
     print(f"model: {name}; {args.tokens} new tokens, steered at every step, one value saved per step; "

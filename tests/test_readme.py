@@ -25,7 +25,7 @@ def test_readme_examples_run(smollm2, smollm2_standardized, monkeypatch, capsys)
     assert scope["tokens"].shape[-1] == scope["lm"].tokenizer("Hello", return_tensors="pt").input_ids.shape[-1] + 5
     assert list(scope["cache"]) == ["model.layers.10", "model.norm"]
     assert type(scope["norms"]) is list and len(scope["norms"]) == 8  # streamed, then bound
-    assert torch.equal(scope["step_norm"], scope["norms"][-1]) and scope["generated"].shape[-1] == 6 + 8
+    assert torch.equal(scope["step_norm"], scope["norms"][-1]) and scope["generated"].shape[-1] == len(smollm2.tokenizer("The capital of France is").input_ids) + 8
     assert "module_value[model.layers.5]" in capsys.readouterr().out
     assert scope["layer_probs"].shape == (1, 30, 49152) and scope["by_layer"]["target"].shape == (1, 30)
     assert_clean(smollm2.module)
