@@ -13,7 +13,7 @@ Most families call their attention through `ALL_ATTENTION_FUNCTIONS`, chosen by 
 
 A model whose native implementation is neither sdpa nor eager (flash attention) gets no per-head
 values unless probabilities are asked for. Families whose attention does not use the interface
-(Bloom, Falcon, GPT-Neo, MPT) get none; `StandardizedTransformer` says so when they are read.
+(Bloom, GPT-Neo, MPT in transformers 5.25) get none; `StandardizedTransformer` says so when they are read.
 """
 
 from __future__ import annotations
