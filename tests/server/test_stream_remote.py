@@ -26,9 +26,10 @@ def same(a, b) -> bool:
     return a == b
 
 
-def generation(lm, *, remote, stream, stop=False, **options):
-    """Seeded sampling, two invokes (one steered every step), an optional stop at step 3; what it gives."""
-    with lm.generate(max_new_tokens=NEW, remote=remote, stream=stream, do_sample=True, seed=11, **options) as tracer:
+def generation(lm, *, remote, stream, sample=True, stop=False):
+    """Seeded sampling (or greedy), two invokes (one steered every step), an optional stop at step 3."""
+    sampling = {"do_sample": True, "seed": 11} if sample else {}
+    with lm.generate(max_new_tokens=NEW, remote=remote, stream=stream, **sampling) as tracer:
         if stop:
             with tracer.iter[3]:
                 lm.transformer.h[0].output
@@ -48,11 +49,11 @@ def generation(lm, *, remote, stream, stop=False, **options):
     return {"hidden": hidden, "logits": logits, "out": out, "steps": steps, "missing": tracer.missing}
 
 
-@pytest.mark.parametrize("stop", [False, True])
-def test_remote_steps_equal_the_local_stream_and_the_run_without_streaming(local, remote, stop):
-    here = generation(local, remote=False, stream=True, stop=stop)
-    there = generation(remote, remote=True, stream=True, stop=stop)
-    plain = generation(remote, remote=True, stream=False, stop=stop)
+@pytest.mark.parametrize("sample, stop", [(False, False), (True, False), (True, True)])
+def test_remote_steps_equal_the_local_stream_and_the_run_without_streaming(local, remote, sample, stop):
+    here = generation(local, remote=False, stream=True, sample=sample, stop=stop)
+    there = generation(remote, remote=True, stream=True, sample=sample, stop=stop)
+    plain = generation(remote, remote=True, stream=False, sample=sample, stop=stop)
     assert_clean(local.module)
     assert [s[0] for s in there["steps"]] == list(range(3 if stop else NEW))
     for mine, theirs in zip(here["steps"], there["steps"], strict=True):
@@ -148,3 +149,16 @@ def test_streamed_jobs_batched_with_other_users_each_stream_their_own_rows(batch
             assert tokens.shape == (1,) and torch.equal(tokens, out[:, 3 + index])
             assert same(step_hidden, [hidden[index]])
             torch.testing.assert_close(step_hidden[0], alone[index], rtol=1e-5, atol=1e-6)
+
+
+def test_a_stream_whose_steps_add_up_past_the_result_limit_fails_with_a_clear_error(remote):
+    with remote.generate(PROMPT, max_new_tokens=8, remote=True, stream=True) as tracer:
+        with tracer.all():  # 128 kB a step; the server's max_result_bytes is 200 kB
+            big = remote.transformer.h[0].output[:, -1].repeat(1000, 1).save()
+    read = []
+    with pytest.raises(interlace.LimitError, match=r"values saved per step add up to more than the limit of 200000 "
+                                                   r"bytes \(max_result_bytes\) by step 1"):
+        for step in tracer.stream():
+            read.append(step[big].shape)
+    assert read == [(1000, 32)]
+    assert isinstance(big, interlace.Proxy)
