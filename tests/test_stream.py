@@ -1,6 +1,7 @@
 """Streaming (`stream=True`, `tracer.stream()`) on a tiny GPT-2: each step's tokens and values equal the
 same run without streaming and a hand-written hook; leaving the loop early stops the generation."""
 
+import contextlib
 import threading
 
 import pytest
@@ -157,7 +158,7 @@ def test_leaving_the_loop_early_stops_the_generation_at_its_next_step_and_leaves
         with lm.generate(PROMPT, max_new_tokens=20, stream=True) as tracer:
             hidden, _ = steered(lm, tracer)
         read = []
-        with pytest.raises(leave) if leave else _nothing():
+        with pytest.raises(leave) if leave else contextlib.nullcontext():
             for step in tracer.stream():
                 read.append(step.index)
                 if step.index == 1:
@@ -173,14 +174,6 @@ def test_leaving_the_loop_early_stops_the_generation_at_its_next_step_and_leaves
     with lm.trace(PROMPT):  # the model is free and unchanged
         after = lm.output.logits.save()
     assert torch.equal(before, after)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class Recording(BaseStreamer):
