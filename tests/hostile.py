@@ -278,7 +278,7 @@ def copy_into_a_weight_found_through_embed_output():
     return attack(g.bytes())
 
 
-@case("RefusedError", "`out=` and `inplace=True` are not allowed")
+@case("RefusedError", "`out=` is not allowed")
 def out_argument_into_a_weight():
     g = Builder()
     weight = g.param("model.norm.weight")
@@ -286,11 +286,92 @@ def out_argument_into_a_weight():
     return attack(g.bytes())
 
 
-@case("RefusedError", "`out=` and `inplace=True` are not allowed")
+@case("RefusedError", r"relu \(through aten.relu_.default, which writes its argument 'self'\) would change a weight")
 def inplace_keyword():
     g = Builder()
     g.call("torch.nn.functional.relu", g.param("model.norm.weight"), inplace=True)
     return attack(g.bytes())
+
+
+# writes through positional arguments: decided from the aten operator's schema, whatever the Python name
+@case("RefusedError", r"relu \(through aten.relu_.default, which writes its argument 'self'\) would change a weight")
+def relu_in_place_by_position():
+    g = Builder()
+    g.call("torch.nn.functional.relu", g.param("model.norm.weight"), True)
+    return attack(g.bytes())
+
+
+@case("RefusedError", r"leaky_relu \(through aten.leaky_relu_.default.*would change a weight")
+def leaky_relu_in_place_by_position_on_a_view():
+    g = Builder()
+    view = g.call("operator.getitem", g.param("model.layers.0.mlp.up_proj.weight"), 0)
+    g.call("torch.nn.functional.leaky_relu", view, 0.5, True)
+    return attack(g.bytes())
+
+
+@case("RefusedError", r"normalize \(through aten.div.out, which writes its argument 'out'\) would change a weight")
+def normalize_into_a_weight_by_position():
+    g = Builder()
+    g.call("torch.nn.functional.normalize", g.call("torch.ones", 1, 32), 2.0, 1, 1e-12, g.param("model.norm.weight"))
+    return attack(g.bytes())
+
+
+@case("RefusedError", r"torch.norm \(through aten.linalg_vector_norm.out, .*'out'\) would change a weight")
+def norm_resizing_a_weight_to_a_scalar():
+    g = Builder()
+    g.call("torch.norm", g.call("torch.ones", 32), "fro", None, False, g.param("model.norm.weight"))
+    return attack(g.bytes())
+
+
+@case("RefusedError", r"embedding \(through aten.embedding_renorm_.default, .*'self'\) would change a weight")
+def embedding_max_norm_renormalizes_the_table():
+    g = Builder()
+    ids = g.call("torch.tensor", [1, 2, 3])
+    g.call("torch.nn.functional.embedding", ids, g.param("model.embed_tokens.weight"), None, 1e-3)
+    return attack(g.bytes())
+
+
+@case("RefusedError", r"embedding \(through aten.embedding_renorm_.default.*would change a weight")
+def embedding_max_norm_through_data_of_the_tied_head():
+    g = Builder()
+    table = g.call("builtins.getattr", g.param("lm_head.weight"), "data")
+    g.call("torch.nn.functional.embedding", g.call("torch.tensor", [4]), table, None, 0.5, 1.0)
+    return attack(g.bytes())
+
+
+@case("RefusedError", r"would write its result into a tensor it was given \(argument 'out'")
+def norm_resizing_an_activation_through_out():
+    g = Builder()
+    g.call("torch.norm", g.call("torch.ones", 32), "fro", None, False, g.out())
+    return attack(g.bytes())
+
+
+@case(None, "")
+def in_place_on_ones_own_values_is_allowed():
+    g = Builder()
+    own = g.method("clone", g.param("model.norm.weight"))
+    g.call("torch.nn.functional.relu", own, True)
+    g.call("torch.nn.functional.relu", g.out(), True)  # the model's activation, this run's own
+    g.save(g.call("torch.nn.functional.normalize", own, 2.0, 0))
+    return attack(g.bytes())
+
+
+@case("WeightsChangedError", r"changed weight\(s\) model.norm.weight of the shared model.*they were put back")
+def version_counters_catch_a_write_the_schema_check_missed():
+    from interlace.backends import writes
+
+    writes.WriteCheck._check = lambda *args: None  # this child only: the first line gone, the second holds
+    g = Builder()
+    g.call("torch.nn.functional.relu", g.call("operator.neg", g.param("model.norm.weight")), True)  # harmless
+    g.call("torch.nn.functional.relu", g.param("model.norm.weight"), True)
+    return attack(g.bytes())
+
+
+@case(None, "")
+def output_attentions_leaves_no_hooks_on_the_layers():
+    g = Builder()
+    g.save(g.call("operator.getitem", g.out(""), "logits"))
+    return attack(g.bytes(kwargs={"output_attentions": True}))
 
 
 @case(None, "")

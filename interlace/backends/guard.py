@@ -2,9 +2,11 @@
 
 `Guard` is consulted by the interleaver before every operation it runs.
 
-- Writes: an in-place operation whose tensor shares storage with a parameter or buffer is refused
-  in an untrusted run; in a local run the storage is copied first and restored when the run ends,
-  so after every trace the weights are bit for bit what they were.
+- Writes: in an untrusted run every call runs under `writes.WriteCheck`, which refuses any aten
+  operator whose schema writes a weight's storage, before it runs; the weights' version counters
+  (`writes.Versions`) are a second line, checked after calls that received a weight and after every
+  run (`check_versions`). In a local run an in-place operation on a weight's storage copies it first
+  and the copy is put back when the run ends, so after every trace the weights are what they were.
 - Sizes (untrusted runs): each allowed operation has a size rule (named in `ops`) that bounds the
   elements of its result from its arguments' shapes; the bound is checked against `Limits` before
   the call allocates anything. Python values (ints, strings, lists) are bounded the same way.
@@ -21,9 +23,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .. import ops
-from ..errors import CancelledError, LimitError, RefusedError
+from ..errors import CancelledError, LimitError, RefusedError, WeightsChangedError
 from .limits import Limits
 from .sizes import RULES, elements, rehearse, shapes
+from .writes import Versions, WriteCheck, refuse_weight_write, storages_of
 
 _SEQUENCES = (str, bytes, list, tuple)
 
@@ -42,28 +45,76 @@ class Guard:
         self._storages: dict[int, torch.UntypedStorage] | None = None  # data_ptr -> weight storage
         self._copies: dict[int, torch.UntypedStorage] = {}  # storages changed locally, as they were
         self._rehearsed: dict[tuple, tuple[int, int]] = {}  # module calls: (output, all) elements
+        self.versions = Versions(root) if untrusted else None  # the second line against writes
 
     # -- writes ------------------------------------------------------------------------------------
     def before_write(self, value, what: str) -> None:
         """`value` is about to be changed in place: refuse (untrusted) or keep a copy (local)."""
         if not isinstance(value, torch.Tensor) or value.device.type == "meta" or isinstance(value, FakeTensor):
             return
-        if self._storages is None:
-            self._storages = weight_storages(self.root)
-        storage = self._storages.get(value.untyped_storage().data_ptr())
+        storage = self._weights().get(value.untyped_storage().data_ptr())
         if storage is None:
             return
         if self.untrusted:
-            raise RefusedError(
-                f"{what} would change a weight of the shared model (a parameter or buffer, or a view of "
-                "one). Weights are read-only here: compute on a copy, e.g. `w = weight.clone()`."
-            )
+            raise refuse_weight_write(what)
+        self._keep_copy(storage)
+
+    def _keep_copy(self, storage: torch.UntypedStorage) -> None:
         pointer = storage.data_ptr()
         if pointer not in self._copies:
             self._copies[pointer] = storage.clone()
 
+    def _weights(self) -> dict[int, torch.UntypedStorage]:
+        if self._storages is None:
+            self._storages = weight_storages(self.root)
+        return self._storages
+
+    # -- writes in an untrusted run: decided by torch's operator schemas -----------------------------
+    def call(self, what: str, fn, args, kwargs, *, module: torch.nn.Module | None = None):
+        """`fn(*args, **kwargs)` in an untrusted run: no operator inside it may write a weight.
+
+        A weight the call receives (its storage) is copied once per run first, so that if its
+        version counter moves anyway (the second line), the run fails and the weight is put back.
+        A module call uses its own weights: their counters are checked after it.
+        """
+        weights = self._weights()
+        passed = storages_of((args, kwargs))
+        received = passed & weights.keys()
+        for pointer in received:
+            self._keep_copy(weights[pointer])
+        with WriteCheck(weights, what, passed):
+            result = fn(*args, **kwargs)
+        if received or module is not None:
+            self.check_versions(what)
+        return result
+
+    def check_versions(self, what: str = "the run") -> None:
+        """The second line: fail (and put back what was copied) if any weight's version counter moved."""
+        changed = self.versions.changed() if self.versions is not None else []
+        if not changed:
+            return
+        copied = {name for name, tensor, _ in self.versions.tensors
+                  if tensor.untyped_storage().data_ptr() in self._copies}
+        self._put_back()
+        self.versions = Versions(self.root)  # putting back writes too: count from here
+        lost = [name for name in changed if name not in copied]
+        raise WeightsChangedError(
+            f"{what} changed weight(s) {', '.join(changed[:5])} of the shared model, so the run is refused"
+            + (f"; {', '.join(lost[:5])} could not be put back: the server must reload the model" if lost
+               else "; they were put back") + ". Compute on a copy (`w.clone()`)."
+        )
+
     def restore_weights(self) -> None:
-        """Put back every weight storage a local run changed."""
+        """Put back every weight storage a local run changed (an untrusted run's copies are only
+        for `check_versions`: nothing was written, so they are dropped)."""
+        if self.untrusted:
+            self._copies.clear()
+        else:
+            self._put_back()
+
+    def _put_back(self) -> None:
+        if not self._copies:
+            return
         with torch.no_grad():
             for pointer, copy in self._copies.items():
                 self._storages[pointer].copy_(copy)
@@ -80,8 +131,6 @@ class Guard:
     def before_call(self, name: str, fn, args, kwargs) -> None:
         """Checks before calling function entry `name` (untrusted runs)."""
         _refuse_out_arguments(kwargs)
-        if name in ops.MUTATING_TARGETS and args:
-            self.before_write(args[0], name)
         if name.startswith("operator.") or name.startswith("builtins."):
             self._python_growth(name, args)
         if name == "builtins.getattr":
@@ -95,7 +144,7 @@ class Guard:
         if isinstance(receiver, torch.Tensor):
             if name not in ops.TENSOR_METHODS:
                 raise RefusedError(f"tensors have no allowed method {name!r}")
-            if ops.is_in_place_method(name):
+            if name in ops.AUTOGRAD_METHODS:  # flags, not data: no operator schema describes them
                 self.before_write(receiver, f".{name}()")
             self._count(f"Tensor.{name}", getattr(torch.Tensor, name), ops.TENSOR_METHODS[name], args, kwargs)
             return
@@ -204,8 +253,8 @@ def weight_storages(root: torch.nn.Module) -> dict[int, torch.UntypedStorage]:
 
 
 def _refuse_out_arguments(kwargs) -> None:
-    if "out" in kwargs or kwargs.get("inplace"):
-        raise RefusedError("`out=` and `inplace=True` are not allowed here: use the returned value")
+    if "out" in kwargs:
+        raise RefusedError("`out=` is not allowed here: use the returned value")
 
 
 def _check_attribute(args) -> None:

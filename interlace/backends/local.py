@@ -36,7 +36,7 @@ from .guard import Guard
 from .limits import Limits
 from .plan import Plan, mutates
 from .rows import first_input, narrow, replace_first_input, write_rows
-from .state import global_state, restore_global_state
+from .state import Attachments, global_state, restore_global_state
 from .validate import check_against_model
 
 _PENDING = object()  # a node that waits for a later event (a gradient)
@@ -130,6 +130,8 @@ class Interleaver:
             stack.callback(self.guard.restore_weights)
             if self.untrusted:  # allowed operations cannot change it: this is a second line of defence
                 stack.callback(restore_global_state, global_state())
+                stack.callback(Attachments(self.root).restore)  # e.g. hooks output_attentions leaves
+                stack.callback(self.guard.check_versions)
             if self.plan.needs_grad:
                 # fresh gradients for the run; the parameters' own .grad objects come back after it
                 grads = {p: p.grad for p in self.root.parameters()}
@@ -351,7 +353,7 @@ class Interleaver:
             _warn_row_zero(self.nodes[node.args[0].index], args[0])
         if self.untrusted:
             self.guard.before_call(target, fn, args, kwargs)
-            result = fn(*args, **kwargs)
+            result = self.guard.call(target, fn, args, kwargs)
             self.guard.check_value(result)
             return result
         if mutates(node) and args:
@@ -364,11 +366,12 @@ class Interleaver:
             self.guard.before_method(node.target, args, kwargs)
         elif mutates(node):
             self.guard.before_write(args[0], node.describe())
-        if node.target == "backward":
+        if node.target == "backward":  # writes only the run's own .grad (put back after it)
             return self._backward(node, args, kwargs)
-        result = getattr(args[0], node.target)(*args[1:], **kwargs)
-        if self.untrusted:
-            self.guard.check_value(result)
+        if not self.untrusted:
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        result = self.guard.call(f".{node.target}()", getattr(type(args[0]), node.target), args, kwargs)
+        self.guard.check_value(result)
         return result
 
     def _op_apply(self, node):
@@ -411,6 +414,8 @@ class Interleaver:
             if self.untrusted:
                 self.guard.before_module_call(module, node.target, args, kwargs)
             self.bypass = outer if hooked else True
+            if self.untrusted:
+                return self.guard.call(f"calling {node.target}", module, args, kwargs, module=module)
             return module(*args, **kwargs)
         finally:
             self.bypass = outer
