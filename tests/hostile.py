@@ -200,6 +200,68 @@ def tensor_hook_on_a_weight():
                        {"index": 1, "op": "call_method", "target": "register_hook", "args": [{"ref": 0}, 1]}]))
 
 
+def _repo_that_runs_code() -> tuple[str, str]:
+    """A folder transformers would import `custom_generate/generate.py` from; it leaves a marker file if run."""
+    import tempfile
+
+    folder = tempfile.mkdtemp()
+    marker = os.path.join(folder, "ran")
+    os.makedirs(os.path.join(folder, "custom_generate"))
+    with open(os.path.join(folder, "custom_generate", "generate.py"), "w") as code:
+        code.write(f"open({marker!r}, 'w').write('ran')\ndef generate(model, *args, **kwargs):\n    return 0\n")
+    return folder, marker
+
+
+@case("GraphError", "'generator' is not a module of the model's own tree")
+def module_call_of_the_generator_with_custom_generate():
+    folder, marker = _repo_that_runs_code()
+    g = Builder()
+    ids = g.call("torch.tensor", [[1, 2, 3]])
+    g.save(g.add("module_call", "generator", (), {"input_ids": ids, "custom_generate": folder,
+                                                   "trust_remote_code": True, "max_new_tokens": 1}))
+    result = attack(g.bytes())
+    assert not os.path.exists(marker), "the attacker's code ran"
+    return result
+
+
+@case("RefusedError", r"calling the model with keyword 'custom_generate' = a str is not allowed here")
+def module_call_of_the_root_with_a_path():
+    folder, marker = _repo_that_runs_code()
+    g = Builder()
+    g.save(g.add("module_call", "", (g.call("torch.tensor", [[1, 2]]),), {"custom_generate": folder,
+                                                                          "trust_remote_code": True}))
+    result = attack(g.bytes())
+    assert not os.path.exists(marker), "the attacker's code ran"
+    return result
+
+
+@case("RefusedError", r"calling model with keyword 'config' = a dict is not allowed here")
+def module_call_with_a_config_dict():
+    g = Builder()
+    g.save(g.add("module_call", "model", (g.call("torch.tensor", [[1, 2]]),), {"config": {"use_cache": True}}))
+    return attack(g.bytes())
+
+
+@case("RefusedError", r"calling model.layers.1 with keyword 'cache' = a DynamicCache is not allowed")
+def module_call_handing_a_layer_the_cache_object():
+    g = Builder()
+    inputs = g.add("module_value", "model.layers.0", kwargs={"kind": "inputs", "call": 0, "invoke": None})
+    kwargs = g.call("operator.getitem", inputs, 1)
+    cache = g.call("operator.getitem", kwargs, "cache")
+    hidden = g.call("operator.getitem", g.call("operator.getitem", inputs, 0), 0)
+    g.save(g.add("module_call", "model.layers.1", (hidden,), {"cache": cache}))
+    return attack(g.bytes())
+
+
+@case(None, "")
+def module_call_of_a_layer_with_tensors_and_numbers():
+    g = Builder()
+    hidden = g.out("model.layers.0")
+    g.save(g.add("module_call", "model.norm", (hidden,)))
+    g.save(g.add("module_call", "lm_head", (g.call("operator.mul", hidden, 2),)))
+    return attack(g.bytes())
+
+
 @case("SerializationError", "holds pickled Python functions")
 def pickled_function():
     g = Builder()

@@ -157,9 +157,12 @@ class Guard:
     def before_module_call(self, module: torch.nn.Module, path: str, args, kwargs) -> None:
         """Calling a module on values: its output and everything it makes inside are bounded first.
 
-        The call is rehearsed on the meta device (shapes only), counting the elements of every
-        operation inside it; rehearsals are reused for calls with the same shapes.
+        The arguments are checked first: tensors and plain numbers only (in tuples and lists), so no
+        path, repo id, callable, config or cache object reaches a forward. Then the call is rehearsed
+        on the meta device (shapes only), counting the elements of every operation inside it;
+        rehearsals are reused for calls with the same shapes.
         """
+        _check_module_arguments(path, args, kwargs)
         key = (path, shapes(args), shapes(kwargs))
         counted = self._rehearsed.get(key)
         if counted is None:
@@ -273,6 +276,31 @@ def _check_attribute(args) -> None:
             f"reading attribute {name!r} of a {type(obj).__name__} is not allowed here; tensors allow "
             f"{', '.join(sorted(ops.TENSOR_ATTRIBUTES))}; model outputs allow their fields"
         )
+
+
+_NUMBERS = (bool, int, float)
+
+
+def _check_module_arguments(path: str, args, kwargs) -> None:
+    """A module called from an untrusted graph gets tensors, plain numbers and None, in tuples and lists."""
+    def check(value, where: str) -> None:
+        if isinstance(value, torch.Tensor) and type(value) in (torch.Tensor, torch.nn.Parameter) or value is None:
+            return
+        if type(value) in _NUMBERS:
+            return
+        if type(value) in (tuple, list):
+            for number, item in enumerate(value):
+                check(item, f"{where}[{number}]")
+            return
+        raise RefusedError(
+            f"calling {path or 'the model'} with {where} = a {type(value).__name__} is not allowed here: a module "
+            "called from a graph takes tensors and plain numbers (in tuples and lists) only"
+        )
+
+    for number, value in enumerate(args):
+        check(value, f"argument {number}")
+    for name, value in kwargs.items():
+        check(value, f"keyword {name!r}")
 
 
 def _length_of(value) -> int:
