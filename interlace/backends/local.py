@@ -79,6 +79,7 @@ class Interleaver:
         self.strict = strict  # False: calls never reached (generation ended early) are no error
         self.extra_modules = modules or {}  # paths outside the model's tree, e.g. 'generator'
         self.rows = rows if len(rows) > 1 else None  # one invoke: nothing to narrow
+        self.shared = False  # a batch shared with other users' jobs (merge.py): what has no rows is Shared
         self.batch_size = batch_size
         self.early_stop = early_stop
         self.untrusted = untrusted
@@ -231,7 +232,7 @@ class Interleaver:
                 self.guard.check_replacement((args, kwargs), value, f"the value that replaces {path}")
             if rows is None:
                 return value
-            return write_rows(original(*args, **kwargs), value, rows)
+            return write_rows(original(*args, **kwargs), value, rows, self.batch_size, shared=self.shared)
 
         # an instance forward may be someone else's (accelerate's hooks): put back exactly what was there
         self.handles.append(_InstanceAttribute(module, "forward"))
@@ -337,7 +338,7 @@ class Interleaver:
         elif kind == "inputs":
             value = (tuple(value[0]), dict(value[1]))
         rows = self._rows(node.kwargs["invoke"])
-        return value if rows is None else narrow(value, rows, self.batch_size)
+        return value if rows is None else narrow(value, rows, self.batch_size, shared=self.shared)
 
     def _op_parameter(self, node):
         try:
@@ -388,15 +389,16 @@ class Interleaver:
         if target.op == "grad":
             event.value = new
         else:
-            rows = self._rows(target.kwargs["invoke"])
+            rows, size, shared = self._rows(target.kwargs["invoke"]), self.batch_size, self.shared
             kind = target.kwargs["kind"]
             if kind == "output":
-                event.value = new if rows is None else write_rows(event.value, new, rows)
+                event.value = new if rows is None else write_rows(event.value, new, rows, size, shared=shared)
             elif kind == "input":
-                event.value = replace_first_input(event.value, new, rows)
+                event.value = replace_first_input(event.value, new, rows, size, shared=shared)
             else:
                 args, kwargs = new
-                event.value = (tuple(args), dict(kwargs))
+                new = (tuple(args), dict(kwargs))
+                event.value = new if rows is None else write_rows(event.value, new, rows, size, shared=shared)
         event.changed = True
         return None
 
