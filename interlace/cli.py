@@ -9,6 +9,7 @@ import os
 import sys
 
 from .backends.limits import Limits
+from .errors import InterlaceError
 
 
 def _demo(args) -> int:
@@ -53,7 +54,11 @@ def _serve(args) -> int:
         print("WARNING: --trusted: this server runs the Python functions (interlace.apply) that clients send, "
               "with this process's rights. Use it only when every key holder may run code on this machine.",
               file=sys.stderr)
-    limits = Limits(**{name: getattr(args, name) for name in Limits.names()})
+    try:
+        limits = Limits(**{name: getattr(args, name) for name in Limits.names()})
+    except InterlaceError as error:
+        print(f"interlace serve: {error}", file=sys.stderr)
+        return 2
     config = ServerConfig(limits=limits, **{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)
                                             if f.name != "limits"})
     if args.ray:

@@ -105,6 +105,7 @@ def _checked(fn, rule, as_method: bool):
         except Exception:
             continue
         bound = sizes.RULES[rule](args, {}, limits, fn)
+        bound = bound[0] if isinstance(bound, tuple) else bound  # (elements, floating point operations)
         assert bound >= sizes.elements(result) // 2, (fn, args)  # rules bound within a factor of 2
         tried += 1
     return tried

@@ -25,8 +25,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 from .. import ops
 from ..errors import CancelledError, LimitError, RefusedError, WeightsChangedError
 from .limits import Limits
-from .sizes import RULES, elements, rehearse, shapes
-from .writes import Versions, WriteCheck, refuse_weight_write, storages_of
+from .sizes import PYTHON_REFERENCE, PYTHON_TENSOR, RULES, elements, rehearse, shapes
+from .writes import Versions, WriteCheck, refuse_weight_write
 
 _SEQUENCES = (str, bytes, list, tuple)
 
@@ -44,7 +44,7 @@ class Guard:
         self.created = 0  # elements created so far
         self._storages: dict[int, torch.UntypedStorage] | None = None  # data_ptr -> weight storage
         self._copies: dict[int, torch.UntypedStorage] = {}  # storages changed locally, as they were
-        self._rehearsed: dict[tuple, tuple[int, int]] = {}  # module calls: (output, all) elements
+        self._rehearsed: dict[tuple, tuple[int, int, int]] = {}  # module calls: (output, all) elements, flops
         self.versions = Versions(root) if untrusted else None  # the second line against writes
 
     # -- writes ------------------------------------------------------------------------------------
@@ -73,20 +73,20 @@ class Guard:
     def call(self, what: str, fn, args, kwargs, *, module: torch.nn.Module | None = None):
         """`fn(*args, **kwargs)` in an untrusted run: no operator inside it may write a weight.
 
-        A weight the call receives (its storage) is copied once per run first, so that if its
-        version counter moves anyway (the second line), the run fails and the weight is put back.
-        A module call uses its own weights: their counters are checked after it.
+        A weight the graph hands to a call is copied (once per run) before an operator first reads it,
+        so that if its version counter moves anyway (the second line), the run fails and the weight
+        is put back. A module call reads its own weights: their counters are checked, nothing copied.
         """
-        weights = self._weights()
-        passed = storages_of((args, kwargs))
-        received = passed & weights.keys()
-        for pointer in received:
-            self._keep_copy(weights[pointer])
-        with WriteCheck(weights, what, passed):
+        check = WriteCheck(self._weights(), what, keep=None if module is not None else self._keep_pointer)
+        with check:
             result = fn(*args, **kwargs)
-        if received or module is not None:
+        if check.touched:
             self.check_versions(what)
         return result
+
+    def _keep_pointer(self, pointer: int) -> None:
+        if pointer not in self._copies:
+            self._keep_copy(self._storages[pointer])
 
     def check_versions(self, what: str = "the run") -> None:
         """The second line: fail (and put back what was copied) if any weight's version counter moved."""
@@ -152,7 +152,7 @@ class Guard:
         if kind is None or name not in ops.CONTAINER_METHODS[kind]:
             raise RefusedError(f"method {name!r} is not allowed on a {type(receiver).__name__}")
         if name == "extend":
-            self._length(len(receiver) + _length_of(args[1] if len(args) > 1 else ()))
+            self._items(len(receiver) + _length_of(args[1] if len(args) > 1 else ()), PYTHON_REFERENCE)
 
     def before_module_call(self, module: torch.nn.Module, path: str, args, kwargs) -> None:
         """Calling a module on values: its output and everything it makes inside are bounded first.
@@ -167,11 +167,12 @@ class Guard:
         counted = self._rehearsed.get(key)
         if counted is None:
             counted = self._rehearsed[key] = rehearse(module, path, args, kwargs)
-        output, inside = counted
+        output, inside, flops = counted
         if output > self.limits.max_elements:
             raise LimitError(f"calling {path} would create {output} elements, over the limit of "
                              f"{self.limits.max_elements} for one value (max_elements)")
         self._add(inside)
+        self._work(f"calling {path}", flops)
 
     def check_value(self, value) -> None:
         """After an operation: Python values it made stay within the limits (untrusted runs)."""
@@ -186,6 +187,12 @@ class Guard:
                 "may not be larger than the value it replaces here"
             )
 
+    def check_size(self, value, what: str) -> None:
+        """A value that stands in for a module's whole output (skip) is at most one value's worth."""
+        if elements(value) > self.limits.max_elements:
+            raise LimitError(f"{what} has {elements(value)} elements, over the limit of {self.limits.max_elements} "
+                             "for one value (max_elements)")
+
     def _count(self, name, fn, rule, args, kwargs) -> None:
         try:
             count = RULES[rule](args, kwargs, self.limits, fn)
@@ -193,12 +200,26 @@ class Guard:
             raise
         except Exception:
             count = RULES["meta"](args, kwargs, self.limits, fn)  # arguments the formula does not expect
+        count, flops = count if isinstance(count, tuple) else (count, 0)
         if count > self.limits.max_elements:
             raise LimitError(
                 f"{name} would create {count} elements, over the limit of {self.limits.max_elements} "
                 "for one value (max_elements)"
             )
         self._add(count)
+        self._work(name, flops)
+
+    def _work(self, what: str, flops: int) -> None:
+        """A call's floating point operations, at the server's rate, must fit in the time the run has left."""
+        if not flops or self.deadline is None:
+            return
+        seconds, left = flops / self.limits.flops_per_second, self.deadline - time.monotonic()
+        if seconds > left:
+            raise LimitError(
+                f"{what} would do {flops:.3g} floating point operations, about {seconds:.3g} s at "
+                f"{self.limits.flops_per_second:.3g} per second (flops_per_second), past the run's deadline "
+                f"({max(left, 0):.3g} s left of max_seconds={self.limits.max_seconds:g}); use smaller operands"
+            )
 
     def _add(self, count: int) -> None:
         limits = self.limits
@@ -213,7 +234,7 @@ class Guard:
         """Repetition, concatenation, formatting and int growth, bounded before Python computes them."""
         op = name.split(".")[-1]
         if op in ("list", "tuple", "dict") and args:
-            self._length(_length_of(args[0]))
+            self._items(_length_of(args[0]), PYTHON_TENSOR if isinstance(args[0], torch.Tensor) else PYTHON_REFERENCE)
         if len(args) != 2:
             return
         a, b = args
@@ -221,9 +242,9 @@ class Guard:
         if op == "mul":
             for seq, times in ((a, b), (b, a)):
                 if isinstance(seq, _SEQUENCES) and type(times) in (int, bool):
-                    self._length(len(seq) * max(times, 0))
+                    self._items(len(seq) * max(times, 0), PYTHON_REFERENCE)
         elif op == "add" and isinstance(a, _SEQUENCES) and isinstance(b, _SEQUENCES):
-            self._length(len(a) + len(b))
+            self._items(len(a) + len(b), PYTHON_REFERENCE)
         elif op == "mod" and isinstance(a, (str, bytes)):
             raise RefusedError("string formatting with % is not allowed here")
         elif op in ("pow", "lshift") and type(a) is int and type(b) is int and b > 0:
@@ -233,6 +254,11 @@ class Guard:
             if bits > self.limits.max_int_bits:
                 raise LimitError(f"{name} would make an int of about {bits} bits, over the limit of "
                                  f"{self.limits.max_int_bits} (max_int_bits)")
+
+    def _items(self, length: int, cost: int) -> None:
+        """A Python container of `length` items, each costing `cost` elements of the run's budget."""
+        self._length(length)
+        self._add(length * cost)
 
     def _length(self, length: int) -> None:
         if length > self.limits.max_list_length:

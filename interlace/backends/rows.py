@@ -105,11 +105,13 @@ def replace_first_input(value, new, rows, batch_size=None, *, shared: bool = Fal
 
 
 def contains_shared(value) -> bool:
-    """Whether a `Shared` placeholder is anywhere in `value` (tuples, lists, dicts)."""
-    if isinstance(value, Shared):
-        return True
-    if isinstance(value, (tuple, list)):
-        return any(contains_shared(item) for item in value)
-    if isinstance(value, dict):
-        return any(contains_shared(item) for item in value.values())
+    """Whether a `Shared` placeholder is anywhere in `value` (tuples, lists, dicts, however deep)."""
+    stack, seen = [value], set()
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Shared):
+            return True
+        if isinstance(item, (tuple, list, dict)) and id(item) not in seen:
+            seen.add(id(item))
+            stack.extend(item.values() if isinstance(item, dict) else item)
     return False

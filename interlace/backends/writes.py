@@ -14,7 +14,7 @@ the counters of every parameter and buffer are read once per run and compared af
 received a weight's storage and after the run. A bump fails the run (`WeightsChangedError`).
 
 >>> w = torch.ones(2)
->>> with WriteCheck({w.untyped_storage().data_ptr()}, "F.relu"):  # doctest: +ELLIPSIS
+>>> with WriteCheck({w.untyped_storage().data_ptr(): w.untyped_storage()}, "F.relu"):  # doctest: +ELLIPSIS
 ...     torch.nn.functional.relu(w, True)
 Traceback (most recent call last):
 ...
@@ -37,51 +37,46 @@ def refuse_weight_write(what: str) -> RefusedError:
 
 
 class WriteCheck(TorchDispatchMode):
-    """Refuses, before it runs, any aten operator whose schema writes a weight's storage or an out argument.
+    """Refuses, before it runs, any aten operator whose schema writes a weight's storage, or writes an
+    `out` argument the call did not make itself (a tensor it was handed: like the `out=` keyword).
 
-    weights: data pointers of the weights' storages. `passed`: storages of the tensors the graph
-    handed to the call; an `out` argument among them is refused like the `out=` keyword.
+    weights: data pointer -> storage of every weight. `keep(pointer)`, when given, is called before an
+    operator first reads a weight, so the caller can copy it (see `Versions`). After the call,
+    `touched` says whether any operator saw a weight's storage.
     """
 
-    def __init__(self, weights, what: str, passed=frozenset()):
+    def __init__(self, weights, what: str, keep=None):
         super().__init__()
-        self.weights, self.what, self.passed = weights, what, passed
+        self.weights, self.what, self.keep = weights, what, keep
+        self.made: set[int] = set()  # storages of the tensors operators made during the call
+        self.touched = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         for position, argument in enumerate(func._schema.arguments):
-            info = argument.alias_info
-            if info is None or not info.is_write:
-                continue
             value = args[position] if position < len(args) else kwargs.get(argument.name)
             for tensor in value if isinstance(value, (list, tuple)) else (value,):
                 if isinstance(tensor, torch.Tensor):
                     self._check(tensor, argument, func)
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        for tensor in result if isinstance(result, (list, tuple)) else (result,):
+            if isinstance(tensor, torch.Tensor):
+                self.made.add(tensor.untyped_storage().data_ptr())
+        return result
 
     def _check(self, tensor: torch.Tensor, argument, func) -> None:
         pointer = tensor.untyped_storage().data_ptr()
+        written = argument.alias_info is not None and argument.alias_info.is_write
         if pointer in self.weights:
-            raise refuse_weight_write(f"{self.what} (through {func}, which writes its argument {argument.name!r})")
-        if argument.is_out and pointer in self.passed:
+            if written:
+                raise refuse_weight_write(f"{self.what} (through {func}, which writes its argument {argument.name!r})")
+            if self.keep is not None:
+                self.keep(pointer)  # before the operator runs (the caller copies each storage once)
+            self.touched = True
+        elif written and argument.is_out and pointer not in self.made:
             raise RefusedError(f"{self.what} would write its result into a tensor it was given (argument "
                                f"{argument.name!r} of {func}); `out` arguments are not allowed here: use the "
                                "returned value")
-
-
-def storages_of(value, found: set | None = None) -> set:
-    """Data pointers of the storages of every tensor in `value` (tuples, lists, dicts)."""
-    found = set() if found is None else found
-    if isinstance(value, torch.Tensor):
-        if value.device.type != "meta":
-            found.add(value.untyped_storage().data_ptr())
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            storages_of(item, found)
-    elif isinstance(value, dict):
-        for item in value.values():
-            storages_of(item, found)
-    return found
 
 
 class Versions:

@@ -232,7 +232,7 @@ class Model(Envoy):
                 answers[number] = answer
         return answers
 
-    def batching(self, request: Request) -> tuple:
+    def batching(self, request: Request, *, max_tokens: int | None = None) -> tuple:
         """(group, size): requests of one group can share a forward (`run_many`; None: it runs alone);
         size is how much of a merged batch it takes (rows; LanguageModel: token positions)."""
         size = sum(_batch_size(args, kwargs) for trace in request.traces for args, kwargs in trace.invokes)

@@ -109,7 +109,7 @@ class HostedModel:
 
     def batching(self, request: Request, limits: Limits) -> tuple:
         """(group, size) of a job: jobs of one group (None: none) can share a forward; size in tokens."""
-        group, size = self.model.batching(request)
+        group, size = self.model.batching(request, max_tokens=limits.max_tokens)
         if group is None or _has_functions(request.graph):
             return None, size
         return (group, limits), size
