@@ -24,3 +24,8 @@ def test_serve_keeps_the_hub_offline_unless_told(monkeypatch, flags, offline):
     with pytest.raises(_Started):
         cli.main(["serve", "some/model", "--db", os.devnull, *flags])
     assert seen["offline"] == offline
+
+
+def test_serve_refuses_a_limit_that_is_not_a_number(capsys):
+    assert cli.main(["serve", "some/model", "--db", os.devnull, "--max-seconds", "nan"]) == 2
+    assert "limit max_seconds must be a positive finite number, not nan" in capsys.readouterr().err

@@ -376,6 +376,14 @@ _REPR = reprlib.Repr()  # bounded depth (maxlevel 6): no RecursionError on deepl
 _REPR.maxstring = _REPR.maxother = 60
 
 
+def log_text(values) -> str:
+    """One `log` line as text, as `print` would write it; a value too deep for `str` is shortened."""
+    try:
+        return " ".join(map(str, values))
+    except RecursionError:
+        return " ".join(map(_short, values))
+
+
 def _short(obj) -> str:
     text = _REPR.repr(obj)
     return text if len(text) <= 80 else text[:77] + "..."

@@ -162,3 +162,10 @@ def test_a_sessions_traces_share_the_requests_element_budget():
     one.traces = one.traces[:1]
     assert net.run(one, untrusted=True, limits=limits).results  # the same trace alone runs
     assert_clean(net.module)
+
+
+@pytest.mark.parametrize("name, value", [("max_seconds", float("nan")), ("max_seconds", float("inf")),
+                                         ("max_elements", 0), ("max_nodes", -1), ("max_tokens", "10")])
+def test_a_limit_that_would_switch_a_check_off_is_refused(name, value):
+    with pytest.raises(interlace.InterlaceError, match=f"limit {name} must be a positive finite number"):
+        Limits(**{name: value})
