@@ -16,6 +16,7 @@ from ..backends.guard import Guard
 from ..backends.limits import Limits
 from ..backends.local import Interleaver
 from ..backends.merge import MergedInterleaver, merge, merge_key, split
+from ..backends.rows import SharedValueError
 from ..backends.scan import Scanner
 from ..envoy import Envoy
 from ..errors import InterlaceError, ModelError, RefusedError
@@ -231,7 +232,7 @@ class Model(Envoy):
                 answers[number] = answer
         return answers
 
-    def batching(self, request: Request) -> tuple:
+    def batching(self, request: Request, *, max_tokens: int | None = None) -> tuple:
         """(group, size): requests of one group can share a forward (`run_many`; None: it runs alone);
         size is how much of a merged batch it takes (rows; LanguageModel: token positions)."""
         size = sum(_batch_size(args, kwargs) for trace in request.traces for args, kwargs in trace.invokes)
@@ -267,7 +268,9 @@ class Model(Envoy):
             return [self._answer(r, untrusted, limits, c) for r, c in zip(requests, cancels)]
         except InterlaceError as error:  # the whole run failed (its deadline, a check): every request with it
             return [error] * count
-        return split(interleaver, parts)
+        # a job that needed a value the batch shares (a cache, a tensor without rows) runs again alone
+        return [self._answer(request, untrusted, limits, cancel) if isinstance(answer, SharedValueError) else answer
+                for request, cancel, answer in zip(requests, cancels, split(interleaver, parts))]
 
     def _execute(self, graph: Graph, trace: TraceSpec, **run) -> Interleaver:
         """Run one trace of a request; returns the finished interleaver."""
