@@ -186,8 +186,10 @@ class Model(Envoy):
         for number, trace in enumerate(traces):
             if trace.start < skip_to:  # a session.stop() ended the loop this span belongs to
                 outcome.missing.update({node.index: "session.stop() ended the loop before it ran"
-                                        for node in graph.nodes[trace.start : trace.end] if node.saved})
-                continue
+                                        for node in graph.nodes[trace.start : min(trace.end, skip_to)] if node.saved})
+                if trace.end <= skip_to or trace.options.get("mode") != "session":
+                    continue
+                trace = TraceSpec(skip_to, trace.end, trace.invokes, trace.options)  # what follows the loop
             keep = {i for i in range(trace.start, trace.end) if last_reader[i] > number}
             trace = TraceSpec(trace.start, trace.end, _inputs(trace, carried, number), trace.options)
             run = {"known": carried, "keep": keep, "untrusted": untrusted, "limits": limits, "cancel": cancel,
