@@ -205,6 +205,7 @@ class Model(Envoy):
             outcome.missing.update(interleaver.missing())
             carried.update({i: interleaver.values[i] for i in keep if i in interleaver.values})
             skip_to = max(skip_to, interleaver.skip_to or 0)
+        _copy_weights(outcome.results, self._module)
         return outcome
 
     def run_many(self, requests: list[Request], *, untrusted: bool = False, limits: Limits | None = None,
@@ -309,6 +310,20 @@ class Model(Envoy):
         args = tuple(_concat([a[i] for a, _ in invokes], f"argument {i}") for i in range(len(invokes[0][0])))
         kwargs = {key: _concat([k[key] for _, k in invokes], f"argument '{key}'") for key in invokes[0][1]}
         return args, kwargs, rows, start
+
+
+def _copy_weights(results: dict, module: torch.nn.Module) -> None:
+    """Saved values that share memory with a weight or buffer (`net.weight.save()`, a view of one)
+    become copies: changing a saved value must never change the model (benchmarks/saved_weights.py
+    measures what the copies cost)."""
+    storages = None
+    for index, value in results.items():
+        if not isinstance(value, torch.Tensor) or value.device.type == "meta":
+            continue
+        if storages is None:
+            storages = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
+        if value.untyped_storage().data_ptr() in storages:
+            results[index] = value.detach().clone()
 
 
 def _last_reader(graph: Graph, traces) -> list[int]:

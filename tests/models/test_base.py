@@ -168,3 +168,21 @@ def test_edited_language_model_steers_generation():
         want = model(torch.tensor([[5, 6, 7]])).logits
     handle.remove()
     torch.testing.assert_close(logits, want)
+
+
+def test_a_saved_weight_is_a_copy_that_never_changes_the_model(mlp, x):
+    net = Model(mlp)
+    with net.trace(x):
+        weight = net.head.weight.save()
+        row = net.head.weight[0].save()  # a view of the weight
+        bias = net.head.bias.T.save()
+        out = net.output.save()
+    before = {name: p.detach().clone() for name, p in mlp.named_parameters()}
+    assert weight is not mlp.head.weight and not isinstance(weight, torch.nn.Parameter)
+    assert torch.equal(weight, before["head.weight"]) and torch.equal(row, before["head.weight"][0])
+    weight.data.zero_()
+    row.zero_()
+    bias.zero_()
+    assert all(torch.equal(p, before[name]) for name, p in mlp.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(out, mlp(x))
