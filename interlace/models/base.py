@@ -38,6 +38,7 @@ class Model(Envoy):
     """
 
     _remote = None  # the RemoteBackend of a model that lives on a server (LanguageModel(name, host=...))
+    _origin = None  # the model an edited copy was made from: its envoys record into the copy's traces too
 
     def __init__(self, module: torch.nn.Module, *, rename: dict[str, str] | None = None):
         if not isinstance(module, torch.nn.Module):
@@ -85,13 +86,15 @@ class Model(Envoy):
         """
         return Session(self, scan=scan or validate, **self._remote_options(remote, blocking, timeout, backend))
 
-    def edit(self, *, inplace: bool = False) -> Editor:
+    def edit(self, *inputs, inplace: bool = False) -> Editor:
         """Record interventions that apply to every later trace.
 
         Returns (from `with`) an edited copy of the model sharing the same weights; with
-        `inplace=True` the model itself is edited. `clear_edits()` removes them.
+        `inplace=True` the model itself is edited. `clear_edits()` removes them. inputs: an example
+        input (nnsight's `model.edit(inputs)`): each line is checked on it with fake tensors as it is
+        recorded (`scan`); the edits still apply to every row of every later batch.
         """
-        return Editor(self, inplace=inplace, early_stop=True)
+        return Editor(self, inputs, inplace=inplace, early_stop=True, scan=bool(inputs), kwargs={})
 
     def clear_edits(self) -> None:
         self._edits = []
@@ -100,7 +103,7 @@ class Model(Envoy):
         """A new wrapper of the same module with its own envoys (and so its own edits)."""
         clone = copy.copy(self)
         Envoy.__init__(clone, self._module)
-        clone._session, clone._edits = None, []
+        clone._session, clone._edits, clone._origin = None, [], self._origin or self
         clone._apply_renames()
         return clone
 
@@ -132,9 +135,11 @@ class Model(Envoy):
         return (backend or self._remote).run(request, blocking=blocking, timeout=timeout)
 
     def _attach(self, tracer: Tracer) -> None:
-        if self._tracer is not None:
+        models = (self,) if self._origin is None else (self, self._origin)
+        if any(model._tracer is not None for model in models):
             raise InterlaceError("a trace on this model is already open; close it before starting another")
-        self._tracer = tracer
+        for model in models:
+            model._tracer = tracer
         if tracer.options.get("scan") or tracer.session is not None and tracer.session.options.get("scan"):
             self._start_scan(tracer)
 
@@ -167,6 +172,8 @@ class Model(Envoy):
 
     def _detach(self, tracer: Tracer) -> None:
         self._tracer = None
+        if self._origin is not None:
+            self._origin._tracer = None
 
     def run(self, request: Request, *, untrusted: bool = False, limits: Limits | None = None,
             cancel=None) -> Outcome:
