@@ -40,7 +40,7 @@ class Model(Envoy):
     _remote = None  # the RemoteBackend of a model that lives on a server (LanguageModel(name, host=...))
     _origin = None  # the model an edited copy was made from: its envoys record into the copy's traces too
 
-    def __init__(self, module: torch.nn.Module, *, rename: dict[str, str] | None = None):
+    def __init__(self, module: torch.nn.Module, *, rename: dict[str, str | list[str]] | None = None):
         if not isinstance(module, torch.nn.Module):
             raise InterlaceError(f"Model wraps a torch.nn.Module, not {type(module).__name__}")
         super().__init__(module)
@@ -50,18 +50,28 @@ class Model(Envoy):
         self._apply_renames()
 
     def _apply_renames(self) -> None:
-        """`rename={"transformer.h": "layers", "attn": "attention"}`: aliases for module paths.
+        """`rename={"transformer": "model", "model.layers": "layers", "attn": "self_attn"}`: aliases.
 
-        A dotted path becomes an attribute of the root; a plain name aliases every child so named.
-        Graphs still hold the real paths, so they serialize and run anywhere.
+        Each key is a child name or a dotted path, looked up from every module in the tree (through
+        the aliases made before it, plain names first): wherever it leads to a module, that module
+        gets the alias (one name, or a list of names). So `{"transformer": "model", "model.layers":
+        "layers"}` makes `lm.model`, `lm.model.layers` and `lm.layers` on GPT-2 (nnsight's and
+        nnterp's rules). Graphs still hold the real paths, so they serialize and run anywhere.
         """
-        for source, alias in self._rename.items():
-            if "." in source:
-                self._aliases[alias] = self.get(source)
-                continue
-            for envoy in self.modules():
-                if source in envoy._children:
-                    envoy._aliases[alias] = envoy._children[source]
+        envoys = list(self.modules())
+        renames = sorted(self._rename.items(), key=lambda item: "." in item[0].lstrip("."))
+        for source, aliases in renames:
+            parts = source.lstrip(".").split(".")
+            aliases = [aliases] if isinstance(aliases, str) else list(aliases)
+            for envoy in envoys:
+                target = envoy
+                for part in parts:
+                    child = target._children.get(part)  # (an envoy without children is falsy: no `or`)
+                    target = child if child is not None else target._aliases.get(part)
+                    if target is None:
+                        break
+                if target is not None:
+                    envoy._aliases.update(dict.fromkeys(aliases, target))
 
     def trace(self, *inputs, early_stop: bool = True, scan: bool = False, validate: bool = False,
               remote: bool = False, blocking: bool = True, timeout: float | None = None, backend=None,

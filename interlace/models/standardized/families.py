@@ -38,6 +38,16 @@ class Family:
     # MLP's output): reads return a copy taken when the module returns; write them by assignment
     copy_on_read: tuple[str, ...] = ()
 
+    def final_transform(self, logits, config):
+        """`logits` after the family's final-logit transform (what its forward applies after lm_head)."""
+        value = getattr(config, self.final_logits[1], None) if self.final_logits else None
+        if value is None:
+            return logits
+        kind = self.final_logits[0]
+        if kind == "softcap":
+            return (logits / value).tanh() * value
+        return logits * value if kind == "scale" else logits / value
+
 
 LLAMA = Family()
 GPT2 = Family("transformer.wte", "transformer.h", "attn", "mlp", "transformer.ln_f")

@@ -14,6 +14,8 @@ probes here; per-head values need a server started with `interlace serve MODEL -
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ...envoy import Envoy
@@ -21,7 +23,7 @@ from ...proxy import Proxy
 from ..language import LanguageModel
 from . import attention as attention_probes
 from .families import CONFIG_KEYS
-from .layout import RenameConfig, family_of, rename_table
+from .layout import RenameConfig, family_of, get_rename_dict, rename_table
 from .structure import StandardizationError, matches, observe, shape_of
 
 # per-head values: accessor name -> identity module under each attention module's probes
@@ -152,7 +154,8 @@ class StandardizedTransformer(LanguageModel):
         self._tuple_outputs: dict[str, int] = {}  # module path -> length of the tuple it returns
         self._prepare(self._module)
         # the aliases give the standard names (the probes' envoys are made when first reached)
-        self._rename = {**rename_table(self.family), **(rename or {})}
+        # nnterp's tree too (`model.model.layers`, `model.model.ln_final`), under the family's names
+        self._rename = {**get_rename_dict(rename_config), **rename_table(self.family), **(rename or {})}
         self._apply_renames()
         self._inspect(check)
 
@@ -304,6 +307,12 @@ class StandardizedTransformer(LanguageModel):
         return next((getattr(config, key) for key in keys if getattr(config, key, None) is not None), None)
 
     @property
+    def attn_probs_available(self) -> bool:
+        """Whether `attention_probabilities` can be read (loaded with enable_attention_probs=True, and
+        the family supports it; `available` says why not)."""
+        return self.available["attention_probabilities"] is None
+
+    @property
     def available(self) -> dict[str, str | None]:
         """Each standardized part: None when available, else why not."""
         parts = ["layers", "attentions", "mlps", "routers", *HEAD_VALUES]
@@ -338,6 +347,11 @@ class StandardizedTransformer(LanguageModel):
         return self.inputs[1]["input_ids"]
 
     @property
+    def input_size(self) -> Proxy:
+        """The shape of the input ids, `(batch, seq)` (traced)."""
+        return self.input_ids.shape
+
+    @property
     def attention_mask(self) -> Proxy:
         """The attention mask the model was called with (0 on padding)."""
         return self.inputs[1]["attention_mask"]
@@ -356,12 +370,20 @@ class StandardizedTransformer(LanguageModel):
             length = self._tuple_outputs.get(envoy.path)
             envoy.skip(skip_with if length is None else (skip_with,) + (None,) * (length - 1))
 
-    def steer(self, layers, steering_vector: torch.Tensor, factor: float = 1.0, token_positions=None, batch_index=None) -> None:
+    def steer(self, layers, steering_vector: torch.Tensor, factor: float = 1.0, positions=None, token_positions=None,
+              batch_index=None) -> None:
         """Add `factor * steering_vector` to the output of each layer in `layers`.
 
         token_positions / batch_index: an int, a list or a tensor restricting where it is added
         (default: every position of every prompt). Layers are steered in ascending order.
+        positions: the older name of token_positions (nnterp's; deprecated there too).
         """
+        if positions is not None:
+            if token_positions is not None:
+                raise StandardizationError("Cannot specify both `positions` (deprecated) and `token_positions`: "
+                                           "pass token_positions only.")
+            warnings.warn("`positions` is deprecated, use `token_positions` instead.", DeprecationWarning, stacklevel=2)
+            token_positions = positions
         layers = [layers] if isinstance(layers, int) else sorted(layers)
         delta = factor * steering_vector
         rows = slice(None) if batch_index is None else torch.as_tensor(batch_index)
@@ -377,16 +399,7 @@ class StandardizedTransformer(LanguageModel):
 
         Works inside a trace on traced values and outside on real tensors.
         """
-        logits = self.lm_head(self.ln_final(hidden))
-        if self.family.final_logits is None:
-            return logits
-        kind, attribute = self.family.final_logits
-        value = getattr(self.config, attribute, None)
-        if value is None:
-            return logits
-        if kind == "softcap":
-            return torch.tanh(logits / value) * value
-        return logits * value if kind == "scale" else logits / value
+        return self.family.final_transform(self.lm_head(self.ln_final(hidden)), self.config)
 
     def get_topk_closest_tokens(self, hidden: torch.Tensor, k: int = 5):
         """The `k` likeliest next tokens of a saved hidden state, as `{token: probability}`.
