@@ -166,7 +166,8 @@ class StandardizedTransformer(LanguageModel):
         reason = attention_probes.install(module, attention_modules, probabilities=self._attention_probs)
         if reason is not None:
             for name in HEAD_VALUES:
-                self._unavailable.setdefault(name, reason)
+                if name != "attention_probabilities" or self.family.probabilities is None:
+                    self._unavailable.setdefault(name, reason)
 
     def _missing_on_server(self) -> dict[str, str]:
         """Per-head values the server cannot give (its model has no probes, or no probabilities): why not.
@@ -202,6 +203,8 @@ class StandardizedTransformer(LanguageModel):
     def _suffix(self, part: str) -> str | None:
         """The path of `part` under a layer ("" for the layer itself; None: the family has none)."""
         family = self.family
+        if part == "attention_probabilities" and family.probabilities is not None:
+            return f"{family.attention}.{family.probabilities}"
         if part in HEAD_VALUES:
             return f"{family.attention}.{attention_probes.PROBES}.{HEAD_VALUES[part]}"
         return {"layers": "", "attentions": family.attention, "mlps": family.mlp, "routers": family.router}[part]
