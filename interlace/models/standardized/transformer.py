@@ -129,7 +129,7 @@ class StandardizedTransformer(LanguageModel):
         tokenizer=None,
         enable_attention_probs: bool | None = None,
         rename_config: RenameConfig | None = None,
-        check: bool = True,
+        check_renaming: bool = True,
         dispatch: bool = False,
         padding_side: str = "left",
         rename: dict[str, str] | None = None,
@@ -157,7 +157,7 @@ class StandardizedTransformer(LanguageModel):
         # nnterp's tree too (`model.model.layers`, `model.model.ln_final`), under the family's names
         self._rename = {**get_rename_dict(rename_config), **rename_table(self.family), **(rename or {})}
         self._apply_renames()
-        self._inspect(check)
+        self._inspect(check_renaming)
 
     # -- loading --------------------------------------------------------------------------------
     def _prepare(self, module: torch.nn.Module) -> None:
@@ -258,7 +258,7 @@ class StandardizedTransformer(LanguageModel):
         if problems and check:
             raise StandardizationError(
                 f"{type(self._module).__name__} does not fit the standardized layout: " + "; ".join(problems)
-                + ". Pass a RenameConfig naming the right modules, or check=False to load it anyway."
+                + ". Pass a RenameConfig naming the right modules, or check_renaming=False to load it anyway."
             )
 
     def _missing_reason(self, part: str) -> str:
