@@ -86,7 +86,8 @@ class SessionIteration:
     The block (its session-level nodes and whole traces) is recorded once, for the first value, and
     copied for the others; the value is `values[i]` in copy i. `session.stop()` inside ends the
     loop. `values` may be a list built in the session from values known without the model
-    (`session.apply(list)` and its appends): its length is taken now, its items when the graph runs. Names bound inside the block hold the last value's results; collect every value's with
+    (`session.apply(list)` and its appends): its length is taken now, its items when the graph
+    runs. Names bound inside the block hold the last value's results; collect every value's with
     `interlace.list()` (a list made before the loop and appended to inside it).
     """
 

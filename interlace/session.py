@@ -58,7 +58,8 @@ class Session(Recorder):
         """The value of `proxy` now, from the session's own nodes recorded so far (no model runs).
 
         Used by `session.iter` over a list built in the session: the list, and every call recorded on
-        it (its appends), are computed here once. A value that needs a trace is an error.
+        it (its appends), are computed here once for its length (and again when the session runs). A
+        value that needs a trace, or sits under a condition, is an error.
         """
         nodes = self.graph.nodes
         needed: set[int] = set()
@@ -95,7 +96,8 @@ class Session(Recorder):
             if node.op == "call_method":
                 values[index] = getattr(args[0], node.target)(*args[1:], **kwargs)
             else:
-                values[index] = (ops.resolve(node.target) if isinstance(node.target, str) else node.target)(*args, **kwargs)
+                fn = ops.resolve(node.target) if isinstance(node.target, str) else node.target
+                values[index] = fn(*args, **kwargs)
         return values[proxy._index]
 
     def stop(self) -> None:
