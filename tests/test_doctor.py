@@ -16,7 +16,7 @@ def test_version_names_interlace_and_what_it_runs_on(capsys):
     assert exit_.value.code == 0
     line = capsys.readouterr().out
     assert line.startswith(f"interlace {version('interlace')} (")
-    for package, installed in [("torch", torch.__version__), ("transformers", transformers.__version__),
+    for package, installed in [("torch", version("torch")), ("transformers", transformers.__version__),
                                ("accelerate", version("accelerate"))]:
         assert f"{package} {installed}" in line
 
@@ -24,7 +24,7 @@ def test_version_names_interlace_and_what_it_runs_on(capsys):
 def test_doctor_without_the_model_lists_versions_and_cuda(capsys):
     assert cli.main(["doctor", "--no-model"]) == 0
     lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
-    assert lines["torch"] == torch.__version__
+    assert lines["torch"] == version("torch")
     assert lines["transformers"] == transformers.__version__
     assert lines["fastapi"] == version("fastapi")
     assert lines["cuda"].startswith("not available" if not torch.cuda.is_available() else f"{torch.cuda.device_count()} device")
