@@ -7,6 +7,7 @@ user's client would. The pages' own `assert`s are the claims they make.
 """
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -26,7 +27,7 @@ _spec.loader.exec_module(hooks)
 
 PAGES = sorted(str(page.relative_to(DOCS)) for page in DOCS.rglob("*.md"))
 RUNNABLE = [page for page in PAGES if hooks.blocks(DOCS / page)]
-SERVED = {"remote/client.md", "remote/wire-format.md"}  # pages whose code talks to a server
+SERVED = {"remote/serving.md", "remote/client.md", "remote/wire-format.md"}  # pages whose code talks to a server
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +37,8 @@ def docs_server(tmp_path_factory):
     created = subprocess.run([sys.executable, "-m", "interlace", "keys", "create", "--db", db, "--name", "alice"],
                              capture_output=True, text=True, check=True)
     key = created.stdout.split()[-1]
-    server = Server("smollm2", db, "--standardized")
+    # one thread: on a shared two-core machine a server's thread pool slows every process down
+    server = Server("smollm2", db, "--standardized", ready_within=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     yield server.url, key
     server.stop()
 
