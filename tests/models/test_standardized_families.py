@@ -1,7 +1,7 @@
 """Every family of the table, from a tiny random config, passes the full by-value check.
 
-The README's families table is generated from this file: `python tests/models/test_standardized_families.py`
-prints it, and `test_readme_lists_the_tested_families` fails when the README's copy is stale.
+The families table of docs/standardized.md is generated from this file: `python tests/models/test_standardized_families.py`
+prints it, and `test_docs_list_the_tested_families` fails when that copy is stale.
 """
 
 import functools
@@ -21,7 +21,7 @@ from interlace.models.standardized.families import FAMILIES
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import assert_clean, tiny_family  # noqa: E402
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "standardized.md"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # what a family lacks comes from the table (the MLP) and from the installed transformers (the attention
@@ -105,7 +105,7 @@ def test_project_on_vocab_applies_the_final_logit_transform(model_type):
 
 
 def families_table() -> str:
-    """The README table: one row per tested family and what it has."""
+    """The docs table: one row per tested family and what it has."""
     lines = [
         "| model type | class | layers | attention | MLP | probabilities, q/k/v | router | final logits |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -123,9 +123,9 @@ def families_table() -> str:
     return "\n".join(lines)
 
 
-def test_readme_lists_the_tested_families():
-    assert families_table() in README.read_text(), (
-        "the README's families table is stale: regenerate it with `python tests/models/test_standardized_families.py`"
+def test_docs_list_the_tested_families():
+    assert families_table() in PAGE.read_text(), (
+        "the families table of docs/standardized.md is stale: regenerate it with `python tests/models/test_standardized_families.py`"
     )
 
 
