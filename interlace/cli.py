@@ -1,5 +1,5 @@
 """The `interlace` command: `demo`, `check-model` (a model's standardized names), `serve` (host a model for
-remote traces) and `keys` (its API keys)."""
+remote traces), `keys` (its API keys) and `doctor` (versions and checks for a bug report)."""
 
 from __future__ import annotations
 
@@ -101,13 +101,23 @@ def _keys(args) -> int:
     return 0
 
 
+def _doctor(args) -> int:
+    from .doctor import report
+
+    text = report(model=not args.no_model)
+    print(text)
+    return 1 if "FAILED" in text else 0
+
+
 def _flag(parser, name: str, default, help: str) -> None:
     parser.add_argument("--" + name.replace("_", "-"), dest=name, type=type(default), default=default,
                         metavar=type(default).__name__.upper(), help=f"{help} (default {default})")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="interlace", description=__doc__)
+    parser = argparse.ArgumentParser(prog="interlace", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # one version line
+    parser.add_argument("--version", action="version", version=_version_line())
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="logit lens and activation patching on the default model")
     demo.add_argument("--prompt", default=None, help="prompt for the logit lens")
@@ -166,8 +176,19 @@ def main(argv: list[str] | None = None) -> int:
     keys.add_argument("--db", required=True, help="the key database file (created if missing)")
     keys.add_argument("--name", default=None, help="who the key is for (create), or a name or key id (revoke)")
     keys.set_defaults(handler=_keys)
+    doctor = commands.add_parser("doctor", help="versions, CUDA and the embedded model: paste it into a bug report")
+    doctor.add_argument("--no-model", action="store_true", help="skip loading the embedded model (~20 s)")
+    doctor.set_defaults(handler=_doctor)
     args = parser.parse_args(argv)
     return args.handler(args)
+
+
+def _version_line() -> str:
+    from .doctor import versions
+
+    found = versions()
+    return "interlace " + found.pop("interlace") + " (" + ", ".join(
+        f"{name} {found[name]}" for name in ("python", "torch", "transformers", "accelerate")) + ")"
 
 
 if __name__ == "__main__":

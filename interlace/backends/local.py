@@ -462,9 +462,14 @@ class Interleaver:
         return builtins.bool(self._resolve(node.args[0]))
 
     def _op_stop(self, node):
-        self.stopped = True
         if node.kwargs.get("session"):
-            self.skip_to = node.kwargs.get("skip_to") or len(self.nodes)
+            # session.stop(): the nodes up to the end of its loop do not run; what follows the loop does
+            end = self.skip_to = node.kwargs.get("skip_to") or len(self.nodes)
+            for index in range(node.index + 1, min(end, self.end)):
+                if not self.done[index]:
+                    self._finish(index, None, ran=False, why="session.stop() ended the loop before it ran")
+            return None
+        self.stopped = True
         self._finish(node.index, None)
         raise EarlyStop()
 

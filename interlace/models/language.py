@@ -5,7 +5,7 @@ tokenizer. With `dispatch=False` (the default) the module tree is built from the
 `meta` device, so envoys can be inspected and graphs recorded at once; the weights load on the first
 execution. Inputs of every invoke (text, token ids, encodings) are padded into one batch, on the
 left by default, with the attention mask and position ids that make each row compute exactly what
-it would compute alone.
+it would compute alone (`position_ids=False`: no position ids, as plain Hugging Face and nnterp run).
 """
 
 from __future__ import annotations
@@ -70,12 +70,18 @@ class LanguageModel(Model):
         dispatch: bool = False,
         gguf_file: str | None = None,
         padding_side: str = "left",
+        position_ids: bool = True,
+        tokenizer_kwargs: dict | None = None,
         rename: dict[str, str] | None = None,
         host: str | None = None,
         api_key: str | None = None,
         **load_kwargs,
     ):
         self._load_kwargs = dict(load_kwargs)
+        self._tokenizer_options = dict(tokenizer_kwargs or {})  # for the tokenizer's from_pretrained
+        # True: padded rows get positions counted from their first token, so each row computes what
+        # it computes alone; False: the model derives them itself, as plain Hugging Face (and nnterp) do
+        self.position_ids = position_ids
         host = host or os.environ.get("INTERLACE_HOST")
         if host and isinstance(model, str) and not dispatch:  # the model lives on a server: built from its manifest
             from ..backends.remote import RemoteBackend
@@ -122,7 +128,8 @@ class LanguageModel(Model):
 
     # -- loading --------------------------------------------------------------------------------
     def _tokenizer_kwargs(self) -> dict:
-        return {k: v for k, v in self._load_kwargs.items() if k in ("gguf_file", "revision", "trust_remote_code", "cache_dir")}
+        shared = ("gguf_file", "revision", "trust_remote_code", "cache_dir")
+        return {**{k: v for k, v in self._load_kwargs.items() if k in shared}, **self._tokenizer_options}
 
     def _load_weights(self) -> torch.nn.Module:
         if self._source is None:
@@ -289,7 +296,7 @@ class LanguageModel(Model):
             "input_ids": torch.tensor(input_ids, device=device),
             "attention_mask": torch.tensor(mask, device=device),
         }
-        if self._accepts("position_ids"):
+        if self.position_ids and self._accepts("position_ids"):
             position = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
             batch["position_ids"] = position
         return batch, rows
