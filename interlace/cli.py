@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from .backends.limits import Limits
+from .errors import InterlaceError
 
 
 def _demo(args) -> int:
@@ -35,6 +37,8 @@ def _check_model(args) -> int:
 def _serve(args) -> int:
     import logging
 
+    if not args.hub:  # before transformers is imported: nothing a job does may reach the Hub
+        os.environ["HF_HUB_OFFLINE"] = "1"
     if not args.ray and (args.replicas != 1 or args.max_replicas or args.gpus_per_replica):
         print("--replicas, --max-replicas and --gpus-per-replica need --ray", file=sys.stderr)
         return 2
@@ -50,7 +54,11 @@ def _serve(args) -> int:
         print("WARNING: --trusted: this server runs the Python functions (interlace.apply) that clients send, "
               "with this process's rights. Use it only when every key holder may run code on this machine.",
               file=sys.stderr)
-    limits = Limits(**{name: getattr(args, name) for name in Limits.names()})
+    try:
+        limits = Limits(**{name: getattr(args, name) for name in Limits.names()})
+    except InterlaceError as error:
+        print(f"interlace serve: {error}", file=sys.stderr)
+        return 2
     config = ServerConfig(limits=limits, **{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)
                                             if f.name != "limits"})
     if args.ray:
@@ -134,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--name", default=None, help="the model's id for clients (default: from MODEL)")
     serve.add_argument("--trusted", action="store_true",
                        help="also run graphs with pickled user functions (interlace.apply): only for trusted users")
+    serve.add_argument("--hub", action="store_true",
+                       help="let the server reach the Hugging Face Hub (default: HF_HUB_OFFLINE=1, local files only)")
     serve.add_argument("--check-weights", action="store_true",
                        help="test mode: checksum the weights after every job (see /v1/health)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -262,3 +262,15 @@ def test_seed_samples_the_same_tokens_every_time_and_leaves_the_callers_random_s
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(s_out, out) and torch.equal(torch.stack(tokens, 1), out[:, -NEW:])
     assert not torch.equal(run(4, False)[0], out)
+
+
+def test_a_streamed_weight_is_a_copy_changing_it_leaves_the_model(lm):
+    bias = lm.module.transformer.h[0].mlp.c_fc.bias.detach().clone()
+    with lm.generate(PROMPT, max_new_tokens=2, stream=True) as tracer:
+        weight = lm.transformer.h[0].mlp.c_fc.bias.save()
+        lm.transformer.h[0].output.save()  # the first step waits for the forward
+    for step in tracer.stream():
+        if step.index == 0:
+            with torch.no_grad():
+                step[weight].add_(1.0)
+    assert torch.equal(lm.module.transformer.h[0].mlp.c_fc.bias, bias)

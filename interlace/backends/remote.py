@@ -135,9 +135,13 @@ class RemoteBackend:
                     if response.status_code != 200:
                         response.read()
                         raise _error(response)
+                    seen = -1  # a job that a batch could not serve runs again alone: its steps start over
                     for kind, event in _events(response.iter_lines()):
                         if kind == "step":
-                            yield deserialize_step(event, limits=Limits())
+                            step = deserialize_step(event, limits=Limits())
+                            if step.index > seen:
+                                seen = step.index
+                                yield step
                         elif kind in _FINISHED:
                             break
             except httpx.TransportError as error:

@@ -3,12 +3,15 @@
 `ModelState` is a snapshot of everything about a model a run could change (parameters, buffers,
 `requires_grad`, `.grad`, hooks, instance `forward`, training flags) and of torch's global state;
 `restore()` puts it back and `diff()` says what changed (the tests use it on every hostile graph).
-`global_state` / `restore_global_state` are the cheap part an untrusted run restores every time.
+`global_state` / `restore_global_state` and `Attachments` (hooks and instance attributes a forward
+may add for good, as transformers' output-capturing hooks do) are the cheap part an untrusted run
+restores every time.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 
 _HOOK_TABLES = (
@@ -16,6 +19,56 @@ _HOOK_TABLES = (
     "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
     "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
 )
+
+
+class Attachments:
+    """What a run could attach to the modules of `root` and leave there: hooks, instance attributes.
+
+    transformers installs output-capturing hooks on every layer (and flags the model) the first time a
+    forward is asked for `output_attentions`, and leaves them; `restore()` takes off whatever was added.
+    Cheap enough for every untrusted run: hook ids only grow (`RemovableHandle.next_id`), so a hook
+    added since is one with a larger id, and dicts keep their insertion order, so an instance
+    attribute added since comes after the ones counted.
+
+    >>> net = torch.nn.Linear(2, 2)
+    >>> attachments = Attachments(net)
+    >>> handle = net.register_forward_hook(lambda *a: None); net.flag = True
+    >>> attachments.added()
+    ["<root>: instance attribute 'flag' added", '<root>: _forward_hooks added']
+    >>> attachments.restore(); attachments.added()
+    []
+    """
+
+    def __init__(self, root: torch.nn.Module):
+        self.first_id = RemovableHandle.next_id  # hooks registered from now on have ids from here
+        self.modules = [(name, vars(module), len(vars(module)))
+                        for name, module in root.named_modules(remove_duplicate=False)]
+
+    def _added(self):
+        """(module name, the dict, the keys added to it) for every instance dict and hook table that grew."""
+        for name, attributes, count in self.modules:
+            if len(attributes) > count:
+                yield name or "<root>", "__dict__", attributes, list(attributes)[count:]
+            for table in _HOOK_TABLES:
+                hooks = attributes.get(table)
+                if hooks:
+                    keys = [key for key in hooks if type(key) is int and key >= self.first_id]
+                    if keys:
+                        yield name or "<root>", table, hooks, keys
+
+    def added(self) -> list[str]:
+        changes = []
+        for name, label, _, keys in self._added():
+            if label == "__dict__":
+                changes += [f"{name}: instance attribute {key!r} added" for key in keys]
+            else:
+                changes.append(f"{name}: {label} added")
+        return changes
+
+    def restore(self) -> None:
+        for _, _, table, keys in list(self._added()):
+            for key in keys:
+                del table[key]
 
 
 def global_state() -> dict:
@@ -46,6 +99,7 @@ class ModelState:
 
     def __init__(self, root: torch.nn.Module, *, values: bool = True):
         self.root = root
+        self.attachments = Attachments(root)
         self.modules = [(name, module, module.__dict__.get("forward"), module.training,
                          {table: dict(getattr(module, table, {}) or {}) for table in _HOOK_TABLES})
                         for name, module in root.named_modules(remove_duplicate=False)]
@@ -63,7 +117,8 @@ class ModelState:
 
     def diff(self) -> list[str]:
         """What differs from the snapshot, one line each (empty when nothing does)."""
-        changes = []
+        changes = [line for line in self.attachments.added()  # (hooks and forward: compared below)
+                   if "instance attribute" in line and "'forward'" not in line]
         for name, module, forward, training, hooks in self.modules:
             if module.__dict__.get("forward") is not forward:
                 changes.append(f"{name or '<root>'}: instance forward changed")
@@ -88,6 +143,7 @@ class ModelState:
         return changes
 
     def restore(self) -> None:
+        self.attachments.restore()
         for _, module, forward, training, hooks in self.modules:
             if forward is None:
                 module.__dict__.pop("forward", None)
