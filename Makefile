@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench docs docs-serve
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,3 +24,11 @@ test: install
 
 bench: install
 	$(PY) benchmarks/overhead.py
+
+# the site: every page's Python blocks are run by `make test` (tests/test_docs.py); building also
+# runs the tutorials, whose code writes the figures the site shows
+docs: install
+	$(VENV)/bin/mkdocs build --strict
+
+docs-serve: install
+	$(VENV)/bin/mkdocs serve
