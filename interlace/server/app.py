@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -27,6 +28,7 @@ from .metrics import Metrics
 from .routers import health, jobs, models as model_routes
 
 log = logging.getLogger("interlace.server")
+REVOCATION_CHECK = 0.25  # seconds between looks for revoked keys (revoked by `interlace keys`, another process)
 
 
 class Service:
@@ -44,6 +46,8 @@ class Service:
         self.workers = [Worker(self.queues[name], self._counted(name, run), name=name, status_of=errors.status_of,
                                on_done=self._done, batch=batch)
                         for name in self.models for run in runners[name]]
+        self._stopping = threading.Event()
+        self._watcher = threading.Thread(target=self._watch_keys, name="interlace-revocations", daemon=True)
 
     @staticmethod
     def _runner(hosted: HostedModel):
@@ -70,9 +74,20 @@ class Service:
     def start(self) -> None:
         for worker in self.workers:
             worker.start()
+        self._watcher.start()
+
+    def _watch_keys(self) -> None:
+        """Cancel the jobs of keys revoked since they were submitted: queued ones never run, running ones
+        stop at their next operation, and their event streams end with the reason."""
+        while not self._stopping.wait(REVOCATION_CHECK):
+            active = {job.key for job in self.store.unfinished()}
+            revoked = active & self.keys.revoked() if active else set()
+            for job in self.store.unfinished(revoked):
+                self.cancel(job, "the API key that submitted this job was revoked")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Refuse what waits, cancel what runs, and let the workers end."""
+        self._stopping.set()
         for queue in self.queues.values():
             for job in queue.close():
                 job.fail(CancelledError("the server is shutting down"), 410)
@@ -116,10 +131,12 @@ class Service:
         self.metrics.queued.labels(hosted.name).set(len(self.queues[hosted.name]))
         return job
 
-    def cancel(self, job: Job) -> None:
-        job.cancel.set()  # a running job stops at its next operation
-        if self.queues[job.model].remove(job):
-            job.fail(CancelledError("the job was cancelled while queued"), 410)
+    def cancel(self, job: Job, why: str = "the job was cancelled") -> None:
+        """Cancel a job now: a queued one leaves the queue, a running one stops at its next operation or
+        generation step (its answer, if one still comes, is dropped)."""
+        job.cancel.set()
+        queued = self.queues[job.model].remove(job)
+        job.fail(CancelledError(f"{why} while {'queued' if queued else 'running'}"), 410)
 
 
 def create_app(models: list[HostedModel], keys: KeyStore, config: ServerConfig | None = None,

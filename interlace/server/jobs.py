@@ -68,10 +68,14 @@ class Job:
         self.publish("queued", position=position)
 
     def running(self) -> None:
+        if self.state in FINISHED:
+            return
         self.state, self.position, self.started = "running", None, time.time()
         self.publish("running")
 
     def complete(self, result: bytes, logs, missing: dict) -> None:
+        if self.state in FINISHED:  # cancelled while it ran (its key revoked, say): the answer is dropped
+            return
         self.result, self.missing = result, missing
         for index, values in logs:
             self.publish("log", node=index, text=" ".join(map(str, values)))
@@ -277,6 +281,8 @@ class JobStore:
             for job_id in old:
                 del self._jobs[job_id]
 
-    def unfinished(self) -> list[Job]:
+    def unfinished(self, keys: set[str] | None = None) -> list[Job]:
+        """Jobs not finished yet (of `keys` only, when given)."""
         with self._lock:
-            return [job for job in self._jobs.values() if job.state not in FINISHED]
+            return [job for job in self._jobs.values()
+                    if job.state not in FINISHED and (keys is None or job.key in keys)]

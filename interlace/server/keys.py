@@ -71,6 +71,11 @@ class KeyStore:
                                       (id_or_name, id_or_name))
         return cursor.rowcount
 
+    def revoked(self) -> set[str]:
+        """The ids of every revoked key (a server looks often: a revoke comes from another process)."""
+        with self._lock:
+            return {row[0] for row in self._db.execute("SELECT id FROM keys WHERE revoked = 1")}
+
     def verify(self, key: str | None) -> Key | None:
         """The key's record when `key` is valid and not revoked, else None."""
         parts = (key or "").split("_", 2)
