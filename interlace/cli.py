@@ -38,9 +38,8 @@ def _serve(args) -> int:
     if not args.ray and (args.replicas != 1 or args.max_replicas or args.gpus_per_replica):
         print("--replicas, --max-replicas and --gpus-per-replica need --ray", file=sys.stderr)
         return 2
-    import uvicorn
 
-    from .server.app import create_app
+    from .server.app import create_app, serve
     from .server.config import ServerConfig
     from .server.hosting import HostedModel, default_name, load_model
     from .server.keys import KeyStore
@@ -67,7 +66,7 @@ def _serve(args) -> int:
     # the HTTP loop and the model's worker share the GIL: hand it over within 0.5 ms, not the default 5 ms,
     # so a finished job is answered at once
     sys.setswitchinterval(0.0005)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    serve(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

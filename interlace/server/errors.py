@@ -79,7 +79,8 @@ def error_body(error: Exception) -> dict:
 
 def error_response(error: Exception) -> JSONResponse:
     status = status_of(error)
-    headers = {"Retry-After": str(getattr(error, "retry_after", 1))} if status == 429 else None
+    retry = getattr(error, "retry_after", 1 if status == 429 else None)
+    headers = {"Retry-After": str(retry)} if retry is not None else None
     return JSONResponse(error_body(error), status_code=status, headers=headers)
 
 

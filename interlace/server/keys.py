@@ -45,6 +45,7 @@ class KeyStore:
     """The keys of one database file (`:memory:` for tests)."""
 
     def __init__(self, path: str):
+        self.path = path  # the server keeps its jobs in the same file (store.py)
         # one connection shared by the server's threads, used under a lock
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()

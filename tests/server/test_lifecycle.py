@@ -1,7 +1,9 @@
 """A job's life on a real server, whatever its graph does: its deadline and DELETE stop it between
-generation steps, and the model runs the next job at once; revoking a key ends its jobs and streams."""
+generation steps, and the model runs the next job at once; revoking a key ends its jobs and streams; jobs
+outlive the process (SIGTERM drains, a restart keeps results and runs queued jobs)."""
 
 import json
+import signal
 import threading
 import time
 
@@ -9,6 +11,7 @@ import httpx
 
 from hostile import Builder
 from interlace.server.keys import KeyStore
+from serving import Server
 from test_bad_input import _submit, _until, get, post
 
 PROMPT = [(("w5 w6",), {})]
@@ -92,3 +95,75 @@ def test_revoking_a_key_ends_its_streams_and_cancels_its_jobs(generating, setup)
     assert "while queued" in streams[queued][-2][1]["message"]
     assert post(generating, key, small()).status_code == 401
     assert post(generating, setup["keys"]["user4"], small()).status_code == 200  # the model is free
+
+
+# -- durable jobs: SIGTERM drains, a restart keeps results and queued jobs ------------------------------------
+def _terminate(server) -> int:
+    server.process.send_signal(signal.SIGTERM)
+    return server.process.wait(60)
+
+
+def test_sigterm_drains_and_a_restart_keeps_results_and_queued_jobs(setup, tmp_path):
+    db = str(tmp_path / "keys.db")
+    key, other = KeyStore(db).create("durable"), KeyStore(db).create("other")
+    first = Server(setup["long"], db, "--max-new-tokens", "4096", "--batch-jobs", "1")
+    try:
+        done = post(first, key, small())
+        assert done.status_code == 200
+        finished = done.headers["interlace-job"]
+        running = _submit(first, key, generation(150))
+        _until(first, key, running, ("running",))
+        queued = _submit(first, key, small())
+        events: list = []
+        reader = threading.Thread(target=_events, args=(first, key, queued, events))
+        reader.start()
+        while not events:
+            time.sleep(0.05)
+        first.process.send_signal(signal.SIGTERM)
+        refused = post(first, key, small())  # draining: the running generation finishes first
+        assert refused.status_code == 503 and refused.json()["code"] == "shutting_down", refused.text
+        assert int(refused.headers["retry-after"]) > 0
+        assert get(first, key, f"/v1/jobs/{queued}").json()["state"] == "queued"  # status still answers
+        assert first.process.wait(60) == 0
+        reader.join(10)
+        assert events[-2][0] == "end" and events[-2][1]["state"] == "queued", events
+    finally:
+        first.stop()
+
+    second = Server(setup["long"], db, "--max-new-tokens", "4096", "--batch-jobs", "1")
+    try:
+        again = get(second, key, f"/v1/jobs/{finished}/result")
+        assert again.status_code == 200 and again.content == done.content
+        ran = get(second, key, f"/v1/jobs/{running}/result")
+        assert ran.status_code == 200  # it finished during the drain
+        assert _until(second, key, queued, ("completed",))["state"] == "completed"  # queued before, run now
+        assert get(second, key, f"/v1/jobs/{queued}/result").content == post(second, key, small()).content
+        listed = [job["id"] for job in get(second, key, "/v1/jobs").json()]
+        assert {finished, running, queued} <= set(listed) and listed == sorted(
+            listed, key=lambda i: -get(second, key, f"/v1/jobs/{i}").json()["created"])
+        assert get(second, other, "/v1/jobs").json() == []  # another key sees none of them
+        # a job queued when the server stopped, and a server that comes back with another model under that name
+        blocker = _submit(second, key, generation(150))
+        _until(second, key, blocker, ("running",))
+        orphan = _submit(second, key, small())
+        assert _terminate(second) == 0
+    finally:
+        second.stop()
+    third = Server(setup["folder"], db, "--name", "tiny-llama-long")
+    try:
+        info = get(third, key, f"/v1/jobs/{orphan}").json()
+        assert info["state"] == "error" and info["error"]["code"] == "server_restarted", info
+        assert "without the model 'tiny-llama-long'" in info["error"]["message"]
+    finally:
+        third.stop()
+
+
+def test_an_idempotency_key_gives_back_the_same_job(generating, setup):
+    key = setup["keys"]["user6"]
+    headers = {"Idempotency-Key": "try-7f3a"}
+    first = post(generating, key, small(), headers=headers)
+    second = post(generating, key, small(), headers=headers)
+    assert first.status_code == second.status_code == 200
+    assert first.headers["interlace-job"] == second.headers["interlace-job"]
+    other = post(generating, setup["keys"]["user7"], small(), headers=headers)  # the same header, another key
+    assert other.headers["interlace-job"] != first.headers["interlace-job"]

@@ -170,6 +170,19 @@ def test_the_ingress_model_has_no_weights_and_checks_requests_as_the_loaded_one(
 
 # -- on Ray ------------------------------------------------------------------------------------------------------
 @needs_ray
+def test_a_local_ray_instance_listens_on_loopback_only(cluster):
+    import psutil
+
+    family = {cluster.process.pid, *descendants(cluster.process.pid)}
+    listening = [(conn.laddr.ip, conn.laddr.port, psutil.Process(conn.pid).name())
+                 for conn in psutil.net_connections(kind="inet")
+                 if conn.status == psutil.CONN_LISTEN and conn.pid in family]
+    assert len(listening) >= 5  # the front, GCS, raylet, agents, replicas
+    loopback = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+    assert [entry for entry in listening if entry[0] not in loopback] == []
+
+
+@needs_ray
 def test_remote_equals_local(cluster, setup, local):
     remote = interlace.LanguageModel("tiny-gpt2", host=cluster.url, api_key=setup["keys"]["alice"])
     assert all(p.is_meta for p in remote.module.parameters())

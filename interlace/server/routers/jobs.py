@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
 from ...errors import LimitError, ServiceError
 from ..auth import caller, service
+from ..config import STREAM_CHECK
 from ..jobs import FINISHED, Job
 from ..keys import Key
 from ..schemas import JobInfo
@@ -64,16 +65,26 @@ def _answer(job: Job) -> Response:
 
 @router.post("", responses={200: {"content": {_RESULTS: {}}}, 202: {"model": JobInfo}})
 async def submit(request: Request, model: str | None = None, wait: float = Query(0.0, ge=0),
-                 timeout: float | None = Query(None, gt=0), key: Key = Depends(caller), svc=Depends(service)):
+                 timeout: float | None = Query(None, gt=0),
+                 idempotency_key: str | None = Header(None, max_length=200),
+                 key: Key = Depends(caller), svc=Depends(service)):
     """Queue a request; with `wait`, answer with its result when it is done within that many seconds.
 
-    `timeout` shortens the job's deadline (never past the server's max_seconds).
+    `timeout` shortens the job's deadline (never past the server's max_seconds). A submission sent again
+    with the same `Idempotency-Key` header gets the job of the first (while that job has not expired).
     """
+    svc.refuse_if_draining()
     data = await _read_body(request, svc.model(model).limits.max_frame_bytes)
-    job = await svc.submit(data, key.id, model, timeout)
+    job = await svc.submit(data, key.id, model, timeout, idempotency_key)
     if wait:
-        await job.wait(min(wait, svc.config.max_wait))
+        await svc.wait(job, wait)
     return _answer(job)
+
+
+@router.get("", response_model=list[JobInfo])
+def list_jobs(key: Key = Depends(caller), svc=Depends(service)):
+    """The caller's jobs (until they expire), newest first."""
+    return [job.info() for job in svc.store.of_key(key.id)]
 
 
 @router.get("/{job_id}", response_model=JobInfo)
@@ -86,24 +97,30 @@ async def result(job_id: str, wait: float = Query(0.0, ge=0), key: Key = Depends
     """The result (200), the job's error (its status), or with 202 its state while it is not finished."""
     job = svc.store.get(job_id, key.id)
     if wait:
-        await job.wait(min(wait, svc.config.max_wait))
+        await svc.wait(job, wait)
     return _answer(job)
 
 
 @router.get("/{job_id}/events")
 async def events(job_id: str, key: Key = Depends(caller), svc=Depends(service)):
-    """Server-sent events: queued (with position), running, log, then completed, error or cancelled."""
+    """Server-sent events: queued (with position), running, log, then completed, error or cancelled; or, when
+    the server stops first, `end` with the job's state (a queued job stays queued for the next start)."""
     job = svc.store.get(job_id, key.id)
 
     async def stream():
         seen = 0
         while True:
-            new = await job.next_events(seen, 15.0)
+            new = await job.next_events(seen, STREAM_CHECK)
             seen += len(new)
             for kind, data in new:
                 yield {"event": kind, "data": json.dumps(data)}
                 if kind in FINISHED:
                     return
+            if svc.closing:
+                yield {"event": "end", "data": json.dumps({
+                    "state": job.state, "message": "the server is stopping; the job is kept: ask for it again "
+                                                   "(GET /v1/jobs/{id}) once the server is back"})}
+                return
 
     return EventSourceResponse(stream(), ping=15)
 
