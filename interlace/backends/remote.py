@@ -109,7 +109,17 @@ class RemoteBackend:
             job._outcome = _outcome(response)
         if not blocking:
             return job
-        return job._wait(None)  # the server holds the job to `timeout`; the queue before it is bounded
+        try:
+            return job._wait(None)  # the server holds the job to `timeout`; the queue before it is bounded
+        except KeyboardInterrupt:
+            print(f"\ninterlace: stopped waiting; job {job.id} goes on at {self.host}. Fetch it later with "
+                  f"model.job({job.id!r}).result() (saved values by node), or stop it with "
+                  f"model.job({job.id!r}).cancel()", file=sys.stderr, flush=True)
+            raise
+
+    def job(self, job_id: str) -> "Job":
+        """The handle of a job submitted earlier (by its id)."""
+        return Job(self, job_id)
 
     def _call(self, method: str, path: str, *, answered=(200,), **options) -> httpx.Response:
         try:

@@ -131,6 +131,13 @@ class Model(Envoy):
         """Run on a server (`backend`, a RemoteBackend, or the model's own): an Outcome, or a job handle."""
         return (backend or self._remote).run(request, blocking=blocking, timeout=timeout)
 
+    def job(self, job_id: str):
+        """A job this model's server runs (by the id a `blocking=False` trace's `tracer.job.id` has, or a
+        stopped blocking trace printed): `.status()`, `.result()` (an Outcome: saved values by node), `.cancel()`."""
+        if self._remote is None:
+            raise InterlaceError("this model is not on a server: jobs belong to models made with host=...")
+        return self._remote.job(job_id)
+
     def _attach(self, tracer: Tracer) -> None:
         if self._tracer is not None:
             raise InterlaceError("a trace on this model is already open; close it before starting another")

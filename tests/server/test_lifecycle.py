@@ -3,12 +3,15 @@ generation steps, and the model runs the next job at once; revoking a key ends i
 outlive the process (SIGTERM drains, a restart keeps results and runs queued jobs)."""
 
 import json
+import re
 import signal
 import threading
 import time
 
 import httpx
+import pytest
 
+import interlace
 from hostile import Builder
 from interlace.server.keys import KeyStore
 from serving import Server
@@ -167,3 +170,17 @@ def test_an_idempotency_key_gives_back_the_same_job(generating, setup):
     assert first.headers["interlace-job"] == second.headers["interlace-job"]
     other = post(generating, setup["keys"]["user7"], small(), headers=headers)  # the same header, another key
     assert other.headers["interlace-job"] != first.headers["interlace-job"]
+
+
+def test_ctrl_c_in_a_blocking_trace_says_how_to_fetch_or_cancel_the_job(generating, setup, capsys):
+    lm = interlace.LanguageModel("tiny-llama-long", host=generating.url, api_key=setup["keys"]["user8"])
+    interrupt = threading.Timer(2.0, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    interrupt.start()
+    with pytest.raises(KeyboardInterrupt):
+        with lm.generate("w5 w6", max_new_tokens=2000, remote=True):
+            lm.generator.output.save()
+    said = capsys.readouterr().err
+    job_id = re.search(r"job (\S+) goes on", said).group(1)
+    assert f"model.job('{job_id}').result()" in said and f"model.job('{job_id}').cancel()" in said
+    assert lm.job(job_id).status()["state"] in ("queued", "running")  # it went on
+    assert lm.job(job_id).cancel()["state"] == "cancelled"
