@@ -16,6 +16,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from ...errors import LimitError, ServiceError
 from ..auth import caller, service
+from ..errors import documented
 from ..config import STREAM_CHECK
 from ..jobs import FINISHED, Job
 from ..keys import Key
@@ -63,7 +64,16 @@ def _answer(job: Job) -> Response:
     return JSONResponse(JobInfo(**job.info()).model_dump(), status_code=202, headers={"Interlace-Job": job.id})
 
 
-@router.post("", responses={200: {"content": {_RESULTS: {}}}, 202: {"model": JobInfo}})
+# what a job can end with, and so what its submission (with ?wait) and its result can answer
+_JOB_ERRORS = documented(400, 401, 403, 404, 409, 410, 413, 422, 429, 500, 503, 504)
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+
+@router.post("", responses={200: {"content": {_RESULTS: _BINARY}, "description": "the result (wire format)"},
+                            202: {"model": JobInfo, "description": "queued or running: its id and state"},
+                            **_JOB_ERRORS},
+             openapi_extra={"requestBody": {"required": True, "description": "the bytes of serialize_request",
+                                            "content": {"application/octet-stream": _BINARY}}})
 async def submit(request: Request, model: str | None = None, wait: float = Query(0.0, ge=0),
                  timeout: float | None = Query(None, gt=0),
                  idempotency_key: str | None = Header(None, max_length=200),
@@ -81,18 +91,20 @@ async def submit(request: Request, model: str | None = None, wait: float = Query
     return _answer(job)
 
 
-@router.get("", response_model=list[JobInfo])
+@router.get("", response_model=list[JobInfo], responses=documented(401, 500))
 def list_jobs(key: Key = Depends(caller), svc=Depends(service)):
     """The caller's jobs (until they expire), newest first."""
     return [job.info() for job in svc.store.of_key(key.id)]
 
 
-@router.get("/{job_id}", response_model=JobInfo)
+@router.get("/{job_id}", response_model=JobInfo, responses=documented(400, 401, 404, 500))
 def status(job_id: str, key: Key = Depends(caller), svc=Depends(service)):
     return svc.store.get(job_id, key.id).info()
 
 
-@router.get("/{job_id}/result", responses={200: {"content": {_RESULTS: {}}}, 202: {"model": JobInfo}})
+@router.get("/{job_id}/result", responses={200: {"content": {_RESULTS: _BINARY}, "description": "the result"},
+                                           202: {"model": JobInfo, "description": "not finished: its state"},
+                                           **_JOB_ERRORS})
 async def result(job_id: str, wait: float = Query(0.0, ge=0), key: Key = Depends(caller), svc=Depends(service)):
     """The result (200), the job's error (its status), or with 202 its state while it is not finished."""
     job = svc.store.get(job_id, key.id)
@@ -101,7 +113,9 @@ async def result(job_id: str, wait: float = Query(0.0, ge=0), key: Key = Depends
     return _answer(job)
 
 
-@router.get("/{job_id}/events")
+@router.get("/{job_id}/events", response_class=EventSourceResponse,
+            responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                             "description": "server-sent events"}, **documented(400, 401, 404, 500)})
 async def events(job_id: str, key: Key = Depends(caller), svc=Depends(service)):
     """Server-sent events: queued (with position), running, log, then completed, error or cancelled; or, when
     the server stops first, `end` with the job's state (a queued job stays queued for the next start)."""
@@ -125,7 +139,7 @@ async def events(job_id: str, key: Key = Depends(caller), svc=Depends(service)):
     return EventSourceResponse(stream(), ping=15)
 
 
-@router.delete("/{job_id}", response_model=JobInfo)
+@router.delete("/{job_id}", response_model=JobInfo, responses=documented(400, 401, 404, 500))
 def cancel(job_id: str, key: Key = Depends(caller), svc=Depends(service)):
     """Cancel a queued job at once, a running one at its next operation; a finished one is left as is."""
     job = svc.store.get(job_id, key.id)
