@@ -75,10 +75,11 @@ class ModelReplica:
         """Which replica this is: Ray's replica id, its process and node, and its weight checks."""
         serve = sys.modules.get("ray.serve")  # loaded in a Ray Serve replica; not imported just to ask
         try:
-            replica = serve.get_replica_context().replica_id.unique_id
+            ids = serve.get_replica_context().replica_id
+            replica, actor = ids.unique_id, ids.to_full_id_str()
         except Exception:  # noqa: BLE001 - outside Ray Serve (called directly): the process is the replica
-            replica = f"pid{os.getpid()}"
-        return {"replica": replica, "pid": os.getpid(), "node": socket.gethostname(),
+            replica, actor = f"pid{os.getpid()}", None
+        return {"replica": replica, "actor": actor, "pid": os.getpid(), "node": socket.gethostname(),
                 "checked": self.hosted.checked, "changes": list(self.hosted.changes)}
 
     def run(self, requests: list[bytes], limits: dict) -> dict:
@@ -154,8 +155,22 @@ class Ingress:
         return app
 
     def replica_view(self) -> dict:
+        """The replicas that answered jobs and are still alive (a dead one's Ray actor is gone)."""
+        import ray
+
         with self._lock:
-            return {"replicas": [{**identity, "jobs": self.jobs[replica]} for replica, identity in self.seen.items()]}
+            seen = dict(self.seen)
+        alive = {}
+        for replica, identity in seen.items():
+            try:
+                ray.get_actor(identity["actor"], namespace="serve")
+            except ValueError:  # no such actor: it died (Ray Serve starts a new one under a new id)
+                continue
+            alive[replica] = {**identity, "jobs": self.jobs[replica]}
+        with self._lock:
+            for replica in set(seen) - set(alive):
+                self.seen.pop(replica, None)
+        return {"replicas": list(alive.values())}
 
     def run_batch(self, jobs: list) -> list:
         """One worker's batch, run on a free replica; per job (result bytes, logs, missing) or its error."""

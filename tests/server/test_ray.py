@@ -276,3 +276,4 @@ def test_a_killed_replica_fails_its_job_and_is_replaced(cluster, setup, local):
         run_on_both(cluster, setup, local, matmuls=5)
     new = [seen for replica, seen in replicas(cluster, keys["alice"]).items() if replica not in known]
     assert all(seen["pid"] != victim and seen["jobs"] > 0 for seen in new)
+    assert victim not in {seen["pid"] for seen in replicas(cluster, keys["alice"]).values()}  # the dead one is gone

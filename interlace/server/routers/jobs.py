@@ -9,10 +9,12 @@ only with the key that submitted it: any other key gets the same 404 as an unkno
 from __future__ import annotations
 
 import json
+import logging
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
+from starlette.requests import ClientDisconnect
 
 from ...errors import LimitError, ServiceError
 from ..auth import caller, service
@@ -23,6 +25,8 @@ from ..keys import Key
 from ..schemas import JobInfo
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+log = logging.getLogger("interlace.server")
 
 _RESULTS = "application/x-interlace-results"
 _MISSING_HEADER_LIMIT = 8192  # bytes; past that the client gets a general reason
@@ -37,11 +41,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise LimitError(f"the request is {declared} bytes, over the limit of {limit} (max_frame_bytes)")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise LimitError(f"the request is over the limit of {limit} bytes (max_frame_bytes)")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise LimitError(f"the request is over the limit of {limit} bytes (max_frame_bytes)")
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody is left to answer: one line in the log, no job
+        log.info("a client hung up while sending a job (%d of %s bytes received)", size, declared or "?")
+        raise ServiceError("the client hung up during the upload", status=400, code="client_disconnected") from None
     return b"".join(chunks)
 
 
