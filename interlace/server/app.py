@@ -145,8 +145,10 @@ class Service:
         if name is None and len(self.models) == 1:
             return next(iter(self.models.values()))
         if name not in self.models:
-            raise ServiceError(f"this server hosts no model '{name}'; it hosts {', '.join(map(repr, self.models))}",
-                               status=404, code="not_found")
+            error = ServiceError(f"this server hosts no model '{name}'; it hosts {', '.join(map(repr, self.models))}",
+                                 status=404, code="not_found")
+            error.hint = "use one of the hosted model ids (GET /v1/models lists them)"
+            raise error
         return self.models[name]
 
     def refuse_if_draining(self) -> None:

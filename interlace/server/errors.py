@@ -89,7 +89,8 @@ def error_body(error: Exception) -> dict:
         return {"code": "internal", "message": f"the server failed: {type(error).__name__} (see its log)",
                 "node": None, "hint": "report this to the server's operator"}
     code = error.code if isinstance(error, ServiceError) else type(error).__name__
-    return {"code": code, "message": str(error), "node": getattr(error, "node", None), "hint": _HINTS.get(status)}
+    hint = getattr(error, "hint", None) or _HINTS.get(status)  # an error may know better than its status
+    return {"code": code, "message": str(error), "node": getattr(error, "node", None), "hint": hint}
 
 
 def error_response(error: Exception) -> JSONResponse:

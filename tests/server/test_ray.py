@@ -120,9 +120,9 @@ def run_on_both(server, setup, local, matmuls: int) -> list[httpx.Response]:
 
 
 # -- without Ray ---------------------------------------------------------------------------------------------
-def test_without_ray_the_flag_says_how_to_install_it():
+def test_without_ray_the_flag_says_how_to_install_it(setup):
     code = ("import sys; sys.modules['ray'] = None; from interlace.cli import main; "
-            "sys.exit(main(['serve', 'smollm2', '--ray', '--db', '/nonexistent/keys.db']))")
+            f"sys.exit(main(['serve', 'smollm2', '--ray', '--db', {setup['db']!r}]))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "pip install 'interlace[ray]'" in done.stderr
