@@ -4,7 +4,9 @@
 auth and quotas as dependencies (`auth.py`), one error mapping (`errors.py`). Each hosted model
 instance has a bounded `JobQueue` and one `Worker` thread, which runs queued jobs that can share a
 forward as one batch; the HTTP side only reads requests, checks
-them (in a thread pool) and waits on events, so it never blocks on the model.
+them (in a thread pool) and waits on events, so it never blocks on the model. Jobs are kept in the key
+database (`store.py`) and taken back at start; a watcher thread cancels the jobs of revoked keys;
+`serve` runs the app on uvicorn and drains on SIGTERM.
 """
 
 from __future__ import annotations

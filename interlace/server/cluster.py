@@ -23,7 +23,10 @@ Cancelling a running job: the ingress marks it cancelled at once (the client see
 the cancel does not reach the replica: its batch runs on to its end or its deadline, and its answer
 for that job is dropped.
 
-`GET /v1/replicas` (any valid key) lists the replicas that answered jobs: Ray's replica id, process,
+A Ray instance started here (no RAY_ADDRESS) has its node at 127.0.0.1, so every Ray process listens
+there only, and no dashboard. SIGTERM ends Serve and Ray at once (no drain, unlike one process).
+
+`GET /v1/replicas` (any valid key) lists the live replicas that answered jobs: Ray's replica id, process,
 node, jobs, and with `--check-weights` the replica's own checks (`/v1/health` reports only the
 ingress, which has no weights to check).
 """
