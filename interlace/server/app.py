@@ -135,7 +135,8 @@ class Service:
                 self.cancel(job, "the server stopped")
         for worker in self.workers:
             worker.join(timeout)
-        self.store.close()
+        if not any(worker.is_alive() for worker in self.workers):  # one still running would write its job's end
+            self.store.close()
 
     async def wait(self, job: Job, seconds: float) -> None:
         """Wait up to `seconds` (at most --max-wait) for the job to finish, or for the server to stop."""

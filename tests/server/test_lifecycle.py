@@ -184,3 +184,20 @@ def test_ctrl_c_in_a_blocking_trace_says_how_to_fetch_or_cancel_the_job(generati
     assert f"model.job('{job_id}').result()" in said and f"model.job('{job_id}').cancel()" in said
     assert lm.job(job_id).status()["state"] in ("queued", "running")  # it went on
     assert lm.job(job_id).cancel()["state"] == "cancelled"
+
+
+def test_cancelled_jobs_of_a_merged_generation_stop_it_between_steps(setup):
+    """Two users' generations in one batch, both cancelled mid-way: the batch ends at the next step."""
+    from interlace.backends.limits import Limits
+    from interlace.backends.serialize import deserialize_request
+
+    lm = interlace.LanguageModel(setup["long"], dispatch=True)
+    requests = [deserialize_request(generation(2000)) for _ in range(2)]
+    assert lm.batching(requests[0])[0] == lm.batching(requests[1])[0] is not None  # they share a forward
+    cancels = [threading.Event(), threading.Event()]
+    stopper = threading.Timer(0.5, lambda: [cancel.set() for cancel in cancels])
+    started = time.monotonic()
+    stopper.start()
+    answers = lm.run_many(requests, untrusted=True, limits=Limits(max_new_tokens=4096), cancels=cancels)
+    assert time.monotonic() - started < 5.0  # the whole generation takes 20 s and more here
+    assert [type(answer).__name__ for answer in answers] == ["CancelledError", "CancelledError"]
