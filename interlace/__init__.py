@@ -16,7 +16,7 @@ _WHERE = {
     "BatchIndexWarning": ".backends.local", "Envoy": ".envoy", "Graph": ".graph", "Node": ".graph",
     "Model": ".models.base", "NNsight": ".models.base", "LanguageModel": ".models.language", "Proxy": ".proxy",
     "RenameConfig": ".models.standardized", "StandardizationError": ".models.standardized",
-    "StandardizedTransformer": ".models.standardized",
+    "StandardizedTransformer": ".models.standardized", "WrapperModule": ".wrapper",
     **{name: ".errors" for name in ("CancelledError", "ExecutionError", "GraphError", "InterlaceError", "LimitError",
                                     "ModelError", "ModulePathError", "NotSavedError", "OutOfOrderError",
                                     "ProxyValueError", "RefusedError", "SerializationError")},
@@ -75,6 +75,7 @@ __all__ = [
     "SerializationError",
     "StandardizationError",
     "StandardizedTransformer",
+    "WrapperModule",
     "apply",
     "list",
 ]

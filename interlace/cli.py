@@ -1,5 +1,5 @@
 """The `interlace` command: `demo`, `check-model` (a model's standardized names), `serve` (host a model for
-remote traces) and `keys` (its API keys)."""
+remote traces), `keys` (its API keys) and `doctor` (versions and checks for a bug report)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import sys
 
 from .backends.limits import Limits
+from .errors import InterlaceError
 
 
 def _demo(args) -> int:
@@ -36,6 +37,8 @@ def _check_model(args) -> int:
 def _serve(args) -> int:
     import logging
 
+    if not args.hub:  # before transformers is imported: nothing a job does may reach the Hub
+        os.environ["HF_HUB_OFFLINE"] = "1"
     if not args.ray and (args.replicas != 1 or args.max_replicas or args.gpus_per_replica):
         print("--replicas, --max-replicas and --gpus-per-replica need --ray", file=sys.stderr)
         return 2
@@ -57,7 +60,11 @@ def _serve(args) -> int:
         print("WARNING: --trusted: this server runs the Python functions (interlace.apply) that clients send, "
               "with this process's rights. Use it only when every key holder may run code on this machine.",
               file=sys.stderr)
-    limits = Limits(**{name: getattr(args, name) for name in Limits.names()})
+    try:
+        limits = Limits(**{name: getattr(args, name) for name in Limits.names()})
+    except InterlaceError as error:
+        print(f"interlace serve: {error}", file=sys.stderr)
+        return 2
     config = ServerConfig(limits=limits, **{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)
                                             if f.name != "limits"})
     if args.ray:
@@ -107,6 +114,14 @@ def _keys(args) -> int:
     return 0
 
 
+def _doctor(args) -> int:
+    from .doctor import report
+
+    text = report(model=not args.no_model)
+    print(text)
+    return 1 if "FAILED" in text else 0
+
+
 def _unit(limit: str) -> str:
     """What a limit of `Limits` counts, from its name."""
     for ending, unit in (("_bytes", "bytes"), ("_seconds", "seconds"), ("_tokens", "tokens"), ("_bits", "bits"),
@@ -114,7 +129,9 @@ def _unit(limit: str) -> str:
                          ("_depth", "levels of nesting")):
         if limit.endswith(ending):
             return unit
-    return limit.removeprefix("max_")  # nodes, traces, depth, pieces, invokes: the count itself
+    if not limit.startswith("max_"):
+        return limit.replace("_", " ")  # flops per second: a rate, not a count
+    return limit.removeprefix("max_")  # nodes, traces, pieces, invokes: the count itself
 
 
 def _flag(parser, name: str, default, help: str) -> None:
@@ -123,7 +140,9 @@ def _flag(parser, name: str, default, help: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="interlace", description=__doc__)
+    parser = argparse.ArgumentParser(prog="interlace", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # one version line
+    parser.add_argument("--version", action="version", version=_version_line())
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="logit lens and activation patching on the default model")
     demo.add_argument("--prompt", default=None, help="prompt for the logit lens")
@@ -148,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--name", default=None, help="the model's id for clients (default: from MODEL)")
     serve.add_argument("--trusted", action="store_true",
                        help="also run graphs with pickled user functions (interlace.apply): only for trusted users")
+    serve.add_argument("--hub", action="store_true",
+                       help="let the server reach the Hugging Face Hub (default: HF_HUB_OFFLINE=1, local files only)")
     serve.add_argument("--check-weights", action="store_true",
                        help="test mode: checksum the weights after every job (see /v1/health)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -182,8 +203,19 @@ def main(argv: list[str] | None = None) -> int:
     keys.add_argument("--db", required=True, help="the key database file (create makes it when missing)")
     keys.add_argument("--name", default=None, help="who the key is for (create), or a name or key id (revoke)")
     keys.set_defaults(handler=_keys)
+    doctor = commands.add_parser("doctor", help="versions, CUDA and the embedded model: paste it into a bug report")
+    doctor.add_argument("--no-model", action="store_true", help="skip loading the embedded model (~20 s)")
+    doctor.set_defaults(handler=_doctor)
     args = parser.parse_args(argv)
     return args.handler(args)
+
+
+def _version_line() -> str:
+    from .doctor import versions
+
+    found = versions()
+    return "interlace " + found.pop("interlace") + " (" + ", ".join(
+        f"{name} {found[name]}" for name in ("python", "torch", "transformers", "accelerate")) + ")"
 
 
 if __name__ == "__main__":
