@@ -24,8 +24,13 @@ _WHERE = {
 
 
 def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module 'interlace' has no attribute {name!r}")
+    if name not in _WHERE:  # a submodule (interlace.tracer, ...), as eager imports made them attributes
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'interlace' has no attribute {name!r}") from None
     value = getattr(importlib.import_module(_WHERE[name], __name__), "Model" if name == "NNsight" else name)
     globals()[name] = value
     return value
