@@ -159,6 +159,10 @@ class Interleaver:
         outputs = {key[0] for key in self.sources if key[1] == "output"}
         inputs = {key[0] for key in self.sources if key[1] == "input"}
         skipped = {key[0] for key in self.plan.skips}
+        if self.untrusted:
+            # the deadline and the cancel flag are checked between operations; a graph may have none
+            # during a long generation (it saves only `generator.output`), but every step calls the root
+            self.handles.append(self.root.register_forward_pre_hook(lambda module, args: self._step()))
         for path in outputs | inputs | skipped:
             module = self._module_at(path)
             if path in inputs:
@@ -169,6 +173,10 @@ class Interleaver:
                 self.handles.append(module.register_forward_hook(hook))
             if path in skipped:
                 self._patch_forward(module, path)
+
+    def _step(self) -> None:
+        """Before each call of the whole model (each generation step): stop when cancelled or late."""
+        self.guard.tick()
 
     def _module_at(self, path: str) -> torch.nn.Module:
         if path in self.extra_modules:

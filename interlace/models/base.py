@@ -145,6 +145,13 @@ class Model(Envoy):
         """Run on a server (`backend`, a RemoteBackend, or the model's own): an Outcome, or a job handle."""
         return (backend or self._remote).run(request, blocking=blocking, timeout=timeout)
 
+    def job(self, job_id: str):
+        """A job this model's server runs (by the id a `blocking=False` trace's `tracer.job.id` has, or a
+        stopped blocking trace printed): `.status()`, `.result()` (an Outcome: saved values by node), `.cancel()`."""
+        if self._remote is None:
+            raise InterlaceError("this model is not on a server: jobs belong to models made with host=...")
+        return self._remote.job(job_id)
+
     def _attach(self, tracer: Tracer) -> None:
         models = (self,) if self._origin is None else (self, self._origin)
         if any(model._tracer is not None for model in models):
@@ -202,6 +209,7 @@ class Model(Envoy):
         # a session's traces share one deadline and one element budget: the request's, not each trace's
         guard = Guard(self._module, untrusted=untrusted, limits=limits, cancel=cancel)
         for number, trace in enumerate(traces):
+            guard.tick()  # between a session's forwards too, whatever its graph runs
             if trace.start < skip_to:  # a session.stop() ended the loop this span belongs to
                 outcome.missing.update({node.index: "session.stop() ended the loop before it ran"
                                         for node in graph.nodes[trace.start : min(trace.end, skip_to)] if node.saved})

@@ -88,6 +88,7 @@ class HostedModel:
         self.checked = 0  # jobs after which the model was checked
         self.changes: list[str] = []  # what any job left behind (check_weights only)
         self._manifest: dict | None = None
+        self._fingerprint: str | None = None
 
     # -- before queueing (a thread of the HTTP side) ------------------------------------------------
     def admit(self, data: bytes) -> Request:
@@ -193,6 +194,15 @@ class HostedModel:
                         with open(os.path.join(folder, name), encoding="utf-8") as file:
                             manifest["tokenizer"][name] = file.read()
         return manifest
+
+    def fingerprint(self) -> str:
+        """What a queued job needs of its model to run after a restart: the same module tree, config, kind
+        and standardized options (SHA-256 of them; not the weights, which would take a pass over them)."""
+        if self._fingerprint is None:
+            manifest = self.manifest()
+            same = {name: manifest[name] for name in ("modules", "config", "kind", "standardized")}
+            self._fingerprint = hashlib.sha256(json.dumps(same, sort_keys=True, default=str).encode()).hexdigest()
+        return self._fingerprint
 
     def summary(self) -> dict:
         return {"id": self.name, "kind": "language" if isinstance(self.model, LanguageModel) else "model",
