@@ -14,7 +14,7 @@ import difflib
 import torch
 
 from .errors import InterlaceError, ModulePathError
-from .source import SOURCE, Source, rewrite
+from .source import SOURCE, rewrite, source_of
 
 
 class Envoy:
@@ -43,6 +43,8 @@ class Envoy:
         """The envoy of child `name`, made now for a module attached after this envoy was built."""
         child = self._children.get(name)
         module = self._module._modules.get(name)
+        if module is None and name == SOURCE:
+            module = source_of(self._module)  # the points of a rewritten forward
         if module is None:
             return None
         if child is None or child._module is not module:
@@ -137,10 +139,8 @@ class Envoy:
         `.output`, like a module: `attn.source.softmax_0.output`. The forward is rewritten on first
         use (outside a trace it computes exactly what it did); `print(attn.source)` shows the code with
         each point's name. On a point that calls a Python function, `.source` goes into that function."""
-        existing = self._module._modules.get(SOURCE)
-        if existing is not None and not isinstance(existing, Source):
-            return self._child(SOURCE)  # the module's own child named 'source'
-        rewrite(self._module, self._path or "the model")
+        if SOURCE not in self._module._modules:  # else the module's own child named 'source'
+            rewrite(self._module, self._path or "the model")
         return self._child(SOURCE)
 
     # -- values -----------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 `rewrite(module)` parses the class's `forward` with `ast`, makes every call in it go through a
 `Point` named after what it calls (`q_proj_0`, `softmax_0`, `softmax_1`: the number counts calls of
 one name), compiles the result with the original's globals, closure cells, defaults and decorators,
-and installs it on that instance only. The points are the children of a `Source` module attached to
-the module as `source`, so hooks, paths (`layers.0.self_attn.source.softmax_0`), validation,
-serialization and the server treat a point exactly like a module. A point whose callee is a Python
+and installs it on that instance only. The points are the children of a `Source` module kept on the
+module (not among its children: containers iterate those), reached by the path part `source`, so
+hooks, paths (`layers.0.self_attn.source.softmax_0`), validation, serialization and the server
+treat a point exactly like a module. A point whose callee is a Python
 function can be rewritten in turn: its `source` reaches one level into that function.
 
 Outside a trace a point holds no hooks and calls straight through, so a rewritten model computes
@@ -27,7 +28,8 @@ import torch
 
 from .errors import ModulePathError, SourceError
 
-SOURCE = "source"  # the attribute, on a rewritten module or point, that holds its Source
+SOURCE = "source"  # the path part that leads from a module (or point) to its points
+_ATTRIBUTE = "_interlace_source"  # where a rewritten module (or point) keeps its Source
 _POINTS = "__interlace_points__"  # the free variable of a rewrite holding its points' `run` methods
 # builtins that read their caller's frame: called through a point they would read the point's frame
 _FRAME_READERS = frozenset({"super", "locals", "globals", "vars", "dir", "eval", "exec"})
@@ -112,11 +114,11 @@ class Source(torch.nn.Module):
 def rewrite(module: torch.nn.Module, where: str) -> Source:
     """The `Source` of `module` (a module, or a `Point` whose callee is a Python function), made on
     first use. `where` names the module in errors."""
-    existing = module._modules.get(SOURCE)
-    if isinstance(existing, Source):
+    existing = source_of(module)
+    if existing is not None:
         return existing
-    if existing is not None or SOURCE in module.__dict__:
-        raise SourceError(f"{where} has its own attribute '{SOURCE}', so its call sites cannot be put there")
+    if SOURCE in module._modules:
+        raise SourceError(f"{where} has its own submodule '{SOURCE}', so its call sites cannot be reached as such")
     if isinstance(module, Point):
         target = module._resolve()
         source, rewritten = _rewrite(target, where, owner=None)
@@ -132,14 +134,36 @@ def rewrite(module: torch.nn.Module, where: str) -> Source:
                               "class's. Use .source before wrapping it, or on a model loaded without that tool.")
         source, rewritten = _rewrite(type(module).forward, where, owner=module)
         source.installed = module.forward = types.MethodType(rewritten, module)
-    module.add_module(SOURCE, source)
+    object.__setattr__(module, _ATTRIBUTE, source)  # a plain attribute: not a child module
     return source
+
+
+def source_of(module: torch.nn.Module) -> Source | None:
+    """The `Source` of `module` if it was rewritten, else None."""
+    return module.__dict__.get(_ATTRIBUTE)
 
 
 def rewritten_forward(module: torch.nn.Module):
     """The forward `rewrite` installed on `module` (part of the model from then on), or None."""
-    source = module._modules.get(SOURCE)
-    return source.installed if isinstance(source, Source) else None
+    source = source_of(module)
+    return None if source is None else source.installed
+
+
+def points(root: torch.nn.Module, prefix: str = ""):
+    """(path, point) of every point made so far under `root`, also those inside points."""
+    for path, module in root.named_modules(prefix=prefix):
+        source = source_of(module)
+        if source is not None:
+            for name, point in source._modules.items():
+                yield from _point_and_inner(point, f"{path}.{SOURCE}.{name}" if path else f"{SOURCE}.{name}")
+
+
+def _point_and_inner(point: Point, path: str):
+    yield path, point
+    inner = source_of(point)
+    if inner is not None:
+        for name, deeper in inner._modules.items():
+            yield from _point_and_inner(deeper, f"{path}.{SOURCE}.{name}")
 
 
 def submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -149,7 +173,7 @@ def submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:
     for depth, part in enumerate(parts):
         child = module._modules.get(part)
         if child is None and part == SOURCE:
-            child = rewrite(module, ".".join(parts[:depth]) or "the model")
+            child = source_of(module) or rewrite(module, ".".join(parts[:depth]) or "the model")
         if child is None:
             where = ".".join(parts[:depth]) or "the model"
             what = "call site" if isinstance(module, Source) else "submodule"

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..source import rewritten_forward
+
 
 _HOOK_TABLES = (
     "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
@@ -65,7 +67,7 @@ class ModelState:
         """What differs from the snapshot, one line each (empty when nothing does)."""
         changes = []
         for name, module, forward, training, hooks in self.modules:
-            if module.__dict__.get("forward") is not forward:
+            if module.__dict__.get("forward") not in (forward, rewritten_forward(module)):
                 changes.append(f"{name or '<root>'}: instance forward changed")
             if module.training != training:
                 changes.append(f"{name or '<root>'}: training {training} -> {module.training}")
@@ -89,6 +91,7 @@ class ModelState:
 
     def restore(self) -> None:
         for _, module, forward, training, hooks in self.modules:
+            forward = forward or rewritten_forward(module)  # a `.source` rewrite stays: it is part of the model
             if forward is None:
                 module.__dict__.pop("forward", None)
             else:
