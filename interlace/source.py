@@ -184,6 +184,11 @@ def submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:
     return module
 
 
+def listing(function, where: str) -> str:
+    """The code of `function` with each call site's point name beside it (nothing is installed)."""
+    return str(_rewrite(function, where, owner=None)[0])
+
+
 def point_names(function) -> list[str]:
     """The names of the points a rewrite of `function` would have (nothing is installed)."""
     return [name for name, _, _, _ in _parse(function, "function")[3]]
