@@ -6,7 +6,9 @@ drift hits them alike); a row reports the median over repeats, after warmup.
 1. Outside a trace: the forward with every attention module's forward rewritten (each call site a
    point with no hooks) against the original forward of the same modules (the rewrite taken off and
    put back between variants), at 16 and 128 tokens. Outputs are checked bit-identical first.
-2. Inside a trace: reading one point (`layers.15.self_attn.source.o_proj_0`) against reading the
+2. The cost of one call site: a module whose forward makes 1,000 `torch.add` calls on a 1-element
+   tensor, rewritten vs original (nanoseconds per call, the difference per call).
+3. Inside a trace: reading one point (`layers.15.self_attn.source.o_proj_0`) against reading the
    module it calls (`layers.15.self_attn.o_proj`), the same tensor, both with early stop, and the
    bare forward for scale.
 """
@@ -59,12 +61,22 @@ class Rewrites:
             module.__dict__["forward"] = forward
 
 
+class Adds(torch.nn.Module):
+    CALLS = 1000
+
+    def forward(self, x):
+        for _ in range(self.CALLS):
+            x = torch.add(x, 1)
+        return x
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, 16 tokens only")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     options = parser.parse_args()
     repeats, warmup = (5, 1) if options.quick else (30, 3)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(options.threads)
 
     lm = interlace.LanguageModel.default(dispatch=True)
     attentions = [layer.self_attn for layer in lm.model.layers]
@@ -78,7 +90,7 @@ def main() -> None:
 
     print("\n1. outside a trace: rewritten vs original forward (median seconds)")
     print(f"{'tokens':>8} {'original':>10} {'rewritten':>10} {'ratio':>7}")
-    for tokens in (16, 128):
+    for tokens in (16,) if options.quick else (16, 128):
         ids = torch.randint(100, 1000, (1, tokens))
 
         def forward():
@@ -99,7 +111,16 @@ def main() -> None:
         print(f"{tokens:>8} {result['original']:>10.4f} {result['rewritten']:>10.4f} "
               f"{result['rewritten'] / result['original']:>7.3f}")
 
-    print("\n2. in a trace: one point vs the module it calls (layer 15 of 30; median seconds)")
+    print("\n2. one call site, no hooks: a forward of 1,000 torch.add calls (median ns per call)")
+    plain, rewritten = Adds(), Adds()
+    interlace.Model(rewritten).source  # one point, add_0, called 1,000 times
+    one = torch.zeros(1)
+    result = compare({"original": lambda: plain(one), "rewritten": lambda: rewritten(one)}, repeats * 4, warmup)
+    per_call = {name: seconds / Adds.CALLS * 1e9 for name, seconds in result.items()}
+    print(f"original {per_call['original']:.0f} ns, rewritten {per_call['rewritten']:.0f} ns: "
+          f"+{per_call['rewritten'] - per_call['original']:.0f} ns per call site")
+
+    print("\n3. in a trace: one point vs the module it calls (layer 15 of 30; median seconds)")
     prompt = "The Eiffel Tower is in the city of"
     inputs = lm.tokenizer(prompt, return_tensors="pt")
     layer = lm.model.layers[15].self_attn

@@ -163,16 +163,23 @@ def test_changing_the_rotary_output_equals_a_hand_patched_forward(monkeypatch):
 def test_invokes_each_see_their_rows_and_steps_see_each_call():
     lm = interlace.LanguageModel(tiny("llama"), tokenizer=tiny_tokenizer())
     point = lm.model.layers[1].self_attn.source.q_proj_0
-    with lm.trace() as tracer:
-        with tracer.invoke("w5 w6 w7"):
-            first = point.output.save()
-            first_module = lm.model.layers[1].self_attn.q_proj.output.save()
-        with tracer.invoke("w9 w10 w11 w12"):
-            second = point.output.save()
-            point.output = point.output * 0  # only this invoke's rows
-            second_module = lm.model.layers[1].self_attn.q_proj.output.save()
-    assert first.shape[0] == 1 and second.shape[0] == 1
-    assert torch.equal(first, first_module) and torch.equal(second, second_module)
+
+    def two_invokes(edit: bool):
+        with lm.trace() as tracer:
+            with tracer.invoke("w5 w6 w7"):
+                first = point.output.save()
+                first_module = lm.model.layers[1].self_attn.q_proj.output.save()
+                first_layer = lm.model.layers[1].output.save()
+            with tracer.invoke("w9 w10 w11 w12"):
+                second = point.output.save()
+                if edit:
+                    point.output = point.output * 0  # only this invoke's rows
+                second_layer = lm.model.layers[1].output.save()
+        assert first.shape[0] == 1 and second.shape[0] == 1 and torch.equal(first, first_module)
+        return first_layer, second_layer
+
+    edited, plain = two_invokes(True), two_invokes(False)
+    assert torch.equal(edited[0], plain[0]) and not torch.equal(edited[1], plain[1])
 
     with lm.generate("w5 w6 w7", max_new_tokens=3) as tracer:
         steps, module_steps = interlace.list().save(), interlace.list().save()
