@@ -120,7 +120,10 @@ def rewrite(module: torch.nn.Module, where: str) -> Source:
     if SOURCE in module._modules:
         raise SourceError(f"{where} has its own submodule '{SOURCE}', so its call sites cannot be reached as such")
     if isinstance(module, Point):
-        target = module._resolve()
+        try:
+            target = module._resolve()
+        except SourceError as error:
+            raise SourceError(f"{where}: {error}") from None
         source, rewritten = _rewrite(target, where, owner=None)
         module._inner = (target, rewritten)
     else:
@@ -149,9 +152,9 @@ def rewritten_forward(module: torch.nn.Module):
     return None if source is None else source.installed
 
 
-def points(root: torch.nn.Module, prefix: str = ""):
+def points(root: torch.nn.Module):
     """(path, point) of every point made so far under `root`, also those inside points."""
-    for path, module in root.named_modules(prefix=prefix):
+    for path, module in root.named_modules():
         source = source_of(module)
         if source is not None:
             for name, point in source._modules.items():
@@ -173,7 +176,7 @@ def submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:
     for depth, part in enumerate(parts):
         child = module._modules.get(part)
         if child is None and part == SOURCE:
-            child = source_of(module) or rewrite(module, ".".join(parts[:depth]) or "the model")
+            child = rewrite(module, ".".join(parts[:depth]) or "the model")
         if child is None:
             where = ".".join(parts[:depth]) or "the model"
             what = "call site" if isinstance(module, Source) else "submodule"

@@ -115,12 +115,15 @@ def test_rewriting_every_forward_changes_no_number(family):
 
 def test_printing_a_source_shows_each_point_beside_its_line():
     net = interlace.Model(tiny("llama"))
+    attention = net.module.model.layers[0].self_attn
+    assert "forward" not in attention.__dict__  # rewritten lazily, on first use of .source
     text = str(net.model.layers[0].self_attn.source)
     line = next(row for row in text.splitlines() if "apply_rotary_pos_emb(query_states" in row)
     assert line.lstrip().startswith("apply_rotary_pos_emb_0")
     assert "LlamaAttention.forward" in text.splitlines()[0]
     row = next(row for row in text.splitlines() if "self.q_proj(hidden_states)" in row)
     assert row.split()[:3] == ["q_proj_0,", "view_0,", "transpose_0"]
+    assert source_of(net.module.model.layers[1].self_attn) is None and "forward" in attention.__dict__
     assert "(source)" not in repr(net.module) and "points" in repr(source_of(net.module.model.layers[0].self_attn))
 
 
