@@ -328,3 +328,16 @@ def test_smollm2_attention_scores_equal_hand_computed(smollm2):
     finally:
         module.set_attn_implementation(before)
     assert not math.isnan(probabilities.sum().item())
+
+
+def test_points_named_before_the_weights_load_work_after(tmp_path):
+    tiny("llama").save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    lm = interlace.LanguageModel(str(tmp_path))  # on the meta device until it runs
+    attention = lm.model.layers[0].self_attn
+    assert "apply_rotary_pos_emb_0" in str(attention.source)
+    with lm.trace("w5 w6 w7"):
+        query = attention.source.q_proj_0.output.save()
+        module = attention.q_proj.output.save()
+    assert lm.dispatched and not query.is_meta and torch.equal(query, module)
+    assert_clean(lm.module)
