@@ -24,6 +24,7 @@ from .errors import (
     ProxyValueError,
     RefusedError,
     SerializationError,
+    SourceError,
 )
 from .graph import Graph, Node
 from .models.base import Model
@@ -68,6 +69,7 @@ __all__ = [
     "RefusedError",
     "RenameConfig",
     "SerializationError",
+    "SourceError",
     "StandardizationError",
     "StandardizedTransformer",
     "apply",
