@@ -31,6 +31,7 @@ from .models.base import Model
 from .models.language import LanguageModel
 from .models.standardized import RenameConfig, StandardizationError, StandardizedTransformer
 from .proxy import Proxy
+from .wrapper import WrapperModule
 
 NNsight = Model
 
@@ -72,6 +73,7 @@ __all__ = [
     "SourceError",
     "StandardizationError",
     "StandardizedTransformer",
+    "WrapperModule",
     "apply",
     "list",
 ]

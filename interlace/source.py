@@ -152,6 +152,11 @@ def rewritten_forward(module: torch.nn.Module):
     return None if source is None else source.installed
 
 
+def rewrite_attributes(module: torch.nn.Module) -> set[str]:
+    """The instance attributes a rewrite of `module` added (none if it was not rewritten)."""
+    return {"forward", _ATTRIBUTE} if _ATTRIBUTE in module.__dict__ else set()
+
+
 def points(root: torch.nn.Module):
     """(path, point) of every point made so far under `root`, also those inside points."""
     for path, module in root.named_modules():
