@@ -6,12 +6,16 @@ one name), compiles the result with the original's globals, closure cells, defau
 and installs it on that instance only. The points are the children of a `Source` module kept on the
 module (not among its children: containers iterate those), reached by the path part `source`, so
 hooks, paths (`layers.0.self_attn.source.softmax_0`), validation, serialization and the server
-treat a point exactly like a module. A point whose callee is a Python
-function can be rewritten in turn: its `source` reaches one level into that function.
+treat a point exactly like a module. A point whose callee is a Python function can be rewritten in
+turn: its `source` reaches one level into that function (found before the model runs, from the
+names the forward uses; a call that turns out to reach another function does not enter it).
 
 Outside a trace a point holds no hooks and calls straight through, so a rewritten model computes
 bit for bit what it did. `submodule(root, path)` is `get_submodule` that rewrites what a path through
 `source` needs, which is how a server rewrites its own hosted code when a request names a point.
+
+Not handled: class-private names (`self.__x`) in a forward, which Python mangles only inside a
+class body; and a deep copy of a rewritten module, which keeps calling the original's points.
 """
 
 from __future__ import annotations
