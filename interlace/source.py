@@ -14,8 +14,8 @@ Outside a trace a point holds no hooks and calls straight through, so a rewritte
 bit for bit what it did. `submodule(root, path)` is `get_submodule` that rewrites what a path through
 `source` needs, which is how a server rewrites its own hosted code when a request names a point.
 
-Not handled: class-private names (`self.__x`) in a forward, which Python mangles only inside a
-class body; and a deep copy of a rewritten module, which keeps calling the original's points.
+Not handled: a forward that uses class-private names (`self.__x`: an error), and a deep copy of a
+rewritten module, which keeps calling the original's points.
 """
 
 from __future__ import annotations
@@ -223,6 +223,10 @@ def _parse(function, where: str):
     if not isinstance(definition, (ast.FunctionDef, ast.AsyncFunctionDef)):
         raise SourceError(f"cannot rewrite {where}: {raw.__qualname__} is a lambda; only `def` functions are rewritten")
     ast.increment_lineno(tree, first - 1)
+    in_class = any(part != "<locals>" for part in raw.__qualname__.split(".")[:-1])
+    if in_class and any(_private(node) for node in ast.walk(definition)):
+        raise SourceError(f"cannot rewrite {where}: {raw.__qualname__} uses class-private names (`self.__name`), "
+                          "which Python mangles only inside its class body; read the values around it instead")
     # the body's calls only: decorators, defaults and annotations are not part of the function's code
     calls = [node for statement in definition.body for node in ast.walk(statement)
              if isinstance(node, ast.Call) and not _reads_frame(node)]
@@ -298,6 +302,11 @@ def _copy_attributes(source, target) -> None:
     target.__kwdefaults__ = dict(source.__kwdefaults__) if source.__kwdefaults__ else None
     for name in ("__qualname__", "__doc__", "__module__", "__annotations__"):
         setattr(target, name, getattr(source, name))
+
+
+def _private(node: ast.AST) -> bool:
+    name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else ""
+    return name.startswith("__") and not name.endswith("__")
 
 
 def _reads_frame(call: ast.Call) -> bool:

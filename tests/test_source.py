@@ -290,6 +290,15 @@ def test_decorators_super_class_cells_defaults_and_closures_survive():
     assert torch.equal(inner, x + 1) and torch.equal(out, torch.full_like(x, 1.0))
 
 
+class Private(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.__scale = 2.0  # stored as _Private__scale
+
+    def forward(self, x):
+        return x * self.__scale
+
+
 def test_unrewritable_code_gets_a_clear_error_naming_the_module():
     net = interlace.Model(torch.nn.Sequential(torch.jit.script(torch.nn.Linear(2, 2)), torch.nn.Linear(2, 2)))
     with pytest.raises(SourceError, match=r"cannot rewrite the forward of 0 \(RecursiveScriptModule\).*compiled"):
@@ -302,6 +311,9 @@ def test_unrewritable_code_gets_a_clear_error_naming_the_module():
         net[1].dynamic.source
     with pytest.raises(SourceError, match=r"linear_0 calls `F.linear`.*not a Python function"):
         net[1].source.linear_0.source
+    private = interlace.Model(Private())
+    with pytest.raises(SourceError, match=r"cannot rewrite the model: Private.forward uses class-private names"):
+        private.source
     llama = interlace.Model(tiny("llama"))
     with pytest.raises(SourceError, match=r"q_proj_0 calls the module `self.q_proj` \(Linear\)"):
         llama.model.layers[0].self_attn.source.q_proj_0.source
