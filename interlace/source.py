@@ -156,9 +156,9 @@ def rewritten_forward(module: torch.nn.Module):
     return None if source is None else source.installed
 
 
-def rewrite_attributes(module: torch.nn.Module) -> set[str]:
-    """The instance attributes a rewrite of `module` added (none if it was not rewritten)."""
-    return {"forward", _ATTRIBUTE} if _ATTRIBUTE in module.__dict__ else set()
+def rewrite_attributes(attributes: dict) -> set[str]:
+    """Of a module's instance `attributes`, those a rewrite added (none if it was not rewritten)."""
+    return {"forward", _ATTRIBUTE} if _ATTRIBUTE in attributes else set()
 
 
 def points(root: torch.nn.Module):

@@ -82,7 +82,7 @@ class Model(Envoy):
         early_stop: end the forward as soon as nothing in the graph needs the model any more.
         scan / validate: evaluate every line on fake tensors as it is recorded, so shape errors are
         raised at that line before the model runs, and `proxy.shape` is a real size.
-        remote / backend, blocking, timeout: run on a server (see README, "Remote").
+        remote / backend, blocking, timeout: run on a server (see docs/remote/client.md).
         Other keyword arguments are the model's own (checked against its forward).
         """
         args, input_kwargs, forward_kwargs = self._trace_inputs(inputs, kwargs)
@@ -129,7 +129,7 @@ class Model(Envoy):
             raise InterlaceError(
                 "remote=True needs a server, and this model has none: create it with "
                 "LanguageModel(name, host='http://...', api_key=...) or set INTERLACE_HOST and "
-                "INTERLACE_API_KEY (see README, 'Remote'). To run here, leave out remote=True."
+                "INTERLACE_API_KEY (see docs/remote/client.md). To run here, leave out remote=True."
             )
         return {"remote": bool(remote or backend is not None), "blocking": blocking, "timeout": timeout,
                 "backend": backend}
