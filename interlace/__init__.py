@@ -19,7 +19,7 @@ _WHERE = {
     "StandardizedTransformer": ".models.standardized", "WrapperModule": ".wrapper",
     **{name: ".errors" for name in ("CancelledError", "ExecutionError", "GraphError", "InterlaceError", "LimitError",
                                     "ModelError", "ModulePathError", "NotSavedError", "OutOfOrderError",
-                                    "ProxyValueError", "RefusedError", "SerializationError")},
+                                    "ProxyValueError", "RefusedError", "SerializationError", "SourceError")},
 }
 
 
@@ -78,6 +78,7 @@ __all__ = [
     "RefusedError",
     "RenameConfig",
     "SerializationError",
+    "SourceError",
     "StandardizationError",
     "StandardizedTransformer",
     "WrapperModule",

@@ -32,6 +32,7 @@ from ..errors import (
     describe_location,
 )
 from ..graph import OPS, Graph, map_refs
+from ..source import submodule
 from .guard import Guard
 from .limits import Limits
 from .plan import Plan, mutates
@@ -181,10 +182,7 @@ class Interleaver:
     def _module_at(self, path: str) -> torch.nn.Module:
         if path in self.extra_modules:
             return self.extra_modules[path]
-        try:
-            return self.root.get_submodule(path)
-        except AttributeError:
-            raise InterlaceError(f"the model has no module '{path}'") from None
+        return submodule(self.root, path)  # rewrites, on first use, the forwards `.source` points are in
 
     def _remove_hooks(self) -> None:
         for handle in reversed(self.handles):

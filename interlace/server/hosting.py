@@ -30,12 +30,13 @@ from ..backends.limits import Limits
 from ..backends.remote import package_version
 from ..backends.serialize import GRAPH_MAGIC, VERSION, deserialize_request, log_text, serialize_results
 from ..backends.validate import check_against_model
-from ..errors import LimitError, RefusedError
+from ..errors import LimitError, RefusedError, SourceError
 from ..graph import Request
 from ..models.base import Model
 from ..models.language import DEFAULT_MODEL, LanguageModel, _check_untrusted_options
 from ..models.standardized import StandardizedTransformer
 from ..models.standardized.attention import AttentionProbes
+from ..source import point_names
 
 log = logging.getLogger("interlace.server")
 
@@ -180,7 +181,7 @@ class HostedModel:
             "kind": "language" if isinstance(self.model, LanguageModel) else "model",
             "modules": modules,
             "limits": dataclasses.asdict(self.limits), "config": None, "tokenizer": {}, "padding_side": None,
-            "standardized": None,
+            "standardized": None, "source": _source_points(module),
         }
         if isinstance(self.model, StandardizedTransformer):  # clients add the same probes to the tree they build
             manifest["standardized"] = {"attention_probs": self.model._attention_probs}
@@ -208,6 +209,19 @@ class HostedModel:
         return {"id": self.name, "kind": "language" if isinstance(self.model, LanguageModel) else "model",
                 "type": type(self.model.module).__name__,
                 "parameters": sum(p.numel() for p in self.model.module.parameters())}
+
+
+def _source_points(module: torch.nn.Module) -> dict[str, list[str]]:
+    """For each module class of the model, the `.source` points of its forward (read, not installed)."""
+    points = {}
+    for sub in module.modules():
+        name = type(sub).__name__
+        if name not in points:
+            try:
+                points[name] = point_names(type(sub).forward)
+            except SourceError:
+                points[name] = []  # no Python source: no points
+    return points
 
 
 def _has_functions(graph) -> bool:
