@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from ..source import rewrite_attributes, rewritten_forward
+
 
 _HOOK_TABLES = (
     "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
@@ -48,7 +50,10 @@ class Attachments:
         """(module name, the dict, the keys added to it) for every instance dict and hook table that grew."""
         for name, attributes, count in self.modules:
             if len(attributes) > count:
-                yield name or "<root>", "__dict__", attributes, list(attributes)[count:]
+                # (but a `.source` rewrite's: part of the model once made)
+                keys = [key for key in list(attributes)[count:] if key not in rewrite_attributes(attributes)]
+                if keys:
+                    yield name or "<root>", "__dict__", attributes, keys
             for table in _HOOK_TABLES:
                 hooks = attributes.get(table)
                 if hooks:
@@ -120,7 +125,7 @@ class ModelState:
         changes = [line for line in self.attachments.added()  # (hooks and forward: compared below)
                    if "instance attribute" in line and "'forward'" not in line]
         for name, module, forward, training, hooks in self.modules:
-            if module.__dict__.get("forward") is not forward:
+            if module.__dict__.get("forward") not in (forward, rewritten_forward(module)):
                 changes.append(f"{name or '<root>'}: instance forward changed")
             if module.training != training:
                 changes.append(f"{name or '<root>'}: training {training} -> {module.training}")
@@ -145,6 +150,7 @@ class ModelState:
     def restore(self) -> None:
         self.attachments.restore()
         for _, module, forward, training, hooks in self.modules:
+            forward = forward or rewritten_forward(module)  # a `.source` rewrite stays: it is part of the model
             if forward is None:
                 module.__dict__.pop("forward", None)
             else:

@@ -86,7 +86,7 @@ class Model(Envoy):
         early_stop: end the forward as soon as nothing in the graph needs the model any more.
         scan / validate: evaluate every line on fake tensors as it is recorded, so shape errors are
         raised at that line before the model runs, and `proxy.shape` is a real size.
-        remote / backend, blocking, timeout: run on a server (see README, "Remote").
+        remote / backend, blocking, timeout: run on a server (see docs/remote/client.md).
         stream: start the run when the block ends without waiting; `tracer.stream()` yields it.
         Other keyword arguments are the model's own (checked against its forward).
         """
@@ -134,7 +134,7 @@ class Model(Envoy):
             raise InterlaceError(
                 "remote=True needs a server, and this model has none: create it with "
                 "LanguageModel(name, host='http://...', api_key=...) or set INTERLACE_HOST and "
-                "INTERLACE_API_KEY (see README, 'Remote'). To run here, leave out remote=True."
+                "INTERLACE_API_KEY (see docs/remote/client.md). To run here, leave out remote=True."
             )
         return {"remote": bool(remote or backend is not None), "blocking": blocking, "timeout": timeout,
                 "backend": backend}
@@ -158,6 +158,13 @@ class Model(Envoy):
         if stream:
             return backend.stream(request, timeout=timeout)
         return backend.run(request, blocking=blocking, timeout=timeout)
+
+    def job(self, job_id: str):
+        """A job this model's server runs (by the id a `blocking=False` trace's `tracer.job.id` has, or a
+        stopped blocking trace printed): `.status()`, `.result()` (an Outcome: saved values by node), `.cancel()`."""
+        if self._remote is None:
+            raise InterlaceError("this model is not on a server: jobs belong to models made with host=...")
+        return self._remote.job(job_id)
 
     def _attach(self, tracer: Tracer) -> None:
         models = (self,) if self._origin is None else (self, self._origin)
@@ -217,6 +224,7 @@ class Model(Envoy):
         # a session's traces share one deadline and one element budget: the request's, not each trace's
         guard = Guard(self._module, untrusted=untrusted, limits=limits, cancel=cancel)
         for number, trace in enumerate(traces):
+            guard.tick()  # between a session's forwards too, whatever its graph runs
             if trace.start < skip_to:  # a session.stop() ended the loop this span belongs to
                 outcome.missing.update({node.index: "session.stop() ended the loop before it ran"
                                         for node in graph.nodes[trace.start : min(trace.end, skip_to)] if node.saved})

@@ -21,6 +21,7 @@ from ..backends.local import Interleaver
 from ..backends.merge import merge_key
 from ..envoy import Envoy
 from ..errors import InterlaceError, LimitError, RefusedError
+from ..source import submodule
 from ..tracer import Tracer
 from .base import Model
 from .streamer import Detokenizer, StepStreamer
@@ -155,7 +156,7 @@ class LanguageModel(Model):
             return
         module = self._load_weights()
         for envoy in self.modules():
-            envoy._module = module.get_submodule(envoy.path)
+            envoy._module = submodule(module, envoy.path)  # `.source` used before: rewritten here too
         self._generator._model[0] = module
 
     def _copy(self) -> "LanguageModel":
@@ -197,7 +198,8 @@ class LanguageModel(Model):
         Interventions apply to the first forward pass unless placed in `tracer.all()` or
         `tracer.iter[...]`. Greedy decoding unless `do_sample=True` is given; `seed=N` samples from
         torch's generator seeded with N (the same tokens here and on a server; the caller's random
-        state is left as it was). Other keyword arguments (a `streamer` too) go to `generate`. scan / validate check the first step's shapes.
+        state is left as it was). Other keyword arguments (a `streamer` too) go to `generate`.
+        scan / validate check the first step's shapes.
         stream: start generating when the block ends; `tracer.stream()` yields each step as it is made.
         """
         kwargs["max_new_tokens"] = max_new_tokens
