@@ -4,7 +4,9 @@
 
 - Writes: an in-place operation whose tensor shares storage with a parameter or buffer is refused
   in an untrusted run; in a local run the storage is copied first and restored when the run ends,
-  so after every trace the weights are bit for bit what they were.
+  so after every trace the weights are bit for bit what they were. Which storages are weights is
+  found once per model (`WeightIndex`), so a trace that writes no weight pays a dict lookup per
+  in-place operation, not a walk over the model.
 - Sizes (untrusted runs): each allowed operation has a size rule (named in `ops`) that bounds the
   elements of its result from its arguments' shapes; the bound is checked against `Limits` before
   the call allocates anything. Python values (ints, strings, lists) are bounded the same way.
@@ -15,7 +17,9 @@ The size rules themselves live in `sizes`; the snapshot of a model's state in `s
 
 from __future__ import annotations
 
+import itertools
 import time
+import weakref
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -39,35 +43,46 @@ class Guard:
         self.cancel = cancel  # anything with is_set(), e.g. a threading.Event
         self.deadline = time.monotonic() + self.limits.max_seconds if untrusted else None
         self.created = 0  # elements created so far
-        self._storages: dict[int, torch.UntypedStorage] | None = None  # data_ptr -> weight storage
-        self._copies: dict[int, torch.UntypedStorage] = {}  # storages changed locally, as they were
+        self._named: dict[int, torch.Tensor] = {}  # data_ptr -> weight a `parameter` node read in this run
+        self._copies: dict[int, tuple] = {}  # data_ptr -> (weight storage, its bytes as they were)
         self._rehearsed: dict[tuple, tuple[int, int]] = {}  # module calls: (output, all) elements
 
     # -- writes ------------------------------------------------------------------------------------
-    def before_write(self, value, what: str) -> None:
-        """`value` is about to be changed in place: refuse (untrusted) or keep a copy (local)."""
-        if not isinstance(value, torch.Tensor) or value.device.type == "meta" or isinstance(value, FakeTensor):
+    def named_weight(self, tensor) -> None:
+        """A `parameter` node read `tensor` (a weight, found by name): its storage and its gradient's
+        are weights for this run, whatever the index knows (a weight swapped in by hand, `.grad`)."""
+        for held in (tensor, tensor.grad):
+            if isinstance(held, torch.Tensor) and held.device.type != "meta" and held.numel():
+                self._named[held.untyped_storage().data_ptr()] = held
+
+    def before_write(self, value, what) -> None:
+        """`value` is about to be changed in place: refuse (untrusted) or keep a copy (local).
+
+        what: the operation, for the error message (a node: described only when refused)."""
+        if not isinstance(value, torch.Tensor) or isinstance(value, FakeTensor):
             return
-        if self._storages is None:
-            self._storages = weight_storages(self.root)
-        storage = self._storages.get(value.untyped_storage().data_ptr())
-        if storage is None:
+        storage = value.untyped_storage()
+        pointer = storage.data_ptr()
+        if not pointer or pointer in self._copies:  # (meta and empty tensors have no memory to keep)
+            return
+        if pointer not in self._named and not WeightIndex.of(self.root).holds(pointer):
             return
         if self.untrusted:
+            what = what if isinstance(what, str) else what.describe()
             raise RefusedError(
                 f"{what} would change a weight of the shared model (a parameter or buffer, or a view of "
                 "one). Weights are read-only here: compute on a copy, e.g. `w = weight.clone()`."
             )
-        pointer = storage.data_ptr()
-        if pointer not in self._copies:
-            self._copies[pointer] = storage.clone()
+        self._copies[pointer] = (storage, storage.clone())
 
     def restore_weights(self) -> None:
         """Put back every weight storage a local run changed."""
-        with torch.no_grad():
-            for pointer, copy in self._copies.items():
-                self._storages[pointer].copy_(copy)
-        self._copies.clear()
+        if self._copies:
+            with torch.no_grad():
+                for storage, copy in self._copies.values():
+                    storage.copy_(copy)
+            self._copies.clear()
+        self._named.clear()
 
     # -- budgets (untrusted runs) ----------------------------------------------------------------------
     def tick(self) -> None:
@@ -188,19 +203,62 @@ class Guard:
                              f"{self.limits.max_list_length} (max_list_length)")
 
 
-def weight_storages(root: torch.nn.Module) -> dict[int, torch.UntypedStorage]:
-    """data_ptr -> storage of every parameter, buffer and gradient of `root`."""
-    storages = {}
-    for module in root.modules():
-        for table in (module._parameters, module._buffers):
-            for tensor in table.values():
-                if tensor is None or tensor.device.type == "meta":
-                    continue
-                for held in (tensor, tensor.grad):
-                    if held is not None and held.numel():
-                        storage = held.untyped_storage()
-                        storages[storage.data_ptr()] = storage
-    return storages
+class WeightIndex:
+    """Which storages hold the parameters and buffers of a model: found once per model, not per trace.
+
+    `WeightIndex.of(root)` is cached for `root` and found again only when it may be out of date:
+    after a parameter, buffer or module was registered anywhere (torch's registration hooks, which
+    every `module.x = ...` and `register_*` goes through), or when the model was moved or cast (its
+    first weight's storage changed). A hit is checked against the weight itself, so a stale entry
+    never makes a copy of the wrong memory. Weights read by name in a graph (`parameter` nodes) are
+    known exactly without the index (`Guard.named_weight`).
+
+    >>> net = torch.nn.Linear(2, 2)
+    >>> index = WeightIndex.of(net)
+    >>> index.holds(net.weight[0].untyped_storage().data_ptr()), index.holds(torch.ones(2).data_ptr())
+    (True, False)
+    """
+
+    _cache: "weakref.WeakKeyDictionary[torch.nn.Module, WeightIndex]" = weakref.WeakKeyDictionary()
+    _epoch = itertools.count(1)  # bumped on every registration of a parameter, buffer or module
+    epoch = 0
+
+    def __init__(self, root: torch.nn.Module):
+        self.epoch = WeightIndex.epoch
+        self.tensors: dict[int, torch.Tensor] = {}  # data_ptr -> a weight with that storage
+        for module in root.modules():
+            for table in (module._parameters, module._buffers):
+                for tensor in table.values():
+                    if tensor is not None and tensor.device.type != "meta" and tensor.numel():
+                        self.tensors.setdefault(tensor.untyped_storage().data_ptr(), tensor)
+        self.first = next(iter(self.tensors.items()), None)  # (pointer, tensor): moved when the model is
+
+    @classmethod
+    def of(cls, root: torch.nn.Module) -> "WeightIndex":
+        index = cls._cache.get(root)
+        if index is None or index.stale():
+            index = cls._cache[root] = cls(root)
+        return index
+
+    def stale(self) -> bool:
+        if self.epoch != WeightIndex.epoch:
+            return True
+        return self.first is not None and self.first[1].untyped_storage().data_ptr() != self.first[0]
+
+    def holds(self, pointer: int) -> bool:
+        """Whether the storage at `pointer` is a weight's."""
+        tensor = self.tensors.get(pointer)
+        return tensor is not None and tensor.untyped_storage().data_ptr() == pointer
+
+
+def _registered(*_):
+    WeightIndex.epoch = next(WeightIndex._epoch)
+
+
+for _register in (torch.nn.modules.module.register_module_parameter_registration_hook,
+                  torch.nn.modules.module.register_module_buffer_registration_hook,
+                  torch.nn.modules.module.register_module_module_registration_hook):
+    _register(_registered)
 
 
 def _refuse_out_arguments(kwargs) -> None:

@@ -34,7 +34,7 @@ from ..errors import (
 from ..graph import OPS, Graph, map_refs
 from .guard import Guard
 from .limits import Limits
-from .plan import Plan, mutates
+from .plan import Plan
 from .rows import first_input, narrow, replace_first_input, write_rows
 from .state import global_state, restore_global_state
 from .validate import check_against_model
@@ -339,9 +339,11 @@ class Interleaver:
 
     def _op_parameter(self, node):
         try:
-            return self.root.get_parameter(node.target)
+            weight = self.root.get_parameter(node.target)
         except AttributeError:
-            return self.root.get_buffer(node.target)
+            weight = self.root.get_buffer(node.target)
+        self.guard.named_weight(weight)
+        return weight
 
     def _op_call(self, node):
         target = node.target
@@ -354,16 +356,16 @@ class Interleaver:
             result = fn(*args, **kwargs)
             self.guard.check_value(result)
             return result
-        if mutates(node) and args:
-            self.guard.before_write(args[0], node.describe())
+        if node.index in self.plan.writes and args:
+            self.guard.before_write(args[0], node)
         return fn(*args, **kwargs)
 
     def _op_call_method(self, node):
         args, kwargs = self._resolve(node.args), self._resolve(node.kwargs)
         if self.untrusted:
             self.guard.before_method(node.target, args, kwargs)
-        elif mutates(node):
-            self.guard.before_write(args[0], node.describe())
+        elif node.index in self.plan.writes:
+            self.guard.before_write(args[0], node)
         if node.target == "backward":
             return self._backward(node, args, kwargs)
         result = getattr(args[0], node.target)(*args[1:], **kwargs)

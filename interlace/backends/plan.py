@@ -36,6 +36,7 @@ class Plan:
         self.needs_grad = False
         self.gradients: dict[int, list[int]] = {}  # backward call -> the grad nodes it computes
         self.row_zero: set[int] = set()  # `module.output[0]` nodes (a tuple's first item, or batch row 0?)
+        self.writes: set[int] = set()  # nodes that change their first argument in place
         self.ready: list[int] = []  # ready before the model runs, in graph order
         last_mutation: dict[int, int] = {}
         previous_stop = start
@@ -80,11 +81,13 @@ class Plan:
                   and type(node.args[0]) is Ref and nodes[node.args[0].index].op == "module_value"
                   and nodes[node.args[0].index].kwargs["kind"] == "output"):
                 self.row_zero.add(index)
-            if mutates(node) and type(node.args[0]) is Ref:
-                last_mutation[node.args[0].index] = index
-                target_key = self.event_keys[node.args[0].index]
-                if target_key is not None:
-                    self.mutations.setdefault(target_key, []).append(index)
+            if mutates(node):
+                self.writes.add(index)
+                if node.args and type(node.args[0]) is Ref:
+                    last_mutation[node.args[0].index] = index
+                    target_key = self.event_keys[node.args[0].index]
+                    if target_key is not None:
+                        self.mutations.setdefault(target_key, []).append(index)
             if not deps and op != "module_value":
                 self.ready.append(index)
 
