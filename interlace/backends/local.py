@@ -170,10 +170,12 @@ class Interleaver:
     def _module_at(self, path: str) -> torch.nn.Module:
         if path in self.extra_modules:
             return self.extra_modules[path]
-        try:
-            return self.root.get_submodule(path)
-        except AttributeError:
-            raise InterlaceError(f"the model has no module '{path}'") from None
+        module = self.root
+        for part in path.split(".") if path else ():
+            module = module._modules.get(part)  # (get_submodule checks more, and costs ~10x)
+            if module is None:
+                raise InterlaceError(f"the model has no module '{path}'")
+        return module
 
     def _remove_hooks(self) -> None:
         for handle in reversed(self.handles):
