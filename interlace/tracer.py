@@ -37,12 +37,21 @@ def current() -> "Recorder":
     return _active[-1]
 
 
+_inside: dict[str, bool] = {}  # file name -> whether it is interlace's or torch's (asked once per file)
+
+
 def user_location():
     """(filename, lineno) of the nearest frame outside interlace and torch."""
     frame = sys._getframe(2)
-    while frame is not None and frame.f_code.co_filename.startswith(_SKIPPED_DIRS):
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        inside = _inside.get(filename)
+        if inside is None:
+            inside = _inside[filename] = filename.startswith(_SKIPPED_DIRS)
+        if not inside:
+            return (filename, frame.f_lineno)
         frame = frame.f_back
-    return (frame.f_code.co_filename, frame.f_lineno) if frame is not None else None
+    return None
 
 
 class Recorder:
@@ -87,10 +96,10 @@ class Recorder:
                 return Ref(obj._index)
             return obj.value  # a saved value of an earlier trace
         if kind is tuple or kind is list:
-            return kind([self._to_refs(item) for item in obj])
+            return kind([item if type(item) in _PLAIN else self._to_refs(item) for item in obj])
         if kind is dict:
-            return {key: self._to_refs(item) for key, item in obj.items()}
-        if kind is slice:
+            return {key: item if type(item) in _PLAIN else self._to_refs(item) for key, item in obj.items()}
+        if kind is slice and not (type(obj.start) in _PLAIN and type(obj.stop) in _PLAIN and type(obj.step) in _PLAIN):
             return slice(*self._to_refs((obj.start, obj.stop, obj.step)))
         return obj
 

@@ -43,6 +43,7 @@ class Guard:
         self.cancel = cancel  # anything with is_set(), e.g. a threading.Event
         self.deadline = time.monotonic() + self.limits.max_seconds if untrusted else None
         self.created = 0  # elements created so far
+        self._index: WeightIndex | None = None  # the model's, looked up at the first write of a run
         self._named: dict[int, torch.Tensor] = {}  # data_ptr -> weight a `parameter` node read in this run
         self._copies: dict[int, tuple] = {}  # data_ptr -> (weight storage, its bytes as they were)
         self._rehearsed: dict[tuple, tuple[int, int]] = {}  # module calls: (output, all) elements
@@ -65,8 +66,11 @@ class Guard:
         pointer = storage.data_ptr()
         if not pointer or pointer in self._copies:  # (meta and empty tensors have no memory to keep)
             return
-        if pointer not in self._named and not WeightIndex.of(self.root).holds(pointer):
-            return
+        if pointer not in self._named:
+            if self._index is None:
+                self._index = WeightIndex.of(self.root)
+            if not self._index.holds(pointer):
+                return
         if self.untrusted:
             what = what if isinstance(what, str) else what.describe()
             raise RefusedError(
@@ -83,6 +87,7 @@ class Guard:
                     storage.copy_(copy)
             self._copies.clear()
         self._named.clear()
+        self._index = None  # the next run looks again: the model may change between runs
 
     # -- budgets (untrusted runs) ----------------------------------------------------------------------
     def tick(self) -> None:

@@ -349,8 +349,8 @@ class Interleaver:
 
     def _op_call(self, node):
         target = node.target
-        fn = ops.resolve(target) if isinstance(target, str) else target
-        args, kwargs = self._resolve(node.args), self._resolve(node.kwargs)
+        fn = ops.resolve(target) if type(target) is str else target
+        args, kwargs = node.bind(self.values)
         if node.index in self.plan.row_zero:
             _warn_row_zero(self.nodes[node.args[0].index], args[0])
         if self.untrusted:
@@ -363,7 +363,7 @@ class Interleaver:
         return fn(*args, **kwargs)
 
     def _op_call_method(self, node):
-        args, kwargs = self._resolve(node.args), self._resolve(node.kwargs)
+        args, kwargs = node.bind(self.values)
         if self.untrusted:
             self.guard.before_method(node.target, args, kwargs)
         elif node.index in self.plan.writes:
@@ -408,7 +408,7 @@ class Interleaver:
 
     def _op_module_call(self, node):
         module = self._module_at(node.target)
-        args, kwargs = self._resolve(node.args), self._resolve(node.kwargs)
+        args, kwargs = node.bind(self.values)
         hooked = kwargs.pop("hook", False)  # hook=True: its modules' values can be read and changed
         outer, self.bypass = self.bypass, True
         try:
