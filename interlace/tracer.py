@@ -25,7 +25,9 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 _SKIPPED_DIRS = (_PACKAGE_DIR, _TORCH_DIR)
 
-_PLAIN = frozenset({int, float, bool, str, type(None)})  # values that can hold no proxy
+# values that can hold no proxy (tensors included: they are passed over on every recorded node)
+_PLAIN = frozenset({int, float, bool, str, type(None), type(Ellipsis), torch.Tensor, torch.nn.Parameter,
+                    torch.dtype, torch.device})
 
 _active: list["Recorder"] = []  # open traces and sessions, innermost last (for interlace.apply and friends)
 
@@ -88,6 +90,7 @@ class Recorder:
         return Proxy(self, node.index)
 
     def _to_refs(self, obj):
+        """`obj` with this graph's proxies made Refs (and earlier traces' saved ones made values)."""
         kind = type(obj)
         if kind in _PLAIN:
             return obj
@@ -96,7 +99,20 @@ class Recorder:
                 return Ref(obj._index)
             return obj.value  # a saved value of an earlier trace
         if kind is tuple or kind is list:
-            return kind([item if type(item) in _PLAIN else self._to_refs(item) for item in obj])
+            # this runs for every recorded node: items that hold no proxy are passed over without a
+            # call, and a tuple with no proxy in it is kept as it is (a list is always copied)
+            items = None
+            for position, item in enumerate(obj):
+                kind_of = type(item)
+                if kind_of in _PLAIN or kind_of is slice and (
+                        type(item.start) in _PLAIN and type(item.stop) in _PLAIN and type(item.step) in _PLAIN):
+                    continue
+                new = self._to_refs(item)
+                if new is not item:
+                    if items is None:
+                        items = list(obj)
+                    items[position] = new
+            return kind(obj if items is None else items) if kind is list or items is not None else obj
         if kind is dict:
             return {key: item if type(item) in _PLAIN else self._to_refs(item) for key, item in obj.items()}
         if kind is slice and not (type(obj.start) in _PLAIN and type(obj.stop) in _PLAIN and type(obj.step) in _PLAIN):
