@@ -169,14 +169,17 @@ def _collect_refs(obj, found: list) -> None:
         found.append(obj.index)
     elif kind is tuple or kind is list:
         for item in obj:
-            if type(item) in _HOLDERS:
+            if type(item) in _HOLDERS and (type(item) is not slice or type(item.start) is Ref
+                                           or type(item.stop) is Ref or type(item.step) is Ref):
                 _collect_refs(item, found)
     elif kind is dict:
         for item in obj.values():
             if type(item) in _HOLDERS:
                 _collect_refs(item, found)
     elif kind is slice:
-        found.extend(part.index for part in (obj.start, obj.stop, obj.step) if type(part) is Ref)
+        for part in (obj.start, obj.stop, obj.step):
+            if type(part) is Ref:
+                found.append(part.index)
 
 
 def map_refs(obj, fn):

@@ -44,6 +44,7 @@ _MISSING = object()
 # op -> method name; looked up on each call, as a table of bound methods would make the
 # interleaver a reference cycle and keep its values (activations) alive until the garbage collector
 _METHODS = {op: "_op_" + op for op in OPS}
+_push, _pop = heapq.heappush, heapq.heappop
 
 
 class EarlyStop(Exception):
@@ -262,9 +263,9 @@ class Interleaver:
         return event
 
     def _drain(self) -> None:
-        ready = self.ready
+        ready, execute = self.ready, self._execute
         while ready:
-            self._execute(heapq.heappop(ready))
+            execute(_pop(ready))
 
     def _execute(self, index: int) -> None:
         if self.done[index]:  # finished already (its job failed or stopped, in a merged run)
@@ -295,34 +296,34 @@ class Interleaver:
         raise error
 
     def _finish(self, index: int, value, ran: bool = True, why: str = "its condition (tracer.cond) was false") -> None:
+        values, saved = self.values, self.saved
         if ran:
-            self.values[index] = value
-            if index in self.saved:
+            values[index] = value
+            if index in saved:
                 self.results[index] = value
-        elif index in self.saved:
+        elif index in saved:
             self.not_run[index] = why
         self.done[index] = 1
         self.finished += 1
-        waiting, ready, nodes = self.waiting, self.ready, self.nodes
-        values = self.values
+        waiting, nodes = self.waiting, self.nodes
         for user in self.users[index]:
             waiting[user] -= 1
             if not waiting[user]:
                 node = nodes[user]
                 if node.op != "module_value" or node.guard is not None and not values.get(node.guard):
-                    heapq.heappush(ready, user)  # (a module value under a false cond is done: no event needed)
+                    _push(self.ready, user)  # (a module value under a false cond is done: no event needed)
                 elif user in self.open_sources:
                     self.open_sources.discard(user)
-                    heapq.heappush(ready, user)
+                    _push(self.ready, user)
         # free inputs whose last reader has run
-        remaining, saved, start = self.remaining, self.saved, self.start
+        remaining, start = self.remaining, self.start
         for ref in nodes[index].refs():
             if ref >= start:
                 remaining[ref] -= 1
                 if not remaining[ref] and ref not in saved:
-                    self.values.pop(ref, None)
+                    values.pop(ref, None)
         if not remaining[index] and index not in saved:
-            self.values.pop(index, None)
+            values.pop(index, None)
 
     def _resolve(self, obj):
         return map_refs(obj, lambda ref: self.values[ref.index])
