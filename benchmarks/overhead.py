@@ -416,7 +416,7 @@ def main(argv=None) -> None:
     repeats, warmup, small = (3, 1, 20) if args.quick else (11, 2, 200)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {repeats} after {warmup} "
           f"warmup, load average {os.getloadavg()[0]:.2f} at start (other processes skew timings)\n")
-    fit_repeats = 15 if args.quick else 101
+    fit_repeats = 15 if args.quick else 41
     print(table(["model", "work (early stop off)", "raw hooks µs", "nnsight µs", "interlace µs"],
                 item_rows(fit_repeats, warmup)))
     if args.fit_only:

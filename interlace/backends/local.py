@@ -18,7 +18,6 @@ from __future__ import annotations
 import builtins
 import heapq
 import warnings
-from contextlib import ExitStack
 
 import torch
 
@@ -126,19 +125,17 @@ class Interleaver:
 
         forward=None runs the nodes that need no model (a session's own nodes between its traces).
         """
-        with ExitStack() as stack:
-            stack.callback(self._remove_hooks)
-            stack.callback(self.guard.restore_weights)
-            if self.untrusted:  # allowed operations cannot change it: this is a second line of defence
-                stack.callback(restore_global_state, global_state())
-            if self.plan.needs_grad:
-                # fresh gradients for the run; the parameters' own .grad objects come back after it
-                grads = {p: p.grad for p in self.root.parameters()}
-                for param in grads:
-                    param.grad = None
-                stack.callback(_restore_grads, grads)
-            else:
-                stack.enter_context(torch.no_grad())
+        # what the run changes is put back in reverse order (try/finally: an ExitStack costs ~10 µs a trace)
+        state = global_state() if self.untrusted else None  # allowed operations cannot change it: a second line
+        if self.plan.needs_grad:
+            # fresh gradients for the run; the parameters' own .grad objects come back after it
+            grads, no_grad = {p: p.grad for p in self.root.parameters()}, None
+            for param in grads:
+                param.grad = None
+        else:
+            grads, no_grad = None, torch.no_grad()
+            no_grad.__enter__()
+        try:
             try:
                 self._drain()
                 if forward is not None and (self.finished < self.total or not self.early_stop):
@@ -151,6 +148,17 @@ class Interleaver:
             except Exception as error:
                 raise self._model_error(error) from error
             self._check_finished()
+        finally:
+            try:
+                if no_grad is not None:
+                    no_grad.__exit__(None, None, None)
+                else:
+                    _restore_grads(grads)
+                if state is not None:
+                    restore_global_state(state)
+                self.guard.restore_weights()
+            finally:
+                self._remove_hooks()  # whatever else failed, no hook stays on the model
         return self.results
 
     def _install(self) -> None:
