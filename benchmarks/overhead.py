@@ -8,10 +8,11 @@ reports the median over repeats, after warmup. Four sections:
    early stop off everywhere), the empty trace, and k saves or k steering edits
    (`output[:, -1] += c`) of k blocks for several k, as raw hooks (registered and removed per call)
    and as interlace; a least-squares line through (k, time - bare forward) gives fixed µs + µs per
-   item, so a regression shows in one run. With a venv holding nnsight (`/work/venv-nnsight`, or
-   `$NNSIGHT_PYTHON`) the same work runs there under nnsight 0.8, with its own bare forward and raw
-   hooks measured beside it; else that column is skipped. CPU time of this thread, one torch thread
-   (these machines are shared: wall time would measure the neighbours).
+   item, so a regression shows in one run. With a venv holding nnsight (`.venv-nnsight/`, or the
+   python named by `$NNSIGHT_PYTHON`; torch==2.13.0 installed first, then `nnsight==0.8.1
+   "transformers==5.*"`) the same work runs there under nnsight, with its own bare forward measured
+   beside it; else that column is skipped. CPU time of this thread, one torch thread (these machines
+   are shared: wall time would measure the neighbours).
 
 1. Per model (a 12-block MLP and a random-weight GPT-2 small, 128 tokens; the real SmolLM2-135M at
    batch 1 and 8, 16 and 128 tokens) and scenario (save every
@@ -282,7 +283,7 @@ def scaling_rows(repeats: int, warmup: int, sizes=(1, 16, 256)) -> list[list[str
 
 # -- per item: fixed µs + µs per save / edit ---------------------------------------------------------
 FIT_COUNTS = {2: (0, 1, 2), 64: (0, 8, 16, 32, 64)}  # blocks -> numbers of saved or edited blocks
-NNSIGHT_PYTHON = os.environ.get("NNSIGHT_PYTHON", "/work/venv-nnsight/bin/python")
+NNSIGHT_PYTHON = os.environ.get("NNSIGHT_PYTHON", str(Path(__file__).resolve().parents[1] / ".venv-nnsight/bin/python"))
 
 
 def small_gpt2(layers: int):
