@@ -60,8 +60,8 @@ class Guard:
         """`value` is about to be changed in place: refuse (untrusted) or keep a copy (local).
 
         what: the operation, for the error message (a node: described only when refused)."""
-        if not isinstance(value, torch.Tensor) or isinstance(value, FakeTensor):
-            return
+        if type(value) is not torch.Tensor and (not isinstance(value, torch.Tensor) or isinstance(value, FakeTensor)):
+            return  # (a plain tensor, the common case, is told apart without the slower isinstance checks)
         storage = value.untyped_storage()
         pointer = storage.data_ptr()
         if not pointer or pointer in self._copies:  # (meta and empty tensors have no memory to keep)
