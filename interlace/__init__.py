@@ -30,6 +30,7 @@ from .models.base import Model
 from .models.language import LanguageModel
 from .models.standardized import RenameConfig, StandardizationError, StandardizedTransformer
 from .proxy import Proxy
+from .wrapper import WrapperModule
 
 NNsight = Model
 
@@ -70,6 +71,7 @@ __all__ = [
     "SerializationError",
     "StandardizationError",
     "StandardizedTransformer",
+    "WrapperModule",
     "apply",
     "list",
 ]

@@ -85,23 +85,27 @@ class SessionIteration:
 
     The block (its session-level nodes and whole traces) is recorded once, for the first value, and
     copied for the others; the value is `values[i]` in copy i. `session.stop()` inside ends the
-    loop. Names bound inside the block hold the last value's results; collect every value's with
+    loop. `values` may be a list built in the session from values known without the model
+    (`session.apply(list)` and its appends): its length is taken now, its items when the graph
+    runs. Names bound inside the block hold the last value's results; collect every value's with
     `interlace.list()` (a list made before the loop and appended to inside it).
     """
 
     def __init__(self, session, values):
-        if isinstance(values, Proxy):
-            raise InterlaceError("session.iter needs the values now (a list, a tuple, a range), not a traced value")
-        self.session, self.values = session, list(values)
+        self.session = session
+        # a list built in the session is a traced value: its length now decides how often the block
+        # repeats, its items are read when the graph runs
+        self.values = values if isinstance(values, Proxy) else tuple(values)
+        self.length = len(session.rehearse(values) if isinstance(values, Proxy) else self.values)
 
     def __enter__(self) -> Proxy:
         session = self.session
-        if not self.values:
+        if not self.length:
             raise InterlaceError("session.iter was given no values")
         if session.model._tracer is not None:
             raise InterlaceError("session.iter loops over traces: open it outside `with model.trace(...)`; "
                                  "inside a generation use tracer.iter")
-        self.source = session.record("call", "builtins.tuple", (tuple(self.values),))
+        self.source = session.record("call", "builtins.tuple", (self.values,))
         self.start, self.first_trace = len(session.graph), len(session.traces)
         return session.record("call", "operator.getitem", (self.source, 0))
 
@@ -111,10 +115,13 @@ class SessionIteration:
         session, graph, start = self.session, self.session.graph, self.start
         template, traces = graph.nodes[start:], session.traces[self.first_trace:]
         offset = 0
-        for number in range(1, len(self.values)):
+        for number in range(1, self.length):
             first = graph.extend_shifted(template, start)
             graph.nodes[first].args = (Ref(self.source._index), number)
             offset = first - start
+            for node in graph.nodes[first:]:  # an inner loop's stops end that loop's copy
+                if node.op == "stop" and node.kwargs.get("skip_to") is not None:
+                    node.kwargs = {**node.kwargs, "skip_to": node.kwargs["skip_to"] + offset}
             for trace in traces:
                 session.traces.append(TraceSpec(trace.start + offset, trace.end + offset,
                                                 shift_refs(trace.invokes, start, offset), trace.options))

@@ -1,13 +1,15 @@
 """The `interlace` command: `demo`, `check-model` (a model's standardized names), `serve` (host a model for
-remote traces) and `keys` (its API keys)."""
+remote traces), `keys` (its API keys) and `doctor` (versions and checks for a bug report)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from .backends.limits import Limits
+from .errors import InterlaceError
 
 
 def _demo(args) -> int:
@@ -35,6 +37,8 @@ def _check_model(args) -> int:
 def _serve(args) -> int:
     import logging
 
+    if not args.hub:  # before transformers is imported: nothing a job does may reach the Hub
+        os.environ["HF_HUB_OFFLINE"] = "1"
     if not args.ray and (args.replicas != 1 or args.max_replicas or args.gpus_per_replica):
         print("--replicas, --max-replicas and --gpus-per-replica need --ray", file=sys.stderr)
         return 2
@@ -50,7 +54,11 @@ def _serve(args) -> int:
         print("WARNING: --trusted: this server runs the Python functions (interlace.apply) that clients send, "
               "with this process's rights. Use it only when every key holder may run code on this machine.",
               file=sys.stderr)
-    limits = Limits(**{name: getattr(args, name) for name in Limits.names()})
+    try:
+        limits = Limits(**{name: getattr(args, name) for name in Limits.names()})
+    except InterlaceError as error:
+        print(f"interlace serve: {error}", file=sys.stderr)
+        return 2
     config = ServerConfig(limits=limits, **{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)
                                             if f.name != "limits"})
     if args.ray:
@@ -93,13 +101,23 @@ def _keys(args) -> int:
     return 0
 
 
+def _doctor(args) -> int:
+    from .doctor import report
+
+    text = report(model=not args.no_model)
+    print(text)
+    return 1 if "FAILED" in text else 0
+
+
 def _flag(parser, name: str, default, help: str) -> None:
     parser.add_argument("--" + name.replace("_", "-"), dest=name, type=type(default), default=default,
                         metavar=type(default).__name__.upper(), help=f"{help} (default {default})")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="interlace", description=__doc__)
+    parser = argparse.ArgumentParser(prog="interlace", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # one version line
+    parser.add_argument("--version", action="version", version=_version_line())
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="logit lens and activation patching on the default model")
     demo.add_argument("--prompt", default=None, help="prompt for the logit lens")
@@ -122,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--name", default=None, help="the model's id for clients (default: from MODEL)")
     serve.add_argument("--trusted", action="store_true",
                        help="also run graphs with pickled user functions (interlace.apply): only for trusted users")
+    serve.add_argument("--hub", action="store_true",
+                       help="let the server reach the Hugging Face Hub (default: HF_HUB_OFFLINE=1, local files only)")
     serve.add_argument("--check-weights", action="store_true",
                        help="test mode: checksum the weights after every job (see /v1/health)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -156,8 +176,19 @@ def main(argv: list[str] | None = None) -> int:
     keys.add_argument("--db", required=True, help="the key database file (created if missing)")
     keys.add_argument("--name", default=None, help="who the key is for (create), or a name or key id (revoke)")
     keys.set_defaults(handler=_keys)
+    doctor = commands.add_parser("doctor", help="versions, CUDA and the embedded model: paste it into a bug report")
+    doctor.add_argument("--no-model", action="store_true", help="skip loading the embedded model (~20 s)")
+    doctor.set_defaults(handler=_doctor)
     args = parser.parse_args(argv)
     return args.handler(args)
+
+
+def _version_line() -> str:
+    from .doctor import versions
+
+    found = versions()
+    return "interlace " + found.pop("interlace") + " (" + ", ".join(
+        f"{name} {found[name]}" for name in ("python", "torch", "transformers", "accelerate")) + ")"
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def write_plots(model: StandardizedTransformer, prompt: str, probs, path: str) -
     `methods.logit_lens`), in one HTML file."""
     from .display import plot_logit_lens, plot_topk_tokens
 
-    figures = [plot_logit_lens(model, prompt), plot_topk_tokens(probs, model.tokenizer, k=5)]
+    figures = [plot_logit_lens(model, prompt), plot_topk_tokens(probs, model.tokenizer, k=5, decoded=True)]
     parts = [fig.to_html(full_html=False, include_plotlyjs=index == 0) for index, fig in enumerate(figures)]
     with open(path, "w", encoding="utf-8") as file:
         file.write("<html><head><meta charset='utf-8'></head><body>" + "".join(parts) + "</body></html>")

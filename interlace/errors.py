@@ -93,6 +93,10 @@ class RefusedError(InterlaceError):
     """An operation an untrusted run does not allow (a user function, a write to a weight, ...)."""
 
 
+class WeightsChangedError(RefusedError):
+    """A weight's version counter moved during an untrusted run: something wrote to it anyway."""
+
+
 class LimitError(InterlaceError):
     """A request or a run went over one of its limits (bytes, nodes, elements, time)."""
 

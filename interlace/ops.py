@@ -147,6 +147,10 @@ TENSOR_ATTRIBUTES = frozenset(
     "is_meta itemsize nbytes names".split()
 )
 
+# Methods that change a tensor's autograd flags, not its data: no operator schema describes them, so an
+# untrusted run refuses them on weights by name (writes to data are decided from schemas: writes.py).
+AUTOGRAD_METHODS = frozenset({"requires_grad_", "retain_grad"})
+
 # In-place operators: a node with one of these targets changes its first argument.
 MUTATING_TARGETS = frozenset(
     f"operator.{name}" for name in _OPERATORS

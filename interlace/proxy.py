@@ -39,6 +39,10 @@ class Proxy:
         self._tracer.mark_saved(self)
         return self
 
+    def stop(self) -> None:
+        """End the model's forward once this value is computed (nnsight's `module.output.stop()`)."""
+        self._tracer.record("stop")
+
     @property
     def value(self):
         """The real value after the trace ran (only for saved proxies)."""

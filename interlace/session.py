@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import sys
 
+from . import ops
 from .blocks import SessionIteration
-from .errors import InterlaceError
-from .graph import Graph, Request, TraceSpec
+from .errors import InterlaceError, describe_location
+from .graph import Graph, Ref, Request, TraceSpec, map_refs
 from .tracer import Recorder, Tracer, _active, pending
 
 
@@ -52,6 +53,52 @@ class Session(Recorder):
     def iter(self, values) -> SessionIteration:
         """`with session.iter(values) as value:` applies the block (traces included) to each value."""
         return SessionIteration(self, values)
+
+    def rehearse(self, proxy):
+        """The value of `proxy` now, from the session's own nodes recorded so far (no model runs).
+
+        Used by `session.iter` over a list built in the session: the list, and every call recorded on
+        it (its appends), are computed here once for its length (and again when the session runs). A
+        value that needs a trace, or sits under a condition, is an error.
+        """
+        nodes = self.graph.nodes
+        needed: set[int] = set()
+
+        def need(index):
+            stack = [index]
+            while stack:
+                node = nodes[stack.pop()]
+                if node.index not in needed:
+                    needed.add(node.index)
+                    stack.extend(node.refs())
+
+        need(proxy._index)
+        grown = True
+        while grown:  # calls on a needed value (list.append, x[0] = ...) change it: they are needed too
+            grown = False
+            for node in nodes:
+                receiver = node.args[0] if node.args else None
+                if (node.index not in needed and type(receiver) is Ref and receiver.index in needed
+                        and (node.op == "call_method" or node.target in ops.MUTATING_TARGETS)):
+                    need(node.index)
+                    grown = True
+        values: dict[int, object] = {}
+        for index in sorted(needed):
+            node = nodes[index]
+            if node.op not in ("call", "call_method", "apply") or node.guard is not None:
+                raise InterlaceError(
+                    f"session.iter needs the length of its values when it is recorded, but they depend on "
+                    f"{node.describe()} ({describe_location(node.location)}), which has a value only when the "
+                    "session runs. Loop over values built in the session without traces or conditions, or "
+                    "over a Python list."
+                )
+            args, kwargs = map_refs((node.args, node.kwargs), lambda ref: values[ref.index])
+            if node.op == "call_method":
+                values[index] = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                fn = ops.resolve(node.target) if isinstance(node.target, str) else node.target
+                values[index] = fn(*args, **kwargs)
+        return values[proxy._index]
 
     def stop(self) -> None:
         """End the innermost `session.iter` loop here (or, outside loops, the rest of the session)."""

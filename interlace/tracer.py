@@ -306,6 +306,10 @@ class Editor(Tracer):
     Record through either spelling: `model.layer.output[:] = 0` or `edited.layer.output[:] = 0`.
     """
 
+    def __init__(self, model, inputs: tuple = (), **options):
+        super().__init__(model, inputs, **options)
+        self.current_invoke = None  # the example input is for checking: edits apply to every row
+
     def __enter__(self):
         super().__enter__()
         self.edited = self.model if self.options["inplace"] else self.model._copy()

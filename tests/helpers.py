@@ -1,5 +1,7 @@
 """Small models and checks shared by the tests."""
 
+import inspect
+
 import torch
 import transformers
 
@@ -84,3 +86,29 @@ def assert_close_in_batch(got: torch.Tensor, want: torch.Tensor, message: str = 
     """Equal up to float rounding in a different batch: within 1e-5 relative to the tensor's scale."""
     scale = want.abs().max().item() if want.numel() and want.is_floating_point() else 0.0
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale + 1e-7, msg=lambda m: f"{message} {m}")
+
+
+# tiny sizes, given to each config class that accepts them (the names differ between families)
+FAMILY_SIZES = dict(
+    num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=100, max_position_embeddings=64, head_dim=8, num_experts=4, num_local_experts=4,
+    num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+)
+FAMILY_OVERRIDES = {
+    "codegen": {"rotary_dim": 4},
+    "gptj": {"rotary_dim": 4},
+    "falcon": {"head_dim": None},  # computed by FalconConfig
+    "gpt_neo": {"head_dim": None, "attention_types": [[["global", "local"], 1]]},
+}
+def tiny_family(model_type: str) -> torch.nn.Module:
+    config_class = transformers.CONFIG_MAPPING[model_type]
+    default = config_class()
+    accepted = {k for k in FAMILY_SIZES.keys() | FAMILY_OVERRIDES.get(model_type, {}).keys()
+                if k in inspect.signature(config_class.__init__).parameters or hasattr(default, k)}
+    sizes = {**FAMILY_SIZES, **FAMILY_OVERRIDES.get(model_type, {})}
+    config = config_class(
+        **{k: v for k, v in sizes.items() if v is not None and k in accepted},
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()

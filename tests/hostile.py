@@ -200,6 +200,68 @@ def tensor_hook_on_a_weight():
                        {"index": 1, "op": "call_method", "target": "register_hook", "args": [{"ref": 0}, 1]}]))
 
 
+def _repo_that_runs_code() -> tuple[str, str]:
+    """A folder transformers would import `custom_generate/generate.py` from; it leaves a marker file if run."""
+    import tempfile
+
+    folder = tempfile.mkdtemp()
+    marker = os.path.join(folder, "ran")
+    os.makedirs(os.path.join(folder, "custom_generate"))
+    with open(os.path.join(folder, "custom_generate", "generate.py"), "w") as code:
+        code.write(f"open({marker!r}, 'w').write('ran')\ndef generate(model, *args, **kwargs):\n    return 0\n")
+    return folder, marker
+
+
+@case("GraphError", "'generator' is not a module of the model's own tree")
+def module_call_of_the_generator_with_custom_generate():
+    folder, marker = _repo_that_runs_code()
+    g = Builder()
+    ids = g.call("torch.tensor", [[1, 2, 3]])
+    g.save(g.add("module_call", "generator", (), {"input_ids": ids, "custom_generate": folder,
+                                                   "trust_remote_code": True, "max_new_tokens": 1}))
+    result = attack(g.bytes())
+    assert not os.path.exists(marker), "the attacker's code ran"
+    return result
+
+
+@case("RefusedError", r"calling the model with keyword 'custom_generate' = a str is not allowed here")
+def module_call_of_the_root_with_a_path():
+    folder, marker = _repo_that_runs_code()
+    g = Builder()
+    g.save(g.add("module_call", "", (g.call("torch.tensor", [[1, 2]]),), {"custom_generate": folder,
+                                                                          "trust_remote_code": True}))
+    result = attack(g.bytes())
+    assert not os.path.exists(marker), "the attacker's code ran"
+    return result
+
+
+@case("RefusedError", r"calling model with keyword 'config' = a dict is not allowed here")
+def module_call_with_a_config_dict():
+    g = Builder()
+    g.save(g.add("module_call", "model", (g.call("torch.tensor", [[1, 2]]),), {"config": {"use_cache": True}}))
+    return attack(g.bytes())
+
+
+@case("RefusedError", r"calling model.layers.1 with keyword 'cache' = a DynamicCache is not allowed")
+def module_call_handing_a_layer_the_cache_object():
+    g = Builder()
+    inputs = g.add("module_value", "model.layers.0", kwargs={"kind": "inputs", "call": 0, "invoke": None})
+    kwargs = g.call("operator.getitem", inputs, 1)
+    cache = g.call("operator.getitem", kwargs, "cache")
+    hidden = g.call("operator.getitem", g.call("operator.getitem", inputs, 0), 0)
+    g.save(g.add("module_call", "model.layers.1", (hidden,), {"cache": cache}))
+    return attack(g.bytes())
+
+
+@case(None, "")
+def module_call_of_a_layer_with_tensors_and_numbers():
+    g = Builder()
+    hidden = g.out("model.layers.0")
+    g.save(g.add("module_call", "model.norm", (hidden,)))
+    g.save(g.add("module_call", "lm_head", (g.call("operator.mul", hidden, 2),)))
+    return attack(g.bytes())
+
+
 @case("SerializationError", "holds pickled Python functions")
 def pickled_function():
     g = Builder()
@@ -278,7 +340,7 @@ def copy_into_a_weight_found_through_embed_output():
     return attack(g.bytes())
 
 
-@case("RefusedError", "`out=` and `inplace=True` are not allowed")
+@case("RefusedError", "`out=` is not allowed")
 def out_argument_into_a_weight():
     g = Builder()
     weight = g.param("model.norm.weight")
@@ -286,11 +348,98 @@ def out_argument_into_a_weight():
     return attack(g.bytes())
 
 
-@case("RefusedError", "`out=` and `inplace=True` are not allowed")
+@case("RefusedError", r"relu \(through aten.relu_.default, which writes its argument 'self'\) would change a weight")
 def inplace_keyword():
     g = Builder()
     g.call("torch.nn.functional.relu", g.param("model.norm.weight"), inplace=True)
     return attack(g.bytes())
+
+
+# writes through positional arguments: decided from the aten operator's schema, whatever the Python name
+@case("RefusedError", r"relu \(through aten.relu_.default, which writes its argument 'self'\) would change a weight")
+def relu_in_place_by_position():
+    g = Builder()
+    g.call("torch.nn.functional.relu", g.param("model.norm.weight"), True)
+    return attack(g.bytes())
+
+
+@case("RefusedError", r"leaky_relu \(through aten.leaky_relu_.default.*would change a weight")
+def leaky_relu_in_place_by_position_on_a_view():
+    g = Builder()
+    view = g.call("operator.getitem", g.param("model.layers.0.mlp.up_proj.weight"), 0)
+    g.call("torch.nn.functional.leaky_relu", view, 0.5, True)
+    return attack(g.bytes())
+
+
+@case("RefusedError", r"normalize \(through aten.div.out, which writes its argument 'out'\) would change a weight")
+def normalize_into_a_weight_by_position():
+    g = Builder()
+    g.call("torch.nn.functional.normalize", g.call("torch.ones", 1, 32), 2.0, 1, 1e-12, g.param("model.norm.weight"))
+    return attack(g.bytes())
+
+
+@case("RefusedError", r"torch.norm \(through aten.linalg_vector_norm.out, .*'out'\) would change a weight")
+def norm_resizing_a_weight_to_a_scalar():
+    g = Builder()
+    g.call("torch.norm", g.call("torch.ones", 32), "fro", None, False, g.param("model.norm.weight"))
+    return attack(g.bytes())
+
+
+@case("RefusedError", r"embedding \(through aten.embedding_renorm_.default, .*'self'\) would change a weight")
+def embedding_max_norm_renormalizes_the_table():
+    g = Builder()
+    ids = g.call("torch.tensor", [1, 2, 3])
+    g.call("torch.nn.functional.embedding", ids, g.param("model.embed_tokens.weight"), None, 1e-3)
+    return attack(g.bytes())
+
+
+@case("RefusedError", r"embedding \(through aten.embedding_renorm_.default.*would change a weight")
+def embedding_max_norm_through_data_of_the_tied_head():
+    g = Builder()
+    table = g.call("builtins.getattr", g.param("lm_head.weight"), "data")
+    g.call("torch.nn.functional.embedding", g.call("torch.tensor", [4]), table, None, 0.5, 1.0)
+    return attack(g.bytes())
+
+
+@case("RefusedError", r"would write its result into a tensor it was given \(argument 'out'")
+def norm_resizing_an_activation_through_out():
+    g = Builder()
+    g.call("torch.norm", g.call("torch.ones", 32), "fro", None, False, g.out())
+    return attack(g.bytes())
+
+
+@case(None, "")
+def in_place_on_ones_own_values_is_allowed():
+    g = Builder()
+    own = g.method("clone", g.param("model.norm.weight"))
+    g.call("torch.nn.functional.relu", own, True)
+    g.call("torch.nn.functional.relu", g.out(), True)  # the model's activation, this run's own
+    g.save(g.call("torch.nn.functional.normalize", own, 2.0, 0))
+    return attack(g.bytes())
+
+
+@case("WeightsChangedError", r"changed weight\(s\) model.norm.weight of the shared model.*they were put back")
+def version_counters_catch_a_write_the_schema_check_missed():
+    from interlace.backends import writes
+
+    def check_without_refusing(self, tensor, argument, func):  # this child only: the first line refuses nothing
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer in self.weights:
+            self.keep(pointer)
+            self.touched = True
+
+    writes.WriteCheck._check = check_without_refusing
+    g = Builder()
+    g.call("torch.nn.functional.relu", g.call("operator.neg", g.param("model.norm.weight")), True)  # harmless
+    g.call("torch.nn.functional.relu", g.param("model.norm.weight"), True)
+    return attack(g.bytes())
+
+
+@case(None, "")
+def output_attentions_leaves_no_hooks_on_the_layers():
+    g = Builder()
+    g.save(g.call("operator.getitem", g.out(""), "logits"))
+    return attack(g.bytes(kwargs={"output_attentions": True}))
 
 
 @case(None, "")
@@ -418,13 +567,13 @@ def int_squaring_chain():
     return attack(g.bytes())
 
 
-@case("SerializationError", "invalid header")
+@case("LimitError", r"an int literal at byte \d+ of the header has more than 79 digits")
 def huge_int_literal():
     return attack(raw([{"index": 0, "op": "call", "target": "operator.add", "args": [1, 0]}],
                       patch=(b'"args": [1, 0]', b'"args": [' + b"9" * 5000 + b", 0]")))
 
 
-@case("LimitError", r"an int of \d+ bits is over the limit of 256 \(max_int_bits\)")
+@case("LimitError", r"an int literal at byte \d+ of the header has more than 79 digits")
 def big_int_literal():
     return attack(raw([{"index": 0, "op": "call", "target": "operator.add", "args": [10**300, 0]}]))
 
@@ -587,6 +736,123 @@ def results_too_large():
     g.save(g.out())
     g.save(g.call("torch.zeros", 1000))
     return attack(g.bytes(), Limits(max_result_bytes=1000))
+
+
+# costs that depend on more than tensor shapes -----------------------------------------------------------
+@case("LimitError", r"torch.zeros would create 1099511627776 elements")
+def zeros_sized_by_a_zero_d_tensor():
+    g = Builder()
+    g.call("torch.zeros", g.call("torch.tensor", 2**40))
+    return attack(g.bytes())
+
+
+@case("LimitError", r"Tensor.new_ones would create 1099511627776 elements")
+def new_ones_sized_by_sums_of_tensors():
+    g = Builder()
+    side = g.call("operator.add", g.method("sum", g.call("torch.zeros", 2, dtype=torch.int64)), 2**20)
+    g.method("new_ones", g.out(), [side, side])
+    return attack(g.bytes())
+
+
+@case("LimitError", r"torch.eye would create 1099511627776 elements")
+def eye_with_a_tensor_for_its_columns():
+    g = Builder()
+    g.call("torch.eye", 1, g.call("torch.tensor", 2**40))
+    return attack(g.bytes())
+
+
+@case("LimitError", r"the run would create more than 10000000 elements in all \(max_total_elements\)")
+def a_list_of_a_tensors_rows_costs_its_python_objects():
+    g = Builder()
+    rows = g.call("torch.zeros", 200_000)
+    g.call("builtins.list", rows)  # 200k 0-d tensors: ~80 MB of Python objects from 800 kB of data
+    return attack(g.bytes(), Limits(max_total_elements=10**7))
+
+
+@case("LimitError", r"the run would create more than 10000000 elements in all \(max_total_elements\)")
+def tolist_twice_costs_python_numbers():
+    g = Builder()
+    data = g.call("torch.zeros", 1_000_000)
+    g.method("tolist", data)
+    g.method("tolist", data)
+    return attack(g.bytes(), Limits(max_total_elements=10**7))
+
+
+@case("LimitError", r"torch.einsum would create 1600000000 elements")
+def einsum_through_a_huge_intermediate():
+    g = Builder()
+    x = g.call("torch.zeros", 200, 200)
+    g.save(g.call("torch.einsum", "ab,cd,bd->ac", x, x, x))  # ab x cd: an outer product of 1.6e9 first
+    return attack(g.bytes())
+
+
+@case("LimitError", r"operator.matmul would do 1.37e\+11 floating point operations.*past the run's deadline")
+def one_matmul_longer_than_the_deadline():
+    g = Builder()
+    x = g.call("torch.zeros", 4096, 4096)
+    g.save(g.call("operator.matmul", x, x))
+    return attack(g.bytes(), Limits(max_seconds=1))
+
+
+@case("LimitError", r"the reply would be over 1000000 bytes \(max_result_bytes\), counting each value once per place")
+def a_list_repeated_by_reference_in_the_reply():
+    g = Builder()
+    numbers = g.method("tolist", g.call("torch.zeros", 1000))
+    g.save(g.call("operator.mul", g.call("builtins.list", [numbers]), 100_000))  # 1e8 numbers to write
+    return attack(g.bytes(), Limits(max_result_bytes=10**6))
+
+
+@case("LimitError", r"its log line: the results hold 4000 bytes of tensors, over the limit of 1000")
+def logs_count_in_the_reply():
+    g = Builder()
+    g.add("log", None, (g.call("torch.zeros", 1000),))
+    return attack(g.bytes(), Limits(max_result_bytes=1000))
+
+
+@case("LimitError", r"the results hold 536870912 bytes of tensors, over the limit of 1000")
+def saving_an_expanded_view_is_counted_before_it_is_copied():
+    g = Builder()
+    g.save(g.method("expand", g.call("torch.zeros", 1), 2**27))  # a view of 4 bytes; 512 MiB once written
+    return attack(g.bytes(), Limits(max_result_bytes=1000))
+
+
+@case("LimitError", r"the prompts hold more than 100 tokens, over the limit of token positions \(max_tokens\)")
+def prompts_refused_while_tokenizing():
+    g = Builder()
+    g.save(g.out())
+    return attack(g.bytes(invokes=[(([" ".join(["w3"] * 60)] * 1000,), {})]), Limits(max_tokens=100))
+
+
+# raw exceptions, and what must be allowed ---------------------------------------------------------------
+@case("SerializationError", r"trace 0: trace option 'kwargs' must be a dict, not 5")
+def trace_option_of_the_wrong_type():
+    nodes = [{"index": 0, "op": "stop"}]
+    return attack(raw(nodes, traces=[{"start": 0, "end": 1, "invokes": [{"args": ["w5"]}], "options": {"kwargs": 5}}]))
+
+
+@case("SerializationError", r"trace option 'mode' must be a str, not \['trace'\]")
+def trace_mode_as_a_list():
+    nodes = [{"index": 0, "op": "stop"}]
+    options = {"mode": {"list": ["trace"]}}
+    return attack(raw(nodes, traces=[{"start": 0, "end": 1, "invokes": [{"args": ["w5"]}], "options": options}]))
+
+
+@case(None, "")
+def a_deep_list_in_a_log():
+    g = Builder()
+    value = g.call("torch.zeros", 1)
+    for _ in range(3000):
+        value = g.call("builtins.list", [value])
+    g.add("log", None, (value,))
+    return attack(g.bytes())
+
+
+@case(None, "")
+def skip_of_a_module_whose_output_is_larger_than_its_input():
+    g = Builder()
+    g.add("skip", "model.embed_tokens", (g.call("torch.zeros", 1, 3, 32),), {"call": 0, "invoke": None})
+    g.save(g.out("model.norm"))
+    return attack(g.bytes())
 
 
 # malformed structure ------------------------------------------------------------------------------------

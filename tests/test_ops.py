@@ -105,6 +105,7 @@ def _checked(fn, rule, as_method: bool):
         except Exception:
             continue
         bound = sizes.RULES[rule](args, {}, limits, fn)
+        bound = bound[0] if isinstance(bound, tuple) else bound  # (elements, floating point operations)
         assert bound >= sizes.elements(result) // 2, (fn, args)  # rules bound within a factor of 2
         tried += 1
     return tried
@@ -132,7 +133,13 @@ def test_growth_is_seen_before_it_happens():
     limits = Limits()
     x = torch.randn(1000)
     assert sizes.RULES["broadcast"]((x[:, None], x[None, :]), {}, limits, torch.add) == 1_000_000
-    assert sizes.RULES["matmul"]((x[:, None], x[None, :]), {}, limits, torch.matmul) == 1_000_000
+    assert sizes.RULES["matmul"]((x[:, None], x[None, :]), {}, limits, torch.matmul) == (1_000_000, 2_000_000)
+    big = torch.empty(8192, 8192, device="meta")  # (elements, floating point operations) of a matrix product
+    assert sizes.RULES["matmul"]((big, big), {}, limits, torch.matmul) == (8192**2, 2 * 8192**3)
+    square = torch.zeros(200, 200)  # ab x cd is an outer product of 200^4 before bd contracts it
+    assert sizes.RULES["meta"](("ab,cd,bd->ac", square, square, square), {}, limits, torch.einsum)[0] == 200**4
+    assert sizes.RULES["size"]((torch.tensor(2**20), torch.tensor(2**20)), {}, limits, torch.zeros) == 2**40
+    assert sizes.RULES["eye"]((1, torch.tensor(2**30)), {}, limits, torch.eye) == 2**30
     assert sizes.RULES["index"]((torch.randn(10, 10), torch.zeros(500, dtype=torch.long)), {}, limits, None) == 5000
     assert sizes.RULES["size"]((2**20, 2**20), {}, limits, torch.zeros) == 2**40
     assert sizes.RULES["range"]((0, 1e12), {}, limits, torch.arange) == 10**12

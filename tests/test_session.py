@@ -141,3 +141,88 @@ def test_session_scan_checks_every_trace_before_running(net, x):
                 shape = net.layers[0].output.shape
                 net.layers[0].output @ torch.ones(3, 3)  # (2, 8) @ (3, 3): wrong
     assert shape == (2, 8) and "test_session.py" in str(info.value)
+
+
+def test_stop_in_a_loop_ends_only_that_loop(net):
+    # nnsight 0.4's test_sequential_graph_based_context_exit, session.apply(list) as it writes it
+    with net.session() as session:
+        seen = session.apply(list).save()
+        seen.append(0)
+        with session.iter([1, 2, 3, 4]) as item:
+            with session.cond(item == 3):
+                session.stop()
+            seen.append(item)
+        seen.append(5)
+        session.stop()
+        seen.append(6)
+    assert seen == [0, 1, 2, 5]
+
+
+def test_stop_without_condition_skips_the_rest_of_the_loop_only(net):
+    with net.session() as session:
+        seen = interlace.list().save()
+        seen.append(0)
+        with session.iter([1, 2, 3]) as item:
+            session.stop()
+            seen.append(item)
+        seen.append(5)
+    assert seen == [0, 5]
+
+
+def test_stop_in_an_inner_loop_ends_the_inner_loop_of_each_outer_value(net, x):
+    with net.session() as session:
+        seen = interlace.list().save()
+        with session.iter([10, 20]) as outer:
+            with session.iter([1, 2, 3]) as inner:
+                seen.append(outer + inner)
+                with session.cond(inner == 2):
+                    session.stop()
+            with net.trace(x):
+                seen.append(net.head.output.sum() * 0 + outer)  # a trace between the loops runs too
+    assert [int(v) for v in seen] == [11, 12, 10, 21, 22, 20]
+
+
+def test_iter_over_a_list_built_in_the_session(net):
+    # nnsight 0.4's test_nested_iterator
+    with net.session() as session:
+        rows = session.apply(list)
+        rows.append([0])
+        rows.append([1])
+        rows.append([2])
+        flat = session.apply(list).save()
+        with session.iter(rows) as row:
+            with session.iter(row) as item:
+                flat.append(item)
+    assert flat == [0, 1, 2]
+
+
+def test_iter_over_a_value_that_needs_a_trace_says_so(net, x):
+    with pytest.raises(interlace.InterlaceError, match="needs the length of its values"):
+        with net.session() as session:
+            with net.trace(x):
+                rows = net.output.tolist()
+            with session.iter(rows):
+                pass
+
+
+def test_proxy_stop_ends_the_forward_after_that_value(net):
+    # nnsight 0.4's test_stop_forward_pass_in_loop: `module.output.stop()` in each trace of a loop
+    torch.manual_seed(3)
+    inputs = [torch.rand(1, 3) for _ in range(3)]
+    calls = []
+    handle = net.module.head.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with net.session() as session:
+            found = session.apply(list).save()
+            with session.iter(torch.utils.data.DataLoader(inputs, batch_size=1)) as batch:
+                with net.trace(batch):
+                    hidden = net.layers[0].output
+                    net.layers[0].output.stop()
+                found.append(hidden)
+    finally:
+        handle.remove()
+    assert calls == []  # the head never ran
+    with torch.no_grad():
+        expected = [net.module.layers[0](net.module.embed(i)) for i in inputs]
+    assert len(found) == 3  # the DataLoader adds a batch dimension of 1
+    assert all(torch.equal(f, e[None]) for f, e in zip(found, expected))

@@ -2,11 +2,13 @@
 
 `Guard` is consulted by the interleaver before every operation it runs.
 
-- Writes: an in-place operation whose tensor shares storage with a parameter or buffer is refused
-  in an untrusted run; in a local run the storage is copied first and restored when the run ends,
-  so after every trace the weights are bit for bit what they were. Which storages are weights is
-  found once per model (`WeightIndex`), so a trace that writes no weight pays a dict lookup per
-  in-place operation, not a walk over the model.
+- Writes: in an untrusted run every call runs under `writes.WriteCheck`, which refuses any aten
+  operator whose schema writes a weight's storage, before it runs; the weights' version counters
+  (`writes.Versions`) are a second line, checked after calls that received a weight and after every
+  run (`check_versions`). In a local run an in-place operation on a weight's storage copies it first
+  and the copy is put back when the run ends, so after every trace the weights are what they were;
+  which storages are weights is found once per model there (`WeightIndex`), so a local trace that
+  writes no weight pays a dict lookup per in-place operation, not a walk over the model.
 - Sizes (untrusted runs): each allowed operation has a size rule (named in `ops`) that bounds the
   elements of its result from its arguments' shapes; the bound is checked against `Limits` before
   the call allocates anything. Python values (ints, strings, lists) are bounded the same way.
@@ -25,9 +27,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .. import ops
-from ..errors import CancelledError, LimitError, RefusedError
+from ..errors import CancelledError, LimitError, RefusedError, WeightsChangedError
 from .limits import Limits
-from .sizes import RULES, elements, rehearse, shapes
+from .sizes import PYTHON_REFERENCE, PYTHON_TENSOR, RULES, elements, rehearse, shapes
+from .writes import Versions, WriteCheck, refuse_weight_write
 
 _SEQUENCES = (str, bytes, list, tuple)
 
@@ -43,10 +46,12 @@ class Guard:
         self.cancel = cancel  # anything with is_set(), e.g. a threading.Event
         self.deadline = time.monotonic() + self.limits.max_seconds if untrusted else None
         self.created = 0  # elements created so far
-        self._index: WeightIndex | None = None  # the model's, looked up at the first write of a run
+        self._storages: dict[int, torch.UntypedStorage] | None = None  # untrusted: data_ptr -> weight storage
+        self._index: WeightIndex | None = None  # local: the model's, looked up at the first write of a run
         self._named: dict[int, torch.Tensor] = {}  # data_ptr -> weight a `parameter` node read in this run
         self._copies: dict[int, tuple] = {}  # data_ptr -> (weight storage, its bytes as they were)
-        self._rehearsed: dict[tuple, tuple[int, int]] = {}  # module calls: (output, all) elements
+        self._rehearsed: dict[tuple, tuple[int, int, int]] = {}  # module calls: (output, all) elements, flops
+        self.versions = Versions(root) if untrusted else None  # the second line against writes
 
     # -- writes ------------------------------------------------------------------------------------
     def named_weight(self, tensor) -> None:
@@ -66,28 +71,81 @@ class Guard:
         pointer = storage.data_ptr()
         if not pointer or pointer in self._copies:  # (meta and empty tensors have no memory to keep)
             return
-        if pointer not in self._named:
-            if self._index is None:
-                self._index = WeightIndex.of(self.root)
-            if not self._index.holds(pointer):
-                return
+        if pointer not in self._named and not self._is_weight(pointer):
+            return
         if self.untrusted:
-            what = what if isinstance(what, str) else what.describe()
-            raise RefusedError(
-                f"{what} would change a weight of the shared model (a parameter or buffer, or a view of "
-                "one). Weights are read-only here: compute on a copy, e.g. `w = weight.clone()`."
-            )
-        self._copies[pointer] = (storage, storage.clone())
+            raise refuse_weight_write(what if isinstance(what, str) else what.describe())
+        self._keep_copy(storage)
+
+    def _is_weight(self, pointer: int) -> bool:
+        if self.untrusted:  # every weight and gradient, found for each request
+            return pointer in self._weights()
+        if self._index is None:
+            self._index = WeightIndex.of(self.root)
+        return self._index.holds(pointer)
+
+    def _keep_copy(self, storage: torch.UntypedStorage) -> None:
+        pointer = storage.data_ptr()
+        if pointer not in self._copies:
+            self._copies[pointer] = (storage, storage.clone())
+
+    def _weights(self) -> dict[int, torch.UntypedStorage]:
+        if self._storages is None:
+            self._storages = weight_storages(self.root)
+        return self._storages
+
+    # -- writes in an untrusted run: decided by torch's operator schemas -----------------------------
+    def call(self, what: str, fn, args, kwargs, *, module: torch.nn.Module | None = None):
+        """`fn(*args, **kwargs)` in an untrusted run: no operator inside it may write a weight.
+
+        A weight the graph hands to a call is copied (once per run) before an operator first reads it,
+        so that if its version counter moves anyway (the second line), the run fails and the weight
+        is put back. A module call reads its own weights: their counters are checked, nothing copied.
+        """
+        check = WriteCheck(self._weights(), what, keep=None if module is not None else self._keep_pointer)
+        with check:
+            result = fn(*args, **kwargs)
+        if check.touched:
+            self.check_versions(what)
+        return result
+
+    def _keep_pointer(self, pointer: int) -> None:
+        if pointer not in self._copies:
+            self._keep_copy(self._storages[pointer])
+
+    def check_versions(self, what: str = "the run") -> None:
+        """The second line: fail (and put back what was copied) if any weight's version counter moved."""
+        changed = self.versions.changed() if self.versions is not None else []
+        if not changed:
+            return
+        copied = {name for name, tensor, _ in self.versions.tensors
+                  if tensor.untyped_storage().data_ptr() in self._copies}
+        self._put_back()
+        self.versions = Versions(self.root)  # putting back writes too: count from here
+        lost = [name for name in changed if name not in copied]
+        raise WeightsChangedError(
+            f"{what} changed weight(s) {', '.join(changed[:5])} of the shared model, so the run is refused"
+            + (f"; {', '.join(lost[:5])} could not be put back: the server must reload the model" if lost
+               else "; they were put back") + ". Compute on a copy (`w.clone()`)."
+        )
 
     def restore_weights(self) -> None:
-        """Put back every weight storage a local run changed."""
-        if self._copies:
-            with torch.no_grad():
-                for storage, copy in self._copies.values():
-                    storage.copy_(copy)
+        """Put back every weight storage a local run changed (an untrusted run's copies are only
+        for `check_versions`: nothing was written, so they are dropped)."""
+        if self.untrusted:
             self._copies.clear()
+        else:
+            self._put_back()
         self._named.clear()
         self._index = None  # the next run looks again: the model may change between runs
+
+    def _put_back(self) -> None:
+        if not self._copies:
+            return
+        with torch.no_grad():
+            for storage, copy in self._copies.values():
+                storage.copy_(copy)
+        self._copies.clear()
 
     # -- budgets (untrusted runs) ----------------------------------------------------------------------
     def tick(self) -> None:
@@ -100,8 +158,6 @@ class Guard:
     def before_call(self, name: str, fn, args, kwargs) -> None:
         """Checks before calling function entry `name` (untrusted runs)."""
         _refuse_out_arguments(kwargs)
-        if name in ops.MUTATING_TARGETS and args:
-            self.before_write(args[0], name)
         if name.startswith("operator.") or name.startswith("builtins."):
             self._python_growth(name, args)
         if name == "builtins.getattr":
@@ -115,7 +171,7 @@ class Guard:
         if isinstance(receiver, torch.Tensor):
             if name not in ops.TENSOR_METHODS:
                 raise RefusedError(f"tensors have no allowed method {name!r}")
-            if ops.is_in_place_method(name):
+            if name in ops.AUTOGRAD_METHODS:  # flags, not data: no operator schema describes them
                 self.before_write(receiver, f".{name}()")
             self._count(f"Tensor.{name}", getattr(torch.Tensor, name), ops.TENSOR_METHODS[name], args, kwargs)
             return
@@ -123,23 +179,27 @@ class Guard:
         if kind is None or name not in ops.CONTAINER_METHODS[kind]:
             raise RefusedError(f"method {name!r} is not allowed on a {type(receiver).__name__}")
         if name == "extend":
-            self._length(len(receiver) + _length_of(args[1] if len(args) > 1 else ()))
+            self._items(len(receiver) + _length_of(args[1] if len(args) > 1 else ()), PYTHON_REFERENCE)
 
     def before_module_call(self, module: torch.nn.Module, path: str, args, kwargs) -> None:
         """Calling a module on values: its output and everything it makes inside are bounded first.
 
-        The call is rehearsed on the meta device (shapes only), counting the elements of every
-        operation inside it; rehearsals are reused for calls with the same shapes.
+        The arguments are checked first: tensors and plain numbers only (in tuples and lists), so no
+        path, repo id, callable, config or cache object reaches a forward. Then the call is rehearsed
+        on the meta device (shapes only), counting the elements of every operation inside it;
+        rehearsals are reused for calls with the same shapes.
         """
+        _check_module_arguments(path, args, kwargs)
         key = (path, shapes(args), shapes(kwargs))
         counted = self._rehearsed.get(key)
         if counted is None:
             counted = self._rehearsed[key] = rehearse(module, path, args, kwargs)
-        output, inside = counted
+        output, inside, flops = counted
         if output > self.limits.max_elements:
             raise LimitError(f"calling {path} would create {output} elements, over the limit of "
                              f"{self.limits.max_elements} for one value (max_elements)")
         self._add(inside)
+        self._work(f"calling {path}", flops)
 
     def check_value(self, value) -> None:
         """After an operation: Python values it made stay within the limits (untrusted runs)."""
@@ -154,6 +214,12 @@ class Guard:
                 "may not be larger than the value it replaces here"
             )
 
+    def check_size(self, value, what: str) -> None:
+        """A value that stands in for a module's whole output (skip) is at most one value's worth."""
+        if elements(value) > self.limits.max_elements:
+            raise LimitError(f"{what} has {elements(value)} elements, over the limit of {self.limits.max_elements} "
+                             "for one value (max_elements)")
+
     def _count(self, name, fn, rule, args, kwargs) -> None:
         try:
             count = RULES[rule](args, kwargs, self.limits, fn)
@@ -161,12 +227,26 @@ class Guard:
             raise
         except Exception:
             count = RULES["meta"](args, kwargs, self.limits, fn)  # arguments the formula does not expect
+        count, flops = count if isinstance(count, tuple) else (count, 0)
         if count > self.limits.max_elements:
             raise LimitError(
                 f"{name} would create {count} elements, over the limit of {self.limits.max_elements} "
                 "for one value (max_elements)"
             )
         self._add(count)
+        self._work(name, flops)
+
+    def _work(self, what: str, flops: int) -> None:
+        """A call's floating point operations, at the server's rate, must fit in the time the run has left."""
+        if not flops or self.deadline is None:
+            return
+        seconds, left = flops / self.limits.flops_per_second, self.deadline - time.monotonic()
+        if seconds > left:
+            raise LimitError(
+                f"{what} would do {flops:.3g} floating point operations, about {seconds:.3g} s at "
+                f"{self.limits.flops_per_second:.3g} per second (flops_per_second), past the run's deadline "
+                f"({max(left, 0):.3g} s left of max_seconds={self.limits.max_seconds:g}); use smaller operands"
+            )
 
     def _add(self, count: int) -> None:
         limits = self.limits
@@ -181,7 +261,7 @@ class Guard:
         """Repetition, concatenation, formatting and int growth, bounded before Python computes them."""
         op = name.split(".")[-1]
         if op in ("list", "tuple", "dict") and args:
-            self._length(_length_of(args[0]))
+            self._items(_length_of(args[0]), PYTHON_TENSOR if isinstance(args[0], torch.Tensor) else PYTHON_REFERENCE)
         if len(args) != 2:
             return
         a, b = args
@@ -189,9 +269,9 @@ class Guard:
         if op == "mul":
             for seq, times in ((a, b), (b, a)):
                 if isinstance(seq, _SEQUENCES) and type(times) in (int, bool):
-                    self._length(len(seq) * max(times, 0))
+                    self._items(len(seq) * max(times, 0), PYTHON_REFERENCE)
         elif op == "add" and isinstance(a, _SEQUENCES) and isinstance(b, _SEQUENCES):
-            self._length(len(a) + len(b))
+            self._items(len(a) + len(b), PYTHON_REFERENCE)
         elif op == "mod" and isinstance(a, (str, bytes)):
             raise RefusedError("string formatting with % is not allowed here")
         elif op in ("pow", "lshift") and type(a) is int and type(b) is int and b > 0:
@@ -202,10 +282,30 @@ class Guard:
                 raise LimitError(f"{name} would make an int of about {bits} bits, over the limit of "
                                  f"{self.limits.max_int_bits} (max_int_bits)")
 
+    def _items(self, length: int, cost: int) -> None:
+        """A Python container of `length` items, each costing `cost` elements of the run's budget."""
+        self._length(length)
+        self._add(length * cost)
+
     def _length(self, length: int) -> None:
         if length > self.limits.max_list_length:
             raise LimitError(f"a Python value would hold {length} items, over the limit of "
                              f"{self.limits.max_list_length} (max_list_length)")
+
+
+def weight_storages(root: torch.nn.Module) -> dict[int, torch.UntypedStorage]:
+    """data_ptr -> storage of every parameter, buffer and gradient of `root` (walks the whole model)."""
+    storages = {}
+    for module in root.modules():
+        for table in (module._parameters, module._buffers):
+            for tensor in table.values():
+                if tensor is None or tensor.device.type == "meta":
+                    continue
+                for held in (tensor, tensor.grad):
+                    if held is not None and held.numel():
+                        storage = held.untyped_storage()
+                        storages[storage.data_ptr()] = storage
+    return storages
 
 
 class WeightIndex:
@@ -267,8 +367,8 @@ for _register in (torch.nn.modules.module.register_module_parameter_registration
 
 
 def _refuse_out_arguments(kwargs) -> None:
-    if "out" in kwargs or kwargs.get("inplace"):
-        raise RefusedError("`out=` and `inplace=True` are not allowed here: use the returned value")
+    if "out" in kwargs:
+        raise RefusedError("`out=` is not allowed here: use the returned value")
 
 
 def _check_attribute(args) -> None:
@@ -287,6 +387,31 @@ def _check_attribute(args) -> None:
             f"reading attribute {name!r} of a {type(obj).__name__} is not allowed here; tensors allow "
             f"{', '.join(sorted(ops.TENSOR_ATTRIBUTES))}; model outputs allow their fields"
         )
+
+
+_NUMBERS = (bool, int, float)
+
+
+def _check_module_arguments(path: str, args, kwargs) -> None:
+    """A module called from an untrusted graph gets tensors, plain numbers and None, in tuples and lists."""
+    def check(value, where: str) -> None:
+        if isinstance(value, torch.Tensor) and type(value) in (torch.Tensor, torch.nn.Parameter) or value is None:
+            return
+        if type(value) in _NUMBERS:
+            return
+        if type(value) in (tuple, list):
+            for number, item in enumerate(value):
+                check(item, f"{where}[{number}]")
+            return
+        raise RefusedError(
+            f"calling {path or 'the model'} with {where} = a {type(value).__name__} is not allowed here: a module "
+            "called from a graph takes tensors and plain numbers (in tuples and lists) only"
+        )
+
+    for number, value in enumerate(args):
+        check(value, f"argument {number}")
+    for name, value in kwargs.items():
+        check(value, f"keyword {name!r}")
 
 
 def _length_of(value) -> int:

@@ -10,7 +10,10 @@ flags (`--max-nodes`, ...); a local user passes one to `deserialize_graph` for d
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
+
+from ..errors import InterlaceError
 
 
 @dataclass(frozen=True)
@@ -31,10 +34,18 @@ class Limits:
     max_total_elements: int = 1 << 31  # elements created by the whole run
     max_result_bytes: int = 256 << 20  # saved values sent back
     max_seconds: float = 300.0  # wall clock of one run, checked between operations
+    flops_per_second: float = 1e11  # what one operation may assume of the machine, held to the time left
     # the model's own work
     max_tokens: int = 65_536  # token positions of one batch (rows x padded length)
     max_new_tokens: int = 1_024
     max_invokes: int = 256  # invokes of one trace (a server checks it before queueing)
+
+    def __post_init__(self):
+        """Every limit is a positive finite number: NaN would compare false and switch a check off."""
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+                raise InterlaceError(f"limit {spec.name} must be a positive finite number, not {value!r}")
 
     @classmethod
     def names(cls) -> list[str]:

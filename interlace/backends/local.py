@@ -35,7 +35,7 @@ from .guard import Guard
 from .limits import Limits
 from .plan import Plan
 from .rows import first_input, narrow, replace_first_input, write_rows
-from .state import global_state, restore_global_state
+from .state import Attachments, global_state, restore_global_state
 from .validate import check_against_model
 
 _PENDING = object()  # a node that waits for a later event (a gradient)
@@ -79,6 +79,7 @@ class Interleaver:
         self.strict = strict  # False: calls never reached (generation ended early) are no error
         self.extra_modules = modules or {}  # paths outside the model's tree, e.g. 'generator'
         self.rows = rows if len(rows) > 1 else None  # one invoke: nothing to narrow
+        self.shared = False  # a batch shared with other users' jobs (merge.py): what has no rows is Shared
         self.batch_size = batch_size
         self.early_stop = early_stop
         self.untrusted = untrusted
@@ -126,7 +127,8 @@ class Interleaver:
         forward=None runs the nodes that need no model (a session's own nodes between its traces).
         """
         # what the run changes is put back in reverse order (try/finally: an ExitStack costs ~10 µs a trace)
-        state = global_state() if self.untrusted else None  # allowed operations cannot change it: a second line
+        if self.untrusted:  # allowed operations cannot change these: this is a second line of defence
+            state, attachments = global_state(), Attachments(self.root)  # e.g. hooks output_attentions leaves
         if self.plan.needs_grad:
             # fresh gradients for the run; the parameters' own .grad objects come back after it
             grads, no_grad = {p: p.grad for p in self.root.parameters()}, None
@@ -150,13 +152,19 @@ class Interleaver:
             self._check_finished()
         finally:
             try:
-                if no_grad is not None:
-                    no_grad.__exit__(None, None, None)
-                else:
-                    _restore_grads(grads)
-                if state is not None:
-                    restore_global_state(state)
-                self.guard.restore_weights()
+                try:
+                    if no_grad is not None:
+                        no_grad.__exit__(None, None, None)
+                    else:
+                        _restore_grads(grads)
+                    if self.untrusted:
+                        try:
+                            self.guard.check_versions()
+                        finally:
+                            attachments.restore()
+                            restore_global_state(state)
+                finally:
+                    self.guard.restore_weights()
             finally:
                 self._remove_hooks()  # whatever else failed, no hook stays on the model
         return self.results
@@ -236,11 +244,11 @@ class Interleaver:
             if (path, call) not in self.skip_values:  # its job failed or stopped: the module runs
                 return original(*args, **kwargs)
             value, rows = self.skip_values[(path, call)]
-            if self.untrusted:
-                self.guard.check_replacement((args, kwargs), value, f"the value that replaces {path}")
+            if self.untrusted:  # (its output may well be larger than its input: an embedding's is)
+                self.guard.check_size(value, f"the value that replaces {path}")
             if rows is None:
                 return value
-            return write_rows(original(*args, **kwargs), value, rows)
+            return write_rows(original(*args, **kwargs), value, rows, self.batch_size, shared=self.shared)
 
         # an instance forward may be someone else's (accelerate's hooks): put back exactly what was there
         self.handles.append(_InstanceAttribute(module, "forward"))
@@ -346,7 +354,7 @@ class Interleaver:
         elif kind == "inputs":
             value = (tuple(value[0]), dict(value[1]))
         rows = self._rows(node.kwargs["invoke"])
-        return value if rows is None else narrow(value, rows, self.batch_size)
+        return value if rows is None else narrow(value, rows, self.batch_size, shared=self.shared)
 
     def _op_parameter(self, node):
         try:
@@ -364,7 +372,7 @@ class Interleaver:
             _warn_row_zero(self.nodes[node.args[0].index], args[0])
         if self.untrusted:
             self.guard.before_call(target, fn, args, kwargs)
-            result = fn(*args, **kwargs)
+            result = self.guard.call(target, fn, args, kwargs)
             self.guard.check_value(result)
             return result
         if node.index in self.plan.writes and args:
@@ -377,11 +385,12 @@ class Interleaver:
             self.guard.before_method(node.target, args, kwargs)
         elif node.index in self.plan.writes:
             self.guard.before_write(args[0], node)
-        if node.target == "backward":
+        if node.target == "backward":  # writes only the run's own .grad (put back after it)
             return self._backward(node, args, kwargs)
-        result = getattr(args[0], node.target)(*args[1:], **kwargs)
-        if self.untrusted:
-            self.guard.check_value(result)
+        if not self.untrusted:
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        result = self.guard.call(f".{node.target}()", getattr(type(args[0]), node.target), args, kwargs)
+        self.guard.check_value(result)
         return result
 
     def _op_apply(self, node):
@@ -398,15 +407,16 @@ class Interleaver:
         if target.op == "grad":
             event.value = new
         else:
-            rows = self._rows(target.kwargs["invoke"])
+            rows, size, shared = self._rows(target.kwargs["invoke"]), self.batch_size, self.shared
             kind = target.kwargs["kind"]
             if kind == "output":
-                event.value = new if rows is None else write_rows(event.value, new, rows)
+                event.value = new if rows is None else write_rows(event.value, new, rows, size, shared=shared)
             elif kind == "input":
-                event.value = replace_first_input(event.value, new, rows)
+                event.value = replace_first_input(event.value, new, rows, size, shared=shared)
             else:
                 args, kwargs = new
-                event.value = (tuple(args), dict(kwargs))
+                new = (tuple(args), dict(kwargs))
+                event.value = new if rows is None else write_rows(event.value, new, rows, size, shared=shared)
         event.changed = True
         return None
 
@@ -424,6 +434,8 @@ class Interleaver:
             if self.untrusted:
                 self.guard.before_module_call(module, node.target, args, kwargs)
             self.bypass = outer if hooked else True
+            if self.untrusted:
+                return self.guard.call(f"calling {node.target}", module, args, kwargs, module=module)
             return module(*args, **kwargs)
         finally:
             self.bypass = outer
@@ -468,9 +480,14 @@ class Interleaver:
         return builtins.bool(self._resolve(node.args[0]))
 
     def _op_stop(self, node):
-        self.stopped = True
         if node.kwargs.get("session"):
-            self.skip_to = node.kwargs.get("skip_to") or len(self.nodes)
+            # session.stop(): the nodes up to the end of its loop do not run; what follows the loop does
+            end = self.skip_to = node.kwargs.get("skip_to") or len(self.nodes)
+            for index in range(node.index + 1, min(end, self.end)):
+                if not self.done[index]:
+                    self._finish(index, None, ran=False, why="session.stop() ended the loop before it ran")
+            return None
+        self.stopped = True
         self._finish(node.index, None)
         raise EarlyStop()
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from ..errors import CancelledError, InterlaceError
 from ..graph import Graph, Outcome, Request, TraceSpec
 from .local import Interleaver
+from .rows import Shared, SharedValueError, contains_shared
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ def merge_key(request: Request):
     one forward; None: this one runs alone."""
     if len(request.traces) != 1 or not request.traces[0].invokes:
         return None
+    if any(node.op == "grad" or node.op == "call_method" and node.target == "backward" for node in request.graph):
+        return None  # one job's backward would run through (and free) every job's autograd graph
     options = request.traces[0].options
     return options.get("mode", "trace"), repr(sorted(options.get("kwargs", {}).items()))
 
@@ -69,6 +72,10 @@ def split(interleaver: Interleaver, parts: list[Part]) -> list[Outcome | Interla
         outcome = Outcome()
         outcome.results = {i - part.start: v for i, v in interleaver.results.items() if part.start <= i < part.end}
         outcome.logs = [(i - part.start, values) for i, values in interleaver.logs if part.start <= i < part.end]
+        if contains_shared(outcome.results) or contains_shared(outcome.logs):
+            answers.append(SharedValueError("the job saved or logged a value every job in this batch shares; "
+                                            "the job runs again alone, where the whole value is its own"))
+            continue
         outcome.missing = {i - part.start: why for i, why in missing.items() if part.start <= i < part.end}
         answers.append(outcome)
     return answers
@@ -90,6 +97,7 @@ class MergedInterleaver(Interleaver):
         # each part's whole batch is the rows of its invokes
         rows = list(rows) + [(rows[p.first_invoke][0], rows[p.first_invoke + p.invokes - 1][1]) for p in parts]
         super().__init__(graph, root, rows, batch_size, **options)
+        self.shared = True
         self.parts = parts
         self.cancels = cancels or [None] * len(parts)
         self.part_of = [0] * len(graph)
@@ -103,6 +111,21 @@ class MergedInterleaver(Interleaver):
             self._node_failed(index, CancelledError("the job was cancelled while it ran"))
             return
         super()._execute(index)
+
+    def _resolve(self, obj):
+        """A `Shared` placeholder may be held in containers and moved by indexing, never used itself."""
+        value = super()._resolve(obj)
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else (value,)
+        for item in items:
+            if isinstance(item, Shared):
+                raise item.refuse("this operation")
+        return value
+
+    def _op_module_call(self, node):
+        if node.kwargs.get("hook"):
+            raise SharedValueError("a module call with hook=True would run every job's interventions on this "
+                                   "job's values; the job runs again alone")
+        return super()._op_module_call(node)
 
     def _node_failed(self, index: int, error: InterlaceError) -> None:
         """Only this node's part fails: its nodes are done (not run), the others go on."""

@@ -23,6 +23,8 @@ import base64
 import functools
 import json
 import math
+import re
+import reprlib
 import struct
 from typing import Any, Literal
 
@@ -93,8 +95,10 @@ class ValuesHeader(_Strict):
 class _Encoder:
     """Turns values into tagged JSON, collecting tensors for the safetensors section."""
 
-    def __init__(self, refs: bool = True):
+    def __init__(self, refs: bool = True, limit: int | None = None):
         self.refs = refs  # graph arguments hold refs; inputs and results never do
+        self.limit = limit  # bytes of the encoded values (header and tensors), checked as they grow
+        self.size = 0  # an upper bound on the header bytes encoded so far: each item, once per reference
         self.tensors: dict[str, torch.Tensor] = {}
         self._keys: dict[int, str] = {}  # id(tensor) -> key: one tensor object is stored once
         self._kept: list = []  # keeps those ids from being reused while we encode
@@ -103,6 +107,11 @@ class _Encoder:
 
     def encode(self, obj):
         kind = type(obj)
+        if self.limit is not None:  # a value held by many references is written once per reference
+            self.size += 16 + (len(obj) if kind is str else 0)
+            if self.size + self.nbytes > self.limit:
+                raise LimitError(f"the reply would be over {self.limit} bytes (max_result_bytes), counting "
+                                 "each value once per place it is held; save less")
         if obj is None or kind is bool or kind is int or kind is str:
             return obj
         if kind is float:
@@ -141,6 +150,10 @@ class _Encoder:
             return key
         if tensor.layout != torch.strided or tensor.is_quantized or tensor.device.type == "meta":
             raise SerializationError(f"cannot serialize a {tensor.layout} {tensor.dtype} tensor on {tensor.device}")
+        size = tensor.numel() * tensor.element_size()  # before a view (an expand) is made contiguous
+        if self.limit is not None and self.size + self.nbytes + size > self.limit:
+            raise LimitError(f"the results hold {self.nbytes + size} bytes of tensors, over the limit of "
+                             f"{self.limit} (max_result_bytes); save less")
         data = tensor.detach().contiguous()
         # safetensors refuses tensors that share storage: store such views as copies
         if data.untyped_storage().data_ptr() in self._storages and data.numel():
@@ -248,7 +261,7 @@ def serialize_results(values: dict, logs=(), *, compress: bool = False, graph: G
     the node (with its location when `graph` is given).
     """
     limits = limits or Limits()
-    encoder, items = _Encoder(refs=False), []
+    encoder, items = _Encoder(refs=False, limit=limits.max_result_bytes), []
 
     def fail(index, message, error=LimitError):
         node = graph[index] if graph is not None and 0 <= index < len(graph) else None
@@ -261,20 +274,25 @@ def serialize_results(values: dict, logs=(), *, compress: bool = False, graph: G
             raise SerializationError(f"result keys must be node indices (int >= 0), not {index!r}")
         try:
             items.append([index, encoder.encode(value)])
+        except LimitError as error:
+            raise fail(index, str(error)) from None
         except (SerializationError, RecursionError) as error:
             raise fail(index, str(error) if isinstance(error, SerializationError) else "nested too deeply",
                        SerializationError) from None
-        if encoder.nbytes > limits.max_result_bytes:
-            raise fail(index, f"the results hold {encoder.nbytes} bytes of tensors, over the limit of "
-                              f"{limits.max_result_bytes} (max_result_bytes); save less")
     encoded_logs = []
-    for index, logged in logs:
+    for index, logged in logs:  # counted in the reply like values
         try:
             encoded_logs.append([index, [encoder.encode(value) for value in logged]])
+        except LimitError as error:
+            raise fail(index, f"its log line: {error}") from None
         except (SerializationError, RecursionError):
             encoded_logs.append([index, [_short(logged)]])  # a log line is text to its reader
     header = {"version": VERSION, "values": items, "logs": encoded_logs}
-    return encoder.frame(VALUES_MAGIC, header, len(items), compress)
+    frame = encoder.frame(VALUES_MAGIC, header, len(items), compress)
+    if len(frame) > limits.max_result_bytes:
+        raise LimitError(f"the reply is {len(frame)} bytes, over the limit of {limits.max_result_bytes} "
+                         "(max_result_bytes); save or log less")
+    return frame
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -354,8 +372,20 @@ class _Decoder:
                                      f"to ({_short(sorted(unused))}); a valid frame carries only what it uses")
 
 
+_REPR = reprlib.Repr()  # bounded depth (maxlevel 6): no RecursionError on deeply nested lists
+_REPR.maxstring = _REPR.maxother = 60
+
+
+def log_text(values) -> str:
+    """One `log` line as text, as `print` would write it; a value too deep for `str` is shortened."""
+    try:
+        return " ".join(map(str, values))
+    except RecursionError:
+        return " ".join(map(_short, values))
+
+
 def _short(obj) -> str:
-    text = repr(obj)
+    text = _REPR.repr(obj)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -452,6 +482,7 @@ def deserialize_request(data: bytes, *, trusted: bool = False, limits: Limits | 
     """A `Request` from `serialize_request` bytes; refuses pickled functions unless `trusted`."""
     limits = limits or Limits()
     count, text, tensors = _unframe(data, GRAPH_MAGIC, "graph", trusted, limits, limits.max_nodes)
+    _check_int_literals(text, limits)
     header = Header.model_validate_json(text)
     if len(header.nodes) != count:
         raise SerializationError(f"the prefix says {count} nodes but the header holds {len(header.nodes)}")
@@ -485,7 +516,7 @@ def deserialize_request(data: bytes, *, trusted: bool = False, limits: Limits | 
             invokes = [(tuple([decoder.decode(a, None) for a in invoke.args]),
                         {decoder.text(k): decoder.decode(v, None) for k, v in invoke.kwargs.items()})
                        for invoke in trace.invokes]
-            options = {decoder.text(k): decoder.decode(v, None) for k, v in trace.options.items()}
+            options = _checked_options({decoder.text(k): decoder.decode(v, None) for k, v in trace.options.items()})
         except InterlaceError as error:
             raise type(error)(f"trace {number}: {error}") from None
         traces.append(TraceSpec(trace.start, trace.end, invokes, options))
@@ -493,6 +524,35 @@ def deserialize_request(data: bytes, *, trusted: bool = False, limits: Limits | 
         raise SerializationError("the traces must cover every node of the graph, in order")
     decoder.check_all_used()
     return Request(graph, traces)
+
+
+def _check_int_literals(text, limits: Limits) -> None:
+    """Refuse an int literal longer than `max_int_bits` allows before parsing: reading one is quadratic in its digits."""
+    digits = math.ceil(limits.max_int_bits * math.log10(2)) + 1
+    found = re.search(rb"[\[,:]\s*-?\d{%d}" % (digits + 1), text)
+    if found:
+        raise LimitError(f"an int literal at byte {found.start()} of the header has more than {digits} digits, over "
+                         f"the limit of {limits.max_int_bits} bits (max_int_bits)")
+
+
+# the options of a trace and the type each must have
+_OPTIONS = {"mode": str, "kwargs": dict, "early_stop": bool}
+_MODES = ("trace", "generate", "session")
+
+
+def _checked_options(options: dict) -> dict:
+    """A trace's options, each of a known name and type, before anything uses them."""
+    for name, value in options.items():
+        kind = _OPTIONS.get(name)
+        if kind is None:
+            raise SerializationError(f"unknown trace option {name!r}; the options are {', '.join(_OPTIONS)}")
+        if type(value) is not kind:
+            raise SerializationError(f"trace option {name!r} must be a {kind.__name__}, not {_short(value)}")
+    if options.get("mode", "trace") not in _MODES:
+        raise SerializationError(f"trace option 'mode' must be one of {', '.join(_MODES)}, not {_short(options['mode'])}")
+    if any(type(key) is not str for key in options.get("kwargs", {})):
+        raise SerializationError("the keys of trace option 'kwargs' must be str")
+    return options
 
 
 def deserialize_graph(data: bytes, *, trusted: bool = False, limits: Limits | None = None):

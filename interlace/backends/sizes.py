@@ -2,9 +2,12 @@
 
 Every allowed operation names one of these rules (`ops`); `Guard` checks the bound against `Limits`
 before the call allocates anything. A rule is exact for the common case and an upper bound within
-a small constant factor otherwise (a sort returns values and indices). Shapes not worth a formula
-are worked out on the meta device (no memory, only shapes); module calls are rehearsed there with
-every operation inside them counted.
+a small constant factor otherwise (a sort returns values and indices). Sizes are read from every
+argument that can carry one: ints, 0-d tensors, sequences of them. Shapes not worth a formula are
+worked out on the meta device (no memory, only shapes), counting every intermediate the call makes
+(an einsum's pairwise products); module calls are rehearsed there the same way. A rule returns the
+elements, or (elements, floating point operations) where the work grows faster than the result (a
+matrix product), so that `Guard` can hold the work to the run's deadline.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import math
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import LimitError, RefusedError
 
@@ -59,9 +63,22 @@ def _product(args, kwargs, limits, fn):
     return math.prod(t.numel() for t in _tensors(args, kwargs))
 
 
+def _int(value) -> int:
+    """A size given as an int or as a 0-d integer tensor (what `x.shape[0]` and `t.sum()` give)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() or value.is_floating_point() or value.is_complex():
+            raise ValueError(f"a size must be an int or a 0-d integer tensor, not a tensor of shape {tuple(value.shape)}")
+        return int(value)
+    return int(value)
+
+
+def _is_size(value) -> bool:
+    return type(value) is int or isinstance(value, torch.Tensor) and not value.dim() and not value.is_floating_point()
+
+
 def _dim(args, kwargs, position: int) -> int:
     dim = args[position] if len(args) > position else kwargs.get("dim", 0)
-    return int(dim)
+    return _int(dim)
 
 
 _PIECE_KEYWORDS = ("chunks", "split_size_or_sections", "split_size", "indices_or_sections",
@@ -81,9 +98,9 @@ def _pieces(args, kwargs, limits, fn):
             elif isinstance(how, torch.Tensor) and how.dim():
                 count = how.numel() + 1
             elif name == "split":
-                count = -(-tensor.shape[_dim(args, kwargs, 2)] // max(int(how), 1))
+                count = -(-tensor.shape[_dim(args, kwargs, 2)] // max(_int(how), 1))
             else:
-                count = int(how)
+                count = _int(how)
     except Exception as error:
         raise RefusedError(f"cannot tell how many tensors {name} makes from these arguments ({error})") from None
     if count > limits.max_pieces:
@@ -99,8 +116,8 @@ def _matmul(args, kwargs, limits, fn):
         return max(a.numel(), b.numel(), others)
     left = [1] + list(a.shape) if a.dim() == 1 else list(a.shape)
     right = list(b.shape) + [1] if b.dim() == 1 else list(b.shape)
-    batch = torch.broadcast_shapes(tuple(left[:-2]), tuple(right[:-2]))
-    return max(math.prod(batch) * left[-2] * right[-1], others)
+    batch = math.prod(torch.broadcast_shapes(tuple(left[:-2]), tuple(right[:-2])))
+    return max(batch * left[-2] * right[-1], others), 2 * batch * left[-2] * left[-1] * right[-1]
 
 
 def _index_select(args, kwargs, limits, fn):
@@ -113,7 +130,7 @@ def _sizes(values) -> list[int]:
     """(2, 3) or ((2, 3),) or (torch.Size([2, 3]),) -> [2, 3]."""
     if len(values) == 1 and isinstance(values[0], (list, tuple)):
         values = values[0]
-    sizes = [int(v) for v in values]
+    sizes = [_int(v) for v in values]
     if any(s < -1 for s in sizes):
         raise ValueError("negative size")
     return sizes
@@ -136,7 +153,7 @@ def _repeat_interleave(args, kwargs, limits, fn):
     repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
     if repeats is None:  # repeat_interleave(repeats): each index i repeated repeats[i] times
         return tensor.numel() * int(tensor.max()) if tensor.numel() else 0
-    most = int(repeats.max()) if isinstance(repeats, torch.Tensor) and repeats.numel() else int(repeats)
+    most = int(repeats.max()) if isinstance(repeats, torch.Tensor) and repeats.dim() else _int(repeats)
     return tensor.numel() * max(most, 0)
 
 
@@ -145,7 +162,7 @@ def _size(args, kwargs, limits, fn):
     if values and isinstance(values[0], (list, tuple)):
         values = (values[0],)
     else:
-        values = tuple(v for v in values if type(v) is int)
+        values = tuple(v for v in values if _is_size(v))
     return math.prod(max(s, 0) for s in _sizes(values))
 
 
@@ -155,7 +172,7 @@ def _new_size(args, kwargs, limits, fn):
 
 def _range(args, kwargs, limits, fn):
     if fn.__name__ in ("linspace", "logspace"):
-        return int(args[2] if len(args) > 2 else kwargs["steps"])
+        return _int(args[2] if len(args) > 2 else kwargs["steps"])
     numbers = [float(v) for v in args if isinstance(v, (int, float, torch.Tensor))]
     start, end, step = 0.0, None, 1.0
     if len(numbers) == 1:
@@ -168,8 +185,8 @@ def _range(args, kwargs, limits, fn):
 
 
 def _eye(args, kwargs, limits, fn):
-    rows = int(args[0] if args else kwargs["n"])
-    columns = int(args[1] if len(args) > 1 and type(args[1]) is int else kwargs.get("m", rows))
+    rows = _int(args[0] if args else kwargs["n"])
+    columns = _int(args[1] if len(args) > 1 and _is_size(args[1]) else kwargs.get("m", rows))
     return max(rows, 0) * max(columns, 0)
 
 
@@ -194,7 +211,8 @@ def _new_data(args, kwargs, limits, fn):
 def _linear(args, kwargs, limits, fn):
     x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
     rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
-    return rows * (weight.shape[0] if weight.dim() == 2 else 1)
+    outputs = weight.shape[0] if weight.dim() == 2 else 1
+    return rows * outputs, 2 * rows * outputs * weight.shape[-1] if weight.dim() else rows
 
 
 def _embedding(args, kwargs, limits, fn):
@@ -202,12 +220,17 @@ def _embedding(args, kwargs, limits, fn):
     return index.numel() * (weight.shape[-1] if weight.dim() else 1)
 
 
+# What a Python object costs, in float32 elements of the same bytes: a number in a list (~32 bytes),
+# a 0-d tensor (~400 bytes with its storage), a reference in a list (8 bytes).
+PYTHON_NUMBER, PYTHON_TENSOR, PYTHON_REFERENCE = 8, 100, 2
+
+
 def _tolist(args, kwargs, limits, fn):
     count = args[0].numel()
     if count > limits.max_list_length:
         raise LimitError(f"tolist() would make {count} Python numbers, over the limit of "
                          f"{limits.max_list_length} (max_list_length)")
-    return count
+    return count * PYTHON_NUMBER
 
 
 def _to_meta(value):
@@ -222,38 +245,43 @@ def _to_meta(value):
 
 
 def _meta(args, kwargs, limits, fn):
-    """Run the call on the meta device (shapes only, nothing allocated) and count what it returns."""
+    """Run the call on the meta device (shapes only, nothing allocated), counting every intermediate."""
     kwargs = {key: "meta" if key == "device" else _to_meta(value) for key, value in kwargs.items()}
-    with torch.device("meta"):
-        return elements(fn(*_to_meta(tuple(args)), **kwargs))
+    counter, flops = _ElementCounter(), FlopCounterMode(display=False)
+    with torch.device("meta"), flops, counter:
+        output = elements(fn(*_to_meta(tuple(args)), **kwargs))
+    return max(output, counter.largest), flops.get_total_flops()
 
 
 class _ElementCounter(TorchDispatchMode):
-    """Counts the elements every operation returns, while a module call is rehearsed on meta."""
+    """Counts the elements every operation returns (and the largest), while a call runs on meta."""
 
     def __init__(self):
         super().__init__()
-        self.elements = 0
+        self.elements = self.largest = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
-        self.elements += elements(result)
+        made = elements(result)
+        self.elements += made
+        self.largest = max(self.largest, made)
         return result
 
 
-def rehearse(module: torch.nn.Module, path: str, args, kwargs) -> tuple[int, int]:
+def rehearse(module: torch.nn.Module, path: str, args, kwargs) -> tuple[int, int, int]:
+    """(elements of the output, elements made inside, floating point operations) of calling `module`."""
     weights = {name: tensor.to("meta") for name, tensor in
                list(module.named_parameters()) + list(module.named_buffers())}
-    counter = _ElementCounter()
+    counter, flops = _ElementCounter(), FlopCounterMode(display=False)
     try:
-        with torch.device("meta"), counter:
+        with torch.device("meta"), flops, counter:
             output = torch.func.functional_call(module, weights, _to_meta(tuple(args)), _to_meta(dict(kwargs)))
     except Exception as error:
         raise RefusedError(
             f"calling {path} on these values could not be checked ahead of running it "
             f"({type(error).__name__}: {error})"
         ) from None
-    return elements(output), counter.elements
+    return elements(output), counter.elements, flops.get_total_flops()
 
 
 def shapes(value):

@@ -3,7 +3,9 @@
 `ModelState` is a snapshot of everything about a model a run could change (parameters, buffers,
 `requires_grad`, `.grad`, hooks, instance `forward`, training flags) and of torch's global state;
 `restore()` puts it back and `diff()` says what changed (the tests use it on every hostile graph).
-`global_state` / `restore_global_state` are the cheap part an untrusted run restores every time.
+`global_state` / `restore_global_state` and `Attachments` (hooks and instance attributes a forward
+may add for good, as transformers' output-capturing hooks do) are the cheap part an untrusted run
+restores every time.
 """
 
 from __future__ import annotations
@@ -16,6 +18,46 @@ _HOOK_TABLES = (
     "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
     "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
 )
+
+
+class Attachments:
+    """What a run could attach to the modules of `root` and leave there: hooks, instance attributes.
+
+    transformers installs output-capturing hooks on every layer (and flags the model) the first time a
+    forward is asked for `output_attentions`, and leaves them; `restore()` takes off whatever was added.
+
+    >>> net = torch.nn.Linear(2, 2)
+    >>> attachments = Attachments(net)
+    >>> handle = net.register_forward_hook(lambda *a: None); net.flag = True
+    >>> attachments.added()
+    ['<root>: _forward_hooks added', "<root>: instance attribute 'flag' added"]
+    >>> attachments.restore(); attachments.added()
+    []
+    """
+
+    def __init__(self, root: torch.nn.Module):
+        self.modules = [(name, module, set(module.__dict__),
+                         {table: set(getattr(module, table, None) or ()) for table in _HOOK_TABLES})
+                        for name, module in root.named_modules(remove_duplicate=False)]
+
+    def added(self) -> list[str]:
+        changes = []
+        for name, module, attributes, hooks in self.modules:
+            for table, keys in hooks.items():
+                if set(getattr(module, table, None) or ()) - keys:
+                    changes.append(f"{name or '<root>'}: {table} added")
+            changes += [f"{name or '<root>'}: instance attribute {key!r} added"
+                        for key in sorted(set(module.__dict__) - attributes)]
+        return changes
+
+    def restore(self) -> None:
+        for _, module, attributes, hooks in self.modules:
+            for table, keys in hooks.items():
+                current = getattr(module, table, None)
+                for key in set(current or ()) - keys:
+                    del current[key]
+            for key in set(module.__dict__) - attributes:
+                del module.__dict__[key]
 
 
 def global_state() -> dict:
@@ -46,6 +88,7 @@ class ModelState:
 
     def __init__(self, root: torch.nn.Module, *, values: bool = True):
         self.root = root
+        self.attachments = Attachments(root)
         self.modules = [(name, module, module.__dict__.get("forward"), module.training,
                          {table: dict(getattr(module, table, {}) or {}) for table in _HOOK_TABLES})
                         for name, module in root.named_modules(remove_duplicate=False)]
@@ -63,7 +106,8 @@ class ModelState:
 
     def diff(self) -> list[str]:
         """What differs from the snapshot, one line each (empty when nothing does)."""
-        changes = []
+        changes = [line for line in self.attachments.added()  # (hooks and forward: compared below)
+                   if "instance attribute" in line and "'forward'" not in line]
         for name, module, forward, training, hooks in self.modules:
             if module.__dict__.get("forward") is not forward:
                 changes.append(f"{name or '<root>'}: instance forward changed")
@@ -88,6 +132,7 @@ class ModelState:
         return changes
 
     def restore(self) -> None:
+        self.attachments.restore()
         for _, module, forward, training, hooks in self.modules:
             if forward is None:
                 module.__dict__.pop("forward", None)

@@ -167,6 +167,9 @@ def check_against_model(graph: Graph, root, extra_modules: dict, invokes: int, s
                 modules = {name for name, _ in root.named_modules()} | set(extra_modules)
             if node.target not in modules:
                 raise fail(node, f"the model has no module {node.target!r}{_suggest(node.target, modules)}")
+            if node.op == "module_call" and node.target in extra_modules:
+                raise fail(node, f"{node.target!r} is not a module of the model's own tree, and a graph may call "
+                           "only those (generate with mode 'generate' and its allowed options instead)")
             invoke = node.kwargs.get("invoke")
             if invoke is not None and invoke >= max(invokes, 1):
                 raise fail(node, f"invoke {invoke} does not exist: this run has {invokes} invoke(s)")

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 
 def prompts_to_df(prompts, tokenizer=None):
-    """One row per `Prompt`: its text, and for each target category its words and tracked tokens.
-
-    With a tokenizer the tokens are shown as text, else as ids.
+    """One column per `Prompt` (as nnterp lays it out): rows `prompt`, `<category>_string` for each
+    target category, and with a tokenizer `<category>_tokens`, the tracked tokens as raw tokens.
     """
     try:
         import pandas as pd
     except ImportError:
         raise ImportError("prompts_to_df needs pandas: pip install 'interlace[display]'") from None
-    rows = []
-    for prompt in prompts:
-        row = {"prompt": prompt.prompt}
-        for category, tokens in prompt.target_tokens.items():
-            if prompt.target_strings is not None:
-                row[category] = prompt.target_strings[category]
-            row[f"{category}_tokens"] = [tokenizer.decode([t]) for t in tokens] if tokenizer is not None else list(tokens)
-        rows.append(row)
-    return pd.DataFrame(rows)
+    columns = {}
+    for number, prompt in enumerate(prompts):
+        column = columns[number] = {"prompt": prompt.prompt}
+        for category, strings in (prompt.target_strings or {}).items():
+            column[f"{category}_string"] = strings
+        if tokenizer is not None:
+            for category, tokens in prompt.target_tokens.items():
+                column[f"{category}_tokens"] = tokenizer.convert_ids_to_tokens(tokens)
+    return pd.DataFrame.from_dict(columns)

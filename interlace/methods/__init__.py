@@ -1,7 +1,8 @@
 """The classic interpretability methods on a `StandardizedTransformer`, under nnterp's names.
 
-Porting nnterp code: `from nnterp.interventions import ...`, `from nnterp.nnsight_utils import ...`
-and `from nnterp.prompt_utils import ...` all become `from interlace.methods import ...`.
+Porting nnterp code: `from nnterp.interventions import ...`, `from nnterp.nnsight_utils import ...`,
+`from nnterp.rename_utils import ...` and `from nnterp.prompt_utils import ...` all become
+`from interlace.methods import ...`; `nnterp.display` becomes `interlace.display`.
 
 >>> import transformers, interlace
 >>> from interlace.methods import logit_lens
@@ -12,15 +13,22 @@ and `from nnterp.prompt_utils import ...` all become `from interlace.methods imp
 (2, 2, 50)
 """
 
-from ..models.standardized import RenameConfig, rename_table
-from .activations import collect_token_activations_batched, get_token_activations
+from ..models.standardized import RenameConfig, get_ignores, get_rename_dict, get_vocab_size, rename_table
+from .activations import (
+    collect_last_token_activations_session,
+    collect_token_activations_batched,
+    get_token_activations,
+)
 from .getters import (
+    ModuleAccessor,
     compute_next_token_probs,
     get_attention,
     get_attention_output,
+    get_embed_tokens,
     get_layer,
     get_layer_input,
     get_layer_output,
+    get_layers,
     get_logits,
     get_mlp,
     get_mlp_output,
@@ -45,26 +53,33 @@ from .lenses import (
 from .prompts import Prompt, get_first_tokens, next_token_probs_unsqueeze, run_prompts
 
 __all__ = [
+    "ModuleAccessor",
     "Prompt",
     "RenameConfig",
     "TargetPrompt",
     "TargetPromptBatch",
+    "collect_last_token_activations_session",
     "collect_token_activations_batched",
     "compute_next_token_probs",
     "get_attention",
     "get_attention_output",
+    "get_embed_tokens",
     "get_first_tokens",
+    "get_ignores",
     "get_layer",
     "get_layer_input",
     "get_layer_output",
+    "get_layers",
     "get_logits",
     "get_mlp",
     "get_mlp_output",
     "get_next_token_probs",
     "get_num_layers",
+    "get_rename_dict",
     "get_token_activations",
     "get_unembed",
     "get_unembed_norm",
+    "get_vocab_size",
     "it_repeat_prompt",
     "logit_lens",
     "next_token_probs_unsqueeze",

@@ -2,7 +2,9 @@
 
 `get_token_activations` reads one position of each prompt at each layer in one forward, which the
 executor stops after the last layer needed; `collect_token_activations_batched` does it batch by
-batch with a progress bar, giving the same numbers as one batch.
+batch with a progress bar, and `collect_last_token_activations_session` batch by batch in one
+session (one request when remote); all give the same numbers as one batch. They take a
+StandardizedTransformer or a plain LanguageModel (see `getters`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm as auto_tqdm
 
-from .getters import standardized
+from .getters import get_layer_output, get_num_layers
 
 
 def _token(model, hidden, idx: int):
@@ -21,8 +23,16 @@ def _token(model, hidden, idx: int):
     """
     if idx < 0:
         return hidden[:, idx]
-    position = (model.attention_mask == 0).sum(-1) + idx
+    position = (model.inputs[1]["attention_mask"] == 0).sum(-1) + idx
     return torch.take_along_dim(hidden, position[:, None, None], dim=1)[:, 0]
+
+
+def _read(model, layers, get_activations, idx):
+    """The traced `[len(layers), prompts, hidden]` stack of token `idx` at each layer."""
+    get_activations = get_activations or get_layer_output
+    layers = range(get_num_layers(model)) if layers is None else layers
+    idx = -1 if idx is None else idx
+    return torch.stack([_token(model, get_activations(model, layer), idx) for layer in layers])
 
 
 def get_token_activations(
@@ -31,25 +41,32 @@ def get_token_activations(
     """The hidden state of token `idx` (default the last) of each prompt at each layer.
 
     Returns `[len(layers), num_prompts, hidden]` on the CPU. get_activations(model, layer): what to
-    read (default `model.layers_output[layer]`). tracer: record into that open trace instead and
-    return the traced (unsaved) stack; prompts is then ignored.
+    read (default `get_layer_output`). tracer: record into that open trace instead and return the
+    traced (unsaved) stack; prompts is then ignored.
     """
-    model = standardized(model)
-    if get_activations is None:
-        get_activations = lambda m, layer: m.layers_output[layer]  # noqa: E731
-    if layers is None:
-        layers = range(model.num_layers)
-    idx = -1 if idx is None else idx
-
-    def read():
-        return torch.stack([_token(model, get_activations(model, layer), idx) for layer in layers])
-
     if tracer is not None:
-        return read()
+        return _read(model, layers, get_activations, idx)
     if prompts is None:
         raise ValueError("pass prompts (or an open tracer to record into)")
     with model.trace(prompts, remote=remote):
-        activations = read().cpu().save()
+        activations = _read(model, layers, get_activations, idx).cpu().save()
+    return activations
+
+
+@torch.no_grad()
+def collect_last_token_activations_session(
+    model, prompts, batch_size: int, layers=None, get_activations=None, remote: bool = False, idx: int | None = None,
+) -> torch.Tensor:
+    """`get_token_activations` over `prompts` in batches of `batch_size`, all traces in one session.
+
+    Returns `[len(layers), num_prompts, hidden]` on the CPU; remotely the whole loop is one request.
+    """
+    with model.session(remote=remote):
+        batches = []
+        for start in range(0, len(prompts), batch_size):
+            with model.trace(prompts[start : start + batch_size]):
+                batches.append(_read(model, layers, get_activations, idx).cpu())
+        activations = torch.cat(batches, dim=1).save()
     return activations
 
 

@@ -134,8 +134,8 @@ def _from_end(model, prompts: list[str], positions: torch.Tensor) -> torch.Tenso
 
 @torch.no_grad()
 def patchscope_lens(
-    model, source_prompts=None, target_patch_prompts=None, layer_to_patch=None, layers=None, latents=None,
-    remote: bool = False,
+    model, source_prompts=None, target_patch_prompts=None, layers=None, latents=None, remote: bool = False,
+    *, layer_to_patch=None,
 ) -> torch.Tensor:
     """Write each source's last-token hidden state into its target prompt, layer by layer, and read the next token.
 

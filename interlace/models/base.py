@@ -16,6 +16,7 @@ from ..backends.guard import Guard
 from ..backends.limits import Limits
 from ..backends.local import Interleaver
 from ..backends.merge import MergedInterleaver, merge, merge_key, split
+from ..backends.rows import SharedValueError
 from ..backends.scan import Scanner
 from ..envoy import Envoy
 from ..errors import InterlaceError, ModelError, RefusedError
@@ -38,8 +39,9 @@ class Model(Envoy):
     """
 
     _remote = None  # the RemoteBackend of a model that lives on a server (LanguageModel(name, host=...))
+    _origin = None  # the model an edited copy was made from: its envoys record into the copy's traces too
 
-    def __init__(self, module: torch.nn.Module, *, rename: dict[str, str] | None = None):
+    def __init__(self, module: torch.nn.Module, *, rename: dict[str, str | list[str]] | None = None):
         if not isinstance(module, torch.nn.Module):
             raise InterlaceError(f"Model wraps a torch.nn.Module, not {type(module).__name__}")
         super().__init__(module)
@@ -49,18 +51,28 @@ class Model(Envoy):
         self._apply_renames()
 
     def _apply_renames(self) -> None:
-        """`rename={"transformer.h": "layers", "attn": "attention"}`: aliases for module paths.
+        """`rename={"transformer": "model", "model.layers": "layers", "attn": "self_attn"}`: aliases.
 
-        A dotted path becomes an attribute of the root; a plain name aliases every child so named.
-        Graphs still hold the real paths, so they serialize and run anywhere.
+        Each key is a child name or a dotted path, looked up from every module in the tree (through
+        the aliases made before it, plain names first): wherever it leads to a module, that module
+        gets the alias (one name, or a list of names). So `{"transformer": "model", "model.layers":
+        "layers"}` makes `lm.model`, `lm.model.layers` and `lm.layers` on GPT-2 (nnsight's and
+        nnterp's rules). Graphs still hold the real paths, so they serialize and run anywhere.
         """
-        for source, alias in self._rename.items():
-            if "." in source:
-                self._aliases[alias] = self.get(source)
-                continue
-            for envoy in self.modules():
-                if source in envoy._children:
-                    envoy._aliases[alias] = envoy._children[source]
+        envoys = list(self.modules())
+        renames = sorted(self._rename.items(), key=lambda item: "." in item[0].lstrip("."))
+        for source, aliases in renames:
+            parts = source.lstrip(".").split(".")
+            aliases = [aliases] if isinstance(aliases, str) else list(aliases)
+            for envoy in envoys:
+                target = envoy
+                for part in parts:
+                    child = target._children.get(part)  # (an envoy without children is falsy: no `or`)
+                    target = child if child is not None else target._aliases.get(part)
+                    if target is None:
+                        break
+                if target is not None:
+                    envoy._aliases.update(dict.fromkeys(aliases, target))
 
     def trace(self, *inputs, early_stop: bool = True, scan: bool = False, validate: bool = False,
               remote: bool = False, blocking: bool = True, timeout: float | None = None, backend=None,
@@ -85,13 +97,15 @@ class Model(Envoy):
         """
         return Session(self, scan=scan or validate, **self._remote_options(remote, blocking, timeout, backend))
 
-    def edit(self, *, inplace: bool = False) -> Editor:
+    def edit(self, *inputs, inplace: bool = False) -> Editor:
         """Record interventions that apply to every later trace.
 
         Returns (from `with`) an edited copy of the model sharing the same weights; with
-        `inplace=True` the model itself is edited. `clear_edits()` removes them.
+        `inplace=True` the model itself is edited. `clear_edits()` removes them. inputs: an example
+        input (nnsight's `model.edit(inputs)`): each line is checked on it with fake tensors as it is
+        recorded (`scan`); the edits still apply to every row of every later batch.
         """
-        return Editor(self, inplace=inplace, early_stop=True)
+        return Editor(self, inputs, inplace=inplace, early_stop=True, scan=bool(inputs), kwargs={})
 
     def clear_edits(self) -> None:
         self._edits = []
@@ -100,7 +114,7 @@ class Model(Envoy):
         """A new wrapper of the same module with its own envoys (and so its own edits)."""
         clone = copy.copy(self)
         Envoy.__init__(clone, self._module)
-        clone._session, clone._edits = None, []
+        clone._session, clone._edits, clone._origin = None, [], self._origin or self
         clone._apply_renames()
         return clone
 
@@ -132,9 +146,11 @@ class Model(Envoy):
         return (backend or self._remote).run(request, blocking=blocking, timeout=timeout)
 
     def _attach(self, tracer: Tracer) -> None:
-        if self._tracer is not None:
+        models = (self,) if self._origin is None else (self, self._origin)
+        if any(model._tracer is not None for model in models):
             raise InterlaceError("a trace on this model is already open; close it before starting another")
-        self._tracer = tracer
+        for model in models:
+            model._tracer = tracer
         if tracer.options.get("scan") or tracer.session is not None and tracer.session.options.get("scan"):
             self._start_scan(tracer)
 
@@ -167,6 +183,8 @@ class Model(Envoy):
 
     def _detach(self, tracer: Tracer) -> None:
         self._tracer = None
+        if self._origin is not None:
+            self._origin._tracer = None
 
     def run(self, request: Request, *, untrusted: bool = False, limits: Limits | None = None,
             cancel=None) -> Outcome:
@@ -186,8 +204,10 @@ class Model(Envoy):
         for number, trace in enumerate(traces):
             if trace.start < skip_to:  # a session.stop() ended the loop this span belongs to
                 outcome.missing.update({node.index: "session.stop() ended the loop before it ran"
-                                        for node in graph.nodes[trace.start : trace.end] if node.saved})
-                continue
+                                        for node in graph.nodes[trace.start : min(trace.end, skip_to)] if node.saved})
+                if trace.end <= skip_to or trace.options.get("mode") != "session":
+                    continue
+                trace = TraceSpec(skip_to, trace.end, trace.invokes, trace.options)  # what follows the loop
             keep = {i for i in range(trace.start, trace.end) if last_reader[i] > number} if last_reader else set()
             trace = TraceSpec(trace.start, trace.end, _inputs(trace, carried, number), trace.options)
             run = {"known": carried, "keep": keep, "untrusted": untrusted, "limits": limits, "cancel": cancel,
@@ -203,6 +223,7 @@ class Model(Envoy):
             outcome.missing.update(interleaver.missing())
             carried.update({i: interleaver.values[i] for i in keep if i in interleaver.values})
             skip_to = max(skip_to, interleaver.skip_to or 0)
+        _copy_weights(outcome.results, self._module)
         return outcome
 
     def run_many(self, requests: list[Request], *, untrusted: bool = False, limits: Limits | None = None,
@@ -231,7 +252,7 @@ class Model(Envoy):
                 answers[number] = answer
         return answers
 
-    def batching(self, request: Request) -> tuple:
+    def batching(self, request: Request, *, max_tokens: int | None = None) -> tuple:
         """(group, size): requests of one group can share a forward (`run_many`; None: it runs alone);
         size is how much of a merged batch it takes (rows; LanguageModel: token positions)."""
         size = sum(_batch_size(args, kwargs) for trace in request.traces for args, kwargs in trace.invokes)
@@ -267,7 +288,9 @@ class Model(Envoy):
             return [self._answer(r, untrusted, limits, c) for r, c in zip(requests, cancels)]
         except InterlaceError as error:  # the whole run failed (its deadline, a check): every request with it
             return [error] * count
-        return split(interleaver, parts)
+        # a job that needed a value the batch shares (a cache, a tensor without rows) runs again alone
+        return [self._answer(request, untrusted, limits, cancel) if isinstance(answer, SharedValueError) else answer
+                for request, cancel, answer in zip(requests, cancels, split(interleaver, parts))]
 
     def _execute(self, graph: Graph, trace: TraceSpec, **run) -> Interleaver:
         """Run one trace of a request; returns the finished interleaver."""
@@ -307,6 +330,20 @@ class Model(Envoy):
         args = tuple(_concat([a[i] for a, _ in invokes], f"argument {i}") for i in range(len(invokes[0][0])))
         kwargs = {key: _concat([k[key] for _, k in invokes], f"argument '{key}'") for key in invokes[0][1]}
         return args, kwargs, rows, start
+
+
+def _copy_weights(results: dict, module: torch.nn.Module) -> None:
+    """Saved values that share memory with a weight or buffer (`net.weight.save()`, a view of one)
+    become copies: changing a saved value must never change the model (benchmarks/saved_weights.py
+    measures what the copies cost)."""
+    storages = None
+    for index, value in results.items():
+        if not isinstance(value, torch.Tensor) or value.device.type == "meta":
+            continue
+        if storages is None:
+            storages = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
+        if value.untyped_storage().data_ptr() in storages:
+            results[index] = value.detach().clone()
 
 
 def _last_reader(graph: Graph, traces) -> list[int]:

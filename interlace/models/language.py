@@ -5,7 +5,7 @@ tokenizer. With `dispatch=False` (the default) the module tree is built from the
 `meta` device, so envoys can be inspected and graphs recorded at once; the weights load on the first
 execution. Inputs of every invoke (text, token ids, encodings) are padded into one batch, on the
 left by default, with the attention mask and position ids that make each row compute exactly what
-it would compute alone.
+it would compute alone (`position_ids=False`: no position ids, as plain Hugging Face and nnterp run).
 """
 
 from __future__ import annotations
@@ -70,12 +70,18 @@ class LanguageModel(Model):
         dispatch: bool = False,
         gguf_file: str | None = None,
         padding_side: str = "left",
+        position_ids: bool = True,
+        tokenizer_kwargs: dict | None = None,
         rename: dict[str, str] | None = None,
         host: str | None = None,
         api_key: str | None = None,
         **load_kwargs,
     ):
         self._load_kwargs = dict(load_kwargs)
+        self._tokenizer_options = dict(tokenizer_kwargs or {})  # for the tokenizer's from_pretrained
+        # True: padded rows get positions counted from their first token, so each row computes what
+        # it computes alone; False: the model derives them itself, as plain Hugging Face (and nnterp) do
+        self.position_ids = position_ids
         host = host or os.environ.get("INTERLACE_HOST")
         if host and isinstance(model, str) and not dispatch:  # the model lives on a server: built from its manifest
             from ..backends.remote import RemoteBackend
@@ -122,7 +128,8 @@ class LanguageModel(Model):
 
     # -- loading --------------------------------------------------------------------------------
     def _tokenizer_kwargs(self) -> dict:
-        return {k: v for k, v in self._load_kwargs.items() if k in ("gguf_file", "revision", "trust_remote_code", "cache_dir")}
+        shared = ("gguf_file", "revision", "trust_remote_code", "cache_dir")
+        return {**{k: v for k, v in self._load_kwargs.items() if k in shared}, **self._tokenizer_options}
 
     def _load_weights(self) -> torch.nn.Module:
         if self._source is None:
@@ -210,7 +217,8 @@ class LanguageModel(Model):
             self.dispatch()
         options = trace.options
         forward_kwargs = options.get("kwargs", {})
-        batch, rows = self._tokenize(trace.invokes) if trace.invokes else (None, [])
+        budget = run["limits"].max_tokens if run["untrusted"] else None  # checked while tokenizing, not after
+        batch, rows = self._tokenize(trace.invokes, max_tokens=budget) if trace.invokes else (None, [])
         generating = options.get("mode", "trace") == "generate"
         if run["untrusted"]:
             _check_untrusted_options(options, batch, run["limits"])
@@ -236,14 +244,15 @@ class LanguageModel(Model):
     def _extra_modules(self) -> dict:
         return {"generator": self._generator}
 
-    def batching(self, request: Request) -> tuple:
+    def batching(self, request: Request, *, max_tokens: int | None = None) -> tuple:
         """(group, size) as `Model.batching`: invokes share a forward when they pad to the same length
-        (positions then mean the same); size is token positions, rows x (padded length + new tokens)."""
+        (positions then mean the same); size is token positions, rows x (padded length + new tokens).
+        max_tokens: stop tokenizing a request's prompts past this many tokens (it then runs alone)."""
         shape, size = None, 0
         for trace in request.traces:
             if trace.invokes:
                 try:
-                    batch, _ = self._tokenize(trace.invokes)
+                    batch, _ = self._tokenize(trace.invokes, max_tokens=max_tokens)
                 except InterlaceError:
                     return None, 0  # it runs alone, and its run says why
                 shape = shape or (batch["input_ids"].shape[1],)
@@ -255,15 +264,23 @@ class LanguageModel(Model):
         batch, _ = self._tokenize([tracer.invokes[index]])
         return (), {**batch, **tracer.options["kwargs"]}
 
-    def _tokenize(self, invokes):
-        """Pad every invoke's sequences into one batch; returns (batch dict, rows per invoke)."""
+    def _tokenize(self, invokes, *, max_tokens: int | None = None):
+        """Pad every invoke's sequences into one batch; returns (batch dict, rows per invoke).
+
+        max_tokens: refuse as soon as the sequences hold more tokens (before padding), so a stranger's
+        prompts are never tokenized past the limit.
+        """
         sequences, rows = [], []
         for args, kwargs in invokes:
             if kwargs:
                 args = args + (kwargs,)
             if len(args) != 1:
                 raise InterlaceError(f"an invoke takes one input (a prompt, prompts or token ids), got {len(args)}")
-            seqs = self._sequences(args[0])
+            left = None if max_tokens is None else max_tokens - sum(len(ids) for ids, _ in sequences)
+            seqs = self._sequences(args[0], left)
+            if left is not None and sum(len(ids) for ids, _ in seqs) > left:
+                raise LimitError(f"the prompts hold more than {max_tokens} tokens, over the limit of token "
+                                 "positions (max_tokens); send fewer or shorter prompts")
             rows.append((len(sequences), len(sequences) + len(seqs)))
             sequences.extend(seqs)
         device = _device_of(self._module)
@@ -279,7 +296,7 @@ class LanguageModel(Model):
             "input_ids": torch.tensor(input_ids, device=device),
             "attention_mask": torch.tensor(mask, device=device),
         }
-        if self._accepts("position_ids"):
+        if self.position_ids and self._accepts("position_ids"):
             position = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
             batch["position_ids"] = position
         return batch, rows
@@ -293,8 +310,9 @@ class LanguageModel(Model):
         takes_more = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
         return takes_more and name in _model_keywords()
 
-    def _sequences(self, value) -> list[tuple[list[int], list[int]]]:
-        """(token ids, attention mask) pairs for one invoke's input."""
+    def _sequences(self, value, budget: int | None = None) -> list[tuple[list[int], list[int]]]:
+        """(token ids, attention mask) pairs for one invoke's input; prompts are tokenized one at a
+        time, stopping once they hold more than `budget` tokens, when given."""
         if isinstance(value, str):
             value = [value]
         if isinstance(value, torch.Tensor):
@@ -315,7 +333,16 @@ class LanguageModel(Model):
             if all(isinstance(v, str) for v in value):
                 if self.tokenizer is None:
                     raise InterlaceError("this model has no tokenizer: pass token ids instead of text")
-                return [(ids, [1] * len(ids)) for ids in self.tokenizer(list(value))["input_ids"]]
+                if budget is None:
+                    return [(ids, [1] * len(ids)) for ids in self.tokenizer(list(value))["input_ids"]]
+                sequences = []
+                for text in value:  # one at a time, stopping at the budget
+                    ids = self.tokenizer(text)["input_ids"]
+                    budget -= len(ids)
+                    sequences.append((ids, [1] * len(ids)))
+                    if budget < 0:
+                        break
+                return sequences
             if all(isinstance(v, int) for v in value):
                 return [(list(value), [1] * len(value))]
             if all(isinstance(v, (list, tuple)) and all(isinstance(t, int) for t in v) for v in value):
@@ -331,13 +358,14 @@ _UNTRUSTED_OPTIONS = {
     "trace": frozenset({"output_attentions", "output_hidden_states", "use_cache", "return_dict", "logits_to_keep"}),
     "generate": frozenset({"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
                            "repetition_penalty", "no_repeat_ngram_size", "use_cache"}),
+    "session": frozenset(),  # a session's own nodes between its traces: no model run, no options
 }
 
 
 def _check_untrusted_options(options: dict, batch, limits) -> None:
     mode, kwargs = options.get("mode", "trace"), options.get("kwargs", {})
     if mode not in _UNTRUSTED_OPTIONS:
-        raise RefusedError(f"mode must be 'trace' or 'generate', not {mode!r}")
+        raise RefusedError(f"mode must be one of {', '.join(_UNTRUSTED_OPTIONS)}, not {mode!r}")
     refused = sorted(set(kwargs) - _UNTRUSTED_OPTIONS[mode])
     if refused:
         raise RefusedError(f"option(s) {', '.join(refused)} are not allowed for {mode}; allowed: "

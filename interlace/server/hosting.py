@@ -28,7 +28,7 @@ import torch
 from ..backends.state import ModelState
 from ..backends.limits import Limits
 from ..backends.remote import package_version
-from ..backends.serialize import GRAPH_MAGIC, VERSION, deserialize_request, serialize_results
+from ..backends.serialize import GRAPH_MAGIC, VERSION, deserialize_request, log_text, serialize_results
 from ..backends.validate import check_against_model
 from ..errors import LimitError, RefusedError
 from ..graph import Request
@@ -109,7 +109,7 @@ class HostedModel:
 
     def batching(self, request: Request, limits: Limits) -> tuple:
         """(group, size) of a job: jobs of one group (None: none) can share a forward; size in tokens."""
-        group, size = self.model.batching(request)
+        group, size = self.model.batching(request, max_tokens=limits.max_tokens)
         if group is None or _has_functions(request.graph):
             return None, size
         return (group, limits), size
@@ -144,7 +144,7 @@ class HostedModel:
             data = serialize_results(answer.results, answer.logs, graph=request.graph, limits=limits)
         except Exception as error:  # noqa: BLE001 - too large to send, say: that job's error alone
             return error
-        return data, answer.logs, answer.missing
+        return data, [(index, (log_text(values),)) for index, values in answer.logs], answer.missing
 
     def _check(self) -> None:
         self.checked += 1

@@ -13,6 +13,7 @@ from interlace.backends.serialize import deserialize_request, serialize_graph
 from interlace.backends.state import ModelState
 
 from helpers import assert_clean, tiny, tiny_tokenizer
+from hostile import Builder
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +169,121 @@ def test_untrusted_merged_runs_keep_the_weights_and_refuse_writes_alone(lm):
     assert isinstance(answers[0], interlace.RefusedError)
     assert_same(answers[1], lm.run(good))
     assert state.diff() == []
+
+
+# -- a job that attacks the others in its batch: it sees and changes only its own rows ------------------
+def counting_runs(lm):
+    """Wrap lm._execute so each forward's invoke count is recorded; returns the list."""
+    runs, original = [], lm._execute
+    lm._execute = lambda graph, trace, **run: runs.append(len(trace.invokes)) or original(graph, trace, **run)
+    return runs
+
+
+def layer_inputs(g, path, call=0):
+    return g.add("module_value", path, kwargs={"kind": "inputs", "call": call, "invoke": None})
+
+
+def test_the_generation_cache_in_a_layers_inputs_is_not_another_jobs(lm):
+    def generation(lm, tracer):
+        with tracer.invoke("w7 w8 w9"):
+            lm.generator.output.save()
+
+    tracer = lm.generate(max_new_tokens=4)
+    tracer.__enter__()
+    try:
+        generation(lm, tracer)
+    finally:
+        interlace.tracer._active.remove(tracer)
+        lm._detach(tracer)
+        tracer._closed = True
+    victim = request_of(tracer)
+    g = Builder()
+    cache = g.call("operator.getitem", g.call("operator.getitem", layer_inputs(g, "model.layers.0", call=1), 1), "cache")
+    keys = g.call("operator.getitem", g.call("operator.getitem", g.call("builtins.list", cache), 0), 0)
+    g.method("add_", keys, 100.0)  # every row's keys of layer 0, were the cache handed out whole
+    g.save(g.out("generator"))
+    attacker = deserialize_request(g.bytes(mode="generate", kwargs={"max_new_tokens": 4}))
+    assert lm.batching(attacker)[0] == lm.batching(victim)[0]  # they share a forward
+    state = ModelState(lm.module)
+    runs = counting_runs(lm)
+    try:
+        answers = lm.run_many([attacker, victim], untrusted=True, limits=Limits())
+    finally:
+        del lm._execute
+    assert runs == [2, 1]  # together, then the attacker alone: the cache is its own only there
+    alone = lm.run(victim, untrusted=True)
+    assert torch.equal(answers[1].results[0], alone.results[0])
+    assert answers[0].results[g.graph.saved()[0]].shape[0] == 1
+    assert state.diff() == []
+
+
+def test_the_cache_in_the_model_output_is_not_readable_in_a_shared_batch(lm):
+    victim = recorded(lm, steer("w9 w10 w11", 1, 2.0))
+    g = Builder()
+    cache = g.call("operator.getitem", g.out(""), "cache")
+    keys = g.save(g.call("operator.getitem", g.call("operator.getitem", g.call("builtins.list", cache), 0), 0))
+    attacker = deserialize_request(g.bytes())
+    runs = counting_runs(lm)
+    try:
+        answers = lm.run_many([attacker, victim], untrusted=True, limits=Limits())
+    finally:
+        del lm._execute
+    assert runs == [2, 1]
+    assert answers[0].results[keys.index].shape[0] == 1  # only its own prompt's keys
+    assert_same(answers[1], lm.run(victim))
+
+
+def test_a_swap_of_a_layers_inputs_changes_only_the_jobs_own_rows(lm):
+    victim = recorded(lm, steer("w9 w10 w11", 0, 1.0))
+    g = Builder()
+    inputs = layer_inputs(g, "model.layers.1")
+    args, kwargs = g.call("operator.getitem", inputs, 0), g.call("operator.getitem", inputs, 1)
+    zeros = g.call("torch.zeros_like", g.call("operator.getitem", args, 0))
+    g.add("swap", None, (inputs, g.call("builtins.tuple", [g.call("builtins.tuple", [zeros]), kwargs])))
+    logits = g.save(g.call("operator.getitem", g.out(""), "logits"))
+    attacker = deserialize_request(g.bytes())
+    runs = counting_runs(lm)
+    try:
+        answers = lm.run_many([attacker, victim], untrusted=True, limits=Limits())
+    finally:
+        del lm._execute
+    assert runs == [2]  # nothing it needed was shared: one forward
+    assert_same(answers[1], lm.run(victim))
+    alone = lm.run(attacker, untrusted=True)
+    torch.testing.assert_close(answers[0].results[logits.index], alone.results[logits.index], rtol=1e-5, atol=1e-6)
+
+
+def test_a_value_every_job_shares_can_be_read_when_plain_but_never_replaced(lm):
+    victim = recorded(lm, steer("w9 w10 w11", 0, 1.0))
+    g = Builder()
+    inputs = layer_inputs(g, "model.layers.0")
+    kwargs = g.call("builtins.dict", g.call("operator.getitem", inputs, 1))
+    use_cache = g.save(g.call("operator.getitem", kwargs, "use_cache"))  # a plain value: readable
+    reader = deserialize_request(g.bytes())
+    g.call("operator.setitem", kwargs, "use_cache", False)  # but it is every job's: not changed for them
+    g.add("swap", None, (inputs, g.call("builtins.tuple", [g.call("operator.getitem", inputs, 0), kwargs])))
+    writer = deserialize_request(g.bytes())
+    runs = counting_runs(lm)
+    try:
+        answers = lm.run_many([reader, victim], untrusted=True, limits=Limits())
+        assert runs == [2] and answers[0].results[use_cache.index] is True
+        answers = lm.run_many([writer, victim], untrusted=True, limits=Limits())
+        assert runs == [2, 2, 1] and isinstance(answers[0], interlace.graph.Outcome)
+    finally:
+        del lm._execute
+    assert_same(answers[1], lm.run(victim))
+
+
+def test_a_module_call_with_hooks_runs_alone(lm):
+    victim = recorded(lm, steer("w9 w10 w11", 1, 3.0))
+    g = Builder()
+    hidden = g.out("model.layers.0")
+    g.save(g.add("module_call", "model.layers.1", (hidden,), {"hook": True}))
+    attacker = deserialize_request(g.bytes())
+    runs = counting_runs(lm)
+    try:
+        answers = lm.run_many([attacker, victim], untrusted=True, limits=Limits())
+    finally:
+        del lm._execute
+    assert runs == [2, 1]
+    assert_same(answers[1], lm.run(victim))

@@ -131,16 +131,19 @@ def test_model_state_sees_every_kind_of_change():
     mlp.layers[1].forward = lambda x: x
     mlp.head.bias.grad = torch.ones(5)
     mlp.embed.weight.register_hook(lambda g: g)
+    mlp.head._output_capturing_hooks_installed = True  # what transformers leaves after output_attentions
     torch.set_default_dtype(torch.float64)
     changes = state.diff()
     assert set(changes) == {
         "head.weight: values changed", "embed.bias: requires_grad True -> False",
         "layers.0: _forward_hooks changed", "layers.1: instance forward changed", "head.bias: .grad changed",
         "embed.weight: tensor hooks changed", "torch global default_dtype: torch.float32 -> torch.float64",
+        "head: instance attribute '_output_capturing_hooks_installed' added",
     }
     state.restore()
     assert state.diff() == []
     assert torch.get_default_dtype() == torch.float32
+    assert "_output_capturing_hooks_installed" not in mlp.head.__dict__
 
 
 def test_a_sessions_traces_share_the_requests_element_budget():
@@ -159,3 +162,10 @@ def test_a_sessions_traces_share_the_requests_element_budget():
     one.traces = one.traces[:1]
     assert net.run(one, untrusted=True, limits=limits).results  # the same trace alone runs
     assert_clean(net.module)
+
+
+@pytest.mark.parametrize("name, value", [("max_seconds", float("nan")), ("max_seconds", float("inf")),
+                                         ("max_elements", 0), ("max_nodes", -1), ("max_tokens", "10")])
+def test_a_limit_that_would_switch_a_check_off_is_refused(name, value):
+    with pytest.raises(interlace.InterlaceError, match=f"limit {name} must be a positive finite number"):
+        Limits(**{name: value})

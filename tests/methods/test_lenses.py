@@ -84,6 +84,13 @@ def test_patchscope_lens_equals_a_patching_hook(model):
     assert probs.shape == (2, 2, 100)
 
 
+def test_patchscope_lens_takes_nnterps_positional_order(model):
+    targets = TargetPromptBatch.from_prompts(TARGETS, [-1, -2])
+    positional = patchscope_lens(model, SOURCES, targets, [1])  # (model, sources, targets, layers)
+    keywords = patchscope_lens(model, source_prompts=SOURCES, target_patch_prompts=targets, layers=[1])
+    assert torch.equal(positional, keywords) and positional.shape == (2, 1, 100)
+
+
 def test_patchscope_forms_agree(model):
     latents = torch.stack(last_tokens(model, SOURCES))[[1]]  # layer 1 only: [1, sources, hidden]
     from_latents = patchscope_lens(model, latents=latents, target_patch_prompts=TargetPrompt(TARGETS[0], -1), layers=[1])

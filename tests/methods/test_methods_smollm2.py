@@ -39,3 +39,32 @@ def test_run_prompts_tracks_both_spellings(smollm2_standardized):
     prompt = Prompt.from_strings(PROMPT, {"target": "Paris", "traps": ["London", "Madrid"]}, model.tokenizer)
     results = run_prompts(model, [prompt], tqdm=None)
     assert results["target"][0, 0] > 0.5 > results["traps"][0, 0]
+
+
+def test_nnterp_getters_on_the_plain_model_with_nnterp_renames(smollm2, smollm2_standardized):
+    # nnterp's test_basic_utils and test_activation_collection on a raw LanguageModel of SmolLM2
+    from interlace import LanguageModel
+    from interlace.methods import (collect_last_token_activations_session, get_layer_output, get_mlp_output,
+                                   get_num_layers, get_rename_dict, get_token_activations, project_on_vocab)
+
+    plain = LanguageModel(smollm2.module, tokenizer=smollm2.tokenizer, rename=get_rename_dict())
+    assert get_num_layers(plain) == 30 and plain.model.ln_final.path == "model.norm"
+    seen = {}
+    hooks = [smollm2.module.model.layers[20].register_forward_hook(lambda m, a, out: seen.__setitem__("layer", out)),
+             smollm2.module.model.layers[20].mlp.register_forward_hook(lambda m, a, out: seen.__setitem__("mlp", out))]
+    try:
+        with torch.no_grad():
+            smollm2.module(**smollm2.tokenizer(PROMPT, return_tensors="pt"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    with plain.trace(PROMPT):
+        layer = get_layer_output(plain, 20).save()
+        mlp = get_mlp_output(plain, 20).save()
+        lens = project_on_vocab(plain, get_layer_output(plain, 29)).save()
+    assert torch.equal(layer, seen["layer"]) and torch.equal(mlp, seen["mlp"])
+    assert smollm2.tokenizer.decode(lens[0, -1].argmax()) == " Paris"
+    prompts = [PROMPT, "The Eiffel Tower is in the city of", "Rome is the capital of"]
+    session = collect_last_token_activations_session(plain, prompts, batch_size=2, layers=[5, 20])
+    standardized = get_token_activations(smollm2_standardized, prompts, layers=[5, 20])
+    torch.testing.assert_close(session, standardized)

@@ -7,7 +7,7 @@ import transformers
 import interlace
 from interlace import LanguageModel, Model
 
-from helpers import MLP, assert_clean, tiny
+from helpers import MLP, assert_clean, tiny, tiny_tokenizer
 
 
 def capture_all(model, x):
@@ -168,3 +168,76 @@ def test_edited_language_model_steers_generation():
         want = model(torch.tensor([[5, 6, 7]])).logits
     handle.remove()
     torch.testing.assert_close(logits, want)
+
+
+def test_a_saved_weight_is_a_copy_that_never_changes_the_model(mlp, x):
+    net = Model(mlp)
+    with net.trace(x):
+        weight = net.head.weight.save()
+        row = net.head.weight[0].save()  # a view of the weight
+        transposed = net.head.weight.T.save()
+        out = net.output.save()
+    before = {name: p.detach().clone() for name, p in mlp.named_parameters()}
+    assert weight is not mlp.head.weight and not isinstance(weight, torch.nn.Parameter)
+    assert torch.equal(weight, before["head.weight"]) and torch.equal(row, before["head.weight"][0])
+    weight.data.zero_()
+    row.zero_()
+    transposed.zero_()
+    assert all(torch.equal(p, before[name]) for name, p in mlp.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(out, mlp(x))
+
+
+class _Complex(torch.nn.Module):
+    """nnsight 0.4's ComplexModule: a WrapperModule inside a module attached to a layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.one = interlace.WrapperModule()
+
+    def forward(self, x):
+        return self.one(x)
+
+
+def test_edit_with_an_attached_wrapper_and_the_original_envoys():
+    # nnsight 0.4's test_editing: envoys of the original model used inside the edited copy's trace
+    gpt2 = LanguageModel(tiny("gpt2"), tokenizer=tiny_tokenizer())
+    prompt = "w5 w6 w7 w8"
+    layer = gpt2.transformer.h[0]
+    layer.attachment = _Complex()
+    with gpt2.edit() as edited:
+        layer.output[:] = layer.attachment(layer.output, hook=True)
+    with gpt2.trace(prompt):
+        original = layer.output.clone().save()
+        layer.output[:] *= 0.0
+        zeroed = gpt2.output.logits.save()
+    with edited.trace(prompt):
+        one = layer.attachment.one.output.clone().save()  # the original model's envoys
+        layer.attachment.output *= 0.0
+        edited_zeroed = gpt2.output.logits.save()
+    assert torch.equal(original, one)
+    assert torch.equal(zeroed, edited_zeroed)
+    handle = gpt2.module.transformer.h[0].register_forward_hook(lambda m, a, out: out * 0)
+    try:
+        with torch.no_grad():
+            assert torch.equal(edited_zeroed, gpt2.module(**gpt2.tokenizer(prompt, return_tensors="pt")).logits)
+    finally:
+        handle.remove()
+    assert_clean(gpt2.module)
+
+
+def test_edit_with_an_example_input_applies_to_every_row():
+    # nnsight 0.4's test_batched_editing: `model.edit(single)` then a batch of two
+    gpt2 = LanguageModel(tiny("gpt2"), tokenizer=tiny_tokenizer())
+    layer = gpt2.transformer.h[0]
+    layer.attachment = _Complex()
+    with gpt2.edit("w1") as edited:
+        layer.output[:] = layer.attachment(layer.output, hook=True) * 2
+    with edited.trace(["w1 w2", "w3 w4"]):
+        seen = layer.attachment.output.clone().save()  # the identity's output is the layer's tensor
+        doubled = layer.output.save()
+    assert seen.shape[0] == 2 and torch.equal(doubled, seen * 2)
+    with pytest.raises(interlace.ExecutionError, match="scanning"):
+        with gpt2.edit("w1"):
+            layer.output[:] = layer.output[:, :, :5]  # a shape error, found while recording
+    assert gpt2._edits == []

@@ -267,3 +267,33 @@ def test_to_loads_the_weights_first(tmp_path):
     tiny_tokenizer().save_pretrained(tmp_path)
     lm = LanguageModel(str(tmp_path))
     assert lm.to("cpu") is lm and lm.dispatched
+
+
+def test_position_ids_false_pads_as_plain_hugging_face():
+    model, tokenizer = tiny("gpt2"), tiny_tokenizer()
+    prompts = ["w5 w6 w7 w8", "w9 w10"]
+    tokenizer.padding_side = "left"
+    with torch.no_grad():
+        plain = model(**tokenizer(prompts, return_tensors="pt", padding=True)).logits
+        alone = model(**tokenizer(prompts[1], return_tensors="pt")).logits
+    hf = LanguageModel(model, tokenizer=tokenizer, position_ids=False)
+    with hf.trace(prompts):
+        as_hf = hf.output.logits.save()
+    ours = LanguageModel(model, tokenizer=tokenizer)
+    with ours.trace(prompts):
+        as_alone = ours.output.logits.save()
+    assert torch.equal(as_hf, plain)
+    torch.testing.assert_close(as_alone[1, -2:], alone[0])  # the padded row equals the prompt alone
+    assert (as_hf[1, -2:] - alone[0]).abs().max() > 1e-3  # which plain HF does not give
+
+
+def test_tokenizer_kwargs_reach_the_tokenizer(tmp_path):
+    tiny("llama").save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    model = interlace.StandardizedTransformer(str(tmp_path), tokenizer_kwargs={"model_max_length": 7})
+    assert model.tokenizer.model_max_length == 7
+    with model.trace("w3 w4 w5"):
+        logits = model.logits.save()
+    with torch.no_grad():
+        expected = model.module(torch.tensor([[3, 4, 5]])).logits
+    assert torch.equal(logits, expected)

@@ -108,6 +108,36 @@ def test_families_without_the_attention_interface_say_so():
     with pytest.raises(interlace.StandardizationError, match="attention interface"):
         with bloom.trace(IDS):
             bloom.queries[0].save()
+    assert not bloom.attn_probs_available and bloom.available["attention_probabilities"] is not None
+
+
+def test_attention_probabilities_on_bloom_are_its_own_and_writing_them_changes_the_output():
+    module = transformers.BloomForCausalLM(transformers.BloomConfig(n_layer=2, hidden_size=32, n_head=4,
+                                                                    vocab_size=100)).eval()
+    bloom = StandardizedTransformer(module, enable_attention_probs=True)
+    assert bloom.attn_probs_available
+    with bloom.trace(IDS):
+        probs = bloom.attention_probabilities[1].save()
+    with bloom.trace(IDS):
+        bloom.attention_probabilities[0] = bloom.attention_probabilities[0] * 0.5
+        logits = bloom.logits.save()
+    # Bloom's own attention weights (its second output with output_attentions=True), on the same batch
+    width = max(map(len, IDS))
+    ids = torch.tensor([[0] * (width - len(row)) + row for row in IDS])
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in IDS])
+    with torch.no_grad():
+        native = module(input_ids=ids, attention_mask=mask, output_attentions=True).attentions[1]
+    torch.testing.assert_close(probs, native)
+    torch.testing.assert_close(probs[0].sum(-1), torch.ones(4, 5))
+    handle = module.transformer.h[0].self_attention.attention_dropout.register_forward_hook(lambda m, a, out: out * 0.5)
+    try:
+        with torch.no_grad():
+            want = module(input_ids=ids, attention_mask=mask).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(logits, want)
+    with torch.no_grad():
+        assert (want - module(input_ids=ids, attention_mask=mask).logits).abs().max() > 1e-4
 
 
 def test_tuple_outputs_are_unwrapped_and_rebuilt():
@@ -161,6 +191,28 @@ def test_steer_equals_a_hook_adding_the_vector(llama, positions, rows):
 
     want = hooked_logits(llama.module, [("model.layers.0", add), ("model.layers.1", add)])
     torch.testing.assert_close(logits, want)
+
+
+def test_steer_positions_is_nnterps_deprecated_name_for_token_positions(llama):
+    torch.manual_seed(3)
+    vector = torch.randn(32)
+    with llama.trace(IDS):
+        llama.steer(0, vector, token_positions=[1, 3])
+        want = llama.logits.save()
+    with pytest.warns(DeprecationWarning, match="positions"):
+        with llama.trace(IDS):
+            llama.steer(layers=0, steering_vector=vector, positions=[1, 3])
+            logits = llama.logits.save()
+    assert torch.equal(logits, want)
+    with pytest.raises(ValueError, match="Cannot specify both"):
+        with llama.trace(IDS):
+            llama.steer(layers=0, steering_vector=vector, positions=0, token_positions=0)
+
+
+def test_attn_probs_available_follows_the_flag():
+    model = tiny("llama")
+    assert not StandardizedTransformer(model).attn_probs_available
+    assert StandardizedTransformer(model, enable_attention_probs=True).attn_probs_available
 
 
 def test_next_token_probs_and_inputs(llama):

@@ -1,10 +1,10 @@
 """Every family of the table, from a tiny random config, passes the full by-value check.
 
-The README's families table is generated from this file: `python tests/models/test_standardized_families.py`
-prints it, and `test_readme_lists_the_tested_families` fails when the README's copy is stale.
+The families table of docs/standardized.md is generated from this file: `python tests/models/test_standardized_families.py`
+prints it, and `test_docs_list_the_tested_families` fails when that copy is stale.
 """
 
-import inspect
+import functools
 import sys
 import warnings
 from pathlib import Path
@@ -19,52 +19,58 @@ from interlace.models.standardized.check import check_model
 from interlace.models.standardized.families import FAMILIES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import assert_clean  # noqa: E402
+from helpers import assert_clean, tiny_family  # noqa: E402
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "standardized.md"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# tiny sizes, given to each config class that accepts them (the names differ between families)
-SIZES = dict(
-    num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=100, max_position_embeddings=64, head_dim=8, num_experts=4, num_local_experts=4,
-    num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
-)
-OVERRIDES = {
-    "codegen": {"rotary_dim": 4},
-    "gptj": {"rotary_dim": 4},
-    "falcon": {"head_dim": None},  # computed by FalconConfig
-    "gpt_neo": {"head_dim": None, "attention_types": [[["global", "local"], 1]]},
-}
-# what each family lacks, so a part silently going missing fails the test
-NO_ATTENTION_INTERFACE = {"bloom", "falcon", "gpt_neo", "mpt", "xglm"}
-NO_MLP_MODULE = {"biogpt", "opt", "xglm"}
+# what a family lacks comes from the table (the MLP) and from the installed transformers (the attention
+# interface), never from a list: a release that adds support makes the check stricter, not red
 HEAD_ROWS = ["queries", "keys", "values", "heads_output", "attention_probabilities: sum to 1",
              "attention_probabilities: == eager attention", "attention_probabilities: logits == eager logits",
              "attention_probabilities: write"]
 
 
-def tiny_family(model_type: str) -> torch.nn.Module:
-    config_class = transformers.CONFIG_MAPPING[model_type]
-    default = config_class()
-    accepted = {k for k in SIZES.keys() | OVERRIDES.get(model_type, {}).keys()
-                if k in inspect.signature(config_class.__init__).parameters or hasattr(default, k)}
-    sizes = {**SIZES, **OVERRIDES.get(model_type, {})}
-    config = config_class(
-        **{k: v for k, v in sizes.items() if v is not None and k in accepted},
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+class _InterfaceCalled(Exception):
+    """Raised by the probe implementation: the family's attention called the interface."""
+
+
+def _interface_probe(module, *args, **kwargs):
+    raise _InterfaceCalled
+
+
+@functools.cache
+def calls_attention_interface(model_type: str) -> bool:
+    """Whether the installed transformers runs this family's attention through its attention interface.
+
+    Asked of transformers itself: a probe implementation is registered and selected on a fresh tiny
+    model, which then runs; the family uses the interface when its attention calls the probe.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register("interface_probe", _interface_probe)
+    AttentionMaskInterface.register("interface_probe", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    model = tiny_family(model_type)
+    try:
+        model.set_attn_implementation("interface_probe")
+    except (AttributeError, ValueError):  # the class cannot switch: it has no interface to call
+        return False
+    try:
+        with torch.no_grad():
+            model(torch.tensor([[3, 4, 5]]))
+    except _InterfaceCalled:
+        return True
+    return False
 
 
 def expected_missing(model_type: str) -> set[str]:
     missing = set()
     if FAMILIES[model_type].router is None:
         missing.add("routers_output")
-    if model_type in NO_MLP_MODULE:
+    if FAMILIES[model_type].mlp is None:
         missing |= {"mlps_input", "mlps_output", "mlps_output[1] = ..."}
-    if model_type in NO_ATTENTION_INTERFACE:
+    if not calls_attention_interface(model_type):
         missing |= set(HEAD_ROWS)
     return missing
 
@@ -99,7 +105,7 @@ def test_project_on_vocab_applies_the_final_logit_transform(model_type):
 
 
 def families_table() -> str:
-    """The README table: one row per tested family and what it has."""
+    """The docs table: one row per tested family and what it has."""
     lines = [
         "| model type | class | layers | attention | MLP | probabilities, q/k/v | router | final logits |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -110,16 +116,16 @@ def families_table() -> str:
         lines.append(
             f"| {model_type} | {architecture} | `{family.layers}` | `{family.attention}` | "
             f"{'`' + family.mlp + '`' if family.mlp else 'none'} | "
-            f"{'no' if model_type in NO_ATTENTION_INTERFACE else 'yes'} | "
+            f"{'yes' if calls_attention_interface(model_type) else 'no'} | "
             f"{'`' + family.router + '`' if family.router else ''} | "
             f"{'`' + family.final_logits[1] + '`' if family.final_logits else ''} |"
         )
     return "\n".join(lines)
 
 
-def test_readme_lists_the_tested_families():
-    assert families_table() in README.read_text(), (
-        "the README's families table is stale: regenerate it with `python tests/models/test_standardized_families.py`"
+def test_docs_list_the_tested_families():
+    assert families_table() in PAGE.read_text(), (
+        "the families table of docs/standardized.md is stale: regenerate it with `python tests/models/test_standardized_families.py`"
     )
 
 

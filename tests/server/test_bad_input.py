@@ -112,10 +112,39 @@ CASES = {
         lambda s, k: post(s, k["alice"], graph(out(), traces=generate(2, output_scores=True))), 403, "RefusedError"),
     "unknown mode": (
         lambda s, k: post(s, k["alice"], graph(out(), traces=[{"start": 0, "end": 1, "invokes": [{"args": ["w5"]}],
-                                                               "options": {"mode": "train"}}])), 403, "RefusedError"),
+                                                               "options": {"mode": "train"}}])), 400, "SerializationError"),
     "write to a weight": (
         lambda s, k: post(s, k["alice"], graph(node(0, "parameter", "lm_head.weight"),
                                                node(1, "call_method", "mul_", ref(0), 0.0))), 403, "RefusedError"),
+    "positional in-place write to a weight": (
+        lambda s, k: post(s, k["alice"], graph(node(0, "parameter", "transformer.ln_f.weight"),
+                                               node(1, "call", "torch.nn.functional.relu", ref(0), True))),
+        403, "RefusedError"),
+    "norm resizing a weight through its positional out": (
+        lambda s, k: post(s, k["alice"], graph(node(0, "call", "torch.ones", 16), node(1, "parameter", "transformer.ln_f.weight"),
+                                               node(2, "call", "torch.norm", ref(0), "fro", None, False, ref(1)))),
+        403, "RefusedError"),
+    "embedding whose max_norm renormalizes the table": (
+        lambda s, k: post(s, k["alice"], graph(node(0, "call", "torch.tensor", {"list": [1, 2]}),
+                                               node(1, "parameter", "transformer.wte.weight"),
+                                               node(2, "call", "torch.nn.functional.embedding", ref(0), ref(1), None, 1e-3))),
+        403, "RefusedError"),
+    "module call of the generator": (
+        lambda s, k: post(s, k["alice"], graph(node(0, "module_call", "generator", kwargs={
+            "custom_generate": "someone/repo", "trust_remote_code": True}))), 422, "GraphError"),
+    "module call with a repo id": (
+        lambda s, k: post(s, k["alice"], graph(node(0, "call", "torch.tensor", {"list": [{"list": [1, 2]}]}),
+                                               node(1, "module_call", "", ref(0), kwargs={"custom_generate": "x"}))),
+        403, "RefusedError"),
+    "trace option of the wrong type": (
+        lambda s, k: post(s, k["alice"], graph(out(), traces=[{"start": 0, "end": 1, "invokes": [{"args": ["w5"]}],
+                                                               "options": {"kwargs": 5}}])), 400, "SerializationError"),
+    "trace mode as a list": (
+        lambda s, k: post(s, k["alice"], graph(out(), traces=[{"start": 0, "end": 1, "invokes": [{"args": ["w5"]}],
+                                                               "options": {"mode": {"list": ["trace"]}}}])),
+        400, "SerializationError"),
+    "int literal of a hundred digits": (
+        lambda s, k: post(s, k["alice"], graph(node(0, "call", "operator.add", 10**99, 1))), 413, "LimitError"),
     "index out of range while running": (
         lambda s, k: post(s, k["alice"], graph(out(), node(1, "call", "operator.getitem", ref(0), 99, saved=True))),
         422, "ExecutionError"),
@@ -190,6 +219,17 @@ def test_bad_input(server, keys, expected, name):
     if code in ("GraphError", "ExecutionError", "OutOfOrderError", "RefusedError") and "graph" not in name:
         assert body["node"] is None or {"index", "op", "target", "location"} <= set(body["node"])
     assert_good_request_works(server, keys["alice"], expected)
+
+
+def test_a_deep_list_in_a_log_comes_back_as_text(server, keys):
+    nodes = [node(0, "call", "torch.zeros", 1)]
+    for index in range(1, 2000):
+        nodes.append(node(index, "call", "builtins.list", {"list": [ref(index - 1)]}))
+    nodes.append(node(2000, "log", None, ref(1999)))
+    response = post(server, keys["alice"], graph(*nodes))
+    assert response.status_code == 200, response.text
+    _, logs = deserialize_results(response.content)
+    assert "[[[[" in logs[0][1][0]  # text, shortened
 
 
 def test_graph_errors_name_the_node(server, keys):

@@ -100,6 +100,21 @@ def test_a_session_is_one_request(local, remote, monkeypatch):
     assert same(here, there) and len(sent) == 1 and len(sent[0].traces) == 2
 
 
+def test_a_session_with_its_own_nodes_between_traces_is_admitted(local, remote):
+    def work(lm, remote):
+        with lm.session(remote=remote):
+            with lm.trace("w10 w11 w12"):
+                hidden = lm.transformer.h[1].output[:, -1]
+            doubled = hidden * 2  # the session's own node, between its traces
+            with lm.trace("w20 w21 w22"):
+                lm.transformer.h[1].output[:, -1] = doubled
+                patched = lm.output.logits[0, -1].save()
+        return patched
+
+    here, there = on_both(local, remote, work)
+    assert same(here, there)
+
+
 def test_scan_cache_and_gradients(local, remote):
     def work(lm, remote):
         with lm.trace(PROMPT, remote=remote, scan=True) as tracer:

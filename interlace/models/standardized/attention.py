@@ -13,7 +13,8 @@ Most families call their attention through `ALL_ATTENTION_FUNCTIONS`, chosen by 
 
 A model whose native implementation is neither sdpa nor eager (flash attention) gets no per-head
 values unless probabilities are asked for. Families whose attention does not use the interface
-(Bloom, Falcon, GPT-Neo, MPT) get none; `StandardizedTransformer` says so when they are read.
+(Bloom, GPT-Neo, MPT in transformers 5.25) get none; `StandardizedTransformer` says so when they are
+read. (Bloom passes its probabilities through a dropout module of its own, which its family row names.)
 """
 
 from __future__ import annotations

@@ -37,12 +37,26 @@ class Family:
     # parts whose output tensor the layer later changes in place (Falcon adds the attention into the
     # MLP's output): reads return a copy taken when the module returns; write them by assignment
     copy_on_read: tuple[str, ...] = ()
+    # families whose attention does not go through transformers' attention interface but passes its
+    # probabilities through a module of its own (Bloom's dropout): that module, under the attention
+    probabilities: str | None = None
+
+    def final_transform(self, logits, config):
+        """`logits` after the family's final-logit transform (what its forward applies after lm_head)."""
+        value = getattr(config, self.final_logits[1], None) if self.final_logits else None
+        if value is None:
+            return logits
+        kind = self.final_logits[0]
+        if kind == "softcap":
+            return (logits / value).tanh() * value
+        return logits * value if kind == "scale" else logits / value
 
 
 LLAMA = Family()
 GPT2 = Family("transformer.wte", "transformer.h", "attn", "mlp", "transformer.ln_f")
-BLOOM = Family("transformer.word_embeddings", "transformer.h", "self_attention", "mlp", "transformer.ln_f")
-FALCON = replace(BLOOM, copy_on_read=("mlps",))
+BLOOM = Family("transformer.word_embeddings", "transformer.h", "self_attention", "mlp", "transformer.ln_f",
+                probabilities="attention_dropout")
+FALCON = replace(BLOOM, copy_on_read=("mlps",), probabilities=None)
 SOFTCAP = replace(LLAMA, final_logits=("softcap", "final_logit_softcapping"))
 COHERE = replace(LLAMA, final_logits=("scale", "logit_scale"))
 GRANITE = replace(LLAMA, final_logits=("divide", "logits_scaling"))

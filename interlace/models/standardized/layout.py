@@ -3,7 +3,9 @@
 `family_of(module)` returns the `Family` of a built Hugging Face model: the table row for its
 `config.model_type`, or, for a family the table does not know (or when a `RenameConfig` is given),
 the paths found by looking for the usual module names. `rename_table(family)` turns a layout into
-the alias table of `Model(rename=...)`, so a plain `LanguageModel` gets the standardized names too.
+the alias table of `Model(rename=...)`, so a plain `LanguageModel` gets the standardized names too;
+`get_rename_dict()` is nnterp's own alias table (its tree under `model.model`), and `get_ignores`,
+`get_vocab_size` nnterp's helpers around it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .families import FAMILIES, OUT_OF_REACH, Family
+from .families import CONFIG_KEYS, FAMILIES, OUT_OF_REACH, Family
 from .structure import StandardizationError
 
 # Module names searched for when a family is not in the table, most common first.
@@ -55,6 +57,7 @@ class RenameConfig:
     router_name: Names = None
     embed_tokens_name: Names = None
     ignore_mlp: bool = False
+    ignore_attn: bool = False
     ignore_router: bool = False
     attn_head_config_key: str | list[str] | int | None = None
     hidden_size_config_key: str | list[str] | int | None = None
@@ -159,3 +162,75 @@ def rename_table(model: torch.nn.Module | Family, rename_config: RenameConfig | 
         if part is not None and "." not in part and part != alias:
             table[part] = alias
     return {path: alias for path, alias in table.items() if path != alias}
+
+
+# nnterp's renaming rules as data: its name for a part <- the names models use for it. A path that
+# starts with "model." is also looked for under each container name ("model.transformer.layers").
+_CONTAINERS = ("transformer", "gpt_neox", "decoder", "language_model")
+NNTERP_NAMES: dict[str, tuple[str, ...]] = {
+    "model": _CONTAINERS,
+    "layers": ("h", "blocks", "model.layers"),
+    "self_attn": ("attn", "self_attention", "attention", "norm_attn_norm"),
+    "mlp": ("block_sparse_moe", "ffn"),
+    "ln_final": ("final_layer_norm", "ln_f", "norm_f", "norm", "embedding_norm", "model.ln_final"),
+    "lm_head": ("embed_out",),
+    "embed_tokens": ("wte", "embed_in", "word_embeddings", "model.embed_tokens"),
+}
+_CONFIG_NAMES = {"model": "model_name", "layers": "layers_name", "self_attn": "attn_name", "mlp": "mlp_name",
+                 "ln_final": "ln_final_name", "lm_head": "lm_head_name", "embed_tokens": "embed_tokens_name"}
+
+
+def get_rename_dict(rename_config: RenameConfig | None = None) -> dict[str, str]:
+    """nnterp's alias table for `Model(rename=...)`: `model.model.layers`, `model.layers`, `model.ln_final`...
+
+    The names a `rename_config` gives come first (a name in both keeps the config's part).
+
+    >>> lm_renames = get_rename_dict()
+    >>> lm_renames["transformer"], lm_renames["h"], lm_renames["model.gpt_neox.layers"]
+    ('model', 'layers', 'layers')
+    """
+    table = {}
+    for alias, names in NNTERP_NAMES.items():
+        for name in names:
+            table[name] = alias
+            if name.startswith("model."):
+                table.update({name.replace("model.", f"model.{c}.", 1): alias for c in _CONTAINERS})
+    if rename_config is not None:
+        for alias, field in _CONFIG_NAMES.items():
+            given = getattr(rename_config, field)
+            table.update({name: alias for name in ([given] if isinstance(given, str) else given or [])})
+    return table
+
+
+def get_ignores(model, rename_config: RenameConfig | None = None) -> list[str]:
+    """The standardized parts a model does not have, as nnterp names them: "mlp", "attention".
+
+    model: a Hugging Face model or an interlace model. From the family table (OPT, BioGPT and XGLM
+    keep their feed-forward on the layer: no "mlp"), and the config's `ignore_mlp` / `ignore_attn`.
+    """
+    module = getattr(model, "_module", model)
+    family = family_of(module, rename_config)
+    ignores = []
+    if family.mlp is None or rename_config is not None and rename_config.ignore_mlp:
+        ignores.append("mlp")
+    if rename_config is not None and rename_config.ignore_attn:
+        ignores.append("attention")
+    return ignores
+
+
+def get_vocab_size(model, raise_error: bool = True, rename_config: RenameConfig | None = None) -> int | None:
+    """The vocabulary size in the model's config (or the one `rename_config.vocab_size_config_key` names).
+
+    raise_error: a StandardizationError when the config has none (else None).
+    """
+    override = rename_config.vocab_size_config_key if rename_config is not None else None
+    if isinstance(override, int):
+        return override
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    keys = ([override] if isinstance(override, str) else list(override or [])) + list(CONFIG_KEYS["vocab_size"])
+    size = next((getattr(config, key) for key in keys if getattr(config, key, None) is not None), None)
+    if size is None and raise_error:
+        raise StandardizationError(f"the config of {type(model).__name__} has no vocabulary size (tried {', '.join(keys)}); "
+                         "name its key with RenameConfig(vocab_size_config_key=...)")
+    return size

@@ -15,8 +15,9 @@ from ...backends.scan import batched_experts, quiet
 from ...errors import InterlaceError
 
 
-class StandardizationError(InterlaceError):
-    """The model does not fit the standardized interface (unknown layout, wrong shapes, no such part)."""
+class StandardizationError(InterlaceError, ValueError):
+    """The model does not fit the standardized interface (unknown layout, wrong shapes, no such part),
+    or a standardized method got a bad argument; a ValueError too, as nnterp raises there."""
 
 
 def observe(module: torch.nn.Module, paths: list[str], *, batch: int = 2, length: int = 3) -> dict:

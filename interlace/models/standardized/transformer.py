@@ -14,6 +14,8 @@ probes here; per-head values need a server started with `interlace serve MODEL -
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ...envoy import Envoy
@@ -21,7 +23,7 @@ from ...proxy import Proxy
 from ..language import LanguageModel
 from . import attention as attention_probes
 from .families import CONFIG_KEYS
-from .layout import RenameConfig, family_of, rename_table
+from .layout import RenameConfig, family_of, get_rename_dict, rename_table
 from .structure import StandardizationError, matches, observe, shape_of
 
 # per-head values: accessor name -> identity module under each attention module's probes
@@ -127,7 +129,7 @@ class StandardizedTransformer(LanguageModel):
         tokenizer=None,
         enable_attention_probs: bool | None = None,
         rename_config: RenameConfig | None = None,
-        check: bool = True,
+        check_renaming: bool = True,
         dispatch: bool = False,
         padding_side: str = "left",
         rename: dict[str, str] | None = None,
@@ -152,9 +154,10 @@ class StandardizedTransformer(LanguageModel):
         self._tuple_outputs: dict[str, int] = {}  # module path -> length of the tuple it returns
         self._prepare(self._module)
         # the aliases give the standard names (the probes' envoys are made when first reached)
-        self._rename = {**rename_table(self.family), **(rename or {})}
+        # nnterp's tree too (`model.model.layers`, `model.model.ln_final`), under the family's names
+        self._rename = {**get_rename_dict(rename_config), **rename_table(self.family), **(rename or {})}
         self._apply_renames()
-        self._inspect(check)
+        self._inspect(check_renaming)
 
     # -- loading --------------------------------------------------------------------------------
     def _prepare(self, module: torch.nn.Module) -> None:
@@ -163,7 +166,8 @@ class StandardizedTransformer(LanguageModel):
         reason = attention_probes.install(module, attention_modules, probabilities=self._attention_probs)
         if reason is not None:
             for name in HEAD_VALUES:
-                self._unavailable.setdefault(name, reason)
+                if name != "attention_probabilities" or self.family.probabilities is None:
+                    self._unavailable.setdefault(name, reason)
 
     def _missing_on_server(self) -> dict[str, str]:
         """Per-head values the server cannot give (its model has no probes, or no probabilities): why not.
@@ -199,6 +203,8 @@ class StandardizedTransformer(LanguageModel):
     def _suffix(self, part: str) -> str | None:
         """The path of `part` under a layer ("" for the layer itself; None: the family has none)."""
         family = self.family
+        if part == "attention_probabilities" and family.probabilities is not None:
+            return f"{family.attention}.{family.probabilities}"
         if part in HEAD_VALUES:
             return f"{family.attention}.{attention_probes.PROBES}.{HEAD_VALUES[part]}"
         return {"layers": "", "attentions": family.attention, "mlps": family.mlp, "routers": family.router}[part]
@@ -252,7 +258,7 @@ class StandardizedTransformer(LanguageModel):
         if problems and check:
             raise StandardizationError(
                 f"{type(self._module).__name__} does not fit the standardized layout: " + "; ".join(problems)
-                + ". Pass a RenameConfig naming the right modules, or check=False to load it anyway."
+                + ". Pass a RenameConfig naming the right modules, or check_renaming=False to load it anyway."
             )
 
     def _missing_reason(self, part: str) -> str:
@@ -304,6 +310,12 @@ class StandardizedTransformer(LanguageModel):
         return next((getattr(config, key) for key in keys if getattr(config, key, None) is not None), None)
 
     @property
+    def attn_probs_available(self) -> bool:
+        """Whether `attention_probabilities` can be read (loaded with enable_attention_probs=True, and
+        the family supports it; `available` says why not)."""
+        return self.available["attention_probabilities"] is None
+
+    @property
     def available(self) -> dict[str, str | None]:
         """Each standardized part: None when available, else why not."""
         parts = ["layers", "attentions", "mlps", "routers", *HEAD_VALUES]
@@ -338,6 +350,11 @@ class StandardizedTransformer(LanguageModel):
         return self.inputs[1]["input_ids"]
 
     @property
+    def input_size(self) -> Proxy:
+        """The shape of the input ids, `(batch, seq)` (traced)."""
+        return self.input_ids.shape
+
+    @property
     def attention_mask(self) -> Proxy:
         """The attention mask the model was called with (0 on padding)."""
         return self.inputs[1]["attention_mask"]
@@ -356,12 +373,20 @@ class StandardizedTransformer(LanguageModel):
             length = self._tuple_outputs.get(envoy.path)
             envoy.skip(skip_with if length is None else (skip_with,) + (None,) * (length - 1))
 
-    def steer(self, layers, steering_vector: torch.Tensor, factor: float = 1.0, token_positions=None, batch_index=None) -> None:
+    def steer(self, layers, steering_vector: torch.Tensor, factor: float = 1.0, positions=None, token_positions=None,
+              batch_index=None) -> None:
         """Add `factor * steering_vector` to the output of each layer in `layers`.
 
         token_positions / batch_index: an int, a list or a tensor restricting where it is added
         (default: every position of every prompt). Layers are steered in ascending order.
+        positions: the older name of token_positions (nnterp's; deprecated there too).
         """
+        if positions is not None:
+            if token_positions is not None:
+                raise StandardizationError("Cannot specify both `positions` (deprecated) and `token_positions`: "
+                                           "pass token_positions only.")
+            warnings.warn("`positions` is deprecated, use `token_positions` instead.", DeprecationWarning, stacklevel=2)
+            token_positions = positions
         layers = [layers] if isinstance(layers, int) else sorted(layers)
         delta = factor * steering_vector
         rows = slice(None) if batch_index is None else torch.as_tensor(batch_index)
@@ -377,16 +402,7 @@ class StandardizedTransformer(LanguageModel):
 
         Works inside a trace on traced values and outside on real tensors.
         """
-        logits = self.lm_head(self.ln_final(hidden))
-        if self.family.final_logits is None:
-            return logits
-        kind, attribute = self.family.final_logits
-        value = getattr(self.config, attribute, None)
-        if value is None:
-            return logits
-        if kind == "softcap":
-            return torch.tanh(logits / value) * value
-        return logits * value if kind == "scale" else logits / value
+        return self.family.final_transform(self.lm_head(self.ln_final(hidden)), self.config)
 
     def get_topk_closest_tokens(self, hidden: torch.Tensor, k: int = 5):
         """The `k` likeliest next tokens of a saved hidden state, as `{token: probability}`.

@@ -1,0 +1,107 @@
+"""Which tensors a call writes, decided from torch's own operator schemas, and the weights' version counters.
+
+Every operation torch runs goes through its dispatcher as an aten operator whose schema marks the
+arguments it writes (`Tensor(a!) self`, `Tensor(a!) out`). `WriteCheck` is a dispatch mode an
+untrusted run holds around each call it makes: before any aten operator runs, the tensors bound to
+its written arguments are looked up by storage, and a write into a weight's storage (a parameter, a
+buffer, a view of one, `.data`) or into an `out` argument the graph passed in is refused before it
+happens. So it does not matter how a Python-level function reaches the write (`F.relu(w, True)`,
+`torch.norm(x, "fro", None, False, w)`, `F.embedding(ids, w, max_norm=1e-3)`): the operator that
+would write says so, and no name of a function is involved.
+
+`Versions` is the second line: torch bumps a tensor's version counter on every in-place write, so
+the counters of every parameter and buffer are read once per run and compared after each call that
+received a weight's storage and after the run. A bump fails the run (`WeightsChangedError`).
+
+>>> w = torch.ones(2)
+>>> with WriteCheck({w.untyped_storage().data_ptr(): w.untyped_storage()}, "F.relu"):  # doctest: +ELLIPSIS
+...     torch.nn.functional.relu(w, True)
+Traceback (most recent call last):
+...
+interlace.errors.RefusedError: F.relu (through aten.relu_.default, which writes its argument 'self') would change a weight ...
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..errors import RefusedError
+
+
+def refuse_weight_write(what: str) -> RefusedError:
+    return RefusedError(
+        f"{what} would change a weight of the shared model (a parameter or buffer, or a view of "
+        "one). Weights are read-only here: compute on a copy, e.g. `w = weight.clone()`."
+    )
+
+
+class WriteCheck(TorchDispatchMode):
+    """Refuses, before it runs, any aten operator whose schema writes a weight's storage, or writes an
+    `out` argument the call did not make itself (a tensor it was handed: like the `out=` keyword).
+
+    weights: data pointer -> storage of every weight. `keep(pointer)`, when given, is called before an
+    operator first reads a weight, so the caller can copy it (see `Versions`). After the call,
+    `touched` says whether any operator saw a weight's storage.
+    """
+
+    def __init__(self, weights, what: str, keep=None):
+        super().__init__()
+        self.weights, self.what, self.keep = weights, what, keep
+        self.made: set[int] = set()  # storages of the tensors operators made during the call
+        self.touched = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for position, argument in enumerate(func._schema.arguments):
+            value = args[position] if position < len(args) else kwargs.get(argument.name)
+            for tensor in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(tensor, torch.Tensor):
+                    self._check(tensor, argument, func)
+        result = func(*args, **kwargs)
+        for tensor in result if isinstance(result, (list, tuple)) else (result,):
+            if isinstance(tensor, torch.Tensor):
+                self.made.add(tensor.untyped_storage().data_ptr())
+        return result
+
+    def _check(self, tensor: torch.Tensor, argument, func) -> None:
+        pointer = tensor.untyped_storage().data_ptr()
+        written = argument.alias_info is not None and argument.alias_info.is_write
+        if pointer in self.weights:
+            if written:
+                raise refuse_weight_write(f"{self.what} (through {func}, which writes its argument {argument.name!r})")
+            if self.keep is not None:
+                self.keep(pointer)  # before the operator runs (the caller copies each storage once)
+            self.touched = True
+        elif written and argument.is_out and pointer not in self.made:
+            raise RefusedError(f"{self.what} would write its result into a tensor it was given (argument "
+                               f"{argument.name!r} of {func}); `out` arguments are not allowed here: use the "
+                               "returned value")
+
+
+class Versions:
+    """The version counters of every parameter and buffer of `root`, read once.
+
+    >>> net = torch.nn.Linear(2, 2)
+    >>> versions = Versions(net)
+    >>> with torch.no_grad():
+    ...     _ = net.bias.add_(1)
+    >>> versions.changed()
+    ['bias']
+    """
+
+    def __init__(self, root: torch.nn.Module):
+        self.tensors = [(name, tensor, tensor._version) for name, tensor in _weights(root)]
+
+    def changed(self) -> list[str]:
+        return [name for name, tensor, version in self.tensors if tensor._version != version]
+
+
+def _weights(root: torch.nn.Module):
+    seen = set()
+    for prefix, module in root.named_modules(remove_duplicate=False):
+        for table in (module._parameters, module._buffers):
+            for key, tensor in table.items():
+                if tensor is not None and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    yield f"{prefix}.{key}".lstrip("."), tensor
