@@ -341,6 +341,10 @@ class Interleaver:
         if not remaining[index] and index not in saved:
             values.pop(index, None)
 
+    def _arguments(self, node):
+        """`(args, kwargs)` of a call, with values in place of references."""
+        return node.bind(self.values)
+
     def _resolve(self, obj):
         return map_refs(obj, lambda ref: self.values[ref.index])
 
@@ -367,7 +371,7 @@ class Interleaver:
     def _op_call(self, node):
         target = node.target
         fn = ops.resolve(target) if type(target) is str else target
-        args, kwargs = node.bind(self.values)
+        args, kwargs = self._arguments(node)
         if node.index in self.plan.row_zero:
             _warn_row_zero(self.nodes[node.args[0].index], args[0])
         if self.untrusted:
@@ -380,7 +384,7 @@ class Interleaver:
         return fn(*args, **kwargs)
 
     def _op_call_method(self, node):
-        args, kwargs = node.bind(self.values)
+        args, kwargs = self._arguments(node)
         if self.untrusted:
             self.guard.before_method(node.target, args, kwargs)
         elif node.index in self.plan.writes:
@@ -427,7 +431,7 @@ class Interleaver:
 
     def _op_module_call(self, node):
         module = self._module_at(node.target)
-        args, kwargs = node.bind(self.values)
+        args, kwargs = self._arguments(node)
         hooked = kwargs.pop("hook", False)  # hook=True: its modules' values can be read and changed
         outer, self.bypass = self.bypass, True
         try:
