@@ -11,8 +11,8 @@ reports the median over repeats, after warmup. Four sections:
    item, so a regression shows in one run. With a venv holding nnsight (`.venv-nnsight/`, or the
    python named by `$NNSIGHT_PYTHON`; torch==2.13.0 installed first, then `nnsight==0.8.1
    "transformers==5.*"`) the same work runs there under nnsight, with its own bare forward measured
-   beside it; else that column is skipped. CPU time of this thread, one torch thread (these machines
-   are shared: wall time would measure the neighbours).
+   beside it; else that column is skipped. CPU time of this thread, one torch thread, lower quartile
+   of the repeats (these machines are shared: neighbours only add time, to wall time most of all).
 
 1. Per model (a 12-block MLP and a random-weight GPT-2 small, 128 tokens; the real SmolLM2-135M at
    batch 1 and 8, 16 and 128 tokens) and scenario (save every
@@ -198,8 +198,8 @@ SCENARIOS = [
 
 
 # -- timing ---------------------------------------------------------------------------------------
-def side_by_side(fns: dict, repeats: int, warmup: int, clock=time.perf_counter) -> dict:
-    """Median seconds per callable; each repeat calls every callable once, in turn."""
+def side_by_side(fns: dict, repeats: int, warmup: int, clock=time.perf_counter, quantile: float = 0.5) -> dict:
+    """Seconds per callable (the median, or another quantile); each repeat calls every callable once, in turn."""
     times = {name: [] for name in fns}
     for rep in range(warmup + repeats):
         for name, fn in fns.items():
@@ -207,7 +207,7 @@ def side_by_side(fns: dict, repeats: int, warmup: int, clock=time.perf_counter) 
             fn()
             if rep >= warmup:
                 times[name].append(clock() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: sorted(ts)[int(quantile * (len(ts) - 1))] for name, ts in times.items()}
 
 
 def bare(spec):
@@ -349,7 +349,7 @@ def item_costs(wrap, repeats: int, warmup: int) -> dict:
             for work in ("save", "edit"):
                 fns[("raw", work, k)] = _raw_items(module, ids, k, work == "edit", steer)
                 fns[("traced", work, k)] = _traced_items(net, ids, k, work == "edit", steer)
-        t = side_by_side(fns, repeats, warmup, clock=time.thread_time)
+        t = side_by_side(fns, repeats, warmup, clock=time.thread_time, quantile=0.25)
         added = {key: (value - t["bare"]) * 1e6 for key, value in t.items() if key != "bare"}
         costs[(layers, "empty")] = added[("traced", "save", 0)]
         for work in ("save", "edit"):
@@ -417,7 +417,7 @@ def main(argv=None) -> None:
     repeats, warmup, small = (3, 1, 20) if args.quick else (11, 2, 200)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {repeats} after {warmup} "
           f"warmup, load average {os.getloadavg()[0]:.2f} at start (other processes skew timings)\n")
-    fit_repeats = 15 if args.quick else 41
+    fit_repeats = 15 if args.quick else 61
     print(table(["model", "work (early stop off)", "raw hooks µs", "nnsight µs", "interlace µs"],
                 item_rows(fit_repeats, warmup)))
     if args.fit_only:
