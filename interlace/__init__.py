@@ -8,43 +8,52 @@
 True
 """
 
-from . import tracer as _tracer
-from .backends.local import BatchIndexWarning
-from .envoy import Envoy
-from .errors import (
-    CancelledError,
-    ExecutionError,
-    GraphError,
-    InterlaceError,
-    LimitError,
-    ModelError,
-    ModulePathError,
-    NotSavedError,
-    OutOfOrderError,
-    ProxyValueError,
-    RefusedError,
-    SerializationError,
-)
-from .graph import Graph, Node
-from .models.base import Model
-from .models.language import LanguageModel
-from .models.standardized import RenameConfig, StandardizationError, StandardizedTransformer
-from .proxy import Proxy
-from .wrapper import WrapperModule
+import importlib
 
-NNsight = Model
+# the public names and the modules that define them, imported on first use: `interlace keys ...` (which
+# needs none of them) then starts without loading torch
+_WHERE = {
+    "BatchIndexWarning": ".backends.local", "Envoy": ".envoy", "Graph": ".graph", "Node": ".graph",
+    "Model": ".models.base", "NNsight": ".models.base", "LanguageModel": ".models.language", "Proxy": ".proxy",
+    "RenameConfig": ".models.standardized", "StandardizationError": ".models.standardized",
+    "StandardizedTransformer": ".models.standardized", "WrapperModule": ".wrapper",
+    **{name: ".errors" for name in ("CancelledError", "ExecutionError", "GraphError", "InterlaceError", "LimitError",
+                                    "ModelError", "ModulePathError", "NotSavedError", "OutOfOrderError",
+                                    "ProxyValueError", "RefusedError", "SerializationError", "SourceError")},
+}
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:  # a submodule (interlace.tracer, ...), as eager imports made them attributes
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'interlace' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(_WHERE[name], __name__), "Model" if name == "NNsight" else name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(__all__)
 
 
 def apply(fn, *args, **kwargs):
     """Run `fn` on the real values of `args` when the graph runs (inside a trace), else call it now."""
-    if not _tracer._active:
+    from . import tracer
+
+    if not tracer._active:
         return fn(*args, **kwargs)
-    return _tracer.current().apply(fn, *args, **kwargs)
+    return tracer.current().apply(fn, *args, **kwargs)
 
 
 def list():  # noqa: A001 - mirrors the builtin on purpose: a list that lives in the graph
     """A list recorded in the graph; `.append(value)` inside loops and steps, `.save()` to keep it."""
-    return _tracer.current().record("call", "builtins.list")
+    from . import tracer
+
+    return tracer.current().record("call", "builtins.list")
 
 
 __all__ = [
@@ -69,6 +78,7 @@ __all__ = [
     "RefusedError",
     "RenameConfig",
     "SerializationError",
+    "SourceError",
     "StandardizationError",
     "StandardizedTransformer",
     "WrapperModule",

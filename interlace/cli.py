@@ -42,13 +42,19 @@ def _serve(args) -> int:
     if not args.ray and (args.replicas != 1 or args.max_replicas or args.gpus_per_replica):
         print("--replicas, --max-replicas and --gpus-per-replica need --ray", file=sys.stderr)
         return 2
-    import uvicorn
 
-    from .server.app import create_app
+    from .server.app import create_app, serve
     from .server.config import ServerConfig
     from .server.hosting import HostedModel, default_name, load_model
     from .server.keys import KeyStore
 
+    if not os.path.isfile(args.db):
+        print(f"no key database at {args.db}: every request would be refused. Create it with a first key:\n"
+              f"  interlace keys create --db {args.db} --name NAME\nthen start the server again", file=sys.stderr)
+        return 2
+    if not any(not key.revoked for key in KeyStore(args.db).list()):
+        print(f"WARNING: the key database {args.db} has no active key, so every request gets 401; add one with "
+              f"`interlace keys create --db {args.db} --name NAME` (no restart needed)", file=sys.stderr)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.trusted:
         print("WARNING: --trusted: this server runs the Python functions (interlace.apply) that clients send, "
@@ -75,18 +81,25 @@ def _serve(args) -> int:
     # the HTTP loop and the model's worker share the GIL: hand it over within 0.5 ms, not the default 5 ms,
     # so a finished job is answered at once
     sys.setswitchinterval(0.0005)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    serve(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
 def _keys(args) -> int:
     from .server.keys import KeyStore
 
+    if args.action != "create" and not os.path.isfile(args.db):
+        print(f"no key database at {args.db}; `interlace keys create --db {args.db} --name NAME` makes one",
+              file=sys.stderr)
+        return 2
+    if args.action == "create" and not args.name:
+        print("interlace keys create needs --name NAME (who the key is for)", file=sys.stderr)
+        return 2
+    new = not os.path.exists(args.db)
     store = KeyStore(args.db)
     if args.action == "create":
-        if not args.name:
-            print("interlace keys create needs --name NAME (who the key is for)", file=sys.stderr)
-            return 2
+        if new:
+            print(f"created the key database {args.db}", file=sys.stderr)
         print(store.create(args.name))  # the only time the key is shown
     elif args.action == "list":
         for key in store.list():
@@ -107,6 +120,18 @@ def _doctor(args) -> int:
     text = report(model=not args.no_model)
     print(text)
     return 1 if "FAILED" in text else 0
+
+
+def _unit(limit: str) -> str:
+    """What a limit of `Limits` counts, from its name."""
+    for ending, unit in (("_bytes", "bytes"), ("_seconds", "seconds"), ("_tokens", "tokens"), ("_bits", "bits"),
+                         ("_elements", "tensor elements"), ("_length", "items (or characters)"),
+                         ("_depth", "levels of nesting")):
+        if limit.endswith(ending):
+            return unit
+    if not limit.startswith("max_"):
+        return limit.replace("_", " ")  # flops per second: a rate, not a count
+    return limit.removeprefix("max_")  # nodes, traces, pieces, invokes: the count itself
 
 
 def _flag(parser, name: str, default, help: str) -> None:
@@ -135,8 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="host a model for remote traces (FastAPI on uvicorn)")
     serve.add_argument("model", help="'smollm2', a local model folder, a GGUF file, or a Hugging Face cache id")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--db", default="keys.db", help="the API key database (interlace keys create)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument("--db", default="keys.db",
+                       help="the API key database, made by `interlace keys create` (default keys.db); jobs are kept "
+                            "there too")
     serve.add_argument("--name", default=None, help="the model's id for clients (default: from MODEL)")
     serve.add_argument("--trusted", action="store_true",
                        help="also run graphs with pickled user functions (interlace.apply): only for trusted users")
@@ -168,12 +195,12 @@ def main(argv: list[str] | None = None) -> int:
         if spec.name != "limits":
             _flag(serve, spec.name, spec.default, service_help[spec.name])
     for name in Limits.names():
-        _flag(serve, name, getattr(Limits(), name), "limit of every job")
+        _flag(serve, name, getattr(Limits(), name), f"limit of every job, in {_unit(name)}")
     serve.set_defaults(handler=_serve)
 
     keys = commands.add_parser("keys", help="create, list or revoke the API keys of a server")
     keys.add_argument("action", choices=["create", "list", "revoke"])
-    keys.add_argument("--db", required=True, help="the key database file (created if missing)")
+    keys.add_argument("--db", required=True, help="the key database file (create makes it when missing)")
     keys.add_argument("--name", default=None, help="who the key is for (create), or a name or key id (revoke)")
     keys.set_defaults(handler=_keys)
     doctor = commands.add_parser("doctor", help="versions, CUDA and the embedded model: paste it into a bug report")

@@ -9,10 +9,12 @@ attributes (`net.layer1`) and items (`net.layers[3]`), exactly as in the wrapped
 from __future__ import annotations
 
 import copy
+import difflib
 
 import torch
 
 from .errors import InterlaceError, ModulePathError
+from .source import SOURCE, rewrite, source_of
 
 
 class Envoy:
@@ -41,6 +43,8 @@ class Envoy:
         """The envoy of child `name`, made now for a module attached after this envoy was built."""
         child = self._children.get(name)
         module = self._module._modules.get(name)
+        if module is None and name == SOURCE:
+            module = source_of(self._module)  # the points of a rewritten forward
         if module is None:
             return None
         if child is None or child._module is not module:
@@ -126,6 +130,19 @@ class Envoy:
     def __repr__(self) -> str:
         return repr(self._module)
 
+    def __str__(self) -> str:
+        return str(self._module)  # a Source prints its code with each point's name
+
+    @property
+    def source(self) -> "Envoy":
+        """Every call site in this module's forward as a named point with `.input`, `.inputs` and
+        `.output`, like a module: `attn.source.softmax_0.output`. The forward is rewritten on first
+        use (outside a trace it computes exactly what it did); `print(attn.source)` shows the code with
+        each point's name. On a point that calls a Python function, `.source` goes into that function."""
+        if SOURCE not in self._module._modules:  # else the module's own child named 'source'
+            rewrite(self._module, self._path or "the model")
+        return self._child(SOURCE)
+
     # -- values -----------------------------------------------------------------------------
     def _active(self, what: str):
         tracer = self._root._tracer
@@ -209,7 +226,10 @@ class Envoy:
 
 def _missing_child(envoy: Envoy, name: str) -> str:
     where = envoy._path or "the model"
-    children = ", ".join(envoy._children) or "none"
+    children = ", ".join(envoy._names()) or "none"
+    close = difflib.get_close_matches(name, envoy._names(), n=3)
+    if close:
+        children += f" (closest to '{name}': {', '.join(close)})"
     return (
         f"{where} ({type(envoy._module).__name__}) has no submodule or attribute '{name}'. "
         f"Its submodules are: {children}. Print the model to see the whole tree."

@@ -50,6 +50,10 @@ class ModulePathError(InterlaceError, AttributeError):
     """A module path or attribute that the wrapped model does not have."""
 
 
+class SourceError(InterlaceError):
+    """A module's forward (or a function it calls) cannot be rewritten into `.source` points."""
+
+
 class OutOfOrderError(InterlaceError):
     """An intervention needs a value the model computes only after the place it changes."""
 

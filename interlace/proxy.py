@@ -50,6 +50,10 @@ class Proxy:
         value = tracer.results.get(self._index, _MISSING)
         if value is _MISSING:
             node = tracer.graph[self._index]
+            job = getattr(tracer, "job", None)
+            if node.saved and job is not None and not tracer.results and not tracer.missing:
+                raise NotSavedError(f"{node.describe()} has no value yet: job {job.id} is not finished (or not "
+                                    "fetched); call tracer.job.result() first, which waits and then binds it")
             if node.saved and tracer._closed:
                 reason = tracer.missing.get(self._index, "the run did not reach it")
                 raise NotSavedError(f"{node.describe()} was saved but has no value: {reason}.")

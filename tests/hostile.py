@@ -906,7 +906,7 @@ def guard_pointing_forward():
     return attack(raw([{"index": 0, "op": "stop", "guard": 1}, {"index": 1, "op": "cond", "args": [True]}]))
 
 
-@case("SerializationError", "invalid header: nodes.0.op: Input should be")
+@case("GraphError", "unknown op kind 'exec'")
 def unknown_op():
     return attack(raw([{"index": 0, "op": "exec", "args": ["id"]}]))
 

@@ -5,6 +5,15 @@ import os
 import pytest
 
 from interlace import cli
+from interlace.server.keys import KeyStore
+
+
+@pytest.fixture
+def db(tmp_path) -> str:
+    """A key database with one key (serve refuses a missing one)."""
+    path = str(tmp_path / "keys.db")
+    KeyStore(path).create("alice")
+    return path
 
 
 class _Started(Exception):
@@ -12,7 +21,7 @@ class _Started(Exception):
 
 
 @pytest.mark.parametrize("flags, offline", [((), "1"), (("--hub",), None)])
-def test_serve_keeps_the_hub_offline_unless_told(monkeypatch, flags, offline):
+def test_serve_keeps_the_hub_offline_unless_told(monkeypatch, db, flags, offline):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     seen = {}
 
@@ -22,10 +31,10 @@ def test_serve_keeps_the_hub_offline_unless_told(monkeypatch, flags, offline):
 
     monkeypatch.setattr("interlace.server.hosting.load_model", load_model)
     with pytest.raises(_Started):
-        cli.main(["serve", "some/model", "--db", os.devnull, *flags])
+        cli.main(["serve", "some/model", "--db", db, *flags])
     assert seen["offline"] == offline
 
 
-def test_serve_refuses_a_limit_that_is_not_a_number(capsys):
-    assert cli.main(["serve", "some/model", "--db", os.devnull, "--max-seconds", "nan"]) == 2
+def test_serve_refuses_a_limit_that_is_not_a_number(db, capsys):
+    assert cli.main(["serve", "some/model", "--db", db, "--max-seconds", "nan"]) == 2
     assert "limit max_seconds must be a positive finite number, not nan" in capsys.readouterr().err

@@ -31,6 +31,7 @@ from ..errors import (
     describe_location,
 )
 from ..graph import OPS, Graph, map_refs
+from ..source import submodule
 from .guard import Guard
 from .limits import Limits
 from .plan import Plan
@@ -173,6 +174,10 @@ class Interleaver:
         outputs = {key[0] for key in self.sources if key[1] == "output"}
         inputs = {key[0] for key in self.sources if key[1] == "input"}
         skipped = {key[0] for key in self.plan.skips}
+        if self.untrusted:
+            # the deadline and the cancel flag are checked between operations; a graph may have none
+            # during a long generation (it saves only `generator.output`), but every step calls the root
+            self.handles.append(self.root.register_forward_pre_hook(lambda module, args: self._step()))
         for path in outputs | inputs | skipped:
             module = self._module_at(path)
             if path in inputs:
@@ -184,15 +189,14 @@ class Interleaver:
             if path in skipped:
                 self._patch_forward(module, path)
 
+    def _step(self) -> None:
+        """Before each call of the whole model (each generation step): stop when cancelled or late."""
+        self.guard.tick()
+
     def _module_at(self, path: str) -> torch.nn.Module:
         if path in self.extra_modules:
             return self.extra_modules[path]
-        module = self.root
-        for part in path.split(".") if path else ():
-            module = module._modules.get(part)  # (get_submodule checks more, and costs ~10x)
-            if module is None:
-                raise InterlaceError(f"the model has no module '{path}'")
-        return module
+        return submodule(self.root, path)  # rewrites, on first use, the forwards `.source` points are in
 
     def _remove_hooks(self) -> None:
         for handle in reversed(self.handles):

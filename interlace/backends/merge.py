@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ..errors import CancelledError, InterlaceError
 from ..graph import Graph, Outcome, Request, TraceSpec
-from .local import Interleaver
+from .local import EarlyStop, Interleaver
 from .rows import Shared, SharedValueError, contains_shared
 
 
@@ -111,6 +111,16 @@ class MergedInterleaver(Interleaver):
             self._node_failed(index, CancelledError("the job was cancelled while it ran"))
             return
         super()._execute(index)
+
+    def _step(self) -> None:
+        """Before each call of the whole model: cancelled parts leave; once no part is left, the run ends."""
+        super()._step()
+        for number, (part, cancel) in enumerate(zip(self.parts, self.cancels)):
+            if cancel is not None and cancel.is_set() and number not in self.failures:
+                self.failures[number] = CancelledError("the job was cancelled while it ran")
+                self._abandon(number, part.start, "its request failed")
+        if len(self.failures) == len(self.parts):
+            raise EarlyStop()
 
     def _resolve(self, obj):
         """A `Shared` placeholder may be held in containers and moved by indexing, never used itself."""

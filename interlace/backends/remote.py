@@ -47,6 +47,12 @@ class RemoteBackend:
         api_key = api_key or os.environ.get("INTERLACE_API_KEY")
         if not host:
             raise InterlaceError("no server: pass host='http://HOST:PORT' or set INTERLACE_HOST")
+        if not host.startswith(("http://", "https://")):
+            raise InterlaceError(f"the host {host!r} has no scheme: pass host='http://{host}' (or https://)")
+        api_key = api_key and api_key.strip()  # pasted with a newline or a space
+        if api_key and any(c.isspace() or not c.isprintable() for c in api_key):
+            raise InterlaceError("the API key holds spaces or control characters: pass the key exactly as "
+                                 "`interlace keys create` printed it (il_..., one word)")
         if not api_key:
             raise InterlaceError(f"no API key for the server at {host}: pass api_key=... or set INTERLACE_API_KEY "
                                  "(its operator creates one with `interlace keys create`)")
@@ -109,14 +115,24 @@ class RemoteBackend:
             job._outcome = _outcome(response)
         if not blocking:
             return job
-        return job._wait(None)  # the server holds the job to `timeout`; the queue before it is bounded
+        try:
+            return job._wait(None)  # the server holds the job to `timeout`; the queue before it is bounded
+        except KeyboardInterrupt:
+            print(f"\ninterlace: stopped waiting; job {job.id} goes on at {self.host}. Fetch it later with "
+                  f"model.job({job.id!r}).result() (saved values by node), or stop it with "
+                  f"model.job({job.id!r}).cancel()", file=sys.stderr, flush=True)
+            raise
+
+    def job(self, job_id: str) -> "Job":
+        """The handle of a job submitted earlier (by its id)."""
+        return Job(self, job_id)
 
     def _call(self, method: str, path: str, *, answered=(200,), **options) -> httpx.Response:
         try:
             response = self._client.request(method, path, **options)
         except httpx.TransportError as error:
-            raise ServiceError(f"cannot reach the interlace server at {self.host}: {error}. Is `interlace serve` "
-                               "running there?", status=0, code="unreachable") from None
+            raise ServiceError(f"cannot reach the interlace server at {self.host}: {str(error).rstrip('.')}. Is "
+                               "`interlace serve` running there?", status=0, code="unreachable") from None
         if response.status_code not in answered:
             raise _error(response)
         return response

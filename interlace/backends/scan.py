@@ -16,6 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..errors import ExecutionError, InterlaceError
 from ..graph import Node
+from ..source import points
 from .local import Interleaver
 from .rows import first_input
 
@@ -31,6 +32,8 @@ class Scanner(Interleaver):
         super().__init__(graph, root, [], 0, modules=modules)
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
         self.captured: dict[int, dict[tuple, object]] = {}
+        self.forwards: dict[int, object] = {}  # each invoke's forward, to capture again (see _op_module_value)
+        self.hooked: dict[int, set[str]] = {}  # the module paths each capture saw
         self.device = next((p.device for p in root.parameters()), torch.device("cpu"))
 
     def capture(self, invoke: int, forward) -> None:
@@ -44,7 +47,9 @@ class Scanner(Interleaver):
             counts[(path, kind)] = call + 1
             seen[(path, kind, call)] = value
 
-        for path, module in list(self.root.named_modules()) + list(self.extra_modules.items()):
+        modules = [*self.root.named_modules(), *points(self.root), *self.extra_modules.items()]
+        self.forwards[invoke], self.hooked[invoke] = forward, {path for path, _ in modules}
+        for path, module in modules:
             handles.append(module.register_forward_pre_hook(
                 lambda m, args, kwargs, path=path: record(path, "input", (args, kwargs)), with_kwargs=True))
             handles.append(module.register_forward_hook(
@@ -91,8 +96,10 @@ class Scanner(Interleaver):
         return ExecutionError(f"{wrapped} (found while scanning, before the model ran)")
 
     def _op_module_value(self, node):
-        invoke = node.kwargs["invoke"]
-        captured = self.captured.get(invoke if invoke is not None else 0, {})
+        invoke = node.kwargs["invoke"] or 0
+        if invoke in self.forwards and node.target not in self.hooked[invoke]:
+            self.capture(invoke, self.forwards[invoke])  # a `.source` point made after the invoke was captured
+        captured = self.captured.get(invoke, {})
         kind = node.kwargs["kind"]
         value = captured.get((node.target, "output" if kind == "output" else "input", node.kwargs["call"]))
         if value is None or kind == "output":

@@ -35,7 +35,7 @@ import zstandard
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import ops
-from ..errors import InterlaceError, LimitError, SerializationError, VersionError, describe_location
+from ..errors import GraphError, InterlaceError, LimitError, SerializationError, VersionError, describe_location
 from ..graph import OPS, Graph, Node, Ref, Request, TraceSpec
 from .limits import Limits
 from .validate import check_structure
@@ -57,7 +57,7 @@ class _Strict(BaseModel):
 
 class NodeModel(_Strict):
     index: int = Field(ge=0)
-    op: Literal[tuple(sorted(OPS))]
+    op: str = Field(max_length=64)  # an op kind of graph.OPS; an unknown one is a GraphError naming the node
     # a module path, allow-list name or method name; {"pickle": base64} for a user function
     target: str | dict[Literal["pickle"], str] | None = None
     args: list[Any] = []
@@ -447,6 +447,10 @@ def _unframe(data, magic: bytes, what: str, trusted: bool, limits: Limits, count
     if len(length) < _LENGTH.size:
         raise SerializationError(f"truncated {what}: no header length")
     (length,) = _LENGTH.unpack(length)
+    follow = len(data) - _PREFIX.size - _LENGTH.size
+    if body.stream is None and length > follow:  # a frame that lies about itself is malformed, not large
+        raise SerializationError(f"truncated {what}: header length {length} is larger than the {follow} bytes "
+                                 "that follow")
     if length > limits.max_header_bytes:
         raise LimitError(f"the header is {length} bytes, over the limit of {limits.max_header_bytes} (max_header_bytes)")
     text = body.read(length)
@@ -494,6 +498,8 @@ def deserialize_request(data: bytes, *, trusted: bool = False, limits: Limits | 
         try:
             if model.index != position:
                 raise SerializationError(f"has index {model.index}; nodes must be numbered in order")
+            if model.op not in OPS:
+                raise GraphError(f"unknown op kind {model.op[:64]!r}; the op kinds are {', '.join(sorted(OPS))}")
             args = tuple([decoder.decode(a, position) for a in model.args])
             kwargs = {decoder.text(k): decoder.decode(v, position) for k, v in model.kwargs.items()}
             location = model.location and (decoder.text(model.location[0]), model.location[1])

@@ -11,6 +11,9 @@ restores every time.
 from __future__ import annotations
 
 import torch
+from torch.utils.hooks import RemovableHandle
+
+from ..source import rewrite_attributes, rewritten_forward
 
 
 _HOOK_TABLES = (
@@ -25,39 +28,52 @@ class Attachments:
 
     transformers installs output-capturing hooks on every layer (and flags the model) the first time a
     forward is asked for `output_attentions`, and leaves them; `restore()` takes off whatever was added.
+    Cheap enough for every untrusted run: hook ids only grow (`RemovableHandle.next_id`), so a hook
+    added since is one with a larger id, and dicts keep their insertion order, so an instance
+    attribute added since comes after the ones counted.
 
     >>> net = torch.nn.Linear(2, 2)
     >>> attachments = Attachments(net)
     >>> handle = net.register_forward_hook(lambda *a: None); net.flag = True
     >>> attachments.added()
-    ['<root>: _forward_hooks added', "<root>: instance attribute 'flag' added"]
+    ["<root>: instance attribute 'flag' added", '<root>: _forward_hooks added']
     >>> attachments.restore(); attachments.added()
     []
     """
 
     def __init__(self, root: torch.nn.Module):
-        self.modules = [(name, module, set(module.__dict__),
-                         {table: set(getattr(module, table, None) or ()) for table in _HOOK_TABLES})
+        self.first_id = RemovableHandle.next_id  # hooks registered from now on have ids from here
+        self.modules = [(name, vars(module), len(vars(module)))
                         for name, module in root.named_modules(remove_duplicate=False)]
+
+    def _added(self):
+        """(module name, the dict, the keys added to it) for every instance dict and hook table that grew."""
+        for name, attributes, count in self.modules:
+            if len(attributes) > count:
+                # (but a `.source` rewrite's: part of the model once made)
+                keys = [key for key in list(attributes)[count:] if key not in rewrite_attributes(attributes)]
+                if keys:
+                    yield name or "<root>", "__dict__", attributes, keys
+            for table in _HOOK_TABLES:
+                hooks = attributes.get(table)
+                if hooks:
+                    keys = [key for key in hooks if type(key) is int and key >= self.first_id]
+                    if keys:
+                        yield name or "<root>", table, hooks, keys
 
     def added(self) -> list[str]:
         changes = []
-        for name, module, attributes, hooks in self.modules:
-            for table, keys in hooks.items():
-                if set(getattr(module, table, None) or ()) - keys:
-                    changes.append(f"{name or '<root>'}: {table} added")
-            changes += [f"{name or '<root>'}: instance attribute {key!r} added"
-                        for key in sorted(set(module.__dict__) - attributes)]
+        for name, label, _, keys in self._added():
+            if label == "__dict__":
+                changes += [f"{name}: instance attribute {key!r} added" for key in keys]
+            else:
+                changes.append(f"{name}: {label} added")
         return changes
 
     def restore(self) -> None:
-        for _, module, attributes, hooks in self.modules:
-            for table, keys in hooks.items():
-                current = getattr(module, table, None)
-                for key in set(current or ()) - keys:
-                    del current[key]
-            for key in set(module.__dict__) - attributes:
-                del module.__dict__[key]
+        for _, _, table, keys in list(self._added()):
+            for key in keys:
+                del table[key]
 
 
 def global_state() -> dict:
@@ -109,7 +125,7 @@ class ModelState:
         changes = [line for line in self.attachments.added()  # (hooks and forward: compared below)
                    if "instance attribute" in line and "'forward'" not in line]
         for name, module, forward, training, hooks in self.modules:
-            if module.__dict__.get("forward") is not forward:
+            if module.__dict__.get("forward") not in (forward, rewritten_forward(module)):
                 changes.append(f"{name or '<root>'}: instance forward changed")
             if module.training != training:
                 changes.append(f"{name or '<root>'}: training {training} -> {module.training}")
@@ -134,6 +150,7 @@ class ModelState:
     def restore(self) -> None:
         self.attachments.restore()
         for _, module, forward, training, hooks in self.modules:
+            forward = forward or rewritten_forward(module)  # a `.source` rewrite stays: it is part of the model
             if forward is None:
                 module.__dict__.pop("forward", None)
             else:

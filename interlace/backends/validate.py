@@ -12,8 +12,9 @@ from __future__ import annotations
 import difflib
 
 from .. import ops
-from ..errors import GraphError, describe_location
+from ..errors import GraphError, InterlaceError, describe_location
 from ..graph import Graph, Node, Ref
+from ..source import SOURCE, submodule
 
 _MODULE_VALUE_KEYS = frozenset({"kind", "call", "invoke", "optional"})
 _KINDS = ("output", "input", "inputs")
@@ -166,7 +167,7 @@ def check_against_model(graph: Graph, root, extra_modules: dict, invokes: int, s
             if modules is None:
                 modules = {name for name, _ in root.named_modules()} | set(extra_modules)
             if node.target not in modules:
-                raise fail(node, f"the model has no module {node.target!r}{_suggest(node.target, modules)}")
+                _source_point(node, root, modules)
             if node.op == "module_call" and node.target in extra_modules:
                 raise fail(node, f"{node.target!r} is not a module of the model's own tree, and a graph may call "
                            "only those (generate with mode 'generate' and its allowed options instead)")
@@ -179,6 +180,18 @@ def check_against_model(graph: Graph, root, extra_modules: dict, invokes: int, s
                 weights |= {name for name, _ in root.named_buffers(remove_duplicate=False)}
             if node.target not in weights:
                 raise fail(node, f"the model has no parameter or buffer {node.target!r}{_suggest(node.target, weights)}")
+
+
+def _source_point(node: Node, root, modules: set) -> None:
+    """A path through `.source` names a call site in the model's own forward: rewrite it now, or say
+    which points exist."""
+    if SOURCE not in node.target.split("."):
+        raise fail(node, f"the model has no module {node.target!r}{_suggest(node.target, modules)}")
+    try:
+        submodule(root, node.target)
+    except InterlaceError as error:
+        raise fail(node, str(error)) from None
+    modules.add(node.target)
 
 
 def _suggest(name: str, names) -> str:

@@ -53,7 +53,7 @@ class WriteCheck(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        for position, argument in enumerate(func._schema.arguments):
+        for position, argument in _tensor_arguments(func):
             value = args[position] if position < len(args) else kwargs.get(argument.name)
             for tensor in value if isinstance(value, (list, tuple)) else (value,):
                 if isinstance(tensor, torch.Tensor):
@@ -77,6 +77,17 @@ class WriteCheck(TorchDispatchMode):
             raise RefusedError(f"{self.what} would write its result into a tensor it was given (argument "
                                f"{argument.name!r} of {func}); `out` arguments are not allowed here: use the "
                                "returned value")
+
+
+_ARGUMENTS: dict = {}  # operator -> its (position, argument) that can hold tensors
+
+
+def _tensor_arguments(func) -> list:
+    arguments = _ARGUMENTS.get(func)
+    if arguments is None:
+        arguments = _ARGUMENTS[func] = [(position, argument) for position, argument in enumerate(func._schema.arguments)
+                                        if "Tensor" in str(argument.type)]
+    return arguments
 
 
 class Versions:

@@ -82,7 +82,7 @@ class Model(Envoy):
         early_stop: end the forward as soon as nothing in the graph needs the model any more.
         scan / validate: evaluate every line on fake tensors as it is recorded, so shape errors are
         raised at that line before the model runs, and `proxy.shape` is a real size.
-        remote / backend, blocking, timeout: run on a server (see README, "Remote").
+        remote / backend, blocking, timeout: run on a server (see docs/remote/client.md).
         Other keyword arguments are the model's own (checked against its forward).
         """
         args, input_kwargs, forward_kwargs = self._trace_inputs(inputs, kwargs)
@@ -129,7 +129,7 @@ class Model(Envoy):
             raise InterlaceError(
                 "remote=True needs a server, and this model has none: create it with "
                 "LanguageModel(name, host='http://...', api_key=...) or set INTERLACE_HOST and "
-                "INTERLACE_API_KEY (see README, 'Remote'). To run here, leave out remote=True."
+                "INTERLACE_API_KEY (see docs/remote/client.md). To run here, leave out remote=True."
             )
         return {"remote": bool(remote or backend is not None), "blocking": blocking, "timeout": timeout,
                 "backend": backend}
@@ -144,6 +144,13 @@ class Model(Envoy):
     def run_remote(self, request: Request, *, blocking: bool = True, timeout=None, backend=None):
         """Run on a server (`backend`, a RemoteBackend, or the model's own): an Outcome, or a job handle."""
         return (backend or self._remote).run(request, blocking=blocking, timeout=timeout)
+
+    def job(self, job_id: str):
+        """A job this model's server runs (by the id a `blocking=False` trace's `tracer.job.id` has, or a
+        stopped blocking trace printed): `.status()`, `.result()` (an Outcome: saved values by node), `.cancel()`."""
+        if self._remote is None:
+            raise InterlaceError("this model is not on a server: jobs belong to models made with host=...")
+        return self._remote.job(job_id)
 
     def _attach(self, tracer: Tracer) -> None:
         models = (self,) if self._origin is None else (self, self._origin)
@@ -202,6 +209,7 @@ class Model(Envoy):
         # a session's traces share one deadline and one element budget: the request's, not each trace's
         guard = Guard(self._module, untrusted=untrusted, limits=limits, cancel=cancel)
         for number, trace in enumerate(traces):
+            guard.tick()  # between a session's forwards too, whatever its graph runs
             if trace.start < skip_to:  # a session.stop() ended the loop this span belongs to
                 outcome.missing.update({node.index: "session.stop() ended the loop before it ran"
                                         for node in graph.nodes[trace.start : min(trace.end, skip_to)] if node.saved})

@@ -21,6 +21,7 @@ from ..backends.local import Interleaver
 from ..backends.merge import merge_key
 from ..envoy import Envoy
 from ..errors import InterlaceError, LimitError, RefusedError
+from ..source import submodule
 from ..tracer import Tracer
 from .base import Model
 
@@ -154,7 +155,7 @@ class LanguageModel(Model):
             return
         module = self._load_weights()
         for envoy in self.modules():
-            envoy._module = module.get_submodule(envoy.path)
+            envoy._module = submodule(module, envoy.path)  # `.source` used before: rewritten here too
         self._generator._model[0] = module
 
     def _copy(self) -> "LanguageModel":

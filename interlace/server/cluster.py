@@ -23,7 +23,10 @@ Cancelling a running job: the ingress marks it cancelled at once (the client see
 the cancel does not reach the replica: its batch runs on to its end or its deadline, and its answer
 for that job is dropped.
 
-`GET /v1/replicas` (any valid key) lists the replicas that answered jobs: Ray's replica id, process,
+A Ray instance started here (no RAY_ADDRESS) has its node at 127.0.0.1, so every Ray process listens
+there only, and no dashboard. SIGTERM ends Serve and Ray at once (no drain, unlike one process).
+
+`GET /v1/replicas` (any valid key) lists the live replicas that answered jobs: Ray's replica id, process,
 node, jobs, and with `--check-weights` the replica's own checks (`/v1/health` reports only the
 ingress, which has no weights to check).
 """
@@ -53,6 +56,7 @@ log = logging.getLogger("interlace.server")
 INSTALL = "pip install 'interlace[ray]'"
 APP_NAME = "interlace"
 ANSWER_MARGIN = 60.0  # seconds, over a batch's own deadline: routing, and a replacement replica starting
+LOOPBACK = "127.0.0.1"  # the address of a Ray instance started here
 CANCEL_CHECK = 0.25  # seconds between looks at the jobs' cancel flags while a replica runs them
 
 
@@ -64,6 +68,8 @@ class ModelReplica:
                  device_map: str | None = None):
         from .hosting import HostedModel, load_model
 
+        _serve_on_loopback_if_local()
+
         options = {"device_map": device_map} if device_map else {}
         self.hosted = HostedModel(load_model(source, **kind, **options), name=name,
                                   limits=Limits(**limits), trusted=trusted, check_weights=check_weights)
@@ -72,10 +78,11 @@ class ModelReplica:
         """Which replica this is: Ray's replica id, its process and node, and its weight checks."""
         serve = sys.modules.get("ray.serve")  # loaded in a Ray Serve replica; not imported just to ask
         try:
-            replica = serve.get_replica_context().replica_id.unique_id
+            ids = serve.get_replica_context().replica_id
+            replica, actor = ids.unique_id, ids.to_full_id_str()
         except Exception:  # noqa: BLE001 - outside Ray Serve (called directly): the process is the replica
-            replica = f"pid{os.getpid()}"
-        return {"replica": replica, "pid": os.getpid(), "node": socket.gethostname(),
+            replica, actor = f"pid{os.getpid()}", None
+        return {"replica": replica, "actor": actor, "pid": os.getpid(), "node": socket.gethostname(),
                 "checked": self.hosted.checked, "changes": list(self.hosted.changes)}
 
     def run(self, requests: list[bytes], limits: dict) -> dict:
@@ -141,6 +148,7 @@ class Ingress:
         from .keys import KeyStore
 
         os.environ.pop("INTERLACE_HOST", None)  # this process is the server: a model name here is never remote
+        _serve_on_loopback_if_local()
         hosted = HostedModel(load_model(self.source, weights=False, **self.kind), name=self.name,
                              limits=self.config.limits, trusted=self.trusted)
         app = create_app([hosted], KeyStore(self.db), self.config,
@@ -150,8 +158,22 @@ class Ingress:
         return app
 
     def replica_view(self) -> dict:
+        """The replicas that answered jobs and are still alive (a dead one's Ray actor is gone)."""
+        import ray
+
         with self._lock:
-            return {"replicas": [{**identity, "jobs": self.jobs[replica]} for replica, identity in self.seen.items()]}
+            seen = dict(self.seen)
+        alive = {}
+        for replica, identity in seen.items():
+            try:
+                ray.get_actor(identity["actor"], namespace="serve")
+            except ValueError:  # no such actor: it died (Ray Serve starts a new one under a new id)
+                continue
+            alive[replica] = {**identity, "jobs": self.jobs[replica]}
+        with self._lock:
+            for replica in set(seen) - set(alive):
+                self.seen.pop(replica, None)
+        return {"replicas": list(alive.values())}
 
     def run_batch(self, jobs: list) -> list:
         """One worker's batch, run on a free replica; per job (result bytes, logs, missing) or its error."""
@@ -222,9 +244,33 @@ def application(source: str, *, name: str, config: ServerConfig, db: str, kind: 
                         workers=max(replicas, max_replicas or 0))
 
 
+def _serve_on_loopback_if_local() -> None:
+    """On a Ray node at 127.0.0.1 (the instance `serve_on_ray` starts), bind this replica's gRPC server for
+    calls between deployments there too: Ray Serve binds it to every interface ([::]) whatever the node's
+    address. Called in a replica's constructor, which Ray Serve runs before it starts that server."""
+    import ray
+    from ray.serve._private import replica
+
+    if ray.util.get_node_ip_address() != LOOPBACK or getattr(replica.add_port_to_grpc_server, "loopback", False):
+        return
+    bind = replica.add_port_to_grpc_server
+
+    def on_loopback(server, address):
+        return bind(server, address.replace("[::]", LOOPBACK).replace("0.0.0.0", LOOPBACK))
+
+    on_loopback.loopback = True
+    replica.add_port_to_grpc_server = on_loopback
+
+
 # -- the command -------------------------------------------------------------------------------------------
 def serve_on_ray(args, config: ServerConfig) -> int:
     """`interlace serve MODEL --ray`: on the cluster at RAY_ADDRESS, or on a Ray instance started here."""
+    local = not os.environ.get("RAY_ADDRESS")
+    if local:
+        # Ray's own switch for a single-machine instance (its default on macOS and Windows): the node's address
+        # is 127.0.0.1, so that Ray's servers (GCS, raylet, workers, agents) listen there, not on every interface;
+        # read when Ray is imported, and inherited by every process it starts
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     try:
         import ray
         from ray import serve
@@ -239,11 +285,11 @@ def serve_on_ray(args, config: ServerConfig) -> int:
     # paths as seen from here: the ingress and the replicas run in other processes (or nodes)
     source = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
     name = args.name or default_name(args.model)
-    if os.environ.get("RAY_ADDRESS"):
+    if not local:
         ray.init(logging_level=args.log_level.upper())  # joins the cluster RAY_ADDRESS names
     else:  # a Ray instance of our own, ended with this command; room for every replica, even on a small machine
         ray.init(num_cpus=max(os.cpu_count() or 1, args.replicas, args.max_replicas or 0), include_dashboard=False,
-                 logging_level=args.log_level.upper())
+                 _node_ip_address=LOOPBACK, logging_level=args.log_level.upper())
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a terminate ends Serve and Ray as Ctrl-C does
     logging_config = {"log_level": args.log_level.upper()}
     try:

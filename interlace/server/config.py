@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from ..backends.limits import Limits
 
+STREAM_CHECK = 1.0  # seconds between an event stream's (or a wait's) looks at whether the server is stopping
+
 
 @dataclass(frozen=True)
 class ServerConfig:

@@ -25,6 +25,7 @@ from ..errors import (
     ServiceError,
     VersionError,
 )
+from .schemas import ErrorBody
 
 log = logging.getLogger("interlace.server")
 
@@ -55,6 +56,20 @@ _HINTS = {
 }
 
 
+def documented(*statuses: int) -> dict:
+    """The OpenAPI `responses` of a route for the error statuses it can send, each with `ErrorBody`."""
+    return {status: {"model": ErrorBody, "description": _DESCRIPTIONS[status]} for status in statuses}
+
+
+_DESCRIPTIONS = {
+    400: "malformed request", 401: "no valid API key", 403: "refused: not allowed here", 404: "unknown (or another key's)",
+    405: "method not allowed (see the Allow header)", 409: "another wire format version", 410: "the job was cancelled",
+    413: "over a limit", 422: "an invalid graph, or one that failed while it ran (the node is named)",
+    429: "rate, queue or jobs per key (see Retry-After)", 500: "the server failed",
+    503: "shutting down, or the model replica stopped (see Retry-After)", 504: "the job ran past its deadline",
+}
+
+
 def status_of(error: Exception) -> int:
     """The HTTP status of an error (500 for anything that is not an InterlaceError)."""
     if isinstance(error, ServiceError):
@@ -74,24 +89,43 @@ def error_body(error: Exception) -> dict:
         return {"code": "internal", "message": f"the server failed: {type(error).__name__} (see its log)",
                 "node": None, "hint": "report this to the server's operator"}
     code = error.code if isinstance(error, ServiceError) else type(error).__name__
-    return {"code": code, "message": str(error), "node": getattr(error, "node", None), "hint": _HINTS.get(status)}
+    hint = getattr(error, "hint", None) or _HINTS.get(status)  # an error may know better than its status
+    return {"code": code, "message": str(error), "node": getattr(error, "node", None), "hint": hint}
 
 
 def error_response(error: Exception) -> JSONResponse:
     status = status_of(error)
-    headers = {"Retry-After": str(getattr(error, "retry_after", 1))} if status == 429 else None
+    retry = getattr(error, "retry_after", 1 if status == 429 else None)
+    headers = {"Retry-After": str(retry)} if retry is not None else None
     return JSONResponse(error_body(error), status_code=status, headers=headers)
 
 
 def install(app: FastAPI) -> None:
-    """Route every error, ours and the framework's, through `error_response`."""
+    """Route every error, ours and the framework's, through `error_response`; the OpenAPI document says so
+    (invalid parameters are a 400 `ErrorBody`, not FastAPI's 422 `HTTPValidationError`)."""
+    framework_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = framework_openapi()
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    if "HTTPValidationError" in str(operation["responses"].get("422", "")):
+                        del operation["responses"]["422"]
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     async def interlace_error(request: Request, error: InterlaceError):
         return error_response(error)
 
     async def http_error(request: Request, error: HTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return error_response(ServiceError(str(error.detail), status=error.status_code, code=code))
+        response = error_response(ServiceError(str(error.detail), status=error.status_code, code=code))
+        response.headers.update(error.headers or {})  # 405's Allow
+        return response
 
     async def invalid(request: Request, error: RequestValidationError):
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()[:3])

@@ -30,12 +30,13 @@ from ..backends.limits import Limits
 from ..backends.remote import package_version
 from ..backends.serialize import GRAPH_MAGIC, VERSION, deserialize_request, log_text, serialize_results
 from ..backends.validate import check_against_model
-from ..errors import LimitError, RefusedError
+from ..errors import LimitError, RefusedError, SourceError
 from ..graph import Request
 from ..models.base import Model
 from ..models.language import DEFAULT_MODEL, LanguageModel, _check_untrusted_options
 from ..models.standardized import StandardizedTransformer
 from ..models.standardized.attention import AttentionProbes
+from ..source import point_names
 
 log = logging.getLogger("interlace.server")
 
@@ -88,6 +89,7 @@ class HostedModel:
         self.checked = 0  # jobs after which the model was checked
         self.changes: list[str] = []  # what any job left behind (check_weights only)
         self._manifest: dict | None = None
+        self._fingerprint: str | None = None
 
     # -- before queueing (a thread of the HTTP side) ------------------------------------------------
     def admit(self, data: bytes) -> Request:
@@ -179,7 +181,7 @@ class HostedModel:
             "kind": "language" if isinstance(self.model, LanguageModel) else "model",
             "modules": modules,
             "limits": dataclasses.asdict(self.limits), "config": None, "tokenizer": {}, "padding_side": None,
-            "standardized": None,
+            "standardized": None, "source": _source_points(module),
         }
         if isinstance(self.model, StandardizedTransformer):  # clients add the same probes to the tree they build
             manifest["standardized"] = {"attention_probs": self.model._attention_probs}
@@ -194,10 +196,32 @@ class HostedModel:
                             manifest["tokenizer"][name] = file.read()
         return manifest
 
+    def fingerprint(self) -> str:
+        """What a queued job needs of its model to run after a restart: the same module tree, config, kind
+        and standardized options (SHA-256 of them; not the weights, which would take a pass over them)."""
+        if self._fingerprint is None:
+            manifest = self.manifest()
+            same = {name: manifest[name] for name in ("modules", "config", "kind", "standardized")}
+            self._fingerprint = hashlib.sha256(json.dumps(same, sort_keys=True, default=str).encode()).hexdigest()
+        return self._fingerprint
+
     def summary(self) -> dict:
         return {"id": self.name, "kind": "language" if isinstance(self.model, LanguageModel) else "model",
                 "type": type(self.model.module).__name__,
                 "parameters": sum(p.numel() for p in self.model.module.parameters())}
+
+
+def _source_points(module: torch.nn.Module) -> dict[str, list[str]]:
+    """For each module class of the model, the `.source` points of its forward (read, not installed)."""
+    points = {}
+    for sub in module.modules():
+        name = type(sub).__name__
+        if name not in points:
+            try:
+                points[name] = point_names(type(sub).forward)
+            except SourceError:
+                points[name] = []  # no Python source: no points
+    return points
 
 
 def _has_functions(graph) -> bool:

@@ -8,8 +8,7 @@ result bytes or its error body. Events are published from any thread and awaited
 it moves. One `Worker` thread per hosted model instance takes from its queue a batch of jobs that
 can share one forward (same group, within the server's bounds on jobs and token positions) and hands
 it to `execute`, which runs them together, each on its own rows (hooks sit on the shared module: two
-batches at once would see each other's activations). `JobStore` finds jobs by id for the key that made them, counts each key's unfinished
-jobs, and drops finished jobs once their results expire.
+batches at once would see each other's activations). The store of jobs (by id, in SQLite) is `store.py`.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import logging
 import secrets
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 
 from ..errors import CancelledError, ServiceError
 from .errors import error_body
@@ -33,8 +32,8 @@ class Job:
     """One request on its way through the server; created on the event loop's thread."""
 
     def __init__(self, request, *, key: str, model: str, limits, loop: asyncio.AbstractEventLoop, data: bytes = b"",
-                 group=None, size: int = 1):
-        self.id = secrets.token_urlsafe(16)  # random: ids cannot be guessed, only received
+                 group=None, size: int = 1, job_id: str | None = None):
+        self.id = job_id or secrets.token_urlsafe(16)  # random: ids cannot be guessed, only received
         self.request, self.key, self.model, self.limits = request, key, model, limits
         self.data = data  # the request's bytes as received (a runner in another process sends them on)
         self.group, self.size = group, size  # jobs of one group may share a forward; size: its token positions
@@ -50,7 +49,7 @@ class Job:
         self._loop = loop
         self._changed = asyncio.Event()
         self._lock = threading.Lock()
-        self.on_finish = None  # set by the store: called once when the job reaches a final state
+        self.on_change = None  # set by the store: called when the job starts, and once when it is finished
 
     def info(self) -> dict:
         return {"id": self.id, "model": self.model, "state": self.state, "position": self.position,
@@ -68,10 +67,16 @@ class Job:
         self.publish("queued", position=position)
 
     def running(self) -> None:
+        if self.state in FINISHED:
+            return
         self.state, self.position, self.started = "running", None, time.time()
         self.publish("running")
+        if self.on_change is not None:
+            self.on_change(self)
 
     def complete(self, result: bytes, logs, missing: dict) -> None:
+        if self.state in FINISHED:  # cancelled while it ran (its key revoked, say): the answer is dropped
+            return
         self.result, self.missing = result, missing
         for index, values in logs:
             self.publish("log", node=index, text=" ".join(map(str, values)))
@@ -88,9 +93,9 @@ class Job:
             if self.state in FINISHED:
                 return
             self.state, self.position, self.finished = state, None, time.time()
+        if self.on_change is not None:
+            self.on_change(self)
         self.publish(state, **data)
-        if self.on_finish is not None:
-            self.on_finish(self)
 
     # -- waiting (on the event loop) --------------------------------------------------------------
     def _wake(self) -> None:
@@ -232,51 +237,3 @@ class Worker(threading.Thread):
         finally:
             if self.on_done is not None:
                 self.on_done(job)
-
-
-class JobStore:
-    """Jobs by id, each readable only with the key that made it; finished ones expire after `ttl` s."""
-
-    def __init__(self, ttl: float):
-        self.ttl = ttl
-        self._jobs: dict[str, Job] = {}
-        self._active: Counter = Counter()  # key -> unfinished jobs
-        self._lock = threading.Lock()
-
-    def add(self, job: Job) -> None:
-        self.expire()
-        with self._lock:
-            self._jobs[job.id] = job
-            self._active[job.key] += 1
-        job.on_finish = self._finished
-
-    def discard(self, job: Job) -> None:
-        """Forget a job that never made it into the queue."""
-        with self._lock:
-            if self._jobs.pop(job.id, None) is not None:
-                self._active[job.key] -= 1
-
-    def _finished(self, job: Job) -> None:
-        with self._lock:
-            self._active[job.key] -= 1
-
-    def active(self, key: str) -> int:
-        return self._active[key]
-
-    def get(self, job_id: str, key: str) -> Job:
-        job = self._jobs.get(job_id)
-        if job is None or job.key != key:  # another key's job is as unknown as a made-up id
-            raise ServiceError(f"no job '{job_id[:64]}' for this key (unknown, another key's, or expired)",
-                               status=404, code="not_found")
-        return job
-
-    def expire(self) -> None:
-        cutoff = time.time() - self.ttl
-        with self._lock:
-            old = [i for i, job in self._jobs.items() if job.finished is not None and job.finished < cutoff]
-            for job_id in old:
-                del self._jobs[job_id]
-
-    def unfinished(self) -> list[Job]:
-        with self._lock:
-            return [job for job in self._jobs.values() if job.state not in FINISHED]

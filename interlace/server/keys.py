@@ -45,6 +45,7 @@ class KeyStore:
     """The keys of one database file (`:memory:` for tests)."""
 
     def __init__(self, path: str):
+        self.path = path  # the server keeps its jobs in the same file (store.py)
         # one connection shared by the server's threads, used under a lock
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
@@ -70,6 +71,11 @@ class KeyStore:
             cursor = self._db.execute("UPDATE keys SET revoked = 1 WHERE (id = ? OR name = ?) AND revoked = 0",
                                       (id_or_name, id_or_name))
         return cursor.rowcount
+
+    def revoked(self) -> set[str]:
+        """The ids of every revoked key (a server looks often: a revoke comes from another process)."""
+        with self._lock:
+            return {row[0] for row in self._db.execute("SELECT id FROM keys WHERE revoked = 1")}
 
     def verify(self, key: str | None) -> Key | None:
         """The key's record when `key` is valid and not revoked, else None."""

@@ -44,6 +44,7 @@ class Manifest(BaseModel):
     tokenizer: dict[str, str]  # file name -> text, as save_pretrained writes them
     padding_side: str | None
     standardized: dict[str, bool] | None = None  # a StandardizedTransformer's options ({"attention_probs": ...})
+    source: dict[str, list[str]] = {}  # module class -> the `.source` points of its forward
 
 
 class JobInfo(BaseModel):

@@ -372,14 +372,14 @@ def test_oversize(data):
     refused(packed, r"the graph has 51 nodes, over the limit of 10 \(max_nodes\)", LimitError, limits=Limits(max_nodes=10))
     assert len(deserialize_graph(packed, limits=Limits(max_nodes=51))[0]) == 51
     prefix, header, section = split(data)
-    refused(prefix + struct.pack("<Q", 2**63) + b"{}", "the header is 9223372036854775808 bytes", LimitError)
+    refused(prefix + struct.pack("<Q", 2**63) + b"{}", "header length 9223372036854775808 is larger than the 2 bytes that follow")
     refused(data, r"over the limit of 100 bytes \(max_tensor_bytes\)", LimitError, limits=Limits(max_tensor_bytes=100))
     deep = b"[" * 100_000 + b"]" * 100_000
     refused(pack(prefix, b'{"version": 1, "nodes": [], "traces": [{"args": ' + deep + b"}]}"), "invalid header")
 
 
 def test_unknown_ops_and_targets(data):
-    refused(tampered(data, lambda h: h["nodes"][1].update(op="exec")), "nodes.1.op: Input should be 'apply', 'call'")
+    refused(tampered(data, lambda h: h["nodes"][1].update(op="exec")), r"node %1 .*unknown op kind 'exec'", GraphError)
     refused(tampered(data, lambda h: h["nodes"][1].update(op="call", target="posix.system")),
             r"node %1 \(call \[posix.system\], .*test_serialize.py:\d+\): 'posix.system' is not an allowed operation",
             GraphError)

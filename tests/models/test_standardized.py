@@ -102,6 +102,20 @@ def test_attention_probabilities_need_the_flag_and_work_on_a_built_model():
     assert_clean(model)
 
 
+def test_attention_probabilities_print_source_shows_where_they_come_from(capsys):
+    model = StandardizedTransformer(tiny("llama"), enable_attention_probs=True)
+    model.attention_probabilities.print_source()
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"attention_probabilities[0] is read at model.layers.0.self_attn.{PROBES}.probabilities, " \
+        "from the call of the attention function in:"
+    assert printed[1].startswith("eager_attention_forward  (")
+    softmax = next(line for line in printed if "nn.functional.softmax(attn_weights" in line)
+    assert softmax.split()[:2] == ["softmax_0,", "to_0"]
+    model.queries.print_source(1)
+    assert any(line.split()[:1] == ["attention_interface_0"] for line in capsys.readouterr().out.splitlines())
+    assert_clean(model.module)  # printing rewrites nothing
+
+
 def test_families_without_the_attention_interface_say_so():
     bloom = StandardizedTransformer(transformers.BloomForCausalLM(transformers.BloomConfig(
         n_layer=2, hidden_size=32, n_head=4, vocab_size=100)).eval())

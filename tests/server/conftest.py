@@ -1,9 +1,12 @@
 """Fixtures of the server tests: a tiny GPT-2 saved to a folder that the server and the tests both
-load, a key database, and two real server processes (one with roomy limits and weight checks after
-every job, one --trusted with tight limits for queue, rate and deadline refusals), each started once per test
+load, a key database, and real server processes (one with roomy limits and weight checks after
+every job, one --trusted with tight limits for queue, rate and deadline refusals, one whose model
+generates thousands of tokens), each started once per test
 session and stopped at its end, also when a test fails."""
 
 import pytest
+import torch
+import transformers
 
 import interlace
 from helpers import tiny, tiny_tokenizer
@@ -11,6 +14,7 @@ from interlace.server.keys import KeyStore
 from serving import Server
 
 MODEL = "tiny-gpt2"
+LONG = "tiny-llama-long"  # positions for generations of thousands of tokens
 KEYS = ["alice", "bob", "mallory"] + [f"user{i}" for i in range(10)] + [f"tight{i}" for i in range(8)]
 
 
@@ -20,9 +24,15 @@ def setup(tmp_path_factory):
     folder = root / MODEL
     tiny("gpt2").save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=4096,
+                                      pad_token_id=0, bos_token_id=0, eos_token_id=None)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / LONG)
+    tiny_tokenizer().save_pretrained(root / LONG)
     store = KeyStore(str(root / "keys.db"))
     keys = {name: store.create(name) for name in KEYS}
-    return {"folder": str(folder), "db": str(root / "keys.db"), "keys": keys, "store": store}
+    return {"folder": str(folder), "long": str(root / LONG), "db": str(root / "keys.db"), "keys": keys, "store": store}
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +49,14 @@ def server(setup):
 def tight(setup):
     server = Server(setup["folder"], setup["db"], "--trusted", "--queue-depth", "1", "--jobs-per-key", "2", "--rate", "8",
                     "--max-seconds", "1.5")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def generating(setup):
+    """A tiny Llama that can generate thousands of tokens (seconds of work), one job at a time."""
+    server = Server(setup["long"], setup["db"], "--max-new-tokens", "4096", "--batch-jobs", "1")
     yield server
     server.stop()
 

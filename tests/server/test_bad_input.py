@@ -90,14 +90,16 @@ CASES = {
         lambda s, k: post(s, k["alice"], patched(good(), 4, 2)), 403, "RefusedError"),
     "body over max_frame_bytes": (lambda s, k: post(s, k["alice"], good() + b"\0" * 2_100_000), 413, "LimitError"),
     "header over max_header_bytes": (
-        lambda s, k: post(s, k["alice"], good()[:11] + struct.pack("<Q", 400_000) + b"{}"), 413, "LimitError"),
+        lambda s, k: post(s, k["alice"], good()[:9] + struct.pack("<Q", 400_000) + b" " * 400_000), 413, "LimitError"),
+    "header length past the end of the frame": (
+        lambda s, k: post(s, k["alice"], good()[:9] + struct.pack("<Q", 1 << 40) + b"{}"), 400, "SerializationError"),
     "node count over max_nodes": (
         lambda s, k: post(s, k["alice"], good()[:7] + struct.pack("<I", 6000) + good()[11:]), 413, "LimitError"),
     "tensor section over max_tensor_bytes": (lambda s, k: post(s, k["alice"], _big_tensor()), 413, "LimitError"),
     "invokes over max_invokes": (lambda s, k: post(s, k["alice"], Builder().bytes(PROMPT * 9)), 413, "LimitError"),
     "max_new_tokens over the limit": (
         lambda s, k: post(s, k["alice"], graph(out(), traces=generate(17))), 413, "LimitError"),
-    "unknown op kind": (lambda s, k: post(s, k["alice"], graph(node(0, "exec", "print"))), 400, "SerializationError"),
+    "unknown op kind": (lambda s, k: post(s, k["alice"], graph(out(), node(1, "exec", "print"))), 422, "GraphError"),
     "unknown operation": (lambda s, k: post(s, k["alice"], graph(node(0, "call", "os.system", "ls"))), 422, "GraphError"),
     "unknown module path": (lambda s, k: post(s, k["alice"], graph(out(path="transformer.h.9"))), 422, "GraphError"),
     "unknown method": (
@@ -219,6 +221,23 @@ def test_bad_input(server, keys, expected, name):
     if code in ("GraphError", "ExecutionError", "OutOfOrderError", "RefusedError") and "graph" not in name:
         assert body["node"] is None or {"index", "op", "target", "location"} <= set(body["node"])
     assert_good_request_works(server, keys["alice"], expected)
+
+
+def test_a_frame_that_lies_about_its_header_says_what_was_found(server, keys):
+    body = post(server, keys["alice"], good()[:9] + struct.pack("<Q", 1 << 40) + b"{}").json()
+    assert "header length 1099511627776 is larger than the 2 bytes that follow" in body["message"]
+
+
+def test_a_wrong_method_says_which_are_allowed(server, keys):
+    response = httpx.put(f"{server.url}/v1/jobs", headers={"Authorization": f"Bearer {keys['alice']}"})
+    assert response.status_code == 405 and response.json()["code"] == "method_not_allowed"
+    assert "POST" in response.headers["allow"].replace(" ", "").split(",")
+
+
+def test_an_unknown_op_kind_names_the_node(server, keys):
+    body = post(server, keys["alice"], graph(out(), node(1, "exec", "print", location=["mine.py", 3]))).json()
+    assert body["node"] == {"index": 1, "op": "exec", "target": None, "location": ["mine.py", 3]}
+    assert "unknown op kind 'exec'" in body["message"]
 
 
 def test_a_deep_list_in_a_log_comes_back_as_text(server, keys):

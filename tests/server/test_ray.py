@@ -120,9 +120,9 @@ def run_on_both(server, setup, local, matmuls: int) -> list[httpx.Response]:
 
 
 # -- without Ray ---------------------------------------------------------------------------------------------
-def test_without_ray_the_flag_says_how_to_install_it():
+def test_without_ray_the_flag_says_how_to_install_it(setup):
     code = ("import sys; sys.modules['ray'] = None; from interlace.cli import main; "
-            "sys.exit(main(['serve', 'smollm2', '--ray', '--db', '/nonexistent/keys.db']))")
+            f"sys.exit(main(['serve', 'smollm2', '--ray', '--db', {setup['db']!r}]))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "pip install 'interlace[ray]'" in done.stderr
@@ -169,6 +169,19 @@ def test_the_ingress_model_has_no_weights_and_checks_requests_as_the_loaded_one(
 
 
 # -- on Ray ------------------------------------------------------------------------------------------------------
+@needs_ray
+def test_a_local_ray_instance_listens_on_loopback_only(cluster):
+    import psutil
+
+    family = {cluster.process.pid, *descendants(cluster.process.pid)}
+    listening = [(conn.laddr.ip, conn.laddr.port, psutil.Process(conn.pid).name())
+                 for conn in psutil.net_connections(kind="inet")
+                 if conn.status == psutil.CONN_LISTEN and conn.pid in family]
+    assert len(listening) >= 5  # the front, GCS, raylet, agents, replicas
+    loopback = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+    assert [entry for entry in listening if entry[0] not in loopback] == []
+
+
 @needs_ray
 def test_remote_equals_local(cluster, setup, local):
     remote = interlace.LanguageModel("tiny-gpt2", host=cluster.url, api_key=setup["keys"]["alice"])
@@ -263,3 +276,4 @@ def test_a_killed_replica_fails_its_job_and_is_replaced(cluster, setup, local):
         run_on_both(cluster, setup, local, matmuls=5)
     new = [seen for replica, seen in replicas(cluster, keys["alice"]).items() if replica not in known]
     assert all(seen["pid"] != victim and seen["jobs"] > 0 for seen in new)
+    assert victim not in {seen["pid"] for seen in replicas(cluster, keys["alice"]).values()}  # the dead one is gone

@@ -152,6 +152,8 @@ def test_a_job_handle_when_not_blocking(local, remote):
     with remote.trace(PROMPT, remote=True, blocking=False) as tracer:
         logits = remote.output.logits.save()
     job = tracer.job
+    with pytest.raises(interlace.NotSavedError, match=f"job {job.id} is not finished .*tracer.job.result()"):
+        logits.value  # noqa: B018 - read before the result was fetched
     assert job.status()["state"] in ("queued", "running", "completed")
     outcome = job.result(timeout=60)
     assert same(logits, expected)  # bound into this scope when the result was read

@@ -20,6 +20,7 @@ import torch
 
 from ...envoy import Envoy
 from ...proxy import Proxy
+from ...source import listing
 from ..language import LanguageModel
 from . import attention as attention_probes
 from .families import CONFIG_KEYS
@@ -77,6 +78,22 @@ class LayerValues:
             envoy.output = (value,) + envoy.output[1:]  # rebuilt: the rest of the tuple passes through
         else:
             envoy.output = value
+
+    def print_source(self, layer: int = 0) -> None:
+        """Print the code this value comes from, each call site named as `.source` names it (nnterp's
+        name). `attention_probabilities` are the softmax of the family's eager attention function;
+        the other per-head values are the arguments and result of the attention module's
+        `attention_interface_0`."""
+        envoy = self._model._module_of(self._part, layer)
+        if self._part in HEAD_VALUES:
+            attention = self._model._module_of("attentions", layer)
+            function = type(attention.module).forward
+            if self._part == "attention_probabilities":
+                function = attention_probes._family_eager(attention.module)
+            print(f"{self._part}[{layer}] is read at {envoy.path}, from the call of the attention function in:")
+        else:
+            function = type(envoy.module).forward
+        print(listing(function, envoy.path))
 
     def __len__(self) -> int:
         return self._model.num_layers

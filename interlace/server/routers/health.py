@@ -7,12 +7,13 @@ from fastapi import APIRouter, Depends, Response
 from ...backends.remote import package_version
 from ...backends.serialize import VERSION
 from ..auth import service
+from ..errors import documented
 from ..schemas import Health
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/v1/health", response_model=Health)
+@router.get("/v1/health", response_model=Health, responses=documented(500))
 def health(svc=Depends(service)) -> Health:
     checking = [m for m in svc.models.values() if m.checksum is not None]
     return Health(
@@ -25,6 +26,8 @@ def health(svc=Depends(service)) -> Health:
     )
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses={
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus' text format"},
+    **documented(500)})
 def metrics(svc=Depends(service)) -> Response:
     return Response(svc.metrics.render(), media_type=svc.metrics.content_type)

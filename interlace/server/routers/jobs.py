@@ -9,18 +9,24 @@ only with the key that submitted it: any other key gets the same 404 as an unkno
 from __future__ import annotations
 
 import json
+import logging
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
+from starlette.requests import ClientDisconnect
 
 from ...errors import LimitError, ServiceError
 from ..auth import caller, service
+from ..errors import documented
+from ..config import STREAM_CHECK
 from ..jobs import FINISHED, Job
 from ..keys import Key
 from ..schemas import JobInfo
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+log = logging.getLogger("interlace.server")
 
 _RESULTS = "application/x-interlace-results"
 _MISSING_HEADER_LIMIT = 8192  # bytes; past that the client gets a general reason
@@ -35,11 +41,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise LimitError(f"the request is {declared} bytes, over the limit of {limit} (max_frame_bytes)")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise LimitError(f"the request is over the limit of {limit} bytes (max_frame_bytes)")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise LimitError(f"the request is over the limit of {limit} bytes (max_frame_bytes)")
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody is left to answer: one line in the log, no job
+        log.info("a client hung up while sending a job (%d of %s bytes received)", size, declared or "?")
+        raise ServiceError("the client hung up during the upload", status=400, code="client_disconnected") from None
     return b"".join(chunks)
 
 
@@ -62,53 +72,82 @@ def _answer(job: Job) -> Response:
     return JSONResponse(JobInfo(**job.info()).model_dump(), status_code=202, headers={"Interlace-Job": job.id})
 
 
-@router.post("", responses={200: {"content": {_RESULTS: {}}}, 202: {"model": JobInfo}})
+# what a job can end with, and so what its submission (with ?wait) and its result can answer
+_JOB_ERRORS = documented(400, 401, 403, 404, 409, 410, 413, 422, 429, 500, 503, 504)
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+
+@router.post("", responses={200: {"content": {_RESULTS: _BINARY}, "description": "the result (wire format)"},
+                            202: {"model": JobInfo, "description": "queued or running: its id and state"},
+                            **_JOB_ERRORS},
+             openapi_extra={"requestBody": {"required": True, "description": "the bytes of serialize_request",
+                                            "content": {"application/octet-stream": _BINARY}}})
 async def submit(request: Request, model: str | None = None, wait: float = Query(0.0, ge=0),
-                 timeout: float | None = Query(None, gt=0), key: Key = Depends(caller), svc=Depends(service)):
+                 timeout: float | None = Query(None, gt=0),
+                 idempotency_key: str | None = Header(None, max_length=200),
+                 key: Key = Depends(caller), svc=Depends(service)):
     """Queue a request; with `wait`, answer with its result when it is done within that many seconds.
 
-    `timeout` shortens the job's deadline (never past the server's max_seconds).
+    `timeout` shortens the job's deadline (never past the server's max_seconds). A submission sent again
+    with the same `Idempotency-Key` header gets the job of the first (while that job has not expired).
     """
+    svc.refuse_if_draining()
     data = await _read_body(request, svc.model(model).limits.max_frame_bytes)
-    job = await svc.submit(data, key.id, model, timeout)
+    job = await svc.submit(data, key.id, model, timeout, idempotency_key)
     if wait:
-        await job.wait(min(wait, svc.config.max_wait))
+        await svc.wait(job, wait)
     return _answer(job)
 
 
-@router.get("/{job_id}", response_model=JobInfo)
+@router.get("", response_model=list[JobInfo], responses=documented(401, 500))
+def list_jobs(key: Key = Depends(caller), svc=Depends(service)):
+    """The caller's jobs (until they expire), newest first."""
+    return [job.info() for job in svc.store.of_key(key.id)]
+
+
+@router.get("/{job_id}", response_model=JobInfo, responses=documented(400, 401, 404, 500))
 def status(job_id: str, key: Key = Depends(caller), svc=Depends(service)):
     return svc.store.get(job_id, key.id).info()
 
 
-@router.get("/{job_id}/result", responses={200: {"content": {_RESULTS: {}}}, 202: {"model": JobInfo}})
+@router.get("/{job_id}/result", responses={200: {"content": {_RESULTS: _BINARY}, "description": "the result"},
+                                           202: {"model": JobInfo, "description": "not finished: its state"},
+                                           **_JOB_ERRORS})
 async def result(job_id: str, wait: float = Query(0.0, ge=0), key: Key = Depends(caller), svc=Depends(service)):
     """The result (200), the job's error (its status), or with 202 its state while it is not finished."""
     job = svc.store.get(job_id, key.id)
     if wait:
-        await job.wait(min(wait, svc.config.max_wait))
+        await svc.wait(job, wait)
     return _answer(job)
 
 
-@router.get("/{job_id}/events")
+@router.get("/{job_id}/events", response_class=EventSourceResponse,
+            responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                             "description": "server-sent events"}, **documented(400, 401, 404, 500)})
 async def events(job_id: str, key: Key = Depends(caller), svc=Depends(service)):
-    """Server-sent events: queued (with position), running, log, then completed, error or cancelled."""
+    """Server-sent events: queued (with position), running, log, then completed, error or cancelled; or, when
+    the server stops first, `end` with the job's state (a queued job stays queued for the next start)."""
     job = svc.store.get(job_id, key.id)
 
     async def stream():
         seen = 0
         while True:
-            new = await job.next_events(seen, 15.0)
+            new = await job.next_events(seen, STREAM_CHECK)
             seen += len(new)
             for kind, data in new:
                 yield {"event": kind, "data": json.dumps(data)}
                 if kind in FINISHED:
                     return
+            if svc.closing:
+                yield {"event": "end", "data": json.dumps({
+                    "state": job.state, "message": "the server is stopping; the job is kept: ask for it again "
+                                                   "(GET /v1/jobs/{id}) once the server is back"})}
+                return
 
     return EventSourceResponse(stream(), ping=15)
 
 
-@router.delete("/{job_id}", response_model=JobInfo)
+@router.delete("/{job_id}", response_model=JobInfo, responses=documented(400, 401, 404, 500))
 def cancel(job_id: str, key: Key = Depends(caller), svc=Depends(service)):
     """Cancel a queued job at once, a running one at its next operation; a finished one is left as is."""
     job = svc.store.get(job_id, key.id)

@@ -1,0 +1,203 @@
+"""A job's life on a real server, whatever its graph does: its deadline and DELETE stop it between
+generation steps, and the model runs the next job at once; revoking a key ends its jobs and streams; jobs
+outlive the process (SIGTERM drains, a restart keeps results and runs queued jobs)."""
+
+import json
+import re
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+import interlace
+from hostile import Builder
+from interlace.server.keys import KeyStore
+from serving import Server
+from test_bad_input import _submit, _until, get, post
+
+PROMPT = [(("w5 w6",), {})]
+
+
+def generation(tokens: int) -> bytes:
+    """A generation that hooks no per-step module: it saves only the generated ids."""
+    g = Builder()
+    g.save(g.add("module_value", "generator", kwargs={"kind": "output", "call": 0, "invoke": None}))
+    return g.bytes(PROMPT, mode="generate", kwargs={"max_new_tokens": tokens})
+
+
+def small() -> bytes:
+    g = Builder()
+    g.save(g.out("model.layers.1"))
+    return g.bytes(PROMPT)
+
+
+def test_a_deadline_stops_a_long_generation_between_steps(generating, setup):
+    key = setup["keys"]["user0"]
+    started = time.monotonic()
+    response = post(generating, key, generation(2000), timeout=0.5)
+    answered = time.monotonic() - started
+    body = response.json()
+    assert (response.status_code, body["code"]) == (504, "LimitError"), body
+    assert "max_seconds" in body["message"]
+    assert answered < 1.0, f"answered after {answered:.2f} s"  # 2,000 tokens take 20 s here
+    assert post(generating, key, small()).status_code == 200  # the model is free for the next job
+
+
+def test_delete_stops_a_running_generation_and_the_next_job_starts(generating, setup):
+    keys = setup["keys"]
+    running = _submit(generating, keys["user1"], generation(2000))
+    _until(generating, keys["user1"], running, ("running",))
+    waiting = _submit(generating, keys["user2"], small())
+    cancelled = time.time()  # the server's clock: the same machine
+    httpx.delete(f"{generating.url}/v1/jobs/{running}", headers={"Authorization": f"Bearer {keys['user1']}"})
+    info = _until(generating, keys["user2"], waiting, ("running", "completed"), seconds=5)
+    print(f"DELETE -> next job running: {info['started'] - cancelled:.3f} s")
+    assert info["started"] - cancelled < 2.0  # the generation alone runs 20 s here
+    assert get(generating, keys["user1"], f"/v1/jobs/{running}").json()["state"] == "cancelled"
+
+
+def _events(server, key, job, into: list) -> None:
+    """Read the job's event stream to its end into `into` as (kind, data, time)."""
+    with httpx.stream("GET", f"{server.url}/v1/jobs/{job}/events", timeout=60,
+                      headers={"Authorization": f"Bearer {key}"}) as response:
+        assert response.status_code == 200
+        kind = None
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                kind = line[6:].strip()
+            elif line.startswith("data:"):
+                into.append((kind, json.loads(line[5:]), time.monotonic()))
+    into.append(("closed", None, time.monotonic()))
+
+
+def test_revoking_a_key_ends_its_streams_and_cancels_its_jobs(generating, setup):
+    store = KeyStore(setup["db"])  # as `interlace keys revoke` does, from another connection
+    key = store.create("leaving")
+    running = _submit(generating, key, generation(2000))
+    _until(generating, key, running, ("running",))
+    queued = _submit(generating, key, small())
+    streams = {job: [] for job in (running, queued)}
+    readers = [threading.Thread(target=_events, args=(generating, key, job, seen)) for job, seen in streams.items()]
+    for reader in readers:
+        reader.start()
+    deadline = time.monotonic() + 10
+    while not all(streams.values()) and time.monotonic() < deadline:  # both streams are open
+        time.sleep(0.05)
+    revoked = time.monotonic()
+    assert store.revoke("leaving") == 1
+    for reader in readers:
+        reader.join(10)
+    for job, seen in streams.items():
+        assert len(seen) >= 2, seen
+        kind, data, _ = seen[-2]
+        assert kind == "cancelled" and "API key that submitted this job was revoked" in data["message"], seen
+        print(f"revoke -> stream closed: {seen[-1][2] - revoked:.3f} s")
+        assert seen[-1][2] - revoked < 1.0, f"stream of {job} closed {seen[-1][2] - revoked:.2f} s after the revoke"
+    assert "while queued" in streams[queued][-2][1]["message"]
+    assert post(generating, key, small()).status_code == 401
+    assert post(generating, setup["keys"]["user4"], small()).status_code == 200  # the model is free
+
+
+# -- durable jobs: SIGTERM drains, a restart keeps results and queued jobs ------------------------------------
+def _terminate(server) -> int:
+    server.process.send_signal(signal.SIGTERM)
+    return server.process.wait(60)
+
+
+def test_sigterm_drains_and_a_restart_keeps_results_and_queued_jobs(setup, tmp_path):
+    db = str(tmp_path / "keys.db")
+    key, other = KeyStore(db).create("durable"), KeyStore(db).create("other")
+    first = Server(setup["long"], db, "--max-new-tokens", "4096", "--batch-jobs", "1")
+    try:
+        done = post(first, key, small())
+        assert done.status_code == 200
+        finished = done.headers["interlace-job"]
+        running = _submit(first, key, generation(150))
+        _until(first, key, running, ("running",))
+        queued = _submit(first, key, small())
+        events: list = []
+        reader = threading.Thread(target=_events, args=(first, key, queued, events))
+        reader.start()
+        while not events:
+            time.sleep(0.05)
+        first.process.send_signal(signal.SIGTERM)
+        refused = post(first, key, small())  # draining: the running generation finishes first
+        assert refused.status_code == 503 and refused.json()["code"] == "shutting_down", refused.text
+        assert int(refused.headers["retry-after"]) > 0
+        assert get(first, key, f"/v1/jobs/{queued}").json()["state"] == "queued"  # status still answers
+        assert first.process.wait(60) == 0
+        reader.join(10)
+        assert events[-2][0] == "end" and events[-2][1]["state"] == "queued", events
+    finally:
+        first.stop()
+
+    second = Server(setup["long"], db, "--max-new-tokens", "4096", "--batch-jobs", "1")
+    try:
+        again = get(second, key, f"/v1/jobs/{finished}/result")
+        assert again.status_code == 200 and again.content == done.content
+        ran = get(second, key, f"/v1/jobs/{running}/result")
+        assert ran.status_code == 200  # it finished during the drain
+        assert _until(second, key, queued, ("completed",))["state"] == "completed"  # queued before, run now
+        assert get(second, key, f"/v1/jobs/{queued}/result").content == post(second, key, small()).content
+        listed = [job["id"] for job in get(second, key, "/v1/jobs").json()]
+        assert {finished, running, queued} <= set(listed) and listed == sorted(
+            listed, key=lambda i: -get(second, key, f"/v1/jobs/{i}").json()["created"])
+        assert get(second, other, "/v1/jobs").json() == []  # another key sees none of them
+        # a job queued when the server stopped, and a server that comes back with another model under that name
+        blocker = _submit(second, key, generation(150))
+        _until(second, key, blocker, ("running",))
+        orphan = _submit(second, key, small())
+        assert _terminate(second) == 0
+    finally:
+        second.stop()
+    third = Server(setup["folder"], db, "--name", "tiny-llama-long")
+    try:
+        info = get(third, key, f"/v1/jobs/{orphan}").json()
+        assert info["state"] == "error" and info["error"]["code"] == "server_restarted", info
+        assert "without the model 'tiny-llama-long'" in info["error"]["message"]
+    finally:
+        third.stop()
+
+
+def test_an_idempotency_key_gives_back_the_same_job(generating, setup):
+    key = setup["keys"]["user6"]
+    headers = {"Idempotency-Key": "try-7f3a"}
+    first = post(generating, key, small(), headers=headers)
+    second = post(generating, key, small(), headers=headers)
+    assert first.status_code == second.status_code == 200
+    assert first.headers["interlace-job"] == second.headers["interlace-job"]
+    other = post(generating, setup["keys"]["user7"], small(), headers=headers)  # the same header, another key
+    assert other.headers["interlace-job"] != first.headers["interlace-job"]
+
+
+def test_ctrl_c_in_a_blocking_trace_says_how_to_fetch_or_cancel_the_job(generating, setup, capsys):
+    lm = interlace.LanguageModel("tiny-llama-long", host=generating.url, api_key=setup["keys"]["user8"])
+    interrupt = threading.Timer(2.0, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    interrupt.start()
+    with pytest.raises(KeyboardInterrupt):
+        with lm.generate("w5 w6", max_new_tokens=2000, remote=True):
+            lm.generator.output.save()
+    said = capsys.readouterr().err
+    job_id = re.search(r"job (\S+) goes on", said).group(1)
+    assert f"model.job('{job_id}').result()" in said and f"model.job('{job_id}').cancel()" in said
+    assert lm.job(job_id).status()["state"] in ("queued", "running")  # it went on
+    assert lm.job(job_id).cancel()["state"] == "cancelled"
+
+
+def test_cancelled_jobs_of_a_merged_generation_stop_it_between_steps(setup):
+    """Two users' generations in one batch, both cancelled mid-way: the batch ends at the next step."""
+    from interlace.backends.limits import Limits
+    from interlace.backends.serialize import deserialize_request
+
+    lm = interlace.LanguageModel(setup["long"], dispatch=True)
+    requests = [deserialize_request(generation(2000)) for _ in range(2)]
+    assert lm.batching(requests[0])[0] == lm.batching(requests[1])[0] is not None  # they share a forward
+    cancels = [threading.Event(), threading.Event()]
+    stopper = threading.Timer(0.5, lambda: [cancel.set() for cancel in cancels])
+    started = time.monotonic()
+    stopper.start()
+    answers = lm.run_many(requests, untrusted=True, limits=Limits(max_new_tokens=4096), cancels=cancels)
+    assert time.monotonic() - started < 5.0  # the whole generation takes 20 s and more here
+    assert [type(answer).__name__ for answer in answers] == ["CancelledError", "CancelledError"]
