@@ -2,7 +2,17 @@
 
 Run `python benchmarks/overhead.py [--quick]`. Everything is measured in one run, side by side:
 each repeat runs every variant of a row once in turn (so drift hits all of them alike), and a row
-reports the median over repeats, after warmup. Three sections:
+reports the median over repeats, after warmup. Four sections:
+
+0. Per item (`--fit-only` runs this alone): on GPT-2s 64 wide with 2 and 64 blocks (16 tokens,
+   early stop off everywhere), the empty trace, and k saves or k steering edits
+   (`output[:, -1] += c`) of k blocks for several k, as raw hooks (registered and removed per call)
+   and as interlace; a least-squares line through (k, time - bare forward) gives fixed µs + µs per
+   item, so a regression shows in one run. With a venv holding nnsight (`.venv-nnsight/`, or the
+   python named by `$NNSIGHT_PYTHON`; torch==2.13.0 installed first, then `nnsight==0.8.1
+   "transformers==5.*"`) the same work runs there under nnsight, with its own bare forward measured
+   beside it; else that column is skipped. CPU time of this thread, one torch thread, lower quartile
+   of the repeats (these machines are shared: neighbours only add time, to wall time most of all).
 
 1. Per model (a 12-block MLP and a random-weight GPT-2 small, 128 tokens; the real SmolLM2-135M at
    batch 1 and 8, 16 and 128 tokens) and scenario (save every
@@ -27,7 +37,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
+import subprocess
 import statistics
 import sys
 import time
@@ -186,16 +198,16 @@ SCENARIOS = [
 
 
 # -- timing ---------------------------------------------------------------------------------------
-def side_by_side(fns: dict, repeats: int, warmup: int) -> dict:
-    """Median seconds per callable; each repeat calls every callable once, in turn."""
+def side_by_side(fns: dict, repeats: int, warmup: int, clock=time.perf_counter, quantile: float = 0.5) -> dict:
+    """Seconds per callable (the median, or another quantile); each repeat calls every callable once, in turn."""
     times = {name: [] for name in fns}
     for rep in range(warmup + repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
             if rep >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+                times[name].append(clock() - start)
+    return {name: sorted(ts)[int(quantile * (len(ts) - 1))] for name, ts in times.items()}
 
 
 def bare(spec):
@@ -269,6 +281,125 @@ def scaling_rows(repeats: int, warmup: int, sizes=(1, 16, 256)) -> list[list[str
     return rows
 
 
+# -- per item: fixed µs + µs per save / edit ---------------------------------------------------------
+FIT_COUNTS = {2: (0, 1, 2), 64: (0, 8, 16, 32, 64)}  # blocks -> numbers of saved or edited blocks
+NNSIGHT_PYTHON = os.environ.get("NNSIGHT_PYTHON", str(Path(__file__).resolve().parents[1] / ".venv-nnsight/bin/python"))
+
+
+def small_gpt2(layers: int):
+    """A random GPT-2, 64 wide, and 16 token ids."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=layers, n_embd=64, n_head=4, n_positions=64, vocab_size=128,
+                        bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config).eval(), torch.randint(0, 128, (1, 16))
+
+
+def _raw_items(module, ids, k: int, edit: bool, steer):
+    def hook(mod, args, out):
+        if edit:
+            out[:, -1] += steer
+
+    def run():
+        handles = [module.transformer.h[i].register_forward_hook(hook) for i in range(k)]
+        try:
+            with torch.no_grad():
+                return module(input_ids=ids)
+        finally:
+            for handle in handles:
+                handle.remove()
+    return run
+
+
+def _traced_items(net, ids, k: int, edit: bool, steer):
+    """k saves or k edits through a tracing library whose wrapper is `net` (interlace or nnsight)."""
+    options = {"early_stop": False} if isinstance(net, interlace.Model) else {}
+
+    def run():
+        with net.trace(input_ids=ids, **options):
+            for i in range(k):
+                if edit:
+                    net.transformer.h[i].output[:, -1] += steer
+                else:
+                    net.transformer.h[i].output.save()
+    return run
+
+
+def fit(points) -> tuple[float, float]:
+    """Least squares a + b*k through [(k, y)]: (a, b)."""
+    n = len(points)
+    mean_k, mean_y = sum(k for k, _ in points) / n, sum(y for _, y in points) / n
+    spread = sum((k - mean_k) ** 2 for k, _ in points)
+    slope = sum((k - mean_k) * (y - mean_y) for k, y in points) / spread
+    return mean_y - slope * mean_k, slope
+
+
+def item_costs(wrap, repeats: int, warmup: int) -> dict:
+    """{(blocks, "save"|"edit", "raw"|"traced"): (fixed µs, µs per item)} and {(blocks, "empty"): µs}.
+
+    wrap(module) is the tracing library's wrapper (interlace.Model or nnsight.NNsight)."""
+    torch.set_num_threads(1)
+    costs = {}
+    for layers, counts in FIT_COUNTS.items():
+        module, ids = small_gpt2(layers)
+        net, steer = wrap(module), torch.full((64,), 0.01)
+        fns = {"bare": bare(ModelSpec("", module, [], kwargs={"input_ids": ids}))}
+        for k in counts:
+            for work in ("save", "edit"):
+                fns[("raw", work, k)] = _raw_items(module, ids, k, work == "edit", steer)
+                fns[("traced", work, k)] = _traced_items(net, ids, k, work == "edit", steer)
+        t = side_by_side(fns, repeats, warmup, clock=time.thread_time, quantile=0.25)
+        added = {key: (value - t["bare"]) * 1e6 for key, value in t.items() if key != "bare"}
+        costs[(layers, "empty")] = added[("traced", "save", 0)]
+        for work in ("save", "edit"):
+            for side in ("raw", "traced"):
+                costs[(layers, work, side)] = fit([(k, added[(side, work, k)]) for k in counts])
+    return costs
+
+
+def nnsight_costs(repeats: int, warmup: int):
+    """`item_costs` under nnsight, run by the nnsight venv (None when there is none)."""
+    if not os.path.exists(NNSIGHT_PYTHON):
+        return None
+    command = [NNSIGHT_PYTHON, __file__, "--nnsight-worker", str(repeats), str(warmup)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        print(f"(nnsight column skipped: its run failed)\n{done.stderr[-2000:]}")
+        return None
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    return {tuple(key): value for key, value in rows}
+
+
+def _nnsight_worker(repeats: int, warmup: int) -> None:
+    import nnsight
+
+    costs = item_costs(nnsight.NNsight, repeats, warmup)
+    print(json.dumps([[list(key), value] for key, value in costs.items()] + [[["version"], nnsight.__version__]]))
+
+
+def item_rows(repeats: int, warmup: int) -> list[list[str]]:
+    ours, theirs = item_costs(interlace.Model, repeats, warmup), nnsight_costs(repeats, warmup)
+
+    def cell(costs, key, side):
+        if costs is None:
+            return "—"
+        if key[1] == "empty":
+            return f"+{costs[key]:.0f}"
+        fixed, per = costs[key + (side,)]
+        return f"{fixed:+.0f} + {per:.1f}/item"
+
+    rows = []
+    for layers in FIT_COUNTS:
+        for work in ("empty", "save", "edit"):
+            key = (layers, work)
+            raw = "—" if work == "empty" else cell(ours, key, "raw")
+            rows.append([f"GPT-2 {layers}x64", work, raw, cell(theirs, key, "traced"), cell(ours, key, "traced")])
+    version = theirs[("version",)] if theirs else "not found"
+    print(f"(nnsight: {version})")
+    return rows
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -278,14 +409,23 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a rough check)")
     parser.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated, from {sorted(MODELS)}")
+    parser.add_argument("--fit-only", action="store_true", help="only the per-item section")
+    parser.add_argument("--nnsight-worker", nargs=2, type=int, help=argparse.SUPPRESS)  # run by nnsight_costs
     args = parser.parse_args(argv)
+    if args.nnsight_worker:
+        return _nnsight_worker(*args.nnsight_worker)
     repeats, warmup, small = (3, 1, 20) if args.quick else (11, 2, 200)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {repeats} after {warmup} "
           f"warmup, load average {os.getloadavg()[0]:.2f} at start (other processes skew timings)\n")
+    fit_repeats = 15 if args.quick else 61
+    print(table(["model", "work (early stop off)", "raw hooks µs", "nnsight µs", "interlace µs"],
+                item_rows(fit_repeats, warmup)))
+    if args.fit_only:
+        return
     rows = []
     for key in args.models.split(","):
         rows += model_rows(MODELS[key](), repeats, warmup)
-    print(table(["model", "scenario", "bare ms", "raw hooks ms", "interlace ms", "interlace/raw",
+    print("\n" + table(["model", "scenario", "bare ms", "raw hooks ms", "interlace ms", "interlace/raw",
                  "interlace/bare"], rows))
     print("\n" + table(["fixed cost (Linear(4,4))", "µs"], fixed_cost_rows(small, warmup)))
     print("\n" + table(["nodes", "record µs", "record µs/node", "execute µs", "execute µs/node"],

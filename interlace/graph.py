@@ -53,7 +53,7 @@ class Ref:
 class Node:
     """One recorded operation. `location` is the user's (filename, lineno)."""
 
-    __slots__ = ("index", "op", "target", "args", "kwargs", "location", "guard", "saved", "_refs")
+    __slots__ = ("index", "op", "target", "args", "kwargs", "location", "guard", "saved", "_refs", "_shallow")
 
     def __init__(self, index, op, target=None, args=(), kwargs=None, location=None, guard=None, saved=False):
         self.index = index
@@ -65,6 +65,7 @@ class Node:
         self.guard = guard
         self.saved = saved
         self._refs = None
+        self._shallow = False
 
     @property
     def name(self) -> str:
@@ -74,12 +75,31 @@ class Node:
         """Indices of the nodes this node reads, each once, in order (guard included)."""
         if self._refs is None:  # nodes are not changed after recording, so this is computed once
             found: list[int] = []
-            _collect_refs(self.args, found)
-            _collect_refs(self.kwargs, found)
+            top = 0  # references that are arguments themselves, not inside one
+            for item in (*self.args, *self.kwargs.values()) if self.kwargs else self.args:
+                kind = type(item)
+                if kind is Ref:
+                    found.append(item.index)
+                    top += 1
+                elif kind in _HOLDERS:
+                    _collect_refs(item, found)
+            self._shallow = top == len(found)
             if self.guard is not None:
                 found.append(self.guard)
-            self._refs = tuple(dict.fromkeys(found))
+            self._refs = tuple(dict.fromkeys(found)) if len(found) > 1 else tuple(found)
         return self._refs
+
+    def bind(self, values) -> tuple[tuple, dict]:
+        """`(args, kwargs)` with each Ref replaced by `values[ref.index]`."""
+        if self._refs is None:
+            self.refs()
+        if not self._shallow:
+            lookup = lambda ref: values[ref.index]  # noqa: E731
+            return map_refs(self.args, lookup), map_refs(self.kwargs, lookup)
+        # every Ref is an argument itself (not inside a slice or list): one pass, no recursion
+        args = tuple([values[a.index] if type(a) is Ref else a for a in self.args])
+        kwargs = {key: values[v.index] if type(v) is Ref else v for key, v in self.kwargs.items()} if self.kwargs else {}
+        return args, kwargs
 
     def describe(self) -> str:
         """A short human description of what the node does, e.g. `model.layer1.output`."""
@@ -139,18 +159,27 @@ def target_name(target) -> str:
     return getattr(target, "__qualname__", None) or repr(target)
 
 
+# the kinds of value a Ref can be in; anything else is passed over without a call (these run per node)
+_HOLDERS = frozenset({Ref, tuple, list, dict, slice})
+
+
 def _collect_refs(obj, found: list) -> None:
     kind = type(obj)
     if kind is Ref:
         found.append(obj.index)
-    elif kind in (tuple, list):
+    elif kind is tuple or kind is list:
         for item in obj:
-            _collect_refs(item, found)
+            if type(item) in _HOLDERS and (type(item) is not slice or type(item.start) is Ref
+                                           or type(item.stop) is Ref or type(item.step) is Ref):
+                _collect_refs(item, found)
     elif kind is dict:
         for item in obj.values():
-            _collect_refs(item, found)
+            if type(item) in _HOLDERS:
+                _collect_refs(item, found)
     elif kind is slice:
-        _collect_refs((obj.start, obj.stop, obj.step), found)
+        for part in (obj.start, obj.stop, obj.step):
+            if type(part) is Ref:
+                found.append(part.index)
 
 
 def map_refs(obj, fn):
@@ -159,12 +188,12 @@ def map_refs(obj, fn):
     if kind is Ref:
         return fn(obj)
     if kind is tuple:
-        return tuple([map_refs(item, fn) for item in obj])
+        return tuple([map_refs(item, fn) if type(item) in _HOLDERS else item for item in obj])
     if kind is list:
-        return [map_refs(item, fn) for item in obj]
+        return [map_refs(item, fn) if type(item) in _HOLDERS else item for item in obj]
     if kind is dict:
-        return {key: map_refs(item, fn) for key, item in obj.items()}
-    if kind is slice:
+        return {key: map_refs(item, fn) if type(item) in _HOLDERS else item for key, item in obj.items()}
+    if kind is slice and (type(obj.start) is Ref or type(obj.stop) is Ref or type(obj.step) is Ref):
         return slice(map_refs(obj.start, fn), map_refs(obj.stop, fn), map_refs(obj.step, fn))
     return obj
 

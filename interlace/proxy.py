@@ -33,13 +33,6 @@ class Proxy:
         object.__setattr__(self, "_tracer", tracer)
         object.__setattr__(self, "_index", index)
 
-    # -- recording helpers -------------------------------------------------------------------
-    def _call(self, fn, *args):
-        return self._tracer.record("call", ops.name_of(fn), (self,) + args)
-
-    def _rcall(self, fn, other):
-        return self._tracer.record("call", ops.name_of(fn), (other, self))
-
     # -- verbs -----------------------------------------------------------------------------
     def save(self) -> "Proxy":
         """Keep this value after the trace; the name bound to it then holds the real value."""
@@ -104,10 +97,10 @@ class Proxy:
         return _Attribute(self, name)
 
     def __getitem__(self, key):
-        return self._call(operator.getitem, key)
+        return self._tracer.record("call", "operator.getitem", (self, key))
 
     def __setitem__(self, key, value) -> None:
-        self._call(operator.setitem, key, value)
+        self._tracer.record("call", "operator.setitem", (self, key, value))
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -200,23 +193,30 @@ def _find_tracer(obj):
     return None
 
 
+# the operators' registry names are looked up once, here, not on every use
 def _binary(fn):
+    name = ops.name_of(fn)
+
     def method(self, other):
-        return self._call(fn, other)
+        return self._tracer.record("call", name, (self, other))
 
     return method
 
 
 def _reflected(fn):
+    name = ops.name_of(fn)
+
     def method(self, other):
-        return self._rcall(fn, other)
+        return self._tracer.record("call", name, (other, self))
 
     return method
 
 
 def _unary(fn):
+    name = ops.name_of(fn)
+
     def method(self):
-        return self._call(fn)
+        return self._tracer.record("call", name, (self,))
 
     return method
 

@@ -26,7 +26,9 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 _SKIPPED_DIRS = (_PACKAGE_DIR, _TORCH_DIR)
 
-_PLAIN = frozenset({int, float, bool, str, type(None)})  # values that can hold no proxy
+# values that can hold no proxy (tensors included: they are passed over on every recorded node)
+_PLAIN = frozenset({int, float, bool, str, type(None), type(Ellipsis), torch.Tensor, torch.nn.Parameter,
+                    torch.dtype, torch.device})
 
 _active: list["Recorder"] = []  # open traces and sessions, innermost last (for interlace.apply and friends)
 
@@ -38,12 +40,21 @@ def current() -> "Recorder":
     return _active[-1]
 
 
+_inside: dict[str, bool] = {}  # file name -> whether it is interlace's or torch's (asked once per file)
+
+
 def user_location():
     """(filename, lineno) of the nearest frame outside interlace and torch."""
     frame = sys._getframe(2)
-    while frame is not None and frame.f_code.co_filename.startswith(_SKIPPED_DIRS):
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        inside = _inside.get(filename)
+        if inside is None:
+            inside = _inside[filename] = filename.startswith(_SKIPPED_DIRS)
+        if not inside:
+            return (filename, frame.f_lineno)
         frame = frame.f_back
-    return (frame.f_code.co_filename, frame.f_lineno) if frame is not None else None
+    return None
 
 
 class Recorder:
@@ -80,6 +91,7 @@ class Recorder:
         return Proxy(self, node.index)
 
     def _to_refs(self, obj):
+        """`obj` with this graph's proxies made Refs (and earlier traces' saved ones made values)."""
         kind = type(obj)
         if kind in _PLAIN:
             return obj
@@ -88,10 +100,23 @@ class Recorder:
                 return Ref(obj._index)
             return obj.value  # a saved value of an earlier trace
         if kind is tuple or kind is list:
-            return kind([self._to_refs(item) for item in obj])
+            # this runs for every recorded node: items that hold no proxy are passed over without a
+            # call, and a tuple with no proxy in it is kept as it is (a list is always copied)
+            items = None
+            for position, item in enumerate(obj):
+                kind_of = type(item)
+                if kind_of in _PLAIN or kind_of is slice and (
+                        type(item.start) in _PLAIN and type(item.stop) in _PLAIN and type(item.step) in _PLAIN):
+                    continue
+                new = self._to_refs(item)
+                if new is not item:
+                    if items is None:
+                        items = list(obj)
+                    items[position] = new
+            return kind(obj if items is None else items) if kind is list or items is not None else obj
         if kind is dict:
-            return {key: self._to_refs(item) for key, item in obj.items()}
-        if kind is slice:
+            return {key: item if type(item) in _PLAIN else self._to_refs(item) for key, item in obj.items()}
+        if kind is slice and not (type(obj.start) in _PLAIN and type(obj.stop) in _PLAIN and type(obj.step) in _PLAIN):
             return slice(*self._to_refs((obj.start, obj.stop, obj.step)))
         return obj
 

@@ -6,7 +6,9 @@
   operator whose schema writes a weight's storage, before it runs; the weights' version counters
   (`writes.Versions`) are a second line, checked after calls that received a weight and after every
   run (`check_versions`). In a local run an in-place operation on a weight's storage copies it first
-  and the copy is put back when the run ends, so after every trace the weights are what they were.
+  and the copy is put back when the run ends, so after every trace the weights are what they were;
+  which storages are weights is found once per model there (`WeightIndex`), so a local trace that
+  writes no weight pays a dict lookup per in-place operation, not a walk over the model.
 - Sizes (untrusted runs): each allowed operation has a size rule (named in `ops`) that bounds the
   elements of its result from its arguments' shapes; the bound is checked against `Limits` before
   the call allocates anything. Python values (ints, strings, lists) are bounded the same way.
@@ -17,7 +19,9 @@ The size rules themselves live in `sizes`; the snapshot of a model's state in `s
 
 from __future__ import annotations
 
+import itertools
 import time
+import weakref
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -42,27 +46,48 @@ class Guard:
         self.cancel = cancel  # anything with is_set(), e.g. a threading.Event
         self.deadline = time.monotonic() + self.limits.max_seconds if untrusted else None
         self.created = 0  # elements created so far
-        self._storages: dict[int, torch.UntypedStorage] | None = None  # data_ptr -> weight storage
-        self._copies: dict[int, torch.UntypedStorage] = {}  # storages changed locally, as they were
+        self._storages: dict[int, torch.UntypedStorage] | None = None  # untrusted: data_ptr -> weight storage
+        self._index: WeightIndex | None = None  # local: the model's, looked up at the first write of a run
+        self._named: dict[int, torch.Tensor] = {}  # data_ptr -> weight a `parameter` node read in this run
+        self._copies: dict[int, tuple] = {}  # data_ptr -> (weight storage, its bytes as they were)
         self._rehearsed: dict[tuple, tuple[int, int, int]] = {}  # module calls: (output, all) elements, flops
         self.versions = Versions(root) if untrusted else None  # the second line against writes
 
     # -- writes ------------------------------------------------------------------------------------
-    def before_write(self, value, what: str) -> None:
-        """`value` is about to be changed in place: refuse (untrusted) or keep a copy (local)."""
-        if not isinstance(value, torch.Tensor) or value.device.type == "meta" or isinstance(value, FakeTensor):
+    def named_weight(self, tensor) -> None:
+        """A `parameter` node read `tensor` (a weight, found by name): its storage and its gradient's
+        are weights for this run, whatever the index knows (a weight swapped in by hand, `.grad`)."""
+        for held in (tensor, tensor.grad):
+            if isinstance(held, torch.Tensor) and held.device.type != "meta" and held.numel():
+                self._named[held.untyped_storage().data_ptr()] = held
+
+    def before_write(self, value, what) -> None:
+        """`value` is about to be changed in place: refuse (untrusted) or keep a copy (local).
+
+        what: the operation, for the error message (a node: described only when refused)."""
+        if type(value) is not torch.Tensor and (not isinstance(value, torch.Tensor) or isinstance(value, FakeTensor)):
+            return  # (a plain tensor, the common case, is told apart without the slower isinstance checks)
+        storage = value.untyped_storage()
+        pointer = storage.data_ptr()
+        if not pointer or pointer in self._copies:  # (meta and empty tensors have no memory to keep)
             return
-        storage = self._weights().get(value.untyped_storage().data_ptr())
-        if storage is None:
+        if pointer not in self._named and not self._is_weight(pointer):
             return
         if self.untrusted:
-            raise refuse_weight_write(what)
+            raise refuse_weight_write(what if isinstance(what, str) else what.describe())
         self._keep_copy(storage)
+
+    def _is_weight(self, pointer: int) -> bool:
+        if self.untrusted:  # every weight and gradient, found for each request
+            return pointer in self._weights()
+        if self._index is None:
+            self._index = WeightIndex.of(self.root)
+        return self._index.holds(pointer)
 
     def _keep_copy(self, storage: torch.UntypedStorage) -> None:
         pointer = storage.data_ptr()
         if pointer not in self._copies:
-            self._copies[pointer] = storage.clone()
+            self._copies[pointer] = (storage, storage.clone())
 
     def _weights(self) -> dict[int, torch.UntypedStorage]:
         if self._storages is None:
@@ -111,13 +136,15 @@ class Guard:
             self._copies.clear()
         else:
             self._put_back()
+        self._named.clear()
+        self._index = None  # the next run looks again: the model may change between runs
 
     def _put_back(self) -> None:
         if not self._copies:
             return
         with torch.no_grad():
-            for pointer, copy in self._copies.items():
-                self._storages[pointer].copy_(copy)
+            for storage, copy in self._copies.values():
+                storage.copy_(copy)
         self._copies.clear()
 
     # -- budgets (untrusted runs) ----------------------------------------------------------------------
@@ -267,7 +294,7 @@ class Guard:
 
 
 def weight_storages(root: torch.nn.Module) -> dict[int, torch.UntypedStorage]:
-    """data_ptr -> storage of every parameter, buffer and gradient of `root`."""
+    """data_ptr -> storage of every parameter, buffer and gradient of `root` (walks the whole model)."""
     storages = {}
     for module in root.modules():
         for table in (module._parameters, module._buffers):
@@ -279,6 +306,64 @@ def weight_storages(root: torch.nn.Module) -> dict[int, torch.UntypedStorage]:
                         storage = held.untyped_storage()
                         storages[storage.data_ptr()] = storage
     return storages
+
+
+class WeightIndex:
+    """Which storages hold the parameters and buffers of a model: found once per model, not per trace.
+
+    `WeightIndex.of(root)` is cached for `root` and found again only when it may be out of date:
+    after a parameter, buffer or module was registered anywhere (torch's registration hooks, which
+    every `module.x = ...` and `register_*` goes through), or when the model was moved or cast (its
+    first weight's storage changed). A hit is checked against the weight itself, so a stale entry
+    never makes a copy of the wrong memory. Weights read by name in a graph (`parameter` nodes) are
+    known exactly without the index (`Guard.named_weight`).
+
+    >>> net = torch.nn.Linear(2, 2)
+    >>> index = WeightIndex.of(net)
+    >>> index.holds(net.weight[0].untyped_storage().data_ptr()), index.holds(torch.ones(2).data_ptr())
+    (True, False)
+    """
+
+    _cache: "weakref.WeakKeyDictionary[torch.nn.Module, WeightIndex]" = weakref.WeakKeyDictionary()
+    _epoch = itertools.count(1)  # bumped on every registration of a parameter, buffer or module
+    epoch = 0
+
+    def __init__(self, root: torch.nn.Module):
+        self.epoch = WeightIndex.epoch
+        self.tensors: dict[int, torch.Tensor] = {}  # data_ptr -> a weight with that storage
+        for module in root.modules():
+            for table in (module._parameters, module._buffers):
+                for tensor in table.values():
+                    if tensor is not None and tensor.device.type != "meta" and tensor.numel():
+                        self.tensors.setdefault(tensor.untyped_storage().data_ptr(), tensor)
+        self.first = next(iter(self.tensors.items()), None)  # (pointer, tensor): moved when the model is
+
+    @classmethod
+    def of(cls, root: torch.nn.Module) -> "WeightIndex":
+        index = cls._cache.get(root)
+        if index is None or index.stale():
+            index = cls._cache[root] = cls(root)
+        return index
+
+    def stale(self) -> bool:
+        if self.epoch != WeightIndex.epoch:
+            return True
+        return self.first is not None and self.first[1].untyped_storage().data_ptr() != self.first[0]
+
+    def holds(self, pointer: int) -> bool:
+        """Whether the storage at `pointer` is a weight's."""
+        tensor = self.tensors.get(pointer)
+        return tensor is not None and tensor.untyped_storage().data_ptr() == pointer
+
+
+def _registered(*_):
+    WeightIndex.epoch = next(WeightIndex._epoch)
+
+
+for _register in (torch.nn.modules.module.register_module_parameter_registration_hook,
+                  torch.nn.modules.module.register_module_buffer_registration_hook,
+                  torch.nn.modules.module.register_module_module_registration_hook):
+    _register(_registered)
 
 
 def _refuse_out_arguments(kwargs) -> None:

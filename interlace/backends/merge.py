@@ -154,12 +154,11 @@ class MergedInterleaver(Interleaver):
 
     def _resolve(self, obj):
         """A `Shared` placeholder may be held in containers and moved by indexing, never used itself."""
-        value = super()._resolve(obj)
-        items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else (value,)
-        for item in items:
-            if isinstance(item, Shared):
-                raise item.refuse("this operation")
-        return value
+        return _no_shared(super()._resolve(obj))
+
+    def _arguments(self, node):
+        args, kwargs = super()._arguments(node)
+        return _no_shared(args), _no_shared(kwargs)
 
     def _op_module_call(self, node):
         if node.kwargs.get("hook"):
@@ -184,3 +183,12 @@ class MergedInterleaver(Interleaver):
         for index in range(start, self.parts[number].end):
             if not self.done[index]:
                 self._finish(index, None, ran=False, why=why)
+
+
+def _no_shared(value):
+    """`value`, unless it is (or directly holds) a `Shared` placeholder: then the operation is refused."""
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else (value,)
+    for item in items:
+        if isinstance(item, Shared):
+            raise item.refuse("this operation")
+    return value

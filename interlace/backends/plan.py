@@ -36,14 +36,15 @@ class Plan:
         self.needs_grad = False
         self.gradients: dict[int, list[int]] = {}  # backward call -> the grad nodes it computes
         self.row_zero: set[int] = set()  # `module.output[0]` nodes (a tuple's first item, or batch row 0?)
+        self.writes: set[int] = set()  # nodes that change their first argument in place
         self.ready: list[int] = []  # ready before the model runs, in graph order
         last_mutation: dict[int, int] = {}
         previous_stop = start
         previous_backward, waiting_grads = None, []
-        users, waiting, remaining = self.users, self.waiting, self.remaining
+        users, waiting, remaining, event_keys = self.users, self.waiting, self.remaining, self.event_keys
         for node in nodes[start:end]:
             index, op = node.index, node.op
-            reads = [ref for ref in node.refs() if ref >= start]
+            reads = [ref for ref in node.refs() if ref >= start] if start else node.refs()
             for ref in reads:
                 remaining[ref] += 1
             deps = reads
@@ -62,11 +63,12 @@ class Plan:
                         extra.append(previous_backward)
                     previous_backward = index
                 if extra:
-                    deps = list(dict.fromkeys(reads + extra))
+                    deps = list(dict.fromkeys([*reads, *extra]))
             for dep in deps:
                 users[dep].append(index)
             waiting[index] = len(deps)
-            key = self.event_keys[index] = self._event_key(node)
+            if op != "call" or node.target in VIEW_TARGETS:  # (other calls make new values: no key)
+                key = event_keys[index] = self._event_key(node)
             if op == "module_value":
                 self.sources.setdefault(key, []).append(index)
             elif op == "skip":
@@ -80,11 +82,13 @@ class Plan:
                   and type(node.args[0]) is Ref and nodes[node.args[0].index].op == "module_value"
                   and nodes[node.args[0].index].kwargs["kind"] == "output"):
                 self.row_zero.add(index)
-            if mutates(node) and type(node.args[0]) is Ref:
-                last_mutation[node.args[0].index] = index
-                target_key = self.event_keys[node.args[0].index]
-                if target_key is not None:
-                    self.mutations.setdefault(target_key, []).append(index)
+            if (op == "call" or op == "call_method") and mutates(node):
+                self.writes.add(index)
+                if node.args and type(node.args[0]) is Ref:
+                    last_mutation[node.args[0].index] = index
+                    target_key = event_keys[node.args[0].index]
+                    if target_key is not None:
+                        self.mutations.setdefault(target_key, []).append(index)
             if not deps and op != "module_value":
                 self.ready.append(index)
 

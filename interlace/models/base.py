@@ -219,7 +219,7 @@ class Model(Envoy):
         """
         graph, traces = request.graph, request.traces
         limits = limits or Limits()
-        last_reader = _last_reader(graph, traces)
+        last_reader = _last_reader(graph, traces) if len(traces) > 1 else None  # (one trace: nothing carries)
         outcome, carried, skip_to = Outcome(), {}, 0
         # a session's traces share one deadline and one element budget: the request's, not each trace's
         guard = Guard(self._module, untrusted=untrusted, limits=limits, cancel=cancel)
@@ -231,7 +231,7 @@ class Model(Envoy):
                 if trace.end <= skip_to or trace.options.get("mode") != "session":
                     continue
                 trace = TraceSpec(skip_to, trace.end, trace.invokes, trace.options)  # what follows the loop
-            keep = {i for i in range(trace.start, trace.end) if last_reader[i] > number}
+            keep = {i for i in range(trace.start, trace.end) if last_reader[i] > number} if last_reader else set()
             trace = TraceSpec(trace.start, trace.end, _inputs(trace, carried, number), trace.options)
             run = {"known": carried, "keep": keep, "untrusted": untrusted, "limits": limits, "cancel": cancel,
                    "guard": guard}

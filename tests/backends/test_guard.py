@@ -1,0 +1,103 @@
+"""Local writes to weights: undone after the trace, found through a per-model index that stays current."""
+
+import torch
+
+import interlace
+from interlace.backends.guard import WeightIndex
+
+
+class Table(torch.nn.Module):
+    """Returns a view of its own weight (as a learned position table sliced to the input does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.arange(12.0).reshape(4, 3))
+
+    def forward(self, x):
+        return self.table[: x.shape[0]]
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.positions = Table()
+        self.head = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(x + self.positions(x))
+
+
+def _reference(net, x, change):
+    """The output with `change` applied to a copy of positions' output, by a hand-written hook."""
+    handle = net.positions.register_forward_hook(lambda m, a, out: change(out.clone()))
+    try:
+        with torch.no_grad():
+            return net(x)
+    finally:
+        handle.remove()
+
+
+def _zero_row(out):
+    out[0] = 0
+    return out
+
+
+def test_a_write_into_a_module_value_that_is_a_weight_is_undone():
+    torch.manual_seed(0)
+    module, x = Net().eval(), torch.randn(2, 3)
+    before = module.positions.table.detach().clone()
+    net = interlace.Model(module)
+    with net.trace(x):
+        net.positions.output[0] = 0  # the output is a view of positions.table
+        out = net.output.save()
+    assert torch.equal(out, _reference(module, x, _zero_row))  # the run saw the write
+    assert torch.equal(module.positions.table, before)  # and the weight is as it was
+
+
+def test_the_index_is_found_once_and_again_when_the_model_changes():
+    torch.manual_seed(0)
+    module, x = Net().eval(), torch.randn(2, 3)
+    net = interlace.Model(module)
+
+    def zero_row_in_a_trace():
+        before = module.positions.table.detach().clone()
+        with net.trace(x):
+            net.positions.output[0] = 0
+            out = net.output.save()
+        assert torch.equal(out, _reference(module, x, _zero_row))
+        assert torch.equal(module.positions.table, before)
+
+    zero_row_in_a_trace()
+    index = WeightIndex.of(module)
+    zero_row_in_a_trace()
+    assert WeightIndex.of(module) is index  # not found again for a second trace
+
+    module.positions.table = torch.nn.Parameter(torch.full((4, 3), 5.0))  # a new weight, registered
+    assert WeightIndex.of(module) is not index
+    zero_row_in_a_trace()
+
+    index = WeightIndex.of(module)
+    module.to(torch.float64)  # every weight moves to new storage, registering nothing
+    x = x.double()
+    assert WeightIndex.of(module) is not index
+    zero_row_in_a_trace()
+
+
+def test_steering_an_activation_copies_no_weight():
+    torch.manual_seed(0)
+    module, x = Net().eval(), torch.randn(2, 3)
+    net = interlace.Model(module)
+    copies = []
+    original = torch.UntypedStorage.clone
+    torch.UntypedStorage.clone = lambda self, *a, **k: copies.append(self) or original(self, *a, **k)
+    try:
+        with net.trace(x):
+            net.head.output[:, 0] += 1.0
+            steered = net.output.save()
+    finally:
+        torch.UntypedStorage.clone = original
+    with torch.no_grad():
+        expected = module(x)
+    expected[:, 0] += 1.0
+    assert torch.equal(steered, expected)
+    assert copies == []
