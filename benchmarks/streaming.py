@@ -36,21 +36,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "server"))
 import interlace  # noqa: E402
 from interlace.server.keys import KeyStore  # noqa: E402
+from remote import PROMPT, _model  # noqa: E402 - the same models as the remote benchmark
 from serving import Server  # noqa: E402
-
-PROMPT = "The Eiffel Tower is in the city of"
-
-
-def _model(kind: str, folder: str):
-    """(what `interlace serve` gets, the model loaded here, its layers' path, the prompt)."""
-    if kind == "tiny":
-        from helpers import tiny, tiny_tokenizer
-
-        path = os.path.join(folder, "tiny-gpt2")
-        tiny("gpt2").save_pretrained(path)
-        tiny_tokenizer().save_pretrained(path)
-        return path, interlace.LanguageModel(path, dispatch=True), "transformer.h", "w5 w6 w7 w8 w9"
-    return "smollm2", interlace.LanguageModel.default(dispatch=True), "model.layers", PROMPT
 
 
 def _generate(lm, layers: str, prompt: str, tokens: int, *, remote: bool, stream: bool):

@@ -60,16 +60,19 @@ def _value(model, envoy: Envoy, part: str):
     return envoy.output[0] if part in _layout(model).tuples else envoy.output
 
 
-def get_embed_tokens(model) -> Envoy:
+def _root_part(model, name: str) -> Envoy:
+    """A part the family table names from the root: the standardized envoy, or the table's path."""
     if isinstance(model, StandardizedTransformer):
-        return model.embed_tokens
-    return model.get(_layout(model).family.embed_tokens)
+        return getattr(model, name)
+    return model.get(getattr(_layout(model).family, name))
+
+
+def get_embed_tokens(model) -> Envoy:
+    return _root_part(model, "embed_tokens")
 
 
 def get_layers(model) -> Envoy:
-    if isinstance(model, StandardizedTransformer):
-        return model.layers
-    return model.get(_layout(model).family.layers)
+    return _root_part(model, "layers")
 
 
 def get_num_layers(model) -> int:
@@ -133,15 +136,11 @@ def get_logits(model):
 
 
 def get_unembed_norm(model) -> Envoy:
-    if isinstance(model, StandardizedTransformer):
-        return model.ln_final
-    return model.get(_layout(model).family.ln_final)
+    return _root_part(model, "ln_final")
 
 
 def get_unembed(model) -> Envoy:
-    if isinstance(model, StandardizedTransformer):
-        return model.lm_head
-    return model.get(_layout(model).family.lm_head)
+    return _root_part(model, "lm_head")
 
 
 def project_on_vocab(model, hidden):

@@ -26,9 +26,9 @@ def request_of(tracer):
     return deserialize_request(serialize_graph(tracer.graph, tracer.invokes, options=tracer.spec(0).options))
 
 
-def recorded(lm, record, **options):
-    """Record a trace without running it: its request and the indices of its saved nodes."""
-    tracer = lm.trace(**options)
+def recorded(lm, record, *, method: str = "trace", **options):
+    """Record a trace (or a generation) without running it: its request."""
+    tracer = getattr(lm, method)(**options)
     tracer.__enter__()
     try:
         record(lm, tracer)
@@ -179,6 +179,15 @@ def counting_runs(lm):
     return runs
 
 
+def run_together(lm, requests):
+    """Untrusted requests run as one merged batch: (their answers, the invokes of each forward run)."""
+    runs = counting_runs(lm)
+    try:
+        return lm.run_many(requests, untrusted=True, limits=Limits()), runs
+    finally:
+        del lm._execute
+
+
 def layer_inputs(g, path, call=0):
     return g.add("module_value", path, kwargs={"kind": "inputs", "call": call, "invoke": None})
 
@@ -188,15 +197,7 @@ def test_the_generation_cache_in_a_layers_inputs_is_not_another_jobs(lm):
         with tracer.invoke("w7 w8 w9"):
             lm.generator.output.save()
 
-    tracer = lm.generate(max_new_tokens=4)
-    tracer.__enter__()
-    try:
-        generation(lm, tracer)
-    finally:
-        interlace.tracer._active.remove(tracer)
-        lm._detach(tracer)
-        tracer._closed = True
-    victim = request_of(tracer)
+    victim = recorded(lm, generation, method="generate", max_new_tokens=4)
     g = Builder()
     cache = g.call("operator.getitem", g.call("operator.getitem", layer_inputs(g, "model.layers.0", call=1), 1), "cache")
     keys = g.call("operator.getitem", g.call("operator.getitem", g.call("builtins.list", cache), 0), 0)
@@ -205,11 +206,7 @@ def test_the_generation_cache_in_a_layers_inputs_is_not_another_jobs(lm):
     attacker = deserialize_request(g.bytes(mode="generate", kwargs={"max_new_tokens": 4}))
     assert lm.batching(attacker)[0] == lm.batching(victim)[0]  # they share a forward
     state = ModelState(lm.module)
-    runs = counting_runs(lm)
-    try:
-        answers = lm.run_many([attacker, victim], untrusted=True, limits=Limits())
-    finally:
-        del lm._execute
+    answers, runs = run_together(lm, [attacker, victim])
     assert runs == [2, 1]  # together, then the attacker alone: the cache is its own only there
     alone = lm.run(victim, untrusted=True)
     assert torch.equal(answers[1].results[0], alone.results[0])
@@ -223,11 +220,7 @@ def test_the_cache_in_the_model_output_is_not_readable_in_a_shared_batch(lm):
     cache = g.call("operator.getitem", g.out(""), "cache")
     keys = g.save(g.call("operator.getitem", g.call("operator.getitem", g.call("builtins.list", cache), 0), 0))
     attacker = deserialize_request(g.bytes())
-    runs = counting_runs(lm)
-    try:
-        answers = lm.run_many([attacker, victim], untrusted=True, limits=Limits())
-    finally:
-        del lm._execute
+    answers, runs = run_together(lm, [attacker, victim])
     assert runs == [2, 1]
     assert answers[0].results[keys.index].shape[0] == 1  # only its own prompt's keys
     assert_same(answers[1], lm.run(victim))
@@ -242,11 +235,7 @@ def test_a_swap_of_a_layers_inputs_changes_only_the_jobs_own_rows(lm):
     g.add("swap", None, (inputs, g.call("builtins.tuple", [g.call("builtins.tuple", [zeros]), kwargs])))
     logits = g.save(g.call("operator.getitem", g.out(""), "logits"))
     attacker = deserialize_request(g.bytes())
-    runs = counting_runs(lm)
-    try:
-        answers = lm.run_many([attacker, victim], untrusted=True, limits=Limits())
-    finally:
-        del lm._execute
+    answers, runs = run_together(lm, [attacker, victim])
     assert runs == [2]  # nothing it needed was shared: one forward
     assert_same(answers[1], lm.run(victim))
     alone = lm.run(attacker, untrusted=True)
@@ -280,10 +269,6 @@ def test_a_module_call_with_hooks_runs_alone(lm):
     hidden = g.out("model.layers.0")
     g.save(g.add("module_call", "model.layers.1", (hidden,), {"hook": True}))
     attacker = deserialize_request(g.bytes())
-    runs = counting_runs(lm)
-    try:
-        answers = lm.run_many([attacker, victim], untrusted=True, limits=Limits())
-    finally:
-        del lm._execute
+    answers, runs = run_together(lm, [attacker, victim])
     assert runs == [2, 1]
     assert_same(answers[1], lm.run(victim))
