@@ -154,15 +154,46 @@ def test_attention_probabilities_on_bloom_are_its_own_and_writing_them_changes_t
         assert (want - module(input_ids=ids, attention_mask=mask).logits).abs().max() > 1e-4
 
 
-def test_tuple_outputs_are_unwrapped_and_rebuilt():
-    falcon = StandardizedTransformer(transformers.FalconForCausalLM(transformers.FalconConfig(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=100)).eval())
-    assert isinstance(falcon._tuple_outputs.get(falcon.layers[0].path), int)  # Falcon layers return tuples
-    with falcon.trace(IDS):
-        before = falcon.layers_output[0].clone().save()
-        falcon.layers_output[0] = falcon.layers_output[0] + 1
-        after = falcon.layers_input[1].save()
+def as_transformers_4(model):
+    """A transformers 5 Llama made to behave as in transformers 4: each decoder layer returns `(hidden,)`
+    and the module after it takes item 0, so the tuple branch is tested whatever transformers is installed."""
+    layers = model.model.layers
+    for layer in layers:
+        layer.register_forward_hook(lambda module, args, output: (output,))
+    for following in [*layers[1:], model.model.norm]:
+        following.register_forward_pre_hook(
+            lambda module, args: (args[0][0], *args[1:]) if isinstance(args[0], tuple) else None)
+    return model
+
+
+@pytest.mark.parametrize("tuples", [False, True], ids=["tensors (transformers 5)", "tuples (transformers 4)"])
+def test_layer_outputs_read_and_assign_as_tensors_and_as_tuples(tuples):
+    model = tiny("llama")
+    if tuples:
+        as_transformers_4(model)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    seen = {}
+
+    def add_one(module, args, output):  # the reference: a hand-written hook, on either kind of output
+        hidden = output[0] if isinstance(output, tuple) else output
+        seen["output"] = hidden.clone()
+        return (hidden + 1,) if isinstance(output, tuple) else hidden + 1
+
+    handle = model.model.layers[0].register_forward_hook(add_one)
+    with torch.no_grad():
+        want = model(ids).logits
+    handle.remove()
+
+    standardized = StandardizedTransformer(model)
+    assert (standardized.layers[0].path in standardized._tuple_outputs) == tuples
+    with standardized.trace(ids.tolist()):
+        before = standardized.layers_output[0].clone().save()
+        standardized.layers_output[0] = standardized.layers_output[0] + 1
+        after = standardized.layers_input[1].save()
+        logits = standardized.logits.save()
+    torch.testing.assert_close(before, seen["output"])
     torch.testing.assert_close(after, before + 1)
+    torch.testing.assert_close(logits, want)
 
 
 def test_skip_layers_passes_the_residual_through(llama):
