@@ -22,8 +22,7 @@ import uvicorn
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from ..backends.serialize import serialize_step
-from ..errors import CancelledError, LimitError, ServiceError
+from ..errors import CancelledError, ServiceError
 from . import errors
 from .auth import Quota
 from .config import STREAM_CHECK, ServerConfig
@@ -66,7 +65,7 @@ class Service:
             return hosted.execute_many([job.request for job in jobs], limits=jobs[0].limits,
                                        cancels=[job.cancel for job in jobs],
                                        groups=[job.group and job.group[0] for job in jobs],  # (model's, limits)
-                                       on_steps=[step_publisher(job) for job in jobs])
+                                       on_steps=[job.publish_step if job.stream else None for job in jobs])
 
         return execute
 
@@ -204,30 +203,6 @@ class Service:
         job.cancel.set()
         queued = self.queues[job.model].remove(job)
         job.fail(CancelledError(f"{why} while {'queued' if queued else 'running'}"), 410)
-
-
-def step_publisher(job: Job):
-    """For a streamed job, what publishes each of its generation steps as a `step` event (its tokens,
-    text, and values in the wire format); None for the others.
-
-    The events stay with the job until it expires, so all its steps' values together are bounded by
-    `max_result_bytes`, as its result is: past that the job fails (saying so) rather than the server's memory.
-    """
-    if not job.stream:
-        return None
-    graph, limits = job.request.graph, job.limits
-    sent = 0
-
-    def publish(step) -> None:
-        nonlocal sent
-        event = serialize_step(step, graph=graph, limits=limits)
-        sent += len(event["values"] or "") * 3 // 4  # base64: four characters carry three bytes
-        if sent > limits.max_result_bytes:
-            raise LimitError(f"the values saved per step add up to more than the limit of {limits.max_result_bytes} "
-                             f"bytes (max_result_bytes) by step {step.index}: save less per step, or stream fewer steps")
-        job.publish("step", **event)
-
-    return publish
 
 
 def create_app(models: list[HostedModel], keys: KeyStore, config: ServerConfig | None = None,

@@ -9,19 +9,20 @@ deployments:
   It builds the model without weights (config and tokenizer; the module on the meta device), which is
   all that checking requests (`HostedModel.admit`) and the manifest need.
 - `ModelReplica`, N replicas (or autoscaled between `--replicas` and `--max-replicas`): the weights in
-  a `HostedModel`, one batch of jobs at a time (`max_ongoing_requests=1`: hooks sit on the shared
-  module). Requests travel as their wire bytes and answers as result bytes or an error body, the same
-  data the HTTP side sends and receives; the ingress raises each error again as its own class.
+  a `HostedModel` (`replica.py`), one batch of jobs at a time (`max_ongoing_requests=1`: hooks sit on
+  the shared module). Requests travel as their wire bytes; a batch's answer comes back as a stream:
+  a `step` event per generation step of each streamed job, as it comes, then result bytes or an error
+  body per job, the same data the HTTP side sends; the ingress raises each error again as its own class.
 
 The ingress starts one worker thread per replica (`runners` of `create_app`), all taking batches from
-the model's one queue; each sends its batch through the replica deployment's handle and waits, and
-Ray's router gives it to a free replica. Ray replaces a replica that dies or fails its health check.
-A batch that was running on a replica that died fails with 503 `replica_failed` (the client submits
-it again); no wait lasts longer than the batch's deadline plus `ANSWER_MARGIN` seconds.
+the model's one queue; each sends its batch through the replica deployment's handle and reads its
+stream, and Ray's router gives it to a free replica. Ray replaces a replica that dies or fails its
+health check. A batch that was running on a replica that died fails with 503 `replica_failed` (the
+client submits it again); no wait lasts longer than the batch's deadline plus `ANSWER_MARGIN` seconds.
 
-Cancelling a running job: the ingress marks it cancelled at once (the client sees 410 right away), but
-the cancel does not reach the replica: its batch runs on to its end or its deadline, and its answer
-for that job is dropped.
+Cancelling a running job shows at once (410). Once every job of its batch is cancelled, the batch is
+cancelled on its replica too, which stops it at its next operation and takes the next batch only once
+it has stopped; a job cancelled beside others still running runs on, and its answer is dropped.
 
 A Ray instance started here (no RAY_ADDRESS) has its node at 127.0.0.1, so every Ray process listens
 there only, and no dashboard. SIGTERM ends Serve and Ray at once (no drain, unlike one process).
@@ -33,23 +34,20 @@ ingress, which has no weights to check).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
+import queue
 import signal
-import socket
 import sys
 import threading
 import time
 from collections import Counter
 
-import httpx
-
-from ..backends.limits import Limits
-from ..backends.remote import _error
 from ..errors import CancelledError, ServiceError
 from .config import ServerConfig
-from .errors import error_body, status_of
+from .replica import ModelReplica, decode_answer
 
 log = logging.getLogger("interlace.server")
 
@@ -61,69 +59,36 @@ CANCEL_CHECK = 0.25  # seconds between looks at the jobs' cancel flags while a r
 
 
 # -- the model's replicas --------------------------------------------------------------------------------
-class ModelReplica:
-    """One copy of the model with its weights (a Ray Serve replica); runs one batch of jobs at a time."""
+class RayReplica(ModelReplica):
+    """A `ModelReplica` as a Ray Serve replica: its batch's answers and steps come as a stream."""
 
-    def __init__(self, source: str, *, name: str, kind: dict, limits: dict, trusted: bool, check_weights: bool,
-                 device_map: str | None = None):
-        from .hosting import HostedModel, load_model
-
+    def __init__(self, source: str, **options):
         _serve_on_loopback_if_local()
+        super().__init__(source, **options)
 
-        options = {"device_map": device_map} if device_map else {}
-        self.hosted = HostedModel(load_model(source, **kind, **options), name=name,
-                                  limits=Limits(**limits), trusted=trusted, check_weights=check_weights)
+    async def run(self, requests: list[bytes], limits: dict, streamed: list[bool]):
+        """Run one batch (`ModelReplica.answer`) in a thread; yield ("step", number, event) for each step of a
+        streamed request as it comes, and last ("answers", reply). A cancelled call (the ingress gives up
+        on the batch) stops every request at its next operation, and returns only once the batch has
+        stopped, so that the next batch never runs beside it on the module."""
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue = asyncio.Queue()
+        cancels = [threading.Event() for _ in requests]
 
-    def identity(self) -> dict:
-        """Which replica this is: Ray's replica id, its process and node, and its weight checks."""
-        serve = sys.modules.get("ray.serve")  # loaded in a Ray Serve replica; not imported just to ask
+        def step(number: int, event: dict) -> None:
+            loop.call_soon_threadsafe(items.put_nowait, ("step", number, event))
+
+        work = loop.run_in_executor(None, self.answer, requests, limits, streamed, step, cancels)
+        work.add_done_callback(lambda _: items.put_nowait(None))
         try:
-            ids = serve.get_replica_context().replica_id
-            replica, actor = ids.unique_id, ids.to_full_id_str()
-        except Exception:  # noqa: BLE001 - outside Ray Serve (called directly): the process is the replica
-            replica, actor = f"pid{os.getpid()}", None
-        return {"replica": replica, "actor": actor, "pid": os.getpid(), "node": socket.gethostname(),
-                "checked": self.hosted.checked, "changes": list(self.hosted.changes)}
-
-    def run(self, requests: list[bytes], limits: dict) -> dict:
-        """Run one batch: `requests` are the wire bytes the ingress admitted, `limits` (`Limits` as a dict)
-        are the batch's. Returns this replica's identity and per request one `encode_answer`."""
-        answers: list = [None] * len(requests)
-        admitted = []
-        for number, data in enumerate(requests):
-            try:
-                admitted.append((number, self.hosted.admit(data)))
-            except Exception as error:  # noqa: BLE001 - that request's answer
-                answers[number] = error
-        if admitted:
-            # nothing sets these: a cancel stays in the ingress (see the module's docstring)
-            cancels = [threading.Event() for _ in admitted]
-            done = self.hosted.execute_many([request for _, request in admitted], limits=Limits(**limits),
-                                            cancels=cancels)
-            for (number, _), answer in zip(admitted, done):
-                answers[number] = answer
-        return {"replica": self.identity(), "answers": [encode_answer(answer) for answer in answers]}
-
-
-def encode_answer(answer) -> tuple:
-    """A job's answer as plain data: ("completed", result bytes, logs, missing) or ("error", status, body)."""
-    if isinstance(answer, Exception):
-        if status_of(answer) == 500:
-            log.error("a job failed unexpectedly", exc_info=answer)
-        return "error", status_of(answer), error_body(answer)
-    result, logs, missing = answer
-    return "completed", result, [(index, [str(value) for value in values]) for index, values in logs], missing
-
-
-def decode_answer(answer: tuple):
-    """What `encode_answer` encoded: (result bytes, logs, missing), or the error as its own class again."""
-    if answer[0] == "completed":
-        return tuple(answer[1:])
-    _, status, body = answer
-    # the client's own mapping from code to class; node and hint go in as they are, not into the message
-    error = _error(httpx.Response(status, json={**body, "node": None, "hint": None}))
-    error.node = body.get("node")
-    return error
+            while (item := await items.get()) is not None:
+                yield item
+            yield "answers", work.result()
+        finally:
+            if not work.done():  # cancelled by the ingress
+                for cancel in cancels:
+                    cancel.set()
+                await asyncio.shield(work)
 
 
 # -- the HTTP side -----------------------------------------------------------------------------------------
@@ -176,35 +141,49 @@ class Ingress:
         return {"replicas": list(alive.values())}
 
     def run_batch(self, jobs: list) -> list:
-        """One worker's batch, run on a free replica; per job (result bytes, logs, missing) or its error."""
+        """One worker's batch, run on a free replica; per job (result bytes, logs, missing) or its error.
+        The replica's stream is read by a thread of its own into `items`, so that this one can look at the
+        jobs' cancel flags and the deadline while it waits: a batch whose jobs are all cancelled, or that
+        is past its deadline and margin, is cancelled on the replica too (it stops at its next operation)."""
         from ray.exceptions import RayActorError
         from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
         limits = jobs[0].limits  # a batch shares its limits (they are part of its group)
-        response = self.replicas.run.remote([job.data for job in jobs], dataclasses.asdict(limits))
+        response = self.replicas.options(stream=True).run.remote(
+            [job.data for job in jobs], dataclasses.asdict(limits), [job.stream for job in jobs])
         for job in jobs:
             job.data = b""  # sent: the bytes need not stay with the job until its result expires
+        items: queue.Queue = queue.Queue()
+        threading.Thread(target=_read_into, args=(response, items), name="interlace-replica-stream", daemon=True).start()
         longest = limits.max_seconds + ANSWER_MARGIN
         deadline = time.monotonic() + longest
         while True:
             try:
-                reply = response.result(timeout_s=CANCEL_CHECK)
-                break
-            except TimeoutError:  # not answered yet (waiting for a free replica, or running there)
-                for job in jobs:
-                    if job.cancel.is_set():  # shown at once; the replica's answer is dropped below
-                        job.fail(CancelledError("the job was cancelled while running"), 410)
+                item = items.get(timeout=CANCEL_CHECK)
+            except queue.Empty:  # nothing yet (waiting for a free replica, or running there)
+                if all(job.cancel.is_set() for job in jobs):
+                    response.cancel()
+                    return [CancelledError("the job was cancelled while running")] * len(jobs)
                 if time.monotonic() > deadline:
                     response.cancel()
                     error = ServiceError(f"no model replica answered within {longest:.0f} s (the job's deadline and "
                                          "a margin): the cluster may have too few replicas running; submit the job "
                                          "again", status=504, code="replica_timeout")
                     return [error] * len(jobs)
-            except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as error:
-                log.warning("a model replica failed while running %d job(s): %s", len(jobs), str(error)[:300])
+                continue
+            if isinstance(item, (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)):
+                log.warning("a model replica failed while running %d job(s): %s", len(jobs), str(item)[:300])
                 error = ServiceError("the model replica running this job stopped (Ray is replacing it); submit the "
                                      "job again", status=503, code="replica_failed")
                 return [error] * len(jobs)
+            if isinstance(item, BaseException):
+                raise item
+            if item[0] == "step":
+                _, number, event = item
+                jobs[number].publish_step(event)
+                continue
+            reply = item[1]
+            break
         identity = reply["replica"]
         with self._lock:
             self.seen[identity["replica"]] = identity
@@ -212,6 +191,15 @@ class Ingress:
         cancelled = CancelledError("the job was cancelled while running")
         return [cancelled if job.cancel.is_set() else decode_answer(answer)
                 for job, answer in zip(jobs, reply["answers"])]
+
+
+def _read_into(response, items: queue.Queue) -> None:
+    """Every item of a replica's stream into `items`, and then the error that ended it, if one did."""
+    try:
+        for item in response:
+            items.put(item)
+    except BaseException as error:  # noqa: BLE001 - handed to the worker thread, which decides
+        items.put(error)
 
 
 def application(source: str, *, name: str, config: ServerConfig, db: str, kind: dict | None = None,
@@ -228,7 +216,7 @@ def application(source: str, *, name: str, config: ServerConfig, db: str, kind: 
                                        "target_ongoing_requests": 1}}
                if max_replicas and max_replicas > replicas else {"num_replicas": replicas})
     model = serve.deployment(
-        ModelReplica, name="ModelReplica", max_ongoing_requests=1,  # one batch at a time: hooks sit on the module
+        RayReplica, name="ModelReplica", max_ongoing_requests=1,  # one batch at a time: hooks sit on the module
         ray_actor_options={"num_cpus": 1, "num_gpus": gpus_per_replica}, **scaling,
     ).bind(source, name=name, kind=kind, limits=dataclasses.asdict(config.limits), trusted=trusted,
            check_weights=check_weights,

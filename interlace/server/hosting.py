@@ -28,7 +28,8 @@ import torch
 from ..backends.state import ModelState
 from ..backends.limits import Limits
 from ..backends.remote import package_version
-from ..backends.serialize import GRAPH_MAGIC, VERSION, deserialize_request, log_text, serialize_results
+from ..backends.serialize import (GRAPH_MAGIC, VERSION, deserialize_request, log_text, serialize_results,
+                                  serialize_step)
 from ..backends.validate import check_against_model
 from ..errors import LimitError, RefusedError, SourceError
 from ..graph import Request
@@ -122,8 +123,9 @@ class HostedModel:
         """Run requests together where they can share a forward (one group; see `batching`); for each,
         (result bytes, log lines, missing saved values) or the exception that failed it alone.
         groups: the model's group of each request (`Model.batching`), when known. on_steps: for each,
-        None or what is handed each of its generation steps (`Model.run_many`)."""
-        on_steps = on_steps or [None] * len(requests)
+        None or what is handed each of its generation steps as a `step` event (`serialize_step`)."""
+        on_steps = [step_publisher(request.graph, limits, send) if send else None
+                    for request, send in zip(requests, on_steps or [None] * len(requests))]
         try:
             if len(requests) == 1 and _has_functions(requests[0].graph):  # only a --trusted server admits these
                 answers = [self._answer(lambda: self.model.run(requests[0], limits=limits, cancel=cancels[0],
@@ -214,6 +216,27 @@ class HostedModel:
         return {"id": self.name, "kind": "language" if isinstance(self.model, LanguageModel) else "model",
                 "type": type(self.model.module).__name__,
                 "parameters": sum(p.numel() for p in self.model.module.parameters())}
+
+
+def step_publisher(graph, limits: Limits, send):
+    """What hands `send` each generation step of a streamed job as a `step` event (its tokens, text, and
+    values in the wire format).
+
+    The events stay with the job until it expires, so all its steps' values together are bounded by
+    `max_result_bytes`, as its result is: past that the job fails (saying so) rather than the server's memory.
+    """
+    sent = 0
+
+    def publish(step) -> None:
+        nonlocal sent
+        event = serialize_step(step, graph=graph, limits=limits)
+        sent += len(event["values"] or "") * 3 // 4  # base64: four characters carry three bytes
+        if sent > limits.max_result_bytes:
+            raise LimitError(f"the values saved per step add up to more than the limit of {limits.max_result_bytes} "
+                             f"bytes (max_result_bytes) by step {step.index}: save less per step, or stream fewer steps")
+        send(event)
+
+    return publish
 
 
 def _source_points(module: torch.nn.Module) -> dict[str, list[str]]:

@@ -63,6 +63,9 @@ class Job:
             self.events.append((kind, data))
         self._loop.call_soon_threadsafe(self._wake)
 
+    def publish_step(self, event: dict) -> None:
+        self.publish("step", **event)
+
     def queued(self, position: int) -> None:
         self.position = position
         self.publish("queued", position=position)

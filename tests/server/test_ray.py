@@ -25,13 +25,14 @@ from interlace.backends.serialize import deserialize_results, serialize_request
 from interlace.cli import main
 from interlace.errors import ExecutionError, LimitError
 from interlace.graph import Request
-from interlace.server.cluster import ModelReplica, decode_answer
+from interlace.server.replica import ModelReplica, decode_answer
 from interlace.server.errors import status_of
 from interlace.server.hosting import HostedModel, load_model
 from serving import Server
 from test_bad_input import _result, _submit, _until, get, good
 from test_batching import batch_sizes, recorded, submit_together
 from test_remote import same
+from test_stream_remote import generation
 
 PATH = "transformer.h.0"
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
@@ -141,14 +142,14 @@ def test_a_replicas_answers_are_the_local_results_and_errors(setup, local):
         with tracer:
             local.transformer.h[0].output[:, 99].save()  # out of range: found when it runs
     broken = serialize_request(Request(tracer.graph, [tracer.spec(len(tracer.graph))]))
-    reply = replica.run([good(), broken], {})
+    reply = replica.answer([good(), broken], {})
     assert reply["replica"]["pid"] == os.getpid() and reply["replica"]["changes"] == []
     result, failed = (decode_answer(answer) for answer in reply["answers"])
     assert same(values(result[0]), run_here(local, good()))
     hosted = HostedModel(local, name="here", limits=Limits())
     here = hosted.execute_many([hosted.admit(broken)], limits=Limits(), cancels=[threading.Event()])[0]
     assert type(failed) is type(here) is ExecutionError and str(failed) == str(here) and failed.node == here.node
-    deadline = replica.run([slow(3, 400)], {"max_seconds": 0.2})["answers"][0]
+    deadline = replica.answer([slow(3, 400)], {"max_seconds": 0.2})["answers"][0]
     error = decode_answer(deadline)
     assert isinstance(error, LimitError) and status_of(error) == 504
 
@@ -206,6 +207,21 @@ def test_remote_equals_local(cluster, setup, local):
 
 
 @needs_ray
+@pytest.mark.parametrize("stop", [False, True], ids=["whole", "stopped"])
+def test_streamed_steps_come_from_the_replicas_as_they_do_locally(cluster, setup, local, stop):
+    remote = interlace.LanguageModel("tiny-gpt2", host=cluster.url, api_key=setup["keys"]["alice"])
+    here = generation(local, remote=False, stream=True, stop=stop)
+    there = generation(remote, remote=True, stream=True, stop=stop)
+    assert [step[0] for step in there["steps"]] == [step[0] for step in here["steps"]]
+    for mine, theirs in zip(here["steps"], there["steps"], strict=True):
+        index, tokens, text, hidden, logits = theirs
+        assert (index, text) == (mine[0], mine[2]) and torch.equal(tokens, mine[1])
+        for value, reference in ((hidden, mine[3]), (logits, mine[4])):
+            assert_close_in_batch(value[0], reference[0])  # another process, maybe other torch threads
+    assert there["missing"] == here["missing"]
+
+
+@needs_ray
 def test_jobs_sent_together_share_a_batch_on_a_replica(cluster, setup, local):
     def steer(prompt, amount):
         def record(tracer):
@@ -251,6 +267,22 @@ def test_cancelling_a_running_job_shows_at_once(cluster, setup):
     assert info["error"]["code"] == "CancelledError"
     answer = _result(cluster, key, job)
     assert (answer.status_code, answer.json()["code"]) == (410, "CancelledError")
+
+
+@needs_ray
+def test_cancelled_jobs_stop_on_their_replicas(cluster, setup, local):
+    """Both replicas busy with jobs of minutes; once both are cancelled, the next job runs within seconds."""
+    keys = setup["keys"]
+    jobs = [(keys[name], _submit(cluster, keys[name], slow(words, 2000))) for name, words in (("alice", 3), ("bob", 4))]
+    for key, job in jobs:
+        _until(cluster, key, job, ("running",), seconds=30)
+    time.sleep(1.0)  # both inside their matrix products
+    for key, job in jobs:
+        httpx.delete(f"{cluster.url}/v1/jobs/{job}", headers={"Authorization": f"Bearer {key}"})
+    began = time.monotonic()
+    answer = _result(cluster, keys["alice"], _submit(cluster, keys["alice"], good()))
+    assert answer.status_code == 200 and same(values(answer.content), run_here(local, good()))
+    assert time.monotonic() - began < 15  # the two cancelled jobs would hold both replicas for minutes
 
 
 @needs_ray

@@ -1,0 +1,89 @@
+"""A copy of the hosted model that runs batches for a front in another process (a Ray Serve replica,
+`cluster.py`). Everything crosses as plain data: the request bytes the front admitted go in, and
+come out as one answer per request (`encode_answer`: result bytes, logs and missing values, or an
+error's status and body, raised again as its own class by `decode_answer`) and, for streamed jobs,
+a `step` event per generation step, already in the wire format."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+
+import httpx
+
+from ..backends.limits import Limits
+from ..backends.remote import _error
+from .errors import error_body, status_of
+
+log = logging.getLogger("interlace.server")
+
+
+class ModelReplica:
+    """One copy of the model with its weights; runs one batch of jobs at a time."""
+
+    def __init__(self, source: str, *, name: str, kind: dict, limits: dict, trusted: bool, check_weights: bool,
+                 device_map: str | None = None):
+        from .hosting import HostedModel, load_model
+
+        options = {"device_map": device_map} if device_map else {}
+        self.hosted = HostedModel(load_model(source, **kind, **options), name=name,
+                                  limits=Limits(**limits), trusted=trusted, check_weights=check_weights)
+
+    def identity(self) -> dict:
+        """Which replica this is: Ray's replica id when it is one, its process and node, its weight checks."""
+        serve = sys.modules.get("ray.serve")  # loaded in a Ray Serve replica; not imported just to ask
+        try:
+            ids = serve.get_replica_context().replica_id
+            replica, actor = ids.unique_id, ids.to_full_id_str()
+        except Exception:  # noqa: BLE001 - not in Ray Serve: the process is the replica
+            replica, actor = f"pid{os.getpid()}", None
+        return {"replica": replica, "actor": actor, "pid": os.getpid(), "node": socket.gethostname(),
+                "checked": self.hosted.checked, "changes": list(self.hosted.changes)}
+
+    def answer(self, requests: list[bytes], limits: dict, streamed: list[bool] | None = None, send=None,
+               cancels: list[threading.Event] | None = None) -> dict:
+        """Run one batch: `requests` are the wire bytes the front admitted, `limits` (`Limits` as a dict)
+        are the batch's. For each request that is `streamed`, `send(number, event)` gets its `step`
+        events as they come; `cancels` (one per request), when set, stop a request at its next operation.
+        Returns this replica's identity and per request one `encode_answer`."""
+        streamed = streamed or [False] * len(requests)
+        cancels = cancels or [threading.Event() for _ in requests]
+        answers: list = [None] * len(requests)
+        admitted = []
+        for number, data in enumerate(requests):
+            try:
+                admitted.append((number, self.hosted.admit(data)))
+            except Exception as error:  # noqa: BLE001 - that request's answer
+                answers[number] = error
+        if admitted:
+            sends = [(lambda event, number=number: send(number, event)) if streamed[number] else None
+                     for number, _ in admitted]
+            done = self.hosted.execute_many([request for _, request in admitted], limits=Limits(**limits),
+                                            cancels=[cancels[number] for number, _ in admitted], on_steps=sends)
+            for (number, _), answer in zip(admitted, done):
+                answers[number] = answer
+        return {"replica": self.identity(), "answers": [encode_answer(answer) for answer in answers]}
+
+
+def encode_answer(answer) -> tuple:
+    """A job's answer as plain data: ("completed", result bytes, logs, missing) or ("error", status, body)."""
+    if isinstance(answer, Exception):
+        if status_of(answer) == 500:
+            log.error("a job failed unexpectedly", exc_info=answer)
+        return "error", status_of(answer), error_body(answer)
+    result, logs, missing = answer
+    return "completed", result, [(index, [str(value) for value in values]) for index, values in logs], missing
+
+
+def decode_answer(answer: tuple):
+    """What `encode_answer` encoded: (result bytes, logs, missing), or the error as its own class again."""
+    if answer[0] == "completed":
+        return tuple(answer[1:])
+    _, status, body = answer
+    # the client's own mapping from code to class; node and hint go in as they are, not into the message
+    error = _error(httpx.Response(status, json={**body, "node": None, "hint": None}))
+    error.node = body.get("node")
+    return error
