@@ -23,7 +23,9 @@ from .jobs import FINISHED, Job
 _SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, key TEXT NOT NULL, model TEXT NOT NULL, fingerprint TEXT NOT NULL, state TEXT NOT NULL,
     created REAL NOT NULL, started REAL, finished REAL, timeout REAL, idempotency TEXT,
-    request BLOB, result BLOB, missing TEXT, error TEXT, status INTEGER NOT NULL DEFAULT 200)"""
+    request BLOB, result BLOB, missing TEXT, error TEXT, status INTEGER NOT NULL DEFAULT 200,
+    stream INTEGER NOT NULL DEFAULT 0)"""
+_ADDED = {"stream": "INTEGER NOT NULL DEFAULT 0"}  # columns a database made by an earlier version lacks
 
 
 class JobStore:
@@ -42,14 +44,19 @@ class JobStore:
                 self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses at most the last commits, never the file
             self._db.execute(_SCHEMA)
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            for column, kind in _ADDED.items():
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
     def add(self, job: Job, *, fingerprint: str, timeout: float | None, idempotency: str | None = None) -> None:
         self.expire()
         with self._lock:
             self._db.execute(
-                "INSERT INTO jobs (id, key, model, fingerprint, state, created, timeout, idempotency, request) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.id, job.key, job.model, fingerprint, job.state, job.created, timeout, idempotency, job.data))
+                "INSERT INTO jobs (id, key, model, fingerprint, state, created, timeout, idempotency, request, stream) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.id, job.key, job.model, fingerprint, job.state, job.created, timeout, idempotency, job.data,
+                 job.stream))
             self._remember(job, idempotency)
 
     def _remember(self, job: Job, idempotency: str | None) -> None:
@@ -123,13 +130,13 @@ class JobStore:
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, key, model, fingerprint, state, created, started, finished, timeout, idempotency, "
-                "request, result, missing, error, status FROM jobs ORDER BY created").fetchall()
+                "request, result, missing, error, status, stream FROM jobs ORDER BY created").fetchall()
         pending = []
         for (job_id, key, model, fingerprint, state, created, started, finished, timeout, idempotency,
-             request, result, missing, error, status) in rows:
+             request, result, missing, error, status, stream) in rows:
             if job_id in self._jobs:
                 continue
-            job = Job(None, key=key, model=model, limits=None, loop=loop, job_id=job_id)
+            job = Job(None, key=key, model=model, limits=None, loop=loop, job_id=job_id, stream=bool(stream))
             job.created, job.started, job.finished = created, started, finished
             if state in FINISHED:
                 job.state, job.result, job.status = state, result, status

@@ -117,6 +117,7 @@ def test_sigterm_drains_and_a_restart_keeps_results_and_queued_jobs(setup, tmp_p
         running = _submit(first, key, generation(150))
         _until(first, key, running, ("running",))
         queued = _submit(first, key, small())
+        streamed = post(first, key, generation(3), wait=0, stream=True).headers["interlace-job"]
         events: list = []
         reader = threading.Thread(target=_events, args=(first, key, queued, events))
         reader.start()
@@ -141,8 +142,11 @@ def test_sigterm_drains_and_a_restart_keeps_results_and_queued_jobs(setup, tmp_p
         assert ran.status_code == 200  # it finished during the drain
         assert _until(second, key, queued, ("completed",))["state"] == "completed"  # queued before, run now
         assert get(second, key, f"/v1/jobs/{queued}/result").content == post(second, key, small()).content
+        steps: list = []
+        _events(second, key, streamed, steps)  # queued with stream=true before the restart: it still streams
+        assert [data["step"] for kind, data, _ in steps if kind == "step"] == [0, 1, 2], steps
         listed = [job["id"] for job in get(second, key, "/v1/jobs").json()]
-        assert {finished, running, queued} <= set(listed) and listed == sorted(
+        assert {finished, running, queued, streamed} <= set(listed) and listed == sorted(
             listed, key=lambda i: -get(second, key, f"/v1/jobs/{i}").json()["created"])
         assert get(second, other, "/v1/jobs").json() == []  # another key sees none of them
         # a job queued when the server stopped, and a server that comes back with another model under that name
@@ -159,6 +163,23 @@ def test_sigterm_drains_and_a_restart_keeps_results_and_queued_jobs(setup, tmp_p
         assert "without the model 'tiny-llama-long'" in info["error"]["message"]
     finally:
         third.stop()
+
+
+def test_a_database_of_an_earlier_version_gains_the_new_columns(tmp_path):
+    import sqlite3
+
+    from interlace.server.store import JobStore
+
+    path = str(tmp_path / "old.db")
+    with sqlite3.connect(path) as old:  # the jobs table as the first durable version made it
+        old.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, key TEXT NOT NULL, model TEXT NOT NULL, fingerprint "
+                    "TEXT NOT NULL, state TEXT NOT NULL, created REAL NOT NULL, started REAL, finished REAL, timeout "
+                    "REAL, idempotency TEXT, request BLOB, result BLOB, missing TEXT, error TEXT, status INTEGER NOT "
+                    "NULL DEFAULT 200)")
+        old.execute("INSERT INTO jobs (id, key, model, fingerprint, state, created, request) VALUES "
+                    "('j1', 'k', 'm', 'f', 'queued', 1.0, x'00')")
+    [(job, fingerprint, _, data)] = JobStore(path, ttl=3600).load(loop=None)
+    assert (job.id, job.state, job.stream, fingerprint, data) == ("j1", "queued", False, "f", b"\x00")
 
 
 def test_an_idempotency_key_gives_back_the_same_job(generating, setup):
