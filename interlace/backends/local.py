@@ -470,24 +470,34 @@ class Interleaver:
                         "the value has no gradient: it is not part of the autograd graph (is it a tensor "
                         "computed from the model's parameters or inputs that require grad?)"
                     ).at(grad)
-                handles.append(tensor.register_hook(lambda g, index=index: self._grad_event(index, g)))
+                base, rows = _row_slice(tensor)
+                handles.append(base.register_hook(lambda g, index=index, rows=rows: self._grad_event(index, g, rows)))
             return args[0].backward(*args[1:], **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
 
-    def _grad_event(self, index: int, grad):
+    def _grad_event(self, index: int, grad, rows=None):
+        """The gradient of a grad node's value has come; `rows`: the value is those rows of the tensor
+        whose gradient this is (an invoke's part of the batch)."""
         if self.done[index]:
             return None
-        event = _Event(("grad", index), grad)
+        mine = grad if rows is None else grad[rows[0] : rows[1]]
+        event = _Event(("grad", index), mine)
         self.events.append(event)
         try:
-            self._finish(index, grad)
+            self._finish(index, mine)
             with torch.enable_grad():  # autograd turns it off in its hooks; later backwards need it
                 self._drain()
         finally:
             self.events.pop()
-        return event.value if event.changed else None
+        if not event.changed:
+            return None
+        if rows is None:
+            return event.value
+        whole = grad.clone()
+        whole[rows[0] : rows[1]] = event.value
+        return whole
 
     def _op_cond(self, node):
         return builtins.bool(self._resolve(node.args[0]))
@@ -624,6 +634,20 @@ def _warn_row_zero(source, value) -> None:
         "this with warnings.filterwarnings('ignore', category=interlace.BatchIndexWarning).",
         BatchIndexWarning, stacklevel=2,
     )
+
+
+def _row_slice(tensor: torch.Tensor):
+    """(the tensor to hook, rows) for a gradient: an invoke's rows of a batch (`rows.narrow`) are a view
+    that the loss does not go through (the model goes on with the whole batch), so autograd never computes
+    the view's own gradient; its base's, cut to the rows, is the same. Else (tensor, None)."""
+    base = tensor._base
+    if (base is None or not base.requires_grad or not tensor.dim() or tensor.shape[1:] != base.shape[1:]
+            or tensor.stride() != base.stride()):
+        return tensor, None
+    start, extra = divmod(tensor.storage_offset() - base.storage_offset(), base.stride(0) or 1)
+    if extra or start < 0 or start + tensor.shape[0] > base.shape[0]:
+        return tensor, None
+    return base, (start, start + tensor.shape[0])
 
 
 def _restore_grads(grads) -> None:

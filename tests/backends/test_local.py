@@ -253,6 +253,39 @@ def test_gradients_read_and_set():
     assert_clean(model)
 
 
+def test_gradients_of_an_invokes_rows_in_a_batch_of_several():
+    """Each invoke's value is a view of its rows, which the loss never goes through: its gradient is
+    the batch's, cut to those rows; setting it changes those rows only."""
+    torch.manual_seed(0)
+    model = MLP()
+    net = Model(model)
+    x = torch.randn(3, 3)
+    with net.trace() as tracer:
+        with tracer.invoke(x[:1]):
+            first = net.layers[1].output.grad.save()
+        with tracer.invoke(x[1:]):
+            second = net.layers[1].output.grad.save()
+            (net.output ** 2).sum().backward()  # this invoke's rows of the output only
+    out, hidden = forward_keeping(model, x, model.layers[1])
+    want = torch.autograd.grad((out[1:] ** 2).sum(), hidden)[0]
+    assert torch.count_nonzero(first) == 0 and first.shape == (1, 8)
+    assert second.shape == (2, 8) and torch.allclose(second, want[1:])
+
+    with net.trace() as tracer:
+        with tracer.invoke(x[:1]):
+            net.layers[1].output.grad = net.layers[1].output.grad * 0
+            zeroed = net.embed.output.grad.save()
+        with tracer.invoke(x[1:]):
+            embed_grad = net.embed.output.grad.save()
+        net.output.sum().backward()  # the whole batch
+    out, hidden = forward_keeping(model, x, model.embed)
+    want = torch.autograd.grad(out.sum(), hidden)[0]
+    assert torch.count_nonzero(zeroed) == 0 and torch.count_nonzero(want[:1])
+    assert torch.allclose(embed_grad, want[1:])  # the other invoke's zeroed rows did not reach these
+    assert_clean(model)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_several_backward_passes_each_grad_belongs_to_the_next_backward():
     torch.manual_seed(0)
     model = MLP()
