@@ -230,6 +230,54 @@ def test_scan_cache_grad_and_skip_work_on_points():
     assert_clean(lm.module)
 
 
+def test_point_inputs_chosen_steps_and_a_set_gradient_equal_module_hooks():
+    lm = interlace.LanguageModel(tiny("llama"), tokenizer=tiny_tokenizer())
+    attention = lm.model.layers[0].self_attn
+    point, module = attention.source.o_proj_0, lm.module.model.layers[0].self_attn.o_proj
+    seen = {}
+    handle = module.register_forward_pre_hook(lambda m, args, kwargs: seen.setdefault("in", (args, kwargs)),
+                                              with_kwargs=True)
+    with torch.no_grad():
+        lm.module(**lm.tokenizer("w5 w6 w7", return_tensors="pt"))
+    handle.remove()
+    with lm.trace("w5 w6 w7"):
+        first = point.input.save()
+        inputs = point.inputs.save()
+    args, kwargs = inputs
+    assert torch.equal(first, seen["in"][0][0]) and torch.equal(args[0], first) and kwargs == seen["in"][1]
+
+    with lm.generate("w5 w6 w7", max_new_tokens=4) as tracer:
+        chosen = interlace.list().save()
+        with tracer.iter[1:3]:
+            chosen.append(point.output)
+            point.output = point.output * 0  # steps 1 and 2 only
+        tokens = lm.generator.output.save()
+    calls = []
+    handle = module.register_forward_hook(
+        lambda m, a, out: (calls.append(out.clone()), out * 0 if len(calls) in (2, 3) else out)[1])
+    with torch.no_grad():
+        want = lm.module.generate(**lm.tokenizer("w5 w6 w7", return_tensors="pt"), max_new_tokens=4,
+                                  do_sample=False)
+    handle.remove()
+    assert len(chosen) == 2 and all(torch.equal(a, b) for a, b in zip(chosen, calls[1:3]))
+    assert torch.equal(tokens, want)
+
+    with lm.trace("w5 w6 w7"):
+        point.output.grad = point.output.grad * 0  # no gradient flows back through the attention's output
+        embedded = lm.model.embed_tokens.output.grad.save()
+        lm.output.logits.sum().backward()
+    handle = module.register_forward_hook(lambda m, a, out: out.register_hook(torch.zeros_like) and None)
+    embeddings = {}
+    handle_embed = lm.module.model.embed_tokens.register_forward_hook(
+        lambda m, a, out: out.register_hook(lambda g: embeddings.setdefault("grad", g)) and None)
+    lm.module(**lm.tokenizer("w5 w6 w7", return_tensors="pt")).logits.sum().backward()
+    handle.remove()
+    handle_embed.remove()
+    lm.module.zero_grad()
+    torch.testing.assert_close(embedded, embeddings["grad"])
+    assert_clean(lm.module)
+
+
 def test_an_unknown_point_is_an_error_naming_the_closest_points():
     net = interlace.Model(model_of("llama"))
     with pytest.raises(ModulePathError) as error:
