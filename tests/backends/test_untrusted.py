@@ -7,6 +7,7 @@ as before (every parameter and buffer bit for bit, requires_grad, .grad, hooks, 
 """
 
 import re
+import threading
 
 import pytest
 import torch
@@ -161,6 +162,30 @@ def test_a_sessions_traces_share_the_requests_element_budget():
     one = session.request()
     one.traces = one.traces[:1]
     assert net.run(one, untrusted=True, limits=limits).results  # the same trace alone runs
+    assert_clean(net.module)
+
+
+def test_a_cancel_stops_a_session_before_its_next_forward():
+    """A cancel that arrives during a session's first forward: none of its later forwards runs."""
+    net = interlace.Model(MLP().eval())
+    session = net.session()
+    with session:
+        for _ in range(5):
+            with net.trace(torch.randn(2, 3)):
+                net.layers[0].output.save()
+    cancel, forwards = threading.Event(), []
+
+    def count(module, args, output):  # a client's DELETE, arriving during the first forward
+        forwards.append(1)
+        cancel.set()
+
+    handle = net.module.embed.register_forward_hook(count)
+    try:
+        with pytest.raises(interlace.CancelledError, match="cancelled"):
+            net.run(session.request(), untrusted=True, cancel=cancel)
+    finally:
+        handle.remove()
+    assert len(forwards) == 1
     assert_clean(net.module)
 
 
