@@ -38,3 +38,23 @@ def test_serve_keeps_the_hub_offline_unless_told(monkeypatch, db, flags, offline
 def test_serve_refuses_a_limit_that_is_not_a_number(db, capsys):
     assert cli.main(["serve", "some/model", "--db", db, "--max-seconds", "nan"]) == 2
     assert "limit max_seconds must be a positive finite number, not nan" in capsys.readouterr().err
+
+
+def test_serve_warns_when_no_key_is_active_and_refuses_a_missing_database(monkeypatch, tmp_path, capsys):
+    path = str(tmp_path / "keys.db")
+    store = KeyStore(path)
+    store.create("alice")
+    store.revoke("alice")
+
+    def load_model(*args, **kwargs):
+        raise _Started
+
+    monkeypatch.setattr("interlace.server.hosting.load_model", load_model)
+    with pytest.raises(_Started):  # it goes on: a key can be added while it runs
+        cli.main(["serve", "some/model", "--db", path])
+    said = capsys.readouterr().err
+    assert f"the key database {path} has no active key, so every request gets 401" in said
+    assert f"interlace keys create --db {path} --name NAME" in said
+    missing = str(tmp_path / "typo.db")
+    assert cli.main(["serve", "some/model", "--db", missing]) == 2
+    assert f"no key database at {missing}" in capsys.readouterr().err and not os.path.exists(missing)
