@@ -2,13 +2,22 @@
 results equal the local run bit for bit, unknown points are refused before running, and the hosted
 model is left as it was (its rewrite aside, which computes exactly what the original does)."""
 
+import copy
+import threading
+
 import httpx
+import pytest
 import torch
 
 import interlace
 from hostile import Builder
+from interlace.backends.limits import Limits
+from interlace.backends.serialize import deserialize_results, serialize_request
 from interlace.errors import ModulePathError
+from interlace.graph import Request
+from interlace.server.hosting import HostedModel
 from test_remote import same
+from test_source import IDS, attention_path, model_of
 
 PROMPT = "w5 w6 w7 w8"
 
@@ -63,3 +72,44 @@ def test_an_unknown_point_is_refused_before_running_with_the_closest_names(serve
     body = response.json()
     assert response.status_code == 422 and body["code"] == "GraphError"
     assert "has no call site 'c_attn_7'; did you mean 'c_attn_1', 'c_attn_0'" in body["message"]
+
+
+def as_a_server_runs_it(tracer, model: interlace.Model) -> dict:
+    """The traced graph run as a server runs a job: from its bytes, checked, untrusted, on `model`."""
+    hosted = HostedModel(model, name="hosted", limits=Limits(), check_weights=True)
+    data = serialize_request(Request(tracer.graph, [tracer.spec(len(tracer.graph))]))
+    answer = hosted.execute_many([hosted.admit(data)], limits=Limits(), cancels=[threading.Event()])[0]
+    assert not isinstance(answer, Exception), answer
+    assert hosted.changes == []
+    return deserialize_results(answer[0], limits=Limits())[0]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "gemma2", "mixtral"])
+def test_each_familys_points_give_the_local_results_on_a_server(family):
+    model = model_of(family)
+    hosted = interlace.Model(copy.deepcopy(model))  # its forwards are rewritten by the request, not here
+    net = interlace.Model(model)
+    attention = net.get(attention_path(family, 1))
+    with net.trace(IDS) as tracer:
+        attention.source.attention_interface_0.source.softmax_0.output.save()
+        if family == "gpt2":
+            attention.source.c_proj_0.output[:, -1] = 0
+        else:
+            rotated = attention.source.apply_rotary_pos_emb_0.output
+            attention.source.apply_rotary_pos_emb_0.output = (rotated[0] * 2, rotated[1])
+        net.output.logits.save()
+    there = as_a_server_runs_it(tracer, hosted)
+    assert there.keys() == tracer.results.keys() and len(there) == 2
+    assert all(same(there[index], value) for index, value in tracer.results.items())
+
+
+def test_smollm2_points_give_the_local_results_on_a_server(smollm2):
+    attention = smollm2.model.layers[3].self_attn
+    with smollm2.trace("The Eiffel Tower is in the city of") as tracer:
+        attention.source.q_proj_0.output.save()
+        rotated = attention.source.apply_rotary_pos_emb_0.output
+        attention.source.apply_rotary_pos_emb_0.output = (rotated[0] * 0.5, rotated[1])
+        smollm2.output.logits[:, -1].save()
+    there = as_a_server_runs_it(tracer, smollm2)
+    assert there.keys() == tracer.results.keys()
+    assert all(same(there[index], value) for index, value in tracer.results.items())
