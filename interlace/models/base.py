@@ -13,8 +13,8 @@ import threading
 
 import torch
 
-from ..backends.guard import Guard
-from ..backends.limits import Limits
+from ..backends.guard import Guard, WeightIndex
+from ..backends.limits import DEFAULT as DEFAULT_LIMITS, Limits
 from ..backends.local import Interleaver
 from ..backends.merge import MergedInterleaver, merge, merge_key, split, split_step
 from ..backends.rows import SharedValueError
@@ -218,7 +218,7 @@ class Model(Envoy):
         at its next step. `on_step(step)` is handed each generation step as it finishes (a `Step`).
         """
         graph, traces = request.graph, request.traces
-        limits = limits or Limits()
+        limits = limits or DEFAULT_LIMITS
         last_reader = _last_reader(graph, traces) if len(traces) > 1 else None  # (one trace: nothing carries)
         outcome, carried, skip_to = Outcome(), {}, 0
         # a session's traces share one deadline and one element budget: the request's, not each trace's
@@ -260,7 +260,7 @@ class Model(Envoy):
         groups: each request's group from `batching`, when the caller has it already. on_steps: for
         each request, None or a function handed each of its generation steps (its own rows and values).
         """
-        limits = limits or Limits()
+        limits = limits or DEFAULT_LIMITS
         cancels = list(cancels) if cancels is not None else [None] * len(requests)
         on_steps = list(on_steps) if on_steps is not None else [None] * len(requests)
         answers: list = [None] * len(requests)
@@ -380,15 +380,16 @@ def _each_step(on_step, module: torch.nn.Module):
 def _copy_weights(results: dict, module: torch.nn.Module) -> None:
     """Saved values that share memory with a weight or buffer (`net.weight.save()`, a view of one)
     become copies: changing a saved value must never change the model (benchmarks/saved_weights.py
-    measures what the copies cost)."""
-    storages = None
-    for index, value in results.items():
+    measures what the copies cost). The weights' storages are the model's cached `WeightIndex`: a
+    walk over every parameter here would cost more than the rest of a small trace."""
+    index = None
+    for key, value in results.items():
         if not isinstance(value, torch.Tensor) or value.device.type == "meta":
             continue
-        if storages is None:
-            storages = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
-        if value.untyped_storage().data_ptr() in storages:
-            results[index] = value.detach().clone()
+        if index is None:
+            index = WeightIndex.of(module)
+        if index.holds(value.untyped_storage().data_ptr()):
+            results[key] = value.detach().clone()
 
 
 def _last_reader(graph: Graph, traces) -> list[int]:

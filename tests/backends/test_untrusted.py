@@ -6,6 +6,7 @@ asserts the exact error class, its message, and that the model and torch's globa
 as before (every parameter and buffer bit for bit, requires_grad, .grad, hooks, instance forward).
 """
 
+import operator
 import re
 import threading
 
@@ -19,6 +20,7 @@ from hostile import CASES
 from interlace.backends.state import ModelState
 from interlace.backends.limits import Limits
 from interlace.backends.serialize import deserialize_request, serialize_graph
+from interlace.errors import RefusedError
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +196,22 @@ def test_a_cancel_stops_a_session_before_its_next_forward():
 def test_a_limit_that_would_switch_a_check_off_is_refused(name, value):
     with pytest.raises(interlace.InterlaceError, match=f"limit {name} must be a positive finite number"):
         Limits(**{name: value})
+
+
+def test_the_write_check_runs_only_where_a_weight_is_within_reach(monkeypatch):
+    from interlace.backends.guard import Guard
+    from interlace.backends.writes import WriteCheck
+
+    entered, enter = [], WriteCheck.__enter__
+    monkeypatch.setattr(WriteCheck, "__enter__", lambda self: entered.append(self.what) or enter(self))
+    net = torch.nn.Linear(2, 2)
+    guard = Guard(net, untrusted=True)
+    own = torch.ones(2, 2)
+    guard.call("torch.relu", torch.relu, (own,), {})
+    guard.call("operator.getitem", operator.getitem, (own, (slice(None), 0)), {})
+    assert entered == []  # handed only its own tensor and plain values: nothing of the model in reach
+    guard.call("operator.add", operator.add, (own, net.weight.detach()), {})
+    guard.call("torch.relu", torch.relu, (torch.ones(2, requires_grad=True),), {})  # a backward reaches .grad
+    assert entered == ["operator.add", "torch.relu"]
+    with pytest.raises(RefusedError, match="would change a weight"):
+        guard.call("F.relu", torch.nn.functional.relu, (net.weight.detach()[0], True), {})  # a view of one

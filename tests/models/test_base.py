@@ -241,3 +241,14 @@ def test_edit_with_an_example_input_applies_to_every_row():
         with gpt2.edit("w1"):
             layer.output[:] = layer.output[:, :, :5]  # a shape error, found while recording
     assert gpt2._edits == []
+
+
+def test_a_saved_weight_is_a_copy_also_after_the_weight_was_replaced(mlp, x):
+    net = Model(mlp)
+    with net.trace(x):
+        net.head.weight.save()  # the model's weight index is found here
+    mlp.head.weight = torch.nn.Parameter(torch.ones_like(mlp.head.weight))  # found again at the next save
+    with net.trace(x):
+        weight = net.head.weight.save()
+    weight.zero_()
+    assert torch.equal(mlp.head.weight, torch.ones_like(weight))
