@@ -14,8 +14,9 @@ its jobs are cancelled that long ago, it kills the child, fails the batch (504 f
 starts a new one; the next batch waits for it in the queue. A child that dies by itself (killed for
 memory, say) fails its batch with 503 and is started again too.
 
-The child runs at a lower priority (`os.nice`) and, on a small machine, with one core less for torch's
-threads, so that the front gets the CPU it needs to answer `/v1/health` within milliseconds. It ignores
+The child runs at a lower priority (`os.nice`), so that the front gets the CPU it needs to answer
+`/v1/health` within milliseconds. It keeps torch's thread count: fewer threads would change the order
+of float sums in a product, and a result would no longer equal a local run bit for bit. It ignores
 Ctrl-C (the front decides) and ends when its pipe closes: it never outlives the server.
 """
 
@@ -36,7 +37,6 @@ log = logging.getLogger("interlace.server")
 GRACE = 0.5  # seconds past a batch's deadline (or its jobs' cancel) before its child is killed
 CHECK = 0.02  # seconds between looks at the jobs' cancel flags and the deadline while the child runs
 NICE = 5  # the child's lower priority: the front answers first when both want the CPU
-SMALL_MACHINE = 4  # cores up to which the child's torch leaves one of them to the front
 
 
 class ProcessRunner:
@@ -58,7 +58,8 @@ class ProcessRunner:
         """Start a child; `wait_ready` waits until its model is loaded."""
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads or locks of the front
         connection, theirs = context.Pipe()
-        self.process = context.Process(target=_child, args=(theirs, self.source, self.options),
+        level = logging.getLogger().getEffectiveLevel()  # the server's --log-level, for the child's own log
+        self.process = context.Process(target=_child, args=(theirs, self.source, self.options, level),
                                        name="interlace-model", daemon=True)
         self.process.start()
         theirs.close()  # only the child holds its end: its death shows here as end of file
@@ -164,15 +165,11 @@ class ProcessRunner:
                 for job, answer in zip(jobs, reply["answers"])]
 
 
-def _child(connection, source: str, options: dict) -> None:
+def _child(connection, source: str, options: dict, level: int) -> None:
     """The worker process: load the model, then run each batch that comes; end when the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the front decides
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s (worker): %(message)s")
     os.nice(NICE)
-    import torch
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if 1 < cores <= SMALL_MACHINE:
-        torch.set_num_threads(min(torch.get_num_threads(), cores - 1))
     replica = ModelReplica(source, **options)
     sending = threading.Lock()  # steps are sent from the batch's thread, answers from the main one
 
