@@ -97,7 +97,11 @@ def _serve(args) -> int:
     # the HTTP loop and the model's worker share the GIL: hand it over within 0.5 ms, not the default 5 ms,
     # so a finished job is answered at once
     sys.setswitchinterval(0.0005)
-    serve(app, host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        serve(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        if not args.in_process:
+            runner.close()  # after the drain: the running batch has finished
     return 0
 
 
