@@ -136,3 +136,17 @@ def _submit_with(server, key, data, **params) -> str:
     response = post(server, key, data, wait=0, **params)
     assert response.status_code == 202, response.text
     return response.headers["interlace-job"]
+
+
+def test_in_process_keeps_the_model_in_the_server(setup, local):
+    server = Server(setup["folder"], setup["db"], "--in-process", "--check-weights")
+    try:
+        assert workers(server) == []
+        data = good()
+        response = post(server, setup["keys"]["user6"], data)
+        assert response.status_code == 200, response.text
+        there, here = values(response.content), run_here(local, data)
+        assert there.keys() == here.keys() and all((there[k] == here[k]).all() for k in here)
+        assert server.health()["checked_jobs"] >= 1
+    finally:
+        server.stop()
