@@ -81,11 +81,11 @@ def _serve(args) -> int:
     else:  # the weights in a worker process (`server/worker.py`); here only what checking requests needs
         from .server.worker import ProcessRunner
 
-        hosted = HostedModel(load_model(args.model, weights=False, **kind), name=name, limits=limits,
-                             trusted=args.trusted)
-        runner = ProcessRunner(hosted, args.model, check_weights=args.check_weights, name=name, kind=kind,
+        runner = ProcessRunner(None, args.model, check_weights=args.check_weights, name=name, kind=kind,
                                limits=dataclasses.asdict(limits), trusted=args.trusted)
-        runner.start()
+        runner.start()  # first: the child loads the model while this process builds its own copy
+        hosted = runner.hosted = HostedModel(load_model(args.model, weights=False, **kind), name=name,
+                                             limits=limits, trusted=args.trusted)
         try:
             runner.wait_ready()  # a model that cannot load fails the command, not the first job
         except InterlaceError as error:
