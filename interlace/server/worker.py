@@ -10,7 +10,7 @@ deployment does (`cluster.py`). `ProcessRunner` is the front's runner of one suc
 thread of `create_app` calls it): it relays the child's `step` events to the jobs as they come,
 forwards cancels (a thread of the child sets the batch's cancel events), and once the batch is past its
 deadline by `GRACE` seconds (the executor normally stops it at its next operation, well before), or all
-its jobs are cancelled that long ago, it kills the child, fails the batch (504 for the deadline) and
+its jobs were cancelled `CANCEL_GRACE` seconds ago, it kills the child, fails the batch (504 for the deadline) and
 starts a new one; the next batch waits for it in the queue. A child that dies by itself (killed for
 memory, say) fails its batch with 503 and is started again too.
 
@@ -22,6 +22,7 @@ Ctrl-C (the front decides) and ends when its pipe closes: it never outlives the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -34,7 +35,8 @@ from .replica import ModelReplica, decode_answer
 
 log = logging.getLogger("interlace.server")
 
-GRACE = 0.5  # seconds past a batch's deadline (or its jobs' cancel) before its child is killed
+GRACE = 0.5  # seconds past a batch's deadline before its child is killed
+CANCEL_GRACE = 2.0  # after its jobs' cancel: longer, as a restart (loading the model) delays the next jobs
 CHECK = 0.02  # seconds between looks at the jobs' cancel flags and the deadline while the child runs
 NICE = 5  # the child's lower priority: the front answers first when both want the CPU
 
@@ -102,8 +104,6 @@ class ProcessRunner:
     # -- one batch (a worker thread of the app) ---------------------------------------------------------
     def __call__(self, jobs: list) -> list:
         """Per job (result bytes, logs, missing) or its error, run in the child."""
-        import dataclasses
-
         if not self.ready:
             try:
                 self.wait_ready()
@@ -111,6 +111,28 @@ class ProcessRunner:
                 self.restart()  # tried again with the next batch
                 return [error] * len(jobs)
         limits = jobs[0].limits  # a batch shares its limits (they are part of its group)
+        try:
+            reply = self._run(jobs, limits)
+        except (EOFError, OSError):  # the child died by itself (killed for memory, say), also between batches
+            self.process.join()
+            code = self.process.exitcode
+            log.warning("the model's worker process died (exit code %s) while running %d job(s); restarting it",
+                        code, len(jobs))
+            self.restart()
+            return [ServiceError(f"the model's worker process died (exit code {code}) while running this job, and "
+                                 "was restarted; submit the job again", status=503, code="worker_failed")] * len(jobs)
+        if isinstance(reply, Exception):  # killed by us: past its deadline or cancelled, inside one operation
+            self.restart()
+            return [reply] * len(jobs)
+        if self.check_weights:
+            self._copy_checks(reply["replica"])
+        cancelled = CancelledError("the job was cancelled while running")
+        return [cancelled if job.cancel.is_set() else decode_answer(answer)
+                for job, answer in zip(jobs, reply["answers"])]
+
+    def _run(self, jobs: list, limits) -> dict | Exception:
+        """Send the batch to the child and wait for its reply, relaying its steps and the jobs' cancels;
+        the error of the whole batch where the child has to be killed for it."""
         self.connection.send(("run", [job.data for job in jobs], dataclasses.asdict(limits), [job.stream for job in jobs]))
         for job in jobs:
             job.data = b""  # sent: the bytes need not stay with the job until its result expires
@@ -125,44 +147,25 @@ class ProcessRunner:
             now = time.monotonic()
             if len(forwarded) == len(jobs):
                 all_cancelled = all_cancelled or now
-                if now > all_cancelled + GRACE:  # inside one long operation: the next job need not wait for it
+                if now > all_cancelled + CANCEL_GRACE:  # inside one long operation: the next job need not wait for it
                     log.warning("a cancelled batch of %d job(s) ran on inside one operation: worker restarted",
                                 len(jobs))
-                    self.restart()
-                    return [CancelledError("the job was cancelled while running")] * len(jobs)
+                    return CancelledError("the job was cancelled while running")
             if now > deadline:
                 log.warning("a batch of %d job(s) ran past its deadline inside one operation: worker restarted",
                             len(jobs))
-                self.restart()
-                error = LimitError(f"the job ran past its deadline of {limits.max_seconds:g} s (max_seconds) inside "
-                                   "one operation, where it cannot be stopped: the model's worker process was "
-                                   "killed and restarted")
-                return [error] * len(jobs)
-            try:
-                if not self.connection.poll(min(CHECK, max(deadline - now, 0.0))):
-                    continue
-                message = self.connection.recv()
-            except (EOFError, OSError):  # the child died by itself: killed for memory, say
-                self.process.join()
-                log.warning("the model's worker process died (exit code %s) while running %d job(s); restarting it",
-                            self.process.exitcode, len(jobs))
-                self.restart()
-                error = ServiceError(f"the model's worker process died (exit code {self.process.exitcode}) while "
-                                     "running this job, and was restarted; submit the job again", status=503,
-                                     code="worker_failed")
-                return [error] * len(jobs)
+                return LimitError(f"the job ran past its deadline of {limits.max_seconds:g} s (max_seconds) inside "
+                                  "one operation, where it cannot be stopped: the model's worker process was killed "
+                                  "and restarted")
+            if not self.connection.poll(min(CHECK, max(deadline - now, 0.0))):
+                continue
+            message = self.connection.recv()
             if message[0] == "step":
                 jobs[message[1]].publish_step(message[2])
             elif message[0] == "failed":  # the child's own error, not a job's: it goes on
                 raise RuntimeError(f"the model's worker process failed to run a batch: {message[1]}")
             else:
-                reply = message[1]
-                break
-        if self.check_weights:
-            self._copy_checks(reply["replica"])
-        cancelled = CancelledError("the job was cancelled while running")
-        return [cancelled if job.cancel.is_set() else decode_answer(answer)
-                for job, answer in zip(jobs, reply["answers"])]
+                return message[1]
 
 
 def _child(connection, source: str, options: dict, level: int) -> None:
