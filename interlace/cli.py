@@ -72,16 +72,36 @@ def _serve(args) -> int:
 
         return serve_on_ray(args, config)
     print(f"interlace: loading {args.model} ...", file=sys.stderr, flush=True)
-    model = load_model(args.model, standardized=args.standardized, attention_probs=args.attention_probs)
-    hosted = HostedModel(model, name=args.name or default_name(args.model), limits=limits,
-                         trusted=args.trusted, check_weights=args.check_weights)
-    app = create_app([hosted], KeyStore(args.db), config)
+    kind = {"standardized": args.standardized, "attention_probs": args.attention_probs}
+    name = args.name or default_name(args.model)
+    if args.in_process:
+        hosted = HostedModel(load_model(args.model, **kind), name=name, limits=limits, trusted=args.trusted,
+                             check_weights=args.check_weights)
+        app = create_app([hosted], KeyStore(args.db), config)
+    else:  # the weights in a worker process (`server/worker.py`); here only what checking requests needs
+        from .server.worker import ProcessRunner
+
+        runner = ProcessRunner(None, args.model, check_weights=args.check_weights, name=name, kind=kind,
+                               limits=dataclasses.asdict(limits), trusted=args.trusted)
+        runner.start()  # first: the child loads the model while this process builds its own copy
+        hosted = runner.hosted = HostedModel(load_model(args.model, weights=False, **kind), name=name,
+                                             limits=limits, trusted=args.trusted)
+        try:
+            runner.wait_ready()  # a model that cannot load fails the command, not the first job
+        except InterlaceError as error:
+            print(f"interlace serve: {error}", file=sys.stderr)
+            return 1
+        app = create_app([hosted], KeyStore(args.db), config, runners={name: [runner]})
     print(f"interlace: serving '{hosted.name}' on http://{args.host}:{args.port} (keys: {args.db})",
           file=sys.stderr, flush=True)
     # the HTTP loop and the model's worker share the GIL: hand it over within 0.5 ms, not the default 5 ms,
     # so a finished job is answered at once
     sys.setswitchinterval(0.0005)
-    serve(app, host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        serve(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        if not args.in_process:
+            runner.close()  # after the drain: the running batch has finished
     return 0
 
 
@@ -178,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="host it as a StandardizedTransformer, so clients can read per-head values")
     serve.add_argument("--attention-probs", action="store_true",
                        help="also attention probabilities (the eager attention; implies --standardized)")
+    serve.add_argument("--in-process", action="store_true",
+                       help="run jobs in the server's own process, not in a worker process: a small job answers "
+                            "a little sooner, but health and status wait while a job computes, and a deadline "
+                            "cannot stop a job inside one long operation")
     serve.add_argument("--ray", action="store_true",
                        help="run as a Ray Serve application (the cluster at RAY_ADDRESS, or a Ray instance started "
                             "here): one HTTP ingress, the model in --replicas replicas; needs interlace[ray]")

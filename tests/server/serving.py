@@ -21,7 +21,7 @@ class Server:
     """`interlace serve MODEL --db DB *flags` on a free port; `stop()` ends it (kill after 15 s).
     `env`: the server's whole environment (default: this process's)."""
 
-    def __init__(self, model: str, db: str, *flags: str, ready_within: float = 90.0, env: dict | None = None):
+    def __init__(self, model: str, db: str, *flags: str, ready_within: float = 180.0, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile(mode="w+")

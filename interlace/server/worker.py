@@ -1,0 +1,216 @@
+"""The model in a worker process of its own (`interlace serve`'s default; `--in-process` keeps it in the
+server's process), so that the HTTP front keeps answering whatever a job does, and a job past its
+deadline is stopped even inside one long operation.
+
+The executor checks a job's deadline and cancel flag only between operations: one large matrix product
+runs to its end. So the model runs in a child process (multiprocessing, `spawn`) holding a
+`ModelReplica` (`replica.py`), and the front (its model built without weights, enough to check requests
+and give the manifest) hands it each batch over a pipe as the request bytes it admitted, as the Ray
+deployment does (`cluster.py`). `ProcessRunner` is the front's runner of one such child (a worker
+thread of `create_app` calls it): it relays the child's `step` events to the jobs as they come,
+forwards cancels (a thread of the child sets the batch's cancel events), and once the batch is past its
+deadline by `GRACE` seconds (the executor normally stops it at its next operation, well before), or all
+its jobs were cancelled `CANCEL_GRACE` seconds ago, it kills the child, fails the batch (504 for the deadline) and
+starts a new one; the next batch waits for it in the queue. A child that dies by itself (killed for
+memory, say) fails its batch with 503 and is started again too.
+
+The child runs at a lower priority (`os.nice`), so that the front gets the CPU it needs to answer
+`/v1/health` within milliseconds. It keeps torch's thread count: fewer threads would change the order
+of float sums in a product, and a result would no longer equal a local run bit for bit. It ignores
+Ctrl-C (the front decides) and ends when its pipe closes: it never outlives the server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+
+from ..errors import CancelledError, LimitError, ServiceError
+from .replica import ModelReplica, decode_answer
+
+log = logging.getLogger("interlace.server")
+
+GRACE = 0.5  # seconds past a batch's deadline before its child is killed
+CANCEL_GRACE = 2.0  # after its jobs' cancel: longer, as a restart (loading the model) delays the next jobs
+CHECK = 0.02  # seconds between looks at the jobs' cancel flags and the deadline while the child runs
+NICE = 5  # the child's lower priority: the front answers first when both want the CPU
+
+
+class ProcessRunner:
+    """Runs batches of `hosted`'s jobs in a child process that holds the model with its weights.
+    `hosted` is the front's model (without weights); with `check_weights` the child's checks are copied
+    onto it, so `/v1/health` reports them. `options`: `ModelReplica`'s (name, kind, limits, trusted)."""
+
+    def __init__(self, hosted, source: str, *, check_weights: bool = False, **options):
+        self.hosted, self.source, self.check_weights = hosted, source, check_weights
+        self.options = {**options, "check_weights": check_weights}
+        self.process = None
+        self.connection = None
+        self.ready = False
+        self._checked, self._changes = 0, []  # the checks of the children before this one
+        self.restarts = 0
+
+    # -- the child's life ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start a child; `wait_ready` waits until its model is loaded."""
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads or locks of the front
+        connection, theirs = context.Pipe()
+        level = logging.getLogger().getEffectiveLevel()  # the server's --log-level, for the child's own log
+        self.process = context.Process(target=_child, args=(theirs, self.source, self.options, level),
+                                       name="interlace-model", daemon=True)
+        self.process.start()
+        theirs.close()  # only the child holds its end: its death shows here as end of file
+        self.connection, self.ready = connection, False
+
+    def wait_ready(self) -> None:
+        """Wait for the child's model; raises ServiceError (503) if the child died while loading it."""
+        try:
+            kind, identity, checksum = self.connection.recv()
+        except (EOFError, OSError):
+            self.process.join()
+            raise ServiceError(f"the model's worker process exited with {self.process.exitcode} while loading the "
+                               "model (see the server's log); submit the job again", status=503,
+                               code="worker_failed") from None
+        assert kind == "ready", kind
+        self.ready = True
+        if self.check_weights:
+            self.hosted.checksum = checksum
+            self._copy_checks(identity)
+
+    def restart(self) -> None:
+        """Kill the child (whatever it runs) and start another."""
+        if self.process is not None:
+            self._checked, self._changes = self.hosted.checked, list(self.hosted.changes)
+            self.process.kill()
+            self.process.join()
+            self.connection.close()
+        self.restarts += 1
+        self.start()
+
+    def close(self) -> None:
+        if self.process is not None and self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+    def _copy_checks(self, identity: dict) -> None:
+        self.hosted.checked = self._checked + identity["checked"]
+        self.hosted.changes = self._changes + identity["changes"]
+
+    # -- one batch (a worker thread of the app) ---------------------------------------------------------
+    def __call__(self, jobs: list) -> list:
+        """Per job (result bytes, logs, missing) or its error, run in the child."""
+        if not self.ready:
+            try:
+                self.wait_ready()
+            except ServiceError as error:
+                self.restart()  # tried again with the next batch
+                return [error] * len(jobs)
+        limits = jobs[0].limits  # a batch shares its limits (they are part of its group)
+        try:
+            reply = self._run(jobs, limits)
+        except (EOFError, OSError):  # the child died by itself (killed for memory, say), also between batches
+            self.process.join()
+            code = self.process.exitcode
+            log.warning("the model's worker process died (exit code %s) while running %d job(s); restarting it",
+                        code, len(jobs))
+            self.restart()
+            return [ServiceError(f"the model's worker process died (exit code {code}) while running this job, and "
+                                 "was restarted; submit the job again", status=503, code="worker_failed")] * len(jobs)
+        if isinstance(reply, Exception):  # killed by us: past its deadline or cancelled, inside one operation
+            self.restart()
+            return [reply] * len(jobs)
+        if self.check_weights:
+            self._copy_checks(reply["replica"])
+        cancelled = CancelledError("the job was cancelled while running")
+        return [cancelled if job.cancel.is_set() else decode_answer(answer)
+                for job, answer in zip(jobs, reply["answers"])]
+
+    def _run(self, jobs: list, limits) -> dict | Exception:
+        """Send the batch to the child and wait for its reply, relaying its steps and the jobs' cancels;
+        the error of the whole batch where the child has to be killed for it."""
+        self.connection.send(("run", [job.data for job in jobs], dataclasses.asdict(limits), [job.stream for job in jobs]))
+        for job in jobs:
+            job.data = b""  # sent: the bytes need not stay with the job until its result expires
+        deadline = time.monotonic() + limits.max_seconds + GRACE
+        forwarded: set[int] = set()
+        all_cancelled = None  # when every job of the batch was seen cancelled
+        while True:
+            for number, job in enumerate(jobs):
+                if job.cancel.is_set() and number not in forwarded:
+                    self.connection.send(("cancel", number))  # stops it at its next operation
+                    forwarded.add(number)
+            now = time.monotonic()
+            if len(forwarded) == len(jobs):
+                all_cancelled = all_cancelled or now
+                if now > all_cancelled + CANCEL_GRACE:  # inside one long operation: the next job need not wait for it
+                    log.warning("a cancelled batch of %d job(s) ran on inside one operation: worker restarted",
+                                len(jobs))
+                    return CancelledError("the job was cancelled while running")
+            if now > deadline:
+                log.warning("a batch of %d job(s) ran past its deadline inside one operation: worker restarted",
+                            len(jobs))
+                return LimitError(f"the job ran past its deadline of {limits.max_seconds:g} s (max_seconds) inside "
+                                  "one operation, where it cannot be stopped: the model's worker process was killed "
+                                  "and restarted")
+            if not self.connection.poll(min(CHECK, max(deadline - now, 0.0))):
+                continue
+            message = self.connection.recv()
+            if message[0] == "step":
+                jobs[message[1]].publish_step(message[2])
+            elif message[0] == "failed":  # the child's own error, not a job's: it goes on
+                raise RuntimeError(f"the model's worker process failed to run a batch: {message[1]}")
+            else:
+                return message[1]
+
+
+def _child(connection, source: str, options: dict, level: int) -> None:
+    """The worker process: load the model, then run each batch that comes; end when the pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the front decides
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s (worker): %(message)s")
+    os.nice(NICE)
+    replica = ModelReplica(source, **options)
+    sending = threading.Lock()  # steps are sent from the batch's thread, answers from the main one
+
+    def send(message) -> None:
+        with sending:
+            connection.send(message)
+
+    send(("ready", replica.identity(), replica.hosted.checksum))
+    batches: list = []
+    arrived = threading.Condition()
+    cancels: list[threading.Event] = []  # the running batch's
+
+    def receive() -> None:  # a thread: cancels must arrive while a batch runs
+        nonlocal cancels
+        while True:
+            try:
+                message = connection.recv()
+            except (EOFError, OSError):  # the front is gone: so is its worker, whatever it runs
+                os._exit(0)
+            if message[0] == "cancel":
+                cancels[message[1]].set()
+                continue
+            cancels = [threading.Event() for _ in message[1]]  # a new batch: cancels after it are its own
+            with arrived:
+                batches.append((message, cancels))
+                arrived.notify()
+
+    threading.Thread(target=receive, name="interlace-model-pipe", daemon=True).start()
+    while True:
+        with arrived:
+            while not batches:
+                arrived.wait()
+            (_, requests, limits, streamed), events = batches.pop(0)
+        try:
+            reply = replica.answer(requests, limits, streamed,
+                                   lambda number, event: send(("step", number, event)), events)
+        except Exception as error:  # noqa: BLE001 - reported to the front; the child goes on
+            log.exception("the model's worker process failed to run a batch")
+            send(("failed", f"{type(error).__name__}: {error}"[:2000]))
+            continue
+        send(("answers", reply))

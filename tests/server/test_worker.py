@@ -1,0 +1,152 @@
+"""The model in a worker process (`interlace serve`'s default, `server/worker.py`): the front keeps answering
+while one long operation runs, a deadline or a cancel stops even that (the worker is killed and started
+again), a worker that dies fails only its batch, and no worker outlives its server."""
+
+import os
+import signal
+import statistics
+import time
+
+import httpx
+import pytest
+
+from hostile import Builder
+from serving import Server
+from test_bad_input import _result, _submit, _until, get, good, post
+from test_ray import descendants, run_here, values
+
+PATH = "transformer.h.0"
+# the server's assumption of the machine's speed is far too high here, so that a product the executor
+# would refuse as too slow for the time left runs: what slips through the checks before an operation
+FLAGS = ("--check-weights", "--flops-per-second", "1e15", "--batch-jobs", "1")
+
+
+def one_long_operation(size: int = 8192) -> bytes:
+    """One matrix product of `size` x `size` matrices: seconds inside one operation (8192: ~12 s on one core)."""
+    g = Builder()
+    x = g.call("operator.truediv", g.method("new_ones", g.out(PATH), [size, size]), float(size))
+    g.save(g.call("torch.sum", g.call("operator.matmul", x, x)))
+    return g.bytes([(("w5 w6",), {})])
+
+
+def workers(server) -> list[int]:
+    """The server's worker processes (not multiprocessing's resource tracker)."""
+    found = []
+    for pid in descendants(server.process.pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as file:
+                if b"spawn_main" in file.read():
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def isolated(setup):
+    server = Server(setup["folder"], setup["db"], *FLAGS)
+    yield server
+    server.stop()
+
+
+def test_a_deadline_stops_one_long_operation_and_health_answers_meanwhile(isolated, setup, local):
+    key = setup["keys"]["user3"]
+    job = _submit_with(isolated, key, one_long_operation(), timeout=2)
+    _until(isolated, key, job, ("running",))
+    probes = []
+    for _ in range(20):
+        began = time.monotonic()
+        assert httpx.get(f"{isolated.url}/v1/health", timeout=10).status_code == 200
+        probes.append(time.monotonic() - began)
+        time.sleep(0.02)
+    print(f"health during one long operation: median {statistics.median(probes) * 1000:.0f} ms, "
+          f"max {max(probes) * 1000:.0f} ms")
+    assert max(probes) < 1.0  # in one process it waits for the product to end (seconds)
+    answer = _result(isolated, key, job)
+    info = get(isolated, key, f"/v1/jobs/{job}").json()
+    body = answer.json()
+    assert (answer.status_code, body["code"]) == (504, "LimitError"), body
+    assert "inside one operation" in body["message"] and "restarted" in body["message"]
+    late = info["finished"] - info["started"] - 2
+    print(f"deadline -> 504: {late:.2f} s")
+    assert late < 1.5  # the product alone runs ~12 s
+    # the next job runs on a fresh worker; its result is the local one and the model is unchanged
+    data = good()
+    response = post(isolated, key, data)
+    assert response.status_code == 200, response.text
+    there, here = values(response.content), run_here(local, data)
+    assert there.keys() == here.keys() and all((there[k] == here[k]).all() for k in here)
+    health = isolated.health()
+    assert health["checked_jobs"] >= 1 and health["model_changes"] == []
+
+
+def test_cancelling_one_long_operation_frees_the_model(isolated, setup):
+    key = setup["keys"]["user4"]
+    running = _submit(isolated, key, one_long_operation())
+    _until(isolated, key, running, ("running",))
+    waiting = _submit(isolated, key, good())
+    time.sleep(0.5)  # inside the product by now
+    began = time.monotonic()
+    httpx.delete(f"{isolated.url}/v1/jobs/{running}", headers={"Authorization": f"Bearer {key}"})
+    assert _result(isolated, key, waiting).status_code == 200  # within 30 s, though the product runs ~12 s
+    print(f"cancel -> next job done: {time.monotonic() - began:.2f} s (a new worker loads the model)")
+    assert get(isolated, key, f"/v1/jobs/{running}").json()["state"] == "cancelled"
+
+
+def test_a_worker_that_dies_fails_only_its_batch(isolated, setup):
+    key = setup["keys"]["user5"]
+    [pid] = workers(isolated)
+    job = _submit(isolated, key, one_long_operation())
+    _until(isolated, key, job, ("running",))
+    time.sleep(0.3)  # in the worker by now
+    os.kill(pid, signal.SIGKILL)
+    answer = _result(isolated, key, job)
+    body = answer.json()
+    assert (answer.status_code, body["code"]) == (503, "worker_failed"), body
+    assert "submit the job again" in body["message"]
+    assert post(isolated, key, good()).status_code == 200  # the server goes on, on a new worker
+    assert workers(isolated) and pid not in workers(isolated)
+
+
+def test_no_worker_outlives_its_server(setup):
+    for stop in (signal.SIGKILL, signal.SIGINT):
+        server = Server(setup["folder"], setup["db"])
+        try:
+            [pid] = workers(server)
+            assert post(server, setup["keys"]["user6"], good()).status_code == 200
+            server.process.send_signal(stop)
+            server.process.wait(30)
+            deadline = time.monotonic() + 10
+            while os.path.exists(f"/proc/{pid}") and _state(pid) != "Z" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not os.path.exists(f"/proc/{pid}") or _state(pid) == "Z", f"worker {pid} outlived {stop!r}"
+        finally:
+            server.stop()
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+def _submit_with(server, key, data, **params) -> str:
+    response = post(server, key, data, wait=0, **params)
+    assert response.status_code == 202, response.text
+    return response.headers["interlace-job"]
+
+
+def test_in_process_keeps_the_model_in_the_server(setup, local):
+    server = Server(setup["folder"], setup["db"], "--in-process", "--check-weights")
+    try:
+        assert workers(server) == []
+        data = good()
+        response = post(server, setup["keys"]["user6"], data)
+        assert response.status_code == 200, response.text
+        there, here = values(response.content), run_here(local, data)
+        assert there.keys() == here.keys() and all((there[k] == here[k]).all() for k in here)
+        assert server.health()["checked_jobs"] >= 1
+    finally:
+        server.stop()
