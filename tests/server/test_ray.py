@@ -181,8 +181,6 @@ def test_a_local_ray_instance_listens_on_loopback_only(cluster):
     assert len(listening) >= 5  # the front, GCS, raylet, agents, replicas
     loopback = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
     assert [entry for entry in listening if entry[0] not in loopback] == []
-    commands = [" ".join(psutil.Process(pid).cmdline()) for pid in family if psutil.pid_exists(pid)]
-    assert not [command for command in commands if "dashboard" in command]  # no dashboard, nor its agent's
 
 
 @needs_ray
