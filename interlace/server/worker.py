@@ -53,7 +53,6 @@ class ProcessRunner:
         self.connection = None
         self.ready = False
         self._checked, self._changes = 0, []  # the checks of the children before this one
-        self.restarts = 0
 
     # -- the child's life ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -89,7 +88,6 @@ class ProcessRunner:
             self.process.kill()
             self.process.join()
             self.connection.close()
-        self.restarts += 1
         self.start()
 
     def close(self) -> None:
