@@ -83,6 +83,9 @@ class Envoy:
     def __getattr__(self, name: str):
         if name.startswith("__") or name in ("_children", "_module", "_root", "_path", "_aliases"):
             raise AttributeError(name)
+        child = self._children.get(name)  # (the common case, without a call: this runs for every `.layer`)
+        if child is not None and self._module._modules.get(name) is child._module:
+            return child
         child = self._child(name)
         if child is not None:
             return child
@@ -106,6 +109,12 @@ class Envoy:
             object.__setattr__(self, name, value)
 
     def __getitem__(self, key):
+        if type(key) is int and isinstance(self._module, torch.nn.ModuleList):
+            # a ModuleList names its children '0'..'n-1' in order: no list of names to build per access
+            size = len(self._module._modules)
+            child = self._child(str(key + size if key < 0 else key)) if -size <= key < size else None
+            if child is not None:
+                return child
         names = self._names()
         if isinstance(key, int):
             try:
@@ -154,7 +163,8 @@ class Envoy:
         return tracer
 
     def _value(self, kind: str):
-        return self._active(kind).module_value(self, kind)
+        tracer = self._root._tracer
+        return (self._active(kind) if tracer is None else tracer).module_value(self, kind)
 
     def _replace(self, kind: str, value) -> None:
         tracer = self._active(kind)

@@ -81,3 +81,19 @@ def test_model_underscore_model_and_tracer_result(x):
         result = tracer.result.save()
     with torch.no_grad():
         assert torch.equal(result, mlp(x))
+
+
+def test_indexing_children_as_the_module_does(x):
+    """A ModuleList's envoy indexes as the list does (negative indices, a replaced item), a Sequential's
+    too; an index out of range names how many children there are."""
+    mlp = MLP().eval()
+    net = interlace.Model(mlp)
+    assert net.layers[-1].module is mlp.layers[-1] and net.layers[1].path == "layers.1"
+    mlp.layers[2] = torch.nn.Identity()
+    assert net.layers[2].module is mlp.layers[2] and net.layers[-2].module is mlp.layers[2]
+    seq = interlace.Model(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU()))
+    assert isinstance(seq[-1].module, torch.nn.ReLU) and seq[0].path == "0"
+    with pytest.raises(interlace.ModulePathError, match="has 4 children; index 4 is out of range"):
+        net.layers[4]
+    with pytest.raises(interlace.ModulePathError, match="has 4 children; index -5 is out of range"):
+        net.layers[-5]

@@ -22,6 +22,7 @@ import warnings
 import torch
 
 from .. import ops
+from ..ops import FUNCTIONS
 from ..errors import (
     ExecutionError,
     InterlaceError,
@@ -67,6 +68,8 @@ class Interleaver:
     (default: a new one from `untrusted`, `limits` and `cancel`).
     """
 
+    plain_calls_allowed = True  # False where a subclass checks the arguments of every call (merge.py)
+
     def __init__(
         self, graph: Graph, root: torch.nn.Module, rows, batch_size: int, *,
         early_stop: bool = True, strict: bool = True, modules: dict | None = None,
@@ -105,6 +108,8 @@ class Interleaver:
         self.sources = plan.sources
         self.saved = plan.saved | set(keep) | set(self.values)
         self.ready = list(plan.ready)  # already in graph order, so a valid heap
+        # calls of allowed operations that need none of _op_call's checks: _execute runs them itself
+        self.plain_calls = plan.plain_calls if self.plain_calls_allowed and not untrusted else ()
         self.done = bytearray(self.end)
         self.done[: self.start] = b"\x01" * self.start
         self.total = self.end - self.start
@@ -215,10 +220,14 @@ class Interleaver:
         return call
 
     def _pre_hook(self, path):
+        calls, counted = self.calls, (path, "input")  # (the count inline: this runs on every call)
+
         def hook(module, args, kwargs):
             if self.bypass:
                 return None
-            key = (path, "input", self._count(path, "input"))
+            call = calls.get(counted, 0)
+            calls[counted] = call + 1
+            key = (path, "input", call)
             if key not in self.sources:
                 return None
             event = self._event(key, (args, kwargs))
@@ -227,10 +236,14 @@ class Interleaver:
         return hook
 
     def _post_hook(self, path):
+        calls, counted = self.calls, (path, "output")
+
         def hook(module, args, output):
             if self.bypass:
                 return None
-            key = (path, "output", self._count(path, "output"))
+            call = calls.get(counted, 0)
+            calls[counted] = call + 1
+            key = (path, "output", call)
             if key not in self.sources:
                 return None
             event = self._event(key, output)
@@ -270,16 +283,17 @@ class Interleaver:
         self.events.append(event)
         try:
             sources = self.sources.pop(key)
+            done, waiting, ready = self.done, self.waiting, self.ready
             for index in sources:
-                if self.done[index]:  # under a false cond: done before its event
+                if done[index]:  # under a false cond: done before its event
                     continue
-                if self.waiting[index]:  # guarded by a cond computed during this event
+                if waiting[index]:  # guarded by a cond computed during this event
                     self.open_sources.add(index)
                 else:
-                    heapq.heappush(self.ready, index)
+                    _push(ready, index)
             self._drain()
-            for index in sources + self.plan.mutations.get(key, []):
-                if not self.done[index]:
+            for index in (*sources, *self.plan.mutations.get(key, ())):
+                if not done[index]:
                     self._node_failed(index, self._out_of_order(index, f"{key[0]}.{key[1]} (call {key[2]}) ends"))
         finally:
             self.events.pop()
@@ -302,7 +316,17 @@ class Interleaver:
             self._finish(index, None, ran=False)  # a false (or skipped) cond: the node does not run
             return
         try:
-            value = getattr(self, _METHODS[node.op])(node)
+            if index in self.plain_calls:  # most nodes: an allowed call, inline (a method call costs here)
+                args, kwargs = node.bind(self.values)
+                viewed = self.plan.stores_back.get(index)
+                if viewed is not None and args[2] is self.values[viewed] and isinstance(args[0], torch.Tensor):
+                    value = None  # `x[k] += y` on a tensor: `+=` wrote x through the view x[k] already
+                else:
+                    if index in self.plan.writes and args:
+                        self.guard.before_write(args[0], node)
+                    value = FUNCTIONS[node.target][0](*args, **kwargs)
+            else:
+                value = getattr(self, _METHODS[node.op])(node)
         except EarlyStop:
             raise
         except InterlaceError as error:
@@ -341,12 +365,11 @@ class Interleaver:
                     self.open_sources.discard(user)
                     _push(self.ready, user)
         # free inputs whose last reader has run
-        remaining, start = self.remaining, self.start
-        for ref in nodes[index].refs():
-            if ref >= start:
-                remaining[ref] -= 1
-                if not remaining[ref] and ref not in saved:
-                    values.pop(ref, None)
+        remaining = self.remaining
+        for ref in self.plan.reads[index]:
+            remaining[ref] -= 1
+            if not remaining[ref] and ref not in saved:
+                values.pop(ref, None)
         if not remaining[index] and index not in saved:
             values.pop(index, None)
 
@@ -359,7 +382,9 @@ class Interleaver:
 
     # -- one method per op -----------------------------------------------------------------------
     def _op_module_value(self, node):
-        event = self._find_event(node.index)
+        event = self.events[-1] if self.events else None  # (nearly always the event being handled)
+        if event is None or event.key != self.plan.event_keys[node.index]:
+            event = self._find_event(node.index)
         value = event.value
         kind = node.kwargs["kind"]
         if kind == "input":

@@ -117,6 +117,8 @@ class MergedInterleaver(Interleaver):
     cancels: for each part, anything with `is_set()` (or None).
     """
 
+    plain_calls_allowed = False  # every call's arguments are checked for Shared placeholders (_arguments)
+
     def __init__(self, graph: Graph, root, rows, batch_size: int, *, parts: list[Part], cancels=None, **options):
         # each part's whole batch is the rows of its invokes
         rows = list(rows) + [(rows[p.first_invoke][0], rows[p.first_invoke + p.invokes - 1][1]) for p in parts]

@@ -37,14 +37,21 @@ class Plan:
         self.gradients: dict[int, list[int]] = {}  # backward call -> the grad nodes it computes
         self.row_zero: set[int] = set()  # `module.output[0]` nodes (a tuple's first item, or batch row 0?)
         self.writes: set[int] = set()  # nodes that change their first argument in place
+        self.reads: list = [()] * end  # for each node of the span, the nodes of the span it reads
+        self.plain_calls: set[int] = set()  # calls of registered operations with nothing else to check
+        self.stores_back: dict[int, int] = {}  # `x[k] op= y`: its setitem -> its getitem (see _store_back)
         self.ready: list[int] = []  # ready before the model runs, in graph order
         last_mutation: dict[int, int] = {}
         previous_stop = start
         previous_backward, waiting_grads = None, []
         users, waiting, remaining, event_keys = self.users, self.waiting, self.remaining, self.event_keys
+        mutating, functions, sources = ops.MUTATING_TARGETS, ops.FUNCTIONS, self.sources
         for node in nodes[start:end]:
             index, op = node.index, node.op
-            reads = [ref for ref in node.refs() if ref >= start] if start else node.refs()
+            reads = self.reads[index] = [ref for ref in node.refs() if ref >= start] if start else node.refs()
+            if op == "call" and node.target == "operator.setitem" and index - 2 >= start and _store_back(nodes, index):
+                self.stores_back[index] = index - 2
+                reads = self.reads[index] = (*reads, index - 2)  # the getitem's value lives until then
             for ref in reads:
                 remaining[ref] += 1
             deps = reads
@@ -53,11 +60,12 @@ class Plan:
                 previous_stop = index
             else:
                 # a read waits for the in-place changes recorded before it
-                extra = [last_mutation[ref] for ref in reads if ref in last_mutation] if last_mutation else []
+                extra = [last_mutation[ref] for ref in reads if ref in last_mutation] if last_mutation else None
                 if op == "call_method" and node.target == "backward":
                     # each .grad recorded since the previous backward is this one's; a backward runs
                     # after the previous one has finished, never inside its gradient hooks
                     self.gradients[index], waiting_grads = waiting_grads, []
+                    extra = extra or []
                     extra += [nodes[g].args[0].index for g in self.gradients[index] if nodes[g].args[0].index >= start]
                     if previous_backward is not None:
                         extra.append(previous_backward)
@@ -67,30 +75,42 @@ class Plan:
             for dep in deps:
                 users[dep].append(index)
             waiting[index] = len(deps)
-            if op != "call" or node.target in VIEW_TARGETS:  # (other calls make new values: no key)
+            if op == "call":  # (most nodes: their checks first, each once)
+                target = node.target
+                if target in VIEW_TARGETS:  # a view has its module event; other calls make new values
+                    event_keys[index] = self._event_key(node)
+                if target == "operator.getitem" and _reads_row_zero(nodes, node):
+                    self.row_zero.add(index)
+                elif type(target) is str and target in functions:
+                    self.plain_calls.add(index)
+                if target in mutating:
+                    self._mutation(node, last_mutation)
+            elif op == "module_value":
                 key = event_keys[index] = self._event_key(node)
-            if op == "module_value":
-                self.sources.setdefault(key, []).append(index)
-            elif op == "skip":
-                self.skips[(node.target, node.kwargs["call"])] = index
-            elif op == "grad" or (op == "call_method" and node.target == "backward"):
-                self.needs_grad = True
-                if op == "grad":
-                    waiting_grads.append(index)
-            elif (op == "call" and node.target == "operator.getitem" and len(node.args) == 2
-                  and type(node.args[1]) is int and node.args[1] == 0
-                  and type(node.args[0]) is Ref and nodes[node.args[0].index].op == "module_value"
-                  and nodes[node.args[0].index].kwargs["kind"] == "output"):
-                self.row_zero.add(index)
-            if (op == "call" or op == "call_method") and mutates(node):
-                self.writes.add(index)
-                if node.args and type(node.args[0]) is Ref:
-                    last_mutation[node.args[0].index] = index
-                    target_key = event_keys[node.args[0].index]
-                    if target_key is not None:
-                        self.mutations.setdefault(target_key, []).append(index)
-            if not deps and op != "module_value":
+                sources.setdefault(key, []).append(index)
+                continue  # (ready only in its module's event)
+            else:
+                event_keys[index] = self._event_key(node)
+                if op == "skip":
+                    self.skips[(node.target, node.kwargs["call"])] = index
+                elif op == "grad" or (op == "call_method" and node.target == "backward"):
+                    self.needs_grad = True
+                    if op == "grad":
+                        waiting_grads.append(index)
+                if op == "call_method" and ops.is_in_place_method(node.target):
+                    self._mutation(node, last_mutation)
+            if not deps:
                 self.ready.append(index)
+
+    def _mutation(self, node, last_mutation: dict) -> None:
+        """`node` changes its first argument in place: later reads of it wait for it, and its module
+        event (if the argument is a module's value) must not end before it runs."""
+        self.writes.add(node.index)
+        if node.args and type(node.args[0]) is Ref:
+            last_mutation[node.args[0].index] = node.index
+            target_key = self.event_keys[node.args[0].index]
+            if target_key is not None:
+                self.mutations.setdefault(target_key, []).append(node.index)
 
     def _event_key(self, node):
         """The module event whose value `node` is or views (getitem/getattr of one), else None."""
@@ -118,13 +138,45 @@ class Plan:
         return self._earlier_keys[index]
 
 
+_BASIC_INDEX = frozenset({int, type(None), type(Ellipsis)})
+_IN_PLACE_OPERATORS = frozenset(target for target in ops.MUTATING_TARGETS if target.startswith("operator.i"))
+
+
+def _store_back(nodes, index: int) -> bool:
+    """Whether nodes index-2..index are what `x[k] op= y` records: `v = x[k]`, `v op= y` (an in-place
+    operator: `+=`, `*=`, ...) and `x[k] = v`, with the same basic index `k` (ints, slices, None, ...).
+
+    On a tensor `x`, `x[k]` is then a view of `x` and the operator wrote through it, so when the
+    operator returned `v` itself the setitem would copy memory onto itself: it is skipped."""
+    store, update, read = nodes[index], nodes[index - 1], nodes[index - 2]
+    return (len(store.args) == 3 and type(store.args[2]) is Ref and store.args[2].index == index - 1
+            and update.op == "call" and update.target in _IN_PLACE_OPERATORS and update.guard == store.guard
+            and update.args and type(update.args[0]) is Ref and update.args[0].index == index - 2
+            and read.op == "call" and read.target == "operator.getitem" and read.guard == store.guard
+            and len(read.args) == 2 and read.args[0] == store.args[0] and type(read.args[0]) is Ref
+            and _basic(store.args[1]) and read.args[1] == store.args[1])
+
+
+def _basic(key) -> bool:
+    """A basic tensor index (which gives a view): ints, slices of ints, None, Ellipsis, tuples of them."""
+    for part in key if type(key) is tuple else (key,):
+        kind = type(part)
+        if kind is slice:
+            if not all(type(p) in _BASIC_INDEX for p in (part.start, part.stop, part.step)):
+                return False
+        elif kind not in _BASIC_INDEX:
+            return False
+    return True
+
+
+def _reads_row_zero(nodes, node) -> bool:
+    """`module.output[0]`: a tuple's first item, or (transformers 5) row 0 of a batch-first tensor."""
+    args = node.args
+    return (len(args) == 2 and type(args[1]) is int and args[1] == 0 and type(args[0]) is Ref
+            and nodes[args[0].index].op == "module_value" and nodes[args[0].index].kwargs["kind"] == "output")
+
+
 def _is_view(node) -> bool:
     """A getitem or getattr of a value: its module event is that value's."""
     return node.op == "call" and node.target in VIEW_TARGETS and bool(node.args) and type(node.args[0]) is Ref
 
-
-def mutates(node) -> bool:
-    """Whether `node` changes its first argument in place."""
-    if node.op == "call":
-        return node.target in ops.MUTATING_TARGETS
-    return node.op == "call_method" and ops.is_in_place_method(node.target)

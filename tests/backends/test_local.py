@@ -50,6 +50,65 @@ def test_in_place_change_reaches_downstream(mlp, x):
     assert_clean(mlp)
 
 
+@pytest.mark.parametrize("key", [(slice(None), -1), (0, slice(1, None, 2)), (Ellipsis, 3), (None, 1)],
+                         ids=["last-column", "strided", "ellipsis", "new-axis"])
+def test_augmented_assignment_to_an_index_is_the_hooks(mlp, x, key):
+    """`out[k] += c` (getitem, +=, setitem): with a basic index the setitem would copy the view onto
+    itself, so it is skipped; the numbers and the weights are those of the same line in a hook."""
+    net = Model(mlp)
+    with net.trace(x):
+        net.layers[1].output[key] += 2.0
+        part = net.layers[2].output[key]
+        part *= 3.0
+        net.layers[2].output[key] = part  # the same, spelled out
+        out = net.output.save()
+
+    def edit(o, factor, add):
+        o[key] = o[key] * factor + add
+
+    h1 = mlp.layers[1].register_forward_hook(lambda m, a, o: edit(o, 1.0, 2.0))
+    want = hooked(mlp, x, mlp.layers[2], lambda o: edit(o, 3.0, 0.0))
+    h1.remove()
+    assert torch.equal(out, want)
+    assert_clean(mlp)
+
+
+def test_augmented_assignment_that_needs_its_store_still_stores(mlp, x):
+    """Where the setitem is not a copy onto itself it runs: an advanced index (x[k] is a copy), a
+    number in a dict (+= makes a new one), a tuple (which refuses item assignment, as in Python)."""
+    net = Model(mlp)
+    with net.trace(x):
+        net.layers[1].output[[0, 1], 2] += 1.0
+        counts = interlace.apply(dict, a=1)
+        counts["a"] += 41
+        counts = counts.save()
+        out = net.output.save()
+    want = hooked(mlp, x, mlp.layers[1], lambda o: o.__setitem__(([0, 1], 2), o[[0, 1], 2] + 1.0))
+    assert torch.equal(out, want) and counts == {"a": 42}
+
+    with pytest.raises(interlace.ExecutionError, match="does not support item assignment"):
+        with net.trace(x):
+            pair = interlace.apply(tuple, [net.layers[1].output, net.layers[2].output])
+            pair[0] += 1.0
+    assert_clean(mlp)
+
+
+def test_augmented_assignment_to_a_weight_is_undone(mlp, x):
+    """`weight[k] += c` writes the weight through a view: the trace sees it, the model does not keep it."""
+    net = Model(mlp)
+    with net.trace(x):
+        net.embed.weight[0, :] += 100.0
+        changed = net.embed.output.save()
+    with torch.no_grad():
+        edited = mlp.embed.weight.clone()
+        edited[0, :] += 100.0
+        assert torch.equal(changed, torch.nn.functional.linear(x, edited, mlp.embed.bias))
+    with net.trace(x):
+        plain = net.embed.output.save()
+    with torch.no_grad():
+        assert torch.equal(plain, mlp.embed(x))
+
+
 def test_replace_output_and_input(mlp, x):
     net = Model(mlp)
     with net.trace(x):
