@@ -21,6 +21,7 @@ from ..backends.local import Interleaver
 from ..backends.merge import merge_key
 from ..envoy import Envoy
 from ..errors import InterlaceError, LimitError, RefusedError
+from ..graph import Request
 from ..source import submodule
 from ..tracer import Tracer
 from .base import Model
