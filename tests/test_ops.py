@@ -148,3 +148,19 @@ def test_growth_is_seen_before_it_happens():
     assert sizes.RULES["repeat_interleave"]((x, torch.tensor(10**6)), {}, limits, torch.repeat_interleave) == 10**9
     with pytest.raises(LimitError, match="max_pieces"):
         sizes.RULES["pieces"]((x, 1), {}, Limits(max_pieces=10), torch.split)
+
+
+def test_the_broadcast_rule_is_torchs_broadcast_shape():
+    """The rule works the shape out itself (torch.broadcast_shapes is slow); every shape pair and triple
+    over sizes 0..2 and up to 3 dimensions agrees with torch, and shapes that do not broadcast fall
+    back to the largest argument (the call itself then fails)."""
+    import itertools
+
+    shapes = [shape for dims in range(4) for shape in itertools.product(range(3), repeat=dims)]
+    for group in itertools.chain(itertools.combinations(shapes, 2), itertools.combinations(shapes[:20], 3)):
+        args = tuple(torch.empty(shape) for shape in group)
+        try:
+            want = torch.broadcast_shapes(*group).numel()
+        except RuntimeError:
+            want = max(arg.numel() for arg in args)
+        assert sizes.RULES["broadcast"](args, {}, Limits(), torch.add) == want, group

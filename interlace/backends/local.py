@@ -318,9 +318,8 @@ class Interleaver:
         try:
             if index in self.plain_calls:  # most nodes: an allowed call, inline (a method call costs here)
                 args, kwargs = node.bind(self.values)
-                viewed = self.plan.stores_back.get(index)
-                if viewed is not None and args[2] is self.values[viewed] and isinstance(args[0], torch.Tensor):
-                    value = None  # `x[k] += y` on a tensor: `+=` wrote x through the view x[k] already
+                if index in self.plan.stores_back and self._stores_onto_itself(index, args):
+                    value = None
                 else:
                     if index in self.plan.writes and args:
                         self.guard.before_write(args[0], node)
@@ -406,6 +405,8 @@ class Interleaver:
         target = node.target
         fn = ops.resolve(target) if type(target) is str else target
         args, kwargs = self._arguments(node)
+        if node.index in self.plan.stores_back and self._stores_onto_itself(node.index, args):
+            return None
         if node.index in self.plan.row_zero:
             _warn_row_zero(self.nodes[node.args[0].index], args[0])
         if self.untrusted:
@@ -416,6 +417,11 @@ class Interleaver:
         if node.index in self.plan.writes and args:
             self.guard.before_write(args[0], node)
         return fn(*args, **kwargs)
+
+    def _stores_onto_itself(self, index: int, args) -> bool:
+        """Whether setitem `index` (of `x[k] += y`, see Plan.stores_back) would copy the view `x[k]` onto
+        itself: on a tensor, `+=` returned that view and wrote `x` through it already."""
+        return args[2] is self.values[self.plan.stores_back[index]] and isinstance(args[0], torch.Tensor)
 
     def _op_call_method(self, node):
         args, kwargs = self._arguments(node)

@@ -44,11 +44,18 @@ def _same(args, kwargs, limits, fn):
 
 
 def _broadcast(args, kwargs, limits, fn):
+    # the broadcast shape by hand: torch.broadcast_shapes goes through its Python references (~20 µs)
     shapes = [t.shape for t in _tensors(args, kwargs)]
-    try:
-        return math.prod(torch.broadcast_shapes(*shapes)) if shapes else 1
-    except RuntimeError:  # shapes that do not broadcast: the call itself fails
-        return _same(args, kwargs, limits, fn)
+    if not shapes:
+        return 1
+    result = [1] * max(len(shape) for shape in shapes)
+    for shape in shapes:
+        for place, size in enumerate(shape, len(result) - len(shape)):
+            if size != 1 and result[place] != size:
+                if result[place] != 1:  # shapes that do not broadcast: the call itself fails
+                    return _same(args, kwargs, limits, fn)
+                result[place] = size
+    return math.prod(result)
 
 
 def _nonzero(args, kwargs, limits, fn):
