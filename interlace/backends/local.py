@@ -381,9 +381,7 @@ class Interleaver:
 
     # -- one method per op -----------------------------------------------------------------------
     def _op_module_value(self, node):
-        event = self.events[-1] if self.events else None  # (nearly always the event being handled)
-        if event is None or event.key != self.plan.event_keys[node.index]:
-            event = self._find_event(node.index)
+        event = self._find_event(node.index)
         value = event.value
         kind = node.kwargs["kind"]
         if kind == "input":
