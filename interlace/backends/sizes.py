@@ -43,19 +43,23 @@ def _same(args, kwargs, limits, fn):
     return max((t.numel() for t in _tensors(args, kwargs)), default=1)
 
 
-def _broadcast(args, kwargs, limits, fn):
-    # the broadcast shape by hand: torch.broadcast_shapes goes through its Python references (~20 µs)
-    shapes = [t.shape for t in _tensors(args, kwargs)]
-    if not shapes:
-        return 1
-    result = [1] * max(len(shape) for shape in shapes)
+def broadcast_elements(shapes) -> int | None:
+    """The elements of the shapes broadcast together, or None if they do not broadcast. (Worked out
+    here: torch.broadcast_shapes goes through torch's Python references, ~20 µs a call, and its first
+    call imports sympy, seconds.)"""
+    result = [1] * max((len(shape) for shape in shapes), default=0)
     for shape in shapes:
         for place, size in enumerate(shape, len(result) - len(shape)):
             if size != 1 and result[place] != size:
-                if result[place] != 1:  # shapes that do not broadcast: the call itself fails
-                    return _same(args, kwargs, limits, fn)
+                if result[place] != 1:
+                    return None
                 result[place] = size
     return math.prod(result)
+
+
+def _broadcast(args, kwargs, limits, fn):
+    size = broadcast_elements([t.shape for t in _tensors(args, kwargs)])
+    return _same(args, kwargs, limits, fn) if size is None else size  # (None: the call itself fails)
 
 
 def _nonzero(args, kwargs, limits, fn):
@@ -123,7 +127,9 @@ def _matmul(args, kwargs, limits, fn):
         return max(a.numel(), b.numel(), others)
     left = [1] + list(a.shape) if a.dim() == 1 else list(a.shape)
     right = list(b.shape) + [1] if b.dim() == 1 else list(b.shape)
-    batch = math.prod(torch.broadcast_shapes(tuple(left[:-2]), tuple(right[:-2])))
+    batch = broadcast_elements([left[:-2], right[:-2]])
+    if batch is None:  # batch shapes that do not broadcast: the call itself fails
+        return max(a.numel(), b.numel(), others)
     return max(batch * left[-2] * right[-1], others), 2 * batch * left[-2] * left[-1] * right[-1]
 
 
@@ -323,7 +329,8 @@ def _index(args, kwargs, limits, fn):
         elif item is not None and item is not Ellipsis:
             consumed += 1
     rest = math.prod(obj.shape[consumed:]) if consumed <= obj.dim() else 1
-    kept = obj.numel() if not shapes else rest * math.prod(torch.broadcast_shapes(*shapes))
+    indexed = broadcast_elements(shapes) if shapes else None  # None: no tensor index, or ones that do not broadcast
+    kept = obj.numel() if indexed is None else rest * indexed
     return max(kept, rest)
 
 

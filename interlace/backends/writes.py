@@ -36,6 +36,13 @@ def refuse_weight_write(what: str) -> RefusedError:
     )
 
 
+def warm_up() -> None:
+    """Run an operator under the write check once: torch imports its compiler (and sympy) the first time
+    a dispatch mode sees one, ~4 s, which a server pays when it starts, not in its first request."""
+    with WriteCheck({}, "warming up"):
+        torch.zeros(1).add_(1)
+
+
 class WriteCheck(TorchDispatchMode):
     """Refuses, before it runs, any aten operator whose schema writes a weight's storage, or writes an
     `out` argument the call did not make itself (a tensor it was handed: like the `out=` keyword).

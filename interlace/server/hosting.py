@@ -31,6 +31,7 @@ from ..backends.remote import package_version
 from ..backends.serialize import (GRAPH_MAGIC, VERSION, deserialize_request, log_text, serialize_results,
                                   serialize_step)
 from ..backends.validate import check_against_model
+from ..backends.writes import warm_up
 from ..errors import LimitError, RefusedError, SourceError
 from ..graph import Request
 from ..models.base import Model
@@ -91,6 +92,8 @@ class HostedModel:
         self.changes: list[str] = []  # what any job left behind (check_weights only)
         self._manifest: dict | None = None
         self._fingerprint: str | None = None
+        if not trusted:
+            warm_up()
 
     # -- before queueing (a thread of the HTTP side) ------------------------------------------------
     def admit(self, data: bytes) -> Request:

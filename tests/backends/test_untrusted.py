@@ -8,6 +8,8 @@ as before (every parameter and buffer bit for bit, requires_grad, .grad, hooks, 
 
 import operator
 import re
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -122,6 +124,29 @@ def test_untrusted_run_of_a_good_request_equals_the_local_trace():
     assert outcome.logs[0][1][0] == "mean" and torch.equal(outcome.logs[0][1][1], mlp.layers[0](mlp.embed(x)).mean())
     assert state.diff() == []
     assert_clean(mlp)
+
+
+def test_a_server_pays_torchs_first_dispatch_mode_when_it_starts_and_size_rules_import_nothing():
+    """torch imports its compiler and sympy (seconds) on the first dispatch mode and the first
+    torch.broadcast_shapes: a hosted model enters the write check once when it is made, and the size
+    rules that broadcast (an add, a batched matmul, a tensor index) work shapes out themselves, so a new
+    server's (or a restarted worker's) first request does not take seconds."""
+    script = """
+import operator, sys, torch, interlace
+from interlace.backends import sizes
+from interlace.backends.limits import Limits
+x = torch.ones(3, 2, 4)
+bounds = (sizes.RULES["broadcast"]((x, torch.ones(4)), {}, Limits(), torch.add),
+          sizes.RULES["matmul"]((x, torch.ones(1, 4, 2)), {}, Limits(), torch.matmul)[0],
+          sizes.RULES["index"]((x, torch.tensor([0, 2])), {}, Limits(), operator.getitem))
+print(bounds, "sympy" in sys.modules)
+from interlace.server.hosting import HostedModel
+HostedModel(interlace.Model(torch.nn.Linear(2, 2)), name="m", limits=Limits())
+print("torch._dynamo" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["(24, 12, 16) False", "True"]
 
 
 def test_model_state_sees_every_kind_of_change():
