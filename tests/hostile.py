@@ -22,8 +22,8 @@ import zstandard
 import interlace
 from interlace.backends.state import ModelState
 from interlace.backends.limits import Limits
-from interlace.backends.serialize import deserialize_request, serialize_graph, serialize_results
-from interlace.graph import Graph, Ref
+from interlace.backends.serialize import deserialize_request, serialize_graph, serialize_request, serialize_results
+from interlace.graph import Graph, Ref, Request
 from helpers import tiny_tokenizer
 
 _LM = None
@@ -922,9 +922,9 @@ def too_many_traces():
     return attack(raw([], traces=[{"start": 0, "end": 0} for _ in range(100)]))
 
 
-@case("VersionError", "uses wire format version 2, but this interlace reads version 1")
+@case("VersionError", "uses wire format version 3, but this interlace reads version 1 or 2")
 def newer_wire_version():
-    return attack(raw([{"index": 0, "op": "stop"}], version=2))
+    return attack(raw([{"index": 0, "op": "stop"}], version=3))
 
 
 @case("SerializationError", r"value of node %1 \(call at attacker.py:1\): cannot serialize a value of type .*DynamicCache")
@@ -959,7 +959,8 @@ def _seed_frames() -> list[bytes]:
         with tracer.all():
             lm.model.layers[0].output[:, -1] += 1.0
         lm.generator.output.save()
-    frames.append(serialize_graph(tracer.graph, tracer.invokes, options=tracer.spec(0).options))
+    request = Request(tracer.graph, [tracer.spec(len(tracer.graph))])
+    frames += [serialize_request(request), serialize_request(request, version=1)]  # the block sent once, and copied
     g = Builder()
     weight = g.param("lm_head.weight")
     g.save(g.call("torch.matmul", g.out("model.norm"), g.method("t", weight)))
@@ -988,11 +989,18 @@ def _mutate(data: bytes, rng) -> bytes:
         return bytes(corrupt)
     length = struct.unpack_from("<Q", data, 9)[0]
     header, section = json.loads(data[17 : 17 + length]), data[17 + length :]
-    nodes = header["nodes"]
+    nodes, repeats = header["nodes"], header.get("repeats", [])
     for _ in range(rng.randint(1, 3)):
         node = rng.choice(nodes) if nodes else None
-        what = rng.randrange(9)
-        if node is None or what == 0:
+        what = rng.randrange(10 if repeats else 9)
+        if what == 9:  # a repeated block's span or a copy's place, call shift or step
+            repeat = rng.choice(repeats)
+            if rng.random() < 0.3:
+                repeat[rng.choice(["start", "end"])] += rng.choice([-2, -1, 1, 2, 10**6])
+            else:
+                copy = rng.choice(repeat["copies"])
+                copy[rng.randrange(3)] = rng.choice([-1, 0, 1, 3, 1024, 1025, 10**6, 2**40])
+        elif node is None or what == 0:
             header["traces"][0]["options"] = {"mode": rng.choice(["trace", "generate", "x"]),
                                               "kwargs": {"dict": [["max_new_tokens", rng.choice(_VALUES[:5])]]}}
         elif what == 1:
@@ -1019,7 +1027,8 @@ def _mutate(data: bytes, rng) -> bytes:
         else:
             node["location"] = [rng.choice(["/proc/self/environ", "/dev/zero", "x.py"]), rng.choice([1, 10**9])]
     text = json.dumps(header).encode()
-    return data[:5] + struct.pack("<I", len(nodes)) + struct.pack("<Q", len(text)) + text + section
+    count = len(nodes) + sum(len(r["copies"]) * (r["end"] - r["start"]) for r in repeats)
+    return data[:5] + struct.pack("<I", min(max(count, 0), 2**32 - 1)) + struct.pack("<Q", len(text)) + text + section
 
 
 def fuzz(seed: int, count: int) -> dict:
