@@ -82,11 +82,18 @@ class Builder:
         return serialize_graph(self.graph, invokes, options=options)
 
 
-def raw(nodes, traces=None, tensors=None, *, count=None, compress=False, version=1, flags=0, patch=None) -> bytes:
-    """A frame written by hand: the JSON header (with `patch`: (old, new) replaced in its text) and tensors."""
+def raw(nodes, traces=None, tensors=None, *, count=None, compress=False, version=1, flags=0, patch=None,
+        repeats=None) -> bytes:
+    """A frame written by hand: the JSON header (with `patch`: (old, new) replaced in its text) and tensors.
+    With `repeats`, a version 2 frame whose count includes the copies."""
+    header = {"version": 1, "nodes": nodes}
+    if repeats is not None:
+        header["version"], header["repeats"] = 2, repeats
+        total = len(nodes) + sum(len(r["copies"]) * (r["end"] - r["start"]) for r in repeats)
+        version, count = (2 if version == 1 else version), (total if count is None else count)
     if traces is None:
-        traces = [{"start": 0, "end": len(nodes), "invokes": [{"args": ["w5 w6"]}]}]
-    header = json.dumps({"version": 1, "nodes": nodes, "traces": traces}).encode()
+        traces = [{"start": 0, "end": len(nodes) if count is None else count, "invokes": [{"args": ["w5 w6"]}]}]
+    header = json.dumps({**header, "traces": traces}).encode()
     if patch:
         header = header.replace(*patch)
     section = safetensors.torch.save(tensors) if tensors else b""
@@ -259,6 +266,13 @@ def module_call_of_a_layer_with_tensors_and_numbers():
     hidden = g.out("model.layers.0")
     g.save(g.add("module_call", "model.norm", (hidden,)))
     g.save(g.add("module_call", "lm_head", (g.call("operator.mul", hidden, 2),)))
+    return attack(g.bytes())
+
+
+@case("RefusedError", "calling model.norm with keyword 'invoke' = a str is not allowed here")
+def module_call_with_an_invoke_keyword_that_is_not_a_number():
+    g = Builder()
+    g.save(g.add("module_call", "model.norm", (g.out("model.layers.0"),), {"invoke": "__class__"}))
     return attack(g.bytes())
 
 
@@ -925,6 +939,40 @@ def too_many_traces():
 @case("VersionError", "uses wire format version 3, but this interlace reads version 1 or 2")
 def newer_wire_version():
     return attack(raw([{"index": 0, "op": "stop"}], version=3))
+
+
+def _step_block(copies, count=None, **change):
+    """A block of three nodes (its step, a layer's output, that times 2) and its copies, by hand."""
+    nodes = [{"index": 0, "op": "call", "target": "builtins.int", "args": [0]},
+             {"index": 1, "op": "module_value", "target": "model.layers.0",
+              "kwargs": {"kind": "output", "call": 0, "invoke": None}},
+             {"index": 2, "op": "call", "target": "operator.mul", "args": [{"ref": 1}, 2], "saved": True}]
+    return raw(nodes, repeats=[{"start": 0, "end": 3, "copies": copies, **change}], count=count)
+
+
+@case(None, "")
+def repeated_block_copied_by_the_reader():
+    return attack(_step_block([[3, 0, 0], [6, 0, 0]]))
+
+
+@case("GraphError", r"moves module calls by -1; a shift is 0 to 1024 \(max_new_tokens\)")
+def repeated_block_with_a_negative_call_shift():
+    return attack(_step_block([[3, -1, 0]]))
+
+
+@case("GraphError", r"copy at node 4 overlaps its template or the copy before it")
+def repeated_block_with_overlapping_copies():
+    return attack(_step_block([[3, 0, 0], [4, 0, 0]]))
+
+
+@case("LimitError", r"the repeated blocks make the graph over 100000 nodes \(max_nodes\)")
+def repeated_block_copied_past_max_nodes():  # (the prefix's count says 10: the copies are counted before any is made)
+    return attack(_step_block([[3 * n, 0, 0] for n in range(1, 40_000)], count=10))
+
+
+@case("GraphError", r"copy at node 0 overlaps its template")
+def repeated_block_whose_template_is_out_of_bounds():
+    return attack(_step_block([[0, 0, 0]], start=5, end=8))
 
 
 @case("SerializationError", r"value of node %1 \(call at attacker.py:1\): cannot serialize a value of type .*DynamicCache")

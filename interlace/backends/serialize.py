@@ -46,7 +46,7 @@ from ..errors import GraphError, InterlaceError, LimitError, SerializationError,
 from ..graph import OPS, Graph, Node, Ref, Repeat, Request, TraceSpec, copied_spans
 from ..stream import Step
 from .limits import Limits
-from .validate import check_structure
+from .validate import check_node, check_structure
 
 GRAPH_MAGIC, VALUES_MAGIC = b"ILG", b"ILR"
 VERSION = 2  # the newest version of a request this interlace reads and writes (results stay at 1)
@@ -553,8 +553,7 @@ def deserialize_request(data: bytes, *, trusted: bool = False, limits: Limits | 
     copies = _copies(header, count, limits)
     decoder, graph = _Decoder(tensors, limits), Graph()
     for model in header.nodes:
-        while len(graph) in copies:  # the copies of repeated blocks fill the gaps between listed nodes
-            graph.add_copy(*copies[len(graph)])
+        _add_copies(graph, copies, trusted)  # the copies of repeated blocks fill the gaps between listed nodes
         position = len(graph)
         node = Node(position, model.op, location=model.location)
         try:
@@ -575,14 +574,12 @@ def deserialize_request(data: bytes, *, trusted: bool = False, limits: Limits | 
                 target = cloudpickle.loads(base64.b64decode(target["pickle"], validate=True))
         except InterlaceError as error:
             raise type(error)(f"{_where(node)}: {error}").at(node) from None
-        graph.add(model.op, target, args, kwargs, location, model.guard, model.saved)
-    while len(graph) in copies:
-        graph.add_copy(*copies[len(graph)])
+        check_node(graph.add(model.op, target, args, kwargs, location, model.guard, model.saved), graph.nodes, trusted)
+    _add_copies(graph, copies, trusted)
     if len(graph) != count:
         raise SerializationError(f"the prefix says {count} nodes but the header holds {len(graph)}"
                                  + (" (with the copies of its repeated blocks)" if copies else ""))
     graph.repeats = [Repeat(r.start, r.end, tuple(r.copies)) for r in header.repeats]
-    check_structure(graph, trusted=trusted)  # the copies by their templates
     traces = []
     for number, trace in enumerate(header.traces):
         try:
@@ -599,6 +596,14 @@ def deserialize_request(data: bytes, *, trusted: bool = False, limits: Limits | 
         raise SerializationError("the traces must cover every node of the graph, in order")
     decoder.check_all_used()
     return Request(graph, traces)
+
+
+def _add_copies(graph: Graph, copies: dict, trusted: bool) -> None:
+    """The copies that start where `graph` ends. Their templates were checked as they were read: a copy
+    is checked by its first node alone, which holds its own step (validate.py says why)."""
+    while len(graph) in copies:
+        first = graph.add_copy(*copies[len(graph)])
+        check_node(graph.nodes[first], graph.nodes, trusted)
 
 
 def _copies(header: Header, count: int, limits: Limits) -> dict[int, tuple]:

@@ -186,7 +186,7 @@ def check_against_model(graph: Graph, root, extra_modules: dict, invokes: int, s
             if node.op == "module_call" and node.target in extra_modules:
                 raise fail(node, f"{node.target!r} is not a module of the model's own tree, and a graph may call "
                            "only those (generate with mode 'generate' and its allowed options instead)")
-            invoke = node.kwargs.get("invoke")
+            invoke = node.kwargs.get("invoke") if node.op != "module_call" else None  # (its kwargs are the module's)
             if invoke is not None and invoke >= max(invokes, 1):
                 raise fail(node, f"invoke {invoke} does not exist: this run has {invokes} invoke(s)")
         elif node.op == "parameter":
