@@ -3,10 +3,10 @@
 `RemoteBackend(host, api_key, model=ID)` talks to one hosted model over HTTP. `build()` makes the
 module tree on the meta device and the tokenizer from the server's manifest (no weights, no hub), so
 envoy paths, `print(lm)` and scans work on a machine that has never seen the model. `run()` sends a
-request (in the wire format, the newest version the server reads), waits for it, showing the queue position and state from the job's events
-when it does not finish at once, prints its `log` lines, and returns an `Outcome`; with
-`blocking=False` it returns a `Job` handle instead; `stream()` yields each generation step as the
-job's events bring it. A server's error is raised here as the same class
+request (in the newest wire format version the server reads), waits for it, showing the queue
+position and state from the job's events when it does not finish at once, prints its `log` lines,
+and returns an `Outcome`; with `blocking=False` it returns a `Job` handle instead; `stream()` yields
+each generation step as the job's events bring it. A server's error is raised here as the same class
 a local run raises, with the user's own source line quoted (the server only knows file and line).
 """
 

@@ -7,8 +7,8 @@
 Version 1 is frozen. Version 2 (requests only, written only when a graph has repeated blocks) adds
 `repeats` to the header: a block applied to many generation steps is sent once, with where each
 copy starts, its call shift and its step; the loader checks those numbers against the limits and
-builds the copies itself (`Graph.add_copy`), so a request's size, reading and checking do not grow
-with the number of steps, and no copy is ever made by the sender. A reader takes both versions.
+builds the copies itself (`Graph.add_copy`): a request's size, reading and checking do not grow
+with the number of steps, and no copy comes from the sender. A reader takes both versions.
 
 `count` is the number of nodes (request, copies included) or values (results), so an over-long graph
 is refused before anything is parsed. The header is checked by the pydantic models below; values inside it are

@@ -150,6 +150,23 @@ def test_a_trace_that_fails_in_a_session_takes_its_repeats_along(lm):
     assert out.shape[-1] == lm.config.vocab_size
 
 
+def test_a_session_loop_over_a_generation_round_trips(lm):
+    """session.iter copies whole traces: the first value's block travels once, the copies of the
+    later values' traces are listed, and the session's results come out the same."""
+    with lm.session() as session:
+        logits = interlace.list().save()
+        with session.iter([1.0, 2.0]) as scale:
+            with lm.generate(PROMPT, max_new_tokens=3) as tracer:
+                with tracer.all():
+                    lm.transformer.h[0].output[:, -1] *= scale
+                    logits.append(lm.lm_head.output[0, -1])
+        request = session.request()
+    loaded = deserialize_request(serialize_request(request))
+    assert len(request.graph.repeats) == 1 and loaded.graph == request.graph
+    outcome = lm.run(loaded)
+    assert len(logits) == 6 and same(outcome.results[request.graph.saved()[0]], list(logits))
+
+
 def test_streamed_steps_come_from_the_copies_the_server_made(lm):
     request, results, _ = steered(lm, 4)
     loaded = deserialize_request(serialize_request(request))
@@ -200,6 +217,8 @@ def copies(*triples):
     (lambda h: h["repeats"].append({"start": 11, "end": 13, "copies": [[40, 1, 1]]}), 40, GraphError,
      r"repeat 1: its template \(nodes 11\.\.13\) overlaps a copy"),
     (lambda h: h["repeats"][0]["copies"].append([40, 4, 4]), 47, GraphError, r"ends at node 49, past the graph's 47 nodes"),
+    (lambda h: h["repeats"].append({"start": 0, "end": 1, "copies": [[12, 0, 0]]}), 39, GraphError,
+     r"copies of repeated blocks overlap at node 12"),
     (copies([10, 1, 1], [19, 2, 2], [29, 3, 3]), None, SerializationError,
      r"has index 37; nodes must be numbered in order \(the copies of repeated blocks are not listed\)"),
     (copies([10, 1, 1], [19, 2, 2], [28, 3, "3"]), None, SerializationError, r"repeats\.0\.copies\.2\.2"),
