@@ -275,13 +275,14 @@ class Graph:
         """
         first = len(self.nodes)
         offset = first - base
+        shift = lambda ref: Ref(ref.index + offset) if ref.index >= base else ref  # noqa: E731 - one for all nodes
         for node in list(nodes):
-            kwargs = shift_refs(node.kwargs, base, offset)
+            kwargs = map_refs(node.kwargs, shift) if node.kwargs else {}
             if calls and node.op in ("module_value", "skip"):
                 kwargs["call"] += calls
             guard = node.guard + offset if node.guard is not None and node.guard >= base else node.guard
-            self.add(node.op, node.target, shift_refs(node.args, base, offset), kwargs, node.location, guard,
-                     node.saved)
+            self.add(node.op, node.target, map_refs(node.args, shift) if node.args else (), kwargs, node.location,
+                     guard, node.saved)
         return first
 
     def add_copy(self, start: int, end: int, calls: int, value: int) -> int:
