@@ -9,7 +9,10 @@ local and remote (over loopback), each with and without `stream=True`. It prints
 - time to first token: from the end of the `with` block to the first step in hand (without streaming,
   the first token comes with the last: the whole generation);
 - per-token latency: the median time between steps (streamed), or the whole generation over its tokens;
-- the whole generation, and its ratio to the local generation without streaming.
+- the whole generation, and its ratio to the local generation without streaming;
+- the request itself: its nodes and bytes, `serialize_request` on the client, and admission on the
+  server (reading and checking it, `HostedModel.admit`, and its batching group), which a server with a
+  worker process does twice (the front, then the worker).
 
 Model: the embedded SmolLM2-135M (default) or a tiny random GPT-2 (`--model tiny`). Both processes use
 `--threads` intra-op threads (default 1): on a small loaded machine two OpenMP threads in the main thread
@@ -35,8 +38,12 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "server"))
 import interlace  # noqa: E402
+from interlace.backends.limits import Limits  # noqa: E402
+from interlace.backends.serialize import serialize_request  # noqa: E402
+from interlace.graph import Request  # noqa: E402
+from interlace.server.hosting import HostedModel  # noqa: E402
 from interlace.server.keys import KeyStore  # noqa: E402
-from remote import PROMPT, _model  # noqa: E402 - the same models as the remote benchmark
+from remote import _model  # noqa: E402 - the same models as the remote benchmark
 from serving import Server  # noqa: E402
 
 
@@ -115,6 +122,37 @@ def _report(local, remote, name, layers, prompt, args) -> None:
         streamed = statistics.median(per_token[f"{where}, streamed"]) / statistics.median(per_token[where])
         print(f"{where}: per token, streamed / not streamed: {streamed:.2f}x; first token, streamed / not: "
               f"{statistics.median(first[f'{where}, streamed']) / statistics.median(first[where]):.2f}x")
+    _request_costs(local, layers, prompt, args.tokens)
+
+
+def _request_costs(lm, layers: str, prompt: str, tokens: int) -> None:
+    """The request of the steered generation: its size, and the time to write it and to admit it."""
+    layer = lm.get(layers)[len(lm.get(layers)) // 2]
+    with lm.generate(prompt, max_new_tokens=tokens) as tracer:
+        hidden = interlace.list().save()
+        with tracer.all():
+            layer.output[:, -1] += torch.full((lm.config.hidden_size,), 0.01)
+            hidden.append(layer.output[:, -1])
+        lm.generator.output.save()
+    request = Request(tracer.graph, [tracer.spec(len(tracer.graph))])
+    hosted = HostedModel(lm, name="bench", limits=Limits())
+    data = serialize_request(request)
+
+    def admit():
+        hosted.batching(hosted.admit(data), hosted.limits)
+
+    def median_ms(run, times=100):
+        run()
+        spent = []
+        for _ in range(times):
+            start = time.perf_counter()
+            run()
+            spent.append(time.perf_counter() - start)
+        return statistics.median(spent) * 1000
+
+    print(f"request: {len(request.graph)} nodes ({len(request.graph.repeats)} repeated block(s)), {len(data)} bytes; "
+          f"serialize_request {median_ms(lambda: serialize_request(request)):.2f} ms, admission "
+          f"{median_ms(admit):.2f} ms")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 `Condition` guards the nodes recorded in its block by a `cond` node. `Steps`/`Iteration` record a
 block once and apply it to several generation steps; `SessionIteration` records a block of a session
 (traces included) once and applies it to each of several values. Both repeat the block as copies of
-its nodes (`Graph.extend_shifted`), so the graph stays plain data that runs anywhere.
+its nodes (`Graph.extend_shifted`), so the graph stays plain data that runs anywhere; an `Iteration`
+also records its copies in `Graph.repeats`, so the block travels once on the wire.
 """
 
 from __future__ import annotations
@@ -72,13 +73,11 @@ class Iteration:
         tracer._step, tracer._iterating = 0, False
         if exc_type is not None:
             return False
-        graph, start = tracer.graph, self.start
-        template = graph.nodes[start:]
-        firsts = {self.steps[0]: start}  # where each step's copy starts (a streamed step finds its values)
-        for step in self.steps[1:]:
-            first = firsts[step] = graph.extend_shifted(template, start, calls=step - self.steps[0])
-            graph.nodes[first].args = (step,)
-        tracer.copies.append((start, start + len(template), firsts))
+        graph, start, end, first_step = tracer.graph, self.start, len(tracer.graph), self.steps[0]
+        repeat = graph.repeat(start, end, [(step - first_step, step) for step in self.steps[1:]])
+        # where each step's copy starts (a streamed step finds its values)
+        firsts = {first_step: start, **{step: first for first, _, step in repeat.copies}}
+        tracer.copies.append((start, end, firsts))
         return False
 
 

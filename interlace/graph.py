@@ -7,6 +7,11 @@ A graph is an ordered list of nodes. Each node names an operation (`op`, from th
 run). Nothing here knows about hooks, proxies or models: a graph can be printed, compared,
 serialized and executed anywhere. A `Request` is a graph with the traces that run it (inputs and
 options per trace): what a client sends to a server.
+
+A block applied to several generation steps (`tracer.all()`, `tracer.iter[...]`) is held as copies
+of its nodes, so the executor sees one plain list; `Graph.repeats` also records it as data (the
+block's span and, per copy, where it starts, its call shift and its step), so the wire format can
+send the block once and a loader rebuild and check the copies by arithmetic.
 """
 
 from __future__ import annotations
@@ -203,8 +208,31 @@ def shift_refs(obj, base: int, offset: int):
     return map_refs(obj, lambda ref: Ref(ref.index + offset) if ref.index >= base else ref)
 
 
+@dataclass(frozen=True)
+class Repeat:
+    """Nodes `start..end` (the template) repeated: each copy `(first, calls, value)` is the template
+    appended at node `first` by `Graph.add_copy`, module calls moved by `calls`, its first node's args
+    `(value,)` (the step a `tracer.iter` block binds)."""
+
+    start: int
+    end: int
+    copies: tuple[tuple[int, int, int], ...]
+
+
+def copied_spans(repeats, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
+    """The spans `(first, stop)` of the copies in `repeats` that lie, with their template, in
+    `start..end`, in order: nodes that need no check or writing of their own."""
+    spans = []
+    for repeat in repeats:
+        size = repeat.end - repeat.start
+        if start <= repeat.start and (end is None or repeat.end <= end):
+            spans += [(first, first + size) for first, _, _ in repeat.copies if end is None or first + size <= end]
+    spans.sort()
+    return spans
+
+
 class Graph:
-    """An ordered list of nodes.
+    """An ordered list of nodes, and the blocks of it that repeat (`repeats`, see `Repeat`).
 
     >>> g = Graph()
     >>> a = g.add("module_value", "layer1", kwargs={"kind": "output", "call": 0, "invoke": 0})
@@ -216,6 +244,7 @@ class Graph:
 
     def __init__(self):
         self.nodes: list[Node] = []
+        self.repeats: list[Repeat] = []  # a description of some nodes: see intact_repeats
 
     def add(self, op, target=None, args=(), kwargs=None, location=None, guard=None, saved=False) -> Node:
         node = Node(len(self.nodes), op, target, args, kwargs, location, guard, saved)
@@ -246,14 +275,55 @@ class Graph:
         """
         first = len(self.nodes)
         offset = first - base
+        shift = lambda ref: Ref(ref.index + offset) if ref.index >= base else ref  # noqa: E731 - one for all nodes
         for node in list(nodes):
-            kwargs = shift_refs(node.kwargs, base, offset)
+            kwargs = map_refs(node.kwargs, shift) if node.kwargs else {}
             if calls and node.op in ("module_value", "skip"):
                 kwargs["call"] += calls
             guard = node.guard + offset if node.guard is not None and node.guard >= base else node.guard
-            self.add(node.op, node.target, shift_refs(node.args, base, offset), kwargs, node.location, guard,
-                     node.saved)
+            self.add(node.op, node.target, map_refs(node.args, shift) if node.args else (), kwargs, node.location,
+                     guard, node.saved)
         return first
+
+    def add_copy(self, start: int, end: int, calls: int, value: int) -> int:
+        """Append a copy of nodes `start..end` with module calls moved by `calls` and its first node's
+        args `(value,)`; returns the index of its first node. It is not recorded in `repeats`."""
+        first = self.extend_shifted(self.nodes[start:end], start, calls)
+        self.nodes[first].args = (value,)
+        return first
+
+    def repeat(self, start: int, end: int, copies) -> Repeat:
+        """Append one copy of nodes `start..end` per `(calls, value)` of `copies` and record them."""
+        repeat = Repeat(start, end, tuple((self.add_copy(start, end, calls, value), calls, value)
+                                          for calls, value in copies))
+        if repeat.copies:
+            self.repeats.append(repeat)
+        return repeat
+
+    def truncate(self, length: int) -> None:
+        """Drop the nodes from `length` on (a trace that failed inside a session), and their copies."""
+        del self.nodes[length:]
+        kept = []
+        for repeat in self.repeats:
+            size = repeat.end - repeat.start
+            copies = tuple(copy for copy in repeat.copies if copy[0] + size <= length)
+            if copies:
+                kept.append(Repeat(repeat.start, repeat.end, copies))
+        self.repeats = kept
+
+    def intact_repeats(self) -> list[Repeat]:
+        """The recorded copies that are still what `add_copy` makes of their template: nodes are not
+        changed after recording but for `saved` (a node saved after its block is saved in the template
+        alone), so a copy whose saved flags differ from its template's is left out."""
+        intact = []
+        for repeat in self.repeats:
+            template = [node.saved for node in self.nodes[repeat.start:repeat.end]]
+            size = len(template)
+            copies = tuple(copy for copy in repeat.copies
+                           if [node.saved for node in self.nodes[copy[0]:copy[0] + size]] == template)
+            if copies:
+                intact.append(Repeat(repeat.start, repeat.end, copies))
+        return intact
 
     def users(self) -> list[list[int]]:
         """For each node, the indices of the nodes that read it."""

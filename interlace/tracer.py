@@ -281,7 +281,7 @@ class Tracer(Recorder):
         self._closed = True
         if exc_type is not None:
             if self.session is not None:
-                del self.graph.nodes[self.start :]
+                self.graph.truncate(self.start)
             return False
         if self.session is not None:
             self.session.add_trace(self)  # runs when the session ends

@@ -22,8 +22,8 @@ import zstandard
 import interlace
 from interlace.backends.state import ModelState
 from interlace.backends.limits import Limits
-from interlace.backends.serialize import deserialize_request, serialize_graph, serialize_results
-from interlace.graph import Graph, Ref
+from interlace.backends.serialize import deserialize_request, serialize_graph, serialize_request, serialize_results
+from interlace.graph import Graph, Ref, Request
 from helpers import tiny_tokenizer
 
 _LM = None
@@ -82,11 +82,18 @@ class Builder:
         return serialize_graph(self.graph, invokes, options=options)
 
 
-def raw(nodes, traces=None, tensors=None, *, count=None, compress=False, version=1, flags=0, patch=None) -> bytes:
-    """A frame written by hand: the JSON header (with `patch`: (old, new) replaced in its text) and tensors."""
+def raw(nodes, traces=None, tensors=None, *, count=None, compress=False, version=1, flags=0, patch=None,
+        repeats=None) -> bytes:
+    """A frame written by hand: the JSON header (with `patch`: (old, new) replaced in its text) and tensors.
+    With `repeats`, a version 2 frame whose count includes the copies."""
+    header = {"version": 1, "nodes": nodes}
+    if repeats is not None:
+        header["version"], header["repeats"] = 2, repeats
+        total = len(nodes) + sum(len(r["copies"]) * (r["end"] - r["start"]) for r in repeats)
+        version, count = (2 if version == 1 else version), (total if count is None else count)
     if traces is None:
-        traces = [{"start": 0, "end": len(nodes), "invokes": [{"args": ["w5 w6"]}]}]
-    header = json.dumps({"version": 1, "nodes": nodes, "traces": traces}).encode()
+        traces = [{"start": 0, "end": len(nodes) if count is None else count, "invokes": [{"args": ["w5 w6"]}]}]
+    header = json.dumps({**header, "traces": traces}).encode()
     if patch:
         header = header.replace(*patch)
     section = safetensors.torch.save(tensors) if tensors else b""
@@ -259,6 +266,13 @@ def module_call_of_a_layer_with_tensors_and_numbers():
     hidden = g.out("model.layers.0")
     g.save(g.add("module_call", "model.norm", (hidden,)))
     g.save(g.add("module_call", "lm_head", (g.call("operator.mul", hidden, 2),)))
+    return attack(g.bytes())
+
+
+@case("RefusedError", "calling model.norm with keyword 'invoke' = a str is not allowed here")
+def module_call_with_an_invoke_keyword_that_is_not_a_number():
+    g = Builder()
+    g.save(g.add("module_call", "model.norm", (g.out("model.layers.0"),), {"invoke": "__class__"}))
     return attack(g.bytes())
 
 
@@ -922,9 +936,43 @@ def too_many_traces():
     return attack(raw([], traces=[{"start": 0, "end": 0} for _ in range(100)]))
 
 
-@case("VersionError", "uses wire format version 2, but this interlace reads version 1")
+@case("VersionError", "uses wire format version 3, but this interlace reads version 1 or 2")
 def newer_wire_version():
-    return attack(raw([{"index": 0, "op": "stop"}], version=2))
+    return attack(raw([{"index": 0, "op": "stop"}], version=3))
+
+
+def _step_block(copies, count=None, **change):
+    """A block of three nodes (its step, a layer's output, that times 2) and its copies, by hand."""
+    nodes = [{"index": 0, "op": "call", "target": "builtins.int", "args": [0]},
+             {"index": 1, "op": "module_value", "target": "model.layers.0",
+              "kwargs": {"kind": "output", "call": 0, "invoke": None}},
+             {"index": 2, "op": "call", "target": "operator.mul", "args": [{"ref": 1}, 2], "saved": True}]
+    return raw(nodes, repeats=[{"start": 0, "end": 3, "copies": copies, **change}], count=count)
+
+
+@case(None, "")
+def repeated_block_copied_by_the_reader():
+    return attack(_step_block([[3, 0, 0], [6, 0, 0]]))
+
+
+@case("GraphError", r"moves module calls by -1; a shift is 0 to 1024 \(max_new_tokens\)")
+def repeated_block_with_a_negative_call_shift():
+    return attack(_step_block([[3, -1, 0]]))
+
+
+@case("GraphError", r"copy at node 4 overlaps its template or the copy before it")
+def repeated_block_with_overlapping_copies():
+    return attack(_step_block([[3, 0, 0], [4, 0, 0]]))
+
+
+@case("LimitError", r"the repeated blocks make the graph over 100000 nodes \(max_nodes\)")
+def repeated_block_copied_past_max_nodes():  # (the prefix's count says 10: the copies are counted before any is made)
+    return attack(_step_block([[3 * n, 0, 0] for n in range(1, 40_000)], count=10))
+
+
+@case("GraphError", r"copy at node 0 overlaps its template")
+def repeated_block_whose_template_is_out_of_bounds():
+    return attack(_step_block([[0, 0, 0]], start=5, end=8))
 
 
 @case("SerializationError", r"value of node %1 \(call at attacker.py:1\): cannot serialize a value of type .*DynamicCache")
@@ -959,7 +1007,8 @@ def _seed_frames() -> list[bytes]:
         with tracer.all():
             lm.model.layers[0].output[:, -1] += 1.0
         lm.generator.output.save()
-    frames.append(serialize_graph(tracer.graph, tracer.invokes, options=tracer.spec(0).options))
+    request = Request(tracer.graph, [tracer.spec(len(tracer.graph))])
+    frames += [serialize_request(request), serialize_request(request, version=1)]  # the block sent once, and copied
     g = Builder()
     weight = g.param("lm_head.weight")
     g.save(g.call("torch.matmul", g.out("model.norm"), g.method("t", weight)))
@@ -988,11 +1037,18 @@ def _mutate(data: bytes, rng) -> bytes:
         return bytes(corrupt)
     length = struct.unpack_from("<Q", data, 9)[0]
     header, section = json.loads(data[17 : 17 + length]), data[17 + length :]
-    nodes = header["nodes"]
+    nodes, repeats = header["nodes"], header.get("repeats", [])
     for _ in range(rng.randint(1, 3)):
         node = rng.choice(nodes) if nodes else None
-        what = rng.randrange(9)
-        if node is None or what == 0:
+        what = rng.randrange(10 if repeats else 9)
+        if what == 9:  # a repeated block's span or a copy's place, call shift or step
+            repeat = rng.choice(repeats)
+            if rng.random() < 0.3:
+                repeat[rng.choice(["start", "end"])] += rng.choice([-2, -1, 1, 2, 10**6])
+            else:
+                copy = rng.choice(repeat["copies"])
+                copy[rng.randrange(3)] = rng.choice([-1, 0, 1, 3, 1024, 1025, 10**6, 2**40])
+        elif node is None or what == 0:
             header["traces"][0]["options"] = {"mode": rng.choice(["trace", "generate", "x"]),
                                               "kwargs": {"dict": [["max_new_tokens", rng.choice(_VALUES[:5])]]}}
         elif what == 1:
@@ -1019,7 +1075,8 @@ def _mutate(data: bytes, rng) -> bytes:
         else:
             node["location"] = [rng.choice(["/proc/self/environ", "/dev/zero", "x.py"]), rng.choice([1, 10**9])]
     text = json.dumps(header).encode()
-    return data[:5] + struct.pack("<I", len(nodes)) + struct.pack("<Q", len(text)) + text + section
+    count = len(nodes) + sum(len(r["copies"]) * (r["end"] - r["start"]) for r in repeats)
+    return data[:5] + struct.pack("<I", min(max(count, 0), 2**32 - 1)) + struct.pack("<Q", len(text)) + text + section
 
 
 def fuzz(seed: int, count: int) -> dict:

@@ -3,10 +3,10 @@
 `RemoteBackend(host, api_key, model=ID)` talks to one hosted model over HTTP. `build()` makes the
 module tree on the meta device and the tokenizer from the server's manifest (no weights, no hub), so
 envoy paths, `print(lm)` and scans work on a machine that has never seen the model. `run()` sends a
-request (wire format v1), waits for it, showing the queue position and state from the job's events
-when it does not finish at once, prints its `log` lines, and returns an `Outcome`; with
-`blocking=False` it returns a `Job` handle instead; `stream()` yields each generation step as the
-job's events bring it. A server's error is raised here as the same class
+request (in the newest wire format version the server reads), waits for it, showing the queue
+position and state from the job's events when it does not finish at once, prints its `log` lines,
+and returns an `Outcome`; with `blocking=False` it returns a `Job` handle instead; `stream()` yields
+each generation step as the job's events bring it. A server's error is raised here as the same class
 a local run raises, with the user's own source line quoted (the server only knows file and line).
 """
 
@@ -26,7 +26,7 @@ from .. import errors
 from ..errors import InterlaceError, LimitError, ServiceError, VersionError, describe_location
 from ..graph import Outcome, Request
 from .limits import Limits
-from .serialize import VERSION, deserialize_results, deserialize_step, serialize_request
+from .serialize import SUPPORTED_VERSIONS, VERSION, deserialize_results, deserialize_step, serialize_request
 
 _FIRST_WAIT = 1.0  # seconds a blocking submission waits for its result before following events
 _FINISHED = ("completed", "error", "cancelled")
@@ -64,10 +64,11 @@ class RemoteBackend:
 
     # -- the model, without weights -------------------------------------------------------------------
     def manifest(self) -> dict:
-        """The server's description of the model (fetched once); a different wire version is an error."""
+        """The server's description of the model (fetched once); a wire version this client cannot write
+        is an error (requests are written in the server's version: it reads every older one)."""
         if self._manifest is None:
             manifest = self._call("GET", f"/v1/models/{self.model}/manifest").json()
-            if manifest["wire_version"] != VERSION:
+            if manifest["wire_version"] not in SUPPORTED_VERSIONS:
                 raise VersionError(
                     f"the server at {self.host} speaks wire format version {manifest['wire_version']} "
                     f"(interlace {manifest['interlace']}), this client version {VERSION} (interlace "
@@ -106,7 +107,7 @@ class RemoteBackend:
 
         timeout: seconds the job may run on the server (its deadline, at most the server's max_seconds).
         """
-        data = serialize_request(request, trusted=self.manifest()["trusted"])
+        data = self._encode(request)
         params = {"model": self.model, "wait": _FIRST_WAIT if blocking else 0}
         if timeout is not None:
             params["timeout"] = timeout
@@ -124,6 +125,10 @@ class RemoteBackend:
                   f"model.job({job.id!r}).cancel()", file=sys.stderr, flush=True)
             raise
 
+    def _encode(self, request: Request) -> bytes:
+        manifest = self.manifest()
+        return serialize_request(request, trusted=manifest["trusted"], version=manifest["wire_version"])
+
     def job(self, job_id: str) -> "Job":
         """The handle of a job submitted earlier (by its id)."""
         return Job(self, job_id)
@@ -134,7 +139,7 @@ class RemoteBackend:
 
         timeout: seconds the job may run on the server (as in `run`).
         """
-        data = serialize_request(request, trusted=self.manifest()["trusted"])
+        data = self._encode(request)
         params = {"model": self.model, "wait": 0, "stream": "true"}
         if timeout is not None:
             params["timeout"] = timeout

@@ -1,11 +1,17 @@
-"""The wire format, version 1 (frozen): a request (a graph, its traces' inputs and options) and results.
+"""The wire format: a request (a graph, its traces' inputs and options) and results.
 
     prefix   magic (b"ILG" request, b"ILR" results) | version u8 | flags u8 | count u32 LE
     body     header length u64 LE | JSON header | safetensors section     (zstd-compressed when
                                                                             flags & 1)
 
-`count` is the number of nodes (request) or values (results), so an over-long graph is refused
-before anything is parsed. The header is checked by the pydantic models below; values inside it are
+Version 1 is frozen. Version 2 (requests only, written only when a graph has repeated blocks) adds
+`repeats` to the header: a block applied to many generation steps is sent once, with where each
+copy starts, its call shift and its step; the loader checks those numbers against the limits and
+builds the copies itself (`Graph.add_copy`): a request's size, reading and checking do not grow
+with the number of steps, and no copy comes from the sender. A reader takes both versions.
+
+`count` is the number of nodes (request, copies included) or values (results), so an over-long graph
+is refused before anything is parsed. The header is checked by the pydantic models below; values inside it are
 tagged JSON (`{"ref": 3}`, `{"tuple": [...]}`, `{"tensor": "0"}`, ...), and every tensor the header
 refers to lives in the safetensors section (none that it does not). Call targets travel as names of
 the allow-list in `ops`; a user function travels only in trusted mode (cloudpickle, flags & 2).
@@ -20,6 +26,7 @@ node, never a crash.
 from __future__ import annotations
 
 import base64
+import bisect
 import functools
 import json
 import math
@@ -36,14 +43,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import ops
 from ..errors import GraphError, InterlaceError, LimitError, SerializationError, VersionError, describe_location
-from ..graph import OPS, Graph, Node, Ref, Request, TraceSpec
+from ..graph import OPS, Graph, Node, Ref, Repeat, Request, TraceSpec, copied_spans
 from ..stream import Step
 from .limits import Limits
-from .validate import check_structure
+from .validate import check_node, check_structure
 
 GRAPH_MAGIC, VALUES_MAGIC = b"ILG", b"ILR"
-VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+VERSION = 2  # the newest version of a request this interlace reads and writes (results stay at 1)
+SUPPORTED_VERSIONS = (1, 2)
 _ZSTD, _PICKLED = 1, 2  # flag bits; _PICKLED lets a loader refuse before parsing anything
 _PREFIX = struct.Struct("<3sBBI")
 _LENGTH = struct.Struct("<Q")
@@ -80,10 +87,17 @@ class TraceModel(_Strict):
     options: dict[str, Any] = {}
 
 
+class RepeatModel(_Strict):
+    start: int = Field(ge=0)
+    end: int = Field(ge=0)
+    copies: list[tuple[int, int, int]]  # (first node, call shift, step value) per copy
+
+
 class Header(_Strict):
-    version: Literal[1]
-    nodes: list[NodeModel]
+    version: Literal[1, 2]
+    nodes: list[NodeModel]  # version 2: every node but the copies of repeated blocks
     traces: list[TraceModel]
+    repeats: list[RepeatModel] = []  # version 2 only
 
 
 class ValuesHeader(_Strict):
@@ -177,6 +191,7 @@ class _Encoder:
         return key
 
     def frame(self, magic: bytes, header: dict, count: int, compress: bool, flags: int = 0) -> bytes:
+        """The prefix (the header's version), and the body."""
         text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
         try:
             section = safetensors.torch.save(self.tensors) if self.tensors else b""
@@ -185,7 +200,7 @@ class _Encoder:
         body = _LENGTH.pack(len(text)) + text + section
         if compress:
             body, flags = zstandard.ZstdCompressor(level=3).compress(body), flags | _ZSTD
-        return _PREFIX.pack(magic, VERSION, flags, count) + body
+        return _PREFIX.pack(magic, header["version"], flags, count) + body
 
 
 def _where(node: Node) -> str:
@@ -214,10 +229,20 @@ def _encode_target(node: Node, trusted: bool):
         raise SerializationError(f"cloudpickle cannot pickle its target: {error}") from None
 
 
-def serialize_request(request: Request, *, trusted: bool = False, compress: bool = False) -> bytes:
-    """The bytes of a request: the graph, and each trace's span, invokes and options."""
+def serialize_request(request: Request, *, trusted: bool = False, compress: bool = False,
+                      version: int = VERSION) -> bytes:
+    """The bytes of a request: the graph, and each trace's span, invokes and options.
+
+    version: the newest the receiver reads; version 2 is written only when the graph has repeated
+    blocks (`Graph.repeats`), whose copies are then left out (the receiver makes them).
+    """
+    if version not in SUPPORTED_VERSIONS:
+        raise VersionError(f"cannot write wire format version {version}; this interlace writes version "
+                           f"{' or '.join(map(str, SUPPORTED_VERSIONS))}")
+    graph = request.graph
+    repeats = graph.intact_repeats() if version >= 2 and graph.repeats else []
     encoder, nodes, flags = _Encoder(), [], 0
-    for node in request.graph.nodes:
+    for node in _unrepeated(graph.nodes, repeats):
         try:
             target = _encode_target(node, trusted)
             item = {"index": node.index, "op": node.op}
@@ -238,7 +263,7 @@ def serialize_request(request: Request, *, trusted: bool = False, compress: bool
         except RecursionError:
             raise SerializationError(f"{_where(node)}: its arguments are nested too deeply (or contain themselves)").at(node) from None
         nodes.append(item)
-    check_structure(request.graph, trusted=trusted)
+    check_structure(graph, trusted=trusted, repeats=repeats)
     encoder.refs, traces = False, []
     for number, trace in enumerate(request.traces):
         invokes = []
@@ -253,8 +278,20 @@ def serialize_request(request: Request, *, trusted: bool = False, compress: bool
         except (SerializationError, RecursionError) as error:
             raise SerializationError(f"options of trace {number}: {error}") from None
         traces.append({"start": trace.start, "end": trace.end, "invokes": invokes, "options": options})
-    header = {"version": VERSION, "nodes": nodes, "traces": traces}
-    return encoder.frame(GRAPH_MAGIC, header, len(nodes), compress, flags)
+    header = {"version": 1, "nodes": nodes, "traces": traces}
+    if repeats:
+        header["version"] = 2
+        header["repeats"] = [{"start": r.start, "end": r.end, "copies": [list(c) for c in r.copies]} for r in repeats]
+    return encoder.frame(GRAPH_MAGIC, header, len(graph), compress, flags)
+
+
+def _unrepeated(nodes, repeats):
+    """The nodes but those of the copies in `repeats`: what a version 2 header lists."""
+    position = 0
+    for first, stop in copied_spans(repeats):
+        yield from nodes[position:first]
+        position = stop
+    yield from nodes[position:]
 
 
 def serialize_graph(graph: Graph, invokes=(), *, options: dict | None = None, trusted: bool = False,
@@ -298,7 +335,7 @@ def serialize_results(values: dict, logs=(), *, compress: bool = False, graph: G
             raise fail(index, f"its log line: {error}") from None
         except (SerializationError, RecursionError):
             encoded_logs.append([index, [_short(logged)]])  # a log line is text to its reader
-    header = {"version": VERSION, "values": items, "logs": encoded_logs}
+    header = {"version": 1, "values": items, "logs": encoded_logs}
     frame = encoder.frame(VALUES_MAGIC, header, len(items), compress)
     if len(frame) > limits.max_result_bytes:
         raise LimitError(f"the reply is {len(frame)} bytes, over the limit of {limits.max_result_bytes} "
@@ -433,8 +470,8 @@ class _Body:
         return bytes(data) if len(data) < (1 << 20) else data
 
 
-def _unframe(data, magic: bytes, what: str, trusted: bool, limits: Limits, count_limit: int):
-    """Check the prefix and the limits; returns (count, JSON header bytes, tensors)."""
+def _unframe(data, magic: bytes, what: str, trusted: bool, limits: Limits, count_limit: int, versions=(1,)):
+    """Check the prefix and the limits; returns (version, count, JSON header bytes, tensors)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise SerializationError(f"expected bytes, got {type(data).__name__}")
     data = memoryview(data).cast("B")  # slices below are views: a large tensor is not copied twice
@@ -445,11 +482,11 @@ def _unframe(data, magic: bytes, what: str, trusted: bool, limits: Limits, count
     if len(data) < 5:
         raise SerializationError(f"truncated {what}: the prefix is incomplete")
     version, flags = data[3], data[4]
-    if version not in SUPPORTED_VERSIONS:
-        newer = "newer" if version > VERSION else "older"
+    if version not in versions:
+        newer = "newer" if version > max(versions) else "older"
         raise VersionError(
             f"this {what} uses wire format version {version}, but this interlace reads version "
-            f"{', '.join(map(str, SUPPORTED_VERSIONS))}: the sender's interlace is {newer}; use the same "
+            f"{' or '.join(map(str, versions))}: the sender's interlace is {newer}; use the same "
             "interlace version on both sides")
     if len(data) < _PREFIX.size:
         raise SerializationError(f"truncated {what}: the prefix is incomplete")
@@ -480,7 +517,7 @@ def _unframe(data, magic: bytes, what: str, trusted: bool, limits: Limits, count
     if len(section) > limits.max_tensor_bytes:
         raise LimitError(f"the tensor section is over the limit of {limits.max_tensor_bytes} bytes (max_tensor_bytes)")
     tensors = safetensors.torch.load(bytes(section)) if section else {}
-    return count, text, tensors
+    return version, count, text, tensors
 
 
 def _guarded(load):
@@ -505,19 +542,24 @@ def _guarded(load):
 def deserialize_request(data: bytes, *, trusted: bool = False, limits: Limits | None = None) -> Request:
     """A `Request` from `serialize_request` bytes; refuses pickled functions unless `trusted`."""
     limits = limits or Limits()
-    count, text, tensors = _unframe(data, GRAPH_MAGIC, "graph", trusted, limits, limits.max_nodes)
+    version, count, text, tensors = _unframe(data, GRAPH_MAGIC, "graph", trusted, limits, limits.max_nodes,
+                                             SUPPORTED_VERSIONS)
     _check_int_literals(text, limits)
     header = Header.model_validate_json(text)
-    if len(header.nodes) != count:
-        raise SerializationError(f"the prefix says {count} nodes but the header holds {len(header.nodes)}")
+    if header.version != version:
+        raise SerializationError(f"the prefix says version {version} but the header {header.version}")
     if len(header.traces) > limits.max_traces:
         raise LimitError(f"the request has {len(header.traces)} traces, over the limit of {limits.max_traces} (max_traces)")
+    copies = _copies(header, count, limits)
     decoder, graph = _Decoder(tensors, limits), Graph()
-    for position, model in enumerate(header.nodes):
+    for model in header.nodes:
+        _add_copies(graph, copies, trusted)  # the copies of repeated blocks fill the gaps between listed nodes
+        position = len(graph)
         node = Node(position, model.op, location=model.location)
         try:
             if model.index != position:
-                raise SerializationError(f"has index {model.index}; nodes must be numbered in order")
+                raise SerializationError(f"has index {model.index}; nodes must be numbered in order"
+                                         + (" (the copies of repeated blocks are not listed)" if copies else ""))
             if model.op not in OPS:
                 raise GraphError(f"unknown op kind {model.op[:64]!r}; the op kinds are {', '.join(sorted(OPS))}")
             args = tuple([decoder.decode(a, position) for a in model.args])
@@ -532,8 +574,12 @@ def deserialize_request(data: bytes, *, trusted: bool = False, limits: Limits | 
                 target = cloudpickle.loads(base64.b64decode(target["pickle"], validate=True))
         except InterlaceError as error:
             raise type(error)(f"{_where(node)}: {error}").at(node) from None
-        graph.add(model.op, target, args, kwargs, location, model.guard, model.saved)
-    check_structure(graph, trusted=trusted)
+        check_node(graph.add(model.op, target, args, kwargs, location, model.guard, model.saved), graph.nodes, trusted)
+    _add_copies(graph, copies, trusted)
+    if len(graph) != count:
+        raise SerializationError(f"the prefix says {count} nodes but the header holds {len(graph)}"
+                                 + (" (with the copies of its repeated blocks)" if copies else ""))
+    graph.repeats = [Repeat(r.start, r.end, tuple(r.copies)) for r in header.repeats]
     traces = []
     for number, trace in enumerate(header.traces):
         try:
@@ -550,6 +596,62 @@ def deserialize_request(data: bytes, *, trusted: bool = False, limits: Limits | 
         raise SerializationError("the traces must cover every node of the graph, in order")
     decoder.check_all_used()
     return Request(graph, traces)
+
+
+def _add_copies(graph: Graph, copies: dict, trusted: bool) -> None:
+    """The copies that start where `graph` ends. Their templates were checked as they were read: a copy
+    is checked by its first node alone, which holds its own step (validate.py says why)."""
+    while len(graph) in copies:
+        first = graph.add_copy(*copies[len(graph)])
+        check_node(graph.nodes[first], graph.nodes, trusted)
+
+
+def _copies(header: Header, count: int, limits: Limits) -> dict[int, tuple]:
+    """{first node: (start, end, calls, value)} of every copy of a repeated block, checked by arithmetic
+    before any is made: a template before its copies and in no copy, copies in order and apart, call
+    shifts within max_new_tokens, and the nodes they make within max_nodes and the prefix's count."""
+    if header.version < 2 and "repeats" in header.model_fields_set:
+        raise SerializationError("a version 1 header has no repeats (repeated blocks need version 2)")
+    copies: dict[int, tuple] = {}
+    total = len(header.nodes)
+    for number, repeat in enumerate(header.repeats):
+        where = f"repeat {number} (template nodes {repeat.start}..{repeat.end})"
+        size = repeat.end - repeat.start
+        if size <= 0:
+            raise GraphError(f"{where}: its template is empty (end must be greater than start)")
+        if not repeat.copies:
+            raise GraphError(f"{where}: it has no copies")
+        follows = repeat.end  # where the next copy may start at the earliest
+        for first, calls, value in repeat.copies:
+            if first < follows:
+                raise GraphError(f"{where}: its copy at node {first} overlaps its template or the copy before it; "
+                                 f"copies follow their template in order, each {size} nodes long")
+            if not 0 <= calls <= limits.max_new_tokens:
+                raise GraphError(f"{where}: its copy at node {first} moves module calls by {calls}; a shift is "
+                                 f"0 to {limits.max_new_tokens} (max_new_tokens)")
+            if value.bit_length() > limits.max_int_bits:
+                raise LimitError(f"{where}: the step of its copy at node {first} is over {limits.max_int_bits} "
+                                 "bits (max_int_bits)")
+            total += size
+            if total > limits.max_nodes:
+                raise LimitError(f"the repeated blocks make the graph over {limits.max_nodes} nodes (max_nodes)")
+            copies[first] = (repeat.start, repeat.end, calls, value)
+            follows = first + size
+    if total != count:
+        raise SerializationError(f"the prefix says {count} nodes but the header holds {total} (its listed nodes "
+                                 "and the copies of its repeated blocks)")
+    spans = copied_spans(header.repeats)  # (the header's repeats serve as Repeats: start, end, copies)
+    for (_, stop), (first, _) in zip(spans, spans[1:]):
+        if first < stop:
+            raise GraphError(f"copies of repeated blocks overlap at node {first}")
+    for number, repeat in enumerate(header.repeats):
+        inside = bisect.bisect_right(spans, (repeat.end, -1)) - 1  # the last copy starting before the template ends
+        if inside >= 0 and spans[inside][1] > repeat.start:
+            raise GraphError(f"repeat {number}: its template (nodes {repeat.start}..{repeat.end}) overlaps a copy "
+                             "of a repeated block; a template is made of listed nodes")
+    if spans and spans[-1][1] > count:
+        raise GraphError(f"a copy of a repeated block ends at node {spans[-1][1]}, past the graph's {count} nodes")
+    return copies
 
 
 def _check_int_literals(text, limits: Limits) -> None:
@@ -593,7 +695,7 @@ def deserialize_graph(data: bytes, *, trusted: bool = False, limits: Limits | No
 def deserialize_results(data: bytes, *, limits: Limits | None = None) -> tuple[dict, list]:
     """({node index: value}, [(node index, logged values)]) from `serialize_results` bytes."""
     limits = limits or Limits()
-    count, text, tensors = _unframe(data, VALUES_MAGIC, "result", False, limits, limits.max_nodes)
+    _, count, text, tensors = _unframe(data, VALUES_MAGIC, "result", False, limits, limits.max_nodes)
     header = ValuesHeader.model_validate_json(text)
     if len(header.values) != count:
         raise SerializationError(f"the prefix says {count} values but the header holds {len(header.values)}")

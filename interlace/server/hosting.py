@@ -92,6 +92,7 @@ class HostedModel:
         self.changes: list[str] = []  # what any job left behind (check_weights only)
         self._manifest: dict | None = None
         self._fingerprint: str | None = None
+        self._paths = frozenset(name for name, _ in model.module.named_modules())  # for admit: the tree is fixed
         if not trusted:
             warm_up()
 
@@ -108,7 +109,7 @@ class HostedModel:
                                  f"{self.limits.max_invokes} (max_invokes)")
             if not _has_functions(request.graph):
                 check_against_model(request.graph, self.model.module, self.model._extra_modules(),
-                                    len(trace.invokes), trace.start, trace.end)
+                                    len(trace.invokes), trace.start, trace.end, paths=self._paths)
             if isinstance(self.model, LanguageModel):
                 _check_untrusted_options(trace.options, None, self.limits)
         return request

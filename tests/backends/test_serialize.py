@@ -335,7 +335,7 @@ def data(mlp, x):
 
 def test_wrong_magic_version_and_flags(data):
     refused(b"PK\x03\x04" + data[4:], r"not an interlace graph: expected magic b'ILG'")
-    refused(data[:3] + b"\x07" + data[4:], r"uses wire format version 7, but this interlace reads version 1: the sender's interlace is newer")
+    refused(data[:3] + b"\x07" + data[4:], r"uses wire format version 7, but this interlace reads version 1 or 2: the sender's interlace is newer")
     refused(data[:4] + b"\x80" + data[5:], "unknown flags 0x80")
     with pytest.raises(SerializationError, match="not an interlace result"):
         deserialize_results(data)

@@ -84,7 +84,7 @@ CASES = {
         lambda s, k: post(s, k["alice"], b"ILR" + good()[3:]), 400, "SerializationError"),
     "truncated prefix": (lambda s, k: post(s, k["alice"], good()[:6]), 400, "SerializationError"),
     "truncated frame": (lambda s, k: post(s, k["alice"], good()[:-40]), 400, "SerializationError"),
-    "newer wire version": (lambda s, k: post(s, k["alice"], patched(good(), 3, 2)), 409, "VersionError"),
+    "newer wire version": (lambda s, k: post(s, k["alice"], patched(good(), 3, 3)), 409, "VersionError"),
     "unknown flags": (lambda s, k: post(s, k["alice"], patched(good(), 4, 0x80)), 400, "SerializationError"),
     "pickled function on an untrusted server": (
         lambda s, k: post(s, k["alice"], patched(good(), 4, 2)), 403, "RefusedError"),

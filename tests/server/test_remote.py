@@ -168,8 +168,9 @@ def test_a_local_trace_of_a_served_model_says_to_use_remote(remote):
 
 
 def test_a_client_of_another_wire_version_is_told_both(server, setup, monkeypatch):
-    monkeypatch.setattr(remote_backend, "VERSION", 2)
-    with pytest.raises(VersionError, match=r"version 1 .*version 2"):
+    monkeypatch.setattr(remote_backend, "VERSION", 3)
+    monkeypatch.setattr(remote_backend, "SUPPORTED_VERSIONS", (3,))
+    with pytest.raises(VersionError, match=r"version 2 .*version 3"):
         interlace.LanguageModel("tiny-gpt2", host=server.url, api_key=setup["keys"]["bob"])
 
 
