@@ -26,7 +26,7 @@ from .. import errors
 from ..errors import InterlaceError, LimitError, ServiceError, VersionError, describe_location
 from ..graph import Outcome, Request
 from .limits import Limits
-from .serialize import SUPPORTED_VERSIONS, VERSION, deserialize_results, deserialize_step, serialize_request
+from .serialize import SUPPORTED_VERSIONS, deserialize_results, deserialize_step, serialize_request
 
 _FIRST_WAIT = 1.0  # seconds a blocking submission waits for its result before following events
 _FINISHED = ("completed", "error", "cancelled")
@@ -64,16 +64,19 @@ class RemoteBackend:
 
     # -- the model, without weights -------------------------------------------------------------------
     def manifest(self) -> dict:
-        """The server's description of the model (fetched once); a wire version this client cannot write
-        is an error (requests are written in the server's version: it reads every older one)."""
+        """The server's description of the model (fetched once). Requests are written in the newest wire
+        version both sides know (`wire_versions`, which servers before version 2 did not list, is what the
+        server reads); none in common is an error."""
         if self._manifest is None:
             manifest = self._call("GET", f"/v1/models/{self.model}/manifest").json()
-            if manifest["wire_version"] not in SUPPORTED_VERSIONS:
+            versions = manifest.get("wire_versions", [manifest["wire_version"]])
+            common = set(versions) & set(SUPPORTED_VERSIONS)
+            if not common:
                 raise VersionError(
-                    f"the server at {self.host} speaks wire format version {manifest['wire_version']} "
-                    f"(interlace {manifest['interlace']}), this client version {VERSION} (interlace "
-                    f"{package_version()}): use the same interlace version on both sides")
-            self._manifest = manifest
+                    f"the server at {self.host} reads wire format version {', '.join(map(str, versions))} "
+                    f"(interlace {manifest['interlace']}), this client writes {', '.join(map(str, SUPPORTED_VERSIONS))} "
+                    f"(interlace {package_version()}): use the same interlace version on both sides")
+            self._manifest, self._wire_version = manifest, max(common)
         return self._manifest
 
     def build(self):
@@ -127,7 +130,7 @@ class RemoteBackend:
 
     def _encode(self, request: Request) -> bytes:
         manifest = self.manifest()
-        return serialize_request(request, trusted=manifest["trusted"], version=manifest["wire_version"])
+        return serialize_request(request, trusted=manifest["trusted"], version=self._wire_version)
 
     def job(self, job_id: str) -> "Job":
         """The handle of a job submitted earlier (by its id)."""

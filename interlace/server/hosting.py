@@ -28,8 +28,8 @@ import torch
 from ..backends.state import ModelState
 from ..backends.limits import Limits
 from ..backends.remote import package_version
-from ..backends.serialize import (GRAPH_MAGIC, VERSION, deserialize_request, log_text, serialize_results,
-                                  serialize_step)
+from ..backends.serialize import (GRAPH_MAGIC, SUPPORTED_VERSIONS, deserialize_request, log_text,
+                                  serialize_results, serialize_step)
 from ..backends.validate import check_against_model
 from ..backends.writes import warm_up
 from ..errors import LimitError, RefusedError, SourceError
@@ -188,7 +188,8 @@ class HostedModel:
         modules = [[path, type(sub).__name__] for path, sub in module.named_modules()
                    if not (path + ".").startswith(probes)]
         manifest = {
-            "id": self.name, "interlace": package_version(), "wire_version": VERSION, "trusted": self.trusted,
+            "id": self.name, "interlace": package_version(), "wire_version": SUPPORTED_VERSIONS[0],
+            "wire_versions": list(SUPPORTED_VERSIONS), "trusted": self.trusted,
             "kind": "language" if isinstance(self.model, LanguageModel) else "model",
             "modules": modules,
             "limits": dataclasses.asdict(self.limits), "config": None, "tokenizer": {}, "padding_side": None,

@@ -17,7 +17,8 @@ class ErrorBody(BaseModel):
 class Health(BaseModel):
     status: str
     interlace: str
-    wire_version: int
+    wire_version: int  # the frozen version 1, which every client writes (see Manifest)
+    wire_versions: list[int]
     models: list[str]
     queued: dict[str, int]
     running: dict[str, int]  # jobs running now, per model
@@ -35,7 +36,8 @@ class ModelSummary(BaseModel):
 class Manifest(BaseModel):
     id: str
     interlace: str
-    wire_version: int
+    wire_version: int  # 1: a client of any version can talk to this server; `wire_versions` are all it reads
+    wire_versions: list[int]
     trusted: bool
     kind: str
     modules: list[tuple[str, str]]  # (path, class name) of every module

@@ -8,6 +8,7 @@ import torch
 import interlace
 from helpers import assert_clean
 from interlace.backends import remote as remote_backend
+from interlace.backends.serialize import serialize_request
 from interlace.errors import ExecutionError, VersionError
 
 PROMPT = "w5 w6 w7 w8"
@@ -168,10 +169,33 @@ def test_a_local_trace_of_a_served_model_says_to_use_remote(remote):
 
 
 def test_a_client_of_another_wire_version_is_told_both(server, setup, monkeypatch):
-    monkeypatch.setattr(remote_backend, "VERSION", 3)
     monkeypatch.setattr(remote_backend, "SUPPORTED_VERSIONS", (3,))
-    with pytest.raises(VersionError, match=r"version 2 .*version 3"):
+    with pytest.raises(VersionError, match=r"reads wire format version 1, 2 .*this client writes 3"):
         interlace.LanguageModel("tiny-gpt2", host=server.url, api_key=setup["keys"]["bob"])
+
+
+def test_a_client_that_writes_only_version_1_still_runs_a_generation(server, setup, monkeypatch):
+    """The manifest's `wire_version` stays 1 (what a client before version 2 checks for); such a client
+    sends a repeated block node by node and gets the same values as a client that writes version 2."""
+    def steered(lm):
+        with lm.generate("The capital of France is", max_new_tokens=4, do_sample=False, remote=True) as tracer:
+            hidden = interlace.list().save()
+            with tracer.all():
+                lm.transformer.h[1].output[:, -1] += 0.5
+                hidden.append(lm.transformer.h[1].output[:, -1])
+            ids = tracer.result.save()
+        return hidden, ids
+
+    new_hidden, new_ids = steered(interlace.LanguageModel("tiny-gpt2", host=server.url, api_key=setup["keys"]["bob"]))
+    monkeypatch.setattr(remote_backend, "SUPPORTED_VERSIONS", (1,))
+    old = interlace.LanguageModel("tiny-gpt2", host=server.url, api_key=setup["keys"]["bob"])
+    sent = []
+    monkeypatch.setattr(remote_backend, "serialize_request",
+                        lambda request, **options: sent.append(options["version"]) or serialize_request(request, **options))
+    old_hidden, old_ids = steered(old)
+    assert sent == [1] and old._remote._wire_version == 1
+    assert torch.equal(old_ids, new_ids) and len(old_hidden) == len(new_hidden) == 4
+    assert all(torch.equal(a, b) for a, b in zip(old_hidden, new_hidden))
 
 
 def test_host_and_key_come_from_the_environment(server, setup, monkeypatch, local):

@@ -55,7 +55,7 @@ def test_metrics_and_health(server, setup):
     assert 'interlace_jobs_finished_total{model="tiny-gpt2",state="completed"}' in text
     assert "interlace_job_run_seconds_bucket" in text and "interlace_queue_depth" in text
     health = server.health()
-    assert health["status"] == "ok" and health["wire_version"] == 2 and health["models"] == ["tiny-gpt2"]
+    assert health["status"] == "ok" and health["wire_version"] == 1 and health["wire_versions"] == [1, 2] and health["models"] == ["tiny-gpt2"]
 
 
 def test_a_trusted_server_runs_user_functions(tight, setup, local):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Response
 
 from ...backends.remote import package_version
-from ...backends.serialize import VERSION
+from ...backends.serialize import SUPPORTED_VERSIONS
 from ..auth import service
 from ..errors import documented
 from ..schemas import Health
@@ -17,7 +17,8 @@ router = APIRouter(tags=["health"])
 def health(svc=Depends(service)) -> Health:
     checking = [m for m in svc.models.values() if m.checksum is not None]
     return Health(
-        status="ok", interlace=package_version(), wire_version=VERSION, models=list(svc.models),
+        status="ok", interlace=package_version(), wire_version=SUPPORTED_VERSIONS[0],
+        wire_versions=list(SUPPORTED_VERSIONS), models=list(svc.models),
         queued={name: len(queue) for name, queue in svc.queues.items()},
         running={name: sum(len(w.current) for w in svc.workers if w.name == f"interlace-worker-{name}")
                  for name in svc.models},
