@@ -418,8 +418,11 @@ class Interleaver:
 
     def _stores_onto_itself(self, index: int, args) -> bool:
         """Whether setitem `index` (of `x[k] += y`, see Plan.stores_back) would copy the view `x[k]` onto
-        itself: on a tensor, `+=` returned that view and wrote `x` through it already."""
-        return args[2] is self.values[self.plan.stores_back[index]] and isinstance(args[0], torch.Tensor)
+        itself: on a strided tensor, `+=` returned that view (the same storage) and wrote `x` through it."""
+        tensor, new = args[0], args[2]
+        return (new is self.values[self.plan.stores_back[index]] and isinstance(tensor, torch.Tensor)
+                and tensor.layout is torch.strided and isinstance(new, torch.Tensor) and new.layout is torch.strided
+                and new.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr())
 
     def _op_call_method(self, node):
         args, kwargs = self._arguments(node)

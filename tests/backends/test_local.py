@@ -75,7 +75,8 @@ def test_augmented_assignment_to_an_index_is_the_hooks(mlp, x, key):
 
 def test_augmented_assignment_that_needs_its_store_still_stores(mlp, x):
     """Where the setitem is not a copy onto itself it runs: an advanced index (x[k] is a copy), a
-    number in a dict (+= makes a new one), a tuple (which refuses item assignment, as in Python)."""
+    number in a dict (+= makes a new one), a tensor whose indexing copies, a tuple (which refuses item
+    assignment, as in Python)."""
     net = Model(mlp)
     with net.trace(x):
         net.layers[1].output[[0, 1], 2] += 1.0
@@ -85,6 +86,16 @@ def test_augmented_assignment_that_needs_its_store_still_stores(mlp, x):
         out = net.output.save()
     want = hooked(mlp, x, mlp.layers[1], lambda o: o.__setitem__(([0, 1], 2), o[[0, 1], 2] + 1.0))
     assert torch.equal(out, want) and counts == {"a": 42}
+
+    class Copying(torch.Tensor):  # indexing gives a copy, not a view: the store is what writes it
+        def __getitem__(self, key):
+            return super().__getitem__(key).clone()
+
+    with net.trace(x):
+        table = interlace.apply(lambda: torch.zeros(2, 3).as_subclass(Copying))
+        table[0, :] += 1.0
+        table = table.save()
+    assert torch.equal(table.as_subclass(torch.Tensor), torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]))
 
     with pytest.raises(interlace.ExecutionError, match="does not support item assignment"):
         with net.trace(x):
