@@ -26,6 +26,7 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
     request BLOB, result BLOB, missing TEXT, error TEXT, status INTEGER NOT NULL DEFAULT 200,
     stream INTEGER NOT NULL DEFAULT 0)"""
 _ADDED = {"stream": "INTEGER NOT NULL DEFAULT 0"}  # columns a database made by an earlier version lacks
+SWEEP_INTERVAL = 1.0  # seconds between sweeps of expired jobs (a sweep walks every job: not one per submission)
 
 
 class JobStore:
@@ -34,6 +35,7 @@ class JobStore:
 
     def __init__(self, path: str, ttl: float):
         self.ttl = ttl
+        self._swept = float("-inf")  # when expired jobs were last removed
         self._jobs: dict[str, Job] = {}
         self._active: Counter = Counter()  # key -> unfinished jobs
         self._idempotent: dict[tuple[str, str], Job] = {}  # (key, Idempotency-Key) -> its job
@@ -107,7 +109,11 @@ class JobStore:
             return sorted((job for job in self._jobs.values() if job.key == key), key=lambda j: -j.created)
 
     def expire(self) -> None:
-        cutoff = time.time() - self.ttl
+        """Forget the jobs finished more than `ttl` seconds ago; at most once per SWEEP_INTERVAL."""
+        now = time.time()
+        if now - self._swept < SWEEP_INTERVAL:
+            return
+        self._swept, cutoff = now, now - self.ttl
         with self._lock:
             old = [i for i, job in self._jobs.items() if job.finished is not None and job.finished < cutoff]
             for job_id in old:

@@ -13,6 +13,7 @@ import pytest
 
 import interlace
 from hostile import Builder
+from interlace.errors import ServiceError
 from interlace.server.keys import KeyStore
 from serving import Server
 from test_bad_input import _submit, _until, get, post
@@ -222,3 +223,49 @@ def test_cancelled_jobs_of_a_merged_generation_stop_it_between_steps(setup):
     answers = lm.run_many(requests, untrusted=True, limits=Limits(max_new_tokens=4096), cancels=cancels)
     assert time.monotonic() - started < 5.0  # the whole generation takes 20 s and more here
     assert [type(answer).__name__ for answer in answers] == ["CancelledError", "CancelledError"]
+
+
+def test_finished_jobs_expire_after_the_ttl_in_sweeps_at_most_a_second_apart(monkeypatch):
+    """A sweep walks every job, so a submission sweeps only when the last sweep is a second old: the jobs
+    finished more than `ttl` seconds ago are then gone, from memory and from the database."""
+    import asyncio
+
+    from interlace.server import store as store_module
+    from interlace.server.jobs import Job
+    from interlace.server.store import JobStore
+
+    now = [1000.0]
+    monkeypatch.setattr(store_module.time, "time", lambda: now[0])  # the store's clock and the jobs'
+    loop = asyncio.new_event_loop()
+    try:
+        jobs = JobStore(":memory:", ttl=60)
+        make = lambda: Job(None, key="k", model="m", limits=None, loop=loop)  # noqa: E731
+        old, running = make(), make()
+        for job in (old, running):
+            jobs.add(job, fingerprint="f", timeout=None)
+        running.running()
+        old.complete(b"", [], {})
+        now[0] += 61  # `old` finished 61 s ago
+        jobs.add(make(), fingerprint="f", timeout=None)  # the first sweep since the start
+        assert jobs.get(running.id, "k") is running
+        with pytest.raises(ServiceError, match="unknown, another key's, or expired"):
+            jobs.get(old.id, "k")
+        assert [row[0] for row in jobs._db.execute("SELECT id FROM jobs WHERE id = ?", (old.id,))] == []
+        running.complete(b"", [], {})
+        now[0] += 61
+        later = make()
+        jobs.add(later, fingerprint="f", timeout=None)  # a sweep: `running` finished 61 s ago
+        with pytest.raises(ServiceError):
+            jobs.get(running.id, "k")
+        later.complete(b"", [], {})
+        now[0] += 59.8
+        jobs.add(make(), fingerprint="f", timeout=None)  # a sweep: `later` finished 59.8 s ago, it stays
+        now[0] += 0.5
+        jobs.add(make(), fingerprint="f", timeout=None)  # half a second after that sweep: none
+        assert jobs.get(later.id, "k") is later
+        now[0] += 0.6
+        jobs.add(make(), fingerprint="f", timeout=None)  # 1.1 s after it: a sweep
+        with pytest.raises(ServiceError):
+            jobs.get(later.id, "k")
+    finally:
+        loop.close()
