@@ -6,8 +6,9 @@ Run `python benchmarks/untrusted.py [--smollm2]`. Printed, all measured in this 
    by a cond, a mix): the time to build the plan, and the time to load and check the same graph from
    bytes (`deserialize_request`, structure checks included).
 2. The same request run locally (`untrusted=False`) and as a server runs it (`untrusted=True`: model
-   checks, size rules before every call, write protection, deadline), side by side, median of
-   repeats, with the ratio; on a 12-block MLP and, with --smollm2, on the embedded SmolLM2-135M.
+   checks, size rules before every call, write protection, deadline), side by side, median CPU time
+   of repeats (one torch thread unless --threads), with the ratio; on a 12-block MLP and, with
+   --smollm2, on the embedded SmolLM2-135M.
 3. What the untrusted run's second line costs per run (`writes.Versions`: every weight's version
    counter read at the start and compared at the end; `state.Attachments`: hooks and instance
    attributes taken and put back), next to the untrusted run's own time.
@@ -74,11 +75,12 @@ def planning_rows() -> list[str]:
 
 
 def _median(fn, repeats: int) -> float:
+    """Median CPU time of this thread (a run is one thread; neighbours on a shared machine add wall time)."""
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.thread_time()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(time.thread_time() - start)
     return statistics.median(times)
 
 
@@ -144,7 +146,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smollm2", action="store_true", help="also the embedded SmolLM2-135M")
     parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads (on a small loaded machine two spinning OpenMP threads made a "
+                             "0.2 ms MLP forward take 100 ms, drowning what is measured)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print("\n".join(planning_rows()))
     print()
