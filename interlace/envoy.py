@@ -83,9 +83,6 @@ class Envoy:
     def __getattr__(self, name: str):
         if name.startswith("__") or name in ("_children", "_module", "_root", "_path", "_aliases"):
             raise AttributeError(name)
-        child = self._children.get(name)  # (the common case, without a call: this runs for every `.layer`)
-        if child is not None and self._module._modules.get(name) is child._module:
-            return child
         child = self._child(name)
         if child is not None:
             return child
@@ -163,8 +160,7 @@ class Envoy:
         return tracer
 
     def _value(self, kind: str):
-        tracer = self._root._tracer
-        return (self._active(kind) if tracer is None else tracer).module_value(self, kind)
+        return self._active(kind).module_value(self, kind)
 
     def _replace(self, kind: str, value) -> None:
         tracer = self._active(kind)

@@ -83,8 +83,7 @@ class Recorder:
         if recorder is not self:
             return recorder.record(op, target, args, kwargs)
         node = self.graph.add(
-            op, target, self._to_refs(args) if args else args,
-            (kwargs if op == "module_value" else self._to_refs(kwargs)) if kwargs else {},  # (its kwargs are plain)
+            op, target, self._to_refs(args), self._to_refs(kwargs) if kwargs else {},
             user_location(), self._guard,
         )
         if self.scanner is not None:
@@ -109,7 +108,7 @@ class Recorder:
                 if kind_of in _PLAIN or kind_of is slice and (
                         type(item.start) in _PLAIN and type(item.stop) in _PLAIN and type(item.step) in _PLAIN):
                     continue
-                new = Ref(item._index) if kind_of is Proxy and item._tracer.graph is self.graph else self._to_refs(item)
+                new = self._to_refs(item)
                 if new is not item:
                     if items is None:
                         items = list(obj)
@@ -210,8 +209,8 @@ class Tracer(Recorder):
         return envoy._call + self._offsets.get(envoy._path, 0) + self._step
 
     def module_value(self, envoy, kind: str) -> Proxy:
-        call = envoy._call + self._offsets.get(envoy._path, 0) + self._step  # (call_index, inline)
-        return self.record("module_value", envoy._path, (), {"kind": kind, "call": call, "invoke": self.current_invoke})
+        kwargs = {"kind": kind, "call": self.call_index(envoy), "invoke": self.current_invoke}
+        return self.record("module_value", envoy._path, (), kwargs)
 
     def advance(self, path: str, steps: int) -> None:
         self._offsets[path] = self._offsets.get(path, 0) + steps

@@ -220,14 +220,10 @@ class Interleaver:
         return call
 
     def _pre_hook(self, path):
-        calls, counted = self.calls, (path, "input")  # (the count inline: this runs on every call)
-
         def hook(module, args, kwargs):
             if self.bypass:
                 return None
-            call = calls.get(counted, 0)
-            calls[counted] = call + 1
-            key = (path, "input", call)
+            key = (path, "input", self._count(path, "input"))
             if key not in self.sources:
                 return None
             event = self._event(key, (args, kwargs))
@@ -236,14 +232,10 @@ class Interleaver:
         return hook
 
     def _post_hook(self, path):
-        calls, counted = self.calls, (path, "output")
-
         def hook(module, args, output):
             if self.bypass:
                 return None
-            call = calls.get(counted, 0)
-            calls[counted] = call + 1
-            key = (path, "output", call)
+            key = (path, "output", self._count(path, "output"))
             if key not in self.sources:
                 return None
             event = self._event(key, output)

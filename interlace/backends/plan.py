@@ -60,12 +60,11 @@ class Plan:
                 previous_stop = index
             else:
                 # a read waits for the in-place changes recorded before it
-                extra = [last_mutation[ref] for ref in reads if ref in last_mutation] if last_mutation else None
+                extra = [last_mutation[ref] for ref in reads if ref in last_mutation] if last_mutation else []
                 if op == "call_method" and node.target == "backward":
                     # each .grad recorded since the previous backward is this one's; a backward runs
                     # after the previous one has finished, never inside its gradient hooks
                     self.gradients[index], waiting_grads = waiting_grads, []
-                    extra = extra or []
                     extra += [nodes[g].args[0].index for g in self.gradients[index] if nodes[g].args[0].index >= start]
                     if previous_backward is not None:
                         extra.append(previous_backward)
