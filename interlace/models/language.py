@@ -276,12 +276,13 @@ class LanguageModel(Model):
         shape, size = None, 0
         for trace in request.traces:
             if trace.invokes:
-                try:
-                    batch, _ = self._tokenize(trace.invokes, max_tokens=max_tokens)
+                try:  # the padded lists, not tensors: on a server's front the module is on the meta device
+                    input_ids, _, _ = self._padded(trace.invokes, max_tokens=max_tokens)
                 except InterlaceError:
                     return None, 0  # it runs alone, and its run says why
-                shape = shape or (batch["input_ids"].shape[1],)
-                size += _token_positions(batch, trace.options.get("kwargs", {}).get("max_new_tokens", 0))
+                shape = shape or (len(input_ids[0]),)
+                new_tokens = trace.options.get("kwargs", {}).get("max_new_tokens", 0)
+                size += _token_positions(len(input_ids), len(input_ids[0]), new_tokens)
         key = merge_key(request)
         return (None if key is None else (key, shape)), size
 
@@ -295,6 +296,19 @@ class LanguageModel(Model):
         max_tokens: refuse as soon as the sequences hold more tokens (before padding), so a stranger's
         prompts are never tokenized past the limit.
         """
+        input_ids, mask, rows = self._padded(invokes, max_tokens=max_tokens)
+        device = _device_of(self._module)
+        batch = {
+            "input_ids": torch.tensor(input_ids, device=device),
+            "attention_mask": torch.tensor(mask, device=device),
+        }
+        if self.position_ids and self._accepts("position_ids"):
+            position = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            batch["position_ids"] = position
+        return batch, rows
+
+    def _padded(self, invokes, *, max_tokens: int | None = None) -> tuple[list, list, list]:
+        """`_tokenize`'s batch as lists: (token ids, attention masks, rows per invoke)."""
         sequences, rows = [], []
         for args, kwargs in invokes:
             if kwargs:
@@ -308,7 +322,6 @@ class LanguageModel(Model):
                                  "positions (max_tokens); send fewer or shorter prompts")
             rows.append((len(sequences), len(sequences) + len(seqs)))
             sequences.extend(seqs)
-        device = _device_of(self._module)
         length = max(len(ids) for ids, _ in sequences)
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
         left = self.padding_side == "left"
@@ -317,14 +330,7 @@ class LanguageModel(Model):
             filler = length - len(ids)
             input_ids.append([pad] * filler + ids if left else ids + [pad] * filler)
             mask.append([0] * filler + attention if left else attention + [0] * filler)
-        batch = {
-            "input_ids": torch.tensor(input_ids, device=device),
-            "attention_mask": torch.tensor(mask, device=device),
-        }
-        if self.position_ids and self._accepts("position_ids"):
-            position = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            batch["position_ids"] = position
-        return batch, rows
+        return input_ids, mask, rows
 
     def _accepts(self, name: str) -> bool:
         """Whether the forward takes `name`: a parameter it names, or a documented model keyword."""
@@ -401,15 +407,14 @@ def _check_untrusted_options(options: dict, batch, limits) -> None:
     new_tokens = kwargs.get("max_new_tokens", 0)
     if type(new_tokens) is not int or not 0 <= new_tokens <= limits.max_new_tokens:
         raise LimitError(f"max_new_tokens must be an int from 0 to {limits.max_new_tokens} (max_new_tokens)")
-    if batch is not None and _token_positions(batch, new_tokens) > limits.max_tokens:
-        rows, length = batch["input_ids"].shape
+    rows, length = batch["input_ids"].shape if batch is not None else (0, 0)
+    if _token_positions(rows, length, new_tokens) > limits.max_tokens:
         raise LimitError(f"{rows} prompts of {length} tokens (+{new_tokens} new) are over the limit of "
                          f"{limits.max_tokens} token positions (max_tokens)")
 
 
-def _token_positions(batch, new_tokens: int) -> int:
+def _token_positions(rows: int, length: int, new_tokens: int) -> int:
     """What a run costs in tokens (`max_tokens`, the server's `--batch-tokens`): rows x (length + new)."""
-    rows, length = batch["input_ids"].shape
     return rows * (length + new_tokens)
 
 
