@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+import weakref
 
 import httpx
 import torch
@@ -29,6 +30,7 @@ from .limits import Limits
 from .serialize import SUPPORTED_VERSIONS, deserialize_results, deserialize_step, serialize_request
 
 _FIRST_WAIT = 1.0  # seconds a blocking submission waits for its result before following events
+_STREAM_TIMEOUT = httpx.Timeout(30.0, connect=10.0)  # of an event stream: the server pings every 15 s
 _FINISHED = ("completed", "error", "cancelled")
 
 
@@ -146,31 +148,51 @@ class RemoteBackend:
         params = {"model": self.model, "wait": 0, "stream": "true"}
         if timeout is not None:
             params["timeout"] = timeout
-        job = Job(self, self._call("POST", "/v1/jobs", params=params, content=data, answered=(200, 202))
-                  .headers["interlace-job"])
-        return job, self._steps(job)  # submitted now; its steps are read as the caller iterates
+        # the answer is the job's event stream (one request, not two); a server older than that answers 202
+        post = self._client.build_request("POST", "/v1/jobs", params=params, content=data,
+                                          headers={"Accept": "text/event-stream"}, timeout=_STREAM_TIMEOUT)
+        try:
+            response = self._client.send(post, stream=True)
+        except httpx.TransportError as error:
+            raise self._unreachable(error) from None
+        if response.status_code not in (200, 202):
+            response.read()
+            raise _error(response)
+        job = Job(self, response.headers["interlace-job"])
+        if not response.headers.get("content-type", "").startswith("text/event-stream"):
+            response.close()
+            response = None
+        steps = self._steps(job, response)  # submitted now; its steps are read as the caller iterates
+        if response is not None:
+            weakref.finalize(steps, response.close)  # a stream nobody reads frees its connection with it
+        return job, steps
 
-    def _steps(self, job: "Job"):
+    def _steps(self, job: "Job", events: httpx.Response | None):
+        """`events`: the job's open event stream, or None to open one."""
         finished = False
         try:
             try:
-                with self._client.stream("GET", f"/v1/jobs/{job.id}/events",
-                                         timeout=httpx.Timeout(30.0, connect=10.0)) as response:  # pings every 15 s
-                    if response.status_code != 200:
-                        response.read()
-                        raise _error(response)
-                    seen = -1  # a job that a batch could not serve runs again alone: its steps start over
-                    for kind, event in _events(response.iter_lines()):
-                        if kind == "step":
-                            step = deserialize_step(event, limits=Limits())
-                            if step.index > seen:
-                                seen = step.index
-                                yield step
-                        elif kind in _FINISHED:
-                            break
+                if events is None:
+                    events = self._client.send(self._client.build_request(
+                        "GET", f"/v1/jobs/{job.id}/events", timeout=_STREAM_TIMEOUT), stream=True)
+                    if events.status_code != 200:
+                        events.read()
+                        raise _error(events)
+                seen = -1  # a job that a batch could not serve runs again alone: its steps start over
+                for kind, event in _events(events.iter_lines()):
+                    if kind == "step":
+                        step = deserialize_step(event, limits=Limits())
+                        if step.index > seen:
+                            seen = step.index
+                            yield step
+                    elif kind in _FINISHED:
+                        break
             except httpx.TransportError as error:
                 raise ServiceError(f"lost the connection to {self.host} while streaming job {job.id}: {error}",
                                    status=0, code="unreachable") from None
+            finally:
+                if events is not None:
+                    events.close()
             outcome = _outcome(self._call("GET", f"/v1/jobs/{job.id}/result"))  # the job's error, if it failed
             finished = True
             return outcome
@@ -189,11 +211,14 @@ class RemoteBackend:
         try:
             response = self._client.request(method, path, **options)
         except httpx.TransportError as error:
-            raise ServiceError(f"cannot reach the interlace server at {self.host}: {str(error).rstrip('.')}. Is "
-                               "`interlace serve` running there?", status=0, code="unreachable") from None
+            raise self._unreachable(error) from None
         if response.status_code not in answered:
             raise _error(response)
         return response
+
+    def _unreachable(self, error: httpx.TransportError) -> ServiceError:
+        return ServiceError(f"cannot reach the interlace server at {self.host}: {str(error).rstrip('.')}. Is "
+                            "`interlace serve` running there?", status=0, code="unreachable")
 
     def _follow(self, job: "Job", deadline: float | None) -> None:
         """Wait for the job's final event, showing its queue position and state."""

@@ -2,6 +2,7 @@
 the remote run without streaming; a reader that leaves cancels the job and frees the server; streamed
 jobs batched with other users' jobs each stream their own rows."""
 
+import gc
 import threading
 
 import httpx
@@ -11,6 +12,8 @@ import torch
 import interlace
 from helpers import assert_clean
 from interlace.backends import remote as remote_backend
+from interlace.backends.serialize import serialize_request
+from interlace.graph import Request
 from test_batching import USERS, batch_sizes, batching  # noqa: F401 - the batching server fixture
 
 PROMPT = "w5 w6 w7 w8"
@@ -162,3 +165,57 @@ def test_a_stream_whose_steps_add_up_past_the_result_limit_fails_with_a_clear_er
             read.append(step[big].shape)
     assert read == [(1000, 32)]
     assert isinstance(big, interlace.Proxy)
+
+
+def test_a_streamed_submission_answers_with_the_jobs_events_the_same_as_its_events_endpoint(server, setup, local):
+    with local.generate(PROMPT, max_new_tokens=3) as tracer:
+        tracer.execute = lambda *args, **kwargs: None  # recorded here, run on the server
+        with tracer.all():
+            local.transformer.h[0].output[:, -1].save()
+    data = serialize_request(Request(tracer.graph, [tracer.spec(len(tracer.graph))]))
+    headers = {"Authorization": f"Bearer {setup['keys']['bob']}"}
+    url = f"{server.url}/v1/jobs?stream=true"
+    with httpx.stream("POST", url, content=data, headers={**headers, "Accept": "text/event-stream"},
+                      timeout=60) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        job = response.headers["interlace-job"]
+        events = [(kind, data) for kind, data in remote_backend._events(response.iter_lines()) if kind]
+    assert [kind for kind, _ in events] == ["queued", "running", "step", "step", "step", "completed"]
+    assert [data["step"] for kind, data in events if kind == "step"] == [0, 1, 2]
+    with httpx.stream("GET", f"{server.url}/v1/jobs/{job}/events", headers=headers, timeout=60) as response:
+        assert [(kind, data) for kind, data in remote_backend._events(response.iter_lines()) if kind] == events
+    answered = httpx.post(url, content=data, headers=headers, timeout=60)  # without the Accept header: as before
+    assert answered.status_code == 202 and answered.json()["id"] == answered.headers["interlace-job"]
+
+
+def test_a_client_streams_from_a_server_that_answers_a_streamed_submission_with_202(remote):
+    """A server older than events in the submission's answer ignores the Accept header: the client then
+    reads the job's events endpoint, with the same steps."""
+    client = remote._remote._client
+    sent = []
+
+    def as_an_older_server_is_asked(request):
+        sent.append((request.method, request.url.path))
+        if request.method == "POST":
+            del request.headers["accept"]
+
+    expected = generation(remote, remote=True, stream=True, sample=False)
+    client.event_hooks["request"].append(as_an_older_server_is_asked)
+    try:
+        got = generation(remote, remote=True, stream=True, sample=False)
+    finally:
+        client.event_hooks["request"].remove(as_an_older_server_is_asked)
+    assert sent[0] == ("POST", "/v1/jobs") and sent[1][0] == "GET" and sent[1][1].endswith("/events")
+    assert same(got["steps"], expected["steps"]) and same(got["hidden"], expected["hidden"])
+
+
+def test_a_stream_nobody_reads_gives_its_connection_back(remote):
+    pool = remote._remote._client._transport._pool
+    with remote.generate(PROMPT, max_new_tokens=2, remote=True, stream=True) as tracer:
+        remote.generator.output.save()
+    assert any(not connection.is_idle() for connection in pool.connections)  # its events are open
+    job = tracer.job
+    del tracer
+    gc.collect()
+    assert all(connection.is_idle() or connection.is_closed() for connection in pool.connections)
+    assert job.result().results  # the job ran all the same

@@ -77,7 +77,11 @@ _JOB_ERRORS = documented(400, 401, 403, 404, 409, 410, 413, 422, 429, 500, 503, 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 
-@router.post("", responses={200: {"content": {_RESULTS: _BINARY}, "description": "the result (wire format)"},
+_EVENTS = {"schema": {"type": "string"}}
+
+
+@router.post("", responses={200: {"content": {_RESULTS: _BINARY, "text/event-stream": _EVENTS},
+                                  "description": "the result (wire format), or a streamed job's events"},
                             202: {"model": JobInfo, "description": "queued or running: its id and state"},
                             **_JOB_ERRORS},
              openapi_extra={"requestBody": {"required": True, "description": "the bytes of serialize_request",
@@ -91,11 +95,14 @@ async def submit(request: Request, model: str | None = None, wait: float = Query
     `timeout` shortens the job's deadline (never past the server's max_seconds). A submission sent again
     with the same `Idempotency-Key` header gets the job of the first (while that job has not expired).
     `stream`: its events carry each generation step (`step`: tokens, text, the step's saved values in the
-    wire format).
+    wire format); with `Accept: text/event-stream` the answer is those events, as `GET /v1/jobs/{id}/events`
+    would send them (the job's id in the `Interlace-Job` header), which saves the client a second request.
     """
     svc.refuse_if_draining()
     data = await _read_body(request, svc.model(model).limits.max_frame_bytes)
     job = await svc.submit(data, key.id, model, timeout, idempotency_key, stream)
+    if stream and "text/event-stream" in request.headers.get("accept", ""):
+        return EventSourceResponse(_events_of(job, svc), ping=15, headers={"Interlace-Job": job.id})
     if wait:
         await svc.wait(job, wait)
     return _answer(job)
@@ -130,24 +137,24 @@ async def events(job_id: str, key: Key = Depends(caller), svc=Depends(service)):
     """Server-sent events: queued (with position), running, step (streamed jobs), log, then completed, error
     or cancelled; or, when the server stops first, `end` with the job's state (a queued job stays queued for
     the next start)."""
-    job = svc.store.get(job_id, key.id)
+    return EventSourceResponse(_events_of(svc.store.get(job_id, key.id), svc), ping=15)
 
-    async def stream():
-        seen = 0
-        while True:
-            new = await job.next_events(seen, STREAM_CHECK)
-            seen += len(new)
-            for kind, data in new:
-                yield {"event": kind, "data": json.dumps(data)}
-                if kind in FINISHED:
-                    return
-            if svc.closing:
-                yield {"event": "end", "data": json.dumps({
-                    "state": job.state, "message": "the server is stopping; the job is kept: ask for it again "
-                                                   "(GET /v1/jobs/{id}) once the server is back"})}
+
+async def _events_of(job: Job, svc):
+    """A job's events from its first, until it finishes or the server stops."""
+    seen = 0
+    while True:
+        new = await job.next_events(seen, STREAM_CHECK)
+        seen += len(new)
+        for kind, data in new:
+            yield {"event": kind, "data": json.dumps(data)}
+            if kind in FINISHED:
                 return
-
-    return EventSourceResponse(stream(), ping=15)
+        if svc.closing:
+            yield {"event": "end", "data": json.dumps({
+                "state": job.state, "message": "the server is stopping; the job is kept: ask for it again "
+                                               "(GET /v1/jobs/{id}) once the server is back"})}
+            return
 
 
 @router.delete("/{job_id}", response_model=JobInfo, responses=documented(400, 401, 404, 500))
