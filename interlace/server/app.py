@@ -27,7 +27,7 @@ from . import errors
 from .auth import Quota
 from .config import STREAM_CHECK, ServerConfig
 from .hosting import HostedModel
-from .jobs import FINISHED, Job, JobQueue, Worker
+from .jobs import FINISHED, Job, JobQueue, Worker, model_groups
 from .keys import KeyStore
 from .metrics import Metrics
 from .store import JobStore
@@ -64,7 +64,7 @@ class Service:
         def execute(jobs: list[Job]) -> list:
             return hosted.execute_many([job.request for job in jobs], limits=jobs[0].limits,
                                        cancels=[job.cancel for job in jobs],
-                                       groups=[job.group and job.group[0] for job in jobs],  # (model's, limits)
+                                       groups=model_groups(jobs),
                                        on_steps=[job.publish_step if job.stream else None for job in jobs])
 
         return execute

@@ -10,7 +10,8 @@ deployments:
   all that checking requests (`HostedModel.admit`) and the manifest need.
 - `ModelReplica`, N replicas (or autoscaled between `--replicas` and `--max-replicas`): the weights in
   a `HostedModel` (`replica.py`), one batch of jobs at a time (`max_ongoing_requests=1`: hooks sit on
-  the shared module). Requests travel as their wire bytes; a batch's answer comes back as a stream:
+  the shared module). The requests the ingress admitted travel as they are (Ray pickles them), not
+  checked again; a batch's answer comes back as a stream:
   a `step` event per generation step of each streamed job, as it comes, then result bytes or an error
   body per job, the same data the HTTP side sends; the ingress raises each error again as its own class.
 
@@ -47,7 +48,8 @@ from collections import Counter
 
 from ..errors import CancelledError, ServiceError
 from .config import ServerConfig
-from .replica import ModelReplica, decode_answer
+from .jobs import model_groups
+from .replica import ModelReplica, crossing, decode_answer
 
 log = logging.getLogger("interlace.server")
 
@@ -66,7 +68,7 @@ class RayReplica(ModelReplica):
         _serve_on_loopback_if_local()
         super().__init__(source, **options)
 
-    async def run(self, requests: list[bytes], limits: dict, streamed: list[bool]):
+    async def run(self, requests: list, limits: dict, streamed: list[bool], groups: list):
         """Run one batch (`ModelReplica.answer`) in a thread; yield ("step", number, event) for each step of a
         streamed request as it comes, and last ("answers", reply). A cancelled call (the ingress gives up
         on the batch) stops every request at its next operation, and returns only once the batch has
@@ -78,7 +80,7 @@ class RayReplica(ModelReplica):
         def step(number: int, event: dict) -> None:
             loop.call_soon_threadsafe(items.put_nowait, ("step", number, event))
 
-        work = loop.run_in_executor(None, self.answer, requests, limits, streamed, step, cancels)
+        work = loop.run_in_executor(None, self.answer, requests, limits, streamed, step, cancels, groups)
         work.add_done_callback(lambda _: items.put_nowait(None))
         try:
             while (item := await items.get()) is not None:
@@ -150,9 +152,7 @@ class Ingress:
 
         limits = jobs[0].limits  # a batch shares its limits (they are part of its group)
         response = self.replicas.options(stream=True).run.remote(
-            [job.data for job in jobs], dataclasses.asdict(limits), [job.stream for job in jobs])
-        for job in jobs:
-            job.data = b""  # sent: the bytes need not stay with the job until its result expires
+            [crossing(job) for job in jobs], dataclasses.asdict(limits), [job.stream for job in jobs], model_groups(jobs))
         items: queue.Queue = queue.Queue()
         threading.Thread(target=_read_into, args=(response, items), name="interlace-replica-stream", daemon=True).start()
         longest = limits.max_seconds + ANSWER_MARGIN

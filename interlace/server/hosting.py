@@ -99,7 +99,7 @@ class HostedModel:
     # -- before queueing (a thread of the HTTP side) ------------------------------------------------
     def admit(self, data: bytes) -> Request:
         """The request in `data`, checked as far as it can be without running it."""
-        if bytes(data[:3]) == GRAPH_MAGIC and len(data) > 4 and data[4] & _PICKLED and not self.trusted:
+        if carries_functions(data) and not self.trusted:
             raise RefusedError("this request carries pickled Python functions (interlace.apply), which this "
                                "server does not run: it runs graphs of allowed operations only")
         request = deserialize_request(data, trusted=self.trusted, limits=self.limits)
@@ -255,6 +255,11 @@ def _source_points(module: torch.nn.Module) -> dict[str, list[str]]:
             except SourceError:
                 points[name] = []  # no Python source: no points
     return points
+
+
+def carries_functions(data: bytes) -> bool:
+    """Whether a request's bytes carry pickled Python functions (`interlace.apply`; the prefix says so)."""
+    return bytes(data[:3]) == GRAPH_MAGIC and len(data) > 4 and bool(data[4] & _PICKLED)
 
 
 def _has_functions(graph) -> bool:

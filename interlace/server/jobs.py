@@ -202,6 +202,11 @@ class JobQueue:
             return waiting
 
 
+def model_groups(jobs: list[Job]) -> list:
+    """Each job's group as `Model.batching` gave it (a job's `group` is that and the limits, or None)."""
+    return [job.group and job.group[0] for job in jobs]
+
+
 class Worker(threading.Thread):
     """Runs batches of jobs from one queue: `execute(jobs)` answers each with (result bytes, logs,
     missing) or the exception that failed it. Several workers may share a queue (one per replica)."""

@@ -1,6 +1,7 @@
 """A copy of the hosted model that runs batches for a front in another process (a Ray Serve replica,
-`cluster.py`). Everything crosses as plain data: the request bytes the front admitted go in, and
-come out as one answer per request (`encode_answer`: result bytes, logs and missing values, or an
+`cluster.py`; a worker process, `worker.py`). The requests the front admitted go in as they are
+(`crossing`: pickled by the pipe or by Ray, both ours, and not checked again), and come out as plain
+data, one answer per request (`encode_answer`: result bytes, logs and missing values, or an
 error's status and body, raised again as its own class by `decode_answer`) and, for streamed jobs,
 a `step` event per generation step, already in the wire format."""
 
@@ -16,7 +17,9 @@ import httpx
 
 from ..backends.limits import Limits
 from ..backends.remote import _error
+from ..graph import Request
 from .errors import error_body, status_of
+from .hosting import HostedModel, carries_functions, load_model
 
 log = logging.getLogger("interlace.server")
 
@@ -26,8 +29,6 @@ class ModelReplica:
 
     def __init__(self, source: str, *, name: str, kind: dict, limits: dict, trusted: bool, check_weights: bool,
                  device_map: str | None = None):
-        from .hosting import HostedModel, load_model
-
         options = {"device_map": device_map} if device_map else {}
         self.hosted = HostedModel(load_model(source, **kind, **options), name=name,
                                   limits=Limits(**limits), trusted=trusted, check_weights=check_weights)
@@ -43,29 +44,28 @@ class ModelReplica:
         return {"replica": replica, "actor": actor, "pid": os.getpid(), "node": socket.gethostname(),
                 "checked": self.hosted.checked, "changes": list(self.hosted.changes)}
 
-    def answer(self, requests: list[bytes], limits: dict, streamed: list[bool] | None = None, send=None,
-               cancels: list[threading.Event] | None = None) -> dict:
-        """Run one batch: `requests` are the wire bytes the front admitted, `limits` (`Limits` as a dict)
-        are the batch's. For each request that is `streamed`, `send(number, event)` gets its `step`
-        events as they come; `cancels` (one per request), when set, stop a request at its next operation.
-        Returns this replica's identity and per request one `encode_answer`."""
+    def answer(self, requests: list[Request | bytes], limits: dict, streamed: list[bool] | None = None, send=None,
+               cancels: list[threading.Event] | None = None, groups: list | None = None) -> dict:
+        """Run one batch: `requests` are those the front admitted (`crossing`), `limits`
+        (`Limits` as a dict) are the batch's, `groups` the model's group of each, as the front found it
+        (`Model.batching`; None: found here). For each request that is `streamed`, `send(number, event)`
+        gets its `step` events as they come; `cancels` (one per request), when set, stop a request at its
+        next operation. Returns this replica's identity and per request one `encode_answer`."""
         streamed = streamed or [False] * len(requests)
         cancels = cancels or [threading.Event() for _ in requests]
-        answers: list = [None] * len(requests)
-        admitted = []
-        for number, data in enumerate(requests):
-            try:
-                admitted.append((number, self.hosted.admit(data)))
-            except Exception as error:  # noqa: BLE001 - that request's answer
-                answers[number] = error
-        if admitted:
-            sends = [(lambda event, number=number: send(number, event)) if streamed[number] else None
-                     for number, _ in admitted]
-            done = self.hosted.execute_many([request for _, request in admitted], limits=Limits(**limits),
-                                            cancels=[cancels[number] for number, _ in admitted], on_steps=sends)
-            for (number, _), answer in zip(admitted, done):
-                answers[number] = answer
+        requests = [self.hosted.admit(request) if isinstance(request, bytes) else request for request in requests]
+        sends = [(lambda event, number=number: send(number, event)) if streamed[number] else None
+                 for number in range(len(requests))]
+        answers = self.hosted.execute_many(requests, limits=Limits(**limits), cancels=cancels, groups=groups,
+                                           on_steps=sends)
         return {"replica": self.identity(), "answers": [encode_answer(answer) for answer in answers]}
+
+
+def crossing(job) -> Request | bytes:
+    """What goes to a replica for a job: the request the front admitted; where it names Python functions
+    (a --trusted server's), which pickle cannot carry by name, its bytes, which carry them by value and
+    are read again there."""
+    return job.data if carries_functions(job.data) else job.request
 
 
 def encode_answer(answer) -> tuple:

@@ -5,8 +5,8 @@ deadline is stopped even inside one long operation.
 The executor checks a job's deadline and cancel flag only between operations: one large matrix product
 runs to its end. So the model runs in a child process (multiprocessing, `spawn`) holding a
 `ModelReplica` (`replica.py`), and the front (its model built without weights, enough to check requests
-and give the manifest) hands it each batch over a pipe as the request bytes it admitted, as the Ray
-deployment does (`cluster.py`). `ProcessRunner` is the front's runner of one such child (a worker
+and give the manifest) hands it each batch over a pipe as the requests it admitted (not checked again
+there), as the Ray deployment does (`cluster.py`). `ProcessRunner` is the front's runner of one such child (a worker
 thread of `create_app` calls it): it relays the child's `step` events to the jobs as they come,
 forwards cancels (a thread of the child sets the batch's cancel events), and once the batch is past its
 deadline by `GRACE` seconds (the executor normally stops it at its next operation, well before), or all
@@ -31,7 +31,8 @@ import threading
 import time
 
 from ..errors import CancelledError, LimitError, ServiceError
-from .replica import ModelReplica, decode_answer
+from .jobs import model_groups
+from .replica import ModelReplica, crossing, decode_answer
 
 log = logging.getLogger("interlace.server")
 
@@ -131,9 +132,8 @@ class ProcessRunner:
     def _run(self, jobs: list, limits) -> dict | Exception:
         """Send the batch to the child and wait for its reply, relaying its steps and the jobs' cancels;
         the error of the whole batch where the child has to be killed for it."""
-        self.connection.send(("run", [job.data for job in jobs], dataclasses.asdict(limits), [job.stream for job in jobs]))
-        for job in jobs:
-            job.data = b""  # sent: the bytes need not stay with the job until its result expires
+        self.connection.send(("run", [crossing(job) for job in jobs], dataclasses.asdict(limits),
+                              [job.stream for job in jobs], model_groups(jobs)))
         deadline = time.monotonic() + limits.max_seconds + GRACE
         forwarded: set[int] = set()
         all_cancelled = None  # when every job of the batch was seen cancelled
@@ -203,10 +203,10 @@ def _child(connection, source: str, options: dict, level: int) -> None:
         with arrived:
             while not batches:
                 arrived.wait()
-            (_, requests, limits, streamed), events = batches.pop(0)
+            (_, requests, limits, streamed, groups), events = batches.pop(0)
         try:
             reply = replica.answer(requests, limits, streamed,
-                                   lambda number, event: send(("step", number, event)), events)
+                                   lambda number, event: send(("step", number, event)), events, groups)
         except Exception as error:  # noqa: BLE001 - reported to the front; the child goes on
             log.exception("the model's worker process failed to run a batch")
             send(("failed", f"{type(error).__name__}: {error}"[:2000]))

@@ -5,6 +5,7 @@ ownership hold, and a replica killed mid-run is replaced while its job ends with
 import functools
 import importlib.util
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -135,21 +136,27 @@ def test_replica_flags_need_ray(capsys):
 
 
 def test_a_replicas_answers_are_the_local_results_and_errors(setup, local):
-    """The replica's side alone (no Ray): wire bytes in, results or errors out, errors as their own class."""
+    """The replica's side alone (no Ray): the front's admitted requests in (pickled, as the worker's pipe and
+    Ray carry them), results or errors out, errors as their own class."""
     replica = ModelReplica(setup["folder"], name="tiny-gpt2", kind={}, limits={}, trusted=False, check_weights=True)
+    front = HostedModel(load_model(setup["folder"], weights=False), name="tiny-gpt2", limits=Limits())
+
+    def admitted(data: bytes):
+        return pickle.loads(pickle.dumps(front.admit(data)))
+
     tracer = local.trace("w5 w6")
     with pytest.raises(ExecutionError):
         with tracer:
             local.transformer.h[0].output[:, 99].save()  # out of range: found when it runs
     broken = serialize_request(Request(tracer.graph, [tracer.spec(len(tracer.graph))]))
-    reply = replica.answer([good(), broken], {})
+    reply = replica.answer([admitted(good()), admitted(broken)], {})
     assert reply["replica"]["pid"] == os.getpid() and reply["replica"]["changes"] == []
     result, failed = (decode_answer(answer) for answer in reply["answers"])
     assert same(values(result[0]), run_here(local, good()))
     hosted = HostedModel(local, name="here", limits=Limits())
     here = hosted.execute_many([hosted.admit(broken)], limits=Limits(), cancels=[threading.Event()])[0]
     assert type(failed) is type(here) is ExecutionError and str(failed) == str(here) and failed.node == here.node
-    deadline = replica.answer([slow(3, 400)], {"max_seconds": 0.2})["answers"][0]
+    deadline = replica.answer([admitted(slow(3, 400))], {"max_seconds": 0.2})["answers"][0]
     error = decode_answer(deadline)
     assert isinstance(error, LimitError) and status_of(error) == 504
 
@@ -167,6 +174,9 @@ def test_the_ingress_model_has_no_weights_and_checks_requests_as_the_loaded_one(
             model.attentions[1].probes.queries.output.save()
     data = serialize_request(Request(tracer.graph, [tracer.spec(len(tracer.graph))]))
     assert front.admit(data).graph.nodes == loaded.admit(data).graph.nodes
+    # the group and size of a job come from the padded prompts, not from tensors on the meta device
+    assert front.batching(front.admit(data), Limits()) == loaded.batching(loaded.admit(data), Limits())
+    assert front.batching(front.admit(data), Limits())[1] == 3  # one row of three tokens
 
 
 # -- on Ray ------------------------------------------------------------------------------------------------------
