@@ -11,8 +11,11 @@ local and remote (over loopback), each with and without `stream=True`. It prints
 - per-token latency: the median time between steps (streamed), or the whole generation over its tokens;
 - the whole generation, and its ratio to the local generation without streaming;
 - the request itself: its nodes and bytes, `serialize_request` on the client, and admission on the
-  server (reading and checking it, `HostedModel.admit`, and its batching group), which a server with a
-  worker process does twice (the front, then the worker).
+  server (reading and checking it, `HostedModel.admit`, and its batching group), which the front does
+  once (its worker process, or Ray replica, gets the admitted request).
+
+The server runs the model in a worker process, as `interlace serve` does by default; `--in-process`
+keeps it in the server's process, to show what the hop to the worker costs.
 
 Model: the embedded SmolLM2-135M (default) or a tiny random GPT-2 (`--model tiny`). Both processes use
 `--threads` intra-op threads (default 1): on a small loaded machine two OpenMP threads in the main thread
@@ -76,13 +79,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads, here and on the server")
+    parser.add_argument("--in-process", action="store_true",
+                        help="the server runs the model in its own process (default: in its worker process)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:
         source, local, layers, prompt = _model(args.model, folder)
         store = KeyStore(os.path.join(folder, "keys.db"))
         key = store.create("bench")
-        server = Server(source, os.path.join(folder, "keys.db"), "--rate", "100000", ready_within=300,
+        flags = ["--rate", "100000"] + (["--in-process"] if args.in_process else [])
+        server = Server(source, os.path.join(folder, "keys.db"), *flags, ready_within=300,
                         env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(args.threads)})
         try:
             name = os.path.basename(source) if args.model == "tiny" else "smollm2"
@@ -109,7 +115,8 @@ def _report(local, remote, name, layers, prompt, args) -> None:
             tokens.setdefault(way, got)
     same = all(torch.equal(got, tokens["local"]) for got in tokens.values())
     print(f"model: {name}; {args.tokens} new tokens, steered at every step, one value saved per step; "
-          f"median of {args.repeats}; the same tokens every way: {same}")
+          f"median of {args.repeats}; server: model {'in its process' if args.in_process else 'in a worker process'}; "
+          f"the same tokens every way: {same}")
     base = statistics.median(total["local"])
     print(f"{'':20}{'first token ms':>16}{'per token ms':>14}{'whole ms':>10}{'whole / local':>15}")
     for way in ways:
