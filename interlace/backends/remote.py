@@ -179,14 +179,13 @@ class RemoteBackend:
                         events.read()
                         raise _error(events)
                 seen = -1  # a job that a batch could not serve runs again alone: its steps start over
+                # read to the end, which comes right after the final event: the connection then serves again
                 for kind, event in _events(events.iter_lines()):
                     if kind == "step":
                         step = deserialize_step(event, limits=Limits())
                         if step.index > seen:
                             seen = step.index
                             yield step
-                    elif kind in _FINISHED:
-                        break
             except httpx.TransportError as error:
                 raise ServiceError(f"lost the connection to {self.host} while streaming job {job.id}: {error}",
                                    status=0, code="unreachable") from None
@@ -234,12 +233,14 @@ class RemoteBackend:
                     if response.status_code != 200:
                         response.read()
                         raise _error(response)
+                    finished = False  # the stream is read to its end, right after the final event (see _steps)
                     for kind, data in _events(response.iter_lines()):
                         status.show(kind, data)
-                        if kind in _FINISHED:
-                            return
-                        if deadline is not None and time.monotonic() > deadline:
+                        finished = finished or kind in _FINISHED
+                        if not finished and deadline is not None and time.monotonic() > deadline:
                             raise TimeoutError
+                if finished:
+                    return
         except (TimeoutError, httpx.ReadTimeout):
             raise LimitError(f"job {job.id} is not finished after {job.timeout:g} s; it goes on: ask again with "
                              "job.result(), or stop it with job.cancel()") from None

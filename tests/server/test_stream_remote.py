@@ -219,3 +219,16 @@ def test_a_stream_nobody_reads_gives_its_connection_back(remote):
     gc.collect()
     assert all(connection.is_idle() or connection.is_closed() for connection in pool.connections)
     assert job.result().results  # the job ran all the same
+
+
+def test_streams_read_to_the_end_leave_their_connection_for_the_next_request(remote):
+    """The client reads a job's events to their end (right after the final event), so one connection
+    serves the submission with its events, the result and the next job: no new connection per stream."""
+    pool = remote._remote._client._transport._pool
+    seen = []
+    for _ in range(3):
+        with remote.generate(PROMPT, max_new_tokens=2, remote=True, stream=True) as tracer:
+            out = remote.generator.output.save()
+        assert len(list(tracer.stream())) == 2 and out.shape == (1, 6)
+        seen.append({id(connection) for connection in pool.connections})
+    assert seen[0] == seen[1] == seen[2] and len(seen[0]) == 1
