@@ -163,7 +163,7 @@ def main(argv=None) -> None:
         lm = interlace.LanguageModel.default(dispatch=True)
         print("\n".join(run_rows("SmolLM2: save layer 5, steer layer 10, save logits", lm, _smollm2_trace,
                                  args.repeats)))
-        print("\n".join(run_rows("SmolLM2: a logit lens through lm_head.weight (copied once per run)", lm,
+        print("\n".join(run_rows("SmolLM2: a logit lens through lm_head.weight", lm,
                                  _smollm2_lens, args.repeats)))
     print()
     print("\n".join(second_line_rows(args.repeats)))

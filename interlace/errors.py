@@ -98,7 +98,15 @@ class RefusedError(InterlaceError):
 
 
 class WeightsChangedError(RefusedError):
-    """A weight's version counter moved during an untrusted run: something wrote to it anyway."""
+    """A weight's version counter moved during an untrusted run: something wrote to it anyway.
+
+    `changed` names the weights; they stay changed (nothing was kept to put back), so the model they
+    belong to must be loaded again before it runs anything else.
+    """
+
+    def __init__(self, message: str, *, changed: list[str] | tuple = ()):
+        super().__init__(message)
+        self.changed = list(changed)
 
 
 class LimitError(InterlaceError):

@@ -4,7 +4,7 @@ Each case builds the bytes of a request and hands them to `attack`, which does w
 with them: load within limits, check against the model, run untrusted, serialize the results. It
 returns the error raised and every change to the model and torch's global state (`ModelState`).
 `tests/backends/test_untrusted.py` runs each case in a capped child process (`capped.Worker`) and
-checks the exact error class and that nothing changed.
+checks the exact error class and that nothing changed (or exactly what a case says it changes).
 """
 
 from __future__ import annotations
@@ -103,16 +103,22 @@ def raw(nodes, traces=None, tensors=None, *, count=None, compress=False, version
     return b"ILG" + bytes([version, flags]) + struct.pack("<I", len(nodes) if count is None else count) + body
 
 
-def attack(data: bytes, limits: Limits | None = None, cancel=None) -> dict:
-    """What a server does with `data`; returns {"error", "message", "changes"}."""
+def attack(data: bytes, limits: Limits | None = None, cancel=None, run=None) -> dict:
+    """What a server does with `data`; returns {"error", "message", "changes"}.
+    run: a hosted model's `execute_many`, to run it as that does (else the model's own run)."""
     lm = model()
     limits = limits or Limits()
     state = ModelState(lm.module)
     error = None
     try:
         request = deserialize_request(data, limits=limits)
-        outcome = lm.run(request, untrusted=True, limits=limits, cancel=cancel)
-        serialize_results(outcome.results, outcome.logs, graph=request.graph, limits=limits)
+        if run is not None:
+            [answer] = run([request], limits=limits, cancels=[cancel or threading.Event()])
+            if isinstance(answer, Exception):
+                raise answer
+        else:
+            outcome = lm.run(request, untrusted=True, limits=limits, cancel=cancel)
+            serialize_results(outcome.results, outcome.logs, graph=request.graph, limits=limits)
     except Exception as raised:  # noqa: BLE001 - the class is what the test checks
         error = raised
     return {
@@ -123,13 +129,14 @@ def attack(data: bytes, limits: Limits | None = None, cancel=None) -> dict:
     }
 
 
-# -- the cases: name -> (expected error class, pattern in its message, builder returning attack(...)) --
+# -- the cases: name -> (expected error class, pattern in its message, builder returning attack(...),
+#    the changes it leaves on the model: none, but where the run fails because it could not prevent them) --
 CASES: dict[str, tuple] = {}
 
 
-def case(error, pattern):
+def case(error, pattern, changes=()):
     def register(fn):
-        CASES[fn.__name__] = (error, pattern, fn)
+        CASES[fn.__name__] = (error, pattern, fn, list(changes))
         return fn
     return register
 
@@ -432,21 +439,31 @@ def in_place_on_ones_own_values_is_allowed():
     return attack(g.bytes())
 
 
-@case("WeightsChangedError", r"changed weight\(s\) model.norm.weight of the shared model.*they were put back")
+@case("WeightsChangedError", r"changed weight\(s\) model.norm.weight of the shared model in a write no "
+      r"operator's schema declared.*The weights stay changed: the server must reload the model",
+      changes=["model.norm.weight: values changed"])
 def version_counters_catch_a_write_the_schema_check_missed():
+    """Nothing was copied to put back: the hosted model that ran it refuses every job after it."""
     from interlace.backends import writes
+    from interlace.server.hosting import HostedModel
 
     def check_without_refusing(self, tensor, argument, func):  # this child only: the first line refuses nothing
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer in self.weights:
-            self.keep(pointer)
+        if tensor.untyped_storage().data_ptr() in self.weights:
             self.touched = True
 
     writes.WriteCheck._check = check_without_refusing
     g = Builder()
     g.call("torch.nn.functional.relu", g.call("operator.neg", g.param("model.norm.weight")), True)  # harmless
-    g.call("torch.nn.functional.relu", g.param("model.norm.weight"), True)
-    return attack(g.bytes())
+    g.call("torch.nn.functional.hardtanh", g.param("model.norm.weight"), 0.0, 0.5, True)  # its ones become 0.5
+    hosted = HostedModel(model(), name="tiny", limits=Limits())
+    result = attack(g.bytes(), run=hosted.execute_many)
+    clean = Builder()
+    clean.save(clean.out())
+    refused = attack(clean.bytes(), run=hosted.execute_many)
+    assert hosted.broken == ["model.norm.weight"], hosted.broken
+    assert (refused["error"], refused["changes"]) == ("ServiceError", []), refused
+    assert "model.norm.weight" in refused["message"] and "restart" in refused["message"], refused["message"]
+    return result
 
 
 @case(None, "")

@@ -5,7 +5,9 @@
 - Writes: in an untrusted run every call runs under `writes.WriteCheck`, which refuses any aten
   operator whose schema writes a weight's storage, before it runs; the weights' version counters
   (`writes.Versions`) are a second line, checked after calls that received a weight and after every
-  run (`check_versions`). In a local run an in-place operation on a weight's storage copies it first
+  run (`check_versions`). Nothing is copied for it: a write the schemas did not declare leaves the
+  weights changed, and the run fails saying so (`WeightsChangedError`), so that whoever hosts the
+  model reloads it (`server.hosting`). In a local run an in-place operation on a weight's storage copies it first
   and the copy is put back when the run ends, so after every trace the weights are what they were;
   which storages are weights is found once per model there (`WeightIndex`), so a local trace that
   writes no weight pays a dict lookup per in-place operation, not a walk over the model.
@@ -49,7 +51,7 @@ class Guard:
         self._storages: dict[int, torch.UntypedStorage] | None = None  # untrusted: data_ptr -> weight storage
         self._index: WeightIndex | None = None  # local: the model's, looked up at the first write of a run
         self._named: dict[int, torch.Tensor] = {}  # data_ptr -> weight a `parameter` node read in this run
-        self._copies: dict[int, tuple] = {}  # data_ptr -> (weight storage, its bytes as they were)
+        self._copies: dict[int, tuple] = {}  # local: data_ptr -> (weight storage, its bytes as they were)
         self._rehearsed: dict[tuple, tuple[int, int, int]] = {}  # module calls: (output, all) elements, flops
         self.versions = Versions(root) if untrusted else None  # the second line against writes
 
@@ -75,7 +77,7 @@ class Guard:
             return
         if self.untrusted:
             raise refuse_weight_write(what if isinstance(what, str) else what.describe())
-        self._keep_copy(storage)
+        self._copies[pointer] = (storage, storage.clone())
 
     def _is_weight(self, pointer: int) -> bool:
         if self.untrusted:  # every weight and gradient, found for each request
@@ -83,11 +85,6 @@ class Guard:
         if self._index is None:
             self._index = WeightIndex.of(self.root)
         return self._index.holds(pointer)
-
-    def _keep_copy(self, storage: torch.UntypedStorage) -> None:
-        pointer = storage.data_ptr()
-        if pointer not in self._copies:
-            self._copies[pointer] = (storage, storage.clone())
 
     def _weights(self) -> dict[int, torch.UntypedStorage]:
         if self._storages is None:
@@ -98,13 +95,12 @@ class Guard:
     def call(self, what: str, fn, args, kwargs, *, module: torch.nn.Module | None = None):
         """`fn(*args, **kwargs)` in an untrusted run: no operator inside it may write a weight.
 
-        A weight the graph hands to a call is copied (once per run) before an operator first reads it,
-        so that if its version counter moves anyway (the second line), the run fails and the weight
-        is put back. A module call reads its own weights: their counters are checked, nothing copied.
+        If a weight's version counter moved anyway (an operator whose schema does not declare its write),
+        the call fails (`check_versions`).
         """
         if module is None and self._writes_only_its_first(args, kwargs):
             return fn(*args, **kwargs)  # nothing a weight shares is in reach: the dispatch mode costs ~20 µs
-        check = WriteCheck(self._weights(), what, keep=None if module is not None else self._keep_pointer)
+        check = WriteCheck(self._weights(), what)
         with check:
             result = fn(*args, **kwargs)
         if check.touched:
@@ -124,43 +120,27 @@ class Guard:
             return False
         return all(_inert(value) for value in args[1:]) and all(_inert(value) for value in kwargs.values())
 
-    def _keep_pointer(self, pointer: int) -> None:
-        if pointer not in self._copies:
-            self._keep_copy(self._storages[pointer])
-
     def check_versions(self, what: str = "the run") -> None:
-        """The second line: fail (and put back what was copied) if any weight's version counter moved."""
+        """The second line: fail if any weight's version counter moved. Nothing was copied to put back:
+        the weights stay changed, and the error says which (`WeightsChangedError.changed`)."""
         changed = self.versions.changed() if self.versions is not None else []
         if not changed:
             return
-        copied = {name for name, tensor, _ in self.versions.tensors
-                  if tensor.untyped_storage().data_ptr() in self._copies}
-        self._put_back()
-        self.versions = Versions(self.root)  # putting back writes too: count from here
-        lost = [name for name in changed if name not in copied]
+        self.versions = Versions(self.root)  # reported once: a later check of this run counts from here
         raise WeightsChangedError(
-            f"{what} changed weight(s) {', '.join(changed[:5])} of the shared model, so the run is refused"
-            + (f"; {', '.join(lost[:5])} could not be put back: the server must reload the model" if lost
-               else "; they were put back") + ". Compute on a copy (`w.clone()`)."
-        )
+            f"{what} changed weight(s) {', '.join(changed[:5])} of the shared model in a write no "
+            "operator's schema declared, so the run is refused. The weights stay changed: the server must reload "
+            "the model before it runs another job. Compute on a copy (`w.clone()`).", changed=changed)
 
     def restore_weights(self) -> None:
-        """Put back every weight storage a local run changed (an untrusted run's copies are only
-        for `check_versions`: nothing was written, so they are dropped)."""
-        if self.untrusted:
+        """Put back every weight storage a local run changed (an untrusted run copies none: it writes none)."""
+        if self._copies:
+            with torch.no_grad():
+                for storage, copy in self._copies.values():
+                    storage.copy_(copy)
             self._copies.clear()
-        else:
-            self._put_back()
         self._named.clear()
         self._index = None  # the next run looks again: the model may change between runs
-
-    def _put_back(self) -> None:
-        if not self._copies:
-            return
-        with torch.no_grad():
-            for storage, copy in self._copies.values():
-                storage.copy_(copy)
-        self._copies.clear()
 
     # -- budgets (untrusted runs) ----------------------------------------------------------------------
     def tick(self) -> None:

@@ -11,7 +11,9 @@ would write says so, and no name of a function is involved.
 
 `Versions` is the second line: torch bumps a tensor's version counter on every in-place write, so
 the counters of every parameter and buffer are read once per run and compared after each call that
-received a weight's storage and after the run. A bump fails the run (`WeightsChangedError`).
+received a weight's storage and after the run. A bump means an operator wrote a weight without its
+schema saying so (rare): nothing was copied to undo it, so the run fails (`WeightsChangedError`) and
+the model must be loaded again before it runs another job.
 
 >>> w = torch.ones(2)
 >>> with WriteCheck({w.untyped_storage().data_ptr(): w.untyped_storage()}, "F.relu"):  # doctest: +ELLIPSIS
@@ -47,14 +49,13 @@ class WriteCheck(TorchDispatchMode):
     """Refuses, before it runs, any aten operator whose schema writes a weight's storage, or writes an
     `out` argument the call did not make itself (a tensor it was handed: like the `out=` keyword).
 
-    weights: data pointer -> storage of every weight. `keep(pointer)`, when given, is called before an
-    operator first reads a weight, so the caller can copy it (see `Versions`). After the call,
-    `touched` says whether any operator saw a weight's storage.
+    weights: data pointer -> storage of every weight. After the call, `touched` says whether any
+    operator saw a weight's storage (so its version counters are worth comparing, see `Versions`).
     """
 
-    def __init__(self, weights, what: str, keep=None):
+    def __init__(self, weights, what: str):
         super().__init__()
-        self.weights, self.what, self.keep = weights, what, keep
+        self.weights, self.what = weights, what
         self.made: set[int] = set()  # storages of the tensors operators made during the call
         self.touched = False
 
@@ -77,8 +78,6 @@ class WriteCheck(TorchDispatchMode):
         if pointer in self.weights:
             if written:
                 raise refuse_weight_write(f"{self.what} (through {func}, which writes its argument {argument.name!r})")
-            if self.keep is not None:
-                self.keep(pointer)  # before the operator runs (the caller copies each storage once)
             self.touched = True
         elif written and argument.is_out and pointer not in self.made:
             raise RefusedError(f"{self.what} would write its result into a tensor it was given (argument "

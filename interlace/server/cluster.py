@@ -18,7 +18,8 @@ deployments:
 The ingress starts one worker thread per replica (`runners` of `create_app`), all taking batches from
 the model's one queue; each sends its batch through the replica deployment's handle and reads its
 stream, and Ray's router gives it to a free replica. Ray replaces a replica that dies or fails its
-health check. A batch that was running on a replica that died fails with 503 `replica_failed` (the
+health check, as one does whose weights a job changed (`RayReplica.check_health`; until Ray replaces it,
+it refuses jobs with 503 `model_damaged`). A batch that was running on a replica that died fails with 503 `replica_failed` (the
 client submits it again); no wait lasts longer than the batch's deadline plus `ANSWER_MARGIN` seconds.
 
 Cancelling a running job shows at once (410). Once every job of its batch is cancelled, the batch is
@@ -67,6 +68,13 @@ class RayReplica(ModelReplica):
     def __init__(self, source: str, **options):
         _serve_on_loopback_if_local()
         super().__init__(source, **options)
+
+    def check_health(self) -> None:
+        """Ray Serve calls this periodically and replaces a replica for which it raises: one whose
+        weights a job changed (it refuses every job until then)."""
+        if self.hosted.broken:
+            raise RuntimeError(f"a job changed weight(s) {', '.join(self.hosted.broken[:5])} of this replica's "
+                               "model: it must be replaced with one that loads the model again")
 
     async def run(self, requests: list, limits: dict, streamed: list[bool], groups: list):
         """Run one batch (`ModelReplica.answer`) in a thread; yield ("step", number, event) for each step of a

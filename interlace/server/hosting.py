@@ -9,6 +9,12 @@ weights, limits, a deadline, cancel between operations) and its saved values com
 of `serialize_results`. Only a server started with `--trusted` runs graphs that carry pickled user
 functions (`interlace.apply`), and those as a local run would.
 
+A job whose write to a weight got past the schema check (`WeightsChangedError`: the version counters
+caught it, and nothing was kept to put it back) leaves the model `broken`: it refuses every job after
+it (503 `model_damaged`) until it is loaded again. A worker process or Ray replica is replaced with a
+fresh one for it (`worker.py`, `cluster.py`); a server that runs the model in its own process
+(`--in-process`) must be restarted, and says so in `/v1/health`.
+
 With `check_weights` (a test mode) every parameter and buffer is checksummed at start and again
 after every batch, together with hooks, `requires_grad` and the rest of `ModelState`: a job that left
 any trace on the shared model shows in `/v1/health`.
@@ -32,7 +38,7 @@ from ..backends.serialize import (GRAPH_MAGIC, SUPPORTED_VERSIONS, deserialize_r
                                   serialize_results, serialize_step)
 from ..backends.validate import check_against_model
 from ..backends.writes import warm_up
-from ..errors import LimitError, RefusedError, SourceError
+from ..errors import LimitError, RefusedError, ServiceError, SourceError, WeightsChangedError
 from ..graph import Request
 from ..models.base import Model
 from ..models.language import DEFAULT_MODEL, LanguageModel, _check_untrusted_options
@@ -90,6 +96,8 @@ class HostedModel:
         self._state = ModelState(model.module, values=False) if check_weights else None
         self.checked = 0  # jobs after which the model was checked
         self.changes: list[str] = []  # what any job left behind (check_weights only)
+        self.broken: list[str] = []  # weights a job changed past the write check: no job runs after it
+        self.reloads: list[str] = []  # why its weights were loaded again (a worker process restarted for it)
         self._manifest: dict | None = None
         self._fingerprint: str | None = None
         self._paths = frozenset(name for name, _ in model.module.named_modules())  # for admit: the tree is fixed
@@ -128,6 +136,8 @@ class HostedModel:
         (result bytes, log lines, missing saved values) or the exception that failed it alone.
         groups: the model's group of each request (`Model.batching`), when known. on_steps: for each,
         None or what is handed each of its generation steps as a `step` event (`serialize_step`)."""
+        if self.broken:
+            return [self.damaged()] * len(requests)
         on_steps = [step_publisher(request.graph, limits, send) if send else None
                     for request, send in zip(requests, on_steps or [None] * len(requests))]
         try:
@@ -137,10 +147,28 @@ class HostedModel:
             else:
                 answers = self.model.run_many(requests, untrusted=True, limits=limits, cancels=cancels, groups=groups,
                                               on_steps=on_steps)
+            for answer in answers:
+                if isinstance(answer, WeightsChangedError):
+                    self.broken += [name for name in answer.changed if name not in self.broken]
+                    log.error("a job changed weight(s) %s of the hosted model %s past the write check: it runs "
+                              "no more jobs until it is loaded again", ", ".join(answer.changed[:5]), self.name)
             return [self._reply(request, answer, limits) for request, answer in zip(requests, answers)]
         finally:
             if self.checksum is not None:
                 self._check()
+
+    def damage(self) -> list[str]:
+        """What jobs did to the weights past the write check, and what was done about it (`/v1/health`)."""
+        now = [f"weight(s) {', '.join(self.broken[:5])} changed by a job: the model runs no more jobs until the "
+               "server is restarted"] if self.broken else []
+        return self.reloads + now
+
+    def damaged(self) -> ServiceError:
+        """The refusal of every job once a job changed the weights (`broken`)."""
+        return ServiceError(
+            f"an earlier job changed weight(s) {', '.join(self.broken[:5])} of the model {self.name!r} in a way the "
+            "server could not prevent or undo, so it runs no more jobs on them: the server must be restarted to "
+            "load the model again (tell its operator); then submit the job again", status=503, code="model_damaged")
 
     @staticmethod
     def _answer(run):

@@ -34,7 +34,8 @@ class ModelReplica:
                                   limits=Limits(**limits), trusted=trusted, check_weights=check_weights)
 
     def identity(self) -> dict:
-        """Which replica this is: Ray's replica id when it is one, its process and node, its weight checks."""
+        """Which replica this is: Ray's replica id when it is one, its process and node, its weight checks,
+        and the weights a job changed past the write check (`broken`: it must be replaced)."""
         serve = sys.modules.get("ray.serve")  # loaded in a Ray Serve replica; not imported just to ask
         try:
             ids = serve.get_replica_context().replica_id
@@ -42,7 +43,7 @@ class ModelReplica:
         except Exception:  # noqa: BLE001 - not in Ray Serve: the process is the replica
             replica, actor = f"pid{os.getpid()}", None
         return {"replica": replica, "actor": actor, "pid": os.getpid(), "node": socket.gethostname(),
-                "checked": self.hosted.checked, "changes": list(self.hosted.changes)}
+                "checked": self.hosted.checked, "changes": list(self.hosted.changes), "broken": list(self.hosted.broken)}
 
     def answer(self, requests: list[Request | bytes], limits: dict, streamed: list[bool] | None = None, send=None,
                cancels: list[threading.Event] | None = None, groups: list | None = None) -> dict:

@@ -15,7 +15,7 @@ class ErrorBody(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
+    status: str  # "ok", or "model_damaged" while a model refuses jobs until the server is restarted
     interlace: str
     wire_version: int  # the frozen version 1, which every client writes (see Manifest)
     wire_versions: list[int]
@@ -24,6 +24,7 @@ class Health(BaseModel):
     running: dict[str, int]  # jobs running now, per model
     checked_jobs: int | None = None  # jobs after which the weights were checked (--check-weights)
     model_changes: list[str] | None = None  # what any job left on a hosted model (expected: none)
+    model_damage: list[str] = []  # weights jobs changed past the write check, and whether they were reloaded
 
 
 class ModelSummary(BaseModel):

@@ -12,7 +12,9 @@ forwards cancels (a thread of the child sets the batch's cancel events), and onc
 deadline by `GRACE` seconds (the executor normally stops it at its next operation, well before), or all
 its jobs were cancelled `CANCEL_GRACE` seconds ago, it kills the child, fails the batch (504 for the deadline) and
 starts a new one; the next batch waits for it in the queue. A child that dies by itself (killed for
-memory, say) fails its batch with 503 and is started again too.
+memory, say) fails its batch with 503 and is started again too, and so is one whose reply says a job
+changed its weights past the write check (`HostedModel.broken`): the failing job gets its error, and the
+next batch runs on weights loaded afresh.
 
 The child runs at a lower priority (`os.nice`), so that the front gets the CPU it needs to answer
 `/v1/health` within milliseconds. It keeps torch's thread count: fewer threads would change the order
@@ -125,6 +127,12 @@ class ProcessRunner:
             return [reply] * len(jobs)
         if self.check_weights:
             self._copy_checks(reply["replica"])
+        broken = reply["replica"]["broken"]
+        if broken:
+            log.error("a job changed weight(s) %s of the model in its worker process past the write check; "
+                      "restarting the worker to load the model again", ", ".join(broken[:5]))
+            self.hosted.reloads.append(f"weight(s) {', '.join(broken[:5])} changed by a job: worker restarted")
+            self.restart()
         cancelled = CancelledError("the job was cancelled while running")
         return [cancelled if job.cancel.is_set() else decode_answer(answer)
                 for job, answer in zip(jobs, reply["answers"])]

@@ -3,7 +3,8 @@
 Every hostile request in `tests/hostile.py` runs in a child process capped in memory and time
 (`capped.Worker`), so a bomb that got through would kill only that child and fail its test. Each
 asserts the exact error class, its message, and that the model and torch's global state are exactly
-as before (every parameter and buffer bit for bit, requires_grad, .grad, hooks, instance forward).
+as before (every parameter and buffer bit for bit, requires_grad, .grad, hooks, instance forward), but
+where a case's write gets past the schema check on purpose: then the changes are the ones it names.
 """
 
 import operator
@@ -18,11 +19,13 @@ import torch
 import interlace
 from capped import Worker
 from helpers import MLP, assert_clean
-from hostile import CASES
+from hostile import CASES, Builder, model
 from interlace.backends.state import ModelState
 from interlace.backends.limits import Limits
 from interlace.backends.serialize import deserialize_request, serialize_graph
-from interlace.errors import RefusedError
+from interlace.backends.writes import WriteCheck
+from interlace.errors import RefusedError, ServiceError, WeightsChangedError
+from interlace.server.hosting import HostedModel
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,7 @@ def worker():
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_hostile_request(worker, name):
-    error, pattern, _ = CASES[name]
+    error, pattern, _, changes = CASES[name]
     answer = worker.run("run_case", name, memory_mb=1536, seconds=60)
     assert "ok" in answer, answer["died"]
     result = answer["ok"]
@@ -42,7 +45,7 @@ def test_hostile_request(worker, name):
     if error is not None:
         assert result["interlace"], result["message"]
         assert re.search(pattern, result["message"], re.MULTILINE), result["message"]
-    assert result["changes"] == []
+    assert result["changes"] == changes
 
 
 def test_there_are_at_least_forty_hostile_cases():
@@ -124,6 +127,64 @@ def test_untrusted_run_of_a_good_request_equals_the_local_trace():
     assert outcome.logs[0][1][0] == "mean" and torch.equal(outcome.logs[0][1][1], mlp.layers[0](mlp.embed(x)).mean())
     assert state.diff() == []
     assert_clean(mlp)
+
+
+def test_a_logit_lens_copies_no_weight_and_equals_the_local_run(monkeypatch):
+    """lm_head.weight handed to a call (the write check sees it) is read in place: no copy of any storage."""
+    lm = model()
+    g = Builder()
+    head = g.call("builtins.getattr", g.param("lm_head.weight"), "T")
+    g.save(g.call("torch.matmul", g.out("model.norm"), head))
+    request = deserialize_request(g.bytes())
+    local = lm.run(request).results
+    clones = []
+    clone = torch.UntypedStorage.clone
+    monkeypatch.setattr(torch.UntypedStorage, "clone", lambda storage, *a, **k: clones.append(storage.nbytes())
+                        or clone(storage, *a, **k))
+    untrusted = lm.run(request, untrusted=True, limits=Limits()).results
+    assert clones == []
+    assert local.keys() == untrusted.keys() and all(torch.equal(local[k], untrusted[k]) for k in local)
+
+
+def _unchecked_writes(monkeypatch):
+    """The first line refuses nothing (an operator whose schema does not declare its write); the counters stay."""
+    def check_without_refusing(self, tensor, argument, func):
+        if tensor.untyped_storage().data_ptr() in self.weights:
+            self.touched = True
+
+    monkeypatch.setattr(WriteCheck, "_check", check_without_refusing)
+
+
+def test_a_hosted_model_whose_weights_a_job_changed_runs_no_more_jobs(monkeypatch):
+    torch.manual_seed(0)
+    mlp = MLP().eval()
+    net = interlace.Model(mlp)
+    x = torch.randn(2, 3)
+    g = Builder()
+    g.call("torch.nn.functional.hardtanh", g.param("head.weight"), -1e-3, 1e-3, True)
+    damaging = deserialize_request(g.bytes([((x,), {})]))
+    g = Builder()
+    g.save(g.out(""))
+    good = deserialize_request(g.bytes([((x,), {})]))
+    hosted = HostedModel(net, name="mlp", limits=Limits())
+    _unchecked_writes(monkeypatch)
+    before = mlp.head.weight.detach().clone()
+    [error] = hosted.execute_many([damaging], limits=Limits(), cancels=[threading.Event()])
+    assert isinstance(error, WeightsChangedError) and error.changed == ["head.weight"], error
+    assert "The weights stay changed: the server must reload the model" in str(error)
+    assert not torch.equal(mlp.head.weight, before)  # nothing was kept to put back
+    assert hosted.broken == ["head.weight"]
+    calls = []
+    mlp.register_forward_pre_hook(lambda module, args: calls.append(1))
+    [refused] = hosted.execute_many([good], limits=Limits(), cancels=[threading.Event()])
+    assert isinstance(refused, ServiceError) and (refused.status, refused.code) == (503, "model_damaged")
+    assert str(refused) == (
+        "an earlier job changed weight(s) head.weight of the model 'mlp' in a way the server could not prevent or "
+        "undo, so it runs no more jobs on them: the server must be restarted to load the model again (tell its "
+        "operator); then submit the job again")
+    assert calls == []  # refused before anything ran
+    assert hosted.damage() == ["weight(s) head.weight changed by a job: the model runs no more jobs until the "
+                               "server is restarted"]
 
 
 def test_a_server_pays_torchs_first_dispatch_mode_when_it_starts_and_size_rules_import_nothing():

@@ -19,13 +19,15 @@ def free_port() -> int:
 
 class Server:
     """`interlace serve MODEL --db DB *flags` on a free port; `stop()` ends it (kill after 15 s).
-    `env`: the server's whole environment (default: this process's)."""
+    `env`: the server's whole environment (default: this process's). `program`: what runs `interlace`
+    (a test's script that changes the server before it calls `interlace.cli.main`)."""
 
-    def __init__(self, model: str, db: str, *flags: str, ready_within: float = 180.0, env: dict | None = None):
+    def __init__(self, model: str, db: str, *flags: str, ready_within: float = 180.0, env: dict | None = None,
+                 program: tuple[str, ...] = ("-m", "interlace")):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile(mode="w+")
-        command = [sys.executable, "-m", "interlace", "serve", model, "--db", db, "--port", str(self.port),
+        command = [sys.executable, *program, "serve", model, "--db", db, "--port", str(self.port),
                    "--log-level", "warning", *flags]
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         try:

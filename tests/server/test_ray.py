@@ -24,7 +24,8 @@ from hostile import Builder
 from interlace.backends.limits import Limits
 from interlace.backends.serialize import deserialize_results, serialize_request
 from interlace.cli import main
-from interlace.errors import ExecutionError, LimitError
+from interlace.backends.writes import WriteCheck
+from interlace.errors import ExecutionError, LimitError, WeightsChangedError
 from interlace.graph import Request
 from interlace.server.replica import ModelReplica, decode_answer
 from interlace.server.errors import status_of
@@ -159,6 +160,33 @@ def test_a_replicas_answers_are_the_local_results_and_errors(setup, local):
     deadline = replica.answer([admitted(slow(3, 400))], {"max_seconds": 0.2})["answers"][0]
     error = decode_answer(deadline)
     assert isinstance(error, LimitError) and status_of(error) == 504
+
+
+@needs_ray
+def test_a_replica_whose_weights_a_job_changed_fails_its_health_check(setup, monkeypatch):
+    """Ray Serve replaces a replica whose `check_health` raises: one on which a write got past the schema
+    check (here it refuses nothing) until then refuses jobs, and says it is broken in its identity."""
+    from interlace.server.cluster import RayReplica
+
+    replica = RayReplica(setup["folder"], name="tiny-gpt2", kind={}, limits={}, trusted=False, check_weights=False)
+    replica.check_health()  # healthy: returns
+    monkeypatch.setattr(WriteCheck, "_check", _check_without_refusing)
+    g = Builder()
+    g.call("torch.nn.functional.hardtanh", g.param(f"{PATH}.ln_1.weight"), 0.0, 0.5, True)
+    damaging = HostedModel(load_model(setup["folder"], weights=False), name="tiny-gpt2", limits=Limits()).admit(
+        g.bytes([(("w5 w6",), {})]))
+    reply = replica.answer([damaging], {})
+    assert isinstance(decode_answer(reply["answers"][0]), WeightsChangedError)
+    assert reply["replica"]["broken"] == [f"{PATH}.ln_1.weight"]
+    with pytest.raises(RuntimeError, match=rf"a job changed weight\(s\) {PATH}.ln_1.weight of this replica's model"):
+        replica.check_health()
+    refused = decode_answer(replica.answer([damaging], {})["answers"][0])
+    assert (refused.status, refused.code) == (503, "model_damaged")
+
+
+def _check_without_refusing(self, tensor, argument, func):
+    if tensor.untyped_storage().data_ptr() in self.weights:
+        self.touched = True
 
 
 @pytest.mark.parametrize("kind", [{}, {"standardized": True, "attention_probs": True}], ids=["native", "standardized"])

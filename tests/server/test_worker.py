@@ -9,6 +9,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from hostile import Builder
 from serving import Server
@@ -148,5 +149,34 @@ def test_in_process_keeps_the_model_in_the_server(setup, local):
         there, here = values(response.content), run_here(local, data)
         assert there.keys() == here.keys() and all((there[k] == here[k]).all() for k in here)
         assert server.health()["checked_jobs"] >= 1
+    finally:
+        server.stop()
+
+
+def test_a_write_past_the_schema_check_restarts_the_worker_on_fresh_weights(setup, local):
+    """The server's schema check refuses nothing here (`unchecked_writes.py`): the version counters catch the
+    write, its job fails, and the worker is restarted before the next job, which runs on weights loaded again."""
+    script = os.path.join(os.path.dirname(__file__), "unchecked_writes.py")
+    server = Server(setup["folder"], setup["db"], program=(script,))
+    key = setup["keys"]["user7"]
+    try:
+        [pid] = workers(server)
+        g = Builder()
+        weight = g.param(f"{PATH}.ln_1.weight")
+        g.call("torch.nn.functional.hardtanh", weight, 0.0, 0.5, True)  # its ones become 0.5, in place
+        g.save(g.out(PATH))
+        answer = post(server, key, g.bytes([(("w5 w6 w7",), {})]))
+        body = answer.json()
+        assert (answer.status_code, body["code"]) == (403, "WeightsChangedError"), body
+        assert f"{PATH}.ln_1.weight" in body["message"] and "must reload the model" in body["message"]
+        data = good()
+        response = post(server, key, data)
+        assert response.status_code == 200, response.text
+        there, here = values(response.content), run_here(local, data)
+        assert there.keys() == here.keys() and all(torch.equal(there[k], here[k]) for k in here)
+        assert workers(server) and pid not in workers(server)
+        health = server.health()
+        assert health["status"] == "ok", health
+        assert health["model_damage"] == [f"tiny-gpt2: weight(s) {PATH}.ln_1.weight changed by a job: worker restarted"]
     finally:
         server.stop()
