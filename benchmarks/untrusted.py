@@ -112,7 +112,7 @@ def second_line_rows(repeats: int) -> list[str]:
     for name, module, run_ms in SECOND_LINE:
         versions = _median(lambda: Versions(module).changed(), repeats) * 1e3
         attachments = _median(lambda: Attachments(module).restore(), repeats) * 1e3
-        count = len(Versions(module).tensors)
+        count = len(Versions(module).versions)
         rows.append(f"| {name} | {count} | {versions:.3f} | {attachments:.3f} | {(versions + attachments) / run_ms:.3f} |")
     return rows
 

@@ -114,3 +114,11 @@ def tiny_family(model_type: str) -> torch.nn.Module:
     )
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def check_without_refusing(self, tensor, argument, func):
+    """`WriteCheck._check` as if no operator's schema declared its writes: the first line refuses nothing,
+    and the version counters (the second line) still compare the weights a call saw."""
+    pointer = tensor.untyped_storage().data_ptr()
+    if pointer in self.weights:
+        self.touched.add(pointer)

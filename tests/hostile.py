@@ -24,7 +24,7 @@ from interlace.backends.state import ModelState
 from interlace.backends.limits import Limits
 from interlace.backends.serialize import deserialize_request, serialize_graph, serialize_request, serialize_results
 from interlace.graph import Graph, Ref, Request
-from helpers import tiny_tokenizer
+from helpers import check_without_refusing, tiny_tokenizer
 
 _LM = None
 
@@ -447,11 +447,7 @@ def version_counters_catch_a_write_the_schema_check_missed():
     from interlace.backends import writes
     from interlace.server.hosting import HostedModel
 
-    def check_without_refusing(self, tensor, argument, func):  # this child only: the first line refuses nothing
-        if tensor.untyped_storage().data_ptr() in self.weights:
-            self.touched = True
-
-    writes.WriteCheck._check = check_without_refusing
+    writes.WriteCheck._check = check_without_refusing  # this child only: the first line refuses nothing
     g = Builder()
     g.call("torch.nn.functional.relu", g.call("operator.neg", g.param("model.norm.weight")), True)  # harmless
     g.call("torch.nn.functional.hardtanh", g.param("model.norm.weight"), 0.0, 0.5, True)  # its ones become 0.5

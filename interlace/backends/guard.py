@@ -9,8 +9,9 @@
   weights changed, and the run fails saying so (`WeightsChangedError`), so that whoever hosts the
   model reloads it (`server.hosting`). In a local run an in-place operation on a weight's storage copies it first
   and the copy is put back when the run ends, so after every trace the weights are what they were;
-  which storages are weights is found once per model there (`WeightIndex`), so a local trace that
-  writes no weight pays a dict lookup per in-place operation, not a walk over the model.
+  which storages are weights is listed once per model (`tree.ModelTree`, as are the weights an
+  untrusted run checks), so a local trace that writes no weight pays a dict lookup per in-place
+  operation, not a walk over the model.
 - Sizes (untrusted runs): each allowed operation has a size rule (named in `ops`) that bounds the
   elements of its result from its arguments' shapes; the bound is checked against `Limits` before
   the call allocates anything. Python values (ints, strings, lists) are bounded the same way.
@@ -21,9 +22,7 @@ The size rules themselves live in `sizes`; the snapshot of a model's state in `s
 
 from __future__ import annotations
 
-import itertools
 import time
-import weakref
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -31,6 +30,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from .. import ops
 from ..errors import CancelledError, LimitError, RefusedError, WeightsChangedError
 from .limits import DEFAULT, Limits
+from .tree import ModelTree
 from .sizes import PYTHON_REFERENCE, PYTHON_TENSOR, RULES, elements, rehearse, shapes
 from .writes import Versions, WriteCheck, refuse_weight_write
 
@@ -49,7 +49,7 @@ class Guard:
         self.deadline = time.monotonic() + self.limits.max_seconds if untrusted else None
         self.created = 0  # elements created so far
         self._storages: dict[int, torch.UntypedStorage] | None = None  # untrusted: data_ptr -> weight storage
-        self._index: WeightIndex | None = None  # local: the model's, looked up at the first write of a run
+        self._tree: ModelTree | None = None  # local: the model's, looked up at the first write of a run
         self._named: dict[int, torch.Tensor] = {}  # data_ptr -> weight a `parameter` node read in this run
         self._copies: dict[int, tuple] = {}  # local: data_ptr -> (weight storage, its bytes as they were)
         self._rehearsed: dict[tuple, tuple[int, int, int]] = {}  # module calls: (output, all) elements, flops
@@ -82,9 +82,9 @@ class Guard:
     def _is_weight(self, pointer: int) -> bool:
         if self.untrusted:  # every weight and gradient, found for each request
             return pointer in self._weights()
-        if self._index is None:
-            self._index = WeightIndex.of(self.root)
-        return self._index.holds(pointer)
+        if self._tree is None:
+            self._tree = ModelTree.of(self.root)
+        return self._tree.holds(pointer)
 
     def _weights(self) -> dict[int, torch.UntypedStorage]:
         if self._storages is None:
@@ -104,7 +104,7 @@ class Guard:
         with check:
             result = fn(*args, **kwargs)
         if check.touched:
-            self.check_versions(what)
+            self.check_versions(what, check.touched)
         return result
 
     def _writes_only_its_first(self, args, kwargs) -> bool:
@@ -120,10 +120,11 @@ class Guard:
             return False
         return all(_inert(value) for value in args[1:]) and all(_inert(value) for value in kwargs.values())
 
-    def check_versions(self, what: str = "the run") -> None:
-        """The second line: fail if any weight's version counter moved. Nothing was copied to put back:
-        the weights stay changed, and the error says which (`WeightsChangedError.changed`)."""
-        changed = self.versions.changed() if self.versions is not None else []
+    def check_versions(self, what: str = "the run", storages=None) -> None:
+        """The second line: fail if any weight's version counter moved (of the weights in `storages`, data
+        pointers, when given: those a call saw). Nothing was copied to put back: the weights stay
+        changed, and the error says which (`WeightsChangedError.changed`)."""
+        changed = self.versions.changed(storages) if self.versions is not None else []
         if not changed:
             return
         self.versions = Versions(self.root)  # reported once: a later check of this run counts from here
@@ -140,7 +141,7 @@ class Guard:
                     storage.copy_(copy)
             self._copies.clear()
         self._named.clear()
-        self._index = None  # the next run looks again: the model may change between runs
+        self._tree = None  # the next run looks again: the model may change between runs
 
     # -- budgets (untrusted runs) ----------------------------------------------------------------------
     def tick(self) -> None:
@@ -303,76 +304,16 @@ def _inert(value) -> bool:
 
 
 def weight_storages(root: torch.nn.Module) -> dict[int, torch.UntypedStorage]:
-    """data_ptr -> storage of every parameter, buffer and gradient of `root` (walks the whole model)."""
+    """data_ptr -> storage of every parameter, buffer and gradient of `root` (its gradients as they are now)."""
     storages = {}
-    for module in root.modules():
-        for table in (module._parameters, module._buffers):
-            for tensor in table.values():
-                if tensor is None or tensor.device.type == "meta":
-                    continue
-                for held in (tensor, tensor.grad):
-                    if held is not None and held.numel():
-                        storage = held.untyped_storage()
-                        storages[storage.data_ptr()] = storage
+    for _, tensor in ModelTree.of(root).weights:
+        if tensor.device.type == "meta":
+            continue
+        for held in (tensor, tensor.grad):
+            if held is not None and held.numel():
+                storage = held.untyped_storage()
+                storages[storage.data_ptr()] = storage
     return storages
-
-
-class WeightIndex:
-    """Which storages hold the parameters and buffers of a model: found once per model, not per trace.
-
-    `WeightIndex.of(root)` is cached for `root` and found again only when it may be out of date:
-    after a parameter, buffer or module was registered anywhere (torch's registration hooks, which
-    every `module.x = ...` and `register_*` goes through), or when the model was moved or cast (its
-    first weight's storage changed). A hit is checked against the weight itself, so a stale entry
-    never makes a copy of the wrong memory. Weights read by name in a graph (`parameter` nodes) are
-    known exactly without the index (`Guard.named_weight`).
-
-    >>> net = torch.nn.Linear(2, 2)
-    >>> index = WeightIndex.of(net)
-    >>> index.holds(net.weight[0].untyped_storage().data_ptr()), index.holds(torch.ones(2).data_ptr())
-    (True, False)
-    """
-
-    _cache: "weakref.WeakKeyDictionary[torch.nn.Module, WeightIndex]" = weakref.WeakKeyDictionary()
-    _epoch = itertools.count(1)  # bumped on every registration of a parameter, buffer or module
-    epoch = 0
-
-    def __init__(self, root: torch.nn.Module):
-        self.epoch = WeightIndex.epoch
-        self.tensors: dict[int, torch.Tensor] = {}  # data_ptr -> a weight with that storage
-        for module in root.modules():
-            for table in (module._parameters, module._buffers):
-                for tensor in table.values():
-                    if tensor is not None and tensor.device.type != "meta" and tensor.numel():
-                        self.tensors.setdefault(tensor.untyped_storage().data_ptr(), tensor)
-        self.first = next(iter(self.tensors.items()), None)  # (pointer, tensor): moved when the model is
-
-    @classmethod
-    def of(cls, root: torch.nn.Module) -> "WeightIndex":
-        index = cls._cache.get(root)
-        if index is None or index.stale():
-            index = cls._cache[root] = cls(root)
-        return index
-
-    def stale(self) -> bool:
-        if self.epoch != WeightIndex.epoch:
-            return True
-        return self.first is not None and self.first[1].untyped_storage().data_ptr() != self.first[0]
-
-    def holds(self, pointer: int) -> bool:
-        """Whether the storage at `pointer` is a weight's."""
-        tensor = self.tensors.get(pointer)
-        return tensor is not None and tensor.untyped_storage().data_ptr() == pointer
-
-
-def _registered(*_):
-    WeightIndex.epoch = next(WeightIndex._epoch)
-
-
-for _register in (torch.nn.modules.module.register_module_parameter_registration_hook,
-                  torch.nn.modules.module.register_module_buffer_registration_hook,
-                  torch.nn.modules.module.register_module_module_registration_hook):
-    _register(_registered)
 
 
 def _refuse_out_arguments(kwargs) -> None:

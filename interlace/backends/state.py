@@ -14,6 +14,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from ..source import rewrite_attributes, rewritten_forward
+from .tree import ModelTree
 
 
 _HOOK_TABLES = (
@@ -43,8 +44,7 @@ class Attachments:
 
     def __init__(self, root: torch.nn.Module):
         self.first_id = RemovableHandle.next_id  # hooks registered from now on have ids from here
-        self.modules = [(name, vars(module), len(vars(module)))
-                        for name, module in root.named_modules(remove_duplicate=False)]
+        self.modules = [(name, vars(module), len(vars(module))) for name, module in ModelTree.of(root).modules]
 
     def _added(self):
         """(module name, the dict, the keys added to it) for every instance dict and hook table that grew."""

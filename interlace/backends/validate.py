@@ -19,6 +19,7 @@ from .. import ops
 from ..errors import GraphError, InterlaceError, describe_location
 from ..graph import Graph, Node, Ref, copied_spans
 from ..source import SOURCE, submodule
+from .tree import ModelTree
 
 _MODULE_VALUE_KEYS = frozenset({"kind", "call", "invoke", "optional"})
 _KINDS = ("output", "input", "inputs")
@@ -172,18 +173,15 @@ _CHECKS = {
 }
 
 
-def check_against_model(graph: Graph, root, extra_modules: dict, invokes: int, start: int = 0, end=None, *,
-                        paths=None) -> None:
-    """Module paths, parameter names and invoke indices of nodes `start..end` exist in this model.
-
-    paths: `root`'s module paths, when the caller keeps them (listing a large model's costs ~0.2 ms)."""
-    modules = None if paths is None else set(paths) | set(extra_modules)
+def check_against_model(graph: Graph, root, extra_modules: dict, invokes: int, start: int = 0, end=None) -> None:
+    """Module paths, parameter names and invoke indices of nodes `start..end` exist in this model."""
+    modules = None
     weights = None
     for node in own_nodes(graph.nodes, graph.repeats, start, len(graph) if end is None else end):
         check_node(node, graph.nodes, False)
         if node.op in ("module_value", "skip", "module_call"):
             if modules is None:
-                modules = {name for name, _ in root.named_modules()} | set(extra_modules)
+                modules = ModelTree.of(root).paths | set(extra_modules)
             if node.target not in modules:
                 _source_point(node, root, modules)
             if node.op == "module_call" and node.target in extra_modules:

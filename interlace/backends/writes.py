@@ -29,6 +29,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import RefusedError
+from .tree import ModelTree
 
 
 def refuse_weight_write(what: str) -> RefusedError:
@@ -49,15 +50,15 @@ class WriteCheck(TorchDispatchMode):
     """Refuses, before it runs, any aten operator whose schema writes a weight's storage, or writes an
     `out` argument the call did not make itself (a tensor it was handed: like the `out=` keyword).
 
-    weights: data pointer -> storage of every weight. After the call, `touched` says whether any
-    operator saw a weight's storage (so its version counters are worth comparing, see `Versions`).
+    weights: data pointer -> storage of every weight. After the call, `touched` holds the data pointers
+    of the weights' storages operators saw (their version counters are worth comparing, see `Versions`).
     """
 
     def __init__(self, weights, what: str):
         super().__init__()
         self.weights, self.what = weights, what
         self.made: set[int] = set()  # storages of the tensors operators made during the call
-        self.touched = False
+        self.touched: set[int] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -78,7 +79,7 @@ class WriteCheck(TorchDispatchMode):
         if pointer in self.weights:
             if written:
                 raise refuse_weight_write(f"{self.what} (through {func}, which writes its argument {argument.name!r})")
-            self.touched = True
+            self.touched.add(pointer)
         elif written and argument.is_out and pointer not in self.made:
             raise RefusedError(f"{self.what} would write its result into a tensor it was given (argument "
                                f"{argument.name!r} of {func}); `out` arguments are not allowed here: use the "
@@ -105,20 +106,19 @@ class Versions:
     ...     _ = net.bias.add_(1)
     >>> versions.changed()
     ['bias']
+    >>> versions.changed({net.weight.untyped_storage().data_ptr()})  # only the weights in these storages
+    []
     """
 
     def __init__(self, root: torch.nn.Module):
-        self.tensors = [(name, tensor, tensor._version) for name, tensor in _weights(root)]
+        self.tree = ModelTree.of(root)
+        self.versions = [tensor._version for _, tensor in self.tree.weights]
 
-    def changed(self) -> list[str]:
-        return [name for name, tensor, version in self.tensors if tensor._version != version]
-
-
-def _weights(root: torch.nn.Module):
-    seen = set()
-    for prefix, module in root.named_modules(remove_duplicate=False):
-        for table in (module._parameters, module._buffers):
-            for key, tensor in table.items():
-                if tensor is not None and id(tensor) not in seen:
-                    seen.add(id(tensor))
-                    yield f"{prefix}.{key}".lstrip("."), tensor
+    def changed(self, storages=None) -> list[str]:
+        """The weights whose counters moved: all, or those whose storage is in `storages` (data pointers)."""
+        weights, versions = self.tree.weights, self.versions
+        if storages is None:
+            numbers = range(len(weights))
+        else:
+            numbers = sorted(n for pointer in storages for n in self.tree.by_storage.get(pointer, ()))
+        return [weights[n][0] for n in numbers if weights[n][1]._version != versions[n]]

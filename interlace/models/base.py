@@ -13,7 +13,8 @@ import threading
 
 import torch
 
-from ..backends.guard import Guard, WeightIndex
+from ..backends.guard import Guard
+from ..backends.tree import ModelTree
 from ..backends.limits import DEFAULT as DEFAULT_LIMITS, Limits
 from ..backends.local import Interleaver
 from ..backends.merge import MergedInterleaver, merge, merge_key, split, split_step
@@ -380,14 +381,14 @@ def _each_step(on_step, module: torch.nn.Module):
 def _copy_weights(results: dict, module: torch.nn.Module) -> None:
     """Saved values that share memory with a weight or buffer (`net.weight.save()`, a view of one)
     become copies: changing a saved value must never change the model (benchmarks/saved_weights.py
-    measures what the copies cost). The weights' storages are the model's cached `WeightIndex`: a
+    measures what the copies cost). The weights' storages are the model's cached `ModelTree`: a
     walk over every parameter here would cost more than the rest of a small trace."""
     index = None
     for key, value in results.items():
         if not isinstance(value, torch.Tensor) or value.device.type == "meta":
             continue
         if index is None:
-            index = WeightIndex.of(module)
+            index = ModelTree.of(module)
         if index.holds(value.untyped_storage().data_ptr()):
             results[key] = value.detach().clone()
 

@@ -100,7 +100,6 @@ class HostedModel:
         self.reloads: list[str] = []  # why its weights were loaded again (a worker process restarted for it)
         self._manifest: dict | None = None
         self._fingerprint: str | None = None
-        self._paths = frozenset(name for name, _ in model.module.named_modules())  # for admit: the tree is fixed
         if not trusted:
             warm_up()
 
@@ -117,7 +116,7 @@ class HostedModel:
                                  f"{self.limits.max_invokes} (max_invokes)")
             if not _has_functions(request.graph):
                 check_against_model(request.graph, self.model.module, self.model._extra_modules(),
-                                    len(trace.invokes), trace.start, trace.end, paths=self._paths)
+                                    len(trace.invokes), trace.start, trace.end)
             if isinstance(self.model, LanguageModel):
                 _check_untrusted_options(trace.options, None, self.limits)
         return request

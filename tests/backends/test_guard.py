@@ -3,7 +3,7 @@
 import torch
 
 import interlace
-from interlace.backends.guard import WeightIndex
+from interlace.backends.tree import ModelTree
 
 
 class Table(torch.nn.Module):
@@ -68,18 +68,18 @@ def test_the_index_is_found_once_and_again_when_the_model_changes():
         assert torch.equal(module.positions.table, before)
 
     zero_row_in_a_trace()
-    index = WeightIndex.of(module)
+    index = ModelTree.of(module)
     zero_row_in_a_trace()
-    assert WeightIndex.of(module) is index  # not found again for a second trace
+    assert ModelTree.of(module) is index  # not found again for a second trace
 
     module.positions.table = torch.nn.Parameter(torch.full((4, 3), 5.0))  # a new weight, registered
-    assert WeightIndex.of(module) is not index
+    assert ModelTree.of(module) is not index
     zero_row_in_a_trace()
 
-    index = WeightIndex.of(module)
+    index = ModelTree.of(module)
     module.to(torch.float64)  # every weight moves to new storage, registering nothing
     x = x.double()
-    assert WeightIndex.of(module) is not index
+    assert ModelTree.of(module) is not index
     zero_row_in_a_trace()
 
 
@@ -101,3 +101,32 @@ def test_steering_an_activation_copies_no_weight():
     expected[:, 0] += 1.0
     assert torch.equal(steered, expected)
     assert copies == []
+
+
+class Sliced(torch.nn.Module):
+    """A forward that slices its layers, as Llama's does (`self.layers[: n]`: a new ModuleList each call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(3, 3) for _ in range(2))
+
+    def forward(self, x):
+        for layer in self.layers[:2]:
+            x = layer(x)
+        return x
+
+
+def test_the_tree_is_kept_across_forwards_that_make_modules_and_listed_again_when_the_model_gains_one():
+    module, x = Sliced().eval(), torch.randn(2, 3)
+    net = interlace.Model(module)
+    with net.trace(x):
+        first = net.layers[0].output.save()
+    tree = ModelTree.of(module)
+    torch.nn.Linear(3, 3)  # a module made elsewhere registers its own weights
+    with net.trace(x):
+        net.layers[1].output.save()
+    assert ModelTree.of(module) is tree  # the forward's new ModuleList changed nothing of the model
+    assert torch.equal(first, module.layers[0](x))
+    module.layers.append(torch.nn.Linear(3, 3))  # the model itself gains a module
+    fresh = ModelTree.of(module)
+    assert fresh is not tree and "layers.2.weight" in [name for name, _ in fresh.weights]

@@ -18,7 +18,7 @@ import torch
 
 import interlace
 from capped import Worker
-from helpers import MLP, assert_clean
+from helpers import MLP, assert_clean, check_without_refusing
 from hostile import CASES, Builder, model
 from interlace.backends.state import ModelState
 from interlace.backends.limits import Limits
@@ -148,10 +148,6 @@ def test_a_logit_lens_copies_no_weight_and_equals_the_local_run(monkeypatch):
 
 def _unchecked_writes(monkeypatch):
     """The first line refuses nothing (an operator whose schema does not declare its write); the counters stay."""
-    def check_without_refusing(self, tensor, argument, func):
-        if tensor.untyped_storage().data_ptr() in self.weights:
-            self.touched = True
-
     monkeypatch.setattr(WriteCheck, "_check", check_without_refusing)
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import interlace
-from helpers import assert_close_in_batch
+from helpers import assert_close_in_batch, check_without_refusing
 from hostile import Builder
 from interlace.backends.limits import Limits
 from interlace.backends.serialize import deserialize_results, serialize_request
@@ -170,7 +170,7 @@ def test_a_replica_whose_weights_a_job_changed_fails_its_health_check(setup, mon
 
     replica = RayReplica(setup["folder"], name="tiny-gpt2", kind={}, limits={}, trusted=False, check_weights=False)
     replica.check_health()  # healthy: returns
-    monkeypatch.setattr(WriteCheck, "_check", _check_without_refusing)
+    monkeypatch.setattr(WriteCheck, "_check", check_without_refusing)
     g = Builder()
     g.call("torch.nn.functional.hardtanh", g.param(f"{PATH}.ln_1.weight"), 0.0, 0.5, True)
     damaging = HostedModel(load_model(setup["folder"], weights=False), name="tiny-gpt2", limits=Limits()).admit(
@@ -182,11 +182,6 @@ def test_a_replica_whose_weights_a_job_changed_fails_its_health_check(setup, mon
         replica.check_health()
     refused = decode_answer(replica.answer([damaging], {})["answers"][0])
     assert (refused.status, refused.code) == (503, "model_damaged")
-
-
-def _check_without_refusing(self, tensor, argument, func):
-    if tensor.untyped_storage().data_ptr() in self.weights:
-        self.touched = True
 
 
 @pytest.mark.parametrize("kind", [{}, {"standardized": True, "attention_probs": True}], ids=["native", "standardized"])
