@@ -77,7 +77,34 @@ class Guard:
             return
         if self.untrusted:
             raise refuse_weight_write(what if isinstance(what, str) else what.describe())
-        self._copies[pointer] = (storage, storage.clone())
+        self._keep(storage)
+
+    def local_call(self, fn, args, kwargs):
+        """A local run's call of an allowed function. One handed a weight (or a view of one) runs under the
+        operators' schemas (`WriteCheck`), which copy the weight before an operator writes it
+        (`F.relu(w, inplace=True)`, `out=w`: no name says so), so the run puts it back; others run as they are."""
+        for value in args:
+            if isinstance(value, torch.Tensor) and self._holds_weight(value):
+                break
+        else:
+            if not any(isinstance(value, torch.Tensor) and self._holds_weight(value) for value in kwargs.values()):
+                return fn(*args, **kwargs)
+        if self._tree is None:  # (a weight read by name is found without it)
+            self._tree = ModelTree.of(self.root)
+        with WriteCheck({**self._tree.tensors, **self._named}, "a call", keep=self._keep):
+            return fn(*args, **kwargs)
+
+    def _holds_weight(self, value: torch.Tensor) -> bool:
+        if isinstance(value, FakeTensor):
+            return False
+        pointer = value.untyped_storage().data_ptr()
+        return bool(pointer) and (pointer in self._named or self._is_weight(pointer))
+
+    def _keep(self, storage: torch.UntypedStorage) -> None:
+        """Copy a weight's storage (once a run) before it is written; `restore_weights` puts it back."""
+        pointer = storage.data_ptr()
+        if pointer not in self._copies:
+            self._copies[pointer] = (storage, storage.clone())
 
     def _is_weight(self, pointer: int) -> bool:
         if self.untrusted:  # every weight and gradient, found for each request

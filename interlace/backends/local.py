@@ -315,7 +315,7 @@ class Interleaver:
                 else:
                     if index in self.plan.writes and args:
                         self.guard.before_write(args[0], node)
-                    value = FUNCTIONS[node.target][0](*args, **kwargs)
+                    value = self.guard.local_call(FUNCTIONS[node.target][0], args, kwargs)
             else:
                 value = getattr(self, _METHODS[node.op])(node)
         except EarlyStop:
@@ -406,7 +406,7 @@ class Interleaver:
             return result
         if node.index in self.plan.writes and args:
             self.guard.before_write(args[0], node)
-        return fn(*args, **kwargs)
+        return self.guard.local_call(fn, args, kwargs)
 
     def _stores_onto_itself(self, index: int, args) -> bool:
         """Whether setitem `index` (of `x[k] += y`, see Plan.stores_back) would copy the view `x[k]` onto

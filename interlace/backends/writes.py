@@ -50,13 +50,16 @@ class WriteCheck(TorchDispatchMode):
     """Refuses, before it runs, any aten operator whose schema writes a weight's storage, or writes an
     `out` argument the call did not make itself (a tensor it was handed: like the `out=` keyword).
 
-    weights: data pointer -> storage of every weight. After the call, `touched` holds the data pointers
-    of the weights' storages operators saw (their version counters are worth comparing, see `Versions`).
+    weights: data pointer -> storage (or a tensor) of every weight. After the call, `touched` holds the
+    data pointers of the weights' storages operators saw (their version counters are worth comparing,
+    see `Versions`). keep: in a local run, what is handed a weight's storage before an operator writes
+    it (to copy and put back after the run), where an untrusted run refuses; `out` arguments are then
+    the caller's to give.
     """
 
-    def __init__(self, weights, what: str):
+    def __init__(self, weights, what: str, keep=None):
         super().__init__()
-        self.weights, self.what = weights, what
+        self.weights, self.what, self.keep = weights, what, keep
         self.made: set[int] = set()  # storages of the tensors operators made during the call
         self.touched: set[int] = set()
 
@@ -78,9 +81,11 @@ class WriteCheck(TorchDispatchMode):
         written = argument.alias_info is not None and argument.alias_info.is_write
         if pointer in self.weights:
             if written:
-                raise refuse_weight_write(f"{self.what} (through {func}, which writes its argument {argument.name!r})")
+                if self.keep is None:
+                    raise refuse_weight_write(f"{self.what} (through {func}, which writes its argument {argument.name!r})")
+                self.keep(tensor.untyped_storage())
             self.touched.add(pointer)
-        elif written and argument.is_out and pointer not in self.made:
+        elif written and argument.is_out and pointer not in self.made and self.keep is None:
             raise RefusedError(f"{self.what} would write its result into a tensor it was given (argument "
                                f"{argument.name!r} of {func}); `out` arguments are not allowed here: use the "
                                "returned value")

@@ -1,5 +1,6 @@
 """Local writes to weights: undone after the trace, found through a per-model index that stays current."""
 
+import pytest
 import torch
 
 import interlace
@@ -130,3 +131,22 @@ def test_the_tree_is_kept_across_forwards_that_make_modules_and_listed_again_whe
     module.layers.append(torch.nn.Linear(3, 3))  # the model itself gains a module
     fresh = ModelTree.of(module)
     assert fresh is not tree and "layers.2.weight" in [name for name, _ in fresh.weights]
+
+
+@pytest.mark.parametrize("write", [
+    lambda w: torch.nn.functional.relu(w, True),
+    lambda w: torch.nn.functional.hardtanh(w, -0.1, 0.1, True),
+    lambda w: torch.nn.functional.leaky_relu(w[0], 0.5, True),  # through a view of the weight
+], ids=["relu", "hardtanh", "leaky_relu_of_a_row"])
+def test_a_function_that_writes_a_weight_in_place_is_undone_after_the_trace(write):
+    """No name says that `F.relu(w, True)` writes `w`; the operator's schema does, and the weight is copied
+    before it and put back after the trace. Inside the trace the graph sees the change."""
+    torch.manual_seed(0)
+    module, x = Net().eval(), torch.randn(2, 3)
+    net = interlace.Model(module)
+    before = module.head.weight.detach().clone()
+    with net.trace(x):
+        changed = write(net.head.weight).clone().save()  # (the weight itself is put back after the run)
+    expected = write(before.clone())
+    assert torch.equal(changed, expected) and not torch.equal(expected, before)  # the write happened in the run
+    assert torch.equal(module.head.weight, before)  # and was put back
