@@ -313,8 +313,6 @@ class Interleaver:
                 if index in self.plan.stores_back and self._stores_onto_itself(index, args):
                     value = None
                 else:
-                    if index in self.plan.writes and args:
-                        self.guard.before_write(args[0], node)
                     value = self.guard.local_call(FUNCTIONS[node.target][0], args, kwargs)
             else:
                 value = getattr(self, _METHODS[node.op])(node)
@@ -404,9 +402,7 @@ class Interleaver:
             result = self.guard.call(target, fn, args, kwargs)
             self.guard.check_value(result)
             return result
-        if node.index in self.plan.writes and args:
-            self.guard.before_write(args[0], node)
-        return self.guard.local_call(fn, args, kwargs)
+        return self.guard.local_call(fn, args, kwargs)  # (it keeps a weight an in-place operator writes)
 
     def _stores_onto_itself(self, index: int, args) -> bool:
         """Whether setitem `index` (of `x[k] += y`, see Plan.stores_back) would copy the view `x[k]` onto
