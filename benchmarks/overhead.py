@@ -6,7 +6,7 @@ reports the median over repeats, after warmup. Four sections:
 
 0. Per item (`--fit-only` runs this alone): on GPT-2s 64 wide with 2 and 64 blocks (16 tokens,
    early stop off everywhere), the empty trace, and k saves or k steering edits
-   (`output[:, -1] += c`) of k blocks for several k, as raw hooks (registered and removed per call)
+   (`output[:, -1] += c`) of k blocks for several k, as raw hooks (registered and removed per call; a save keeps the output)
    and as interlace; a least-squares line through (k, time - bare forward) gives fixed µs + µs per
    item, so a regression shows in one run. With a venv holding nnsight (`.venv-nnsight/`, or the
    python named by `$NNSIGHT_PYTHON`; torch==2.13.0 installed first, then `nnsight==0.8.1
@@ -297,11 +297,16 @@ def small_gpt2(layers: int):
 
 
 def _raw_items(module, ids, k: int, edit: bool, steer):
+    kept = []  # a save keeps the output by reference, as `.save()` does
+
     def hook(mod, args, out):
         if edit:
             out[:, -1] += steer
+        else:
+            kept.append(out)
 
     def run():
+        kept.clear()
         handles = [module.transformer.h[i].register_forward_hook(hook) for i in range(k)]
         try:
             with torch.no_grad():

@@ -83,22 +83,25 @@ class Guard:
         """A local run's call of an allowed function. One handed a weight (or a view of one) runs under the
         operators' schemas (`WriteCheck`), which copy the weight before an operator writes it
         (`F.relu(w, inplace=True)`, `out=w`: no name says so), so the run puts it back; others run as they are."""
-        for value in args:
-            if isinstance(value, torch.Tensor) and self._holds_weight(value):
-                break
+        tree = self._tree or self._local_tree()
+        weights, named = tree.tensors, self._named
+        # (inline: this runs for most nodes of a local run, between a model's modules, where each Python
+        # call costs several times what it does in a loop; a stale entry only costs the check below)
+        for value in (*args, *kwargs.values()) if kwargs else args:
+            kind = type(value)
+            if kind is torch.Tensor or kind is torch.nn.Parameter or (
+                    isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor)):
+                pointer = value.untyped_storage().data_ptr()
+                if pointer and (pointer in weights or pointer in named):
+                    break
         else:
-            if not any(isinstance(value, torch.Tensor) and self._holds_weight(value) for value in kwargs.values()):
-                return fn(*args, **kwargs)
-        if self._tree is None:  # (a weight read by name is found without it)
-            self._tree = ModelTree.of(self.root)
-        with WriteCheck({**self._tree.tensors, **self._named}, "a call", keep=self._keep):
+            return fn(*args, **kwargs)
+        with WriteCheck({**tree.tensors, **named}, "a call", keep=self._keep):
             return fn(*args, **kwargs)
 
-    def _holds_weight(self, value: torch.Tensor) -> bool:
-        if isinstance(value, FakeTensor):
-            return False
-        pointer = value.untyped_storage().data_ptr()
-        return bool(pointer) and (pointer in self._named or self._is_weight(pointer))
+    def _local_tree(self) -> ModelTree:
+        self._tree = ModelTree.of(self.root)
+        return self._tree
 
     def _keep(self, storage: torch.UntypedStorage) -> None:
         """Copy a weight's storage (once a run) before it is written; `restore_weights` puts it back."""
@@ -109,9 +112,7 @@ class Guard:
     def _is_weight(self, pointer: int) -> bool:
         if self.untrusted:  # every weight and gradient, found for each request
             return pointer in self._weights()
-        if self._tree is None:
-            self._tree = ModelTree.of(self.root)
-        return self._tree.holds(pointer)
+        return (self._tree or self._local_tree()).holds(pointer)
 
     def _weights(self) -> dict[int, torch.UntypedStorage]:
         if self._storages is None:

@@ -106,6 +106,7 @@ class Interleaver:
         plan = self.plan = Plan(graph, self.start, self.end)
         self.users, self.waiting, self.remaining = plan.users, plan.waiting, plan.remaining
         self.sources = plan.sources
+        self.stores_back = plan.stores_back
         self.saved = plan.saved | set(keep) | set(self.values)
         self.ready = list(plan.ready)  # already in graph order, so a valid heap
         # calls of allowed operations that need none of _op_call's checks: _execute runs them itself
@@ -219,12 +220,18 @@ class Interleaver:
         self.calls[key] = call + 1
         return call
 
+    # the two hooks count calls inline: they run once per call of every hooked module, and each
+    # Python call made inside them costs several times more there than in a loop (cold caches)
     def _pre_hook(self, path):
+        counter, calls, sources = (path, "input"), self.calls, self.sources
+
         def hook(module, args, kwargs):
             if self.bypass:
                 return None
-            key = (path, "input", self._count(path, "input"))
-            if key not in self.sources:
+            call = calls.get(counter, 0)
+            calls[counter] = call + 1
+            key = (path, "input", call)
+            if key not in sources:
                 return None
             event = self._event(key, (args, kwargs))
             return event.value if event.changed else None
@@ -232,11 +239,15 @@ class Interleaver:
         return hook
 
     def _post_hook(self, path):
+        counter, calls, sources = (path, "output"), self.calls, self.sources
+
         def hook(module, args, output):
             if self.bypass:
                 return None
-            key = (path, "output", self._count(path, "output"))
-            if key not in self.sources:
+            call = calls.get(counter, 0)
+            calls[counter] = call + 1
+            key = (path, "output", call)
+            if key not in sources:
                 return None
             event = self._event(key, output)
             return event.value if event.changed else None
@@ -284,14 +295,20 @@ class Interleaver:
                 else:
                     _push(ready, index)
             self._drain()
-            for index in (*sources, *self.plan.mutations.get(key, ())):
+            for index in sources:
                 if not done[index]:
-                    self._node_failed(index, self._out_of_order(index, f"{key[0]}.{key[1]} (call {key[2]}) ends"))
+                    self._ended_early(index, key)
+            for index in self.plan.mutations.get(key, ()):
+                if not done[index]:
+                    self._ended_early(index, key)
         finally:
             self.events.pop()
         if self.early_stop and self.finished == self.total and not self.events:
             raise EarlyStop()
         return event
+
+    def _ended_early(self, index: int, key) -> None:
+        self._node_failed(index, self._out_of_order(index, f"{key[0]}.{key[1]} (call {key[2]}) ends"))
 
     def _drain(self) -> None:
         ready, execute = self.ready, self._execute
@@ -310,10 +327,12 @@ class Interleaver:
         try:
             if index in self.plain_calls:  # most nodes: an allowed call, inline (a method call costs here)
                 args, kwargs = node.bind(self.values)
-                if index in self.plan.stores_back and self._stores_onto_itself(index, args):
+                if index in self.stores_back and self._stores_onto_itself(index, args):
                     value = None
                 else:
                     value = self.guard.local_call(FUNCTIONS[node.target][0], args, kwargs)
+            elif node.op == "module_value":  # the other common node (one per hooked value)
+                value = self._op_module_value(node)
             else:
                 value = getattr(self, _METHODS[node.op])(node)
         except EarlyStop:
@@ -393,7 +412,7 @@ class Interleaver:
         target = node.target
         fn = ops.resolve(target) if type(target) is str else target
         args, kwargs = self._arguments(node)
-        if node.index in self.plan.stores_back and self._stores_onto_itself(node.index, args):
+        if node.index in self.stores_back and self._stores_onto_itself(node.index, args):
             return None
         if node.index in self.plan.row_zero:
             _warn_row_zero(self.nodes[node.args[0].index], args[0])
@@ -406,11 +425,11 @@ class Interleaver:
 
     def _stores_onto_itself(self, index: int, args) -> bool:
         """Whether setitem `index` (of `x[k] += y`, see Plan.stores_back) would copy the view `x[k]` onto
-        itself: on a strided tensor, `+=` returned that view (the same storage) and wrote `x` through it."""
+        itself: the in-place operator returned the view `x[k]` itself, and a basic index of a plain
+        strided tensor is always a view of its memory, so the operator wrote `x` through it."""
         tensor, new = args[0], args[2]
-        return (new is self.values[self.plan.stores_back[index]] and isinstance(tensor, torch.Tensor)
-                and tensor.layout is torch.strided and isinstance(new, torch.Tensor) and new.layout is torch.strided
-                and new.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr())
+        return (new is self.values[self.stores_back[index]] and type(tensor) is torch.Tensor
+                and tensor.layout is torch.strided)
 
     def _op_call_method(self, node):
         args, kwargs = self._arguments(node)
