@@ -292,6 +292,8 @@ class Interleaver:
                     continue
                 if waiting[index]:  # guarded by a cond computed during this event
                     self.open_sources.add(index)
+                elif len(sources) == 1 and not ready and self.rows is None and self._whole_output(index):
+                    self._finish(index, value)  # (most events: one module's output read whole, nothing before it)
                 else:
                     _push(ready, index)
             self._drain()
@@ -306,6 +308,11 @@ class Interleaver:
         if self.early_stop and self.finished == self.total and not self.events:
             raise EarlyStop()
         return event
+
+    def _whole_output(self, index: int) -> bool:
+        """Whether node `index` is an output read as it is: what `_op_module_value` would give is the event's value."""
+        node = self.nodes[index]
+        return node.guard is None and node.kwargs["kind"] == "output"
 
     def _ended_early(self, index: int, key) -> None:
         self._node_failed(index, self._out_of_order(index, f"{key[0]}.{key[1]} (call {key[2]}) ends"))
