@@ -245,6 +245,9 @@ class Graph:
     def __init__(self):
         self.nodes: list[Node] = []
         self.repeats: list[Repeat] = []  # a description of some nodes: see intact_repeats
+        # how many of the first nodes were checked for an untrusted run where they were decoded
+        # (`deserialize_request`): `check_against_model` checks their structure only past them
+        self.checked = 0
 
     def add(self, op, target=None, args=(), kwargs=None, location=None, guard=None, saved=False) -> Node:
         node = Node(len(self.nodes), op, target, args, kwargs, location, guard, saved)

@@ -56,6 +56,8 @@ def merge(requests: list[Request]) -> tuple[Request, list[Part]]:
                 node.kwargs["invoke"] = rows_invoke if invoke is None else invoke + first_invoke
         invokes += trace.invokes
         parts.append(Part(first_node, len(graph), first_invoke, len(trace.invokes), rows_invoke))
+    if all(request.graph.checked == len(request.graph) for request in requests):
+        graph.checked = len(graph)  # (shifted copies of checked nodes: references move with them)
     options = dict(requests[0].traces[0].options)
     options["early_stop"] = all(r.traces[0].options.get("early_stop", True) for r in requests)
     return Request(graph, [TraceSpec(0, len(graph), invokes, options)]), parts

@@ -595,6 +595,7 @@ def deserialize_request(data: bytes, *, trusted: bool = False, limits: Limits | 
     if not traces or traces[-1].end != len(graph):
         raise SerializationError("the traces must cover every node of the graph, in order")
     decoder.check_all_used()
+    graph.checked = 0 if trusted else len(graph)  # (a trusted decode allows functions an untrusted run refuses)
     return Request(graph, traces)
 
 

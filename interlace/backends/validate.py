@@ -174,11 +174,13 @@ _CHECKS = {
 
 
 def check_against_model(graph: Graph, root, extra_modules: dict, invokes: int, start: int = 0, end=None) -> None:
-    """Module paths, parameter names and invoke indices of nodes `start..end` exist in this model."""
+    """Module paths, parameter names and invoke indices of nodes `start..end` exist in this model, and
+    their structure is sound (but that of nodes the decoder checked already: `Graph.checked`)."""
     modules = None
     weights = None
     for node in own_nodes(graph.nodes, graph.repeats, start, len(graph) if end is None else end):
-        check_node(node, graph.nodes, False)
+        if node.index >= graph.checked:
+            check_node(node, graph.nodes, False)
         if node.op in ("module_value", "skip", "module_call"):
             if modules is None:
                 modules = {*ModelTree.of(root).paths, *extra_modules}  # (a `.source` point found is added)

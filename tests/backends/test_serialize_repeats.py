@@ -10,7 +10,7 @@ import torch
 import interlace
 from helpers import tiny, tiny_tokenizer
 from interlace import GraphError, LanguageModel, LimitError, SerializationError
-from interlace.backends import validate
+from interlace.backends import serialize, validate
 from interlace.backends.limits import Limits
 from interlace.backends.serialize import deserialize_request, serialize_request
 from interlace.graph import Graph, Ref, Repeat, Request
@@ -84,19 +84,35 @@ def test_the_request_does_not_grow_with_the_steps_beyond_one_descriptor_per_copy
 
 
 def test_reading_and_checking_do_not_grow_with_the_steps(lm, monkeypatch):
-    """The loader checks each listed node once and a copy's first node (its step) alone, the copies by arithmetic."""
+    """The loader checks each listed node once and a copy's first node (its step) alone, the copies by
+    arithmetic; checking against the model does not check a decoded graph's structure again, and checks
+    the same nodes of a graph that was not decoded."""
     checked = []
     real = validate.check_node
-    monkeypatch.setattr(validate, "check_node", lambda node, *rest: checked.append(node.index) or real(node, *rest))
+    counting = lambda node, *rest: checked.append(node.index) or real(node, *rest)  # noqa: E731
+    monkeypatch.setattr(validate, "check_node", counting)
+    monkeypatch.setattr(serialize, "check_node", counting)
     counts = {}
     for steps in (4, 32):
         request, _, _ = steered(lm, steps)
+        data = serialize_request(request)
         checked.clear()
-        loaded = deserialize_request(serialize_request(request))
+        loaded = deserialize_request(data)
+        counts[steps] = sorted(checked)
         checked.clear()
         validate.check_against_model(loaded.graph, lm.module, lm._extra_modules(), 1)
-        counts[steps] = len(checked)
-    assert counts[32] - counts[4] == 28  # one per extra copy: its first node
+        assert checked == []
+        validate.check_against_model(request.graph, lm.module, lm._extra_modules(), 1)
+        assert sorted(checked) == counts[steps]
+    assert len(counts[32]) - len(counts[4]) == 28  # one per extra copy: its first node
+
+
+def test_a_graph_grown_after_it_was_decoded_has_its_new_nodes_checked(lm):
+    request, _, _ = steered(lm, 4)
+    loaded = deserialize_request(serialize_request(request))
+    loaded.graph.add("call", "os.system", ("ls",))
+    with pytest.raises(GraphError, match="'os.system' is not an allowed operation"):
+        validate.check_against_model(loaded.graph, lm.module, lm._extra_modules(), 1)
 
 
 def test_a_server_of_version_1_gets_every_node_listed(lm):
