@@ -108,7 +108,10 @@ class Recorder:
                 if kind_of in _PLAIN or kind_of is slice and (
                         type(item.start) in _PLAIN and type(item.stop) in _PLAIN and type(item.step) in _PLAIN):
                     continue
-                new = self._to_refs(item)
+                if kind_of is Proxy and item._tracer.graph is self.graph:  # (the usual argument: no call)
+                    new = Ref(item._index)
+                else:
+                    new = self._to_refs(item)
                 if new is not item:
                     if items is None:
                         items = list(obj)
