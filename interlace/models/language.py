@@ -117,6 +117,9 @@ class LanguageModel(Model):
                 with torch.device("meta"):
                     module = _auto("AutoModelForCausalLM").from_config(config)
         super().__init__(module, rename=rename)
+        # the module whose weights are real: one loaded here, or one handed over with its weights (kept here, not
+        # read from the parameters on each run: those of a layer accelerate offloads stay on the meta device)
+        self._loaded = module if dispatch or self._source is None and not _weights_missing(module) else None
         if padding_side not in ("left", "right"):
             raise InterlaceError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
         self.padding_side = padding_side
@@ -149,7 +152,7 @@ class LanguageModel(Model):
     @property
     def dispatched(self) -> bool:
         """Whether real weights are loaded (False while the model lives on the meta device)."""
-        return not any(p.is_meta for p in self._module.parameters())
+        return self._loaded is self._module
 
     def dispatch(self) -> None:
         """Load the weights now (otherwise they load on the first execution)."""
@@ -159,6 +162,7 @@ class LanguageModel(Model):
         for envoy in self.modules():
             envoy._module = submodule(module, envoy.path)  # `.source` used before: rewritten here too
         self._generator._model[0] = module
+        self._loaded = module
 
     def _copy(self) -> "LanguageModel":
         clone = super()._copy()
@@ -442,8 +446,12 @@ def _unpad(ids, mask):
 
 
 def _device_of(module) -> torch.device:
+    """Where inputs are made: the first weight's device, but not the meta device of one accelerate offloads
+    (its hooks, `_hf_hook`, move inputs to where the layer runs)."""
+    offloaded = hasattr(module, "_hf_hook")
     for param in module.parameters():
-        return param.device
+        if not (offloaded and param.is_meta):
+            return param.device
     return torch.device("cpu")
 
 
@@ -468,6 +476,19 @@ def _from_local_or_hub(factory, name: str, kwargs: dict, what: str):
         return factory.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as error:
         raise InterlaceError(f"cannot load the {what} of '{name}': {error}") from None
+
+
+def _weights_missing(module: torch.nn.Module) -> bool:
+    """Whether a weight is on the meta device with nothing to load it (a model built from a config or a
+    server's manifest). accelerate's offload hooks (`_hf_hook`, on the weight's module or one above it)
+    load theirs in the forward."""
+    hooked = {name for name, sub in module.named_modules() if hasattr(sub, "_hf_hook")}
+    for name, param in module.named_parameters():
+        if param.is_meta:
+            parts = name.split(".")[:-1]
+            if not any(".".join(parts[:depth]) in hooked for depth in range(len(parts) + 1)):
+                return True
+    return False
 
 
 def _prepare_tokenizer(tokenizer, padding_side: str):

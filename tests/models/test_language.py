@@ -186,6 +186,46 @@ def test_loading_options_reach_from_pretrained(tmp_path, options):
     torch.testing.assert_close(hidden, want)
 
 
+def test_a_model_with_offloaded_layers_loads_once_and_traces_them(tmp_path, monkeypatch):
+    """accelerate keeps an offloaded layer's weights on the meta device and loads them in its forward:
+    the model counts as loaded (it was loaded once, not again for every trace), and a hand-made model
+    offloaded the same way is traced as it is."""
+    import accelerate
+
+    model = tiny("llama")
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    lm = LanguageModel(str(tmp_path / "model"), device_map=device_map, offload_folder=str(tmp_path / "offload"),
+                       dispatch=True)
+    assert lm.model.layers[1].mlp.up_proj.weight.is_meta and lm.dispatched
+    loads = []
+    monkeypatch.setattr(LanguageModel, "_load_weights", lambda self: loads.append(1))
+    seen = []
+    handle = model.model.layers[1].register_forward_hook(lambda module, args, output: seen.append(output))
+    want = model(torch.tensor([[5, 6, 7]]))
+    handle.remove()
+    for _ in range(2):
+        with lm.trace("w5 w6 w7"):
+            hidden = lm.model.layers[1].output.save()
+            logits = lm.output.logits.save()
+        torch.testing.assert_close(hidden, seen[0])
+        torch.testing.assert_close(logits, want.logits)
+    assert loads == []
+
+    offloaded = tiny("llama")
+    accelerate.cpu_offload(offloaded)
+    handed = LanguageModel(offloaded, tokenizer=tiny_tokenizer())
+    assert handed.dispatched
+    with handed.trace("w5 w6 w7"):
+        logits = handed.output.logits.save()
+    torch.testing.assert_close(logits, want.logits)
+    with torch.device("meta"):
+        built = tiny("llama")  # no weights anywhere: it must be loaded (and cannot be, here)
+    assert not LanguageModel(built, tokenizer=tiny_tokenizer()).dispatched
+
+
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(interlace.InterlaceError, match="cannot load the config"):
         LanguageModel(str(tmp_path / "nothing-here"))
