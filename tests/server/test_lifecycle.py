@@ -198,9 +198,12 @@ def test_ctrl_c_in_a_blocking_trace_says_how_to_fetch_or_cancel_the_job(generati
     lm = interlace.LanguageModel("tiny-llama-long", host=generating.url, api_key=setup["keys"]["user8"])
     interrupt = threading.Timer(2.0, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
     interrupt.start()
-    with pytest.raises(KeyboardInterrupt):
-        with lm.generate("w5 w6", max_new_tokens=2000, remote=True):
-            lm.generator.output.save()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with lm.generate("w5 w6", max_new_tokens=2000, remote=True):
+                lm.generator.output.save()
+    finally:
+        interrupt.cancel()  # the block ended otherwise: no Ctrl-C may reach a later test
     said = capsys.readouterr().err
     job_id = re.search(r"job (\S+) goes on", said).group(1)
     assert f"model.job('{job_id}').result()" in said and f"model.job('{job_id}').cancel()" in said
