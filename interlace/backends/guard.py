@@ -49,7 +49,7 @@ class Guard:
         self.deadline = time.monotonic() + self.limits.max_seconds if untrusted else None
         self.created = 0  # elements created so far
         self._storages: dict[int, torch.UntypedStorage] | None = None  # untrusted: data_ptr -> weight storage
-        self._tree: ModelTree | None = None  # local: the model's, looked up at the first write of a run
+        self._tree: ModelTree | None = None  # local: the model's, looked up at the first call or write of a run
         self._named: dict[int, torch.Tensor] = {}  # data_ptr -> weight a `parameter` node read in this run
         self._copies: dict[int, tuple] = {}  # local: data_ptr -> (weight storage, its bytes as they were)
         self._rehearsed: dict[tuple, tuple[int, int, int]] = {}  # module calls: (output, all) elements, flops
