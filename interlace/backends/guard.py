@@ -48,7 +48,7 @@ class Guard:
         self.cancel = cancel  # anything with is_set(), e.g. a threading.Event
         self.deadline = time.monotonic() + self.limits.max_seconds if untrusted else None
         self.created = 0  # elements created so far
-        self._storages: dict[int, torch.UntypedStorage] | None = None  # untrusted: data_ptr -> weight storage
+        self._storages: dict[int, torch.Tensor] | None = None  # untrusted: data_ptr -> weight (`weight_storages`)
         self._tree: ModelTree | None = None  # local: the model's, looked up at the first call or write of a run
         self._named: dict[int, torch.Tensor] = {}  # data_ptr -> weight a `parameter` node read in this run
         self._copies: dict[int, tuple] = {}  # local: data_ptr -> (weight storage, its bytes as they were)
@@ -114,7 +114,7 @@ class Guard:
             return pointer in self._weights()
         return (self._tree or self._local_tree()).holds(pointer)
 
-    def _weights(self) -> dict[int, torch.UntypedStorage]:
+    def _weights(self) -> dict[int, torch.Tensor]:
         if self._storages is None:
             self._storages = weight_storages(self.root)
         return self._storages
@@ -331,17 +331,17 @@ def _inert(value) -> bool:
     return kind in _INERT
 
 
-def weight_storages(root: torch.nn.Module) -> dict[int, torch.UntypedStorage]:
-    """data_ptr -> storage of every parameter, buffer and gradient of `root` (its gradients as they are now)."""
-    storages = {}
-    for _, tensor in ModelTree.of(root).weights:
-        if tensor.device.type == "meta":
-            continue
-        for held in (tensor, tensor.grad):
-            if held is not None and held.numel():
-                storage = held.untyped_storage()
-                storages[storage.data_ptr()] = storage
-    return storages
+def weight_storages(root: torch.nn.Module) -> dict[int, torch.Tensor]:
+    """data_ptr -> a tensor in that storage, of every parameter, buffer and gradient of `root`: the
+    weights as the model's tree lists them (once per model: the dict is the tree's, not to be changed),
+    the gradients as they are now."""
+    tree = ModelTree.of(root)
+    grads = {}
+    for _, tensor in tree.weights:
+        grad = tensor.grad
+        if grad is not None and grad.device.type != "meta" and grad.numel():
+            grads[grad.untyped_storage().data_ptr()] = grad
+    return {**tree.tensors, **grads} if grads else tree.tensors
 
 
 def _refuse_out_arguments(kwargs) -> None:

@@ -20,6 +20,7 @@ import heapq
 import warnings
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from .. import ops
 from ..ops import FUNCTIONS
@@ -173,7 +174,8 @@ class Interleaver:
                         try:
                             self.guard.check_versions()
                         finally:
-                            attachments.restore()
+                            # (this run's hooks come off below)
+                            attachments.restore(own=sum(type(handle) is RemovableHandle for handle in self.handles))
                             restore_global_state(state)
                 finally:
                     self.guard.restore_weights()

@@ -30,8 +30,9 @@ class Attachments:
     transformers installs output-capturing hooks on every layer (and flags the model) the first time a
     forward is asked for `output_attentions`, and leaves them; `restore()` takes off whatever was added.
     Cheap enough for every untrusted run: hook ids only grow (`RemovableHandle.next_id`), so a hook
-    added since is one with a larger id, and dicts keep their insertion order, so an instance
-    attribute added since comes after the ones counted.
+    added since is one with a larger id, and when no id was handed out but the caller's own hooks' no
+    hook table needs a look; dicts keep their insertion order, so an instance attribute added since
+    comes after the ones counted.
 
     >>> net = torch.nn.Linear(2, 2)
     >>> attachments = Attachments(net)
@@ -44,16 +45,25 @@ class Attachments:
 
     def __init__(self, root: torch.nn.Module):
         self.first_id = RemovableHandle.next_id  # hooks registered from now on have ids from here
-        self.modules = [(name, vars(module), len(vars(module))) for name, module in ModelTree.of(root).modules]
+        self.tree = ModelTree.of(root)
+        self.counts = list(map(len, self.tree.attributes))
 
-    def _added(self):
-        """(module name, the dict, the keys added to it) for every instance dict and hook table that grew."""
-        for name, attributes, count in self.modules:
+    def _added(self, own: int = 0):
+        """(module name, the dict, the keys added to it) for every instance dict and hook table that grew.
+        own: how many hooks the caller registered since (and takes off itself): those need no look."""
+        tree = self.tree
+        grown = list(map(len, tree.attributes)) != self.counts
+        hooked = RemovableHandle.next_id - self.first_id > own
+        if not grown and not hooked:
+            return
+        for (name, _), attributes, count in zip(tree.modules, tree.attributes, self.counts):
             if len(attributes) > count:
                 # (but a `.source` rewrite's: part of the model once made)
                 keys = [key for key in list(attributes)[count:] if key not in rewrite_attributes(attributes)]
                 if keys:
                     yield name or "<root>", "__dict__", attributes, keys
+            if not hooked:
+                continue
             for table in _HOOK_TABLES:
                 hooks = attributes.get(table)
                 if hooks:
@@ -70,8 +80,9 @@ class Attachments:
                 changes.append(f"{name}: {label} added")
         return changes
 
-    def restore(self) -> None:
-        for _, _, table, keys in list(self._added()):
+    def restore(self, own: int = 0) -> None:
+        """Take off what was added; `own`: as for `_added` (the caller's hooks may then stay)."""
+        for _, _, table, keys in list(self._added(own)):
             for key in keys:
                 del table[key]
 

@@ -39,6 +39,7 @@ class ModelTree:
         # every (path, module), a module shared by two paths under both (its hooks are looked at once each)
         self.modules = list(root.named_modules(remove_duplicate=False))
         self.paths = frozenset(name for name, _ in self.modules)
+        self.attributes = [vars(module) for _, module in self.modules]  # each module's instance dict (itself)
         ModelTree._members.update(module for _, module in self.modules)
         self.weights: list[tuple[str, torch.Tensor]] = []  # (name, tensor): every parameter and buffer once
         self.tensors: dict[int, torch.Tensor] = {}  # data_ptr -> a weight with that storage

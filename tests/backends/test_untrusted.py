@@ -129,6 +129,63 @@ def test_untrusted_run_of_a_good_request_equals_the_local_trace():
     assert_clean(mlp)
 
 
+class _Attaching(torch.nn.Module):
+    """A forward that leaves things on its modules, as transformers' output capturing does."""
+
+    def __init__(self, hook: bool, attribute: bool):
+        super().__init__()
+        self.inner, self.hook, self.attribute = torch.nn.Linear(3, 3), hook, attribute
+
+    def forward(self, x):
+        if self.hook:
+            self.inner.register_forward_hook(lambda module, args, output: output * 2)
+        if self.attribute:
+            self.inner.captured = True
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("hook, attribute", [(False, False), (True, False), (False, True), (True, True)])
+def test_an_untrusted_run_takes_off_what_the_forward_attached_and_its_own_hooks(hook, attribute):
+    torch.manual_seed(0)
+    module = _Attaching(False, False)
+    net = interlace.Model(module)
+    x = torch.randn(2, 3)
+    with net.trace(x) as tracer:  # (a local trace: what a forward attaches there stays)
+        net.inner.output.save()  # (its hook runs before the one the forward adds: registered first)
+        net.output.save()
+    module.hook, module.attribute = hook, attribute
+    request = deserialize_request(serialize_graph(tracer.graph, tracer.invokes, options=tracer.spec(0).options))
+    inner, out = [i for i in range(len(tracer.graph)) if tracer.graph[i].saved]
+    kept = torch.nn.Linear(3, 3)  # a hook registered on another model meanwhile is not this run's to take off
+    kept.register_forward_hook(lambda *args: None)
+    linear = torch.nn.functional.linear(x, module.inner.weight, module.inner.bias)
+    for _ in range(2):  # the second run would double twice if the first's hook had stayed
+        outcome = net.run(request, untrusted=True, limits=Limits())
+        assert torch.equal(outcome.results[inner], linear)
+        assert torch.equal(outcome.results[out], linear * 2 if hook else linear)
+        assert not module.inner._forward_hooks and not module._forward_hooks and not module._forward_pre_hooks
+        assert "captured" not in vars(module.inner)
+    assert len(kept._forward_hooks) == 1
+
+
+def test_an_untrusted_run_may_not_write_a_gradient_the_weights_hold():
+    """The weights the write check guards are listed once per model; their gradients are looked up each run."""
+    torch.manual_seed(0)
+    mlp = MLP()
+    net = interlace.Model(mlp)
+    x = torch.randn(2, 3)
+    with net.trace(x) as tracer:
+        pass
+    net.run(deserialize_request(serialize_graph(tracer.graph, tracer.invokes)), untrusted=True, limits=Limits())
+    mlp(x).sum().backward()  # a gradient on every weight, made after the weights were listed
+    grad = mlp.head.weight.grad.clone()
+    g = Builder()
+    g.method("add_", g.call("builtins.getattr", g.param("head.weight"), "grad"), 1)
+    with pytest.raises(RefusedError, match="would change a weight"):
+        net.run(deserialize_request(serialize_graph(g.graph, tracer.invokes)), untrusted=True, limits=Limits())
+    assert torch.equal(mlp.head.weight.grad, grad)
+
+
 def test_a_logit_lens_copies_no_weight_and_equals_the_local_run(monkeypatch):
     """lm_head.weight handed to a call (the write check sees it) is read in place: no copy of any storage."""
     lm = model()
