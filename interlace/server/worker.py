@@ -53,7 +53,9 @@ class ProcessRunner:
         self.hosted, self.source, self.check_weights = hosted, source, check_weights
         self.options = {**options, "check_weights": check_weights}
         self.process = None
-        self.connection = None
+        self.connection = None  # batches go, steps and answers come back
+        self.cancels = None  # cancels go: read by a thread of the child while its main thread runs the batch
+        self.batches = 0  # batches sent to the child: a cancel names its batch
         self.ready = False
         self._checked, self._changes = 0, []  # the checks of the children before this one
 
@@ -62,12 +64,14 @@ class ProcessRunner:
         """Start a child; `wait_ready` waits until its model is loaded."""
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads or locks of the front
         connection, theirs = context.Pipe()
+        cancels, their_cancels = context.Pipe(duplex=False)
         level = logging.getLogger().getEffectiveLevel()  # the server's --log-level, for the child's own log
-        self.process = context.Process(target=_child, args=(theirs, self.source, self.options, level),
+        self.process = context.Process(target=_child, args=(theirs, cancels, self.source, self.options, level),
                                        name="interlace-model", daemon=True)
         self.process.start()
-        theirs.close()  # only the child holds its end: its death shows here as end of file
-        self.connection, self.ready = connection, False
+        theirs.close()  # only the child holds its ends: its death shows here as end of file
+        cancels.close()
+        self.connection, self.cancels, self.ready = connection, their_cancels, False
 
     def wait_ready(self) -> None:
         """Wait for the child's model; raises ServiceError (503) if the child died while loading it."""
@@ -91,6 +95,7 @@ class ProcessRunner:
             self.process.kill()
             self.process.join()
             self.connection.close()
+            self.cancels.close()
         self.start()
 
     def close(self) -> None:
@@ -140,7 +145,8 @@ class ProcessRunner:
     def _run(self, jobs: list, limits) -> dict | Exception:
         """Send the batch to the child and wait for its reply, relaying its steps and the jobs' cancels;
         the error of the whole batch where the child has to be killed for it."""
-        self.connection.send(("run", [crossing(job) for job in jobs], dataclasses.asdict(limits),
+        self.batches += 1
+        self.connection.send(("run", self.batches, [crossing(job) for job in jobs], dataclasses.asdict(limits),
                               [job.stream for job in jobs], model_groups(jobs)))
         deadline = time.monotonic() + limits.max_seconds + GRACE
         forwarded: set[int] = set()
@@ -148,7 +154,7 @@ class ProcessRunner:
         while True:
             for number, job in enumerate(jobs):
                 if job.cancel.is_set() and number not in forwarded:
-                    self.connection.send(("cancel", number))  # stops it at its next operation
+                    self.cancels.send((self.batches, number))  # stops it at its next operation
                     forwarded.add(number)
             now = time.monotonic()
             if len(forwarded) == len(jobs):
@@ -174,8 +180,10 @@ class ProcessRunner:
                 return message[1]
 
 
-def _child(connection, source: str, options: dict, level: int) -> None:
-    """The worker process: load the model, then run each batch that comes; end when the pipe closes."""
+def _child(connection, cancels, source: str, options: dict, level: int) -> None:
+    """The worker process: load the model, then run each batch that comes; end when the pipe closes.
+    Its main thread reads the batches itself (a hand-over from another thread costs a job's first step
+    a wake-up); a thread reads the cancels, which must arrive while a batch runs."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the front decides
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s (worker): %(message)s")
     os.nice(NICE)
@@ -187,31 +195,33 @@ def _child(connection, source: str, options: dict, level: int) -> None:
             connection.send(message)
 
     send(("ready", replica.identity(), replica.hosted.checksum))
-    batches: list = []
-    arrived = threading.Condition()
-    cancels: list[threading.Event] = []  # the running batch's
+    state = threading.Lock()
+    running: dict = {"batch": 0, "cancels": []}  # the batch running (its number) and its cancel events
+    early: dict[int, set[int]] = {}  # cancels read before their batch was: set when it starts
 
-    def receive() -> None:  # a thread: cancels must arrive while a batch runs
-        nonlocal cancels
+    def receive_cancels() -> None:
         while True:
             try:
-                message = connection.recv()
+                batch, number = cancels.recv()
             except (EOFError, OSError):  # the front is gone: so is its worker, whatever it runs
                 os._exit(0)
-            if message[0] == "cancel":
-                cancels[message[1]].set()
-                continue
-            cancels = [threading.Event() for _ in message[1]]  # a new batch: cancels after it are its own
-            with arrived:
-                batches.append((message, cancels))
-                arrived.notify()
+            with state:
+                if batch == running["batch"]:
+                    running["cancels"][number].set()
+                elif batch > running["batch"]:  # (one of a batch that has ended is late: nothing to stop)
+                    early.setdefault(batch, set()).add(number)
 
-    threading.Thread(target=receive, name="interlace-model-pipe", daemon=True).start()
+    threading.Thread(target=receive_cancels, name="interlace-model-cancels", daemon=True).start()
     while True:
-        with arrived:
-            while not batches:
-                arrived.wait()
-            (_, requests, limits, streamed, groups), events = batches.pop(0)
+        try:
+            _, batch, requests, limits, streamed, groups = connection.recv()
+        except (EOFError, OSError):
+            os._exit(0)
+        events = [threading.Event() for _ in requests]
+        with state:
+            running.update(batch=batch, cancels=events)
+            for number in early.pop(batch, ()):
+                events[number].set()
         try:
             reply = replica.answer(requests, limits, streamed,
                                    lambda number, event: send(("step", number, event)), events, groups)
