@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from ..backends.limits import Limits
 
 STREAM_CHECK = 1.0  # seconds between an event stream's (or a wait's) looks at whether the server is stopping
+# seconds a streamed submission waits for its job to start before its events' answer is made: making it
+# holds the interpreter (~1 ms) that the worker thread needs to hand the job to the model
+STARTED_WAIT = 0.02
 
 
 @dataclass(frozen=True)

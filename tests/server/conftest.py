@@ -15,7 +15,7 @@ from serving import Server
 
 MODEL = "tiny-gpt2"
 LONG = "tiny-llama-long"  # positions for generations of thousands of tokens
-KEYS = ["alice", "bob", "mallory"] + [f"user{i}" for i in range(10)] + [f"tight{i}" for i in range(8)]
+KEYS = ["alice", "bob", "mallory"] + [f"user{i}" for i in range(10)] + [f"tight{i}" for i in range(9)]
 
 
 @pytest.fixture(scope="session")

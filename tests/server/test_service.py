@@ -49,6 +49,25 @@ def test_events_tell_position_state_logs_and_the_end(tight, setup):
     assert _result(tight, keys["tight6"], waiting).status_code == 200
 
 
+def test_a_streamed_submission_is_answered_while_its_job_waits_behind_another(tight, setup):
+    """A streamed submission's answer waits a moment for its job to start (it would hold the interpreter
+    the job's hand-over needs), but not for its turn behind a running job."""
+    key = setup["keys"]["tight8"]
+    headers = {"Authorization": f"Bearer {key}"}
+    running = _submit(tight, key, slow())
+    _until(tight, key, running, ("running",))
+    g = __import__("hostile").Builder()
+    g.save(g.out("transformer.h.0", 0))
+    with httpx.stream("POST", f"{tight.url}/v1/jobs", params={"stream": True}, content=g.bytes([(("w5 w6",), {})]),
+                      headers={**headers, "Accept": "text/event-stream"}, timeout=30) as response:
+        assert response.status_code == 200
+        first_state = httpx.get(f"{tight.url}/v1/jobs/{running}", headers=headers).json()["state"]
+        httpx.delete(f"{tight.url}/v1/jobs/{running}", headers=headers)
+        kinds = [line[6:].strip() for line in response.iter_lines() if line.startswith("event:")]
+    assert first_state == "running"  # the answer came while the other job still ran
+    assert kinds[0] == "queued" and kinds[-2:] == ["running", "completed"], kinds
+
+
 def test_metrics_and_health(server, setup):
     assert post(server, setup["keys"]["alice"], good()).status_code == 200
     text = httpx.get(f"{server.url}/metrics").text
