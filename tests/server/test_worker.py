@@ -3,6 +3,7 @@ while one long operation runs, a deadline or a cancel stops even that (the worke
 again), a worker that dies fails only its batch, and no worker outlives its server."""
 
 import os
+import pickle
 import signal
 import statistics
 import time
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from hostile import Builder
+from interlace.server.worker import _pickled
 from serving import Server
 from test_bad_input import _result, _submit, _until, get, good, post
 from test_ray import descendants, run_here, values
@@ -180,3 +182,15 @@ def test_a_write_past_the_schema_check_restarts_the_worker_on_fresh_weights(setu
         assert health["model_damage"] == [f"tiny-gpt2: weight(s) {PATH}.ln_1.weight changed by a job: worker restarted"]
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("tensor", [torch.randn(3, 4), torch.randn(4, 3).T, torch.randn(2).to(torch.bfloat16),
+                                    torch.tensor([True, False]), torch.arange(5), torch.randn(3, dtype=torch.complex64),
+                                    torch.tensor(2.5), torch.empty(0, 3), torch.randn(2, requires_grad=True)],
+                         ids=["float", "transposed", "bfloat16", "bool", "int64", "complex", "scalar", "empty", "grad"])
+def test_a_batch_crosses_to_the_worker_with_its_tensors_equal(tensor):
+    """The batch is pickled with its tensors as plain bytes (multiprocessing would share each through a file
+    descriptor the child fetches back); whatever the dtype, shape or layout, they arrive equal."""
+    [back] = pickle.loads(_pickled(("run", [tensor])))[1]
+    assert back.dtype == tensor.dtype and back.shape == tensor.shape and back.requires_grad == tensor.requires_grad
+    assert torch.equal(back, tensor.detach())
