@@ -194,16 +194,28 @@ def test_an_idempotency_key_gives_back_the_same_job(generating, setup):
     assert other.headers["interlace-job"] != first.headers["interlace-job"]
 
 
-def test_ctrl_c_in_a_blocking_trace_says_how_to_fetch_or_cancel_the_job(generating, setup, capsys):
+def test_ctrl_c_in_a_blocking_trace_says_how_to_fetch_or_cancel_the_job(generating, setup, capsys, monkeypatch):
+    from interlace.backends.remote import RemoteBackend
+
     lm = interlace.LanguageModel("tiny-llama-long", host=generating.url, api_key=setup["keys"]["user8"])
-    interrupt = threading.Timer(2.0, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
-    interrupt.start()
+    following, follow = threading.Event(), RemoteBackend._follow
+    monkeypatch.setattr(RemoteBackend, "_follow", lambda *args: following.set() or follow(*args))
+    done = threading.Event()
+
+    def interrupt():  # once the client follows the job it submitted (not after a fixed time: machines differ)
+        if following.wait(60) and not done.is_set():
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt)
+    interrupter.start()
     try:
         with pytest.raises(KeyboardInterrupt):
-            with lm.generate("w5 w6", max_new_tokens=2000, remote=True):
+            with lm.generate("w5 w6", max_new_tokens=4000, remote=True):
                 lm.generator.output.save()
     finally:
-        interrupt.cancel()  # the block ended otherwise: no Ctrl-C may reach a later test
+        done.set()  # the block ended otherwise: no Ctrl-C may reach a later test
+        following.set()
+        interrupter.join()
     said = capsys.readouterr().err
     job_id = re.search(r"job (\S+) goes on", said).group(1)
     assert f"model.job('{job_id}').result()" in said and f"model.job('{job_id}').cancel()" in said
