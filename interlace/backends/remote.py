@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import secrets
 import sys
 import tempfile
 import time
@@ -116,7 +117,15 @@ class RemoteBackend:
         params = {"model": self.model, "wait": _FIRST_WAIT if blocking else 0}
         if timeout is not None:
             params["timeout"] = timeout
-        response = self._call("POST", "/v1/jobs", params=params, content=data, answered=(200, 202))
+        # the same key on a submission sent again gives the job of the first, not a second one
+        submit = {"params": params, "content": data, "answered": (200, 202),
+                  "headers": {"Idempotency-Key": secrets.token_urlsafe(16)}}
+        try:
+            response = self._call("POST", "/v1/jobs", **submit)
+        except KeyboardInterrupt:  # while the server held the answer (its first second): find the job it made
+            response = self._call("POST", "/v1/jobs", **{**submit, "params": {**params, "wait": 0}})
+            self._stopped_waiting(Job(self, response.headers["interlace-job"]))
+            raise
         job = Job(self, response.headers["interlace-job"])
         if response.status_code == 200:
             job._outcome = _outcome(response)
@@ -125,10 +134,14 @@ class RemoteBackend:
         try:
             return job._wait(None)  # the server holds the job to `timeout`; the queue before it is bounded
         except KeyboardInterrupt:
-            print(f"\ninterlace: stopped waiting; job {job.id} goes on at {self.host}. Fetch it later with "
-                  f"model.job({job.id!r}).result() (saved values by node), or stop it with "
-                  f"model.job({job.id!r}).cancel()", file=sys.stderr, flush=True)
+            self._stopped_waiting(job)
             raise
+
+    def _stopped_waiting(self, job: "Job") -> None:
+        """Ctrl-C in a blocking run: the job goes on at the server; say how to get it or stop it."""
+        print(f"\ninterlace: stopped waiting; job {job.id} goes on at {self.host}. Fetch it later with "
+              f"model.job({job.id!r}).result() (saved values by node), or stop it with "
+              f"model.job({job.id!r}).cancel()", file=sys.stderr, flush=True)
 
     def _encode(self, request: Request) -> bytes:
         manifest = self.manifest()

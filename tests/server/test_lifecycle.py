@@ -223,6 +223,40 @@ def test_ctrl_c_in_a_blocking_trace_says_how_to_fetch_or_cancel_the_job(generati
     assert lm.job(job_id).cancel()["state"] == "cancelled"
 
 
+def test_ctrl_c_in_the_first_second_of_a_blocking_trace_names_the_one_job_it_made(generating, setup, capsys,
+                                                                                 monkeypatch):
+    """The submission's answer is held up to a second for a quick result: a Ctrl-C then comes before the
+    client knows the job's id, which it asks for with the submission's Idempotency-Key (no second job)."""
+    from interlace.backends.remote import RemoteBackend
+
+    key = setup["keys"]["user9"]
+    lm = interlace.LanguageModel("tiny-llama-long", host=generating.url, api_key=key)
+    followed, follow = [], RemoteBackend._follow
+    monkeypatch.setattr(RemoteBackend, "_follow", lambda *args: followed.append(1) or follow(*args))
+    done = threading.Event()
+
+    def interrupt_once_it_runs():
+        while not done.wait(0.02):
+            if any(job["state"] == "running" for job in get(generating, key, "/v1/jobs").json()):
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                return
+
+    interrupter = threading.Thread(target=interrupt_once_it_runs)
+    interrupter.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with lm.generate("w5 w6", max_new_tokens=4000, remote=True):
+                lm.generator.output.save()
+    finally:
+        done.set()  # no Ctrl-C may reach a later test
+        interrupter.join()
+    assert not followed  # it came while the submission waited for its answer
+    job_id = re.search(r"job (\S+) goes on", capsys.readouterr().err).group(1)
+    unfinished = [job["id"] for job in get(generating, key, "/v1/jobs").json() if job["state"] in ("queued", "running")]
+    assert unfinished == [job_id]
+    assert lm.job(job_id).cancel()["state"] == "cancelled"
+
+
 def test_cancelled_jobs_of_a_merged_generation_stop_it_between_steps(setup):
     """Two users' generations in one batch, both cancelled mid-way: the batch ends at the next step."""
     from interlace.backends.limits import Limits
