@@ -194,17 +194,16 @@ def test_an_idempotency_key_gives_back_the_same_job(generating, setup):
     assert other.headers["interlace-job"] != first.headers["interlace-job"]
 
 
-def test_ctrl_c_in_a_blocking_trace_says_how_to_fetch_or_cancel_the_job(generating, setup, capsys, monkeypatch):
-    from interlace.backends.remote import RemoteBackend
-
-    lm = interlace.LanguageModel("tiny-llama-long", host=generating.url, api_key=setup["keys"]["user8"])
-    following, follow = threading.Event(), RemoteBackend._follow
-    monkeypatch.setattr(RemoteBackend, "_follow", lambda *args: following.set() or follow(*args))
+def _ctrl_c_in_a_long_generation(lm, now) -> None:
+    """A blocking remote generation of 4000 tokens, interrupted with Ctrl-C once `now()` is true (polled;
+    not after a fixed time: how long the generation takes depends on the machine)."""
     done = threading.Event()
 
-    def interrupt():  # once the client follows the job it submitted (not after a fixed time: machines differ)
-        if following.wait(60) and not done.is_set():
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    def interrupt():
+        while not done.wait(0.02):
+            if now():
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                return
 
     interrupter = threading.Thread(target=interrupt)
     interrupter.start()
@@ -214,8 +213,22 @@ def test_ctrl_c_in_a_blocking_trace_says_how_to_fetch_or_cancel_the_job(generati
                 lm.generator.output.save()
     finally:
         done.set()  # the block ended otherwise: no Ctrl-C may reach a later test
-        following.set()
         interrupter.join()
+
+
+def _count_follows(monkeypatch) -> list:
+    """One item per time a client starts to follow a job it submitted (after its first answer)."""
+    from interlace.backends.remote import RemoteBackend
+
+    followed, follow = [], RemoteBackend._follow
+    monkeypatch.setattr(RemoteBackend, "_follow", lambda *args: followed.append(1) or follow(*args))
+    return followed
+
+
+def test_ctrl_c_in_a_blocking_trace_says_how_to_fetch_or_cancel_the_job(generating, setup, capsys, monkeypatch):
+    lm = interlace.LanguageModel("tiny-llama-long", host=generating.url, api_key=setup["keys"]["user8"])
+    followed = _count_follows(monkeypatch)
+    _ctrl_c_in_a_long_generation(lm, lambda: bool(followed))
     said = capsys.readouterr().err
     job_id = re.search(r"job (\S+) goes on", said).group(1)
     assert f"model.job('{job_id}').result()" in said and f"model.job('{job_id}').cancel()" in said
@@ -227,29 +240,11 @@ def test_ctrl_c_in_the_first_second_of_a_blocking_trace_names_the_one_job_it_mad
                                                                                  monkeypatch):
     """The submission's answer is held up to a second for a quick result: a Ctrl-C then comes before the
     client knows the job's id, which it asks for with the submission's Idempotency-Key (no second job)."""
-    from interlace.backends.remote import RemoteBackend
-
     key = setup["keys"]["user9"]
     lm = interlace.LanguageModel("tiny-llama-long", host=generating.url, api_key=key)
-    followed, follow = [], RemoteBackend._follow
-    monkeypatch.setattr(RemoteBackend, "_follow", lambda *args: followed.append(1) or follow(*args))
-    done = threading.Event()
-
-    def interrupt_once_it_runs():
-        while not done.wait(0.02):
-            if any(job["state"] == "running" for job in get(generating, key, "/v1/jobs").json()):
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-                return
-
-    interrupter = threading.Thread(target=interrupt_once_it_runs)
-    interrupter.start()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            with lm.generate("w5 w6", max_new_tokens=4000, remote=True):
-                lm.generator.output.save()
-    finally:
-        done.set()  # no Ctrl-C may reach a later test
-        interrupter.join()
+    followed = _count_follows(monkeypatch)
+    _ctrl_c_in_a_long_generation(
+        lm, lambda: any(job["state"] == "running" for job in get(generating, key, "/v1/jobs").json()))
     assert not followed  # it came while the submission waited for its answer
     job_id = re.search(r"job (\S+) goes on", capsys.readouterr().err).group(1)
     unfinished = [job["id"] for job in get(generating, key, "/v1/jobs").json() if job["state"] in ("queued", "running")]
