@@ -17,6 +17,10 @@ local and remote (over loopback), each with and without `stream=True`. It prints
 The server runs the model in a worker process, as `interlace serve` does by default; `--in-process`
 keeps it in the server's process, to show what the hop to the worker costs.
 
+`--baseline CHECKOUT` also starts a server from another checkout (`git worktree add /tmp/base <commit>`)
+and streams from it in the same rounds: this machine's neighbours move the first token by several ms
+from one run to the next, so a change to the server is measured against its baseline in one run.
+
 Model: the embedded SmolLM2-135M (default) or a tiny random GPT-2 (`--model tiny`). Both processes use
 `--threads` intra-op threads (default 1): on a small loaded machine two OpenMP threads in the main thread
 made a plain `generate` 5-10x slower than the same in another thread, which would credit streaming (a
@@ -81,6 +85,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads, here and on the server")
     parser.add_argument("--in-process", action="store_true",
                         help="the server runs the model in its own process (default: in its worker process)")
+    parser.add_argument("--baseline", metavar="CHECKOUT",
+                        help="also run a server from another checkout (a worktree of an earlier commit, say) and "
+                             "stream from both, alternating: a server-side change measured side by side")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:
@@ -88,20 +95,30 @@ def main() -> None:
         store = KeyStore(os.path.join(folder, "keys.db"))
         key = store.create("bench")
         flags = ["--rate", "100000"] + (["--in-process"] if args.in_process else [])
-        server = Server(source, os.path.join(folder, "keys.db"), *flags, ready_within=300,
-                        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(args.threads)})
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(args.threads)}
+        name = os.path.basename(source) if args.model == "tiny" else "smollm2"
+        servers, remotes = [], []
         try:
-            name = os.path.basename(source) if args.model == "tiny" else "smollm2"
-            remote = interlace.LanguageModel(name, host=server.url, api_key=key)
-            remote._remote.progress = False
-            _report(local, remote, name, layers, prompt, args)
+            for checkout in [None] + ([os.path.abspath(args.baseline)] if args.baseline else []):
+                # (-c: `-m interlace` would find the package of the current folder before the checkout's)
+                program = ("-m", "interlace") if checkout is None else (
+                    "-c", f"import sys; sys.path.insert(0, {checkout!r}); from interlace.cli import main; sys.exit(main())")
+                servers.append(Server(source, os.path.join(folder, "keys.db"), *flags, ready_within=300, env=env,
+                                      program=program))
+                remotes.append(interlace.LanguageModel(name, host=servers[-1].url, api_key=key))
+                remotes[-1]._remote.progress = False
+            _report(local, remotes, name, layers, prompt, args)
         finally:
-            server.stop()
+            for server in servers:
+                server.stop()
 
 
-def _report(local, remote, name, layers, prompt, args) -> None:
+def _report(local, remotes, name, layers, prompt, args) -> None:
+    remote = remotes[0]
     ways = {"local": (local, False, False), "local, streamed": (local, False, True),
             "remote": (remote, True, False), "remote, streamed": (remote, True, True)}
+    if len(remotes) > 1:
+        ways["baseline, streamed"] = (remotes[1], True, True)
     for lm, is_remote, stream in ways.values():  # warm every path
         _generate(lm, layers, prompt, 4, remote=is_remote, stream=stream)
     first, per_token, total = ({way: [] for way in ways} for _ in range(3))
@@ -123,8 +140,12 @@ def _report(local, remote, name, layers, prompt, args) -> None:
         whole = statistics.median(total[way])
         print(f"{way:20}{statistics.median(first[way]) * 1000:16.2f}{statistics.median(per_token[way]) * 1000:14.2f}"
               f"{whole * 1000:10.1f}{whole / base:15.2f}")
-    local_first, remote_first = (statistics.median(first[w]) * 1000 for w in ("local, streamed", "remote, streamed"))
-    print(f"\nremote streamed first token - local streamed first token: {remote_first - local_first:+.2f} ms")
+    local_first = statistics.median(first["local, streamed"]) * 1000
+    print()
+    for way in [way for way in ways if way.endswith(", streamed") and way != "local, streamed"]:
+        label = "remote" if way == "remote, streamed" else f"baseline ({args.baseline})"
+        print(f"{label} streamed first token - local streamed first token: "
+              f"{statistics.median(first[way]) * 1000 - local_first:+.2f} ms")
     for where in ("local", "remote"):
         streamed = statistics.median(per_token[f"{where}, streamed"]) / statistics.median(per_token[where])
         print(f"{where}: per token, streamed / not streamed: {streamed:.2f}x; first token, streamed / not: "
