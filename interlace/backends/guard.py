@@ -35,6 +35,7 @@ from .sizes import PYTHON_REFERENCE, PYTHON_TENSOR, RULES, elements, rehearse, s
 from .writes import Versions, WriteCheck, refuse_weight_write
 
 _SEQUENCES = (str, bytes, list, tuple)
+REHEARSALS = 256  # module calls' rehearsals kept per model, by path and shapes
 
 
 class Guard:
@@ -52,7 +53,6 @@ class Guard:
         self._tree: ModelTree | None = None  # local: the model's, looked up at the first call or write of a run
         self._named: dict[int, torch.Tensor] = {}  # data_ptr -> weight a `parameter` node read in this run
         self._copies: dict[int, tuple] = {}  # local: data_ptr -> (weight storage, its bytes as they were)
-        self._rehearsed: dict[tuple, tuple[int, int, int]] = {}  # module calls: (output, all) elements, flops
         self.versions = Versions(root) if untrusted else None  # the second line against writes
 
     # -- writes ------------------------------------------------------------------------------------
@@ -211,13 +211,18 @@ class Guard:
         The arguments are checked first: tensors and plain numbers only (in tuples and lists), so no
         path, repo id, callable, config or cache object reaches a forward. Then the call is rehearsed
         on the meta device (shapes only), counting the elements of every operation inside it;
-        rehearsals are reused for calls with the same shapes.
+        rehearsals are kept with the model (its `ModelTree`, at most `REHEARSALS` of them) and reused for
+        calls with the same shapes, by later requests too: a rehearsal costs milliseconds.
         """
         _check_module_arguments(path, args, kwargs)
         key = (path, shapes(args), shapes(kwargs))
-        counted = self._rehearsed.get(key)
+        rehearsals = ModelTree.of(self.root).rehearsals  # (what a call with these shapes does is the model's)
+        counted = rehearsals.get(key)
         if counted is None:
-            counted = self._rehearsed[key] = rehearse(module, path, args, kwargs)
+            counted = rehearse(module, path, args, kwargs)
+            if len(rehearsals) >= REHEARSALS:  # (bounded: a stranger chooses the shapes)
+                del rehearsals[next(iter(rehearsals))]
+            rehearsals[key] = counted
         output, inside, flops = counted
         if output > self.limits.max_elements:
             raise LimitError(f"calling {path} would create {output} elements, over the limit of "

@@ -44,10 +44,12 @@ class ModelTree:
         self.weights: list[tuple[str, torch.Tensor]] = []  # (name, tensor): every parameter and buffer once
         self.tensors: dict[int, torch.Tensor] = {}  # data_ptr -> a weight with that storage
         self.by_storage: dict[int, list[int]] = {}  # data_ptr -> the numbers in `weights` of those in it
-        seen = set()
+        seen, names = set(), set()
         for prefix, module in self.modules:
             for table in (module._parameters, module._buffers):
                 for key, tensor in table.items():
+                    if tensor is not None:
+                        names.add(f"{prefix}.{key}".lstrip("."))
                     if tensor is None or id(tensor) in seen:
                         continue
                     seen.add(id(tensor))
@@ -56,7 +58,9 @@ class ModelTree:
                         self.tensors.setdefault(pointer, tensor)
                         self.by_storage.setdefault(pointer, []).append(len(self.weights))
                     self.weights.append((f"{prefix}.{key}".lstrip("."), tensor))
+        self.weight_names = frozenset(names)  # every name a weight has (a tied one has several)
         self.first = next(iter(self.tensors.items()), None)  # (pointer, tensor): moved when the model is
+        self.rehearsals: dict[tuple, tuple[int, int, int]] = {}  # module calls, by shapes (`Guard.before_module_call`)
 
     @classmethod
     def of(cls, root: torch.nn.Module) -> "ModelTree":

@@ -194,8 +194,7 @@ def check_against_model(graph: Graph, root, extra_modules: dict, invokes: int, s
                 raise fail(node, f"invoke {invoke} does not exist: this run has {invokes} invoke(s)")
         elif node.op == "parameter":
             if weights is None:
-                weights = {name for name, _ in root.named_parameters(remove_duplicate=False)}
-                weights |= {name for name, _ in root.named_buffers(remove_duplicate=False)}
+                weights = ModelTree.of(root).weight_names
             if node.target not in weights:
                 raise fail(node, f"the model has no parameter or buffer {node.target!r}{_suggest(node.target, weights)}")
 

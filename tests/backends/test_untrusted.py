@@ -186,6 +186,27 @@ def test_an_untrusted_run_may_not_write_a_gradient_the_weights_hold():
     assert torch.equal(mlp.head.weight.grad, grad)
 
 
+def test_a_module_call_is_rehearsed_once_per_model_and_shape_in_a_bounded_cache(monkeypatch):
+    """Rehearsing a module call on the meta device costs milliseconds: it is kept with the model, for later
+    requests too, by the call's shapes, and at most `REHEARSALS` of them."""
+    from interlace.backends import guard as guard_module
+
+    rehearsed, rehearse = [], guard_module.rehearse
+    monkeypatch.setattr(guard_module, "rehearse", lambda *args: rehearsed.append(args[2][0].shape[0]) or rehearse(*args))
+    monkeypatch.setattr(guard_module, "REHEARSALS", 2)
+    torch.manual_seed(0)
+    mlp = MLP().eval()
+    net = interlace.Model(mlp)
+    for rows in (2, 2, 3, 2, 4, 2):  # a third shape pushes out the oldest
+        x = torch.randn(rows, 3)
+        with net.trace(x) as tracer:
+            net.head(net.layers[0].output).save()  # the head called on layer 0's output
+        request = deserialize_request(serialize_graph(tracer.graph, tracer.invokes, options=tracer.spec(0).options))
+        [value] = net.run(request, untrusted=True, limits=Limits()).results.values()
+        assert torch.equal(value, mlp.head(mlp.layers[0](mlp.embed(x))))
+    assert rehearsed == [2, 3, 4, 2]
+
+
 def test_a_logit_lens_copies_no_weight_and_equals_the_local_run(monkeypatch):
     """lm_head.weight handed to a call (the write check sees it) is read in place: no copy of any storage."""
     lm = model()
