@@ -145,12 +145,6 @@ class Service:
         while job.state not in FINISHED and not self.closing and (left := deadline - asyncio.get_running_loop().time()) > 0:
             await job.wait(min(left, STREAM_CHECK))
 
-    async def started(self, job: Job, seconds: float) -> None:
-        """Wait up to `seconds` for the job to leave the queue (and be handed to the model)."""
-        seen, deadline = 0, asyncio.get_running_loop().time() + seconds
-        while job.state == "queued" and (left := deadline - asyncio.get_running_loop().time()) > 0:
-            seen += len(await job.next_events(seen, left))
-
     def model(self, name: str | None) -> HostedModel:
         if name is None and len(self.models) == 1:
             return next(iter(self.models.values()))

@@ -26,6 +26,7 @@ from .errors import error_body
 log = logging.getLogger("interlace.server")
 
 FINISHED = frozenset({"completed", "error", "cancelled"})
+STARTED = FINISHED | {"running"}  # out of the queue
 
 
 class Job:
@@ -116,13 +117,14 @@ class Job:
                 pass
         return self.events[seen:]
 
-    async def wait(self, timeout: float) -> bool:
-        """Wait until the job is finished or `timeout` seconds passed; whether it is finished."""
+    async def wait(self, timeout: float, states=FINISHED) -> bool:
+        """Wait until the job is in one of `states` (finished, by default) or `timeout` seconds passed;
+        whether it is."""
         deadline = time.monotonic() + timeout
         seen = 0
-        while self.state not in FINISHED and (left := deadline - time.monotonic()) > 0:
+        while self.state not in states and (left := deadline - time.monotonic()) > 0:
             seen += len(await self.next_events(seen, left))
-        return self.state in FINISHED
+        return self.state in states
 
 
 class JobQueue:

@@ -20,7 +20,7 @@ from ...errors import LimitError, ServiceError
 from ..auth import caller, service
 from ..errors import documented
 from ..config import STARTED_WAIT, STREAM_CHECK
-from ..jobs import FINISHED, Job
+from ..jobs import FINISHED, STARTED, Job
 from ..keys import Key
 from ..schemas import JobInfo
 
@@ -102,7 +102,7 @@ async def submit(request: Request, model: str | None = None, wait: float = Query
     data = await _read_body(request, svc.model(model).limits.max_frame_bytes)
     job = await svc.submit(data, key.id, model, timeout, idempotency_key, stream)
     if stream and "text/event-stream" in request.headers.get("accept", ""):
-        await svc.started(job, STARTED_WAIT)
+        await job.wait(STARTED_WAIT, STARTED)  # (out of the queue, its job handed to the model)
         return EventSourceResponse(_events_of(job, svc), ping=15, headers={"Interlace-Job": job.id})
     if wait:
         await svc.wait(job, wait)
