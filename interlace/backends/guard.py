@@ -49,7 +49,7 @@ class Guard:
         self.cancel = cancel  # anything with is_set(), e.g. a threading.Event
         self.deadline = time.monotonic() + self.limits.max_seconds if untrusted else None
         self.created = 0  # elements created so far
-        self._storages: dict[int, torch.Tensor] | None = None  # untrusted: data_ptr -> weight (`weight_storages`)
+        self._guarded: dict[int, torch.Tensor] | None = None  # untrusted: data_ptr -> weight (`guarded_weights`)
         self._tree: ModelTree | None = None  # local: the model's, looked up at the first call or write of a run
         self._named: dict[int, torch.Tensor] = {}  # data_ptr -> weight a `parameter` node read in this run
         self._copies: dict[int, tuple] = {}  # local: data_ptr -> (weight storage, its bytes as they were)
@@ -115,9 +115,9 @@ class Guard:
         return (self._tree or self._local_tree()).holds(pointer)
 
     def _weights(self) -> dict[int, torch.Tensor]:
-        if self._storages is None:
-            self._storages = weight_storages(self.root)
-        return self._storages
+        if self._guarded is None:
+            self._guarded = guarded_weights(self.root)
+        return self._guarded
 
     # -- writes in an untrusted run: decided by torch's operator schemas -----------------------------
     def call(self, what: str, fn, args, kwargs, *, module: torch.nn.Module | None = None):
@@ -336,7 +336,7 @@ def _inert(value) -> bool:
     return kind in _INERT
 
 
-def weight_storages(root: torch.nn.Module) -> dict[int, torch.Tensor]:
+def guarded_weights(root: torch.nn.Module) -> dict[int, torch.Tensor]:
     """data_ptr -> a tensor in that storage, of every parameter, buffer and gradient of `root`: the
     weights as the model's tree lists them (once per model: the dict is the tree's, not to be changed),
     the gradients as they are now."""

@@ -48,16 +48,18 @@ class ModelTree:
         for prefix, module in self.modules:
             for table in (module._parameters, module._buffers):
                 for key, tensor in table.items():
-                    if tensor is not None:
-                        names.add(f"{prefix}.{key}".lstrip("."))
-                    if tensor is None or id(tensor) in seen:
+                    if tensor is None:
+                        continue
+                    name = f"{prefix}.{key}".lstrip(".")
+                    names.add(name)
+                    if id(tensor) in seen:
                         continue
                     seen.add(id(tensor))
                     if tensor.device.type != "meta" and tensor.numel():
                         pointer = tensor.untyped_storage().data_ptr()
                         self.tensors.setdefault(pointer, tensor)
                         self.by_storage.setdefault(pointer, []).append(len(self.weights))
-                    self.weights.append((f"{prefix}.{key}".lstrip("."), tensor))
+                    self.weights.append((name, tensor))
         self.weight_names = frozenset(names)  # every name a weight has (a tied one has several)
         self.first = next(iter(self.tensors.items()), None)  # (pointer, tensor): moved when the model is
         self.rehearsals: dict[tuple, tuple[int, int, int]] = {}  # module calls, by shapes (`Guard.before_module_call`)
