@@ -30,9 +30,9 @@ class Attachments:
     transformers installs output-capturing hooks on every layer (and flags the model) the first time a
     forward is asked for `output_attentions`, and leaves them; `restore()` takes off whatever was added.
     Cheap enough for every untrusted run: hook ids only grow (`RemovableHandle.next_id`), so a hook
-    added since is one with a larger id, and when no id was handed out but the caller's own hooks' no
-    hook table needs a look; dicts keep their insertion order, so an instance attribute added since
-    comes after the ones counted.
+    added since is one with a larger id (and when the only ids handed out since are the caller's own
+    hooks', no hook table needs a look); dicts keep their insertion order, so an instance attribute
+    added since comes after the ones counted.
 
     >>> net = torch.nn.Linear(2, 2)
     >>> attachments = Attachments(net)
