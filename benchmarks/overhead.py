@@ -12,7 +12,9 @@ reports the median over repeats, after warmup. Four sections:
    python named by `$NNSIGHT_PYTHON`; torch==2.13.0 installed first, then `nnsight==0.8.1
    "transformers==5.*"`) the same work runs there under nnsight, with its own bare forward measured
    beside it; else that column is skipped. CPU time of this thread, one torch thread, lower quartile
-   of the repeats (these machines are shared: neighbours only add time, to wall time most of all).
+   of the repeats (these machines are shared: neighbours only add time, to wall time most of all);
+   "mean" fits the mean instead, which also counts what comes now and then, as the garbage
+   collector's full passes do.
 
 1. Per model (a 12-block MLP and a random-weight GPT-2 small, 128 tokens; the real SmolLM2-135M at
    batch 1 and 8, 16 and 128 tokens) and scenario (save every
@@ -198,8 +200,8 @@ SCENARIOS = [
 
 
 # -- timing ---------------------------------------------------------------------------------------
-def side_by_side(fns: dict, repeats: int, warmup: int, clock=time.perf_counter, quantile: float = 0.5) -> dict:
-    """Seconds per callable (the median, or another quantile); each repeat calls every callable once, in turn."""
+def timings(fns: dict, repeats: int, warmup: int, clock=time.perf_counter) -> dict:
+    """Seconds of each call, per callable; each repeat calls every callable once, in turn."""
     times = {name: [] for name in fns}
     for rep in range(warmup + repeats):
         for name, fn in fns.items():
@@ -207,7 +209,16 @@ def side_by_side(fns: dict, repeats: int, warmup: int, clock=time.perf_counter, 
             fn()
             if rep >= warmup:
                 times[name].append(clock() - start)
-    return {name: sorted(ts)[int(quantile * (len(ts) - 1))] for name, ts in times.items()}
+    return times
+
+
+def quantile(times: list, q: float) -> float:
+    return sorted(times)[int(q * (len(times) - 1))]
+
+
+def side_by_side(fns: dict, repeats: int, warmup: int, clock=time.perf_counter, q: float = 0.5) -> dict:
+    """Seconds per callable (the median, or another quantile) of `timings`."""
+    return {name: quantile(ts, q) for name, ts in timings(fns, repeats, warmup, clock).items()}
 
 
 def bare(spec):
@@ -354,12 +365,14 @@ def item_costs(wrap, repeats: int, warmup: int) -> dict:
             for work in ("save", "edit"):
                 fns[("raw", work, k)] = _raw_items(module, ids, k, work == "edit", steer)
                 fns[("traced", work, k)] = _traced_items(net, ids, k, work == "edit", steer)
-        t = side_by_side(fns, repeats, warmup, clock=time.thread_time, quantile=0.25)
-        added = {key: (value - t["bare"]) * 1e6 for key, value in t.items() if key != "bare"}
-        costs[(layers, "empty")] = added[("traced", "save", 0)]
-        for work in ("save", "edit"):
-            for side in ("raw", "traced"):
-                costs[(layers, work, side)] = fit([(k, added[(side, work, k)]) for k in counts])
+        times = timings(fns, repeats, warmup, clock=time.thread_time)
+        for statistic, of in (("", lambda ts: quantile(ts, 0.25)), ("mean", statistics.fmean)):
+            t = {key: of(ts) for key, ts in times.items()}
+            added = {key: (value - t["bare"]) * 1e6 for key, value in t.items() if key != "bare"}
+            costs[(layers, "empty", statistic)] = added[("traced", "save", 0)]
+            for work in ("save", "edit"):
+                for side in ("raw", "traced"):
+                    costs[(layers, work, side, statistic)] = fit([(k, added[(side, work, k)]) for k in counts])
     return costs
 
 
@@ -390,9 +403,9 @@ def item_rows(repeats: int, warmup: int) -> list[list[str]]:
         if costs is None:
             return "—"
         if key[1] == "empty":
-            return f"+{costs[key]:.0f}"
-        fixed, per = costs[key + (side,)]
-        return f"{fixed:+.0f} + {per:.1f}/item"
+            return f"+{costs[key + ('',)]:.0f} (mean +{costs[key + ('mean',)]:.0f})"
+        (fixed, per), mean = costs[key + (side, "")], costs[key + (side, "mean")][1]
+        return f"{fixed:+.0f} + {per:.1f}/item (mean {mean:.1f})"
 
     rows = []
     for layers in FIT_COUNTS:

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from . import ops
+from . import collector, ops
 from .binding import bind_saved, bound, values_of
 from .blocks import Condition, Iteration, Steps
 from .errors import InterlaceError, NotSavedError
@@ -193,6 +193,7 @@ class Tracer(Recorder):
         self._iterating = False
         self.copies: list = []  # blocks repeated per step: (start, end, {step: first node of its copy})
         self._stream: Stream | None = None
+        self._paused = False  # whether this trace holds a pause of the garbage collector
         if options.get("stream") and self.session is not None:
             raise InterlaceError("stream=True streams one trace: it cannot be used inside a session")
         if args or input_kwargs:
@@ -275,9 +276,23 @@ class Tracer(Recorder):
     def __enter__(self) -> "Tracer":
         self.model._attach(self)
         _active.append(self)
+        collector.pause()  # until the run ends: see collector for why
+        self._paused = True
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            return self._close(exc_type, sys._getframe(1))
+        finally:
+            self._resume_collector()
+
+    def _resume_collector(self) -> None:
+        if self._paused:
+            self._paused = False
+            collector.resume()
+
+    def _close(self, exc_type, frame) -> bool:
+        """End the recording and run it; saved values bind to names in `frame` (the `with` block's)."""
         _active.remove(self)
         self.model._detach(self)
         self._closed = True
@@ -292,11 +307,13 @@ class Tracer(Recorder):
         if self.options.get("stream"):  # runs now without waiting; tracer.stream() reads it
             self._stream = Stream(self, request)
             return False
+        if self.options.get("remote"):
+            self._resume_collector()  # a remote run's wait makes no objects of the trace: no pause for it
         outcome = self.model.submit(request, self.options)
         if pending(self.options):  # a remote job: values bind when `tracer.job.result()` is read
             self.job = outcome.on_result(self._receive)
         else:
-            self._receive(outcome, sys._getframe(1))
+            self._receive(outcome, frame)
         return False
 
     def _receive(self, outcome, frame) -> None:
@@ -338,6 +355,7 @@ class Editor(Tracer):
         return self.edited
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        self._resume_collector()
         _active.remove(self)
         self.model._detach(self)
         self.edited._tracer = None

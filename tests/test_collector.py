@@ -1,0 +1,119 @@
+"""The garbage collector pauses while a trace records and runs, and comes back as it was."""
+
+import gc
+import threading
+
+import pytest
+import torch
+
+from interlace import Model, collector
+
+from helpers import MLP
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return Model(MLP().eval())
+
+
+@pytest.fixture(autouse=True)
+def collector_on():
+    was = gc.isenabled()
+    gc.enable()
+    yield
+    (gc.enable if was else gc.disable)()
+
+
+def _watch(module, seen: list):
+    """A hand-written hook that notes whether the collector runs while `module` does."""
+    return module.register_forward_hook(lambda m, args, out: seen.append(gc.isenabled()))
+
+
+def test_the_collector_is_paused_while_a_trace_records_and_runs_and_back_after(net, x):
+    seen = []
+    handle = _watch(net.module.layers[1], seen)
+    try:
+        with net.trace(x):
+            recording = gc.isenabled()
+            out = net.layers[1].output.save()
+    finally:
+        handle.remove()
+    assert (recording, seen) == (False, [False])
+    assert gc.isenabled()
+    assert torch.equal(out, net.module.layers[1](net.module.layers[0](net.module.embed(x))))
+
+
+def test_an_error_in_the_block_or_the_run_resumes_the_collector(net, x):
+    with pytest.raises(ZeroDivisionError):
+        with net.trace(x):
+            net.layers[1].output.save()
+            1 / 0
+    assert gc.isenabled()
+    with pytest.raises(Exception, match="shape"):
+        with net.trace(x):
+            net.layers[1].output[:, :5] = torch.zeros(3, 3)
+    assert gc.isenabled()
+
+
+def test_a_collector_the_user_turned_off_stays_off(net, x):
+    gc.disable()
+    with net.trace(x):
+        net.output.save()
+    assert not gc.isenabled()
+
+
+def test_an_edit_block_resumes_the_collector(net, x):
+    with net.edit() as edited:
+        edited.layers[1].output[:] = 0
+    assert gc.isenabled()
+    with edited.trace(x):
+        out = edited.output.save()
+    layers = net.module.layers
+    assert torch.equal(out, net.module.head(layers[3](layers[2](torch.zeros(2, 8)))))
+
+
+def test_a_remote_trace_waits_for_its_server_with_the_collector_on(net, x, monkeypatch):
+    during = []
+
+    def run_remote(request, **options):
+        during.append(gc.isenabled())
+        raise ConnectionError("no server here")
+
+    monkeypatch.setattr(net, "run_remote", run_remote)
+    with pytest.raises(ConnectionError):
+        with net.trace(x, backend=object()):  # (run_remote, replaced here, never reaches it)
+            net.output.save()
+    assert during == [True] and gc.isenabled()
+
+
+def test_a_trace_leaves_no_cycles_for_the_collector(net, x):
+    """Why the pause frees nothing later: what a trace makes goes by reference counting alone."""
+    steer = torch.ones(2)
+    gc.collect()
+    with net.trace(x):
+        hidden = net.layers[0].output.save()
+        net.layers[1].output[:, 0] += steer
+        out = net.output.save()
+    del hidden, out
+    assert gc.collect() == 0
+
+
+def test_pauses_overlap_across_threads_and_the_last_to_end_resumes():
+    first_paused, second_done = threading.Event(), threading.Event()
+    states = []
+
+    def second():
+        first_paused.wait()
+        with collector.paused():
+            states.append(gc.isenabled())
+        states.append(gc.isenabled())  # the first pause still holds
+        second_done.set()
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    with collector.paused():
+        first_paused.set()
+        second_done.wait(10)
+    thread.join(10)
+    assert states == [False, False] and gc.isenabled()
