@@ -242,6 +242,7 @@ class Interleaver:
 
     def _post_hook(self, path):
         counter, calls, sources = (path, "output"), self.calls, self.sources
+        kept = self.plan.kept if self.rows is None else ()  # (an invoke's rows would be cut from the value)
 
         def hook(module, args, output):
             if self.bypass:
@@ -250,6 +251,9 @@ class Interleaver:
             calls[counter] = call + 1
             key = (path, "output", call)
             if key not in sources:
+                return None
+            if key in kept:
+                self._keep(key, output)
                 return None
             event = self._event(key, output)
             return event.value if event.changed else None
@@ -310,6 +314,20 @@ class Interleaver:
         if self.early_stop and self.finished == self.total and not self.events:
             raise EarlyStop()
         return event
+
+    def _keep(self, key, value) -> None:
+        """An event of `Plan.kept`: what `_event` would do for module values that nothing reads."""
+        if self.untrusted:
+            self.guard.tick()
+        done, saved = self.done, self.saved
+        for index in self.sources.pop(key):
+            if not done[index]:
+                if index in saved:
+                    self.values[index] = self.results[index] = value
+                done[index] = 1
+                self.finished += 1
+        if self.early_stop and self.finished == self.total and not self.events:
+            raise EarlyStop()
 
     def _whole_output(self, index: int) -> bool:
         """Whether node `index` is an output read as it is: what `_op_module_value` would give is the event's value."""
