@@ -54,6 +54,9 @@ class Ref:
     def __hash__(self) -> int:
         return hash(("Ref", self.index))
 
+    def __reduce__(self):
+        return Ref, (self.index,)  # (pickle's default for slots builds a state dict per ref)
+
 
 class Node:
     """One recorded operation. `location` is the user's (filename, lineno)."""
@@ -71,6 +74,10 @@ class Node:
         self.saved = saved
         self._refs = None
         self._shallow = False
+
+    def __reduce__(self):
+        # (a worker process gets its batch pickled: the fields as one tuple, not a state dict of every slot)
+        return Node, (self.index, self.op, self.target, self.args, self.kwargs, self.location, self.guard, self.saved)
 
     @property
     def name(self) -> str:

@@ -1,4 +1,6 @@
-"""The graph as plain data: building, comparing, listing."""
+"""The graph as plain data: building, comparing, listing, pickling."""
+
+import pickle
 
 import torch
 
@@ -24,6 +26,21 @@ def test_graph_is_plain_comparable_data():
     assert first.users() == [[1], [2], []]
     assert first.saved() == [1]
     assert first[1].refs() == (0,)
+
+
+def test_a_graph_pickles_to_an_equal_graph_that_runs_the_same():
+    """A server's worker process gets its batch pickled: every field comes back, no cached state."""
+    g = Graph()
+    a = g.add("module_value", "layer", kwargs={"kind": "output", "call": 1, "invoke": 0}, location=("f.py", 3))
+    b = g.add("call", "operator.getitem", (Ref(a.index), (slice(None), slice(Ref(a.index), None))), guard=0)
+    g.add("call", "operator.add", (Ref(b.index),), {"other": Ref(a.index)}, location=("f.py", 5), saved=True)
+    g[1].refs()  # cached on the node: the copy computes its own
+    back = pickle.loads(pickle.dumps(g))
+    assert back == g and [repr(n) for n in back] == [repr(n) for n in g]
+    assert [(n.guard, n.saved, n.location) for n in back] == [(None, False, ("f.py", 3)), (0, False, None),
+                                                             (None, True, ("f.py", 5))]
+    assert [n.refs() for n in back] == [(), (0,), (1, 0)]
+    assert back[2].bind({0: 10, 1: 20}) == ((20,), {"other": 10})
 
 
 def test_map_refs_reaches_into_containers_and_slices():
