@@ -286,6 +286,23 @@ def test_trace_keywords_are_interlace_options_or_forward_arguments():
     assert len(out.hidden_states) == 3 and out.logits.shape == (1, 1, 100)
 
 
+def test_a_forward_replaced_on_the_instance_is_the_one_whose_keywords_count():
+    """What a forward takes is kept per class function; a forward set on the instance (a wrapper's) is asked itself."""
+    lm = LanguageModel(tiny("llama"))
+    with lm.trace([5, 6], logits_to_keep=1):  # the class's forward takes it (and is now cached)
+        pass
+    module = lm.module
+    module.forward = lambda input_ids=None, attention_mask=None, position_ids=None: module.model(input_ids)
+    try:
+        with pytest.raises(interlace.InterlaceError, match="unexpected keyword argument.*'logits_to_keep'"):
+            lm.trace([5, 6], logits_to_keep=1)
+    finally:
+        del module.forward
+    with lm.trace([5, 6], logits_to_keep=1):
+        out = lm.output.save()
+    assert out.logits.shape == (1, 1, 100)
+
+
 def test_output_zero_of_a_layer_warns_once_about_transformers_5():
     interlace.backends.local._warned_paths.clear()
     lm = LanguageModel(tiny("llama"))
