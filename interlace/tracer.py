@@ -349,8 +349,9 @@ class Editor(Tracer):
         self.current_invoke = None  # the example input is for checking: edits apply to every row
 
     def __enter__(self):
+        edited = self.model if self.options["inplace"] else self.model._copy()  # (before the trace opens: may fail)
         super().__enter__()
-        self.edited = self.model if self.options["inplace"] else self.model._copy()
+        self.edited = edited
         self.edited._tracer = self
         return self.edited
 

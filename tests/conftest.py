@@ -4,7 +4,15 @@ import pytest
 import torch
 
 import interlace
+from interlace import collector
 from helpers import MLP
+
+
+@pytest.fixture(autouse=True)
+def no_paused_collector():
+    """Every trace resumes the garbage collector it paused: a pause left over would keep it off for good."""
+    yield
+    assert collector._pauses == 0, "a trace left the garbage collector paused"
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ def recorded(lm, record, *, method: str = "trace", **options):
         interlace.tracer._active.remove(tracer)
         lm._detach(tracer)
         tracer._closed = True
+        tracer._resume_collector()
     return request_of(tracer)
 
 
@@ -139,17 +140,8 @@ def test_generations_with_the_same_settings_share_one_generate(lm):
                 lm.generator.output.save()
         return record
 
-    tracers = []
-    for prompt, scale in (("w5 w6", 2.0), ("w7 w8", 0.5), ("w10 w11", 1.5)):
-        tracer = lm.generate(max_new_tokens=4)
-        tracer.__enter__()
-        try:
-            generation(prompt, scale)(lm, tracer)
-        finally:
-            interlace.tracer._active.remove(tracer)
-            lm._detach(tracer)
-            tracer._closed = True
-        tracers.append(request_of(tracer))
+    tracers = [recorded(lm, generation(prompt, scale), method="generate", max_new_tokens=4)
+               for prompt, scale in (("w5 w6", 2.0), ("w7 w8", 0.5), ("w10 w11", 1.5))]
     answers = lm.run_many(tracers)
     for request, answer in zip(tracers, answers):
         alone = lm.run(request)
