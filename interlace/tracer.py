@@ -308,7 +308,7 @@ class Tracer(Recorder):
             self._stream = Stream(self, request)
             return False
         if self.options.get("remote"):
-            self._resume_collector()  # a remote run's wait makes no objects of the trace: no pause for it
+            self._resume_collector()  # (it waits on a server, as long as that takes: the collector runs meanwhile)
         outcome = self.model.submit(request, self.options)
         if pending(self.options):  # a remote job: values bind when `tracer.job.result()` is read
             self.job = outcome.on_result(self._receive)
