@@ -6,9 +6,10 @@ import threading
 import pytest
 import torch
 
-from interlace import Model, collector
+import interlace
+from interlace import LanguageModel, Model, collector
 
-from helpers import MLP
+from helpers import MLP, tiny, tiny_tokenizer
 
 
 @pytest.fixture
@@ -91,11 +92,28 @@ def test_a_trace_leaves_no_cycles_for_the_collector(net, x):
     """Why the pause frees nothing later: what a trace makes goes by reference counting alone."""
     steer = torch.ones(2)
     gc.collect()
+    gc.disable()  # (else a collection that runs by itself once the trace ends could find its cycles first)
     with net.trace(x):
         hidden = net.layers[0].output.save()
         net.layers[1].output[:, 0] += steer
         out = net.output.save()
     del hidden, out
+    assert gc.collect() == 0
+
+
+def test_a_steered_generation_leaves_no_cycles_for_the_collector():
+    """A generation can be long and runs paused too: it must leave nothing for the collector either."""
+    lm = LanguageModel(tiny("llama"), tokenizer=tiny_tokenizer())
+    gc.collect()
+    gc.disable()  # (as above)
+    with lm.generate("w5 w6", max_new_tokens=6) as tracer:
+        hidden = interlace.list().save()
+        with tracer.all():
+            lm.model.layers[0].output[:, -1] += 0.5
+            hidden.append(lm.model.layers[0].output[:, -1])
+        out = lm.generator.output.save()
+    assert len(hidden) == 6 and out.shape[-1] >= 6
+    del hidden, out, tracer
     assert gc.collect() == 0
 
 
