@@ -36,7 +36,6 @@ import time
 
 import torch
 
-from .. import collector
 from ..errors import CancelledError, LimitError, ServiceError
 from .jobs import model_groups
 from .replica import ModelReplica, crossing, decode_answer
@@ -253,9 +252,8 @@ def _child(connection, cancels, source: str, options: dict, level: int) -> None:
             for number in early.pop(batch, ()):
                 events[number].set()
         try:
-            with collector.paused():  # (a batch's graphs would be walked by full collections: see collector)
-                reply = replica.answer(requests, limits, streamed,
-                                       lambda number, event: send(("step", number, event)), events, groups)
+            reply = replica.answer(requests, limits, streamed,
+                                   lambda number, event: send(("step", number, event)), events, groups)
         except Exception as error:  # noqa: BLE001 - reported to the front; the child goes on
             log.exception("the model's worker process failed to run a batch")
             send(("failed", f"{type(error).__name__}: {error}"[:2000]))
