@@ -8,10 +8,6 @@ import torch
 
 import interlace
 from interlace import LanguageModel, Model, collector
-from interlace.backends.limits import Limits
-from interlace.backends.serialize import serialize_request
-from interlace.graph import Request
-from interlace.server.hosting import HostedModel
 
 from helpers import MLP, tiny, tiny_tokenizer
 
@@ -90,21 +86,6 @@ def test_a_remote_trace_waits_for_its_server_with_the_collector_on(net, x, monke
         with net.trace(x, backend=object()):  # (run_remote, replaced here, never reaches it)
             net.output.save()
     assert during == [True] and gc.isenabled()
-
-
-def test_a_hosted_model_runs_a_batch_with_the_collector_paused(net, x):
-    """Whatever runs a server's batches (its worker process, a Ray replica, the front itself) goes through here."""
-    with net.trace(x) as tracer:
-        net.layers[1].output.save()
-    data = serialize_request(Request(tracer.graph, [tracer.spec(len(tracer.graph))]))
-    hosted = HostedModel(net, name="mlp", limits=Limits())
-    seen = []
-    handle = _watch(net.module.layers[1], seen)
-    try:
-        [answer] = hosted.execute_many([hosted.admit(data)], limits=Limits(), cancels=[threading.Event()])
-    finally:
-        handle.remove()
-    assert not isinstance(answer, Exception) and seen == [False] and gc.isenabled()
 
 
 def test_a_trace_leaves_no_cycles_for_the_collector(net, x):

@@ -31,7 +31,6 @@ import tempfile
 
 import torch
 
-from .. import collector
 from ..backends.state import ModelState
 from ..backends.limits import Limits
 from ..backends.remote import package_version
@@ -141,13 +140,12 @@ class HostedModel:
         on_steps = [step_publisher(request.graph, limits, send) if send else None
                     for request, send in zip(requests, on_steps or [None] * len(requests))]
         try:
-            with collector.paused():  # (the batch's graphs would be walked by full collections: see collector)
-                if len(requests) == 1 and _has_functions(requests[0].graph):  # only a --trusted server admits these
-                    answers = [self._answer(lambda: self.model.run(requests[0], limits=limits, cancel=cancels[0],
-                                                                   on_step=on_steps[0]))]
-                else:
-                    answers = self.model.run_many(requests, untrusted=True, limits=limits, cancels=cancels,
-                                                  groups=groups, on_steps=on_steps)
+            if len(requests) == 1 and _has_functions(requests[0].graph):  # only a --trusted server admits these
+                answers = [self._answer(lambda: self.model.run(requests[0], limits=limits, cancel=cancels[0],
+                                                               on_step=on_steps[0]))]
+            else:
+                answers = self.model.run_many(requests, untrusted=True, limits=limits, cancels=cancels, groups=groups,
+                                              on_steps=on_steps)
             for answer in answers:
                 if isinstance(answer, WeightsChangedError):
                     self.broken += [name for name in answer.changed if name not in self.broken]

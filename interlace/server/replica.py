@@ -15,6 +15,7 @@ import threading
 
 import httpx
 
+from .. import collector
 from ..backends.limits import Limits
 from ..backends.remote import _error
 from ..graph import Request
@@ -57,8 +58,11 @@ class ModelReplica:
         requests = [self.hosted.admit(request) if isinstance(request, bytes) else request for request in requests]
         sends = [(lambda event, number=number: send(number, event)) if streamed[number] else None
                  for number in range(len(requests))]
-        answers = self.hosted.execute_many(requests, limits=Limits(**limits), cancels=cancels, groups=groups,
-                                           on_steps=sends)
+        # the collector pauses for the batch (see collector): this process runs batches and nothing else,
+        # where a front that runs its own (--in-process) answers HTTP meanwhile, whose cycles must not wait
+        with collector.paused():
+            answers = self.hosted.execute_many(requests, limits=Limits(**limits), cancels=cancels, groups=groups,
+                                               on_steps=sends)
         return {"replica": self.identity(), "answers": [encode_answer(answer) for answer in answers]}
 
 

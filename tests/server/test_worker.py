@@ -2,6 +2,7 @@
 while one long operation runs, a deadline or a cancel stops even that (the worker is killed and started
 again), a worker that dies fails only its batch, and no worker outlives its server."""
 
+import gc
 import os
 import pickle
 import signal
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from hostile import Builder
+from interlace.server.replica import ModelReplica
 from interlace.server.worker import _pickled
 from serving import Server
 from test_bad_input import _result, _submit, _until, get, good, post
@@ -194,3 +196,20 @@ def test_a_batch_crosses_to_the_worker_with_its_tensors_equal(tensor):
     [back] = pickle.loads(_pickled(("run", [tensor])))[1]
     assert back.dtype == tensor.dtype and back.shape == tensor.shape and back.requires_grad == tensor.requires_grad
     assert torch.equal(back, tensor.detach())
+
+
+def test_a_replica_runs_its_batch_with_the_collector_paused(setup, local):
+    """A replica's process runs batches and nothing else, so it pauses the garbage collector for each (see
+    interlace.collector); a hand-written hook looks while the batch runs."""
+    replica = ModelReplica(setup["folder"], name="tiny-gpt2", kind={}, limits={}, trusted=False, check_weights=False)
+    seen = []
+    handle = replica.hosted.model.module.transformer.h[0].register_forward_hook(
+        lambda module, args, output: seen.append(gc.isenabled()))
+    try:
+        reply = replica.answer([replica.hosted.admit(good())], {})
+    finally:
+        handle.remove()
+    [(status, result, _, _)] = reply["answers"]
+    assert status == "completed" and seen == [False] and gc.isenabled()
+    there, here = values(result), run_here(local, good())
+    assert there.keys() == here.keys() and all(torch.equal(there[k], here[k]) for k in here)
