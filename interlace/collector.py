@@ -6,30 +6,40 @@ quarter of the objects there are new ones the collector walks every object of th
 of thousands once torch and transformers are loaded, 0.1-0.3 s a walk. A trace makes no reference
 cycles (its objects go by reference counting when it ends), so pausing the collector for its length
 frees nothing later and removes that walk: on average ~20 µs per steering edit on a 64-block GPT-2
-(`benchmarks/overhead.py`, its mean column).
+(`benchmarks/overhead.py`, its mean column). What other threads make meanwhile stays young, and the
+first pass after the pause ends finds any cycles among it.
 
 Pauses nest and may overlap across threads: the collector runs again when the last one ends, and
-only if it ran before the first began (a caller who turned it off keeps it off).
+only if it ran before the first began (a caller who turned it off keeps it off). Pauses that overlap
+for longer than `LONGEST` seconds (threads tracing without a break) collect the young generation
+when one of them starts or ends, so the cycles other threads make never wait for long.
 """
 
 from __future__ import annotations
 
 import gc
 import threading
+import time
 from contextlib import contextmanager
+
+LONGEST = 1.0  # seconds of overlapping pauses before the young generation is collected anyway
 
 _lock = threading.Lock()
 _pauses = 0
 _was_enabled = False
+_since = 0.0  # when the collector last ran for us: the first pause began, or a young pass since
 
 
 def pause() -> None:
     """Stop automatic collection until the matching `resume()`."""
-    global _pauses, _was_enabled
+    global _pauses, _was_enabled, _since
     with _lock:
         if not _pauses:
             _was_enabled = gc.isenabled()
             gc.disable()
+            _since = time.monotonic()
+        else:
+            _collect_if_long()
         _pauses += 1
 
 
@@ -40,6 +50,15 @@ def resume() -> None:
         _pauses -= 1
         if not _pauses and _was_enabled:
             gc.enable()
+        elif _pauses:
+            _collect_if_long()
+
+
+def _collect_if_long() -> None:
+    global _since
+    if _was_enabled and time.monotonic() - _since > LONGEST:
+        gc.collect(0)
+        _since = time.monotonic()
 
 
 @contextmanager

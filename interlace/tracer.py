@@ -307,8 +307,10 @@ class Tracer(Recorder):
         if self.options.get("stream"):  # runs now without waiting; tracer.stream() reads it
             self._stream = Stream(self, request)
             return False
-        if self.options.get("remote"):
-            self._resume_collector()  # (it waits on a server, as long as that takes: the collector runs meanwhile)
+        if self.options.get("remote") or self.options.get("mode") == "generate":
+            # a server's wait, or a generation: they take long, so the collector runs meanwhile (other threads'
+            # cycles must not wait for them), and at a forward per token a full walk now and then costs little
+            self._resume_collector()
         outcome = self.model.submit(request, self.options)
         if pending(self.options):  # a remote job: values bind when `tracer.job.result()` is read
             self.job = outcome.on_result(self._receive)

@@ -2,6 +2,7 @@
 
 import gc
 import threading
+import weakref
 
 import pytest
 import torch
@@ -115,6 +116,49 @@ def test_a_steered_generation_leaves_no_cycles_for_the_collector():
     assert len(hidden) == 6 and out.shape[-1] >= 6
     del hidden, out, tracer
     assert gc.collect() == 0
+
+
+def test_a_generation_records_paused_and_runs_with_the_collector_on():
+    """A generation takes long: other threads' cycles must not wait for it, and per token a walk costs little."""
+    lm = LanguageModel(tiny("llama"), tokenizer=tiny_tokenizer())
+    seen = []
+    handle = lm.module.model.layers[0].register_forward_hook(lambda m, args, out: seen.append(gc.isenabled()))
+    try:
+        with lm.generate("w5 w6", max_new_tokens=3):
+            recording = gc.isenabled()
+            out = lm.generator.output.save()
+    finally:
+        handle.remove()
+    assert recording is False and seen == [True] * 3 and gc.isenabled()
+    assert out.shape[-1] >= 3
+
+
+class _Cyclic:
+    def __init__(self):
+        self.me = self
+
+
+def _overlapping_pauses_with_a_cycle_made_between(monkeypatch, longest: float) -> bool:
+    """Whether a cycle made while one pause holds is still there once a second, overlapping one begins."""
+    monkeypatch.setattr(collector, "LONGEST", longest)
+    collector.pause()
+    try:
+        cycle = _Cyclic()
+        alive = weakref.ref(cycle)
+        del cycle
+        collector.pause()
+        collector.resume()
+        return alive() is not None
+    finally:
+        collector.resume()
+
+
+def test_pauses_that_overlap_for_long_collect_the_young_generation_meanwhile(monkeypatch):
+    """Threads tracing without a break would keep the collector off for good: past LONGEST seconds of
+    overlapping pauses, starting or ending one collects the young objects (where others' cycles are)."""
+    assert _overlapping_pauses_with_a_cycle_made_between(monkeypatch, longest=3600.0)
+    assert not _overlapping_pauses_with_a_cycle_made_between(monkeypatch, longest=0.0)
+    assert gc.isenabled()
 
 
 def test_pauses_overlap_across_threads_and_the_last_to_end_resumes():
