@@ -319,13 +319,10 @@ class Interleaver:
         """An event of `Plan.kept`: what `_event` would do for module values that nothing reads."""
         if self.untrusted:
             self.guard.tick()
-        done, saved = self.done, self.saved
+        done = self.done
         for index in self.sources.pop(key):
             if not done[index]:
-                if index in saved:
-                    self.values[index] = self.results[index] = value
-                done[index] = 1
-                self.finished += 1
+                self._finish(index, value)  # (no reader to wake, nothing it reads to free)
         if self.early_stop and self.finished == self.total and not self.events:
             raise EarlyStop()
 

@@ -103,8 +103,7 @@ class Plan:
         # output events whose module values are read whole by nothing of the graph (saved, most often):
         # the hook keeps the value and wakes no one (the commonest event, done without the general path)
         self.kept = {key: indices for key, indices in sources.items() if key[1] == "output" and key not in self.mutations
-                     and all(not users[i] and nodes[i].guard is None and nodes[i].kwargs["kind"] == "output"
-                             for i in indices)}
+                     and all(not users[i] and nodes[i].guard is None for i in indices)}
 
     def _mutation(self, node, last_mutation: dict) -> None:
         """`node` changes its first argument in place: later reads of it wait for it, and its module
