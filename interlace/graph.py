@@ -286,20 +286,13 @@ class Graph:
         first = len(self.nodes)
         offset = first - base
         shift = lambda ref: Ref(ref.index + offset) if ref.index >= base else ref  # noqa: E731 - one for all nodes
-        append = self.nodes.append
-        for index, node in enumerate(list(nodes), first):
-            refs = node.refs()  # (cached on the node: a block's template is asked once for all its copies)
-            if not refs:  # nothing to move in its arguments
-                args, kwargs = node.args, dict(node.kwargs)
-            elif node._shallow:  # every Ref is an argument itself: one pass, no recursion (most nodes)
-                args = tuple([shift(a) if type(a) is Ref else a for a in node.args])
-                kwargs = {key: shift(v) if type(v) is Ref else v for key, v in node.kwargs.items()}
-            else:
-                args, kwargs = map_refs(node.args, shift), map_refs(node.kwargs, shift)
+        for node in list(nodes):
+            kwargs = map_refs(node.kwargs, shift) if node.kwargs else {}
             if calls and node.op in ("module_value", "skip"):
                 kwargs["call"] += calls
             guard = node.guard + offset if node.guard is not None and node.guard >= base else node.guard
-            append(Node(index, node.op, node.target, args, kwargs, node.location, guard, node.saved))
+            self.add(node.op, node.target, map_refs(node.args, shift) if node.args else (), kwargs, node.location,
+                     guard, node.saved)
         return first
 
     def add_copy(self, start: int, end: int, calls: int, value: int) -> int:

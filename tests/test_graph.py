@@ -43,6 +43,18 @@ def test_a_graph_pickles_to_an_equal_graph_that_runs_the_same():
     assert back[2].bind({0: 10, 1: 20}) == ((20,), {"other": 10})
 
 
+def test_each_copy_of_a_block_has_its_own_lists_and_moves_its_refs():
+    """An operation may change a list it is handed in place: copies of a block never share one."""
+    g = Graph()
+    g.add("module_value", "layer", kwargs={"kind": "output", "call": 0, "invoke": 0})
+    g.add("call", "operator.add", (Ref(0), [1, 2]), {"extra": {"k": [3]}})
+    first = g.add_copy(0, 2, 1, 7)
+    template, copy = g[1], g[first + 1]
+    assert copy.args == (Ref(first), [1, 2]) and copy.kwargs == {"extra": {"k": [3]}}
+    assert copy.args[1] is not template.args[1] and copy.kwargs["extra"]["k"] is not template.kwargs["extra"]["k"]
+    assert g[first].kwargs["call"] == 1 and g[0].kwargs["call"] == 0
+
+
 def test_map_refs_reaches_into_containers_and_slices():
     value = {"a": [Ref(1), (Ref(2), slice(Ref(3), None))], "b": 4}
     mapped = map_refs(value, lambda ref: ref.index * 10)
