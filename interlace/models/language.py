@@ -160,7 +160,9 @@ class LanguageModel(Model):
         if self.dispatched:
             return
         module = self._load_weights()
-        for envoy in self.modules():
+        # every envoy (and alias) made so far points at the loaded module; listed first, since an envoy
+        # whose module changed would make its children anew, leaving the user's references on the meta ones
+        for envoy in list(self.modules()):
             envoy._module = submodule(module, envoy.path)  # `.source` used before: rewritten here too
         self._generator._model[0] = module
         self._loaded = module

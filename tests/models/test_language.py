@@ -172,6 +172,23 @@ def test_dispatch_false_builds_on_meta_and_loads_on_first_run(tmp_path):
     torch.testing.assert_close(logits[0], alone(model, [5, 6, 7]))
 
 
+def test_envoys_taken_before_the_weights_load_reach_the_loaded_modules(tmp_path):
+    """Loading the weights (the first run) keeps every envoy and alias: one taken before it (`norm = lm.model.norm`)
+    then reads and runs the loaded module, not the meta one it was built on."""
+    model = tiny("llama")
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    lm = LanguageModel(str(tmp_path), rename={"model.norm": "ln_final"})
+    norm, alias, attention = lm.model.norm, lm.ln_final, lm.model.layers[1].self_attn
+    with lm.trace("w5 w6 w7"):
+        hidden = lm.model.layers[1].output.save()
+    assert lm.dispatched
+    assert norm is lm.model.norm and alias is norm and attention is lm.model.layers[1].self_attn
+    assert not norm.weight.is_meta and attention.module is lm.module.model.layers[1].self_attn
+    with torch.no_grad():  # called outside a trace: the loaded module runs
+        torch.testing.assert_close(alias(hidden), model.model.norm(hidden))
+
+
 @pytest.mark.parametrize("options", [{"dtype": torch.bfloat16}, {"device_map": "cpu", "dtype": torch.float16}])
 def test_loading_options_reach_from_pretrained(tmp_path, options):
     model = tiny("llama")

@@ -308,6 +308,20 @@ def test_loading_from_a_folder_checks_on_fake_tensors_then_dispatches(tmp_path):
         torch.testing.assert_close(logits, reference(torch.tensor([IDS[0]])).logits)
 
 
+def test_project_on_vocab_outside_a_trace_uses_the_weights_loaded_on_first_use(tmp_path):
+    """A model loaded on first use: its standard names (`ln_final`, `lm_head`) reach the loaded modules, so
+    `project_on_vocab` and `get_topk_closest_tokens` on a saved value work after the trace."""
+    tiny("llama").save_pretrained(tmp_path)
+    model = StandardizedTransformer(str(tmp_path), tokenizer=tiny_tokenizer())
+    with model.trace([IDS[0]]):
+        last = model.layers_output[1].save()
+        logits = model.logits.save()
+    assert model.dispatched
+    torch.testing.assert_close(model.project_on_vocab(last), logits)
+    top = model.get_topk_closest_tokens(last[0, -1], k=2)
+    assert list(top.values()) == pytest.approx(logits[0, -1].softmax(-1).topk(2).values.tolist())
+
+
 def test_edited_copy_keeps_the_standard_names(llama):
     vector = torch.ones(32)
     with llama.edit() as steered:
