@@ -9,8 +9,8 @@ also records its copies in `Graph.repeats`, so the block travels once on the wir
 
 from __future__ import annotations
 
-from .errors import InterlaceError
-from .graph import Ref, TraceSpec, shift_refs
+from .errors import InterlaceError, describe_location
+from .graph import Ref, TraceSpec, map_refs, shift_refs
 from .proxy import Proxy
 
 
@@ -77,6 +77,8 @@ class Iteration:
         repeat = graph.repeat(start, end, [(step - first_step, step) for step in self.steps[1:]])
         # where each step's copy starts (a streamed step finds its values)
         firsts = {first_step: start, **{step: first for first, _, step in repeat.copies}}
+        if _read_per_step(tracer, start, end, firsts) and repeat.copies:
+            graph.repeats.remove(repeat)  # its copies are no longer shifts of the block: they travel as nodes
         tracer.copies.append((start, end, firsts))
         return False
 
@@ -133,3 +135,33 @@ class SessionIteration:
             if node.op == "stop" and node.kwargs.get("session") and node.kwargs.get("skip_to") is None:
                 node.kwargs = {**node.kwargs, "skip_to": end}
         return False
+
+
+def _read_per_step(tracer, start: int, end: int, firsts: dict) -> bool:
+    """Make each step's copy of the block `start..end` read the same step's value of what it reads from
+    an earlier block over several steps (a name bound there is that block's first step). A block over
+    one step is one value, read at every step. Whether any reference changed."""
+    earlier = [(s, e, f) for s, e, f in tracer.copies if len(f) > 1]
+    if not earlier:
+        return False
+    nodes, size, changed = tracer.graph.nodes, end - start, False
+    for step, first in firsts.items():
+        for node in nodes[first:first + size]:
+            moves = {}  # reference -> the same step's node
+            for index in node.refs():
+                for block_start, block_end, block_firsts in earlier:
+                    if block_start <= index < block_end:
+                        if step not in block_firsts:
+                            raise InterlaceError(
+                                f"{describe_location(node.location)}: this line runs at step {step} and reads a value "
+                                f"recorded in a block over steps {sorted(block_firsts)} (%{index}), which has none at "
+                                f"step {step}: read it in a block over the same steps, or take it from one step "
+                                "(tracer.iter[k]) to read it at every step").at(node)
+                        if block_firsts[step] != block_start:
+                            moves[index] = block_firsts[step] + index - block_start
+            if moves:
+                moved = lambda ref: Ref(moves.get(ref.index, ref.index))  # noqa: E731
+                node.args, node.kwargs = map_refs(node.args, moved), map_refs(node.kwargs, moved)
+                node.guard = moves.get(node.guard, node.guard)
+                node._refs, changed = None, True
+    return changed

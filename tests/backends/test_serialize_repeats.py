@@ -71,6 +71,25 @@ def test_a_block_over_every_step_round_trips_to_an_equal_graph_and_bit_identical
     assert same(outcome.results[request.graph.saved()[-1]], tokens)
 
 
+def test_a_block_that_reads_another_block_per_step_round_trips_and_runs_the_same(lm):
+    """The copies of a block that reads an earlier block's value per step are no plain shifts of it: they
+    travel as nodes (the earlier block still travels once), and the server's run gives the same values."""
+    with lm.generate(PROMPT, max_new_tokens=4) as tracer:
+        doubled = interlace.list().save()
+        with tracer.all():
+            state = lm.transformer.h[1].output[:, -1]
+        with tracer.all():
+            doubled.append(state * 2)
+    request = Request(tracer.graph, [tracer.spec(len(tracer.graph))])
+    assert len(request.graph.repeats) == 1  # the first block's
+    loaded = deserialize_request(serialize_request(request))
+    assert loaded.graph == request.graph
+    outcome = lm.run(loaded, untrusted=True)
+    assert sorted(outcome.results) == sorted(tracer.results)
+    assert all(same(outcome.results[index], value) for index, value in tracer.results.items())
+    assert not torch.equal(doubled[0], doubled[1])
+
+
 def test_the_request_does_not_grow_with_the_steps_beyond_one_descriptor_per_copy(lm):
     sizes, listed = {}, {}
     for steps in (4, 48):  # (the tiny model holds 64 positions)

@@ -106,6 +106,72 @@ def test_steering_every_step_equals_hand_written_hook():
     assert_clean(model)
 
 
+def per_step_outputs(model, path: str, ids, steps: int) -> list:
+    """The last position of `path`'s output at each generation step, through a plain hook."""
+    seen = []
+    handle = model.get_submodule(path).register_forward_hook(lambda m, a, o: seen.append(o[:, -1].clone()))
+    with torch.no_grad():
+        model.generate(torch.tensor([ids]), max_new_tokens=steps, do_sample=False, pad_token_id=0)
+    handle.remove()
+    return seen
+
+
+def test_a_block_over_steps_reads_the_same_step_of_a_value_from_an_earlier_block():
+    """`s` bound in one `tracer.all()` block and read in another is that step's value at each step (not the
+    first step's), in one invoke and across invokes; a block over one step gives one value to every step."""
+    model = tiny("gpt2")
+    lm = LanguageModel(model)
+    want = per_step_outputs(model, "transformer.h.1", [5, 6, 7], 4)
+    with lm.generate([5, 6, 7], max_new_tokens=4) as tracer:
+        copied, once = interlace.list().save(), interlace.list().save()
+        with tracer.all():
+            state = lm.transformer.h[1].output[:, -1]
+        with tracer.iter[0]:
+            first = lm.transformer.h[1].output[:, -1]
+        with tracer.all():
+            copied.append(state * 1)
+            once.append(first * 1)
+    assert len(copied) == 4 and all(torch.equal(got, step) for got, step in zip(copied, want))
+    assert all(torch.equal(got, want[0]) for got in once)
+    with lm.generate([5, 6, 7], max_new_tokens=4) as tracer:  # steps 1 and 2 of both blocks
+        later = interlace.list().save()
+        with tracer.iter[1:3]:
+            state = lm.transformer.h[1].output[:, -1]
+        with tracer.iter[1:3]:
+            later.append(state + 0)
+    assert len(later) == 2 and torch.equal(later[0], want[1]) and torch.equal(later[1], want[2])
+
+
+def test_patching_one_invoke_into_another_at_every_step_keeps_its_tokens():
+    """Copying invoke 1's state into invoke 2 (the same prompt) at every step changes nothing: both
+    generate what the prompt generates alone."""
+    model = tiny("llama")
+    lm = LanguageModel(model)
+    with lm.generate(max_new_tokens=5) as tracer:
+        with tracer.invoke([5, 6, 7]):
+            with tracer.all():
+                state = lm.model.layers[0].output[:, -1]
+        with tracer.invoke([5, 6, 7]):
+            with tracer.all():
+                lm.model.layers[0].output[:, -1] = state
+            patched = lm.generator.output.save()
+    with torch.no_grad():
+        want = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(patched, want)
+
+
+def test_a_block_reading_a_step_that_an_earlier_block_lacks_names_the_line():
+    lm = LanguageModel(tiny("gpt2"))
+    with pytest.raises(interlace.InterlaceError) as caught:
+        with lm.generate([5, 6, 7], max_new_tokens=4) as tracer:
+            with tracer.iter[0:2]:
+                state = lm.transformer.h[1].output[:, -1]
+            with tracer.iter[1:3]:
+                lm.transformer.h[0].output[:, -1] += state  # the line named
+    message = str(caught.value)
+    assert "at step 2" in message and "steps [0, 1]" in message and "+= state  # the line named" in message
+
+
 def test_iter_steps_with_step_value_and_recorded_list():
     model = tiny("gpt2")
     lm = LanguageModel(model)
