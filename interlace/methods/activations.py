@@ -19,12 +19,14 @@ def _token(model, hidden, idx: int):
     """Token `idx` of every prompt: negative counts from the end, positive from each prompt's start.
 
     Prompts are left padded, so a positive index is shifted by each row's padding (read from the
-    attention mask inside the graph); nnterp refuses positive indices instead.
+    attention mask inside the graph); nnterp refuses positive indices instead. One past a prompt's end
+    is an error.
     """
     if idx < 0:
         return hidden[:, idx]
     position = (model.inputs[1]["attention_mask"] == 0).sum(-1) + idx
-    return torch.take_along_dim(hidden, position[:, None, None], dim=1)[:, 0]
+    # an index, not take_along_dim (which reads whatever lies there on CPU): past a prompt's end it fails
+    return hidden[torch.arange(hidden.shape[0]), position]
 
 
 def _read(model, layers, get_activations, idx):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from interlace import StandardizedTransformer
+from interlace import ExecutionError, StandardizedTransformer
 from interlace.methods import collect_token_activations_batched, get_token_activations
 
 from helpers import tiny, tiny_tokenizer
@@ -42,6 +42,16 @@ def test_a_positive_index_counts_from_each_prompt_start(model):
     acts = get_token_activations(model, PROMPTS, layers=[1], idx=0)
     outputs, padding = layer_outputs(model, PROMPTS)
     torch.testing.assert_close(acts[0], outputs[1][torch.arange(5), padding])
+
+
+def test_a_positive_index_past_a_prompts_end_is_an_error_naming_the_line(model):
+    """`idx=1` exists in every prompt; `idx=1` past the one-token prompt's end must not read another position."""
+    acts = get_token_activations(model, PROMPTS[:3], layers=[1], idx=1)
+    outputs, padding = layer_outputs(model, PROMPTS[:3])
+    torch.testing.assert_close(acts[0], outputs[1][torch.arange(3), padding + 1])
+    with pytest.raises(ExecutionError, match="out of bounds") as caught:
+        get_token_activations(model, PROMPTS, layers=[1], idx=1)  # the line named
+    assert "idx=1)  # the line named" in str(caught.value)
 
 
 def test_stops_after_the_last_layer_needed(model):
