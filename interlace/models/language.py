@@ -159,7 +159,11 @@ class LanguageModel(Model):
         """Load the weights now (otherwise they load on the first execution)."""
         if self.dispatched:
             return
-        module = self._load_weights()
+        if self._origin is not None:  # an edited copy shares its model's weights: loaded once, by that model
+            self._origin.dispatch()
+            module = self._origin._module
+        else:
+            module = self._load_weights()
         # every envoy (and alias) made so far points at the loaded module; listed first, since an envoy
         # whose module changed would make its children anew, leaving the user's references on the meta ones
         for envoy in list(self.modules()):

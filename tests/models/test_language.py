@@ -255,6 +255,27 @@ def test_envoys_taken_before_the_weights_load_reach_the_loaded_modules(tmp_path)
         torch.testing.assert_close(alias(hidden), model.model.norm(hidden))
 
 
+def test_an_edited_copy_made_before_the_weights_load_shares_them_with_its_model(tmp_path):
+    model = tiny("llama")
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    lm = LanguageModel(str(tmp_path))
+    with lm.edit() as steered:
+        lm.model.layers[0].output[:, -1] += 1.0
+    with steered.trace("w5 w6 w7"):  # the copy runs first: it loads the weights, for both
+        edited = steered.output.logits.save()
+    with lm.trace("w5 w6 w7"):
+        plain = lm.output.logits.save()
+    assert lm.dispatched and steered.dispatched
+    assert all(a is b for a, b in zip(lm.module.parameters(), steered.module.parameters()))
+    torch.testing.assert_close(plain[0], alone(model, [5, 6, 7]))
+    handle = model.model.layers[0].register_forward_hook(steering_hook(torch.ones(32)))
+    try:
+        torch.testing.assert_close(edited[0], alone(model, [5, 6, 7]))
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("options", [{"dtype": torch.bfloat16}, {"device_map": "cpu", "dtype": torch.float16}])
 def test_loading_options_reach_from_pretrained(tmp_path, options):
     model = tiny("llama")
