@@ -54,6 +54,9 @@ class Proxy:
             if node.saved and job is not None and not tracer.results and not tracer.missing:
                 raise NotSavedError(f"{node.describe()} has no value yet: job {job.id} is not finished (or not "
                                     "fetched); call tracer.job.result() first, which waits and then binds it")
+            stream = getattr(tracer, "_stream", None)
+            if node.saved and stream is not None and not tracer.results and not tracer.missing:
+                raise NotSavedError(f"{node.describe()} has no value: {stream.unbound()}")
             if node.saved and tracer._closed:
                 reason = tracer.missing.get(self._index, "the run did not reach it")
                 raise NotSavedError(f"{node.describe()} was saved but has no value: {reason}.")
@@ -117,7 +120,11 @@ class Proxy:
         return tracer.record("call", func, args, kwargs)  # any other callable: local traces only
 
     # -- values Python needs now -----------------------------------------------------------
+    # (after the trace a proxy left unbound has no value: it was not saved, or not computed; reading it
+    # raises NotSavedError saying which)
     def __bool__(self):
+        if self._tracer._closed:
+            return bool(self.value)
         raise ProxyValueError(
             "a traced value was used as a Python bool (`if`, `and`, `or`, `not`), but it has no "
             "value until the model runs. Use `with tracer.cond(value):` for a data-dependent "
@@ -132,25 +139,38 @@ class Proxy:
         )
 
     def __int__(self):
-        self._needs_value("a Python int")
+        return int(self.value) if self._tracer._closed else self._needs_value("a Python int")
 
     def __float__(self):
-        self._needs_value("a Python float")
+        return float(self.value) if self._tracer._closed else self._needs_value("a Python float")
 
     def __index__(self):
-        self._needs_value("an index (int)")
+        return operator.index(self.value) if self._tracer._closed else self._needs_value("an index (int)")
 
     def __len__(self):
+        if self._tracer._closed:
+            return len(self.value)
         self._needs_value("len(); use value.shape[0] (a traced value) instead")
 
     def __iter__(self):
+        if self._tracer._closed:
+            return iter(self.value)
         self._needs_value("an iterable (a for loop or `a, b = value`); index it instead, e.g. value[0]")
+
+    def __str__(self) -> str:
+        return str(self.value) if self._tracer._closed else repr(self)
 
     def __repr__(self) -> str:
         value = self._tracer.results.get(self._index, _MISSING)
         if value is not _MISSING:
             return repr(value)
-        return f"<Proxy {self._tracer.graph[self._index].describe()} (%{self._index})>"
+        text = f"<Proxy {self._tracer.graph[self._index].describe()} (%{self._index})"
+        if self._tracer._closed:  # (repr never raises: a debugger or a REPL shows it)
+            try:
+                self.value
+            except NotSavedError as error:
+                text += f": {error}"
+        return text + ">"
 
     __hash__ = object.__hash__
 

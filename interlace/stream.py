@@ -72,6 +72,7 @@ class Stream:
     def __init__(self, tracer, request: Request):
         self.tracer = tracer
         self.started = False
+        self.stopped = False  # the reader left before the last step
         self.cancel = threading.Event()
         options = tracer.options
         if options.get("remote"):  # submitted now: the job, and a generator of its steps returning the outcome
@@ -124,8 +125,16 @@ class Stream:
                 raise error
             return outcome
 
+    def unbound(self) -> str:
+        """Why a saved value of the run has not bound (it binds after the last step)."""
+        if self.stopped:
+            return "the loop over tracer.stream() ended before the last step, which stopped the run: nothing binds"
+        return "a streamed run's saved values bind once tracer.stream() has given its last step (read them in " \
+               "the loop as step[value])"
+
     def _stop(self) -> None:
         """The reader left early: the run stops at its next step; wait for it so the model is as it was."""
+        self.stopped = True
         self.cancel.set()
         if self.thread is not None:
             self.thread.join()

@@ -170,10 +170,21 @@ def test_leaving_the_loop_early_stops_the_generation_at_its_next_step_and_leaves
     # the loop left after step 1, while step 2's forward waited: the generation ended after step 2's token
     assert read == [0, 1] and gate.forwards == 3
     assert isinstance(hidden, Proxy)  # nothing binds
+    with pytest.raises(NotSavedError, match="ended before the last step, which stopped the run: nothing binds"):
+        print(hidden)
     assert_clean(lm.module)
     with lm.trace(PROMPT):  # the model is free and unchanged
         after = lm.output.logits.save()
     assert torch.equal(before, after)
+
+
+def test_a_saved_value_read_before_the_stream_ends_says_when_it_binds(lm):
+    with lm.generate(PROMPT, max_new_tokens=2, stream=True) as tracer:
+        out = lm.generator.output.save()
+    with pytest.raises(NotSavedError, match="bind once tracer.stream\\(\\) has given its last step"):
+        out + 1
+    steps = list(tracer.stream())
+    assert len(steps) == 2 and isinstance(out, torch.Tensor) and out.shape[-1] == len(PROMPT.split()) + 2
 
 
 class Recording(BaseStreamer):

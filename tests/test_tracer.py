@@ -141,6 +141,29 @@ def test_saved_values_that_were_never_computed_say_why(mlp, x):
         unreached + 1
 
 
+def test_printing_or_converting_a_value_without_one_says_why(mlp, x):
+    """After the trace a name still bound to a proxy has no value: str(), print(), int(), bool() and
+    iteration raise the NotSavedError that says why (repr shows it, and never raises)."""
+    net = Model(mlp)
+    with net.trace(x) as tracer:
+        total = net.layers[0].output.sum()
+        kept = total.save()
+        with tracer.cond(total > 1e9):
+            skipped = (total * 2).save()
+            also = total.save()  # computed before the block: it has its value
+        forgotten = net.layers[1].output.sum()
+    assert torch.equal(also, kept)
+    for read in (str, int, float, bool, iter, lambda value: print(value)):
+        with pytest.raises(interlace.NotSavedError, match="was saved but has no value: its condition"):
+            read(skipped)
+        with pytest.raises(interlace.NotSavedError, match="was not saved"):
+            read(forgotten)
+    assert repr(skipped).startswith("<Proxy operator.mul") and "its condition (tracer.cond) was false" in repr(skipped)
+    with net.trace(x):
+        inside = net.layers[0].output.sum()
+        assert str(inside).startswith("<Proxy")  # inside the trace: the proxy itself
+
+
 def test_edit_records_through_the_returned_model_too(mlp, x):
     net = Model(mlp)
     with net.edit() as edited:
