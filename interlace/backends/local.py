@@ -103,6 +103,7 @@ class Interleaver:
         self.bypass = False
         self.stopped = False
         self.skip_to: int | None = None  # set by a session.stop(): the session goes on from this node
+        self.unlike: list[str] = []  # replacements unlike the value they replaced: a model error names them
         self.handles: list = []
         plan = self.plan = Plan(graph, self.start, self.end)
         self.users, self.waiting, self.remaining = plan.users, plan.waiting, plan.remaining
@@ -478,6 +479,8 @@ class Interleaver:
         target = self.nodes[node.args[0].index]
         new = self._resolve(node.args[1])
         event = self._find_event(target.index)
+        if target.op == "module_value" and (difference := unlike(self.values.get(target.index), new)):
+            self.unlike.append(f"{target.describe()} was replaced ({self._where(node)}) by a value of {difference}")
         if self.untrusted:
             self.guard.check_replacement(self.values.get(target.index, event.value), new, "the replacement value")
         if target.op == "grad":
@@ -643,7 +646,8 @@ class Interleaver:
         if pending is not None:
             source = self._pending_source(pending.index) or pending
             waiting = f" The graph was waiting for {source.describe()} ({self._where(source)})."
-        return ModelError(f"the model raised {type(error).__name__}: {error}.{waiting}")
+        unlike_ = "".join(f" {text}: the modules after it expect what it gave." for text in self.unlike)
+        return ModelError(f"the model raised {type(error).__name__}: {error}.{unlike_}{waiting}")
 
     def _check_finished(self) -> None:
         if self.finished == self.total or self.stopped:
@@ -681,6 +685,17 @@ class BatchIndexWarning(UserWarning):
 
 
 _warned_paths: set[str] = set()
+
+
+def unlike(old, new) -> str | None:
+    """How a tensor that replaces a module's tensor differs from it in shape or dtype (None: it does not)."""
+    if not (isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor)):
+        return None
+    if old.shape != new.shape:
+        return f"shape {list(new.shape)} where it gave {list(old.shape)}"
+    if old.dtype != new.dtype:
+        return f"dtype {new.dtype} where it gave {old.dtype} (cast it: value.to({old.dtype}))"
+    return None
 
 
 def _warn_row_zero(source, value) -> None:

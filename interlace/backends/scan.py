@@ -17,12 +17,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from ..errors import ExecutionError, InterlaceError
 from ..graph import Node
 from ..source import points
-from .local import Interleaver
+from .local import Interleaver, unlike
 from .rows import first_input
 
 # gradients are not computed on fake tensors: their values stay unknown, and lines using them unchecked
 _GRADIENT_METHODS = frozenset({"backward", "retain_grad", "requires_grad_"})
-_NO_EFFECT = frozenset({"swap", "skip", "log", "stop", "cond", "grad"})
+_NO_EFFECT = frozenset({"skip", "log", "stop", "cond", "grad"})
 
 
 class Scanner(Interleaver):
@@ -109,6 +109,16 @@ class Scanner(Interleaver):
 
     def _op_parameter(self, node):
         return self.fake(super()._op_parameter(node))
+
+    def _op_swap(self, node):
+        """A module's value replaced: the fake run does not see the replacement, but the modules after it
+        expect the shape and dtype it had, so a replacement unlike it is an error here."""
+        target = self.nodes[node.args[0].index]
+        if target.op == "module_value" and (difference := unlike(self.values[target.index], self._resolve(node.args[1]))):
+            raise ExecutionError(f"{self._where(node)}: {target.describe()} is replaced by a value of {difference}; the "
+                                 "modules after it expect what it gave (found while scanning, before the model ran)"
+                                 ).at(node)
+        return None
 
 
 @contextmanager

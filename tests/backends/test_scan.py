@@ -39,6 +39,31 @@ def test_shape_error_is_raised_at_the_line_before_the_model_runs(mlp, x):
     assert_clean(mlp)
 
 
+@pytest.mark.parametrize("replacement, said", [
+    (lambda out: out[:, :2], "shape [1, 2, 32] where it gave [1, 3, 32]"),
+    (lambda out: out.double(), "dtype torch.float64 where it gave torch.float32 (cast it: value.to(torch.float32))"),
+])
+def test_a_replacement_unlike_the_value_it_replaces_is_an_error_at_its_line(replacement, said):
+    """The fake run does not see a replacement, so the scan checks it against what the module gave: the
+    modules after it expect that shape and dtype. Without scan, the model's own error names the line."""
+    model = tiny("llama")
+    lm = LanguageModel(model)
+    with pytest.raises(interlace.ExecutionError) as info:
+        with lm.trace([[5, 6, 7]], scan=True):
+            lm.model.layers[0].output = replacement(lm.model.layers[0].output)  # replaced here
+            lm.output.logits.save()
+    message = str(info.value)
+    assert "= replacement(lm.model.layers[0].output)  # replaced here" in message and said in message
+    assert "before the model ran" in message
+    with pytest.raises(interlace.ModelError) as info:
+        with lm.trace([[5, 6, 7]]):
+            lm.model.layers[0].output = replacement(lm.model.layers[0].output)  # replaced here
+            lm.output.logits.save()
+    message = str(info.value)
+    assert "model.layers.0.output was replaced (" in message and "# replaced here) by a value of " + said in message
+    assert_clean(model)
+
+
 def test_scan_with_invokes_and_language_model():
     model = tiny("llama")
     lm = LanguageModel(model)
