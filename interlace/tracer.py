@@ -239,6 +239,9 @@ class Tracer(Recorder):
     @property
     def result(self) -> Proxy:
         """What the traced call returns: the model's output (for `generate`, the generated ids)."""
+        if self._closed:
+            raise InterlaceError("tracer.result is read inside the trace: `out = tracer.result.save()` in the block "
+                                 "keeps it for after")
         return self.model._result_envoy(self).output
 
     def cache(self, modules=None, *, kind: str = "output") -> dict:

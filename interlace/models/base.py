@@ -131,6 +131,9 @@ class Model(Envoy):
 
     def _remote_options(self, remote: bool, blocking: bool, timeout, backend) -> dict:
         """The options of a remote run, checked now: a remote trace needs somewhere to run."""
+        if backend is not None and not callable(getattr(backend, "run", None)):
+            raise InterlaceError(f"backend must be a RemoteBackend (interlace.backends.remote), not "
+                                 f"{type(backend).__name__}; for this model's own server use remote=True")
         if remote and backend is None and self._remote is None:
             raise InterlaceError(
                 "remote=True needs a server, and this model has none: create it with "

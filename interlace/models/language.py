@@ -387,6 +387,9 @@ class LanguageModel(Model):
                 return [(list(value), [1] * len(value))]
             if all(isinstance(v, (list, tuple)) and all(isinstance(t, int) for t in v) for v in value):
                 return [(list(v), [1] * len(v)) for v in value]
+        if isinstance(value, (list, tuple)) and not value:
+            raise InterlaceError(f"the model got an empty {type(value).__name__} of prompts: pass at least one "
+                                 "prompt (or token ids)")
         raise InterlaceError(
             f"cannot use {type(value).__name__} as model input: pass a prompt, a list of prompts, "
             "token ids (list or tensor), a BatchEncoding or a dict with 'input_ids'"

@@ -48,6 +48,9 @@ def test_input_forms_give_the_same_batch():
     with pytest.raises(interlace.InterlaceError, match="cannot use float"):
         with lm.trace(3.5):
             lm.output.save()
+    with pytest.raises(interlace.InterlaceError, match="got an empty list of prompts: pass at least one"):
+        with lm.trace([]):
+            lm.output.save()
     with pytest.raises(interlace.InterlaceError, match="no tokenizer"):
         with lm.trace("text"):
             lm.output.save()

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import interlace
-from interlace import StandardizedTransformer
+from interlace import StandardizationError, StandardizedTransformer
 from interlace.models.standardized import rename_table
 from interlace.models.standardized.attention import PROBES
 
@@ -205,6 +205,19 @@ def test_skip_layers_passes_the_residual_through(llama):
     torch.testing.assert_close(last, entering)
     with torch.no_grad():
         torch.testing.assert_close(logits, llama.module.lm_head(llama.module.model.norm(entering)))
+    assert_clean(llama.module)
+
+
+def test_skip_layers_counts_from_the_end_and_refuses_a_reversed_range(llama):
+    with llama.trace(IDS):
+        entering = llama.layers_input[0].save()
+        llama.skip_layers(-2, -1)  # the llama fixture has 2 layers
+        last = llama.layers_output[1].save()
+    torch.testing.assert_close(last, entering)
+    for start, end in [(1, 0), (0, 2)]:
+        with pytest.raises(StandardizationError, match=f"skip_layers\\({start}, {end}\\) skips layers start to end"):
+            with llama.trace(IDS):
+                llama.skip_layers(start, end)
     assert_clean(llama.module)
 
 

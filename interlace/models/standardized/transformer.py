@@ -383,6 +383,12 @@ class StandardizedTransformer(LanguageModel):
 
     def skip_layers(self, start: int, end: int, skip_with=None) -> None:
         """Skip layers `start` to `end` inclusive: each outputs `skip_with`, by default `layers_input[start]`."""
+        count = self.num_layers
+        first, last = (index + count if index < 0 else index for index in (start, end))
+        if not 0 <= first <= last < count:
+            raise StandardizationError(f"skip_layers({start}, {end}) skips layers start to end inclusive: start "
+                                       f"must not come after end, and both must be layers of the {count}")
+        start, end = first, last
         if skip_with is None:
             skip_with = self.layers_input[start]
         for layer in range(start, end + 1):
