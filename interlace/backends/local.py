@@ -532,10 +532,11 @@ class Interleaver:
                 grad = self.nodes[index]
                 tensor = self.values[grad.args[0].index]
                 if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
-                    raise InterlaceError(
-                        "the value has no gradient: it is not part of the autograd graph (is it a tensor "
-                        "computed from the model's parameters or inputs that require grad?)"
-                    ).at(grad)
+                    raise InterlaceError(f"{self._where(grad)}: the value has no gradient: " + (
+                        "gradients are off in this run (a generation runs without them, and so does code under "
+                        "torch.no_grad()): take gradients in model.trace(...)" if not torch.is_grad_enabled() else
+                        "it is not part of the autograd graph (is it a tensor computed from the model's parameters "
+                        "or inputs that require grad?)")).at(grad)
                 base, rows = _row_slice(tensor)
                 handles.append(base.register_hook(lambda g, index=index, rows=rows: self._grad_event(index, g, rows)))
             return args[0].backward(*args[1:], **kwargs)
@@ -669,7 +670,8 @@ class Interleaver:
 
     def _never_ran(self, source) -> str:
         if source.op == "grad":
-            return "its gradient was never computed: call .backward() on a loss inside the trace"
+            return ("its gradient was never computed: read .grad before the .backward() that computes it (on a "
+                    "loss, inside the trace, after this line)")
         if source.op == "module_value":
             path = source.target
             ran = self.calls.get((path, "output" if source.kwargs["kind"] == "output" else "input"), 0)

@@ -379,11 +379,26 @@ def test_several_backward_passes_each_grad_belongs_to_the_next_backward():
 
 def test_a_grad_after_the_last_backward_is_a_clear_error(mlp, x):
     net = Model(mlp)
-    with pytest.raises(interlace.OutOfOrderError, match="call .backward\\(\\) on a loss inside the trace"):
+    with pytest.raises(interlace.OutOfOrderError, match="read .grad before the .backward\\(\\) that computes it"):
         with net.trace(x):
             h = net.layers[1].output
             net.output.sum().backward()
             h.grad.save()
+
+
+def test_a_grad_where_gradients_are_off_says_so(mlp, x):
+    net = Model(mlp)
+    with pytest.raises(interlace.InterlaceError, match="gradients are off in this run .*torch.no_grad") as info:
+        with torch.no_grad(), net.trace(x):
+            h = net.layers[1].output
+            g = h.grad.save()  # the line named
+            net.output.sum().backward()
+    assert "g = h.grad.save()  # the line named" in str(info.value)
+    with net.trace(x):  # with gradients on, the same lines work
+        h = net.layers[1].output
+        g = h.grad.save()
+        net.output.sum().backward()
+    assert g.shape == (2, 8)
 
 
 def test_reading_a_later_module_to_change_an_earlier_one_is_an_error(mlp, x):

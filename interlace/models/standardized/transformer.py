@@ -401,7 +401,9 @@ class StandardizedTransformer(LanguageModel):
         """Add `factor * steering_vector` to the output of each layer in `layers`.
 
         token_positions / batch_index: an int, a list or a tensor restricting where it is added
-        (default: every position of every prompt). Layers are steered in ascending order.
+        (default: every position of every prompt). Positions are the padded batch's, as in nnterp: prompts
+        are left padded, so a negative position is the same token of every prompt, a positive one is not.
+        Layers are steered in ascending order.
         positions: the older name of token_positions (nnterp's; deprecated there too).
         """
         if positions is not None:
