@@ -106,6 +106,32 @@ def test_a_reader_that_leaves_cancels_the_job_at_its_next_step_and_frees_the_ser
     assert health["model_changes"] == [] and health["running"] == {"tiny-gpt2": 0}  # as before, and free
 
 
+def test_a_reader_whose_connection_drops_cancels_the_job(server, setup, local, remote):
+    """A client that dies mid-stream sends no cancel: the server sees its connection close and cancels
+    the job, so the next user does not wait for a generation nobody reads."""
+    with local.generate(PROMPT, max_new_tokens=16) as tracer:  # (recorded here, sent by hand below)
+        slow_generation(local, tracer)
+        local.generator.output.save()
+    body = remote._remote._encode(Request(tracer.graph, [tracer.spec(len(tracer.graph))]))
+    headers = {"Authorization": f"Bearer {setup['keys']['alice']}", "Accept": "text/event-stream"}
+    params = {"model": "tiny-gpt2", "wait": 0, "stream": "true"}
+    with httpx.Client(base_url=server.url, headers=headers, timeout=60) as client:
+        with client.stream("POST", "/v1/jobs", params=params, content=body) as response:
+            job_id = response.headers["interlace-job"]
+            kinds = remote_backend._events(response.iter_lines())
+            assert next(kind for kind, _ in kinds if kind == "step") == "step"
+        # the connection closes here, with no DELETE, as when the client's process is killed
+    with httpx.Client(base_url=server.url, headers=headers, timeout=60) as client:
+        with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+            events = list(remote_backend._events(response.iter_lines()))
+    kind, data = events[-1]
+    assert kind == "cancelled" and "its reader went away" in data["message"]
+    assert sum(kind == "step" for kind, _ in events) < 16
+    with remote.generate(PROMPT, max_new_tokens=4, remote=True) as tracer:  # the next job runs
+        after = remote.generator.output.save()
+    assert after.shape == (1, 8) and server.health()["running"] == {"tiny-gpt2": 0}
+
+
 def test_streamed_jobs_batched_with_other_users_each_stream_their_own_rows(batching, setup, local):  # noqa: F811
     jobs_before, batches_before = batch_sizes(batching)
     prompts = ["w20 w21 w22", "w30 w31 w32", "w40 w41 w42", "w50 w51 w52"]

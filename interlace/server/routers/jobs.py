@@ -142,20 +142,27 @@ async def events(job_id: str, key: Key = Depends(caller), svc=Depends(service)):
 
 
 async def _events_of(job: Job, svc):
-    """A job's events from its first, until it finishes or the server stops."""
-    seen = 0
-    while True:
-        new = await job.next_events(seen, STREAM_CHECK)
-        seen += len(new)
-        for kind, data in new:
-            yield {"event": kind, "data": json.dumps(data)}
-            if kind in FINISHED:
+    """A job's events from its first, until it finishes or the server stops. A streamed job whose reader
+    goes away (closed its connection, or died) is cancelled: nobody reads its steps."""
+    seen, ended = 0, False
+    try:
+        while True:
+            new = await job.next_events(seen, STREAM_CHECK)
+            seen += len(new)
+            for kind, data in new:
+                yield {"event": kind, "data": json.dumps(data)}
+                if kind in FINISHED:
+                    ended = True
+                    return
+            if svc.closing:
+                ended = True
+                yield {"event": "end", "data": json.dumps({
+                    "state": job.state, "message": "the server is stopping; the job is kept: ask for it again "
+                                                   "(GET /v1/jobs/{id}) once the server is back"})}
                 return
-        if svc.closing:
-            yield {"event": "end", "data": json.dumps({
-                "state": job.state, "message": "the server is stopping; the job is kept: ask for it again "
-                                               "(GET /v1/jobs/{id}) once the server is back"})}
-            return
+    finally:
+        if not ended and job.stream and job.state not in FINISHED:
+            svc.cancel(job, "the job was cancelled: its reader went away")
 
 
 @router.delete("/{job_id}", response_model=JobInfo, responses=documented(400, 401, 404, 500))
