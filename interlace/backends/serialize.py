@@ -162,6 +162,12 @@ class _Encoder:
             return {"size": list(obj)}
         if isinstance(obj, torch.Tensor):
             return {"tensor": self._tensor(obj)}
+        if _is_model_output(obj):  # a Hugging Face model's output: its class's name, then its fields
+            return {"output": [kind.__name__, [[key, None if _is_cache(value) else self.encode(value)]
+                                               for key, value in obj.items()]]}
+        if _is_cache(obj):
+            raise SerializationError(f"a {kind.__name__} (the model's key/value cache) cannot be sent: save the "
+                                     "tensors you need from it instead")
         raise SerializationError(f"cannot serialize a value of type {kind.__module__}.{kind.__qualname__}")
 
     def call(self, args, kwargs) -> tuple[list, dict]:
@@ -352,6 +358,37 @@ def serialize_step(step: Step, *, graph: Graph | None = None, limits: Limits | N
                      items=sorted(step.items)).model_dump()
 
 
+def _is_model_output(obj) -> bool:
+    if not type(obj).__module__.startswith("transformers."):
+        return False
+    from transformers.utils import ModelOutput
+
+    return isinstance(obj, ModelOutput)
+
+
+def _is_cache(obj) -> bool:
+    if not type(obj).__module__.startswith("transformers."):
+        return False
+    from transformers.cache_utils import Cache
+
+    return isinstance(obj, Cache)
+
+
+def _model_output(name: str, fields: dict):
+    """The output class `name` of `transformers.modeling_outputs` holding `fields`; a dict for a class not
+    there (a model's own output class): a name in the data never picks anything else to build."""
+    from transformers import modeling_outputs
+    from transformers.utils import ModelOutput
+
+    kind = getattr(modeling_outputs, name, None)
+    if isinstance(kind, type) and issubclass(kind, ModelOutput) and kind.__module__ == modeling_outputs.__name__:
+        try:
+            return kind(**fields)
+        except TypeError:  # fields of another transformers version
+            pass
+    return fields
+
+
 # -- reading ---------------------------------------------------------------------------------------
 class _Decoder:
     """Tagged JSON -> values, within the limits; remembers which tensors were referred to."""
@@ -414,6 +451,11 @@ class _Decoder:
             return _FLOATS[body]
         elif tag == "ellipsis" and body is None:
             return Ellipsis
+        elif (tag == "output" and type(body) is list and len(body) == 2 and type(body[0]) is str
+              and type(body[1]) is list and len(body[1]) <= self.limits.max_list_length
+              and all(type(p) is list and len(p) == 2 and type(p[0]) is str for p in body[1])):
+            fields = {self.text(key): self.decode(value, limit, depth + 1) for key, value in body[1]}
+            return _model_output(self.text(body[0]), fields)
         raise SerializationError(f"unrecognized value {_short(obj)}")
 
     def text(self, value: str) -> str:

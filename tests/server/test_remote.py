@@ -132,6 +132,25 @@ def test_scan_cache_and_gradients(local, remote):
     assert same(here, there)
 
 
+def test_a_saved_model_output_comes_back_as_its_class_without_its_cache(local, remote):
+    """`lm.output.save()` and the default `tracer.cache()` save Hugging Face outputs: they come back as the
+    same output class with the same tensors; the key/value cache is not sent (None)."""
+    def work(lm, remote):
+        with lm.trace(PROMPT, remote=remote) as tracer:
+            out = lm.output.save()
+            cache = tracer.cache()
+        return out, cache
+
+    (out, cache), (there, there_cache) = on_both(local, remote, work)
+    assert type(there) is type(out) and there.past_key_values is None and out.past_key_values is not None
+    assert torch.equal(there.logits, out.logits)
+    assert list(there_cache) == list(cache)
+    inner = cache["transformer"]
+    assert type(there_cache["transformer"]) is type(inner)
+    assert torch.equal(there_cache["transformer"].last_hidden_state, inner.last_hidden_state)
+    assert same(there_cache["transformer.h.1"], cache["transformer.h.1"])
+
+
 def test_log_prints_on_the_client(remote, capsys):
     with remote.trace(PROMPT, remote=True) as tracer:
         tracer.log("layer 0 shape", remote.transformer.h[0].output.shape)
