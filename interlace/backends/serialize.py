@@ -270,15 +270,17 @@ def serialize_request(request: Request, *, trusted: bool = False, compress: bool
             raise SerializationError(f"{_where(node)}: its arguments are nested too deeply (or contain themselves)").at(node) from None
         nodes.append(item)
     check_structure(graph, trusted=trusted, repeats=repeats)
-    encoder.refs, traces = False, []
+    traces = []
     for number, trace in enumerate(request.traces):
         invokes = []
         for invoke, (args, kwargs) in enumerate(trace.invokes):
+            encoder.refs = True  # (a session's trace may take an earlier node's value as its input)
             try:
                 args, kwargs = encoder.call(args, kwargs)
             except (SerializationError, RecursionError) as error:
                 raise SerializationError(f"input of invoke {invoke}: {error}") from None
             invokes.append({"args": args, "kwargs": kwargs})
+        encoder.refs = False
         try:
             options = encoder.call((), trace.options)[1]
         except (SerializationError, RecursionError) as error:
@@ -416,7 +418,8 @@ class _Decoder:
             if limit is None:
                 raise SerializationError("a ref is not allowed here")
             if type(body) is not int or not 0 <= body < limit:
-                raise SerializationError(f"ref {_short(body)} does not point to an earlier node (0..{limit - 1})")
+                raise SerializationError(f"ref {_short(body)} does not point to an earlier node "
+                                         + (f"(0..{limit - 1})" if limit else "(there is none here)"))
             return Ref(body)
         if tag in ("tuple", "list", "slice", "size", "dict") and type(body) is list:
             if len(body) > self.limits.max_list_length:
@@ -627,8 +630,9 @@ def deserialize_request(data: bytes, *, trusted: bool = False, limits: Limits | 
         try:
             if not trace.start <= trace.end <= len(graph) or traces and trace.start != traces[-1].end:
                 raise SerializationError(f"span {trace.start}..{trace.end} does not follow the previous trace")
-            invokes = [(tuple([decoder.decode(a, None) for a in invoke.args]),
-                        {decoder.text(k): decoder.decode(v, None) for k, v in invoke.kwargs.items()})
+            # an input may be the value of a node before the trace (a session's value)
+            invokes = [(tuple([decoder.decode(a, trace.start) for a in invoke.args]),
+                        {decoder.text(k): decoder.decode(v, trace.start) for k, v in invoke.kwargs.items()})
                        for invoke in trace.invokes]
             options = _checked_options({decoder.text(k): decoder.decode(v, None) for k, v in trace.options.items()})
         except InterlaceError as error:

@@ -158,7 +158,12 @@ def _check_one_ref(node, nodes, trusted):
 
 
 def _check_stop(node, nodes, trusted):
-    _expect(node, node.target is None and not node.args and not node.kwargs, "stop takes no arguments")
+    _expect(node, node.target is None and not node.args, "stop takes no arguments")
+    if node.kwargs:  # a session.stop(): it ends its loop at node skip_to (None: the rest of the session)
+        skip_to = node.kwargs.get("skip_to")
+        _expect(node, set(node.kwargs) == {"session", "skip_to"} and node.kwargs["session"] is True and (
+            skip_to is None or type(skip_to) is int and skip_to > node.index),
+            "stop takes no arguments, or a session's: {session: true, skip_to: a later node or null}")
 
 
 def _check_log(node, nodes, trusted):

@@ -424,7 +424,7 @@ def test_refs_and_guards(data):
     header["nodes"][guarded]["guard"] = 0  # a module_value, not a cond
     refused(pack(prefix, header, section), "guard %0 is not an earlier cond node", GraphError)
     refused(tampered(data, lambda h: h["traces"][0]["invokes"][0]["args"].append({"ref": 0})),
-            "trace 0: a ref is not allowed here")
+            r"trace 0: ref 0 does not point to an earlier node \(there is none here\)")
     refused(tampered(data, lambda h: h["traces"][0].update(end=1)), "the traces must cover every node")
     refused(tampered(data, lambda h: h["traces"].append({"start": 0, "end": 1})), "does not follow the previous trace")
 

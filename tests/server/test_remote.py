@@ -116,6 +116,24 @@ def test_a_session_with_its_own_nodes_between_traces_is_admitted(local, remote):
     assert same(here, there)
 
 
+def test_a_session_loop_over_prompts_with_a_stop_runs_remotely(local, remote):
+    """session.iter's value as a trace's prompt (an input that is a node's value) and a session.stop()
+    under a session.cond travel in one request and give what the local session gives."""
+    def work(lm, remote):
+        with lm.session(remote=remote) as session:
+            tops = interlace.list().save()
+            with session.iter(["w5 w6", "w7 w8 w9", "w10 w11"]) as prompt:
+                with lm.trace(prompt):
+                    top = lm.output.logits[0, -1].argmax()
+                    tops.append(top)
+                with session.cond(prompt == "w7 w8 w9"):
+                    session.stop()
+        return tops
+
+    here, there = on_both(local, remote, work)
+    assert len(here) == 2 and same(here, there)
+
+
 def test_scan_cache_and_gradients(local, remote):
     def work(lm, remote):
         with lm.trace(PROMPT, remote=remote, scan=True) as tracer:
