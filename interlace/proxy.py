@@ -50,13 +50,12 @@ class Proxy:
         value = tracer.results.get(self._index, _MISSING)
         if value is _MISSING:
             node = tracer.graph[self._index]
-            job = getattr(tracer, "job", None)
+            job, stream = getattr(tracer, "job", None), getattr(tracer, "_stream", None)
+            if node.saved and stream is not None and not tracer.results and not tracer.missing:
+                raise NotSavedError(f"{node.describe()} has no value: {stream.unbound()}")  # (remote too)
             if node.saved and job is not None and not tracer.results and not tracer.missing:
                 raise NotSavedError(f"{node.describe()} has no value yet: job {job.id} is not finished (or not "
                                     "fetched); call tracer.job.result() first, which waits and then binds it")
-            stream = getattr(tracer, "_stream", None)
-            if node.saved and stream is not None and not tracer.results and not tracer.missing:
-                raise NotSavedError(f"{node.describe()} has no value: {stream.unbound()}")
             if node.saved and tracer._closed:
                 reason = tracer.missing.get(self._index, "the run did not reach it")
                 raise NotSavedError(f"{node.describe()} was saved but has no value: {reason}.")

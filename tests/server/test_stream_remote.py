@@ -92,6 +92,8 @@ def test_a_reader_that_leaves_cancels_the_job_at_its_next_step_and_frees_the_ser
         assert step.index == 0
         break  # the reader leaves
     assert isinstance(out, interlace.Proxy)
+    with pytest.raises(interlace.NotSavedError, match="ended before the last step, which stopped the run"):
+        print(out)
     job_id = tracer.job.id
 
     headers = {"Authorization": f"Bearer {setup['keys']['alice']}"}
