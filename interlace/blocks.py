@@ -58,6 +58,10 @@ class Iteration:
     def __init__(self, tracer, steps: range):
         self.tracer, self.steps = tracer, steps
 
+    def __iter__(self):
+        raise InterlaceError("a block over steps is recorded once, so it is a `with` block, not a loop: write "
+                             "`with tracer.iter[...] as step:` (nnsight's `for step in tracer.iter[...]`)")
+
     def __enter__(self) -> Proxy:
         tracer = self.tracer
         if tracer._iterating:

@@ -122,7 +122,9 @@ class Envoy:
                 ) from None
         if isinstance(key, str):
             return self.get(key)
-        raise ModulePathError(f"index a module with an int or a path string, not {type(key).__name__}")
+        if isinstance(key, slice):  # `model.layers[2:5]`: those children's envoys, in a list
+            return [self._child(name) for name in names[key]]
+        raise ModulePathError(f"index a module with an int, a slice or a path string, not {type(key).__name__}")
 
     def __len__(self) -> int:
         return len(self._names())

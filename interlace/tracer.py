@@ -196,6 +196,9 @@ class Tracer(Recorder):
         self._paused = False  # whether this trace holds a pause of the garbage collector
         if options.get("stream") and self.session is not None:
             raise InterlaceError("stream=True streams one trace: it cannot be used inside a session")
+        if options.get("remote") and self.session is not None and not self.session.options.get("remote"):
+            raise InterlaceError("a session runs as one request, where it is opened: put remote=True on the "
+                                 "session (`with model.session(remote=True):`), not on its traces")
         if args or input_kwargs:
             self.invokes.append((args, input_kwargs or {}))
             self.current_invoke = 0

@@ -101,3 +101,14 @@ def test_indexing_children_as_the_module_does(x):
         net.layers[4]
     with pytest.raises(interlace.ModulePathError, match="has 4 children; index -5 is out of range"):
         net.layers[-5]
+    assert [envoy.path for envoy in net.layers[1:3]] == ["layers.1", "layers.2"]  # a slice: a list of envoys
+    with net.trace(x):
+        outputs = [layer.output.save() for layer in net.layers[::2]]
+    seen = []
+    handle = mlp.layers[2].register_forward_hook(lambda module, args, output: seen.append(output.detach()))
+    with torch.no_grad():
+        mlp(x)
+    handle.remove()
+    assert len(outputs) == 2 and torch.equal(outputs[1], seen[0])
+    with pytest.raises(interlace.ModulePathError, match="an int, a slice or a path string, not float"):
+        net.layers[1.0]

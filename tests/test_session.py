@@ -226,3 +226,14 @@ def test_proxy_stop_ends_the_forward_after_that_value(net):
         expected = [net.module.layers[0](net.module.embed(i)) for i in inputs]
     assert len(found) == 3  # the DataLoader adds a batch dimension of 1
     assert all(torch.equal(f, e[None]) for f, e in zip(found, expected))
+
+
+def test_remote_on_a_trace_inside_a_local_session_says_to_put_it_on_the_session(mlp, x):
+    import types
+
+    net = Model(mlp)
+    stand_in = types.SimpleNamespace(run=lambda request, **options: None)  # a backend that is never reached
+    with pytest.raises(interlace.InterlaceError, match="put remote=True on the session"):
+        with net.session():
+            with net.trace(x, backend=stand_in):
+                net.layers[0].output.save()

@@ -632,7 +632,8 @@ class Interleaver:
         waiting = f" in the hook of {self._event_name()}" if self.events else ""
         return ExecutionError(
             f"{self._where(node)}\n  {type(error).__name__}: {error}\n"
-            f"  while running {node.describe()}{waiting}. Check the shapes and indices on that line."
+            f"  while running {node.describe()}{waiting}."
+            + (" Check the shapes and indices on that line." if isinstance(error, (IndexError, RuntimeError)) else "")
         ).at(node)
 
     def _event_name(self) -> str:

@@ -370,7 +370,8 @@ class _Status:
         if self.bar is None:
             from tqdm import tqdm  # noqa: PLC0415 - only when a job has to wait
 
-            self.bar = tqdm(total=0, bar_format="{desc}", file=sys.stderr, leave=False)
+            # (disable=None: no status line where stderr is a file or a pipe, as in a log)
+            self.bar = tqdm(total=0, bar_format="{desc}", file=sys.stderr, leave=False, disable=None)
         text = f"queued, position {data['position']}" if kind == "queued" else kind
         self.bar.set_description_str(f"interlace job {self.job_id[:8]}: {text}")
 

@@ -175,6 +175,14 @@ def test_a_block_reading_a_step_that_an_earlier_block_lacks_names_the_line():
     assert "at step 2" in message and "steps [0, 1]" in message and "+= state  # the line named" in message
 
 
+def test_looping_over_tracer_iter_says_to_use_with():
+    lm = LanguageModel(tiny("gpt2"))
+    with pytest.raises(interlace.InterlaceError, match="`with tracer.iter\\[...\\] as step:`"):
+        with lm.generate([5, 6, 7], max_new_tokens=2) as tracer:
+            for step in tracer.iter[:]:  # nnsight's spelling
+                pass
+
+
 def test_iter_steps_with_step_value_and_recorded_list():
     model = tiny("gpt2")
     lm = LanguageModel(model)

@@ -249,3 +249,16 @@ def test_host_and_key_come_from_the_environment(server, setup, monkeypatch, loca
 def test_the_model_is_unchanged_after_every_job(server):
     health = server.health()
     assert health["checked_jobs"] > 0 and health["model_changes"] == []
+
+
+def test_the_status_line_stays_off_a_stderr_that_is_not_a_terminal(monkeypatch):
+    """A log file or a pipe gets no status line (tqdm's carriage returns would run into the next print)."""
+    import io
+
+    written = io.StringIO()
+    monkeypatch.setattr("sys.stderr", written)
+    status = remote_backend._Status("0123456789", enabled=True)
+    status.show("queued", {"position": 1})
+    status.show("running", {})
+    status.close()
+    assert written.getvalue() == ""
