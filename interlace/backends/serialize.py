@@ -323,6 +323,8 @@ def serialize_results(values: dict, logs=(), *, compress: bool = False, graph: G
         node = graph[index] if graph is not None and 0 <= index < len(graph) else None
         where = _where(node) if node is not None else f"node %{index}"
         raised = error(f"value of {where}: {message}")
+        if error is SerializationError:  # (not the request's bytes: a value the run saved)
+            raised.hint = "save tensors and plain values (numbers, strings, lists, tuples and dicts of them)"
         return raised.at(node) if node is not None else raised
 
     for index, value in values.items():

@@ -33,10 +33,12 @@ from .tree import ModelTree
 
 
 def refuse_weight_write(what: str) -> RefusedError:
-    return RefusedError(
+    error = RefusedError(
         f"{what} would change a weight of the shared model (a parameter or buffer, or a view of "
         "one). Weights are read-only here: compute on a copy, e.g. `w = weight.clone()`."
     )
+    error.hint = "every job shares the hosted weights: change module outputs, or compute on a copy of a weight"
+    return error
 
 
 def warm_up() -> None:

@@ -218,6 +218,8 @@ def test_bad_input(server, keys, expected, name):
     body = response.json()
     assert (response.status_code, body["code"]) == (status, code), body
     assert body["message"] and set(body) == {"code", "message", "node", "hint"}
+    if "to a weight" in name:  # its own hint, not the one about user functions
+        assert "every job shares the hosted weights" in body["hint"], body
     if code in ("GraphError", "ExecutionError", "OutOfOrderError", "RefusedError") and "graph" not in name:
         assert body["node"] is None or {"index", "op", "target", "location"} <= set(body["node"])
     assert_good_request_works(server, keys["alice"], expected)
