@@ -51,6 +51,10 @@ def test_input_forms_give_the_same_batch():
     with pytest.raises(interlace.InterlaceError, match="got an empty list of prompts: pass at least one"):
         with lm.trace([]):
             lm.output.save()
+    with pytest.raises(interlace.InterlaceError, match="got 0; to change every row, record outside the invokes"):
+        with lm.trace() as tracer:
+            with tracer.invoke():  # nnsight's 'every row' invoke
+                lm.output.save()
     with pytest.raises(interlace.InterlaceError, match="no tokenizer"):
         with lm.trace("text"):
             lm.output.save()
