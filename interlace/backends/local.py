@@ -676,6 +676,10 @@ class Interleaver:
         if source.op == "module_value":
             path = source.target
             ran = self.calls.get((path, "output" if source.kwargs["kind"] == "output" else "input"), 0)
+            skipped = next((outer for outer, _ in self.plan.skips if path.startswith(f"{outer}.") or not outer), None)
+            if not ran and skipped is not None:
+                return (f"{source.describe()} was never reached: {skipped or 'the model'} is skipped (.skip()), so "
+                        "the modules inside it do not run; read the skipped module's own output instead")
             return (
                 f"{source.describe()} was never reached: {path or 'the model'} ran {ran} time(s) in "
                 "this run. Check the call index (.next(), at_call) or whether the module runs at all"

@@ -291,6 +291,15 @@ def test_skip_uses_value_without_running_module(mlp, x):
     assert_clean(mlp)
 
 
+def test_reading_inside_a_skipped_module_says_it_is_skipped(mlp, x):
+    net = Model(mlp)
+    with pytest.raises(interlace.OutOfOrderError, match="layers.2 is skipped \\(.skip\\(\\)\\), so the modules inside"):
+        with net.trace(x):
+            net.layers[2].skip(net.layers[2].input)
+            net.layers[2].linear.output.save()
+    assert_clean(mlp)
+
+
 def forward_keeping(model, x, module):
     """(the model's output, `module`'s output) of a plain forward with autograd: the reference."""
     store = {}
