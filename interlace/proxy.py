@@ -130,7 +130,10 @@ class Proxy:
             "branch, or compute on it with interlace.apply(fn, value)."
         )
 
-    def _needs_value(self, what: str):
+    def _needs_value(self, what: str, convert):
+        """`convert(value)` after the trace; during it, an error saying what to do instead."""
+        if self._tracer._closed:
+            return convert(self.value)
         raise ProxyValueError(
             f"a traced value was used as {what}, but it has no value until the model runs. "
             "Keep it as a proxy (index and compute with torch ops), or use "
@@ -138,23 +141,19 @@ class Proxy:
         )
 
     def __int__(self):
-        return int(self.value) if self._tracer._closed else self._needs_value("a Python int")
+        return self._needs_value("a Python int", int)
 
     def __float__(self):
-        return float(self.value) if self._tracer._closed else self._needs_value("a Python float")
+        return self._needs_value("a Python float", float)
 
     def __index__(self):
-        return operator.index(self.value) if self._tracer._closed else self._needs_value("an index (int)")
+        return self._needs_value("an index (int)", operator.index)
 
     def __len__(self):
-        if self._tracer._closed:
-            return len(self.value)
-        self._needs_value("len(); use value.shape[0] (a traced value) instead")
+        return self._needs_value("len(); use value.shape[0] (a traced value) instead", len)
 
     def __iter__(self):
-        if self._tracer._closed:
-            return iter(self.value)
-        self._needs_value("an iterable (a for loop or `a, b = value`); index it instead, e.g. value[0]")
+        return self._needs_value("an iterable (a for loop or `a, b = value`); index it instead, e.g. value[0]", iter)
 
     def __str__(self) -> str:
         return str(self.value) if self._tracer._closed else repr(self)

@@ -273,8 +273,8 @@ def serialize_request(request: Request, *, trusted: bool = False, compress: bool
     traces = []
     for number, trace in enumerate(request.traces):
         invokes = []
+        encoder.refs = True  # (a session's trace may take an earlier node's value as its input)
         for invoke, (args, kwargs) in enumerate(trace.invokes):
-            encoder.refs = True  # (a session's trace may take an earlier node's value as its input)
             try:
                 args, kwargs = encoder.call(args, kwargs)
             except (SerializationError, RecursionError) as error:
@@ -456,11 +456,10 @@ class _Decoder:
             return _FLOATS[body]
         elif tag == "ellipsis" and body is None:
             return Ellipsis
-        elif (tag == "output" and type(body) is list and len(body) == 2 and type(body[0]) is str
-              and type(body[1]) is list and len(body[1]) <= self.limits.max_list_length
-              and all(type(p) is list and len(p) == 2 and type(p[0]) is str for p in body[1])):
-            fields = {self.text(key): self.decode(value, limit, depth + 1) for key, value in body[1]}
-            return _model_output(self.text(body[0]), fields)
+        elif tag == "output" and type(body) is list and len(body) == 2 and type(body[0]) is str and type(body[1]) is list:
+            fields = self.decode({"dict": body[1]}, limit, depth)  # (its fields: a dict's pairs, checked as one)
+            if all(type(key) is str for key in fields):
+                return _model_output(self.text(body[0]), fields)
         raise SerializationError(f"unrecognized value {_short(obj)}")
 
     def text(self, value: str) -> str:
