@@ -1002,6 +1002,34 @@ def runtime_index_error_is_an_execution_error():
     return attack(g.bytes())
 
 
+# -- what sessions and model outputs added to the wire format ------------------------------------------------
+@case("SerializationError", r"trace 0: ref 1 does not point to an earlier node \(there is none here\)")
+def an_invoke_input_that_refers_to_a_node_of_its_own_trace():
+    return attack(raw([{"index": 0, "op": "module_value", "target": "model.layers.0",
+                        "kwargs": {"kind": "output", "call": 0, "invoke": None}, "saved": True},
+                       {"index": 1, "op": "call", "target": "operator.neg", "args": [{"ref": 0}]}],
+                      traces=[{"start": 0, "end": 2, "invokes": [{"args": [{"ref": 1}]}]}]))
+
+
+@case("GraphError", r"stop takes no arguments, or a session's: \{session: true, skip_to: a later node or null\}")
+def a_session_stop_that_jumps_backwards():
+    return attack(raw([{"index": 0, "op": "stop", "kwargs": {"session": True, "skip_to": 0}}]))
+
+
+@case("GraphError", r"stop takes no arguments, or a session's")
+def a_session_stop_with_an_extra_keyword():
+    return attack(raw([{"index": 0, "op": "stop", "kwargs": {"session": True, "skip_to": None, "callback": "os.system"}}]))
+
+
+@case("LimitError", "max_depth")
+def a_model_output_nested_past_max_depth():
+    value = {"tensor": "0"}
+    for _ in range(40):  # (within the JSON parser's own nesting limit)
+        value = {"output": ["CausalLMOutputWithPast", [["logits", value]]]}
+    return attack(raw([{"index": 0, "op": "call", "target": "operator.neg", "args": [value]}],
+                      tensors={"0": torch.zeros(1)}))
+
+
 # -- fuzzing ----------------------------------------------------------------------------------------------
 def _seed_frames() -> list[bytes]:
     """Valid requests that run: traces recorded the usual way and a few built by hand."""

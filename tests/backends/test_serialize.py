@@ -9,12 +9,14 @@ import struct
 import cloudpickle
 import pytest
 import torch
+import transformers
 
 import interlace
 from interlace import GraphError, InterlaceError, LimitError, Model, SerializationError
 from interlace.backends.limits import Limits
 from interlace.backends.local import Interleaver
 from interlace.backends.serialize import (
+    _Decoder,
     deserialize_graph,
     deserialize_results,
     serialize_graph,
@@ -495,3 +497,15 @@ def _chain(n: int) -> Graph:
     for i in range(n):
         graph.add("call", "operator.add", (Ref(i), 1.0))
     return graph
+
+
+def test_a_model_output_is_rebuilt_only_as_a_class_of_transformers_modeling_outputs():
+    """The class name in the data picks a class of `transformers.modeling_outputs` or nothing: any other
+    name (a module, a class elsewhere, the base class) gives the fields as a dict."""
+    output = transformers.modeling_outputs.CausalLMOutputWithPast(logits=torch.ones(1, 2, 3))
+    values, _ = deserialize_results(serialize_results({0: output}))
+    assert type(values[0]) is type(output) and torch.equal(values[0].logits, output.logits)
+    for name in ("os", "Path", "ModelOutput", "__class__", "torch"):
+        decoder = _Decoder({"0": output.logits}, Limits())
+        value = decoder.decode({"output": [name, [["logits", {"tensor": "0"}]]]}, None)
+        assert type(value) is dict and torch.equal(value["logits"], output.logits)
