@@ -72,6 +72,22 @@ def test_a_module_call_without_hook_is_invisible_to_hooks(x):
         assert torch.equal(projected, mlp.head(mlp.layers[0](mlp.embed(x))))
 
 
+@pytest.mark.parametrize("read", ["sae.encoder", "sae"])
+def test_reading_inside_an_attached_module_called_without_hook_names_the_call(x, read):
+    mlp = MLP().eval()
+    net = Model(mlp)
+    net.layers[1].sae = SAE()
+    with pytest.raises(interlace.OutOfOrderError) as caught:
+        with net.trace(x):
+            net.layers[1].sae(net.layers[1].output)  # a plain call: no hooks run
+            net.layers[1].get(read).output.save()
+    message = str(caught.value)
+    assert f"layers.1.{read}.output was never reached: layers.1.sae was called in this trace without hook=True" in message
+    assert "net.layers[1].sae(net.layers[1].output)" in message  # the line of the call
+    assert "call it with hook=True" in message
+    assert_clean(mlp)
+
+
 def test_model_underscore_model_and_tracer_result(x):
     torch.manual_seed(0)
     mlp = MLP().eval()
