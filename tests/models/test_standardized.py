@@ -251,6 +251,22 @@ def test_steer_equals_a_hook_adding_the_vector(llama, positions, rows):
     torch.testing.assert_close(logits, want)
 
 
+def test_steer_adds_once_at_a_position_listed_twice(llama):
+    torch.manual_seed(3)
+    vector = torch.randn(32)
+    logits = {}
+    for positions in ([2, 2], [2], [2, -3]):  # -3: position 2 again, counted from the end of the padded 5
+        with llama.trace(IDS):
+            llama.steer(0, vector, token_positions=positions)
+            logits[str(positions)] = llama.logits.save()
+    with llama.trace(IDS):
+        plain = llama.logits.save()
+    first, *others = logits.values()
+    assert not torch.equal(first, plain)
+    for other in others:
+        assert torch.equal(other, first)
+
+
 def test_steer_positions_is_nnterps_deprecated_name_for_token_positions(llama):
     torch.manual_seed(3)
     vector = torch.randn(32)

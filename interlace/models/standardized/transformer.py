@@ -403,6 +403,8 @@ class StandardizedTransformer(LanguageModel):
         token_positions / batch_index: an int, a list or a tensor restricting where it is added
         (default: every position of every prompt). Positions are the padded batch's, as in nnterp: prompts
         are left padded, so a negative position is the same token of every prompt, a positive one is not.
+        Each position chosen is steered once, however often it is listed (`[2, 2]`, or `[-1]` and the last
+        positive index, add `factor * steering_vector` once there): scale `factor` to add more.
         Layers are steered in ascending order.
         positions: the older name of token_positions (nnterp's; deprecated there too).
         """
