@@ -10,6 +10,7 @@ it would compute alone (`position_ids=False`: no position ids, as plain Hugging 
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 import inspect
@@ -57,6 +58,10 @@ class Generator(torch.nn.Module):
 class LanguageModel(Model):
     """A causal language model ready to trace and generate.
 
+    Prompts of a batch are padded on `padding_side` (left by default), and `lm.tokenizer` pads the same way,
+    with EOS as its pad token where it has none. A tokenizer passed in (`tokenizer=`) that pads otherwise is
+    copied first, so the caller's own is left as it was.
+
     >>> import transformers, interlace
     >>> config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50)
     >>> lm = interlace.LanguageModel(transformers.GPT2LMHeadModel(config), tokenizer=None)
@@ -87,6 +92,7 @@ class LanguageModel(Model):
         # it computes alone; False: the model derives them itself, as plain Hugging Face (and nnterp) do
         self.position_ids = position_ids
         host = host or os.environ.get("INTERLACE_HOST")
+        given = tokenizer  # the caller's own: never changed here (see _prepare_tokenizer)
         if host and isinstance(model, str) and not dispatch:  # the model lives on a server: built from its manifest
             from ..backends.remote import RemoteBackend
 
@@ -124,7 +130,7 @@ class LanguageModel(Model):
         if padding_side not in ("left", "right"):
             raise InterlaceError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
         self.padding_side = padding_side
-        self.tokenizer = _prepare_tokenizer(tokenizer, padding_side)
+        self.tokenizer = _prepare_tokenizer(tokenizer, padding_side, own=tokenizer is not given)
         self._generator = Generator(module)
         self.generator = Envoy(self._generator, "generator", self)
 
@@ -512,9 +518,14 @@ def _weights_missing(module: torch.nn.Module) -> bool:
     return False
 
 
-def _prepare_tokenizer(tokenizer, padding_side: str):
+def _prepare_tokenizer(tokenizer, padding_side: str, own: bool):
+    """The tokenizer, padding on `padding_side` with a pad token (EOS where it has none), as the model pads:
+    so `lm.tokenizer(prompts, padding=True)` gives the trace's rows. One the caller passed in is copied
+    before it is changed: it may be theirs for other work, or another model's with another padding side."""
     if tokenizer is None:
         return None
+    if not own and (tokenizer.padding_side != padding_side or tokenizer.pad_token is None):
+        tokenizer = copy.deepcopy(tokenizer)
     tokenizer.padding_side = padding_side
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

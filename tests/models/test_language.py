@@ -463,6 +463,23 @@ def test_position_ids_false_pads_as_plain_hugging_face():
     assert (as_hf[1, -2:] - alone[0]).abs().max() > 1e-3  # which plain HF does not give
 
 
+def test_a_tokenizer_passed_in_is_left_as_it_was():
+    model, tokenizer = tiny("gpt2"), tiny_tokenizer()
+    tokenizer.padding_side = "right"
+    prompts = ["w5 w6 w7 w8", "w9 w10"]
+    left = LanguageModel(model, tokenizer=tokenizer)  # pads on the left: works on a copy
+    right = LanguageModel(model, tokenizer=tokenizer, padding_side="right")  # the tokenizer as it is
+    assert tokenizer.padding_side == "right" and right.tokenizer is tokenizer
+    assert left.tokenizer is not tokenizer and left.tokenizer.padding_side == "left"
+    for lm in (left, right):  # each model's tokenizer pads as its traces do
+        with lm.trace(prompts):
+            inputs = lm.inputs.save()
+        args, kwargs = inputs
+        padded = lm.tokenizer(prompts, return_tensors="pt", padding=True)
+        assert torch.equal(kwargs["input_ids"], padded["input_ids"])
+        assert torch.equal(kwargs["attention_mask"], padded["attention_mask"])
+
+
 def test_tokenizer_kwargs_reach_the_tokenizer(tmp_path):
     tiny("llama").save_pretrained(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)
