@@ -240,5 +240,20 @@ def _missing_child(envoy: Envoy, name: str) -> str:
         children += f" (closest to '{name}': {', '.join(close)})"
     return (
         f"{where} ({type(envoy._module).__name__}) has no submodule or attribute '{name}'. "
-        f"Its submodules are: {children}. Print the model to see the whole tree."
+        f"Its submodules are: {children}.{_deeper(envoy, name)} Print the model to see the whole tree."
     )
+
+
+def _deeper(envoy: Envoy, name: str) -> str:
+    """Where modules called `name` are further down (`lm.norm`: `model.norm`), and the names given to them
+    (`ln_final`, a standardized name): what someone used to another model or library most likely meant."""
+    if name.startswith("_"):  # (private names: asked by getattr(..., default) in code, never a module's)
+        return ""
+    below = [path for path, _ in envoy._module.named_modules() if path.rpartition(".")[2] == name][:3]
+    if not below:
+        return ""
+    prefix = f"{envoy._path}." if envoy._path else ""
+    found = ", ".join(prefix + path for path in below)
+    named = [alias for alias, target in envoy._aliases.items()
+             if isinstance(target, Envoy) and target._path in {prefix + path for path in below}]
+    return f" A module called '{name}' is at {found}" + (f", named {', '.join(named)} here." if named else ".")

@@ -283,6 +283,17 @@ def test_steer_positions_is_nnterps_deprecated_name_for_token_positions(llama):
             llama.steer(layers=0, steering_vector=vector, positions=0, token_positions=0)
 
 
+def test_a_native_name_at_the_wrong_depth_points_to_the_module_and_its_standardized_name(llama):
+    with pytest.raises(interlace.ModulePathError) as caught:
+        with llama.trace(IDS):
+            llama.norm.output.save()  # llama's own name is model.norm; the standardized one ln_final
+    assert "has no submodule or attribute 'norm'" in str(caught.value)
+    assert "A module called 'norm' is at model.norm, named ln_final here." in str(caught.value)
+    with pytest.raises(interlace.ModulePathError) as caught:
+        llama.model.layers[0].q_proj
+    assert "is at model.layers.0.self_attn.q_proj." in str(caught.value)
+
+
 def test_attn_probs_available_follows_the_flag():
     model = tiny("llama")
     assert not StandardizedTransformer(model).attn_probs_available
