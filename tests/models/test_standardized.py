@@ -4,6 +4,8 @@ References are computed another way: hand-written forward hooks, the modules cal
 plain forward. The by-value check of every family is in test_standardized_families.py.
 """
 
+import dataclasses
+
 import pytest
 import torch
 import transformers
@@ -416,3 +418,12 @@ def test_unknown_family_is_found_by_names_with_a_warning_and_rename_config():
     assert found.family.layers == "transformer.h" and found.family.attention == "attn"
     with pytest.raises(interlace.StandardizationError, match="RenameConfig\\(attn_name=...\\)"):
         StandardizedTransformer(model, rename_config=interlace.RenameConfig(attn_name="missing"))
+
+
+def test_a_rename_config_changes_only_the_parts_it_names_of_a_known_family():
+    model = transformers.BloomForCausalLM(transformers.BloomConfig(n_layer=2, hidden_size=32, n_head=4, vocab_size=100))
+    plain = StandardizedTransformer(model, enable_attention_probs=True)
+    renamed = StandardizedTransformer(model, enable_attention_probs=True,
+                                      rename_config=interlace.RenameConfig(ln_final_name="word_embeddings_layernorm"))
+    assert renamed.family == dataclasses.replace(plain.family, ln_final="transformer.word_embeddings_layernorm")
+    assert renamed.available["attention_probabilities"] is None  # Bloom's own path to them is kept

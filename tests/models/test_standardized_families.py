@@ -87,13 +87,17 @@ def test_family_passes_the_full_check(model_type):
     assert_clean(model)
 
 
+@pytest.mark.parametrize("renamed", [False, True])
 @pytest.mark.parametrize("model_type", sorted(t for t, f in FAMILIES.items() if f.final_logits))
-def test_project_on_vocab_applies_the_final_logit_transform(model_type):
+def test_project_on_vocab_applies_the_final_logit_transform(model_type, renamed):
     model = tiny_family(model_type)
     kind, attribute = FAMILIES[model_type].final_logits
     if getattr(model.config, attribute) in (None, 1.0):
         setattr(model.config, attribute, 7.0)  # defaults that do nothing (Gemma 3, Granite): make it matter
-    standardized = interlace.StandardizedTransformer(model)
+    # a RenameConfig naming one part of a known family changes that part only: the row's transform stays
+    rename = interlace.RenameConfig(attn_name=FAMILIES[model_type].attention) if renamed else None
+    standardized = interlace.StandardizedTransformer(model, rename_config=rename)
+    assert standardized.family == FAMILIES[model_type]
     with standardized.trace([[3, 4, 5]]):
         last = standardized.layers_output[-1].save()
         logits = standardized.logits.save()

@@ -1,8 +1,8 @@
 """Finding a model's layout: its row of the family table, or a search of its module tree by names.
 
 `family_of(module)` returns the `Family` of a built Hugging Face model: the table row for its
-`config.model_type`, or, for a family the table does not know (or when a `RenameConfig` is given),
-the paths found by looking for the usual module names. `rename_table(family)` turns a layout into
+`config.model_type`, or, for a family the table does not know, the paths found by looking for the usual
+module names; a `RenameConfig` changes the paths it names (of a known family: only those). `rename_table(family)` turns a layout into
 the alias table of `Model(rename=...)`, so a plain `LanguageModel` gets the standardized names too;
 `get_rename_dict()` is nnterp's own alias table (its tree under `model.model`), and `get_ignores`,
 `get_vocab_size` nnterp's helpers around it.
@@ -10,6 +10,7 @@ the alias table of `Model(rename=...)`, so a plain `LanguageModel` gets the stan
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -37,7 +38,7 @@ class RenameConfig:
     """Module names (or dotted paths) of an architecture the family table does not know.
 
     The fields are nnterp's: each names the module to use for that standardized part; None means
-    "search the usual names". `ignore_mlp` / `ignore_router` mark parts the model does not have;
+    "search the usual names" (on a family the table knows: "the table's", and the rest of its row stays). `ignore_mlp` / `ignore_router` mark parts the model does not have;
     `*_config_key` name the config attribute holding a size, or give the size as an int.
 
     >>> import transformers, interlace
@@ -78,37 +79,52 @@ def family_of(module: torch.nn.Module, rename_config: RenameConfig | None = None
             f"'{model_type}' is {OUT_OF_REACH[model_type]}, so StandardizedTransformer cannot describe it. "
             "Use interlace.LanguageModel with the model's own module names."
         )
-    if rename_config is None and model_type in FAMILIES:
-        return FAMILIES[model_type]
-    if rename_config is None:
+    row = FAMILIES.get(model_type)
+    if row is not None and rename_config is None:
+        return row
+    if row is None and rename_config is None:
         warnings.warn(
             f"'{model_type}' is not in interlace's tested family table; its module names were found by "
             "search. Run `interlace check-model` on it, and pass a RenameConfig if a name is wrong.",
             stacklevel=3,
         )
-    return _search(module, rename_config or RenameConfig())
+    return _search(module, rename_config or RenameConfig(), row)
 
 
-def _search(module: torch.nn.Module, names: RenameConfig) -> Family:
+def _search(module: torch.nn.Module, names: RenameConfig, row: Family | None = None) -> Family:
+    """The parts' paths, each the one `names` gives or found among the usual names. A family of the table
+    (`row`) keeps the paths `names` does not give, and what else its row knows (its final-logit transform...)."""
+
+    def part(given, kept, search):
+        return kept if row is not None and given is None else search()
+
     paths = dict(module.named_modules())
-    layers = _find(paths, names.layers_name, "layers", lambda p, m: isinstance(m, torch.nn.ModuleList)
-                   and (names.model_name is None or p.startswith(_first(names.model_name) + ".")))
+    layers = part(names.layers_name or names.model_name, row and row.layers, lambda: _find(
+        paths, names.layers_name, "layers", lambda p, m: isinstance(m, torch.nn.ModuleList)
+        and (names.model_name is None or p.startswith(_first(names.model_name) + "."))))
     outside = {p: m for p, m in paths.items() if not p.startswith(layers + ".")}
     layer0 = dict(paths[layers + ".0"].named_modules()) if layers + ".0" in paths else {}
-    attention = _find(layer0, names.attn_name, "attention")
-    mlp = None if names.ignore_mlp else _find(layer0, names.mlp_name, "mlp", required=False)
-    router = None
-    if mlp is not None and not names.ignore_router:
+    attention = part(names.attn_name, row and row.attention, lambda: _find(layer0, names.attn_name, "attention"))
+    mlp = None if names.ignore_mlp else part(
+        names.mlp_name, row and row.mlp, lambda: _find(layer0, names.mlp_name, "mlp", required=False))
+
+    def router_below_mlp():
         below = {p[len(mlp) + 1:]: m for p, m in layer0.items() if p.startswith(mlp + ".")}
         found = _find(below, names.router_name, "router", required=False)
-        router = f"{mlp}.{found}" if found else None
-    return Family(
-        embed_tokens=_find(outside, names.embed_tokens_name, "embed_tokens"),
+        return f"{mlp}.{found}" if found else None
+
+    router = None if mlp is None or names.ignore_router else part(
+        names.router_name or names.mlp_name, row and row.router, router_below_mlp)
+    return dataclasses.replace(
+        row or Family(),
+        embed_tokens=part(names.embed_tokens_name, row and row.embed_tokens,
+                          lambda: _find(outside, names.embed_tokens_name, "embed_tokens")),
         layers=layers,
         attention=attention,
         mlp=mlp,
-        ln_final=_find(outside, names.ln_final_name, "ln_final", last=True),
-        lm_head=_find(outside, names.lm_head_name, "lm_head"),
+        ln_final=part(names.ln_final_name, row and row.ln_final,
+                      lambda: _find(outside, names.ln_final_name, "ln_final", last=True)),
+        lm_head=part(names.lm_head_name, row and row.lm_head, lambda: _find(outside, names.lm_head_name, "lm_head")),
         router=router,
     )
 
