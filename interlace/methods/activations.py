@@ -12,21 +12,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm as auto_tqdm
 
-from .getters import get_layer_output, get_num_layers
-
-
-def _token(model, hidden, idx: int):
-    """Token `idx` of every prompt: negative counts from the end, positive from each prompt's start.
-
-    Prompts are left padded, so a positive index is shifted by each row's padding (read from the
-    attention mask inside the graph); nnterp refuses positive indices instead. One past a prompt's end
-    is an error.
-    """
-    if idx < 0:
-        return hidden[:, idx]
-    position = (model.inputs[1]["attention_mask"] == 0).sum(-1) + idx
-    # an index, not take_along_dim (which reads whatever lies there on CPU): past a prompt's end it fails
-    return hidden[torch.arange(hidden.shape[0]), position]
+from .getters import check_prompt_lengths, get_layer_output, get_num_layers, token_at
 
 
 def _read(model, layers, get_activations, idx):
@@ -34,7 +20,7 @@ def _read(model, layers, get_activations, idx):
     get_activations = get_activations or get_layer_output
     layers = range(get_num_layers(model)) if layers is None else layers
     idx = -1 if idx is None else idx
-    return torch.stack([_token(model, get_activations(model, layer), idx) for layer in layers])
+    return torch.stack([token_at(model, get_activations(model, layer), idx) for layer in layers])
 
 
 def get_token_activations(
@@ -50,6 +36,11 @@ def get_token_activations(
         return _read(model, layers, get_activations, idx)
     if prompts is None:
         raise ValueError("pass prompts (or an open tracer to record into)")
+    check_prompt_lengths(model, prompts, idx)
+    return _traced(model, prompts, layers, get_activations, remote, idx)
+
+
+def _traced(model, prompts, layers, get_activations, remote, idx) -> torch.Tensor:
     with model.trace(prompts, remote=remote):
         activations = _read(model, layers, get_activations, idx).cpu().save()
     return activations
@@ -63,6 +54,7 @@ def collect_last_token_activations_session(
 
     Returns `[len(layers), num_prompts, hidden]` on the CPU; remotely the whole loop is one request.
     """
+    check_prompt_lengths(model, prompts, idx)
     with model.session(remote=remote):
         batches = []
         for start in range(0, len(prompts), batch_size):
@@ -80,11 +72,11 @@ def collect_token_activations_batched(
 
     Returns `[len(layers), num_prompts, hidden]` on the CPU. tqdm: the progress bar (None for none).
     """
+    check_prompt_lengths(model, prompts, idx)
     starts = range(0, len(prompts), batch_size)
     if tqdm is not None:
         starts = tqdm(starts, desc="collecting activations", unit="batch")
     batches = [
-        get_token_activations(model, prompts[start : start + batch_size], layers, get_activations, remote, idx)
-        for start in starts
+        _traced(model, prompts[start : start + batch_size], layers, get_activations, remote, idx) for start in starts
     ]
     return torch.cat(batches, dim=1)

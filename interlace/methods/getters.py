@@ -152,7 +152,32 @@ def project_on_vocab(model, hidden):
 
 
 def get_next_token_probs(model):
-    return get_logits(model)[:, -1].softmax(-1)
+    return token_at(model, get_logits(model), -1).softmax(-1)
+
+
+def token_at(model, value, idx: int):
+    """Token `idx` of every prompt of traced `value` (`[prompts, tokens, ...]`): negative counts from each
+    prompt's end, positive from its start, wherever the padding is (from the attention mask, inside the
+    graph, where it depends on it). Past a prompt's end is an error; before its start reads padding, which
+    `check_prompt_lengths` refuses first where the prompts are known."""
+    right = getattr(model, "padding_side", "left") == "right"
+    if (idx < 0) != right:  # counted from the side without padding: the same column in every row
+        return value[:, idx]
+    mask = model.inputs[1]["attention_mask"]
+    position = mask.sum(-1) + idx if right else (mask == 0).sum(-1) + idx
+    # an index, not take_along_dim (which reads whatever lies there on CPU): past a prompt's end it fails
+    return value[torch.arange(value.shape[0]), position]
+
+
+def check_prompt_lengths(model, prompts, idx: int | None) -> None:
+    """A clear error, before anything runs, where token `idx` lies outside one of `prompts`."""
+    if idx is None or idx == -1:  # (every prompt has a last token: no need to tokenize them twice)
+        return
+    lengths = [len(ids) for ids, _ in model._sequences(prompts)] if hasattr(model, "_sequences") else []
+    for number, length in enumerate(lengths):
+        if not -length <= idx < length:
+            raise InterlaceError(f"idx={idx} lies outside prompt {number}, which has {length} token(s): pass an idx "
+                                 f"from {-length} to {length - 1}, or leave that prompt out")
 
 
 @torch.no_grad()

@@ -234,7 +234,8 @@ def test_skip_with_a_saved_value(llama):
     torch.testing.assert_close(logits, want)
 
 
-@pytest.mark.parametrize(("positions", "rows"), [(None, None), (-1, None), ([1, 3], None), (-1, [1]), ([2, 4], [0, 1])])
+@pytest.mark.parametrize(("positions", "rows"), [(None, None), (-1, None), ([1, 3], None), (-1, [1]), ([2, 4], [0, 1]),
+                                                 (slice(-3, None), None), (slice(1, 3), slice(1, None))])
 def test_steer_equals_a_hook_adding_the_vector(llama, positions, rows):
     torch.manual_seed(3)
     vector = torch.randn(32)
@@ -244,8 +245,8 @@ def test_steer_equals_a_hook_adding_the_vector(llama, positions, rows):
 
     def add(module, args, output):
         output = output.clone()
-        r = slice(None) if rows is None else torch.tensor(rows)[:, None]
-        p = slice(None) if positions is None else torch.as_tensor(positions)
+        r = slice(None) if rows is None else rows if isinstance(rows, slice) else torch.tensor(rows)[:, None]
+        p = slice(None) if positions is None else positions if isinstance(positions, slice) else torch.as_tensor(positions)
         output[r, p] += 2.0 * vector
         return output
 
@@ -267,6 +268,14 @@ def test_steer_adds_once_at_a_position_listed_twice(llama):
     assert not torch.equal(first, plain)
     for other in others:
         assert torch.equal(other, first)
+
+
+@pytest.mark.parametrize("positions", [0.5, [[1], [2]], "last", [True, False]])
+def test_steer_refuses_positions_it_cannot_index_with(llama, positions):
+    with pytest.raises(StandardizationError, match="token_positions must be an int, a list or 1-d tensor of ints, "
+                                                   "or a slice"):
+        with llama.trace(IDS):
+            llama.steer(0, torch.zeros(32), token_positions=positions)
 
 
 def test_steer_positions_is_nnterps_deprecated_name_for_token_positions(llama):

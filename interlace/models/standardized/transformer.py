@@ -400,7 +400,7 @@ class StandardizedTransformer(LanguageModel):
               batch_index=None) -> None:
         """Add `factor * steering_vector` to the output of each layer in `layers`.
 
-        token_positions / batch_index: an int, a list or a tensor restricting where it is added
+        token_positions / batch_index: an int, a list, a tensor or a slice restricting where it is added
         (default: every position of every prompt). Positions are the padded batch's, as in nnterp: prompts
         are left padded, so a negative position is the same token of every prompt, a positive one is not.
         Each position chosen is steered once, however often it is listed (`[2, 2]`, or `[-1]` and the last
@@ -416,8 +416,7 @@ class StandardizedTransformer(LanguageModel):
             token_positions = positions
         layers = [layers] if isinstance(layers, int) else sorted(layers)
         delta = factor * steering_vector
-        rows = slice(None) if batch_index is None else torch.as_tensor(batch_index)
-        columns = slice(None) if token_positions is None else torch.as_tensor(token_positions)
+        rows, columns = _steered(batch_index, "batch_index"), _steered(token_positions, "token_positions")
         if isinstance(rows, torch.Tensor) and isinstance(columns, torch.Tensor) and rows.dim() and columns.dim():
             rows = rows.reshape(-1, 1)  # every chosen position of every chosen prompt, not pairs
         for layer in layers:
@@ -461,3 +460,18 @@ class StandardizedTransformer(LanguageModel):
 
 def _fmt(shape: tuple) -> str:
     return "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+
+
+def _steered(index, name: str):
+    """`steer`'s token_positions or batch_index as a tensor index (None and slices as they are)."""
+    if index is None:
+        return slice(None)
+    if isinstance(index, slice):
+        return index
+    try:
+        index = torch.as_tensor(index)
+    except (TypeError, RuntimeError, ValueError):
+        index = None
+    if index is None or index.is_floating_point() or index.dtype == torch.bool or index.dim() > 1:
+        raise StandardizationError(f"steer: {name} must be an int, a list or 1-d tensor of ints, or a slice")
+    return index
