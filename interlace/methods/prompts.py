@@ -90,6 +90,13 @@ def run_prompts(
     """
     if not prompts:
         return {}
+    for prompt in prompts:
+        if not isinstance(prompt, Prompt):
+            raise TypeError(
+                f"run_prompts takes Prompt objects, which say which tokens to track, not {type(prompt).__name__}: "
+                "build them with Prompt.from_strings(text, {category: target words}, model.tokenizer), or call "
+                "the probability function on plain prompts yourself (logit_lens(model, prompts))"
+            )
     categories = list(prompts[0].target_tokens)
     for prompt in prompts:
         if list(prompt.target_tokens) != categories:

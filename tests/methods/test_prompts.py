@@ -42,6 +42,9 @@ def test_run_prompts_sums_the_target_probabilities(model):
     torch.testing.assert_close(by_layer["other"], lens[:, :, 7])
     with pytest.raises(ValueError, match="same categories"):
         run_prompts(model, [prompts[0], Prompt.from_strings("w2", {"x": "w5"}, model.tokenizer)])
+    with pytest.raises(TypeError, match="run_prompts takes Prompt objects, which say which tokens to track, not str: "
+                                        "build them with Prompt.from_strings"):
+        run_prompts(model, ["w2 w3", "w8"], get_probs_func=logit_lens)  # as nnterp's README writes it
 
 
 def test_getters_are_the_standardized_names(model):
