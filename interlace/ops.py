@@ -222,6 +222,11 @@ def allowed_attribute(name) -> bool:
     return isinstance(name, str) and name.isidentifier() and not name.startswith("_")
 
 
+# The methods of CONTAINER_METHODS that change the container they are called on.
+CONTAINER_CHANGES = frozenset({"append", "extend", "insert", "pop"})
+
+
 def is_in_place_method(name: str) -> bool:
-    """Tensor methods like `add_` and `zero_` change the tensor they are called on."""
-    return name.endswith("_") and not name.startswith("_")
+    """Methods that change what they are called on: tensor methods like `add_` and `zero_`, and a list's
+    `append`, `extend`, `insert` and `pop` (so they run in the order written, and reads wait for them)."""
+    return name.endswith("_") and not name.startswith("_") or name in CONTAINER_CHANGES

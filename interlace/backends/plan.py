@@ -44,6 +44,7 @@ class Plan:
         last_mutation: dict[int, int] = {}
         previous_stop = start
         previous_backward, waiting_grads = None, []
+        previous_log = None  # log lines come out in the order written
         users, waiting, remaining, event_keys = self.users, self.waiting, self.remaining, self.event_keys
         mutating, functions, sources = ops.MUTATING_TARGETS, ops.FUNCTIONS, self.sources
         for node in nodes[start:end]:
@@ -69,6 +70,10 @@ class Plan:
                     if previous_backward is not None:
                         extra.append(previous_backward)
                     previous_backward = index
+                elif op == "log":
+                    if previous_log is not None:
+                        extra.append(previous_log)
+                    previous_log = index
                 if extra:
                     deps = list(dict.fromkeys([*reads, *extra]))
             for dep in deps:

@@ -241,6 +241,33 @@ def test_apply_and_log(mlp, x, capsys):
     assert f"norm is {norm}" in capsys.readouterr().out
 
 
+def test_list_changes_and_logs_run_in_the_order_written(mlp, x, capsys):
+    """Appends of constants are ready before the model runs, and of a late layer after an early one: the
+    list must still hold them as written, and a read of it sees every change recorded before."""
+    net = Model(mlp)
+    with net.trace(x) as tracer:
+        items = interlace.list().save()
+        items.append("layer 3")
+        items.append(net.layers[3].output[0, 0])
+        items.extend(["layer 0"])
+        items.insert(4, net.layers[0].output[0, 0])
+        last = items[-1].save()
+        popped = items.pop(0).save()
+        count = items.count("layer 0").save()
+        tracer.log("1: layer 3", net.layers[3].output[0, 0])
+        tracer.log("2: layer 0", net.layers[0].output[0, 0])
+        tracer.log("3: no value")
+    with torch.no_grad():
+        h0 = mlp.layers[0](mlp.embed(x))
+        h3 = mlp.layers[3](mlp.layers[2](mlp.layers[1](h0)))
+    assert popped == "layer 3" and count == 1
+    assert [type(item) for item in items] == [torch.Tensor, str, torch.Tensor]
+    assert torch.equal(items[0], h3[0, 0]) and items[1] == "layer 0" and torch.equal(items[2], h0[0, 0])
+    assert torch.equal(last, h0[0, 0])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["1:", "2:", "3:"]
+
+
 def test_cond_runs_block_only_when_true(mlp, x):
     net = Model(mlp)
     for threshold, expect_change in [(-1e9, True), (1e9, False)]:
