@@ -39,7 +39,10 @@ def merge_key(request: Request):
     if any(node.op == "grad" or node.op == "call_method" and node.target == "backward" for node in request.graph):
         return None  # one job's backward would run through (and free) every job's autograd graph
     options = request.traces[0].options
-    return options.get("mode", "trace"), repr(sorted(options.get("kwargs", {}).items()))
+    kwargs = options.get("kwargs", {})
+    if kwargs.get("do_sample") and kwargs.get("seed") is not None:
+        return None  # a seeded sample's draws depend on the rows drawn beside it: alone, as in the user's own run
+    return options.get("mode", "trace"), repr(sorted(kwargs.items()))
 
 
 def merge(requests: list[Request]) -> tuple[Request, list[Part]]:

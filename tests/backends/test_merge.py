@@ -149,6 +149,28 @@ def test_generations_with_the_same_settings_share_one_generate(lm):
         assert torch.equal(tokens[:, -4:], want[:, -4:])  # the same token choices
 
 
+def test_seeded_samples_run_alone_and_draw_what_they_draw_alone(lm):
+    def generation(lm, tracer):
+        with tracer.invoke("w5 w6"):
+            lm.generator.output.save()
+
+    sampled = [recorded(lm, generation, method="generate", max_new_tokens=6, do_sample=True, seed=3) for _ in range(3)]
+    greedy = recorded(lm, generation, method="generate", max_new_tokens=6, seed=3)  # no draws: shares
+    assert {merge_key(request) for request in sampled} == {None} and merge_key(greedy) is not None
+    runs = []
+    original = lm._execute
+    lm._execute = lambda graph, trace, **run: runs.append(len(trace.invokes)) or original(graph, trace, **run)
+    try:
+        answers = lm.run_many(sampled)
+    finally:
+        del lm._execute
+    assert runs == [1, 1, 1]
+    alone = lm.run(sampled[0])
+    want = alone.results[max(alone.results)]
+    for answer in answers:
+        assert torch.equal(answer.results[max(answer.results)], want)
+
+
 def test_untrusted_merged_runs_keep_the_weights_and_refuse_writes_alone(lm):
     def writes_a_weight(lm, tracer):
         with tracer.invoke("w5 w6"):
