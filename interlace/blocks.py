@@ -51,8 +51,9 @@ class Iteration:
     """A block recorded once and applied to several generation steps.
 
     The block's nodes are recorded for the first step, then copied for each later step with every
-    module call index moved by the step distance. The value bound by `as` is the step number;
-    `interlace.list()` collects one entry per step.
+    module call index moved by the step distance. The value bound by `as` is the step number; a value
+    saved in the block binds as its last step's (that ran), as a name assigned in a loop; `interlace.list()`
+    collects one entry per step.
     """
 
     def __init__(self, tracer, steps: range):

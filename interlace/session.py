@@ -152,5 +152,6 @@ class Session(Recorder):
         for recorder in recorders:
             recorder.results, recorder.missing = results, outcome.missing
         for tracer in tracers:
+            tracer._bind_last_steps()
             tracer._bind_caches()
         self._bind(frame, recorders)  # the names, once for all traces

@@ -326,7 +326,22 @@ class Tracer(Recorder):
 
     def _receive(self, outcome, frame) -> None:
         self.results, self.missing = outcome.results, outcome.missing
+        self._bind_last_steps()
         self._bind(frame, (self,))
+
+    def _bind_last_steps(self) -> None:
+        """A value saved in a block over several steps binds as its last step's that ran, as a name
+        assigned in a loop holds its last value (each step's is `step[h]` when streaming, or collect them
+        with `interlace.list()`)."""
+        results = self.results
+        for start, end, firsts in self.copies:
+            latest = [firsts[step] for step in sorted(firsts, reverse=True)]
+            for node in self.graph.nodes[start:end]:
+                if node.saved:
+                    found = next((first + node.index - start for first in latest
+                                  if first + node.index - start in results), None)
+                    if found is not None:
+                        results[node.index] = results[found]
 
     def spec(self, end: int) -> TraceSpec:
         """This trace as a part of a request: its nodes, inputs and run options."""

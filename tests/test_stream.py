@@ -104,7 +104,7 @@ def test_seeded_sampling_two_invokes_steered_every_step_is_bit_identical(lm):
         words = [lm.tokenizer.decode(int(t), skip_special_tokens=True) for t in tokens]
         assert text == [" " + word if word else "" for word in words]  # w0, w1 are special: no text
         assert step_first.shape == (1, 32) and step_second.shape == (2, 32)
-    assert torch.equal(steps[0][2], first)  # `first` binds to step 0's copy, as without streaming
+    assert torch.equal(steps[-1][2], first)  # `first` binds to the last step's copy, as without streaming
     with lm.generate(max_new_tokens=NEW) as tracer:  # greedy differs: the tokens above were sampled
         with tracer.invoke(PROMPT):
             with tracer.all():

@@ -211,6 +211,26 @@ def test_iter_steps_with_step_value_and_recorded_list():
     assert torch.equal(per_step[1], seen[2])
 
 
+def test_a_value_saved_in_a_block_over_steps_binds_as_its_last_step():
+    model = tiny("gpt2")
+    lm = LanguageModel(model)
+    with lm.generate([5, 6, 7], max_new_tokens=4) as tracer:
+        with tracer.all():
+            every = lm.transformer.h[1].output[:, -1].save()
+        with tracer.iter[1:3]:
+            middle = lm.transformer.h[0].output[:, -1].save()
+    assert torch.equal(every, per_step_outputs(model, "transformer.h.1", [5, 6, 7], 4)[3])
+    assert torch.equal(middle, per_step_outputs(model, "transformer.h.0", [5, 6, 7], 4)[2])
+    with torch.no_grad():
+        plain = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with lm.generate([5, 6, 7], max_new_tokens=4, eos_token_id=int(plain[0, 4])) as tracer:  # ends early
+        with tracer.all():
+            every = lm.transformer.h[1].output[:, -1].save()
+        tokens = lm.generator.output.save()
+    ran = tokens.shape[1] - 3
+    assert ran < 4 and torch.equal(every, per_step_outputs(model, "transformer.h.1", [5, 6, 7], 4)[ran - 1])
+
+
 def test_generate_batched_invokes_and_streamer():
     model = tiny("llama")
     lm = LanguageModel(model)
