@@ -76,7 +76,8 @@ class Stream:
         self.cancel = threading.Event()
         options = tracer.options
         if options.get("remote"):  # submitted now: the job, and a generator of its steps returning the outcome
-            tracer.job, self.remote = tracer.model.submit(request, options)
+            tracer.job, steps = tracer.model.submit(request, options)
+            self.remote = steps if options.get("mode") == "generate" else _whole_at_end(steps)
             self.thread = None
             return
         self.queue: queue.Queue = queue.Queue()  # unbounded: the run never waits for its reader
@@ -140,6 +141,13 @@ class Stream:
             self.thread.join()
         else:
             self.remote.close()  # cancels the job
+
+
+def _whole_at_end(steps):
+    """A single forward's remote steps (none come): its one step, holding every value, once it is done."""
+    outcome = yield from steps
+    yield _whole(outcome)
+    return outcome
 
 
 def _whole(outcome: Outcome) -> Step:

@@ -84,6 +84,20 @@ def slow_generation(lm, tracer):
         lm.transformer.h[1].output[:, -1] += (square @ square).mean() * 0
 
 
+def test_a_single_forward_streams_one_step_holding_every_value_as_locally(local, remote):
+    runs = {}
+    for lm, where in ((local, "local"), (remote, "remote")):
+        with lm.trace(PROMPT, remote=where == "remote", stream=True) as tracer:
+            hidden = lm.transformer.h[0].output[:, -1].save()
+            items = interlace.list().save()
+            items.append(lm.transformer.h[1].output[:, -1])
+        runs[where] = [(step.index, step.tokens, step[hidden], step[items]) for step in tracer.stream()], hidden
+    (here, hidden_here), (there, hidden_there) = runs["local"], runs["remote"]
+    assert len(here) == len(there) == 1 and here[0][0] == there[0][0] == 0 and there[0][1] is None
+    assert same(list(there[0][2:]), list(here[0][2:])) and same(hidden_there, hidden_here)
+    assert same(there[0][2], hidden_there)  # the step holds what binds
+
+
 def test_a_reader_that_leaves_cancels_the_job_at_its_next_step_and_frees_the_server(server, setup, remote):
     with remote.generate(PROMPT, max_new_tokens=16, remote=True, stream=True) as tracer:
         slow_generation(remote, tracer)
