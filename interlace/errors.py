@@ -9,6 +9,7 @@ catches everything the library raises on purpose. An error about one graph node 
 from __future__ import annotations
 
 import linecache
+import re
 
 
 def describe_location(location, *, read_source: bool = True) -> str:
@@ -22,6 +23,15 @@ def describe_location(location, *, read_source: bool = True) -> str:
     filename, lineno = location
     source = linecache.getline(filename, lineno).strip() if read_source else ""
     return f"{filename}:{lineno}" + (f": {source}" if source else "")
+
+
+_LOCATION = re.compile(r"(?<![\w/.])([^\s()]+?\.py):(\d+)(?=[)\s,]|\.\s|\.$|$)")
+
+
+def quote_sources(message: str) -> str:
+    """`message` with each `file.py:12` it names followed by that line's text: for a message made where
+    the user's files were not read (a server, or a check that also runs there), shown where they are."""
+    return _LOCATION.sub(lambda found: describe_location((found[1], int(found[2]))), message)
 
 
 def node_info(node) -> dict:

@@ -119,6 +119,8 @@ class Node:
             call = self.kwargs.get("call", 0)
             suffix = f" (call {call})" if call else ""
             return f"{self.target or '<root>'}.{self.kwargs.get('kind', 'output')}{suffix}"
+        if self.op == "call" and self.target == "builtins.getattr" and len(self.args) == 2 and type(self.args[1]) is str:
+            return f".{self.args[1]}"  # (`lm.output.logits`, recorded as getattr(output, 'logits'))
         if self.op in ("call", "apply"):
             return f"{target_name(self.target)}(...)"
         if self.op == "call_method":

@@ -73,7 +73,7 @@ class Proxy:
             value = scanner.values.get(self._index)
             if value is not None and hasattr(value, "shape"):
                 return value.shape
-        return _Attribute(self, "shape")
+        return self.__getattr__("shape")
 
     @property
     def grad(self) -> "Proxy":
@@ -96,6 +96,10 @@ class Proxy:
     def __getattr__(self, name: str):
         if name.startswith("__"):
             raise AttributeError(name)
+        if self._tracer._recorder() is None:  # after the trace: the value's (or why there is none)
+            if name.startswith("_"):  # (what tools probe for, `_repr_html_`, is no value's business)
+                raise AttributeError(name)
+            return getattr(self.value, name)
         return _Attribute(self, name)
 
     def __getitem__(self, key):

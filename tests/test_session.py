@@ -158,6 +158,22 @@ def test_stop_in_a_loop_ends_only_that_loop(net):
     assert seen == [0, 1, 2, 5]
 
 
+def test_a_value_after_a_stop_says_whether_the_stop_ended_its_loop_or_the_session(net):
+    x = torch.randn(2, 3)
+    with net.session() as session:
+        with session.iter([1, 2]):
+            session.stop()
+            with net.trace(x):
+                in_loop = net.output.save()
+        session.stop()
+        with net.trace(x):
+            after = net.output.save()
+    with pytest.raises(interlace.NotSavedError, match="session.stop\\(\\) ended its loop before it ran"):
+        in_loop.shape
+    with pytest.raises(interlace.NotSavedError, match="session.stop\\(\\) ended the session before it ran"):
+        after.shape
+
+
 def test_stop_without_condition_skips_the_rest_of_the_loop_only(net):
     with net.session() as session:
         seen = interlace.list().save()

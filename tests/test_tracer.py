@@ -142,8 +142,8 @@ def test_saved_values_that_were_never_computed_say_why(mlp, x):
 
 
 def test_printing_or_converting_a_value_without_one_says_why(mlp, x):
-    """After the trace a name still bound to a proxy has no value: str(), print(), int(), bool() and
-    iteration raise the NotSavedError that says why (repr shows it, and never raises)."""
+    """After the trace a name still bound to a proxy has no value: str(), print(), int(), bool(),
+    iteration and its attributes raise the NotSavedError that says why (repr shows it, and never raises)."""
     net = Model(mlp)
     with net.trace(x) as tracer:
         total = net.layers[0].output.sum()
@@ -153,12 +153,16 @@ def test_printing_or_converting_a_value_without_one_says_why(mlp, x):
             also = total.save()  # computed before the block: it has its value
         forgotten = net.layers[1].output.sum()
     assert torch.equal(also, kept)
-    for read in (str, int, float, bool, iter, lambda value: print(value)):
+    for read in (str, int, float, bool, iter, lambda value: print(value), lambda value: value.shape,
+                 lambda value: value.dtype, lambda value: value.tolist()):
         with pytest.raises(interlace.NotSavedError, match="was saved but has no value: its condition"):
             read(skipped)
         with pytest.raises(interlace.NotSavedError, match="was not saved"):
             read(forgotten)
     assert repr(skipped).startswith("<Proxy operator.mul") and "its condition (tracer.cond) was false" in repr(skipped)
+    with pytest.raises(AttributeError):
+        skipped._repr_html_  # what notebooks probe for: no error of the value's
+
     with net.trace(x):
         inside = net.layers[0].output.sum()
         assert str(inside).startswith("<Proxy")  # inside the trace: the proxy itself

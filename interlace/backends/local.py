@@ -573,9 +573,10 @@ class Interleaver:
         if node.kwargs.get("session"):
             # session.stop(): the nodes up to the end of its loop do not run; what follows the loop does
             end = self.skip_to = node.kwargs.get("skip_to") or len(self.nodes)
+            why = ended_by_session_stop(end == len(self.nodes))
             for index in range(node.index + 1, min(end, self.end)):
                 if not self.done[index]:
-                    self._finish(index, None, ran=False, why="session.stop() ended the loop before it ran")
+                    self._finish(index, None, ran=False, why=why)
             return None
         self.stopped = True
         self._finish(node.index, None)
@@ -630,10 +631,12 @@ class Interleaver:
 
     def _execution_error(self, node, error: Exception) -> ExecutionError:
         waiting = f" in the hook of {self._event_name()}" if self.events else ""
+        backward = node.op == "call_method" and node.target == "backward"  # (autograd's errors say what to do)
         return ExecutionError(
             f"{self._where(node)}\n  {type(error).__name__}: {error}\n"
             f"  while running {node.describe()}{waiting}."
-            + (" Check the shapes and indices on that line." if isinstance(error, (IndexError, RuntimeError)) else "")
+            + (" Check the shapes and indices on that line."
+               if isinstance(error, (IndexError, RuntimeError)) and not backward else "")
         ).at(node)
 
     def _event_name(self) -> str:
@@ -691,6 +694,11 @@ class Interleaver:
                 "this run. Check the call index (.next(), at_call) or whether the module runs at all"
             )
         return f"{source.describe()} never ran"
+
+
+def ended_by_session_stop(whole: bool) -> str:
+    """Why a saved value has none: a `session.stop()` ended the `whole` session, or else its loop, first."""
+    return f"session.stop() ended {'the session' if whole else 'its loop'} before it ran"
 
 
 class BatchIndexWarning(UserWarning):

@@ -25,7 +25,7 @@ import httpx
 import torch
 
 from .. import errors
-from ..errors import InterlaceError, LimitError, ServiceError, VersionError, describe_location
+from ..errors import InterlaceError, LimitError, ServiceError, VersionError, quote_sources
 from ..graph import Outcome, Request
 from .limits import Limits
 from .serialize import SUPPORTED_VERSIONS, deserialize_results, deserialize_step, serialize_request
@@ -329,9 +329,7 @@ def _error(response: httpx.Response) -> InterlaceError:
     except (ValueError, KeyError, TypeError):
         return ServiceError(f"the server answered {response.status_code}: {response.text[:200]}",
                             status=response.status_code, code="http_error")
-    if node and node.get("location"):
-        filename, lineno = node["location"]
-        message = message.replace(f"{filename}:{lineno}", describe_location((filename, lineno)), 1)
+    message = quote_sources(message)  # (the server names the user's lines, never reads them)
     kind = getattr(errors, code, None)
     if isinstance(kind, type) and issubclass(kind, InterlaceError) and kind is not ServiceError:
         error = kind(message + (f"\n  hint: {hint}" if hint and response.status_code != 422 else ""))

@@ -42,7 +42,7 @@ import zstandard
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import ops
-from ..errors import GraphError, InterlaceError, LimitError, SerializationError, VersionError, describe_location
+from ..errors import GraphError, InterlaceError, LimitError, SerializationError, VersionError, describe_location, quote_sources
 from ..graph import OPS, Graph, Node, Ref, Repeat, Request, TraceSpec, copied_spans
 from ..stream import Step
 from .limits import Limits
@@ -269,7 +269,12 @@ def serialize_request(request: Request, *, trusted: bool = False, compress: bool
         except RecursionError:
             raise SerializationError(f"{_where(node)}: its arguments are nested too deeply (or contain themselves)").at(node) from None
         nodes.append(item)
-    check_structure(graph, trusted=trusted, repeats=repeats)
+    try:
+        check_structure(graph, trusted=trusted, repeats=repeats)
+    except GraphError as error:  # (the user's own graph, checked where it was written: quote their lines)
+        quoted = GraphError(quote_sources(str(error)))
+        quoted.node = error.node
+        raise quoted from None
     traces = []
     for number, trace in enumerate(request.traces):
         invokes = []

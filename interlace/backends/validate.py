@@ -130,7 +130,10 @@ def _check_apply(node, nodes, trusted):
 
 
 def _check_call_method(node, nodes, trusted):
-    _expect(node, ops.allowed_method(node.target), f"method {node.target!r} is not an allowed method")
+    if not ops.allowed_method(node.target):
+        names = set(ops.TENSOR_METHODS).union(*ops.CONTAINER_METHODS.values())
+        raise fail(node, f"method {node.target!r} is not an allowed method (a server runs the tensor, list and dict "
+                         f"methods of interlace/ops.py){_suggest(str(node.target), names)}")
     _expect(node, len(node.args) >= 1, "a method call needs the object it is called on")
 
 

@@ -16,7 +16,7 @@ import torch
 from ..backends.guard import Guard
 from ..backends.tree import ModelTree
 from ..backends.limits import DEFAULT as DEFAULT_LIMITS, Limits
-from ..backends.local import Interleaver
+from ..backends.local import Interleaver, ended_by_session_stop
 from ..backends.merge import MergedInterleaver, merge, merge_key, split, split_step
 from ..backends.rows import SharedValueError
 from ..backends.scan import Scanner
@@ -230,8 +230,9 @@ class Model(Envoy):
         for number, trace in enumerate(traces):
             guard.tick()  # between a session's forwards too, whatever its graph runs
             if trace.start < skip_to:  # a session.stop() ended the loop this span belongs to
-                outcome.missing.update({node.index: "session.stop() ended the loop before it ran"
-                                        for node in graph.nodes[trace.start : min(trace.end, skip_to)] if node.saved})
+                why = ended_by_session_stop(skip_to >= len(graph))
+                outcome.missing.update({node.index: why for node in graph.nodes[trace.start : min(trace.end, skip_to)]
+                                        if node.saved})
                 if trace.end <= skip_to or trace.options.get("mode") != "session":
                     continue
                 trace = TraceSpec(skip_to, trace.end, trace.invokes, trace.options)  # what follows the loop

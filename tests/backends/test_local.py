@@ -413,6 +413,18 @@ def test_several_backward_passes_each_grad_belongs_to_the_next_backward():
     assert_clean(model)
 
 
+def test_a_second_backward_through_a_freed_graph_keeps_autograds_advice_only(mlp, x):
+    net = Model(mlp)
+    with pytest.raises(interlace.ExecutionError) as caught:
+        with net.trace(x):
+            net.output.sum().backward()
+            net.output.sum().backward()  # the graph was freed by the first
+    message = str(caught.value)
+    assert "retain_graph=True" in message and "while running .backward(...)" in message
+    assert "Check the shapes and indices" not in message  # (not what is wrong)
+    assert_clean(mlp)
+
+
 def test_a_grad_after_the_last_backward_is_a_clear_error(mlp, x):
     net = Model(mlp)
     with pytest.raises(interlace.OutOfOrderError, match="read .grad before the .backward\\(\\) that computes it"):

@@ -1,5 +1,6 @@
 """The wire format: every op and literal round-trips bit for bit, and bad bytes are clean errors."""
 
+import inspect
 import json
 import math
 import pickle
@@ -22,6 +23,7 @@ from interlace.backends.serialize import (
     serialize_graph,
     serialize_results,
 )
+from interlace.errors import quote_sources
 from interlace.graph import OPS, Graph, Ref
 
 
@@ -321,6 +323,29 @@ def _one(op, target=None, args=(), kwargs=None):
 def test_targets_outside_the_allow_list_are_refused_when_writing(op, target, args, match):
     with pytest.raises(GraphError, match=r"node %0 \(" + op + r".*u.py:1\): .*" + match):
         serialize_graph(_one(op, target, args))
+
+
+def test_a_method_the_server_lacks_is_refused_on_the_users_line_with_the_closest_names():
+    graph = Graph()
+    value = graph.add("module_value", "layers.0", kwargs={"kind": "output", "call": 0, "invoke": 0})
+    line = inspect.currentframe().f_lineno  # the user's line: hidden.sofmax(-1), a typo
+    graph.add("call_method", "sofmax", (Ref(value.index), -1), {}, (__file__, line))
+    with pytest.raises(GraphError) as caught:
+        serialize_graph(graph)
+    message = str(caught.value)
+    assert "line = inspect.currentframe().f_lineno  # the user's line: hidden.sofmax(-1), a typo): method 'sofmax' " \
+           "is not an allowed method" in message
+    assert message.endswith("did you mean 'softmax', 'log_softmax', 'max'?")
+
+
+def test_locations_a_server_names_get_their_lines_on_the_client():
+    here = __file__
+    line = test_locations_a_server_names_get_their_lines_on_the_client.__code__.co_firstlineno
+    message = f"{here}:{line}\n  waiting for x ({here}:{line}). Also {here}:{line}. Not nowhere.py:3"
+    quoted = quote_sources(message)
+    text = f"{here}:{line}: def test_locations_a_server_names_get_their_lines_on_the_client():"
+    assert quoted == f"{text}\n  waiting for x ({text}). Also {text}. Not nowhere.py:3"
+    assert quote_sources(quoted) == quoted  # a quoted line is left as it is
 
 
 # -- what cannot be read ---------------------------------------------------------------------------
