@@ -54,6 +54,7 @@ class Point(torch.nn.Module):
         self._resolve = resolve  # finds, before the model runs, the function this point calls
         self._calls: list = []  # the callees of this point's calls now running (innermost last)
         self._inner = None  # (callee, its rewrite) once `.source` is used on this point
+        self._swapped = None  # (a function calling the callee, the same calling the rewrite): see _swap
 
     def forward(self, *args, **kwargs):
         return self._calls[-1](*args, **kwargs)
@@ -77,6 +78,13 @@ class Point(torch.nn.Module):
             return rewritten
         if type(fn) is types.MethodType and fn.__func__ is target:
             return types.MethodType(rewritten, fn.__self__)
+        # a function that calls the rewritten one itself (interlace's attention wrappers) says how to make it
+        # call the rewrite instead: `fn.calling_instead(target, rewritten)`, made once per function
+        calling_instead = getattr(fn, "calling_instead", None)
+        if calling_instead is not None:
+            if self._swapped is None or self._swapped[0] is not fn:
+                self._swapped = (fn, calling_instead(target, rewritten))
+            return self._swapped[1]
         return fn  # another function than the one rewritten (another attention implementation)
 
     def extra_repr(self) -> str:

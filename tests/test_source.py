@@ -68,8 +68,10 @@ def scores_by_hand(family: str, attention: torch.nn.Module, args, kwargs) -> tor
     return torch.softmax(scores.float(), dim=-1)
 
 
+@pytest.mark.parametrize("wrapper", ["Model", "standardized", "standardized, probabilities"])
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "gemma2", "mixtral"])
-def test_attention_scores_read_through_source_equal_hand_computed(family):
+def test_attention_scores_read_through_source_equal_hand_computed(family, wrapper):
+    """Also under a StandardizedTransformer, whose own attention function calls the family's eager one."""
     model = model_of(family)
     attention = model.get_submodule(attention_path(family, 1))
     seen = []
@@ -79,7 +81,8 @@ def test_attention_scores_read_through_source_equal_hand_computed(family):
     handle.remove()
     want = scores_by_hand(family, attention, *seen[0])
 
-    net = interlace.Model(model)
+    net = interlace.Model(model) if wrapper == "Model" else interlace.StandardizedTransformer(
+        model, enable_attention_probs=wrapper.endswith("probabilities"))
     point = net.get(attention_path(family, 1)).source.attention_interface_0
     with net.trace(IDS):
         probabilities = point.source.softmax_0.output.save()

@@ -74,25 +74,33 @@ def _repeat_heads(value, heads: int):
     return value[:, :, None].expand(batch, kv_heads, groups, length, dim).reshape(batch, heads, length, dim)
 
 
-def _attention_function(inner: str | None):
-    """The registered attention function: `inner` computes the attention; None: eager with probabilities."""
+def _attention_function(inner: str | None, swap: tuple | None = None):
+    """The registered attention function: `inner` computes the attention; None: eager with probabilities.
+
+    swap: (the family's eager function, what it calls instead): `.source` of the attention's call site
+    rewrote the eager function (see `source.Point`), which this function calls in its place."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def eager(module):
+        found = _family_eager(module)
+        return swap[1] if swap is not None and found is swap[0] else found
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         probes = getattr(module, PROBES)
         query, key, value = probes.queries(query), probes.keys(key), probes.values(value)
         if inner is None:
-            _, weights = _family_eager(module)(module, query, key, value, attention_mask, **kwargs)
+            _, weights = eager(module)(module, query, key, value, attention_mask, **kwargs)
             weights = probes.probabilities(weights)
             output = torch.matmul(weights, _repeat_heads(value, weights.shape[1])).transpose(1, 2).contiguous()
         elif inner == "eager":
-            output, weights = _family_eager(module)(module, query, key, value, attention_mask, **kwargs)
+            output, weights = eager(module)(module, query, key, value, attention_mask, **kwargs)
         else:
             output, weights = ALL_ATTENTION_FUNCTIONS[inner](module, query, key, value, attention_mask, **kwargs)
         # functions return [batch, seq, heads, head_dim]; per-head outputs are read like the queries
         output = probes.heads(output.transpose(1, 2)).transpose(1, 2)
         return output, weights
 
+    attention.calling_instead = lambda target, rewritten: _attention_function(inner, (target, rewritten))
     return attention
 
 
