@@ -321,15 +321,19 @@ def _outcome(response: httpx.Response):
     return Outcome(values, logs, missing)
 
 
-def _error(response: httpx.Response) -> InterlaceError:
-    """The error a server's answer stands for, as the class a local run raises."""
+def _error(response: httpx.Response, *, quote: bool = True) -> InterlaceError:
+    """The error a server's answer stands for, as the class a local run raises.
+
+    quote: give each `file.py:12` it names that line's text, read here (the client: the user's own files).
+    A server that decodes its worker's answers says False: a location from a stranger is just text."""
     try:
         body = response.json()
         code, message, node, hint = body["code"], body["message"], body.get("node"), body.get("hint")
     except (ValueError, KeyError, TypeError):
         return ServiceError(f"the server answered {response.status_code}: {response.text[:200]}",
                             status=response.status_code, code="http_error")
-    message = quote_sources(message)  # (the server names the user's lines, never reads them)
+    if quote:
+        message = quote_sources(message)
     kind = getattr(errors, code, None)
     if isinstance(kind, type) and issubclass(kind, InterlaceError) and kind is not ServiceError:
         error = kind(message + (f"\n  hint: {hint}" if hint and response.status_code != 422 else ""))

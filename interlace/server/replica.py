@@ -89,7 +89,7 @@ def decode_answer(answer: tuple):
         return tuple(answer[1:])
     _, status, body = answer
     # the client's own mapping from code to class; node and hint go in as they are, not into the message
-    error = _error(httpx.Response(status, json={**body, "node": None, "hint": None}))
+    error = _error(httpx.Response(status, json={**body, "node": None, "hint": None}), quote=False)
     error.node = body.get("node")
     if body.get("hint") is not None:  # (an error's own hint: error_body gives it again in the front)
         error.hint = body["hint"]

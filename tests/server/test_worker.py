@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from hostile import Builder
-from interlace.server.replica import ModelReplica
+from interlace.errors import ExecutionError
+from interlace.server.replica import ModelReplica, decode_answer
 from interlace.server.worker import _pickled
 from serving import Server
 from test_bad_input import _result, _submit, _until, get, good, post
@@ -213,3 +214,11 @@ def test_a_replica_runs_its_batch_with_the_collector_paused(setup, local):
     assert status == "completed" and seen == [False] and gc.isenabled()
     there, here = values(result), run_here(local, good())
     assert there.keys() == here.keys() and all(torch.equal(there[k], here[k]) for k in here)
+
+
+def test_a_workers_error_is_decoded_without_reading_the_files_it_names():
+    """The front decodes its worker's errors with the client's mapping, but a location in a stranger's
+    graph is text there: the server never reads the line of a file it names (the client does)."""
+    message = f"{__file__}:1\n  IndexError: index 9 is out of bounds (also {__file__}:2)."
+    error = decode_answer(("error", 422, {"code": "ExecutionError", "message": message}))
+    assert type(error) is ExecutionError and str(error) == message
