@@ -382,3 +382,16 @@ class Outcome:
     results: dict = field(default_factory=dict)  # node index -> value
     logs: list = field(default_factory=list)  # (node index, values), in untrusted runs
     missing: dict = field(default_factory=dict)  # node index -> why a saved node has no value
+
+    def __repr__(self) -> str:  # (a tensor's shape, not its numbers: an outcome may hold thousands)
+        results = ", ".join(f"%{index}: {_summary(value)}" for index, value in self.results.items())
+        return f"Outcome(results={{{results}}}, logs={len(self.logs)}, missing={self.missing!r})"
+
+
+def _summary(value) -> str:
+    if hasattr(value, "shape") and hasattr(value, "dtype"):  # a tensor (this module holds no torch)
+        return f"{type(value).__name__}{list(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    if isinstance(value, (list, tuple, dict)):
+        return f"{type(value).__name__} of {len(value)}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -5,7 +5,7 @@ import pickle
 import torch
 
 from interlace import Model
-from interlace.graph import Graph, Ref, map_refs
+from interlace.graph import Graph, Outcome, Ref, map_refs
 
 
 def test_graph_is_plain_comparable_data():
@@ -72,3 +72,9 @@ def test_listing_shows_one_node_a_line_with_the_user_line():
     assert lines[1].startswith("%1 = call[operator.setitem](%0, (:, 0), 0)")
     assert "(..., 1:3)" in lines[3] and "call_method[sum](%3, dim=-1)" in lines[4]
     assert all("test_graph.py:" in line for line in lines)
+
+
+def test_an_outcome_prints_shapes_not_numbers():
+    outcome = Outcome({3: torch.zeros(200, 4096), 5: [1, 2], 8: 1.5}, [(3, ("x",))], {9: "the trace stopped"})
+    assert repr(outcome) == ("Outcome(results={%3: Tensor[200, 4096] float32, %5: list of 2, %8: 1.5}, logs=1, "
+                             "missing={9: 'the trace stopped'})")
