@@ -405,6 +405,9 @@ class Invoker:
 
     def __enter__(self) -> "Invoker":
         tracer = self.tracer
+        if tracer._closed:
+            raise InterlaceError("this trace has ended (its model ran when its `with` block closed): open "
+                                 "tracer.invoke(...) inside the block, or start a new trace")
         if tracer._in_invoke:
             raise InterlaceError("invokes cannot be nested: close one `tracer.invoke` before opening the next")
         self._outer = (tracer.current_invoke, tracer._offsets)

@@ -95,6 +95,17 @@ def test_graph_records_user_line(mlp, x):
     assert "test_tracer.py" in str(tracer.graph)
 
 
+def test_an_invoke_after_its_trace_ended_is_refused(mlp, x):
+    net = Model(mlp)
+    with net.trace() as tracer:
+        with tracer.invoke(x):
+            out = net.output.save()
+    with pytest.raises(interlace.InterlaceError, match="this trace has ended .* open tracer.invoke\\(...\\) inside"):
+        with tracer.invoke(x):
+            pass
+    assert len(tracer.invokes) == 1 and out.shape == (2, 5)
+
+
 def test_nested_invokes_are_refused(mlp, x):
     net = Model(mlp)
     with pytest.raises(interlace.InterlaceError, match="nested"):
