@@ -177,7 +177,12 @@ class Model(Envoy):
         for model in models:
             model._tracer = tracer
         if tracer.options.get("scan") or tracer.session is not None and tracer.session.options.get("scan"):
-            self._start_scan(tracer)
+            try:
+                self._start_scan(tracer)
+            except BaseException:  # the block never opened: the model takes traces again
+                for model in models:
+                    model._tracer = None
+                raise
 
     def _start_scan(self, tracer: Tracer) -> None:
         """Evaluate the tracer's nodes on fake tensors from now on; every invoke so far is captured."""

@@ -130,3 +130,17 @@ def test_scan_on_a_mixture_of_experts_model():
     with torch.no_grad():
         torch.testing.assert_close(logits, model(torch.tensor([[1, 2, 3]])).logits)
     assert model.get_experts_implementation() == before
+
+
+def test_a_scan_that_cannot_run_the_model_leaves_it_ready_for_the_next_trace(mlp, x):
+    net = Model(mlp)
+    for opening in (lambda: net.trace(torch.randn(2, 7), scan=True), lambda: net.edit(torch.randn(2, 7))):
+        with pytest.raises(interlace.InterlaceError, match="scanning could not run the model on fake tensors"):
+            with opening():  # the wrong input width: the fake run fails before the block opens
+                pass
+        assert net._tracer is None
+        with net.trace(x):
+            out = net.output.save()
+        with torch.no_grad():
+            assert torch.equal(out, mlp(x))
+    assert_clean(mlp)
