@@ -55,7 +55,8 @@ class Scanner(Interleaver):
             handles.append(module.register_forward_hook(
                 lambda m, args, output, path=path: record(path, "output", output)))
         try:
-            with batched_experts(self.root), self.mode, quiet("torch._subclasses.fake_tensor"), torch.no_grad():
+            with batched_experts(self.root), fake_buffers(self.root, self.mode), self.mode, \
+                    quiet("torch._subclasses.fake_tensor"), torch.no_grad():
                 forward(self.fake)
         except Exception as error:
             raise InterlaceError(
@@ -134,6 +135,21 @@ def batched_experts(module: torch.nn.Module):
     finally:
         if switch:
             module.set_experts_implementation(original)
+
+
+@contextmanager
+def fake_buffers(root: torch.nn.Module, mode: FakeTensorMode):
+    """The model's buffers as fake tensors for a fake run, which writes some in place (a BatchNorm's running
+    statistics, a step counter): the real ones must stay as they were."""
+    real = [(module, name, buffer) for module in root.modules() for name, buffer in module._buffers.items()
+            if buffer is not None]
+    for module, name, buffer in real:
+        module._buffers[name] = mode.from_tensor(buffer)  # (one fake per real tensor: shared ones stay shared)
+    try:
+        yield
+    finally:
+        for module, name, buffer in real:
+            module._buffers[name] = buffer
 
 
 @contextmanager

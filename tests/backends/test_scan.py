@@ -1,5 +1,7 @@
 """Scanning: shapes during recording and errors at the user's line before the model runs."""
 
+import copy
+
 import pytest
 import torch
 
@@ -144,3 +146,19 @@ def test_a_scan_that_cannot_run_the_model_leaves_it_ready_for_the_next_trace(mlp
         with torch.no_grad():
             assert torch.equal(out, mlp(x))
     assert_clean(mlp)
+
+
+def test_a_scan_writes_no_buffer_of_the_model():
+    """The fake run must not count as a run: a BatchNorm in training mode updates its statistics in place."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU()).train()
+    reference = copy.deepcopy(model)
+    x = torch.randn(5, 3)
+    net = Model(model)
+    with net.trace(x, scan=True):
+        out = net.output.save()
+    with torch.no_grad():
+        assert torch.equal(out, reference(x))  # one real forward, as the trace ran one
+    for (name, mine), (_, want) in zip(model.named_buffers(), reference.named_buffers()):
+        assert torch.equal(mine, want), name
+    assert int(model[1].num_batches_tracked) == 1
