@@ -44,7 +44,7 @@ def apply(fn, *args, **kwargs):
     """Run `fn` on the real values of `args` when the graph runs (inside a trace), else call it now."""
     from . import tracer
 
-    if not tracer._active:
+    if not tracer.active():
         return fn(*args, **kwargs)
     return tracer.current().apply(fn, *args, **kwargs)
 

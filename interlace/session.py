@@ -14,7 +14,7 @@ from . import ops
 from .blocks import SessionIteration
 from .errors import InterlaceError, describe_location
 from .graph import Graph, Ref, Request, TraceSpec, map_refs
-from .tracer import Recorder, Tracer, _active, pending
+from .tracer import Recorder, Tracer, active, pending
 
 
 class Session(Recorder):
@@ -109,12 +109,12 @@ class Session(Recorder):
         if self.model._session is not None:
             raise InterlaceError("sessions cannot be nested")
         self.model._session = self
-        _active.append(self)
+        active().append(self)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.model._session = None
-        _active.remove(self)
+        active().remove(self)
         self._closed = True
         try:
             if exc_type is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 
 import torch
 
@@ -30,14 +31,28 @@ _SKIPPED_DIRS = (_PACKAGE_DIR, _TORCH_DIR)
 _PLAIN = frozenset({int, float, bool, str, type(None), type(Ellipsis), torch.Tensor, torch.nn.Parameter,
                     torch.dtype, torch.device})
 
-_active: list["Recorder"] = []  # open traces and sessions, innermost last (for interlace.apply and friends)
+class _Open(threading.local):
+    """This thread's open traces and sessions, innermost last (for interlace.apply and friends): another
+    thread's trace is not this one's."""
+
+    def __init__(self):
+        self.recorders: list["Recorder"] = []
+
+
+_open = _Open()
+
+
+def active() -> list["Recorder"]:
+    """The open traces and sessions of the calling thread, innermost last."""
+    return _open.recorders
 
 
 def current() -> "Recorder":
-    """The innermost open trace or session; an error when called outside both."""
-    if not _active:
+    """The innermost open trace or session of this thread; an error when called outside both."""
+    recorders = _open.recorders
+    if not recorders:
         raise InterlaceError("this works only inside `with model.trace(...)` (or `model.session()`)")
-    return _active[-1]
+    return recorders[-1]
 
 
 _inside: dict[str, bool] = {}  # file name -> whether it is interlace's or torch's (asked once per file)
@@ -281,7 +296,7 @@ class Tracer(Recorder):
     # -- context ----------------------------------------------------------------------------------
     def __enter__(self) -> "Tracer":
         self.model._attach(self)
-        _active.append(self)
+        active().append(self)
         collector.pause()  # until the run ends: see collector for why
         self._paused = True
         return self
@@ -299,7 +314,7 @@ class Tracer(Recorder):
 
     def _close(self, exc_type, frame) -> bool:
         """End the recording and run it; saved values bind to names in `frame` (the `with` block's)."""
-        _active.remove(self)
+        active().remove(self)
         self.model._detach(self)
         self._closed = True
         if exc_type is not None:
@@ -380,7 +395,7 @@ class Editor(Tracer):
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._resume_collector()
-        _active.remove(self)
+        active().remove(self)
         self.model._detach(self)
         self.edited._tracer = None
         self._closed = True

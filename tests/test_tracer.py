@@ -1,5 +1,7 @@
 """Recording and binding: saved values become real values; proxies refuse to be Python values."""
 
+import threading
+
 import pytest
 import torch
 
@@ -214,3 +216,32 @@ def test_interlace_keywords_are_interlace_s(mlp, x):
         net.trace(x, remote=True)
     with pytest.raises(interlace.InterlaceError, match="remote=True needs a server"):
         net.session(remote=True, timeout=300)
+
+
+def test_traces_open_in_two_threads_each_record_their_own_apply_and_lists(x):
+    """interlace.apply and interlace.list record into the calling thread's open trace, not another's."""
+    torch.manual_seed(0)
+    nets = {name: Model(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())) for name in "ab"}
+    both_open, results, errors = threading.Barrier(2, timeout=30), {}, []
+
+    def run(name):
+        try:
+            net = nets[name]
+            with net.trace(x):
+                both_open.wait()  # the other thread's trace is open too
+                items = interlace.list().save()
+                items.append(interlace.apply(torch.sum, net[0].output))
+                both_open.wait()
+            results[name] = items
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    with torch.no_grad():
+        for name, net in nets.items():
+            assert torch.equal(results[name][0], net.module[0](x).sum())

@@ -33,7 +33,7 @@ def recorded(lm, record, *, method: str = "trace", **options):
     try:
         record(lm, tracer)
     finally:
-        interlace.tracer._active.remove(tracer)
+        interlace.tracer.active().remove(tracer)
         lm._detach(tracer)
         tracer._closed = True
         tracer._resume_collector()
