@@ -208,7 +208,7 @@ class LanguageModel(Model):
         """
         return super().trace(*inputs, **options)
 
-    def generate(self, *inputs, max_new_tokens: int = 20, scan: bool = False, validate: bool = False,
+    def generate(self, *inputs, max_new_tokens: int | None = None, scan: bool = False, validate: bool = False,
                  remote: bool = False, blocking: bool = True, timeout: float | None = None, backend=None,
                  stream: bool = False, **kwargs) -> Tracer:
         """Record interventions for `generate`; `lm.generator.output` holds the token ids.
@@ -216,12 +216,19 @@ class LanguageModel(Model):
         Interventions apply to the first forward pass unless placed in `tracer.all()` or
         `tracer.iter[...]`. Greedy decoding unless `do_sample=True` is given; `seed=N` samples from
         torch's generator seeded with N (the same tokens here and on a server; the caller's random
-        state is left as it was). Other keyword arguments (a `streamer` too) go to `generate`.
+        state is left as it was). Other keyword arguments (a `streamer`, a `generation_config` too) go to
+        `generate`; max_new_tokens: given, else the generation_config's, else 20 (the steps of `tracer.all()`).
         scan / validate check the first step's shapes.
         stream: start generating when the block ends; `tracer.stream()` yields each step as it is made.
         """
-        kwargs["max_new_tokens"] = max_new_tokens
-        return Tracer(self, inputs, early_stop=False, mode="generate", steps=max_new_tokens, kwargs=kwargs,
+        config = kwargs.get("generation_config")
+        if max_new_tokens is None:
+            max_new_tokens = getattr(config, "max_new_tokens", None)
+        if "max_length" in kwargs or max_new_tokens is None and getattr(config, "max_length", None) not in (None, 20):
+            raise InterlaceError("generate needs the number of new tokens, which tracer.all() and tracer.iter[...] "
+                                 "count in: pass max_new_tokens=... instead of max_length")
+        kwargs["max_new_tokens"] = 20 if max_new_tokens is None else max_new_tokens
+        return Tracer(self, inputs, early_stop=False, mode="generate", steps=kwargs["max_new_tokens"], kwargs=kwargs,
                       scan=scan or validate, stream=stream, **self._remote_options(remote, blocking, timeout, backend))
 
     def _trace_inputs(self, inputs: tuple, kwargs: dict):
@@ -257,10 +264,10 @@ class LanguageModel(Model):
             if batch is None:
                 raise InterlaceError("the trace has no input: pass a prompt or use tracer.invoke(prompt)")
             if generating:
-                options = {"do_sample": False, "pad_token_id": self.tokenizer.pad_token_id if self.tokenizer else None}
-                options.update(forward_kwargs)
+                options = _generation_options(forward_kwargs, self.tokenizer, rows,
+                                              streaming=on_step is not None or stoppable)
                 if on_step is not None or stoppable:
-                    options["streamer"] = self._step_streamer(interleaver, on_step, batch, options.get("streamer"))
+                    options["streamer"] = self._step_streamer(interleaver, on_step, batch, options)
                 generate_batch = {k: v for k, v in batch.items() if k != "position_ids"}
                 seed = options.pop("seed", None)
                 if seed is None:
@@ -274,14 +281,15 @@ class LanguageModel(Model):
         interleaver.run(run)
         return interleaver
 
-    def _step_streamer(self, interleaver, on_step, batch, forward) -> StepStreamer:
+    def _step_streamer(self, interleaver, on_step, batch, options) -> StepStreamer:
         """What `generate` hands its tokens to: each step to `on_step`, a cancel check, the user's streamer."""
         detokenizer = None
         if on_step is not None and self.tokenizer is not None:
             prompts = [[t for t, m in zip(ids, mask) if m] for ids, mask in
                        zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist())]
-            detokenizer = Detokenizer(self.tokenizer, prompts)
-        return StepStreamer(interleaver, on_step, detokenizer, forward)
+            copies = _setting(options, "num_return_sequences") or 1  # (each prompt's rows follow one another)
+            detokenizer = Detokenizer(self.tokenizer, [prompt for prompt in prompts for _ in range(copies)])
+        return StepStreamer(interleaver, on_step, detokenizer, options.get("streamer"))
 
     def _extra_modules(self) -> dict:
         return {"generator": self._generator}
@@ -516,6 +524,31 @@ def _weights_missing(module: torch.nn.Module) -> bool:
             if not any(".".join(parts[:depth]) in hooked for depth in range(len(parts) + 1)):
                 return True
     return False
+
+
+def _setting(options: dict, name: str):
+    """A generation setting as `generate` takes it: the keyword, else the generation_config's."""
+    return options[name] if name in options else getattr(options.get("generation_config"), name, None)
+
+
+def _generation_options(kwargs: dict, tokenizer, rows: list, *, streaming: bool) -> dict:
+    """`generate`'s keywords: greedy and the tokenizer's pad token unless the call (or its generation_config)
+    says otherwise; refused where a batch's rows would not stay each invoke's own, or where steps are
+    streamed (`streaming`, or the caller's own streamer) from beam search, which has no one token per row."""
+    config = kwargs.get("generation_config")
+    options = {} if config is not None else {"do_sample": False}
+    if _setting(kwargs, "pad_token_id") is None:
+        options["pad_token_id"] = tokenizer.pad_token_id if tokenizer is not None else None
+    options.update(kwargs)
+    widened = max(_setting(options, "num_beams") or 1, _setting(options, "num_return_sequences") or 1)
+    if widened > 1 and len(rows) > 1:
+        raise InterlaceError("num_beams / num_return_sequences give each prompt several rows, which several invokes "
+                             "cannot tell apart: put the prompts in one invoke (lm.generate([p1, p2], ...)), or "
+                             "generate each in its own trace")
+    if (_setting(options, "num_beams") or 1) > 1 and (streaming or "streamer" in options):
+        raise InterlaceError("stream=True (and a streamer) need one token per row at each step, which beam search "
+                             "(num_beams > 1) does not give: generate without streaming")
+    return options
 
 
 def _prepare_tokenizer(tokenizer, padding_side: str, own: bool):

@@ -1,5 +1,7 @@
 """LanguageModel on tiny random models: batching equals running alone, generation, loading."""
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -229,6 +231,52 @@ def test_a_value_saved_in_a_block_over_steps_binds_as_its_last_step():
         tokens = lm.generator.output.save()
     ran = tokens.shape[1] - 3
     assert ran < 4 and torch.equal(every, per_step_outputs(model, "transformer.h.1", [5, 6, 7], 4)[ran - 1])
+
+
+def test_hugging_face_generation_settings_are_the_callers():
+    model, tokenizer = tiny("gpt2"), tiny_tokenizer()
+    reference, lm = copy.deepcopy(model), LanguageModel(model, tokenizer=tokenizer)
+    batch = tokenizer(["w5 w6 w7 w8 w9"], return_tensors="pt")
+    config = transformers.GenerationConfig(do_sample=True, top_k=5, max_new_tokens=3, pad_token_id=0)
+    with lm.generate("w5 w6 w7 w8 w9", generation_config=config, seed=0) as tracer:  # sampled, 3 tokens
+        with tracer.all():
+            steps = lm.transformer.h[0].output[:, -1].save()
+        tokens = lm.generator.output.save()
+    torch.manual_seed(0)
+    assert torch.equal(tokens, reference.generate(**batch, generation_config=config)) and tokens.shape == (1, 8)
+    assert len(tracer.copies[0][2]) == 3  # tracer.all() over the config's 3 steps
+    with pytest.raises(interlace.InterlaceError, match="pass max_new_tokens=... instead of max_length"):
+        lm.generate("w5 w6", max_length=8)
+    with lm.generate(["w5 w6 w7", "w9 w10 w11"], max_new_tokens=3, num_beams=3, num_return_sequences=2):
+        beams = lm.generator.output.save()  # one invoke: its rows are all the batch's
+    want = reference.generate(**tokenizer(["w5 w6 w7", "w9 w10 w11"], return_tensors="pt"), max_new_tokens=3,
+                              num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0)
+    assert torch.equal(beams, want)
+    for options, said in (({"num_beams": 3}, "put the prompts in one invoke"),
+                          ({"num_return_sequences": 2, "do_sample": True}, "put the prompts in one invoke")):
+        with pytest.raises(interlace.InterlaceError, match=said):
+            with lm.generate(max_new_tokens=3, **options) as tracer:
+                with tracer.invoke("w5 w6"):
+                    pass
+                with tracer.invoke("w7 w8 w9"):
+                    pass
+    with pytest.raises(interlace.InterlaceError, match="beam search \\(num_beams > 1\\) does not give"):
+        with lm.generate("w5 w6", max_new_tokens=3, num_beams=2, stream=True) as tracer:
+            pass
+        list(tracer.stream())
+    assert_clean(model)
+
+
+def test_streaming_several_sequences_per_prompt_gives_each_row_its_text():
+    lm = LanguageModel(tiny("gpt2"), tokenizer=tiny_tokenizer())
+    options = {"max_new_tokens": 3, "do_sample": True, "seed": 1, "num_return_sequences": 2}
+    with lm.generate(["w5 w6", "w7 w8"], **options):
+        plain = lm.generator.output.save()
+    with lm.generate(["w5 w6", "w7 w8"], stream=True, **options) as tracer:
+        pass
+    steps = list(tracer.stream())
+    assert [step.tokens.tolist() for step in steps] == plain[:, -3:].T.tolist()
+    assert [step.text for step in steps] == [[f" w{t}" for t in step.tokens.tolist()] for step in steps]
 
 
 def test_generate_batched_invokes_and_streamer():
