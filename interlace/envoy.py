@@ -31,7 +31,7 @@ class Envoy:
         set_(self, "_module", module)
         set_(self, "_path", path)
         set_(self, "_root", root if root is not None else self)
-        set_(self, "_call", 0)  # fixed call index chosen with at_call()
+        set_(self, "_call", None)  # the call chosen with at_call() (None: the current one, see .next())
         set_(self, "_tracer", None)  # set on the root while a trace records
         set_(self, "_aliases", {})  # from Model(rename=...)
         set_(self, "_children", {name: self._child_envoy(name, child) for name, child in module.named_children()})

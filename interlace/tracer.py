@@ -228,7 +228,9 @@ class Tracer(Recorder):
         return session if session is not None and not session._closed else None
 
     def call_index(self, envoy) -> int:
-        return envoy._call + self._offsets.get(envoy._path, 0) + self._step
+        if envoy._call is not None:  # at_call(n): that call, wherever .next() has moved the module
+            return envoy._call + self._step
+        return self._offsets.get(envoy._path, 0) + self._step
 
     def module_value(self, envoy, kind: str) -> Proxy:
         kwargs = {"kind": kind, "call": self.call_index(envoy), "invoke": self.current_invoke}

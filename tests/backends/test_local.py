@@ -227,6 +227,11 @@ def test_module_called_twice_next_and_at_call():
         assert torch.equal(second, model.shared(torch.relu(f)))
         assert torch.equal(out, model.shared(torch.zeros(2, 4)))
     assert torch.equal(also_second, out)  # call 1 saw the replaced call 0
+    with net.trace(x):
+        net.shared.next()  # moves the module to call 1; at_call names a call whatever .next() did
+        by_next = net.shared.output.save()
+        by_number = net.shared.at_call(0).output.save()
+    assert torch.equal(by_next, second) and torch.equal(by_number, first)
 
 
 def test_apply_and_log(mlp, x, capsys):
