@@ -151,6 +151,8 @@ class Interleaver:
         else:
             grads, no_grad = None, torch.no_grad()
             no_grad.__enter__()
+        # `weight.requires_grad_()` for one run's gradient: the flags come back after it
+        flags = {p: p.requires_grad for p in self.root.parameters()} if self.plan.sets_requires_grad else None
         try:
             try:
                 self._drain()
@@ -171,6 +173,9 @@ class Interleaver:
                         no_grad.__exit__(None, None, None)
                     else:
                         _restore_grads(grads)
+                    if flags is not None:
+                        for param, flag in flags.items():
+                            param.requires_grad_(flag)
                     if self.untrusted:
                         try:
                             self.guard.check_versions()

@@ -34,6 +34,7 @@ class Plan:
         self.skips: dict[tuple, int] = {}  # (path, call) -> skip node
         self.saved = {node.index for node in nodes[start:end] if node.saved}
         self.needs_grad = False
+        self.sets_requires_grad = False  # a `requires_grad_()` call: the run puts the parameters' flags back
         self.gradients: dict[int, list[int]] = {}  # backward call -> the grad nodes it computes
         self.row_zero: set[int] = set()  # `module.output[0]` nodes (a tuple's first item, or batch row 0?)
         self.writes: set[int] = set()  # nodes that change their first argument in place
@@ -101,6 +102,8 @@ class Plan:
                     self.needs_grad = True
                     if op == "grad":
                         waiting_grads.append(index)
+                elif op == "call_method" and node.target in ops.AUTOGRAD_METHODS:
+                    self.sets_requires_grad = True
                 if op == "call_method" and ops.is_in_place_method(node.target):
                     self._mutation(node, last_mutation)
             if not deps:

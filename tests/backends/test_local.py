@@ -430,6 +430,30 @@ def test_a_second_backward_through_a_freed_graph_keeps_autograds_advice_only(mlp
     assert_clean(mlp)
 
 
+def test_a_weights_requires_grad_set_for_one_run_is_put_back(x):
+    """A frozen model, one weight's gradient wanted: requires_grad_() in the trace is for that run only."""
+    torch.manual_seed(0)
+    model = MLP().requires_grad_(False)
+    model.head.bias.requires_grad_(True)  # one trainable parameter, to see flags come back both ways
+    net = Model(model)
+    with net.trace(x):
+        weight = net.embed.weight
+        weight.requires_grad_()
+        net.head.bias.requires_grad_(False)
+        grad = weight.grad.save()
+        net.output.sum().backward()
+    reference = model.embed.weight.detach().clone().requires_grad_()
+    with torch.enable_grad():
+        h = torch.nn.functional.linear(x, reference, model.embed.bias)
+        for layer in model.layers:
+            h = layer(h)
+        want = torch.autograd.grad(model.head(h).sum(), reference)[0]
+    torch.testing.assert_close(grad, want)
+    assert [name for name, p in model.named_parameters() if p.requires_grad] == ["head.bias"]
+    assert all(p.grad is None for p in model.parameters())
+    assert_clean(model)
+
+
 def test_a_grad_after_the_last_backward_is_a_clear_error(mlp, x):
     net = Model(mlp)
     with pytest.raises(interlace.OutOfOrderError, match="read .grad before the .backward\\(\\) that computes it"):
