@@ -59,6 +59,10 @@ class Proxy:
             if node.saved and tracer._closed:
                 reason = tracer.missing.get(self._index, "the run did not reach it")
                 raise NotSavedError(f"{node.describe()} was saved but has no value: {reason}.")
+            if not tracer._closed:
+                raise NotSavedError(
+                    f"{node.describe()} is a value of a trace that is still open: it has a value once that trace's "
+                    "`with` block has ended and its model has run. Use it in that trace, or in a trace after it")
             raise NotSavedError(
                 f"{node.describe()} was not saved, so it is gone after the trace. "
                 "Call .save() on it inside the trace to keep it."

@@ -245,3 +245,19 @@ def test_traces_open_in_two_threads_each_record_their_own_apply_and_lists(x):
     with torch.no_grad():
         for name, net in nets.items():
             assert torch.equal(results[name][0], net.module[0](x).sum())
+
+
+def test_a_value_of_a_trace_still_open_used_in_another_says_so(x):
+    torch.manual_seed(0)
+    outer = Model(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU()))
+    inner = Model(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU()))
+    with pytest.raises(interlace.NotSavedError, match="is a value of a trace that is still open"):
+        with outer.trace(x):
+            hidden = outer[0].output.save()
+            with inner.trace(x):
+                inner[0].output = hidden  # the outer model has not run yet
+    for net in (outer, inner):
+        assert net._tracer is None
+        with net.trace(x):
+            out = net.output.save()
+        assert out.shape == (2, 4)
