@@ -103,7 +103,7 @@ class Interleaver:
         self.bypass = False
         self.stopped = False
         self.skip_to: int | None = None  # set by a session.stop(): the session goes on from this node
-        self.unlike: list[str] = []  # replacements unlike the value they replaced: a model error names them
+        self.unlike: list[str] = []  # replacements unlike what they replaced, and skips: a model error names them
         self.handles: list = []
         plan = self.plan = Plan(graph, self.start, self.end)
         self.users, self.waiting, self.remaining = plan.users, plan.waiting, plan.remaining
@@ -485,7 +485,8 @@ class Interleaver:
         new = self._resolve(node.args[1])
         event = self._find_event(target.index)
         if target.op == "module_value" and (difference := unlike(self.values.get(target.index), new)):
-            self.unlike.append(f"{target.describe()} was replaced ({self._where(node)}) by a value of {difference}")
+            self.unlike.append(f"{target.describe()} was replaced ({self._where(node)}) by a value of {difference}: "
+                               "the modules after it expect what it gave")
         if self.untrusted:
             self.guard.check_replacement(self.values.get(target.index, event.value), new, "the replacement value")
         if target.op == "grad":
@@ -506,7 +507,11 @@ class Interleaver:
 
     def _op_skip(self, node):
         rows = self._rows(node.kwargs["invoke"])
-        self.skip_values[(node.target, node.kwargs["call"])] = (self._resolve(node.args[0]), rows)
+        value = self._resolve(node.args[0])
+        self.skip_values[(node.target, node.kwargs["call"])] = (value, rows)
+        if isinstance(value, torch.Tensor):  # (what the module would have given is not known: it does not run)
+            self.unlike.append(f"{node.target} is skipped ({self._where(node)}) and gives a value of shape "
+                               f"{list(value.shape)} in its place: the modules after it expect what it gives")
         return None
 
     def _op_module_call(self, node):
@@ -656,7 +661,7 @@ class Interleaver:
         if pending is not None:
             source = self._pending_source(pending.index) or pending
             waiting = f" The graph was waiting for {source.describe()} ({self._where(source)})."
-        unlike_ = "".join(f" {text}: the modules after it expect what it gave." for text in self.unlike)
+        unlike_ = "".join(f" {text}." for text in self.unlike)
         return ModelError(f"the model raised {type(error).__name__}: {error}.{unlike_}{waiting}")
 
     def _check_finished(self) -> None:

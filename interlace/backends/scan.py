@@ -22,7 +22,7 @@ from .rows import first_input
 
 # gradients are not computed on fake tensors: their values stay unknown, and lines using them unchecked
 _GRADIENT_METHODS = frozenset({"backward", "retain_grad", "requires_grad_"})
-_NO_EFFECT = frozenset({"skip", "log", "stop", "cond", "grad"})
+_NO_EFFECT = frozenset({"log", "stop", "cond", "grad"})
 
 
 class Scanner(Interleaver):
@@ -110,6 +110,16 @@ class Scanner(Interleaver):
 
     def _op_parameter(self, node):
         return self.fake(super()._op_parameter(node))
+
+    def _op_skip(self, node):
+        """A module skipped: the fake run saw the module's own output, which the modules after it expect; a
+        value given in its place unlike it is an error here."""
+        output = self.captured.get(node.kwargs["invoke"] or 0, {}).get((node.target, "output", node.kwargs["call"]))
+        if difference := unlike(output, self._resolve(node.args[0])):
+            raise ExecutionError(f"{self._where(node)}: {node.target} is skipped and gives a value of {difference}; the "
+                                 "modules after it expect what it gives (found while scanning, before the model ran)"
+                                 ).at(node)
+        return None
 
     def _op_swap(self, node):
         """A module's value replaced: the fake run does not see the replacement, but the modules after it

@@ -162,3 +162,21 @@ def test_a_scan_writes_no_buffer_of_the_model():
     for (name, mine), (_, want) in zip(model.named_buffers(), reference.named_buffers()):
         assert torch.equal(mine, want), name
     assert int(model[1].num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_a_skip_with_a_value_unlike_the_modules_output_names_the_skip(mlp, x, scan):
+    net = Model(mlp)
+    with pytest.raises(interlace.InterlaceError) as caught:
+        with net.trace(x, scan=scan):
+            net.layers[1].skip(torch.zeros(2, 9))  # the layers give [2, 8]
+            net.output.save()
+    message = str(caught.value)
+    assert "net.layers[1].skip(torch.zeros(2, 9))  # the layers give [2, 8]" in message
+    if scan:  # before the model runs, against the module's own output
+        assert isinstance(caught.value, interlace.ExecutionError)
+        assert "layers.1 is skipped and gives a value of shape [2, 9] where it gave [2, 8]" in message
+    else:  # the model fails after it: its error names the skip
+        assert isinstance(caught.value, interlace.ModelError)
+        assert "layers.1 is skipped (" in message and "gives a value of shape [2, 9] in its place" in message
+    assert_clean(mlp)
