@@ -545,8 +545,9 @@ class Interleaver:
                     raise InterlaceError(f"{self._where(grad)}: the value has no gradient: " + (
                         "gradients are off in this run (a generation runs without them, and so does code under "
                         "torch.no_grad()): take gradients in model.trace(...)" if not torch.is_grad_enabled() else
-                        "it is not part of the autograd graph (is it a tensor computed from the model's parameters "
-                        "or inputs that require grad?)")).at(grad)
+                        "it is not part of the autograd graph: nothing it was computed from requires a gradient (a "
+                        "frozen model's parameters do not). Call .requires_grad_() on it in the trace, before the "
+                        "modules that read it run: `h = layer.output; h.requires_grad_()`")).at(grad)
                 base, rows = _row_slice(tensor)
                 handles.append(base.register_hook(lambda g, index=index, rows=rows: self._grad_event(index, g, rows)))
             return args[0].backward(*args[1:], **kwargs)

@@ -454,6 +454,26 @@ def test_a_weights_requires_grad_set_for_one_run_is_put_back(x):
     assert_clean(model)
 
 
+def test_a_grad_on_a_frozen_model_says_how_to_get_it_and_the_advice_works(x):
+    torch.manual_seed(0)
+    model = MLP().requires_grad_(False)
+    net = Model(model)
+    with pytest.raises(interlace.InterlaceError, match="Call .requires_grad_\\(\\) on it in the trace"):
+        with net.trace(x):
+            net.layers[1].output.grad.save()
+            net.output.sum().backward()
+    with net.trace(x):
+        h = net.layers[1].output
+        h.requires_grad_()
+        grad = h.grad.save()
+        net.output.sum().backward()
+    with torch.enable_grad():
+        hidden = model.layers[1](model.layers[0](model.embed(x))).requires_grad_()
+        out = model.head(model.layers[3](model.layers[2](hidden)))
+        torch.testing.assert_close(grad, torch.autograd.grad(out.sum(), hidden)[0])
+    assert_clean(model)
+
+
 def test_a_grad_after_the_last_backward_is_a_clear_error(mlp, x):
     net = Model(mlp)
     with pytest.raises(interlace.OutOfOrderError, match="read .grad before the .backward\\(\\) that computes it"):
