@@ -305,6 +305,15 @@ def test_a_native_name_at_the_wrong_depth_points_to_the_module_and_its_standardi
     assert "is at model.layers.0.self_attn.q_proj." in str(caught.value)
 
 
+def test_a_float32_hidden_state_of_a_bfloat16_model_projects_on_its_vocabulary():
+    model = StandardizedTransformer(tiny("llama").to(torch.bfloat16))
+    with model.trace(IDS):
+        hidden = model.layers_output[1][:, -1].save()
+    assert hidden.dtype == torch.bfloat16
+    assert torch.equal(model.project_on_vocab(hidden.float()), model.project_on_vocab(hidden))
+    assert model.get_topk_closest_tokens(hidden[0].float(), k=3) == model.get_topk_closest_tokens(hidden[0], k=3)
+
+
 def test_attn_probs_available_follows_the_flag():
     model = tiny("llama")
     assert not StandardizedTransformer(model).attn_probs_available

@@ -426,8 +426,12 @@ class StandardizedTransformer(LanguageModel):
     def project_on_vocab(self, hidden):
         """Logits of a residual-stream value: final norm, `lm_head`, then the family's final-logit transform.
 
-        Works inside a trace on traced values and outside on real tensors.
+        Works inside a trace on traced values and outside on real tensors (cast to the model's dtype: a
+        float32 copy of a bfloat16 model's hidden state, say).
         """
+        weight = getattr(self.lm_head.module, "weight", None)
+        if isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor):
+            hidden = hidden.to(weight.dtype)
         return self.family.final_transform(self.lm_head(self.ln_final(hidden)), self.config)
 
     def get_topk_closest_tokens(self, hidden: torch.Tensor, k: int = 5):
