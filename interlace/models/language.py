@@ -264,6 +264,11 @@ class LanguageModel(Model):
             if batch is None:
                 raise InterlaceError("the trace has no input: pass a prompt or use tracer.invoke(prompt)")
             if generating:
+                if self.padding_side == "right" and not bool(batch["attention_mask"][:, -1].all()):
+                    raise InterlaceError("generate continues every prompt from the batch's last position, so with "
+                                         "padding_side='right' a shorter prompt would continue after its padding: "
+                                         "generate with a model that pads on the left (the default), or one prompt "
+                                         "at a time")
                 options = _generation_options(forward_kwargs, self.tokenizer, rows,
                                               streaming=on_step is not None or stoppable)
                 if on_step is not None or stoppable:

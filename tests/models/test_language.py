@@ -267,6 +267,18 @@ def test_hugging_face_generation_settings_are_the_callers():
     assert_clean(model)
 
 
+def test_generating_prompts_of_different_lengths_padded_on_the_right_is_refused():
+    model = tiny("gpt2")
+    lm = LanguageModel(model, tokenizer=tiny_tokenizer(), padding_side="right")
+    with pytest.raises(interlace.InterlaceError, match="a shorter prompt would continue after its padding"):
+        with lm.generate(["w5 w6 w7 w8", "w11 w12"], max_new_tokens=3):
+            pass
+    with lm.generate(["w5 w6", "w11 w12"], max_new_tokens=3):  # the same lengths: no padding
+        tokens = lm.generator.output.save()
+    assert tokens.shape == (2, 5)
+    assert_clean(model)
+
+
 def test_streaming_several_sequences_per_prompt_gives_each_row_its_text():
     lm = LanguageModel(tiny("gpt2"), tokenizer=tiny_tokenizer())
     options = {"max_new_tokens": 3, "do_sample": True, "seed": 1, "num_return_sequences": 2}
