@@ -64,19 +64,24 @@ def assert_same(answer, alone):
         torch.testing.assert_close(answer.results[index], value, rtol=1e-5, atol=1e-6)
 
 
+def run_counting(lm, requests):
+    """`lm.run_many(requests)`, and the invokes of each forward it ran."""
+    runs = []
+    original = lm._execute
+    lm._execute = lambda graph, trace, **run: runs.append(len(trace.invokes)) or original(graph, trace, **run)
+    try:
+        return lm.run_many(requests), runs
+    finally:
+        del lm._execute
+
+
 def test_merged_requests_each_equal_running_alone(lm):
     requests = [recorded(lm, steer("w5 w6 w7 w8", 1, 2.0)), recorded(lm, two_invokes),
                 recorded(lm, steer("w9 w10 w11 w12", 0, -1.0)), recorded(lm, steer("w3 w4", 1, 0.5))]
     assert len({merge_key(r) for r in requests}) == 1
     merged, parts = merge(requests[:3])
     assert len(merged.traces[0].invokes) == 4 and [p.invokes for p in parts] == [1, 2, 1]
-    runs = []
-    original = lm._execute
-    lm._execute = lambda graph, trace, **run: runs.append(len(trace.invokes)) or original(graph, trace, **run)
-    try:
-        answers = lm.run_many(requests)
-    finally:
-        del lm._execute
+    answers, runs = run_counting(lm, requests)
     assert sorted(runs) == [1, 4]  # the three of 4 tokens in one forward; the one of 2 tokens alone
     for request, answer in zip(requests, answers):
         assert_same(answer, lm.run(request))
@@ -157,13 +162,7 @@ def test_seeded_samples_run_alone_and_draw_what_they_draw_alone(lm):
     sampled = [recorded(lm, generation, method="generate", max_new_tokens=6, do_sample=True, seed=3) for _ in range(3)]
     greedy = recorded(lm, generation, method="generate", max_new_tokens=6, seed=3)  # no draws: shares
     assert {merge_key(request) for request in sampled} == {None} and merge_key(greedy) is not None
-    runs = []
-    original = lm._execute
-    lm._execute = lambda graph, trace, **run: runs.append(len(trace.invokes)) or original(graph, trace, **run)
-    try:
-        answers = lm.run_many(sampled)
-    finally:
-        del lm._execute
+    answers, runs = run_counting(lm, sampled)
     assert runs == [1, 1, 1]
     alone = lm.run(sampled[0])
     want = alone.results[max(alone.results)]
