@@ -354,11 +354,12 @@ class Tracer(Recorder):
         for start, end, firsts in self.copies:
             latest = [firsts[step] for step in sorted(firsts, reverse=True)]
             for node in self.graph.nodes[start:end]:
-                if node.saved:
-                    found = next((first + node.index - start for first in latest
-                                  if first + node.index - start in results), None)
-                    if found is not None:
-                        results[node.index] = results[found]
+                if not node.saved:
+                    continue
+                offset = node.index - start
+                found = next((first + offset for first in latest if first + offset in results), None)
+                if found is not None:
+                    results[node.index] = results[found]
 
     def spec(self, end: int) -> TraceSpec:
         """This trace as a part of a request: its nodes, inputs and run options."""

@@ -694,9 +694,10 @@ class Interleaver:
             if not ran and skipped is not None:
                 return (f"{source.describe()} was never reached: {skipped or 'the model'} is skipped (.skip()), so "
                         "the modules inside it do not run; read the skipped module's own output instead")
-            called = next((node for node in self.nodes[self.start : self.end] if node.op == "module_call"
-                           and not node.kwargs.get("hook") and (path == node.target or path.startswith(f"{node.target}."))), None)
-            if not ran and called is not None:
+            called = not ran and next((node for node in self.nodes[self.start : self.end] if node.op == "module_call"
+                                       and not node.kwargs.get("hook")
+                                       and (path == node.target or path.startswith(f"{node.target}."))), None)
+            if called:
                 return (f"{source.describe()} was never reached: {called.target} was called in this trace without "
                         f"hook=True ({self._where(called)}), which runs it as a plain function; call it with "
                         "hook=True to read or change the values inside it")

@@ -42,7 +42,8 @@ import zstandard
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import ops
-from ..errors import GraphError, InterlaceError, LimitError, SerializationError, VersionError, describe_location, quote_sources
+from ..errors import (GraphError, InterlaceError, LimitError, SerializationError, VersionError, describe_location,
+                      quote_sources)
 from ..graph import OPS, Graph, Node, Ref, Repeat, Request, TraceSpec, copied_spans
 from ..stream import Step
 from .limits import Limits

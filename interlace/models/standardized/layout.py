@@ -1,9 +1,10 @@
 """Finding a model's layout: its row of the family table, or a search of its module tree by names.
 
 `family_of(module)` returns the `Family` of a built Hugging Face model: the table row for its
-`config.model_type`, or, for a family the table does not know, the paths found by looking for the usual
-module names; a `RenameConfig` changes the paths it names (of a known family: only those). `rename_table(family)` turns a layout into
-the alias table of `Model(rename=...)`, so a plain `LanguageModel` gets the standardized names too;
+`config.model_type`, or, for a family the table does not know, the paths found by looking for the
+usual module names; a `RenameConfig` changes the paths it names (of a known family: only those).
+`rename_table(family)` turns a layout into the alias table of `Model(rename=...)`, so a plain
+`LanguageModel` gets the standardized names too;
 `get_rename_dict()` is nnterp's own alias table (its tree under `model.model`), and `get_ignores`,
 `get_vocab_size` nnterp's helpers around it.
 """
@@ -38,8 +39,9 @@ class RenameConfig:
     """Module names (or dotted paths) of an architecture the family table does not know.
 
     The fields are nnterp's: each names the module to use for that standardized part; None means
-    "search the usual names" (on a family the table knows: "the table's", and the rest of its row stays). `ignore_mlp` / `ignore_router` mark parts the model does not have;
-    `*_config_key` name the config attribute holding a size, or give the size as an int.
+    "search the usual names" (on a family the table knows: "the table's", and the rest of its row stays).
+    `ignore_mlp` / `ignore_router` mark parts the model does not have; `*_config_key` name the config
+    attribute holding a size, or give the size as an int.
 
     >>> import transformers, interlace
     >>> config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50)
