@@ -25,13 +25,21 @@ def describe_location(location, *, read_source: bool = True) -> str:
     return f"{filename}:{lineno}" + (f": {source}" if source else "")
 
 
-_LOCATION = re.compile(r"(?<![\w/.])([^\s()]+?\.py):(\d+)(?=[)\s,]|\.\s|\.$|$)")
+# words first, then each word whole: one pattern tried from every position of a long run of path
+# characters (in a message from a server) would take quadratic time
+_WORD = re.compile(r"[^\s()]+")
+_LOCATION = re.compile(r"(.+\.py):(\d{1,9})([.,]?)")
 
 
 def quote_sources(message: str) -> str:
     """`message` with each `file.py:12` it names followed by that line's text: for a message made where
     the user's files were not read (a server, or a check that also runs there), shown where they are."""
-    return _LOCATION.sub(lambda found: describe_location((found[1], int(found[2]))), message)
+
+    def quoted(word):
+        location = _LOCATION.fullmatch(word[0])
+        return word[0] if location is None else describe_location((location[1], int(location[2]))) + location[3]
+
+    return _WORD.sub(quoted, message)
 
 
 def node_info(node) -> dict:

@@ -1030,6 +1030,21 @@ def a_model_output_nested_past_max_depth():
                       tensors={"0": torch.zeros(1)}))
 
 
+def decode_a_long_error_message(length: int) -> dict:
+    """A client reading a server's error whose message is one long run of path characters (a hostile or
+    broken server): the locations it names are looked for word by word, never from every position."""
+    import httpx
+
+    from interlace.backends.remote import _error
+
+    answers = {}
+    for name, message in (("dashes", "-" * length), ("no file", "a" * length + ".py"),
+                          ("a location", f"x/{'a' * length}.py:3 is at fault")):
+        error = _error(httpx.Response(422, json={"code": "ExecutionError", "message": message}))
+        answers[name] = [type(error).__name__, len(str(error))]
+    return answers
+
+
 # -- fuzzing ----------------------------------------------------------------------------------------------
 def _seed_frames() -> list[bytes]:
     """Valid requests that run: traces recorded the usual way and a few built by hand."""

@@ -48,6 +48,13 @@ def test_hostile_request(worker, name):
     assert result["changes"] == changes
 
 
+def test_a_client_reads_a_long_error_message_from_a_server_in_bounded_time(worker):
+    answer = worker.run("decode_a_long_error_message", 1_000_000, memory_mb=1536, seconds=20)
+    assert "ok" in answer, answer["died"]
+    assert answer["ok"] == {"dashes": ["ExecutionError", 1_000_000], "no file": ["ExecutionError", 1_000_003],
+                            "a location": ["ExecutionError", 1_000_000 + len("x/.py:3 is at fault")]}
+
+
 def test_there_are_at_least_forty_hostile_cases():
     assert len(CASES) >= 40
 
