@@ -29,15 +29,25 @@ def describe_location(location, *, read_source: bool = True) -> str:
 # characters (in a message from a server) would take quadratic time
 _WORD = re.compile(r"[^\s()]+")
 _LOCATION = re.compile(r"(.+\.py):(\d{1,9})([.,]?)")
+_MOST_QUOTED = 20  # distinct lines quoted in one message (an error names a handful)
 
 
 def quote_sources(message: str) -> str:
     """`message` with each `file.py:12` it names followed by that line's text: for a message made where
     the user's files were not read (a server, or a check that also runs there), shown where they are."""
+    lines: dict = {}  # (file, line) -> its quote: each read once, and only the first few (a message from a
+    # server may name any number of files, and each file not found is looked up again)
 
     def quoted(word):
         location = _LOCATION.fullmatch(word[0])
-        return word[0] if location is None else describe_location((location[1], int(location[2]))) + location[3]
+        if location is None:
+            return word[0]
+        key = (location[1], int(location[2]))
+        if key not in lines:
+            if len(lines) == _MOST_QUOTED:
+                return word[0]
+            lines[key] = describe_location(key)
+        return lines[key] + location[3]
 
     return _WORD.sub(quoted, message)
 

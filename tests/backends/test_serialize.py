@@ -348,6 +348,16 @@ def test_locations_a_server_names_get_their_lines_on_the_client():
     assert quote_sources(quoted) == quoted  # a quoted line is left as it is
 
 
+def test_a_message_naming_many_lines_reads_each_once_and_quotes_only_the_first_few(monkeypatch):
+    read = []
+    monkeypatch.setattr("linecache.getline", lambda filename, lineno: read.append((filename, lineno)) or "text")
+    many = " ".join(f"f{number}.py:{number}" for number in range(100))
+    quoted = quote_sources(f"{many} {many}")
+    assert read == [(f"f{number}.py", number) for number in range(20)]
+    each = " ".join(f"f{number}.py:{number}" + (": text" if number < 20 else "") for number in range(100))
+    assert quoted == f"{each} {each}"
+
+
 # -- what cannot be read ---------------------------------------------------------------------------
 @pytest.fixture
 def data(mlp, x):
