@@ -10,6 +10,9 @@ restores every time.
 
 from __future__ import annotations
 
+import itertools
+import operator
+
 import torch
 from torch.utils.hooks import RemovableHandle
 
@@ -25,66 +28,92 @@ _HOOK_TABLES = (
 
 
 class Attachments:
-    """What a run could attach to the modules of `root` and leave there: hooks, instance attributes.
+    """What a run could attach to the modules of `root` or set on them and leave there: hooks, instance
+    attributes, parameters and buffers.
 
     transformers installs output-capturing hooks on every layer (and flags the model) the first time a
-    forward is asked for `output_attentions`, and leaves them; `restore()` takes off whatever was added.
-    Cheap enough for every untrusted run: hook ids only grow (`RemovableHandle.next_id`), so a hook
+    forward is asked for `output_attentions`, and leaves them; a dynamic RoPE's forward registers a new
+    `inv_freq` buffer and sets `max_seq_len_cached` for a long prompt, which later calls then use (another
+    job's numbers would depend on this one's prompt). `restore()` takes off what was added and puts back
+    what was replaced, by identity: each module's instance dict and its parameter and buffer tables are
+    copied (shallow: ~0.3 ms for 400 modules). Hook ids only grow (`RemovableHandle.next_id`), so a hook
     added since is one with a larger id (and when the only ids handed out since are the caller's own
-    hooks', no hook table needs a look); dicts keep their insertion order, so an instance attribute
-    added since comes after the ones counted.
+    hooks', no hook table needs a look).
 
     >>> net = torch.nn.Linear(2, 2)
     >>> attachments = Attachments(net)
-    >>> handle = net.register_forward_hook(lambda *a: None); net.flag = True
-    >>> attachments.added()
-    ["<root>: instance attribute 'flag' added", '<root>: _forward_hooks added']
-    >>> attachments.restore(); attachments.added()
-    []
+    >>> handle = net.register_forward_hook(lambda *a: None); net.flag = True; net.in_features = 3
+    >>> attachments.changes()
+    ["<root>: instance attribute 'flag' added", "<root>: instance attribute 'in_features' changed", \
+'<root>: _forward_hooks added']
+    >>> attachments.restore(); attachments.changes(), net.in_features
+    ([], 2)
     """
+
+    _TABLES = ("instance attribute", "parameter", "buffer")
 
     def __init__(self, root: torch.nn.Module):
         self.first_id = RemovableHandle.next_id  # hooks registered from now on have ids from here
         self.tree = ModelTree.of(root)
-        self.counts = list(map(len, self.tree.attributes))
+        self.tables = [table for attributes in self.tree.attributes
+                       for table in (attributes, attributes["_parameters"], attributes["_buffers"])]
+        self.copies = [table.copy() for table in self.tables]
+        self.values = tuple(_values(self.tables))  # (all at once: comparing them is one call when none changed)
 
-    def _added(self, own: int = 0):
-        """(module name, the dict, the keys added to it) for every instance dict and hook table that grew.
-        own: how many hooks the caller registered since (and takes off itself): those need no look."""
-        tree = self.tree
-        grown = list(map(len, tree.attributes)) != self.counts
+    def _changed(self, own: int = 0):
+        """(module name, what, the table, its copy, the keys added, the keys replaced) for every instance dict,
+        parameter or buffer table and hook table a run changed. own: how many hooks the caller registered
+        since (and takes off itself): those need no look."""
         hooked = RemovableHandle.next_id - self.first_id > own
-        if not grown and not hooked:
+        changed = len(self.values) != sum(map(len, self.tables)) or not all(
+            map(operator.is_, _values(self.tables), self.values))
+        if not changed and not hooked:
             return
-        for (name, _), attributes, count in zip(tree.modules, tree.attributes, self.counts):
-            if len(attributes) > count:
+        for number, ((name, _), attributes) in enumerate(zip(self.tree.modules, self.tree.attributes)):
+            name = name or "<root>"
+            mine = slice(3 * number, 3 * number + 3) if changed else slice(0)
+            for table, copy, what in zip(self.tables[mine], self.copies[mine], self._TABLES):
                 # (but a `.source` rewrite's: part of the model once made)
-                keys = [key for key in list(attributes)[count:] if key not in rewrite_attributes(attributes)]
-                if keys:
-                    yield name or "<root>", "__dict__", attributes, keys
+                rewrite = rewrite_attributes(attributes) if table is attributes else ()
+                added = [key for key in table if key not in copy and key not in rewrite]
+                replaced = [key for key, value in copy.items() if table.get(key, _MISSING) is not value
+                            and key not in rewrite]
+                if added or replaced:
+                    yield name, what, table, copy, added, replaced
             if not hooked:
                 continue
-            for table in _HOOK_TABLES:
-                hooks = attributes.get(table)
+            for label in _HOOK_TABLES:
+                hooks = attributes.get(label)
                 if hooks:
                     keys = [key for key in hooks if type(key) is int and key >= self.first_id]
                     if keys:
-                        yield name or "<root>", table, hooks, keys
+                        yield name, label, hooks, {}, keys, []
 
-    def added(self) -> list[str]:
+    def changes(self) -> list[str]:
         changes = []
-        for name, label, _, keys in self._added():
-            if label == "__dict__":
-                changes += [f"{name}: instance attribute {key!r} added" for key in keys]
+        for name, what, _, _, added, replaced in self._changed():
+            if what in self._TABLES:
+                changes += [f"{name}: {what} {key!r} added" for key in added]
+                changes += [f"{name}: {what} {key!r} changed" for key in replaced]
             else:
-                changes.append(f"{name}: {label} added")
+                changes.append(f"{name}: {what} added")
         return changes
 
     def restore(self, own: int = 0) -> None:
-        """Take off what was added; `own`: as for `_added` (the caller's hooks may then stay)."""
-        for _, _, table, keys in list(self._added(own)):
-            for key in keys:
+        """Take off what was added and put back what was replaced; `own`: as for `_changed` (the caller's hooks
+        may then stay)."""
+        for _, _, table, copy, added, replaced in list(self._changed(own)):
+            for key in added:
                 del table[key]
+            for key in replaced:
+                table[key] = copy[key]
+
+
+_MISSING = object()
+
+
+def _values(tables):
+    return itertools.chain.from_iterable(table.values() for table in tables)
 
 
 def global_state() -> dict:
@@ -133,8 +162,8 @@ class ModelState:
 
     def diff(self) -> list[str]:
         """What differs from the snapshot, one line each (empty when nothing does)."""
-        changes = [line for line in self.attachments.added()  # (hooks and forward: compared below)
-                   if "instance attribute" in line and "'forward'" not in line]
+        changes = [line for line in self.attachments.changes()  # (hooks, forward and weights: compared below)
+                   if line.split(": ", 1)[1].startswith("instance attribute") and "'forward'" not in line]
         for name, module, forward, training, hooks in self.modules:
             if module.__dict__.get("forward") not in (forward, rewritten_forward(module)):
                 changes.append(f"{name or '<root>'}: instance forward changed")

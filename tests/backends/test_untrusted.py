@@ -15,10 +15,11 @@ import threading
 
 import pytest
 import torch
+import transformers
 
 import interlace
 from capped import Worker
-from helpers import MLP, assert_clean, check_without_refusing
+from helpers import MLP, assert_clean, check_without_refusing, tiny_tokenizer
 from hostile import CASES, Builder, model
 from interlace.backends.state import ModelState
 from interlace.backends.limits import Limits
@@ -302,6 +303,7 @@ def test_model_state_sees_every_kind_of_change():
     mlp.head.bias.grad = torch.ones(5)
     mlp.embed.weight.register_hook(lambda g: g)
     mlp.head._output_capturing_hooks_installed = True  # what transformers leaves after output_attentions
+    mlp.head.in_features = 9
     torch.set_default_dtype(torch.float64)
     changes = state.diff()
     assert set(changes) == {
@@ -309,11 +311,41 @@ def test_model_state_sees_every_kind_of_change():
         "layers.0: _forward_hooks changed", "layers.1: instance forward changed", "head.bias: .grad changed",
         "embed.weight: tensor hooks changed", "torch global default_dtype: torch.float32 -> torch.float64",
         "head: instance attribute '_output_capturing_hooks_installed' added",
+        "head: instance attribute 'in_features' changed",
     }
     state.restore()
     assert state.diff() == []
     assert torch.get_default_dtype() == torch.float32
-    assert "_output_capturing_hooks_installed" not in mlp.head.__dict__
+    assert "_output_capturing_hooks_installed" not in mlp.head.__dict__ and mlp.head.in_features == 8
+
+
+def test_a_long_prompt_leaves_a_dynamic_rope_as_it_was_for_the_next_job():
+    """A dynamic RoPE's forward registers a new `inv_freq` and sets `max_seq_len_cached` for a prompt past
+    its positions, and later calls use them: another user's next job must compute what it computes on a
+    model that never saw that prompt."""
+    def dynamic_rope():
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(
+            num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=100, max_position_embeddings=16, pad_token_id=0, eos_token_id=None,
+            rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+        return interlace.LanguageModel(transformers.AutoModelForCausalLM.from_config(config).eval(),
+                                       tokenizer=tiny_tokenizer())
+
+    def logits_of(lm, words):
+        with lm.trace(" ".join(f"w{3 + i % 90}" for i in range(words))) as tracer:
+            logits = lm.output.logits.save()
+        return deserialize_request(serialize_graph(tracer.graph, tracer.invokes, options=tracer.spec(0).options)), \
+            tracer.graph.saved()[0], logits
+
+    lm, fresh, recorder = dynamic_rope(), dynamic_rope(), dynamic_rope()
+    request, saved, _ = logits_of(recorder, 20)  # past the 16 positions, within what the long prompt grows it to
+    long, _, _ = logits_of(recorder, 40)
+    state = ModelState(lm.module)
+    lm.run(long, untrusted=True)
+    assert state.diff() == []
+    torch.testing.assert_close(lm.run(request, untrusted=True).results[saved], logits_of(fresh, 20)[2],
+                               rtol=0, atol=0)
 
 
 def test_a_sessions_traces_share_the_requests_element_budget():
