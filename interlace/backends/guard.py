@@ -16,12 +16,15 @@
   elements of its result from its arguments' shapes; the bound is checked against `Limits` before
   the call allocates anything. Python values (ints, strings, lists) are bounded the same way.
 - Time (untrusted runs): a deadline and a cancel flag, checked between operations.
+- Memory a job did not write (untrusted runs): the graph's operations run under `initialized_memory`, so
+  what an earlier job left in freed memory never reaches a later one.
 
 The size rules themselves live in `sizes`; the snapshot of a model's state in `state`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -320,6 +323,24 @@ class Guard:
         if length > self.limits.max_list_length:
             raise LimitError(f"a Python value would hold {length} items, over the limit of "
                              f"{self.limits.max_list_length} (max_list_length)")
+
+
+@contextlib.contextmanager
+def initialized_memory():
+    """The kernels that hand out memory without writing it (`torch.empty`, `new_empty`, `empty_like`, a growing
+    `resize_`, whatever calls them) fill it here: NaN, or an integer type's largest value. Otherwise a graph's
+    `torch.empty(n)` holds what the allocator last freed: another user's activations from the job before
+    (on a GPU, the caching allocator hands those blocks straight back). Which kernels those are is torch's own
+    knowledge: its deterministic mode fills them (`torch.utils.deterministic.fill_uninitialized_memory`),
+    warning only, not failing, where an operation has no deterministic kernel; the mode is set around the
+    graph's operations, not the model's own forward."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 _INERT = frozenset((int, float, bool, complex, str, type(None), type(Ellipsis), torch.dtype, torch.device,

@@ -34,7 +34,7 @@ from ..errors import (
 )
 from ..graph import OPS, Graph, map_refs
 from ..source import submodule
-from .guard import Guard
+from .guard import Guard, initialized_memory
 from .limits import Limits
 from .plan import Plan
 from .rows import first_input, narrow, replace_first_input, write_rows
@@ -342,6 +342,11 @@ class Interleaver:
 
     def _drain(self) -> None:
         ready, execute = self.ready, self._execute
+        if ready and self.untrusted:
+            with initialized_memory():  # (what an earlier job left in freed memory stays unread)
+                while ready:
+                    execute(_pop(ready))
+            return
         while ready:
             execute(_pop(ready))
 

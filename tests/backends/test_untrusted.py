@@ -414,3 +414,34 @@ def test_the_write_check_runs_only_where_a_weight_is_within_reach(monkeypatch):
     assert entered == ["operator.add", "torch.relu"]
     with pytest.raises(RefusedError, match="would change a weight"):
         guard.call("F.relu", torch.nn.functional.relu, (net.weight.detach()[0], True), {})  # a view of one
+
+
+def test_memory_a_graph_allocates_without_writing_holds_nothing_of_an_earlier_job():
+    """`torch.empty`, `new_empty` and `empty_like` hand out memory as the allocator had it: without the fill,
+    hundreds of an earlier job's activations came back in a stranger's empty tensors."""
+    lm = model()
+    victim = Builder()
+    victim.save(victim.call("operator.getitem", victim.out(""), "logits"))
+    victim = deserialize_request(victim.bytes(invokes=[(("w9 w10 w11 w12 w13 w14 w15 w16",), {})]))
+    g = Builder()
+    hidden = g.out("model.layers.0")
+    for size in (256, 800, 1600, 4096, 16000):
+        g.save(g.call("torch.empty", size))
+        g.save(g.method("new_empty", hidden, size))
+        g.save(g.call("torch.empty_like", g.call("torch.zeros", size)))
+    attacker = deserialize_request(g.bytes(invokes=[(("w5",), {})]))
+    computed = []  # what the victim's forward computed, seen by plain hooks (copies: the originals are freed)
+    handles = [module.register_forward_hook(lambda m, i, out: computed.append(out.detach().clone().flatten())
+                                            if isinstance(out, torch.Tensor) else None)
+               for module in lm.module.modules()]
+    try:
+        lm.run(victim, untrusted=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    secrets = set(torch.cat(computed).tolist()) - {0.0}
+    del computed
+    results = lm.run(attacker, untrusted=True).results
+    leaked = {index: sum(value in secrets for value in tensor.tolist()) for index, tensor in results.items()}
+    assert leaked == dict.fromkeys(results, 0)
+    assert not torch.are_deterministic_algorithms_enabled()  # the fill was the graph's, not the process's
