@@ -619,6 +619,20 @@ def string_repetition():
     return attack(g.bytes())
 
 
+@case("LimitError", r"a Python value would hold 1000000000 items")
+def list_repeated_by_a_zero_d_tensor():  # (Python repeats by the count `__index__` gives: 8 GB of references)
+    g = Builder()
+    g.call("operator.mul", [0], g.call("torch.tensor", 10**9))
+    return attack(g.bytes())
+
+
+@case("LimitError", r"a Python value would hold 2000000000 items")
+def string_repeated_by_a_zero_d_tensor_on_the_left():
+    g = Builder()
+    g.call("operator.mul", g.call("torch.tensor", 10**9), "ab")
+    return attack(g.bytes())
+
+
 @case("LimitError", r"a Python value would hold \d+ items, over the limit of 1000000")
 def list_doubling():
     g = Builder()

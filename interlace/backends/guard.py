@@ -25,6 +25,7 @@ The size rules themselves live in `sizes`; the snapshot of a model's state in `s
 from __future__ import annotations
 
 import contextlib
+import operator
 import time
 
 import torch
@@ -300,8 +301,8 @@ class Guard:
         op = op[1:] if name in ops.MUTATING_TARGETS and op not in ("setitem", "delitem") else op
         if op == "mul":
             for seq, times in ((a, b), (b, a)):
-                if isinstance(seq, _SEQUENCES) and type(times) in (int, bool):
-                    self._items(len(seq) * max(times, 0), PYTHON_REFERENCE)
+                if isinstance(seq, _SEQUENCES) and (count := _repeat_count(times)) is not None:
+                    self._items(len(seq) * max(count, 0), PYTHON_REFERENCE)
         elif op == "add" and isinstance(a, _SEQUENCES) and isinstance(b, _SEQUENCES):
             self._items(len(a) + len(b), PYTHON_REFERENCE)
         elif op == "mod" and isinstance(a, (str, bytes)):
@@ -341,6 +342,17 @@ def initialized_memory():
         yield
     finally:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def _repeat_count(value) -> int | None:
+    """How many times Python repeats a sequence multiplied by `value`: what its type's `__index__` gives (an int,
+    a bool, a one-element integer tensor); None when it has none (then Python does not repeat)."""
+    if isinstance(value, _SEQUENCES):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 _INERT = frozenset((int, float, bool, complex, str, type(None), type(Ellipsis), torch.dtype, torch.device,
