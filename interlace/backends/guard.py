@@ -335,13 +335,12 @@ def initialized_memory():
     knowledge: its deterministic mode fills them (`torch.utils.deterministic.fill_uninitialized_memory`),
     warning only, not failing, where an operation has no deterministic kernel; the mode is set around the
     graph's operations, not the model's own forward."""
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    mode = torch.get_deterministic_debug_mode()  # (`use_deterministic_algorithms` imports the compiler: ~4 s)
+    torch.set_deterministic_debug_mode("warn")
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.set_deterministic_debug_mode(mode)
 
 
 def _repeat_count(value) -> int | None:

@@ -53,6 +53,8 @@ def narrow(value, rows, batch_size, *, shared: bool = False):
     """
     if isinstance(value, torch.Tensor):
         if value.dim() and value.shape[0] == batch_size:
+            if shared and not _rows_apart(value):
+                return Shared(f"a tensor of shape {tuple(value.shape)} whose rows share memory")
             return value[rows[0] : rows[1]]
         return Shared(f"a tensor of shape {tuple(value.shape)} without the batch dimension") if shared else value
     if isinstance(value, (tuple, list)):
@@ -63,6 +65,19 @@ def narrow(value, rows, batch_size, *, shared: bool = False):
     if shared and not isinstance(value, _PLAIN):
         return Shared(f"a {type(value).__name__}")
     return value
+
+
+def _rows_apart(tensor: torch.Tensor) -> bool:
+    """Whether no two rows of `tensor` share memory, so a write to some rows changes only those: each row spans
+    less memory than the step from one row to the next. An expanded batch dimension (stride 0: every row is
+    the same memory, as `position_ids.expand(batch, -1)`) or an overlapping view fails this; so may a layout
+    whose rows are interleaved (a sequence-first tensor seen batch-first), which is then shared too: safe."""
+    if tensor.shape[0] <= 1 or not tensor.numel():
+        return True
+    if tensor.layout is not torch.strided:
+        return False
+    span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape[1:], tensor.stride()[1:]))
+    return abs(tensor.stride(0)) >= span
 
 
 def write_rows(dest, new, rows, batch_size=None, *, shared: bool = False):

@@ -285,3 +285,40 @@ def test_a_module_call_with_hooks_runs_alone(lm):
     answers, runs = run_together(lm, [attacker, victim])
     assert runs == [2, 1]
     assert_same(answers[1], lm.run(victim))
+
+
+class _Positions(torch.nn.Module):
+    def forward(self, x):  # one position table for every row, expanded, as position ids often are
+        return torch.arange(x.shape[1], dtype=x.dtype).expand(x.shape[0], -1)
+
+
+class _WithPositions(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.positions, self.head = _Positions(), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.head(x + self.positions(x)[..., None])
+
+
+def test_a_value_whose_rows_share_memory_is_not_a_jobs_to_write():
+    """A batch dimension made by `expand` is one row's memory for every row: writing "its rows" wrote every job's
+    (the victim's output was off by 99.6)."""
+    torch.manual_seed(0)
+    net = interlace.Model(_WithPositions().eval())
+    victim_input, attacker_input = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
+
+    def victim(net, tracer):
+        with tracer.invoke(victim_input):
+            net.output.save()
+
+    def attacker(net, tracer):
+        with tracer.invoke(attacker_input):
+            net.positions.output[:] = 100.0
+            net.output.save()
+
+    victim, attacker = recorded(net, victim), recorded(net, attacker)
+    answers, runs = run_together(net, [attacker, victim])
+    assert_same(answers[1], net.run(victim, untrusted=True))
+    assert runs == [2, 1]  # together, then the attacker alone: the positions are its own only there
+    assert_same(answers[0], net.run(attacker, untrusted=True))
