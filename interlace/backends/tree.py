@@ -40,6 +40,9 @@ class ModelTree:
         self.modules = list(root.named_modules(remove_duplicate=False))
         self.paths = frozenset(name for name, _ in self.modules)
         self.attributes = [vars(module) for _, module in self.modules]  # each module's instance dict (itself)
+        # what a run may change on a module in place: its instance dict, parameter table and buffer table (state.py)
+        self.tables = [table for attributes in self.attributes
+                       for table in (attributes, attributes["_parameters"], attributes["_buffers"])]
         ModelTree._members.update(module for _, module in self.modules)
         self.weights: list[tuple[str, torch.Tensor]] = []  # (name, tensor): every parameter and buffer once
         self.tensors: dict[int, torch.Tensor] = {}  # data_ptr -> a weight with that storage
