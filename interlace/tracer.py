@@ -334,12 +334,24 @@ class Tracer(Recorder):
             # a server's wait, or a generation: they take long, so the collector runs meanwhile (other threads'
             # cycles must not wait for them), and at a forward per token a full walk now and then costs little
             self._resume_collector()
-        outcome = self.model.submit(request, self.options)
+        try:
+            outcome = self.model.submit(request, self.options)
+        except InterlaceError as error:
+            self._name_failing_edit(error)
+            raise
         if pending(self.options):  # a remote job: values bind when `tracer.job.result()` is read
             self.job = outcome.on_result(self._receive)
         else:
             self._receive(outcome, frame)
         return False
+
+    def _name_failing_edit(self, error: InterlaceError) -> None:
+        """An error at a line of `model.edit()` comes back in every later trace of the model, whose own lines
+        are fine: say that the line is an edit, and how to remove it."""
+        index = (error.node or {}).get("index")
+        if index is not None and self.start <= index < self.start + len(self.model._edits) and error.args:
+            error.args = (f"{error.args[0]}\n  That line was recorded by model.edit(): it runs in every trace of "
+                          "this model until model.clear_edits().", *error.args[1:])
 
     def _receive(self, outcome, frame) -> None:
         self.results, self.missing = outcome.results, outcome.missing

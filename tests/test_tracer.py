@@ -196,6 +196,22 @@ def test_edit_records_through_the_returned_model_too(mlp, x):
     assert edited._tracer is None and net._tracer is None
 
 
+def test_an_error_at_an_edit_line_says_it_is_an_edit_and_how_to_remove_it(mlp, x):
+    net = Model(mlp)
+    with net.edit(inplace=True):
+        net.layers[0].output[:, 0] += torch.zeros(3)  # the wrong width: fails in every later trace
+    for _ in range(2):
+        with pytest.raises(interlace.ExecutionError, match=r"model\.edit\(\).*clear_edits\(\)"):
+            with net.trace(x):
+                net.layers[1].output.save()
+    net.clear_edits()
+    with pytest.raises(interlace.ExecutionError) as caught:
+        with net.trace(x):
+            (net.layers[0].output[:, 0] + torch.zeros(3)).save()  # the trace's own line: no word of edits
+    assert "clear_edits" not in str(caught.value)
+    assert_clean(mlp)
+
+
 def test_a_session_replays_edits_at_each_trace(mlp, x):
     net = Model(mlp)
     with net.edit() as edited:
