@@ -161,6 +161,9 @@ class Proxy:
         return self._needs_value("len(); use value.shape[0] (a traced value) instead", len)
 
     def __iter__(self):
+        node = self._tracer.graph[self._index]
+        if not self._tracer._closed and node.op == "module_value" and node.kwargs["kind"] == "inputs":
+            return iter((self[0], self[1]))  # always a pair: `args, kwargs = module.inputs`
         return self._needs_value("an iterable (a for loop or `a, b = value`); index it instead, e.g. value[0]", iter)
 
     def __str__(self) -> str:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import interlace
-from interlace import Model
+from interlace import Model, ProxyValueError
 
 from helpers import MLP, assert_clean
 
@@ -143,6 +143,31 @@ def test_input_and_inputs(mlp, x):
         previous = net.layers[1].output.save()
     assert torch.equal(first, previous)
     assert isinstance(args, tuple) and torch.equal(args[0], previous) and kwargs == {}
+
+
+def test_inputs_unpack_into_args_and_kwargs_as_nnsight_code_writes_it(mlp, x):
+    net = Model(mlp)
+    with net.trace(x):
+        args, kwargs = net.layers[2].inputs  # (args, kwargs): a pair, known before the model runs
+        args[0][:, 0] = 0  # changes the input the layer sees
+        seen = args[0].save()
+        kwargs = kwargs.save()
+        out = net.output.save()
+
+    def zero_first_column(module, args):
+        changed = args[0].clone()
+        changed[:, 0] = 0
+        return (changed,)
+
+    handle = mlp.layers[2].register_forward_pre_hook(zero_first_column)
+    with torch.no_grad():
+        want = mlp(x)
+    handle.remove()
+    assert torch.equal(out, want) and kwargs == {} and torch.count_nonzero(seen[:, 0]) == 0
+    with pytest.raises(ProxyValueError, match="index it"):  # a module's output: its length is unknown
+        with net.trace(x):
+            first, second = net.layers[2].output
+    assert_clean(mlp)
 
 
 def test_invokes_run_one_batched_forward_and_keep_to_their_rows(mlp):
