@@ -177,6 +177,14 @@ class Recorder:
             bind_saved(frame, recorders)
 
 
+NESTED_MESSAGES = {  # a trace started while one is open on the model
+    "trace": "a trace on this model is already open; close it before starting another",
+    "generate": "model.generate(...) inside an open trace would generate nothing: it only makes a trace of its own. "
+                "To generate with interventions, record them in `with model.generate(prompt, max_new_tokens=n) as "
+                "tracer:` (with `tracer.invoke(...)` for several prompts) in place of `model.trace()`",
+}
+
+
 class Tracer(Recorder):
     """Records a graph for one batched run of `model` and executes it when the block ends.
 
@@ -192,6 +200,9 @@ class Tracer(Recorder):
     """
 
     def __init__(self, model, args: tuple = (), input_kwargs: dict | None = None, **options):
+        if model._tracer is not None or model._origin is not None and model._origin._tracer is not None:
+            # refused here, not only at `with`: nnsight 0.4 code calls `model.generate()` in a trace without one
+            raise InterlaceError(NESTED_MESSAGES.get(options.get("mode"), NESTED_MESSAGES["trace"]))
         super().__init__(model)
         self.session = model._session
         # in a session every trace records into the session's one graph

@@ -24,7 +24,7 @@ from ..envoy import Envoy
 from ..errors import InterlaceError, ModelError, RefusedError
 from ..graph import Graph, Outcome, Request, TraceSpec, map_refs
 from ..session import Session
-from ..tracer import Editor, Tracer
+from ..tracer import NESTED_MESSAGES, Editor, Tracer
 
 
 class Model(Envoy):
@@ -173,7 +173,7 @@ class Model(Envoy):
     def _attach(self, tracer: Tracer) -> None:
         models = (self,) if self._origin is None else (self, self._origin)
         if any(model._tracer is not None for model in models):
-            raise InterlaceError("a trace on this model is already open; close it before starting another")
+            raise InterlaceError(NESTED_MESSAGES["trace"])
         for model in models:
             model._tracer = tracer
         if tracer.options.get("scan") or tracer.session is not None and tracer.session.options.get("scan"):

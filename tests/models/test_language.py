@@ -291,6 +291,26 @@ def test_streaming_several_sequences_per_prompt_gives_each_row_its_text():
     assert [step.text for step in steps] == [[f" w{t}" for t in step.tokens.tolist()] for step in steps]
 
 
+def test_generate_called_inside_a_trace_is_refused_not_silently_a_trace_object():
+    model = tiny("gpt2")
+    lm = LanguageModel(model, tokenizer=tiny_tokenizer())
+    with pytest.raises(interlace.InterlaceError, match=r"with model\.generate\(prompt"):
+        with lm.trace() as tracer:
+            with tracer.invoke("w5 w6 w7"):
+                lm.transformer.h[1].output[:, -1] *= 1.5
+            lm.generate(max_new_tokens=3)  # nnsight 0.4 code: it returned an unentered trace and generated nothing
+    with pytest.raises(interlace.InterlaceError, match="already open"):
+        with lm.trace("w5 w6"):
+            lm.trace("w7 w8")  # a trace object made inside another, never entered
+    with lm.generate("w5 w6 w7", max_new_tokens=3):
+        tokens = lm.generator.output.save()
+    with torch.no_grad():
+        want = model.generate(torch.tensor([[5, 6, 7]]), attention_mask=torch.ones(1, 3, dtype=torch.long),
+                              max_new_tokens=3, do_sample=False)
+    assert torch.equal(tokens, want)
+    assert_clean(model)
+
+
 def test_generate_batched_invokes_and_streamer():
     model = tiny("llama")
     lm = LanguageModel(model)
