@@ -753,17 +753,40 @@ def _warn_row_zero(source, value) -> None:
 
 
 def _row_slice(tensor: torch.Tensor):
-    """(the tensor to hook, rows) for a gradient: an invoke's rows of a batch (`rows.narrow`) are a view
+    """(what to hook, rows) for a gradient: an invoke's rows of a batch (`rows.narrow`) are a view
     that the loss does not go through (the model goes on with the whole batch), so autograd never computes
-    the view's own gradient; its base's, cut to the rows, is the same. Else (tensor, None)."""
+    the view's own gradient; the whole batch's, cut to the rows, is the same. Else (tensor, None)."""
     base = tensor._base
-    if (base is None or not base.requires_grad or not tensor.dim() or tensor.shape[1:] != base.shape[1:]
-            or tensor.stride() != base.stride()):
-        return tensor, None
-    start, extra = divmod(tensor.storage_offset() - base.storage_offset(), base.stride(0) or 1)
-    if extra or start < 0 or start + tensor.shape[0] > base.shape[0]:
-        return tensor, None
-    return base, (start, start + tensor.shape[0])
+    if (base is not None and base.requires_grad and tensor.dim() and tensor.shape[1:] == base.shape[1:]
+            and tensor.stride() == base.stride()):
+        start, extra = divmod(tensor.storage_offset() - base.storage_offset(), base.stride(0) or 1)
+        if not extra and 0 <= start and start + tensor.shape[0] <= base.shape[0]:
+            return base, (start, start + tensor.shape[0])
+    # the rows of a batch that is itself a view (a Conv1D's output, a split's part): `_base` is the tensor
+    # that one was viewed from, of another shape, so hook the batch's gradient where autograd makes it
+    node = tensor.grad_fn
+    if type(node).__name__ == "SliceBackward0" and node._saved_dim == 0 and node._saved_step == 1:
+        whole, output = node.next_functions[0]
+        rows = node._saved_self_sym_sizes[0]
+        if whole is not None and 0 <= node._saved_start <= rows:
+            return _OutputGradient(whole, output), (node._saved_start, min(node._saved_end, rows))
+    return tensor, None
+
+
+class _OutputGradient:
+    """The gradient of output `output` of autograd node `node`, hooked like a tensor's (`register_hook`)."""
+
+    def __init__(self, node, output: int):
+        self.node, self.output = node, output
+
+    def register_hook(self, hook) -> RemovableHandle:
+        output = self.output
+
+        def prehook(grads):
+            new = None if grads[output] is None else hook(grads[output])
+            return None if new is None else (*grads[:output], new, *grads[output + 1 :])
+
+        return self.node.register_prehook(prehook)
 
 
 def _restore_grads(grads) -> None:

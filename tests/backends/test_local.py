@@ -422,6 +422,48 @@ def test_gradients_of_an_invokes_rows_in_a_batch_of_several():
     assert all(p.grad is None for p in model.parameters())
 
 
+class FlatLinear(torch.nn.Module):
+    """A linear layer run on the flattened batch and viewed back, as GPT-2's Conv1D is: its output is a view."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.linear(x.reshape(-1, 8)).view(x.shape)
+
+
+def test_gradients_of_an_invokes_rows_of_an_output_that_is_a_view():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), FlatLinear(), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    net = Model(model)
+    x = torch.randn(3, 2, 3)
+    with net.trace() as tracer:
+        with tracer.invoke(x[:1]):
+            first = net[1].output.grad.save()
+        with tracer.invoke(x[1:]):
+            second = net[1].output.grad.save()
+            (net.output ** 2).sum().backward()  # this invoke's rows of the output only
+    out, viewed = forward_keeping(model, x, model[1])
+    want = torch.autograd.grad((out[1:] ** 2).sum(), viewed)[0]
+    assert torch.count_nonzero(first) == 0 and first.shape == (1, 2, 8)
+    torch.testing.assert_close(second, want[1:])
+
+    with net.trace() as tracer:
+        with tracer.invoke(x[:1]):
+            net[1].output.grad = net[1].output.grad * 0
+            zeroed = net[0].output.grad.save()
+        with tracer.invoke(x[1:]):
+            embed_grad = net[0].output.grad.save()
+        net.output.sum().backward()  # the whole batch
+    out, embedded = forward_keeping(model, x, model[0])
+    want = torch.autograd.grad(out.sum(), embedded)[0]
+    assert torch.count_nonzero(zeroed) == 0 and torch.count_nonzero(want[:1])
+    torch.testing.assert_close(embed_grad, want[1:])  # the other invoke's zeroed rows did not reach these
+    assert_clean(model)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_several_backward_passes_each_grad_belongs_to_the_next_backward():
     torch.manual_seed(0)
     model = MLP()
