@@ -706,6 +706,11 @@ class Interleaver:
                 return (f"{source.describe()} was never reached: {called.target} was called in this trace without "
                         f"hook=True ({self._where(called)}), which runs it as a plain function; call it with "
                         "hook=True to read or change the values inside it")
+            if not ran and path:  # a submodule kept for its attributes (GPT-2's attn_dropout: only its .p is read)
+                parent = path.rpartition(".")[0] or "the model"
+                return (f"{source.describe()} was never reached: {path} did not run at all in this run. The forward "
+                        f"of {parent} may not call it: print the `.source` of {parent} to see the calls its forward "
+                        "makes, and read or change one of those (`.source.<name>.output`)")
             return (
                 f"{source.describe()} was never reached: {path or 'the model'} ran {ran} time(s) in "
                 "this run. Check the call index (.next(), at_call) or whether the module runs at all"

@@ -170,6 +170,31 @@ def test_inputs_unpack_into_args_and_kwargs_as_nnsight_code_writes_it(mlp, x):
     assert_clean(mlp)
 
 
+class KeepsDropout(torch.nn.Module):
+    """Holds a Dropout module but calls the function with its rate, as GPT-2's attention does with attn_dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 3)
+        self.dropout = torch.nn.Dropout(0.0)
+
+    def forward(self, x):
+        return torch.nn.functional.dropout(self.linear(x).softmax(-1), self.dropout.p, self.training)
+
+
+def test_a_submodule_its_parent_never_calls_says_to_look_at_the_parents_source(x):
+    model = torch.nn.Sequential(KeepsDropout()).eval()
+    net = Model(model)
+    with pytest.raises(interlace.OutOfOrderError, match=r"did not run at all.*`\.source` of 0"):
+        with net.trace(x):
+            net[0].dropout.input.save()  # nnsight's attention-pattern recipe on GPT-2
+    with net.trace(x):  # the advice: a call site of the parent's forward
+        weights = net[0].source.dropout_0.input.save()
+    with torch.no_grad():
+        assert torch.equal(weights, model[0].linear(x).softmax(-1))
+    assert_clean(model)
+
+
 def test_invokes_run_one_batched_forward_and_keep_to_their_rows(mlp):
     torch.manual_seed(3)
     a, b = torch.randn(1, 3), torch.randn(2, 3)
