@@ -419,6 +419,12 @@ class Editor(Tracer):
         self.edited._tracer = self
         return self.edited
 
+    def mark_saved(self, proxy: Proxy) -> None:
+        raise InterlaceError(
+            "a value saved in model.edit() would never have a value: the edit's lines run inside each later trace, "
+            "and only that trace's own saves are kept. Save it in the trace: "
+            "`with edited.trace(...): value = edited.<module>.output.save()`")
+
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._resume_collector()
         active().remove(self)

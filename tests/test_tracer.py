@@ -212,6 +212,20 @@ def test_an_error_at_an_edit_line_says_it_is_an_edit_and_how_to_remove_it(mlp, x
     assert_clean(mlp)
 
 
+def test_a_save_in_an_edit_is_refused_as_it_would_never_have_a_value(mlp, x):
+    net = Model(mlp)
+    with pytest.raises(interlace.InterlaceError, match="Save it in the trace"):
+        with net.edit(inplace=True):
+            net.layers[0].output[:] = 0
+            net.layers[0].output.save()
+    assert net._edits == [] and net._tracer is None  # the failed edit left nothing behind
+    with net.trace(x):
+        out = net.output.save()
+    with torch.no_grad():
+        assert torch.equal(out, mlp(x))
+    assert_clean(mlp)
+
+
 def test_a_session_replays_edits_at_each_trace(mlp, x):
     net = Model(mlp)
     with net.edit() as edited:
