@@ -32,7 +32,7 @@ from ..errors import (
     RefusedError,
     describe_location,
 )
-from ..graph import OPS, Graph, map_refs
+from ..graph import OPS, Graph, Ref, map_refs
 from ..source import submodule
 from .guard import Guard, initialized_memory
 from .limits import Limits
@@ -106,6 +106,9 @@ class Interleaver:
         self.unlike: list[str] = []  # replacements unlike what they replaced, and skips: a model error names them
         self.handles: list = []
         plan = self.plan = Plan(graph, self.start, self.end)
+        # the module values whose gradient a .grad asks for: where their rows were cut from (see _gradient_target)
+        self.grad_sources = _gradient_sources(graph.nodes, plan.gradients)
+        self.row_slices: dict[int, tuple] = {}  # id of an invoke's rows -> (them, the whole tensor, rows)
         self.users, self.waiting, self.remaining = plan.users, plan.waiting, plan.remaining
         self.sources = plan.sources
         self.stores_back = plan.stores_back
@@ -433,7 +436,10 @@ class Interleaver:
         elif kind == "inputs":
             value = (tuple(value[0]), dict(value[1]))
         rows = self._rows(node.kwargs["invoke"])
-        return value if rows is None else narrow(value, rows, self.batch_size, shared=self.shared)
+        if rows is None:
+            return value
+        return narrow(value, rows, self.batch_size, shared=self.shared,
+                      cuts=self.row_slices if node.index in self.grad_sources else None)
 
     def _op_parameter(self, node):
         try:
@@ -553,12 +559,23 @@ class Interleaver:
                         "it is not part of the autograd graph: nothing it was computed from requires a gradient (a "
                         "frozen model's parameters do not). Call .requires_grad_() on it in the trace, before the "
                         "modules that read it run: `h = layer.output; h.requires_grad_()`")).at(grad)
-                base, rows = _row_slice(tensor)
+                base, rows = self._gradient_target(tensor)
                 handles.append(base.register_hook(lambda g, index=index, rows=rows: self._grad_event(index, g, rows)))
             return args[0].backward(*args[1:], **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _gradient_target(self, tensor):
+        """(the tensor to hook, rows) for the gradient of `tensor`. An invoke's rows of a module's value are a
+        view that the loss does not go through (the model goes on with the whole value), so autograd never
+        computes the view's own gradient; the whole value's, cut to the rows, is the same. The whole value
+        is kept when the rows are cut: it may itself be a view (GPT-2's Conv1D output), whose `_base` is
+        another tensor."""
+        cut = self.row_slices.get(id(tensor))
+        if cut is not None and cut[0] is tensor:
+            return cut[1], cut[2]
+        return _row_slice(tensor)
 
     def _grad_event(self, index: int, grad, rows=None):
         """The gradient of a grad node's value has come; `rows`: the value is those rows of the tensor
@@ -757,41 +774,29 @@ def _warn_row_zero(source, value) -> None:
     )
 
 
+def _gradient_sources(nodes, gradients: dict[int, list[int]]) -> set[int]:
+    """The module values that .grad nodes ask the gradient of, directly or through indexing (`attn.output[0]`)."""
+    sources = set()
+    for grads in gradients.values():
+        for index in grads:
+            node = nodes[nodes[index].args[0].index]
+            while node.op == "call" and node.target == "operator.getitem" and isinstance(node.args[0], Ref):
+                node = nodes[node.args[0].index]
+            if node.op == "module_value":
+                sources.add(node.index)
+    return sources
+
+
 def _row_slice(tensor: torch.Tensor):
-    """(what to hook, rows) for a gradient: an invoke's rows of a batch (`rows.narrow`) are a view
-    that the loss does not go through (the model goes on with the whole batch), so autograd never computes
-    the view's own gradient; the whole batch's, cut to the rows, is the same. Else (tensor, None)."""
+    """(the tensor to hook, rows) for a gradient of a slice of rows taken in the trace: its base's, cut to
+    the rows, when it is a row slice of that base. Else (tensor, None)."""
     base = tensor._base
     if (base is not None and base.requires_grad and tensor.dim() and tensor.shape[1:] == base.shape[1:]
             and tensor.stride() == base.stride()):
         start, extra = divmod(tensor.storage_offset() - base.storage_offset(), base.stride(0) or 1)
         if not extra and 0 <= start and start + tensor.shape[0] <= base.shape[0]:
             return base, (start, start + tensor.shape[0])
-    # the rows of a batch that is itself a view (a Conv1D's output, a split's part): `_base` is the tensor
-    # that one was viewed from, of another shape, so hook the batch's gradient where autograd makes it
-    node = tensor.grad_fn
-    if type(node).__name__ == "SliceBackward0" and node._saved_dim == 0 and node._saved_step == 1:
-        whole, output = node.next_functions[0]
-        rows = node._saved_self_sym_sizes[0]
-        if whole is not None and 0 <= node._saved_start <= rows:
-            return _OutputGradient(whole, output), (node._saved_start, min(node._saved_end, rows))
     return tensor, None
-
-
-class _OutputGradient:
-    """The gradient of output `output` of autograd node `node`, hooked like a tensor's (`register_hook`)."""
-
-    def __init__(self, node, output: int):
-        self.node, self.output = node, output
-
-    def register_hook(self, hook) -> RemovableHandle:
-        output = self.output
-
-        def prehook(grads):
-            new = None if grads[output] is None else hook(grads[output])
-            return None if new is None else (*grads[:output], new, *grads[output + 1 :])
-
-        return self.node.register_prehook(prehook)
 
 
 def _restore_grads(grads) -> None:

@@ -46,22 +46,26 @@ class Shared:
         )
 
 
-def narrow(value, rows, batch_size, *, shared: bool = False):
+def narrow(value, rows, batch_size, *, shared: bool = False, cuts: dict | None = None):
     """The invoke's rows of every batch-first tensor in `value` (views, so writes go through).
 
     shared: anything else but plain values becomes a `Shared` placeholder.
+    cuts: where to note each cut, `id(part) -> (part, whole tensor, rows)`.
     """
     if isinstance(value, torch.Tensor):
         if value.dim() and value.shape[0] == batch_size:
             if shared and not _rows_apart(value):
                 return Shared(f"a tensor of shape {tuple(value.shape)} whose rows share memory")
-            return value[rows[0] : rows[1]]
+            part = value[rows[0] : rows[1]]
+            if cuts is not None:
+                cuts[id(part)] = (part, value, rows)
+            return part
         return Shared(f"a tensor of shape {tuple(value.shape)} without the batch dimension") if shared else value
     if isinstance(value, (tuple, list)):
-        items = [narrow(item, rows, batch_size, shared=shared) for item in value]
+        items = [narrow(item, rows, batch_size, shared=shared, cuts=cuts) for item in value]
         return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     if isinstance(value, dict):
-        return type(value)(**{k: narrow(v, rows, batch_size, shared=shared) for k, v in value.items()})
+        return type(value)(**{k: narrow(v, rows, batch_size, shared=shared, cuts=cuts) for k, v in value.items()})
     if shared and not isinstance(value, _PLAIN):
         return Shared(f"a {type(value).__name__}")
     return value

@@ -485,6 +485,24 @@ def test_gradients_of_an_invokes_rows_of_an_output_that_is_a_view():
     want = torch.autograd.grad(out.sum(), embedded)[0]
     assert torch.count_nonzero(zeroed) == 0 and torch.count_nonzero(want[:1])
     torch.testing.assert_close(embed_grad, want[1:])  # the other invoke's zeroed rows did not reach these
+
+    with net.trace() as tracer:
+        with tracer.invoke(x[:1]):
+            pass
+        with tracer.invoke(x[1:]):
+            written = net[1].output.grad.save()  # asked for before an in-place write: the written value's
+            net[1].output[:, 0] = 0
+            net.output.sum().backward()
+
+    def write(module, args, output):
+        output = output.clone()
+        output[1:, 0] = 0
+        return output
+
+    handle = model[1].register_forward_hook(write)
+    out, viewed = forward_keeping(model, x, model[1])
+    handle.remove()
+    torch.testing.assert_close(written, torch.autograd.grad(out[1:].sum(), viewed)[0][1:])
     assert_clean(model)
     assert all(p.grad is None for p in model.parameters())
 
