@@ -69,14 +69,17 @@ class Proxy:
             )
         return value
 
+    def _scanned(self):
+        """This value on fake tensors while scanning (`trace(..., scan=True)`), else None."""
+        scanner = self._tracer.scanner
+        return None if scanner is None or self._tracer._closed else scanner.values.get(self._index)
+
     @property
     def shape(self):
         """The shape: a real `torch.Size` while scanning (`trace(..., scan=True)`), else traced."""
-        scanner = self._tracer.scanner
-        if scanner is not None and not self._tracer._closed:
-            value = scanner.values.get(self._index)
-            if value is not None and hasattr(value, "shape"):
-                return value.shape
+        value = self._scanned()
+        if value is not None and hasattr(value, "shape"):
+            return value.shape
         return self.__getattr__("shape")
 
     @property
@@ -158,12 +161,18 @@ class Proxy:
         return self._needs_value("an index (int)", operator.index)
 
     def __len__(self):
+        scanned = self._scanned()
+        if isinstance(scanned, (tuple, list)):  # a tuple's length is known while scanning, as a shape is
+            return len(scanned)
         return self._needs_value("len(); use value.shape[0] (a traced value) instead", len)
 
     def __iter__(self):
         node = self._tracer.graph[self._index]
         if not self._tracer._closed and node.op == "module_value" and node.kwargs["kind"] == "inputs":
             return iter((self[0], self[1]))  # always a pair: `args, kwargs = module.inputs`
+        scanned = self._scanned()
+        if isinstance(scanned, (tuple, list)):  # `hidden, weights = attention.output` while scanning
+            return iter([self[i] for i in range(len(scanned))])
         return self._needs_value("an iterable (a for loop or `a, b = value`); index it instead, e.g. value[0]", iter)
 
     def __str__(self) -> str:

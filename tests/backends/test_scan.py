@@ -24,6 +24,22 @@ def test_shape_is_real_while_scanning(mlp, x):
     assert len(parts) == 8 and torch.equal(parts[3], h[:, 3])
 
 
+def test_a_tuple_unpacks_and_has_a_length_while_scanning():
+    lm = LanguageModel(tiny("llama"))
+    attention = lm.model.layers[0].self_attn
+    with lm.trace([[5, 6, 7]], scan=True):
+        hidden, weights = attention.output  # nnsight code unpacks the attention's (output, weights)
+        pair = len(attention.output)
+        hidden = hidden.save()
+    with lm.trace([[5, 6, 7]]):
+        want = attention.output[0].save()
+    assert pair == 2 and torch.equal(hidden, want)
+    with pytest.raises(interlace.ProxyValueError, match="index it"):  # without scanning the length is unknown
+        with lm.trace([[5, 6, 7]]):
+            hidden, weights = attention.output
+    assert_clean(lm.module)
+
+
 def test_shape_error_is_raised_at_the_line_before_the_model_runs(mlp, x):
     ran = []  # whether each call of the model got real tensors
     handle = mlp.register_forward_pre_hook(lambda m, args: ran.append(type(args[0]) is torch.Tensor))
