@@ -37,9 +37,9 @@ class _Layout:
     def __init__(self, model: Model):
         family = self.family = family_of(model._module)
         layer = f"{family.layers}.0"
-        parts = {"layers": layer, "attention": f"{layer}.{family.attention}"}
+        parts = {"layers": layer, "attention": f"{layer}.{family.attention_update or family.attention}"}
         if family.mlp is not None:
-            parts["mlp"] = f"{layer}.{family.mlp}"
+            parts["mlp"] = f"{layer}.{family.mlp_update or family.mlp}"
         seen = observe(model._module, list(parts.values()))
         self.tuples = {part for part, path in parts.items() if isinstance(seen.get(path, (None, None))[1], tuple)}
 
@@ -112,7 +112,8 @@ def get_attention(model, layer: int) -> Envoy:
 def get_attention_output(model, layer: int):
     if isinstance(model, StandardizedTransformer):
         return model.attentions_output[layer]
-    return _value(model, get_attention(model, layer), "attention")
+    update = _layout(model).family.attention_update  # Bloom's attention adds the residual: read its update
+    return _value(model, get_layer(model, layer).get(update) if update else get_attention(model, layer), "attention")
 
 
 def get_mlp(model, layer: int) -> Envoy:
@@ -128,7 +129,8 @@ def get_mlp(model, layer: int) -> Envoy:
 def get_mlp_output(model, layer: int):
     if isinstance(model, StandardizedTransformer):
         return model.mlps_output[layer]
-    return _value(model, get_mlp(model, layer), "mlp")
+    update = _layout(model).family.mlp_update  # Bloom's and MPT's MLP add the residual: read the update
+    return _value(model, get_layer(model, layer).get(update) if update else get_mlp(model, layer), "mlp")
 
 
 def get_logits(model):

@@ -4,6 +4,7 @@ The families table of docs/standardized.md is generated from this file: `python 
 prints it, and `test_docs_list_the_tested_families` fails when that copy is stale.
 """
 
+import copy
 import functools
 import sys
 import warnings
@@ -16,6 +17,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 import interlace
 from interlace.models.standardized.check import check_model
+from interlace.methods import get_attention_output, get_mlp_output
 from interlace.models.standardized.families import FAMILIES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -106,6 +108,46 @@ def test_project_on_vocab_applies_the_final_logit_transform(model_type, renamed)
         projected = standardized.project_on_vocab(last)
     torch.testing.assert_close(projected, logits)
     assert not torch.allclose(untransformed, logits)  # what nnterp's project_on_vocab returns
+
+
+RESIDUAL_ADDING = sorted(t for t, f in FAMILIES.items() if f.attention_update or f.mlp_update)
+
+
+@pytest.mark.parametrize("model_type", RESIDUAL_ADDING + ["gpt2", "llama", "falcon", "gptj"])
+def test_attention_and_mlp_outputs_add_up_to_the_residual_update(model_type):
+    """Bloom's attention and MLP (and MPT's MLP) return the residual plus their update: the accessors and
+    nnterp's getters give the update alone, as on every family whose layer adds them unchanged."""
+    model = tiny_family(model_type)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():  # on a copy: transformers leaves hooks that record the hidden states
+        hidden = copy.deepcopy(model)(ids, output_hidden_states=True).hidden_states
+    plain = interlace.LanguageModel(model)
+    with plain.trace(ids.tolist()):
+        plain_update = (get_attention_output(plain, 0) + get_mlp_output(plain, 0)).save()
+    standardized = interlace.StandardizedTransformer(model)
+    with standardized.trace(ids.tolist()):
+        update = (standardized.attentions_output[0] + standardized.mlps_output[0]).save()
+    torch.testing.assert_close(update, hidden[1] - hidden[0])
+    torch.testing.assert_close(plain_update, hidden[1] - hidden[0])
+    assert_clean(model)
+
+
+@pytest.mark.parametrize("model_type", RESIDUAL_ADDING)
+def test_assigning_the_update_of_a_residual_adding_mlp(model_type):
+    model = tiny_family(model_type)
+    standardized = interlace.StandardizedTransformer(model)
+    with standardized.trace([[3, 4, 5, 6]]):
+        standardized.mlps_output[0] = standardized.mlps_output[0] * 0
+        logits = standardized.logits.save()
+    # the reference: the MLP module returns its residual argument, the update left out
+    mlp = model.get_submodule(f"{standardized.family.layers}.0.{standardized.family.mlp}")
+    handle = mlp.register_forward_hook(lambda module, args, output: args[1])
+    try:
+        with torch.no_grad():
+            want = model(torch.tensor([[3, 4, 5, 6]])).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(logits, want)
 
 
 def families_table() -> str:

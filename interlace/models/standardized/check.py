@@ -87,7 +87,7 @@ def _check_reads(model, inputs, results):
         logits = model.logits.save()
         projected = model.project_on_vocab(model.layers_output[-1]).save()
     args, kwargs = call
-    paths = {name: model._paths_of(part) for name, part, _ in reads}
+    paths = {name: model._paths_of(part, value=kind == "output") for name, part, kind in reads}
     kinds = {name: kind for name, _, kind in reads}
     paths["token_embeddings"], kinds["token_embeddings"] = [model.family.embed_tokens], "output"
     with _capture(model, paths, kinds) as captured, torch.no_grad():
@@ -151,7 +151,7 @@ def _check_writes(model, call, inputs, results):
             accessor = getattr(model, name)
             accessor[layer] = change(accessor[layer])
             logits = model.logits.save()
-        want = _forward_with_hooks(model, call, [(model._paths_of(part)[layer], _output_hook(change))])
+        want = _forward_with_hooks(model, call, [(model._paths_of(part, value=True)[layer], _output_hook(change))])
         results.append(_close(f"{name}[{layer}] = ...", logits, want, "vs a hook replacing the output"))
 
     torch.manual_seed(0)

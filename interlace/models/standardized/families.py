@@ -37,6 +37,11 @@ class Family:
     # parts whose output tensor the layer later changes in place (Falcon adds the attention into the
     # MLP's output): reads return a copy taken when the module returns; write them by assignment
     copy_on_read: tuple[str, ...] = ()
+    # the attention or MLP module that adds the residual to what it returns (Bloom's both, MPT's MLP):
+    # the path, under each layer, of its submodule computing the update alone, which `attentions_output` /
+    # `mlps_output` read and assign, so that they are what joins the residual on every family
+    attention_update: str | None = None
+    mlp_update: str | None = None
     # families whose attention does not go through transformers' attention interface but passes its
     # probabilities through a module of its own (Bloom's dropout): that module, under the attention
     probabilities: str | None = None
@@ -55,8 +60,9 @@ class Family:
 LLAMA = Family()
 GPT2 = Family("transformer.wte", "transformer.h", "attn", "mlp", "transformer.ln_f")
 BLOOM = Family("transformer.word_embeddings", "transformer.h", "self_attention", "mlp", "transformer.ln_f",
+                attention_update="self_attention.dense", mlp_update="mlp.dense_4h_to_h",
                 probabilities="attention_dropout")
-FALCON = replace(BLOOM, copy_on_read=("mlps",), probabilities=None)
+FALCON = replace(BLOOM, copy_on_read=("mlps",), attention_update=None, mlp_update=None, probabilities=None)
 SOFTCAP = replace(LLAMA, final_logits=("softcap", "final_logit_softcapping"))
 COHERE = replace(LLAMA, final_logits=("scale", "logit_scale"))
 GRANITE = replace(LLAMA, final_logits=("divide", "logits_scaling"))
@@ -92,7 +98,8 @@ FAMILIES: dict[str, Family] = {
     "ministral": LLAMA,
     "mistral": LLAMA,
     "mixtral": replace(LLAMA, router="mlp.gate"),
-    "mpt": Family("transformer.wte", "transformer.blocks", "attn", "ffn", "transformer.norm_f"),
+    "mpt": Family("transformer.wte", "transformer.blocks", "attn", "ffn", "transformer.norm_f",
+                  mlp_update="ffn.down_proj"),
     "nemotron": LLAMA,
     "olmo": LLAMA,
     "olmo2": LLAMA,

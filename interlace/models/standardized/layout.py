@@ -115,6 +115,9 @@ def _search(module: torch.nn.Module, names: RenameConfig, row: Family | None = N
         found = _find(below, names.router_name, "router", required=False)
         return f"{mlp}.{found}" if found else None
 
+    # a renamed part has no known update submodule (see Family.attention_update)
+    attention_update = part(names.attn_name, row and row.attention_update, lambda: None)
+    mlp_update = None if mlp is None else part(names.mlp_name, row and row.mlp_update, lambda: None)
     router = None if mlp is None or names.ignore_router else part(
         names.router_name or names.mlp_name, row and row.router, router_below_mlp)
     return dataclasses.replace(
@@ -128,6 +131,8 @@ def _search(module: torch.nn.Module, names: RenameConfig, row: Family | None = N
                       lambda: _find(outside, names.ln_final_name, "ln_final", last=True)),
         lm_head=part(names.lm_head_name, row and row.lm_head, lambda: _find(outside, names.lm_head_name, "lm_head")),
         router=router,
+        attention_update=attention_update,
+        mlp_update=mlp_update,
     )
 
 

@@ -58,7 +58,7 @@ class LayerValues:
         self._model, self._part, self._kind = model, part, kind
 
     def __getitem__(self, layer: int):
-        envoy = self._model._module_of(self._part, layer)
+        envoy = self._model._module_of(self._part, layer, value=self._kind == "output")
         if self._kind == "module":
             return envoy
         if self._kind == "input":
@@ -69,7 +69,7 @@ class LayerValues:
         return output.clone() if self._part in self._model.family.copy_on_read else output
 
     def __setitem__(self, layer: int, value) -> None:
-        envoy = self._model._module_of(self._part, layer)
+        envoy = self._model._module_of(self._part, layer, value=self._kind == "output")
         if self._kind == "module":
             raise StandardizationError(f"cannot assign a module; assign its value: {self._part}_output[{layer}] = ...")
         if self._kind == "input":
@@ -106,8 +106,9 @@ class StandardizedTransformer(LanguageModel):
     """A decoder language model under nnterp's standardized names, on its original modules.
 
     `layers_output[i]` is the residual stream after layer `i` (before the final norm), a tensor
-    `[batch, seq, hidden]` on every family; `attentions_output[i]` and `mlps_output[i]` are what the
-    attention and MLP add to it; all of them can be assigned. Prompts are padded on the left.
+    `[batch, seq, hidden]` on every family; `attentions_output[i]` and `mlps_output[i]` are the updates the
+    attention and MLP compute for it (before the post-norm of Gemma 2/3, OLMo 2); all of them can be assigned.
+    Prompts are padded on the left.
 
     >>> import transformers, interlace
     >>> config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=16, intermediate_size=32,
@@ -209,17 +210,26 @@ class StandardizedTransformer(LanguageModel):
             self._prepare(module)
         return module
 
-    def _paths_of(self, part: str) -> list[str]:
-        """The module path of `part` in each layer (empty when the family has no such part)."""
-        family, suffix = self.family, self._suffix(part)
+    def _paths_of(self, part: str, value: bool = False) -> list[str]:
+        """The module path of `part` in each layer (empty when the family has no such part).
+
+        value: the path of the module whose output is the part's output value (see `_suffix`)."""
+        family, suffix = self.family, self._suffix(part, value)
         if suffix is None:
             return []
         layers = self._module.get_submodule(family.layers)
         return [f"{family.layers}.{i}" + (f".{suffix}" if suffix else "") for i in range(len(layers))]
 
-    def _suffix(self, part: str) -> str | None:
-        """The path of `part` under a layer ("" for the layer itself; None: the family has none)."""
+    def _suffix(self, part: str, value: bool = False) -> str | None:
+        """The path of `part` under a layer ("" for the layer itself; None: the family has none).
+
+        value: the module whose output is the part's value: the submodule computing the update alone
+        where the part's module adds the residual itself (Bloom, MPT)."""
         family = self.family
+        if value and part == "attentions" and family.attention_update is not None:
+            return family.attention_update
+        if value and part == "mlps" and family.mlp_update is not None:
+            return family.mlp_update
         if part == "attention_probabilities" and family.probabilities is not None:
             return f"{family.attention}.{family.probabilities}"
         if part in HEAD_VALUES:
@@ -234,7 +244,7 @@ class StandardizedTransformer(LanguageModel):
             name for name in HEAD_VALUES
             if name not in self._unavailable and (name != "attention_probabilities" or self._attention_probs)
         ]
-        per_layer = {part: self._paths_of(part) for part in parts}
+        per_layer = {part: self._paths_of(part, value=True) for part in parts}
         for part, paths in per_layer.items():
             if not paths:
                 self._unavailable.setdefault(part, self._missing_reason(part))
@@ -287,8 +297,9 @@ class StandardizedTransformer(LanguageModel):
         return f"'{model_type}' has no {part}"
 
     # -- parts ------------------------------------------------------------------------------------
-    def _module_of(self, part: str, layer: int) -> Envoy:
-        """The envoy of `part` in layer `layer`; a clear error when the family has none."""
+    def _module_of(self, part: str, layer: int, value: bool = False) -> Envoy:
+        """The envoy of `part` in layer `layer` (value: of its output value, see `_suffix`); a clear error
+        when the family has none."""
         if part in self._unavailable:
             raise StandardizationError(f"{part} is not available on this model: {self._unavailable[part]}.")
         if part == "attention_probabilities" and not self._attention_probs:
@@ -296,7 +307,7 @@ class StandardizedTransformer(LanguageModel):
                 "attention_probabilities needs the eager attention: load the model with "
                 "StandardizedTransformer(..., enable_attention_probs=True)."
             )
-        envoy, suffix = self.layers[layer], self._suffix(part)
+        envoy, suffix = self.layers[layer], self._suffix(part, value)
         return envoy if suffix == "" else envoy.get(suffix)
 
     def _returns_tuple(self, envoy: Envoy) -> bool:
