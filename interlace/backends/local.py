@@ -207,7 +207,7 @@ class Interleaver:
                 self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
             if path in outputs:
                 hook = self._post_hook(path)
-                self.handles.append(module.register_forward_hook(hook))
+                self.handles.append(module.register_forward_hook(hook, prepend=_only_recorders(module)))
             if path in skipped:
                 self._patch_forward(module, path)
 
@@ -733,6 +733,15 @@ class Interleaver:
                 "this run. Check the call index (.next(), at_call) or whether the module runs at all"
             )
         return f"{source.describe()} never ran"
+
+
+def _only_recorders(module: torch.nn.Module) -> bool:
+    """Whether every forward hook on `module` is one of the hooks transformers leaves on a model (after the
+    first call asking for `output_hidden_states` / `output_attentions`) to record those outputs: ours then
+    go first, so that what it records is the output the trace wrote, which the next module gets."""
+    hooks = module._forward_hooks.values()
+    return bool(hooks) and all(getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
+                               for hook in hooks)
 
 
 def ended_by_session_stop(whole: bool) -> str:

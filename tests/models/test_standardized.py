@@ -77,6 +77,16 @@ def test_queries_are_after_rotary_and_heads_output_feeds_the_output_projection(l
     torch.testing.assert_close(heads.transpose(1, 2).reshape(1, 5, 32), projection_input)
 
 
+def test_output_hidden_states_show_the_layer_outputs_written(llama):
+    # the second call: transformers' hooks recording the hidden states are on the layers by then
+    for _ in range(2):
+        with llama.trace(IDS, output_hidden_states=True):
+            llama.layers_output[0] = llama.layers_output[0] * 0.5
+            written = llama.layers_output[0].save()
+            hidden_states = llama.output.hidden_states.save()
+        torch.testing.assert_close(hidden_states[1], written)
+
+
 def test_writing_values_changes_the_attention(llama):
     with llama.trace(IDS):
         llama.values[0] = llama.values[0] * 0
