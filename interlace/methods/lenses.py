@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..proxy import Proxy
 from .activations import get_token_activations
 from .getters import standardized
 
@@ -154,18 +155,19 @@ def patchscope_lens(
     if latents is None:
         source_prompts = [source_prompts] if isinstance(source_prompts, str) else list(source_prompts)
         latents = get_token_activations(model, source_prompts, layers=layers, remote=remote)
-    count = latents.shape[1]
+    # (in a session the latents read here are a traced value: their sizes are known from the arguments)
+    count = len(source_prompts) if source_prompts is not None else latents.shape[1]
     targets = TargetPromptBatch.auto(repeat_prompt() if target_patch_prompts is None else target_patch_prompts, count)
     if len(targets) != count:
         raise ValueError(f"{count} sources but {len(targets)} target prompts")
     rows, columns = torch.arange(count), _from_end(model, targets.prompts, targets.index_to_patch)
     probs = []
-    for latent, layer in zip(latents, layers):
+    for index, layer in enumerate(layers):
         with model.trace(targets.prompts, remote=remote):
             hidden = model.layers_output[layer]
-            hidden[rows, columns] = latent.to(hidden)
+            hidden[rows, columns] = latents[index].to(hidden)
             probs.append(model.next_token_probs.cpu().save())
-    return torch.stack(probs, dim=1)
+    return _stacked(probs)
 
 
 @torch.no_grad()
@@ -216,7 +218,14 @@ def patch_object_attn_lens(
                 hidden = model.attentions_input[patched]
                 hidden[rows, columns] = sources[patched].to(hidden)
             probs.append(model.next_token_probs.cpu().save())
-    return torch.stack(probs, dim=1)
+    return _stacked(probs)
+
+
+def _stacked(probs: list) -> torch.Tensor:
+    """The per-layer probabilities stacked `[prompts, layers, vocab]`; in a session they are traced values,
+    whose stack is saved (it is known when the session ends)."""
+    stacked = torch.stack(probs, dim=1)
+    return stacked.save() if isinstance(stacked, Proxy) else stacked
 
 
 def steer(model, layers, steering_vector: torch.Tensor, factor: float = 1.0, positions=None) -> None:

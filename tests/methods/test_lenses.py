@@ -108,6 +108,18 @@ def test_patchscope_forms_agree(model):
         patchscope_lens(model, source_prompts=SOURCES, layers=[0], layer_to_patch=1)
 
 
+def test_lenses_run_inside_a_session(model):
+    # in a session (one request when remote) each trace's values are known only when it ends
+    targets = TargetPromptBatch.from_prompts(TARGETS, [-1, -2])
+    with model.session():
+        scope = patchscope_lens(model, source_prompts=SOURCES, target_patch_prompts=targets, layers=[0, 1])
+        object_lens = patch_object_attn_lens(model, SOURCES[:1], TARGETS[1:], attn_idx_patch=-2, num_patches=1)
+    torch.testing.assert_close(scope, patchscope_lens(model, source_prompts=SOURCES, target_patch_prompts=targets,
+                                                      layers=[0, 1]))
+    torch.testing.assert_close(object_lens, patch_object_attn_lens(model, SOURCES[:1], TARGETS[1:], attn_idx_patch=-2,
+                                                                   num_patches=1))
+
+
 def test_target_prompt_helpers():
     assert repeat_prompt() == TargetPrompt("king king\n1135 1135\nhello hello\n?", -1)
     assert repeat_prompt(["a"], rel="=", sep=";").prompt == "a=a;?"
