@@ -107,7 +107,11 @@ class Session(Recorder):
     # -- context ----------------------------------------------------------------------------------
     def __enter__(self) -> "Session":
         if self.model._session is not None:
-            raise InterlaceError("sessions cannot be nested")
+            raise InterlaceError(
+                "sessions cannot be nested: a session of this model is already open. Record these traces in that "
+                "session (a method that opens its own, such as collect_last_token_activations_session, is called "
+                "outside any session)"
+            )
         self.model._session = self
         active().append(self)
         return self

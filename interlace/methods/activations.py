@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm as auto_tqdm
 
-from .getters import check_prompt_lengths, get_layer_output, get_num_layers, token_at
+from .getters import check_prompt_lengths, get_layer_output, get_num_layers, kept, token_at
 
 
 def _read(model, layers, get_activations, idx):
@@ -79,4 +79,4 @@ def collect_token_activations_batched(
     batches = [
         _traced(model, prompts[start : start + batch_size], layers, get_activations, remote, idx) for start in starts
     ]
-    return torch.cat(batches, dim=1)
+    return kept(torch.cat(batches, dim=1))

@@ -19,6 +19,13 @@ from ..models.base import Model
 from ..models.standardized import StandardizedTransformer
 from ..models.standardized.layout import RenameConfig, family_of, get_rename_dict
 from ..models.standardized.structure import StandardizationError, observe
+from ..proxy import Proxy
+
+
+def kept(value):
+    """A method's result: as it is, or saved where it is a traced value (the method was called inside a
+    session, whose traces run when it ends; the value is known then)."""
+    return value.save() if isinstance(value, Proxy) else value
 
 
 def standardized(model) -> StandardizedTransformer:

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..proxy import Proxy
 from .activations import get_token_activations
-from .getters import standardized
+from .getters import kept, standardized
 
 
 @torch.no_grad()
@@ -167,7 +166,7 @@ def patchscope_lens(
             hidden = model.layers_output[layer]
             hidden[rows, columns] = latents[index].to(hidden)
             probs.append(model.next_token_probs.cpu().save())
-    return _stacked(probs)
+    return kept(torch.stack(probs, dim=1))
 
 
 @torch.no_grad()
@@ -185,7 +184,8 @@ def patchscope_generate(
     targets = [target_patch_prompt.prompt] * len(prompts)
     column = int(_from_end(model, targets[:1], torch.tensor([int(target_patch_prompt.index_to_patch)]))[0])
     generations = {}
-    for hidden_states, layer in zip(hiddens, layers):
+    for index, layer in enumerate(layers):
+        hidden_states = hiddens[index]  # (by index: in a session `hiddens` is a traced value)
         with model.generate(targets, max_new_tokens=max_length, remote=remote):
             hidden = model.layers_output[layer]
             hidden[:, column] = hidden_states.to(hidden)
@@ -218,14 +218,7 @@ def patch_object_attn_lens(
                 hidden = model.attentions_input[patched]
                 hidden[rows, columns] = sources[patched].to(hidden)
             probs.append(model.next_token_probs.cpu().save())
-    return _stacked(probs)
-
-
-def _stacked(probs: list) -> torch.Tensor:
-    """The per-layer probabilities stacked `[prompts, layers, vocab]`; in a session they are traced values,
-    whose stack is saved (it is known when the session ends)."""
-    stacked = torch.stack(probs, dim=1)
-    return stacked.save() if isinstance(stacked, Proxy) else stacked
+    return kept(torch.stack(probs, dim=1))
 
 
 def steer(model, layers, steering_vector: torch.Tensor, factor: float = 1.0, positions=None) -> None:

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm as auto_tqdm
 
-from .getters import compute_next_token_probs
+from .getters import compute_next_token_probs, kept
 
 
 def get_first_tokens(words, tokenizer) -> list[int]:
@@ -108,6 +108,7 @@ def run_prompts(
     kwargs = dict(func_kwargs or {}, **({"remote": True} if remote else {}))
     probs = torch.cat([get_probs(model, [p.prompt for p in prompts[s : s + batch_size]], **kwargs) for s in starts])
     return {
-        category: torch.stack([probs[i, :, prompt.target_tokens[category]].sum(-1) for i, prompt in enumerate(prompts)]).cpu()
+        category: kept(torch.stack([probs[i, :, prompt.target_tokens[category]].sum(-1)
+                                    for i, prompt in enumerate(prompts)]).cpu())
         for category in categories
     }

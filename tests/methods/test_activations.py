@@ -97,6 +97,9 @@ def test_batched_collection_equals_one_batch(model):
     one_batch = get_token_activations(model, PROMPTS, layers=[0, 1])
     batched = collect_token_activations_batched(model, PROMPTS, batch_size=2, layers=[0, 1], tqdm=None)
     torch.testing.assert_close(batched, one_batch, atol=1e-5, rtol=1e-4)  # padding differs per batch
+    with model.session():  # (its traces run when it ends)
+        in_session = collect_token_activations_batched(model, PROMPTS, batch_size=2, layers=[0, 1], tqdm=None)
+    assert torch.equal(in_session, batched)
 
 
 def test_records_into_an_open_trace(model):

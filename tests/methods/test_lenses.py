@@ -111,9 +111,14 @@ def test_patchscope_forms_agree(model):
 def test_lenses_run_inside_a_session(model):
     # in a session (one request when remote) each trace's values are known only when it ends
     targets = TargetPromptBatch.from_prompts(TARGETS, [-1, -2])
+    target = TargetPrompt(TARGETS[1], -1)
     with model.session():
         scope = patchscope_lens(model, source_prompts=SOURCES, target_patch_prompts=targets, layers=[0, 1])
         object_lens = patch_object_attn_lens(model, SOURCES[:1], TARGETS[1:], attn_idx_patch=-2, num_patches=1)
+        generated = patchscope_generate(model, SOURCES, target, max_length=3, layers=[0, 1])
+    for layer in (0, 1):
+        alone = patchscope_generate(model, SOURCES, target, max_length=3, layers=[layer])
+        assert torch.equal(generated[layer], alone[layer])
     torch.testing.assert_close(scope, patchscope_lens(model, source_prompts=SOURCES, target_patch_prompts=targets,
                                                       layers=[0, 1]))
     torch.testing.assert_close(object_lens, patch_object_attn_lens(model, SOURCES[:1], TARGETS[1:], attn_idx_patch=-2,

@@ -40,6 +40,9 @@ def test_run_prompts_sums_the_target_probabilities(model):
     lens = logit_lens(model, [p.prompt for p in prompts])
     assert by_layer["other"].shape == (3, 2)
     torch.testing.assert_close(by_layer["other"], lens[:, :, 7])
+    with model.session():  # (its traces run when it ends)
+        in_session = run_prompts(model, prompts, get_probs_func=logit_lens, tqdm=None)
+    assert torch.equal(in_session["other"], by_layer["other"])
     with pytest.raises(ValueError, match="same categories"):
         run_prompts(model, [prompts[0], Prompt.from_strings("w2", {"x": "w5"}, model.tokenizer)])
     with pytest.raises(TypeError, match="run_prompts takes Prompt objects, which say which tokens to track, not str: "
