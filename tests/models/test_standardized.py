@@ -15,7 +15,7 @@ from interlace import StandardizationError, StandardizedTransformer
 from interlace.models.standardized import rename_table
 from interlace.models.standardized.attention import PROBES
 
-from helpers import assert_clean, tiny, tiny_tokenizer
+from helpers import assert_clean, tiny, tiny_family, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -137,33 +137,34 @@ def test_families_without_the_attention_interface_say_so():
     assert not bloom.attn_probs_available and bloom.available["attention_probabilities"] is not None
 
 
-def test_attention_probabilities_on_bloom_are_its_own_and_writing_them_changes_the_output():
-    module = transformers.BloomForCausalLM(transformers.BloomConfig(n_layer=2, hidden_size=32, n_head=4,
-                                                                    vocab_size=100)).eval()
-    bloom = StandardizedTransformer(module, enable_attention_probs=True)
-    assert bloom.attn_probs_available
-    with bloom.trace(IDS):
-        probs = bloom.attention_probabilities[1].save()
-    with bloom.trace(IDS):
-        bloom.attention_probabilities[0] = bloom.attention_probabilities[0] * 0.5
-        logits = bloom.logits.save()
-    # Bloom's own attention weights (its second output with output_attentions=True), on the same batch
-    width = max(map(len, IDS))
-    ids = torch.tensor([[0] * (width - len(row)) + row for row in IDS])
-    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in IDS])
+@pytest.mark.parametrize("model_type", ["bloom", "gpt_neo"])
+def test_attention_probabilities_of_families_without_the_interface_are_their_own(model_type):
+    # Bloom and GPT-Neo pass their probabilities through a dropout module of their own
+    module = tiny_family(model_type)
+    model = StandardizedTransformer(module, enable_attention_probs=True)
+    assert model.attn_probs_available
+    with model.trace(IDS):
+        probs = model.attention_probabilities[1].save()
+        call = model.inputs.save()
+    with model.trace(IDS):
+        model.attention_probabilities[0] = model.attention_probabilities[0] * 0.5
+        logits = model.logits.save()
+    # the family's own attention weights (its second output with output_attentions=True), on the same batch
+    args, kwargs = call
     with torch.no_grad():
-        native = module(input_ids=ids, attention_mask=mask, output_attentions=True).attentions[1]
+        native = module(*args, **kwargs, output_attentions=True).attentions[1]
     torch.testing.assert_close(probs, native)
     torch.testing.assert_close(probs[0].sum(-1), torch.ones(4, 5))
-    handle = module.transformer.h[0].self_attention.attention_dropout.register_forward_hook(lambda m, a, out: out * 0.5)
+    dropout = module.get_submodule(model._paths_of("attention_probabilities")[0])
+    handle = dropout.register_forward_hook(lambda m, a, out: out * 0.5)
     try:
         with torch.no_grad():
-            want = module(input_ids=ids, attention_mask=mask).logits
+            want = module(*args, **kwargs).logits
     finally:
         handle.remove()
     torch.testing.assert_close(logits, want)
     with torch.no_grad():
-        assert (want - module(input_ids=ids, attention_mask=mask).logits).abs().max() > 1e-4
+        assert (want - module(*args, **kwargs).logits).abs().max() > 1e-4
 
 
 def as_transformers_4(model):

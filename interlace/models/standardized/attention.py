@@ -14,7 +14,8 @@ Most families call their attention through `ALL_ATTENTION_FUNCTIONS`, chosen by 
 A model whose native implementation is neither sdpa nor eager (flash attention) gets no per-head
 values unless probabilities are asked for. Families whose attention does not use the interface
 (Bloom, GPT-Neo, MPT in transformers 5.25) get none; `StandardizedTransformer` says so when they are
-read. (Bloom passes its probabilities through a dropout module of its own, which its family row names.)
+read. (Bloom and GPT-Neo pass their probabilities through a dropout module of their own, which their
+family rows name.)
 """
 
 from __future__ import annotations

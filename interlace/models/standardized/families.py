@@ -43,7 +43,7 @@ class Family:
     attention_update: str | None = None
     mlp_update: str | None = None
     # families whose attention does not go through transformers' attention interface but passes its
-    # probabilities through a module of its own (Bloom's dropout): that module, under the attention
+    # probabilities through a module of its own (Bloom's and GPT-Neo's dropout): that module, under the attention
     probabilities: str | None = None
 
     def final_transform(self, logits, config):
@@ -86,7 +86,7 @@ FAMILIES: dict[str, Family] = {
     "glm4": LLAMA,
     "gpt2": GPT2,
     "gpt_bigcode": GPT2,
-    "gpt_neo": GPT2,
+    "gpt_neo": replace(GPT2, probabilities="attention.attn_dropout"),
     "gpt_neox": Family("gpt_neox.embed_in", "gpt_neox.layers", "attention", "mlp", "gpt_neox.final_layer_norm"),
     "gpt_oss": replace(LLAMA, router="mlp.router"),
     "gptj": GPT2,
