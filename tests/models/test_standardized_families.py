@@ -129,6 +129,10 @@ def test_attention_and_mlp_outputs_add_up_to_the_residual_update(model_type):
         update = (standardized.attentions_output[0] + standardized.mlps_output[0]).save()
     torch.testing.assert_close(update, hidden[1] - hidden[0])
     torch.testing.assert_close(plain_update, hidden[1] - hidden[0])
+    # a RenameConfig naming the row's own attention and MLP keeps what the row knows of them
+    family = FAMILIES[model_type]
+    names = interlace.RenameConfig(attn_name=family.attention, mlp_name=family.mlp)
+    assert interlace.StandardizedTransformer(model, rename_config=names).family == family
     assert_clean(model)
 
 

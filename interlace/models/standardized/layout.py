@@ -115,9 +115,9 @@ def _search(module: torch.nn.Module, names: RenameConfig, row: Family | None = N
         found = _find(below, names.router_name, "router", required=False)
         return f"{mlp}.{found}" if found else None
 
-    # a renamed part has no known update submodule (see Family.attention_update)
-    attention_update = part(names.attn_name, row and row.attention_update, lambda: None)
-    mlp_update = None if mlp is None else part(names.mlp_name, row and row.mlp_update, lambda: None)
+    # the row's update submodules (see Family.attention_update) belong to its own attention and MLP
+    attention_update = row.attention_update if row is not None and attention == row.attention else None
+    mlp_update = row.mlp_update if row is not None and mlp == row.mlp else None
     router = None if mlp is None or names.ignore_router else part(
         names.router_name or names.mlp_name, row and row.router, router_below_mlp)
     return dataclasses.replace(
