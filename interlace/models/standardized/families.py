@@ -66,6 +66,7 @@ FALCON = replace(BLOOM, copy_on_read=("mlps",), attention_update=None, mlp_updat
 SOFTCAP = replace(LLAMA, final_logits=("softcap", "final_logit_softcapping"))
 COHERE = replace(LLAMA, final_logits=("scale", "logit_scale"))
 GRANITE = replace(LLAMA, final_logits=("divide", "logits_scaling"))
+GRANITE_MOE = replace(GRANITE, mlp="block_sparse_moe", router="block_sparse_moe.router")
 
 FAMILIES: dict[str, Family] = {
     "apertus": LLAMA,
@@ -76,12 +77,14 @@ FAMILIES: dict[str, Family] = {
     "codegen": GPT2,
     "cohere": COHERE,
     "cohere2": COHERE,
+    "cohere2_moe": replace(COHERE, router="mlp.gate"),
     "ernie4_5": LLAMA,
     "exaone4": LLAMA,
     "falcon": FALCON,
     "gemma": LLAMA,
     "gemma2": SOFTCAP,
     "gemma3_text": SOFTCAP,
+    "gemma4_text": SOFTCAP,
     "glm": LLAMA,
     "glm4": LLAMA,
     "gpt2": GPT2,
@@ -91,15 +94,18 @@ FAMILIES: dict[str, Family] = {
     "gpt_oss": replace(LLAMA, router="mlp.router"),
     "gptj": GPT2,
     "granite": GRANITE,
-    "granitemoe": replace(GRANITE, mlp="block_sparse_moe", router="block_sparse_moe.router"),
+    "granitemoe": GRANITE_MOE,
+    "granitemoeshared": GRANITE_MOE,
     "helium": LLAMA,
     "hunyuan_v1_dense": LLAMA,
+    "hyperclovax": replace(LLAMA, final_logits=("scale", "logits_scaling")),  # multiplies, unlike Granite
     "llama": LLAMA,
     "ministral": LLAMA,
     "mistral": LLAMA,
     "mixtral": replace(LLAMA, router="mlp.gate"),
     "mpt": Family("transformer.wte", "transformer.blocks", "attn", "ffn", "transformer.norm_f",
                   mlp_update="ffn.down_proj"),
+    "nanochat": SOFTCAP,
     "nemotron": LLAMA,
     "olmo": LLAMA,
     "olmo2": LLAMA,
