@@ -138,11 +138,14 @@ def test_families_without_the_attention_interface_say_so():
 
 
 @pytest.mark.parametrize("model_type", ["bloom", "gpt_neo"])
-def test_attention_probabilities_of_families_without_the_interface_are_their_own(model_type):
+def test_attention_probabilities_of_families_without_the_interface_are_their_own(model_type, capsys):
     # Bloom and GPT-Neo pass their probabilities through a dropout module of their own
     module = tiny_family(model_type)
     model = StandardizedTransformer(module, enable_attention_probs=True)
     assert model.attn_probs_available
+    model.attention_probabilities.print_source(1)
+    dropout_path = model._paths_of("attention_probabilities")[1]
+    assert capsys.readouterr().out.startswith(f"attention_probabilities[1] is the output of {dropout_path}, called in:")
     with model.trace(IDS):
         probs = model.attention_probabilities[1].save()
         call = model.inputs.save()

@@ -81,11 +81,15 @@ class LayerValues:
 
     def print_source(self, layer: int = 0) -> None:
         """Print the code this value comes from, each call site named as `.source` names it (nnterp's
-        name). `attention_probabilities` are the softmax of the family's eager attention function;
-        the other per-head values are the arguments and result of the attention module's
-        `attention_interface_0`."""
+        name). `attention_probabilities` are the softmax of the family's eager attention function
+        (Bloom's, GPT-Neo's: the output of the dropout module their attention calls); the other per-head
+        values are the arguments and result of the attention module's `attention_interface_0`."""
         envoy = self._model._module_of(self._part, layer)
-        if self._part in HEAD_VALUES:
+        if self._part == "attention_probabilities" and self._model.family.probabilities is not None:
+            caller = envoy.path.rsplit(".", 1)[0]
+            function = type(self._model._module.get_submodule(caller)).forward
+            print(f"{self._part}[{layer}] is the output of {envoy.path}, called in:")
+        elif self._part in HEAD_VALUES:
             attention = self._model._module_of("attentions", layer)
             function = type(attention.module).forward
             if self._part == "attention_probabilities":
