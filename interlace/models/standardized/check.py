@@ -204,7 +204,8 @@ def _output_hook(change):
 def _check_probabilities(model, call, inputs, results):
     """Probabilities against the family's eager attention; writing them against a hook on the probe."""
     name = "attention_probabilities"
-    reason = model.available["queries"]
+    own = model.family.probabilities is not None  # Bloom, GPT-Neo: their attention's own dropout module
+    reason = None if own else model.available["queries"]
     if reason is not None:
         for row in ("sum to 1", "== eager attention", "logits == eager logits", "write"):
             results.append(CheckResult(f"{name}: {row}", "n/a", reason))
@@ -222,7 +223,8 @@ def _check_probabilities(model, call, inputs, results):
             edited = model.logits.save()
         want_edited = _forward_with_hooks(model, call, [(model._paths_of(name)[0], lambda m, a, output: output * 0.5)])
         # the family's own eager attention returns its probabilities as the attention module's second output
-        model.module.set_attn_implementation("eager")
+        if not own:
+            model.module.set_attn_implementation("eager")
         eager_probs = [None] * model.num_layers
         eager_logits = _forward_with_hooks(model, call, [
             (path, lambda m, a, out, i=i: eager_probs.__setitem__(i, out[1].detach().clone()))
