@@ -167,7 +167,8 @@ def families_table() -> str:
         lines.append(
             f"| {model_type} | {architecture} | `{family.layers}` | `{family.attention}` | "
             f"{'`' + family.mlp + '`' if family.mlp else 'none'} | "
-            f"{'yes' if calls_attention_interface(model_type) else 'no'} | "
+            f"{'yes' if calls_attention_interface(model_type) else 'probabilities' if family.probabilities else 'no'}"
+            " | "
             f"{'`' + family.router + '`' if family.router else ''} | "
             f"{'`' + family.final_logits[1] + '`' if family.final_logits else ''} |"
         )
