@@ -93,6 +93,7 @@ class JobStore:
         return self._active[key]
 
     def get(self, job_id: str, key: str) -> Job:
+        self.expire()  # a server nobody submits to must not keep answering with results past their ttl
         job = self._jobs.get(job_id)
         if job is None or job.key != key:  # another key's job is as unknown as a made-up id
             raise ServiceError(f"no job '{job_id[:64]}' for this key (unknown, another key's, or expired)",
@@ -101,10 +102,12 @@ class JobStore:
 
     def idempotent(self, key: str, idempotency: str) -> Job | None:
         """The job this key already submitted with this Idempotency-Key, if it has not expired."""
+        self.expire()
         return self._idempotent.get((key, idempotency))
 
     def of_key(self, key: str) -> list[Job]:
         """The key's jobs, newest first."""
+        self.expire()
         with self._lock:
             return sorted((job for job in self._jobs.values() if job.key == key), key=lambda j: -j.created)
 

@@ -313,3 +313,30 @@ def test_finished_jobs_expire_after_the_ttl_in_sweeps_at_most_a_second_apart(mon
             jobs.get(later.id, "k")
     finally:
         loop.close()
+
+
+def test_a_result_past_its_ttl_is_gone_though_nobody_submits(monkeypatch):
+    """Reading a job (its status, result or the key's list) sweeps too: on a server that takes no new jobs a
+    result does not stay readable past `--result-ttl`."""
+    import asyncio
+
+    from interlace.server import store as store_module
+    from interlace.server.jobs import Job
+    from interlace.server.store import JobStore
+
+    now = [1000.0]
+    monkeypatch.setattr(store_module.time, "time", lambda: now[0])
+    loop = asyncio.new_event_loop()
+    try:
+        jobs = JobStore(":memory:", ttl=60)
+        job = Job(None, key="k", model="m", limits=None, loop=loop)
+        jobs.add(job, fingerprint="f", timeout=None, idempotency="once")
+        job.complete(b"", [], {})
+        now[0] += 59
+        assert jobs.get(job.id, "k") is job and jobs.of_key("k") == [job]
+        now[0] += 2  # finished 61 s ago; no submission since
+        assert jobs.of_key("k") == [] and jobs.idempotent("k", "once") is None
+        with pytest.raises(ServiceError, match="unknown, another key's, or expired"):
+            jobs.get(job.id, "k")
+    finally:
+        loop.close()
