@@ -109,8 +109,11 @@ class VersionError(SerializationError):
 class ServiceError(InterlaceError):
     """A server refused a request for a reason of its own: the key, the job id, the rate, the queue.
 
-    `status` is the HTTP status and `code` a short name (`unauthorized`, `not_found`, `queue_full`, ...).
+    `status` is the HTTP status and `code` a short name (`unauthorized`, `not_found`, `queue_full`, ...);
+    `retry_after`, when the server gave one, the seconds to wait before sending again.
     """
+
+    retry_after: int | None = None
 
     def __init__(self, message: str, *, status: int, code: str):
         super().__init__(message)

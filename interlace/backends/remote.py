@@ -334,12 +334,16 @@ def _error(response: httpx.Response, *, quote: bool = True) -> InterlaceError:
                             status=response.status_code, code="http_error")
     if quote:
         message = quote_sources(message)
+    retry = response.headers.get("retry-after", "")
+    if retry.isdigit():  # the header is out of a caller's sight: the message says it
+        message += f"; retry in {retry} s"
     kind = getattr(errors, code, None)
     if isinstance(kind, type) and issubclass(kind, InterlaceError) and kind is not ServiceError:
         error = kind(message + (f"\n  hint: {hint}" if hint and response.status_code != 422 else ""))
     else:
         error = ServiceError(f"{message}" + (f"\n  hint: {hint}" if hint else ""), status=response.status_code,
                              code=code)
+        error.retry_after = int(retry) if retry.isdigit() else None
     error.node = node
     return error
 

@@ -8,6 +8,7 @@ import torch
 
 import interlace
 from interlace import cli
+from interlace.errors import ServiceError
 from interlace.server.keys import KeyStore
 from test_bad_input import _result, _submit, _until, good, post, slow
 
@@ -99,3 +100,18 @@ def test_waiting_for_a_job_handle_can_time_out_and_cancel(tight, setup):
     assert job.cancel()["state"] in ("running", "cancelled")
     with pytest.raises(interlace.CancelledError):
         job.result(timeout=30)
+
+
+def test_a_client_over_the_rate_is_told_when_to_retry(tight, setup):
+    """The server's Retry-After reaches the caller, who never sees the header: in the message and as
+    `retry_after`."""
+    key = setup["keys"]["tight8"]
+    remote = interlace.LanguageModel("tiny-gpt2", host=tight.url, api_key=key)
+    for _ in range(8):  # the server's --rate
+        post(tight, key, b"")  # refused as malformed, but counted
+    with pytest.raises(ServiceError) as refused:
+        with remote.trace("w5 w6", remote=True):
+            remote.transformer.h[0].output.save()
+    assert (refused.value.status, refused.value.code) == (429, "rate_limited")
+    assert 1 <= refused.value.retry_after <= 61
+    assert f"retry in {refused.value.retry_after} s" in str(refused.value)
