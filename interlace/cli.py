@@ -71,27 +71,33 @@ def _serve(args) -> int:
         from .server.cluster import serve_on_ray
 
         return serve_on_ray(args, config)
+    if (unusable := _cannot_listen(args.host, args.port)) is not None:  # said before minutes of loading a model
+        print(f"interlace serve: cannot listen on {args.host}:{args.port}: {unusable}", file=sys.stderr)
+        return 2
     print(f"interlace: loading {args.model} ...", file=sys.stderr, flush=True)
     kind = {"standardized": args.standardized, "attention_probs": args.attention_probs}
     name = args.name or default_name(args.model)
-    if args.in_process:
-        hosted = HostedModel(load_model(args.model, **kind), name=name, limits=limits, trusted=args.trusted,
-                             check_weights=args.check_weights)
-        app = create_app([hosted], KeyStore(args.db), config)
-    else:  # the weights in a worker process (`server/worker.py`); here only what checking requests needs
-        from .server.worker import ProcessRunner
+    runner = None
+    try:  # a model that cannot load fails the command with its reason, not the first job
+        if args.in_process:
+            hosted = HostedModel(load_model(args.model, **kind), name=name, limits=limits, trusted=args.trusted,
+                                 check_weights=args.check_weights)
+            app = create_app([hosted], KeyStore(args.db), config)
+        else:  # the weights in a worker process (`server/worker.py`); here only what checking requests needs
+            from .server.worker import ProcessRunner
 
-        runner = ProcessRunner(None, args.model, check_weights=args.check_weights, name=name, kind=kind,
-                               limits=dataclasses.asdict(limits), trusted=args.trusted)
-        runner.start()  # first: the child loads the model while this process builds its own copy
-        hosted = runner.hosted = HostedModel(load_model(args.model, weights=False, **kind), name=name,
-                                             limits=limits, trusted=args.trusted)
-        try:
-            runner.wait_ready()  # a model that cannot load fails the command, not the first job
-        except InterlaceError as error:
-            print(f"interlace serve: {error}", file=sys.stderr)
-            return 1
-        app = create_app([hosted], KeyStore(args.db), config, runners={name: [runner]})
+            runner = ProcessRunner(None, args.model, check_weights=args.check_weights, name=name, kind=kind,
+                                   limits=dataclasses.asdict(limits), trusted=args.trusted)
+            runner.start()  # first: the child loads the model while this process builds its own copy
+            hosted = runner.hosted = HostedModel(load_model(args.model, weights=False, **kind), name=name,
+                                                 limits=limits, trusted=args.trusted)
+            runner.wait_ready()
+            app = create_app([hosted], KeyStore(args.db), config, runners={name: [runner]})
+    except InterlaceError as error:
+        if runner is not None:
+            runner.close()
+        print(f"interlace serve: {error}", file=sys.stderr)
+        return 1
     print(f"interlace: serving '{hosted.name}' on http://{args.host}:{args.port} (keys: {args.db})",
           file=sys.stderr, flush=True)
     # the HTTP loop and the model's worker share the GIL: hand it over within 0.5 ms, not the default 5 ms,
@@ -100,9 +106,23 @@ def _serve(args) -> int:
     try:
         serve(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
-        if not args.in_process:
+        if runner is not None:
             runner.close()  # after the drain: the running batch has finished
     return 0
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on, and what to do; None when it can."""
+    import errno
+    import socket
+
+    try:
+        socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET).close()
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            return "the port is in use (another server?): pick another --port, or stop that one"
+        return f"{error.strerror or error}: check --host and --port"
+    return None
 
 
 def _keys(args) -> int:

@@ -100,3 +100,20 @@ def test_the_serve_help_gives_units_and_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "port to listen on (default 8000)" in text
     assert "--max-frame-bytes INT limit of every job, in bytes" in text and "in seconds (default 300.0)" in text
+
+
+def test_serve_on_a_port_in_use_says_so_before_loading_the_model(setup, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # (serve sets it)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert cli.main(["serve", setup["folder"], "--db", setup["db"], "--port", str(port)]) == 2
+    said = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in said and "--port" in said and "loading" not in said
+
+
+def test_serve_of_a_model_that_does_not_exist_says_why_in_one_line(setup, tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    missing = str(tmp_path / "no-such-model")
+    assert cli.main(["serve", missing, "--db", setup["db"], "--port", str(free_port())]) == 1
+    said = capfd.readouterr().err
+    assert f"interlace serve: cannot load the config of '{missing}'" in said and "Traceback" not in said
