@@ -258,8 +258,11 @@ class RemoteBackend:
             raise LimitError(f"job {job.id} is not finished after {job.timeout:g} s; it goes on: ask again with "
                              "job.result(), or stop it with job.cancel()") from None
         except httpx.TransportError as error:
-            raise ServiceError(f"lost the connection to {self.host} while waiting for job {job.id}: {error}",
-                               status=0, code="unreachable") from None
+            raise ServiceError(
+                f"lost the connection to {self.host} while waiting for job {job.id}: {error}. The server keeps its "
+                f"jobs across a restart: once it answers, fetch it with model.job({job.id!r}).result() (one that was "
+                "running when the server stopped ends with server_restarted: submit it again)",
+                status=0, code="unreachable") from None
         finally:
             status.close()
 

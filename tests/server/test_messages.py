@@ -117,3 +117,12 @@ def test_serve_of_a_model_that_does_not_exist_says_why_in_one_line(setup, tmp_pa
     assert cli.main(["serve", missing, "--db", setup["db"], "--port", str(free_port())]) == 1
     said = capfd.readouterr().err
     assert f"interlace serve: cannot load the config of '{missing}'" in said and "Traceback" not in said
+
+
+def test_a_job_waited_for_on_a_server_that_went_away_says_how_to_fetch_it_later(setup):
+    from interlace.backends.remote import RemoteBackend
+
+    gone = RemoteBackend(f"http://127.0.0.1:{free_port()}", setup["keys"]["alice"], model="tiny-gpt2", progress=False)
+    with pytest.raises(interlace.errors.ServiceError, match=re.escape("model.job('abc').result()")) as raised:
+        gone.job("abc").result()
+    assert raised.value.code == "unreachable"
