@@ -47,7 +47,7 @@ class Service:
         self.queues = {name: JobQueue(config.queue_depth) for name in self.models}
         self.store = JobStore(keys.path, config.result_ttl)  # beside the keys: jobs outlive the process
         self.quota = Quota(config.rate, config.jobs_per_key)
-        self.metrics = Metrics()
+        self.metrics = Metrics(self.models)
         runners = runners or {name: [self._runner(hosted)] for name, hosted in self.models.items()}
         batch = (config.batch_jobs, config.batch_tokens, config.batch_wait)
         self.workers = [Worker(self.queues[name], self._counted(name, run), name=name, status_of=errors.status_of,

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import tempfile
+from collections import Counter
 
 import torch
 
@@ -98,6 +99,7 @@ class HostedModel:
         self.changes: list[str] = []  # what any job left behind (check_weights only)
         self.broken: list[str] = []  # weights a job changed past the write check: no job runs after it
         self.reloads: list[str] = []  # why its weights were loaded again (a worker process restarted for it)
+        self.worker_restarts: Counter = Counter()  # why its worker process was started again (worker.py): times
         self._manifest: dict | None = None
         self._fingerprint: str | None = None
         if not trusted:

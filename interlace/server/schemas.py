@@ -25,6 +25,7 @@ class Health(BaseModel):
     checked_jobs: int | None = None  # jobs after which the weights were checked (--check-weights)
     model_changes: list[str] | None = None  # what any job left on a hosted model (expected: none)
     model_damage: list[str] = []  # weights jobs changed past the write check, and whether they were reloaded
+    worker_restarts: dict[str, dict[str, int]] = {}  # per model: why its worker process was started again, times
 
 
 class ModelSummary(BaseModel):

@@ -92,9 +92,10 @@ class ProcessRunner:
             self.hosted.checksum = checksum
             self._copy_checks(identity)
 
-    def restart(self) -> None:
-        """Kill the child (whatever it runs) and start another."""
+    def restart(self, reason: str) -> None:
+        """Kill the child (whatever it runs) and start another; `reason` is counted (`/v1/health`, `/metrics`)."""
         if self.process is not None:
+            self.hosted.worker_restarts[reason] += 1
             self._checked, self._changes = self.hosted.checked, list(self.hosted.changes)
             self.process.kill()
             self.process.join()
@@ -118,7 +119,7 @@ class ProcessRunner:
             try:
                 self.wait_ready()
             except ServiceError as error:
-                self.restart()  # tried again with the next batch
+                self.restart("load_failed")  # tried again with the next batch
                 return [error] * len(jobs)
         limits = jobs[0].limits  # a batch shares its limits (they are part of its group)
         try:
@@ -128,11 +129,11 @@ class ProcessRunner:
             code = self.process.exitcode
             log.warning("the model's worker process died (exit code %s) while running %d job(s); restarting it",
                         code, len(jobs))
-            self.restart()
+            self.restart("died")
             return [ServiceError(f"the model's worker process died (exit code {code}) while running this job, and "
                                  "was restarted; submit the job again", status=503, code="worker_failed")] * len(jobs)
         if isinstance(reply, Exception):  # killed by us: past its deadline or cancelled, inside one operation
-            self.restart()
+            self.restart("deadline" if isinstance(reply, LimitError) else "cancelled")
             return [reply] * len(jobs)
         if self.check_weights:
             self._copy_checks(reply["replica"])
@@ -141,7 +142,7 @@ class ProcessRunner:
             log.error("a job changed weight(s) %s of the model in its worker process past the write check; "
                       "restarting the worker to load the model again", ", ".join(broken[:5]))
             self.hosted.reloads.append(f"weight(s) {', '.join(broken[:5])} changed by a job: worker restarted")
-            self.restart()
+            self.restart("weights_changed")
         cancelled = CancelledError("the job was cancelled while running")
         return [cancelled if job.cancel.is_set() else decode_answer(answer)
                 for job, answer in zip(jobs, reply["answers"])]

@@ -102,6 +102,7 @@ def test_cancelling_one_long_operation_frees_the_model(isolated, setup):
 def test_a_worker_that_dies_fails_only_its_batch(isolated, setup):
     key = setup["keys"]["user5"]
     [pid] = workers(isolated)
+    died = isolated.health()["worker_restarts"].get("tiny-gpt2", {}).get("died", 0)  # (earlier tests' restarts)
     job = _submit(isolated, key, one_long_operation())
     _until(isolated, key, job, ("running",))
     time.sleep(0.3)  # in the worker by now
@@ -112,6 +113,9 @@ def test_a_worker_that_dies_fails_only_its_batch(isolated, setup):
     assert "submit the job again" in body["message"]
     assert post(isolated, key, good()).status_code == 200  # the server goes on, on a new worker
     assert workers(isolated) and pid not in workers(isolated)
+    assert isolated.health()["worker_restarts"]["tiny-gpt2"]["died"] == died + 1  # the operator sees it
+    metrics = httpx.get(f"{isolated.url}/metrics").text
+    assert f'interlace_worker_restarts_total{{model="tiny-gpt2",reason="died"}} {died + 1}.0' in metrics
 
 
 def test_no_worker_outlives_its_server(setup):

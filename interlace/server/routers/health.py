@@ -26,6 +26,7 @@ def health(svc=Depends(service)) -> Health:
         checked_jobs=sum(m.checked for m in checking) if checking else None,
         model_changes=[change for m in checking for change in m.changes] if checking else None,
         model_damage=[f"{m.name}: {line}" for m in svc.models.values() for line in m.damage()],
+        worker_restarts={m.name: dict(m.worker_restarts) for m in svc.models.values() if m.worker_restarts},
     )
 
 
