@@ -42,6 +42,13 @@ def _serve(args) -> int:
     if not args.ray and (args.replicas != 1 or args.max_replicas or args.gpus_per_replica):
         print("--replicas, --max-replicas and --gpus-per-replica need --ray", file=sys.stderr)
         return 2
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile) or (args.ssl_certfile and args.ray):
+        print("TLS needs both --ssl-certfile and --ssl-keyfile, without --ray (with --ray, put a TLS proxy in front)",
+              file=sys.stderr)
+        return 2
+    if missing := [path for path in (args.ssl_certfile, args.ssl_keyfile) if path and not os.path.isfile(path)]:
+        print(f"no file at {missing[0]} (--ssl-certfile and --ssl-keyfile take PEM files)", file=sys.stderr)
+        return 2
 
     from .server.app import create_app, serve
     from .server.config import ServerConfig
@@ -98,13 +105,15 @@ def _serve(args) -> int:
             runner.close()
         print(f"interlace serve: {error}", file=sys.stderr)
         return 1
-    print(f"interlace: serving '{hosted.name}' on http://{args.host}:{args.port} (keys: {args.db})",
+    scheme = "https" if args.ssl_certfile else "http"
+    print(f"interlace: serving '{hosted.name}' on {scheme}://{args.host}:{args.port} (keys: {args.db})",
           file=sys.stderr, flush=True)
     # the HTTP loop and the model's worker share the GIL: hand it over within 0.5 ms, not the default 5 ms,
     # so a finished job is answered at once
     sys.setswitchinterval(0.0005)
     try:
-        serve(app, host=args.host, port=args.port, log_level=args.log_level)
+        serve(app, host=args.host, port=args.port, log_level=args.log_level, ssl_certfile=args.ssl_certfile,
+              ssl_keyfile=args.ssl_keyfile)
     finally:
         if runner is not None:
             runner.close()  # after the drain: the running batch has finished
@@ -207,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="the API key database, made by `interlace keys create` (default keys.db); jobs are kept "
                             "there too")
     serve.add_argument("--name", default=None, help="the model's id for clients (default: from MODEL)")
+    serve.add_argument("--ssl-certfile", default=None, metavar="PEM",
+                       help="serve HTTPS with this certificate (and --ssl-keyfile): API keys cross the network "
+                            "encrypted; clients use host='https://...'")
+    serve.add_argument("--ssl-keyfile", default=None, metavar="PEM", help="the certificate's private key")
     serve.add_argument("--trusted", action="store_true",
                        help="also run graphs with pickled user functions (interlace.apply): only for trusted users")
     serve.add_argument("--hub", action="store_true",

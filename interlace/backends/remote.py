@@ -229,8 +229,15 @@ class RemoteBackend:
         return response
 
     def _unreachable(self, error: httpx.TransportError) -> ServiceError:
-        return ServiceError(f"cannot reach the interlace server at {self.host}: {str(error).rstrip('.')}. Is "
-                            "`interlace serve` running there?", status=0, code="unreachable")
+        if "CERTIFICATE_VERIFY_FAILED" in str(error):
+            advice = ("The server's certificate is not trusted here: set SSL_CERT_FILE to the PEM file of the "
+                      "authority that signed it (its own certificate, when self-signed)")
+        elif self.host.startswith("http://") and isinstance(error, httpx.RemoteProtocolError):
+            advice = "Does the server take https://? (it does when started with --ssl-certfile)"
+        else:
+            advice = "Is `interlace serve` running there?"
+        return ServiceError(f"cannot reach the interlace server at {self.host}: {str(error).rstrip('.')}. {advice}",
+                            status=0, code="unreachable")
 
     def _follow(self, job: "Job", deadline: float | None) -> None:
         """Wait for the job's final event, showing its queue position and state."""

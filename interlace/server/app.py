@@ -229,10 +229,12 @@ def create_app(models: list[HostedModel], keys: KeyStore, config: ServerConfig |
     return app
 
 
-def serve(app: FastAPI, *, host: str, port: int, log_level: str) -> None:
+def serve(app: FastAPI, *, host: str, port: int, log_level: str, ssl_certfile: str | None = None,
+          ssl_keyfile: str | None = None) -> None:
     """Run the app on uvicorn until Ctrl-C (running jobs are cancelled) or SIGTERM, which drains: new
     submissions get 503, status, results and event streams keep answering, the running batches finish,
-    queued jobs stay in the database for the next start, then the process exits with 0."""
+    queued jobs stay in the database for the next start, then the process exits with 0. With a certificate
+    and its key, it serves HTTPS."""
     service: Service = app.state.service
 
     class Draining(uvicorn.Server):
@@ -250,7 +252,8 @@ def serve(app: FastAPI, *, host: str, port: int, log_level: str) -> None:
             time.sleep(STREAM_CHECK + 0.5)  # every wait and event stream sees it and ends with a final event
             self.should_exit = True
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                            ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
     Draining(config).run()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -25,7 +26,10 @@ class Server:
     def __init__(self, model: str, db: str, *flags: str, ready_within: float = 180.0, env: dict | None = None,
                  program: tuple[str, ...] = ("-m", "interlace")):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        # with --ssl-certfile (self-signed): HTTPS, trusting that certificate
+        self.verify = ssl.create_default_context(cafile=flags[flags.index("--ssl-certfile") + 1]) \
+            if "--ssl-certfile" in flags else True
+        self.url = f"{'http' if self.verify is True else 'https'}://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile(mode="w+")
         command = [sys.executable, *program, "serve", model, "--db", db, "--port", str(self.port),
                    "--log-level", "warning", *flags]
@@ -42,7 +46,7 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.output()}")
             try:
-                if httpx.get(f"{self.url}/v1/health", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}/v1/health", timeout=2, verify=self.verify).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
@@ -54,7 +58,7 @@ class Server:
         return self.log.read()[-5000:]
 
     def health(self) -> dict:
-        return httpx.get(f"{self.url}/v1/health", timeout=10).json()
+        return httpx.get(f"{self.url}/v1/health", timeout=10, verify=self.verify).json()
 
     def stop(self) -> None:
         if self.process.poll() is None:

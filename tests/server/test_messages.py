@@ -4,12 +4,14 @@ with a missing database, a value read before a non-blocking job finished, the CL
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
 import interlace
 import interlace.errors
@@ -126,3 +128,46 @@ def test_a_job_waited_for_on_a_server_that_went_away_says_how_to_fetch_it_later(
     with pytest.raises(interlace.errors.ServiceError, match=re.escape("model.job('abc').result()")) as raised:
         gone.job("abc").result()
     assert raised.value.code == "unreachable"
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1 and its key."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def test_serve_over_tls_gives_the_local_results_and_clear_errors(setup, local, certificate, monkeypatch):
+    cert, key = certificate
+    server = Server(setup["folder"], setup["db"], "--ssl-certfile", cert, "--ssl-keyfile", key)
+    try:
+        assert server.url.startswith("https://")
+        with pytest.raises(interlace.errors.ServiceError, match="set SSL_CERT_FILE"):  # self-signed: not trusted
+            interlace.LanguageModel("tiny-gpt2", host=server.url, api_key=setup["keys"]["alice"])
+        with pytest.raises(interlace.errors.ServiceError, match=re.escape("Does the server take https://?")):
+            interlace.LanguageModel("tiny-gpt2", host=server.url.replace("https", "http"),
+                                    api_key=setup["keys"]["alice"])
+        monkeypatch.setenv("SSL_CERT_FILE", cert)
+        remote = interlace.LanguageModel("tiny-gpt2", host=server.url, api_key=setup["keys"]["alice"])
+        with remote.trace("w5 w6", remote=True):
+            got = remote.transformer.h[1].output.save()
+        with local.trace("w5 w6"):
+            want = local.transformer.h[1].output.save()
+        assert torch.equal(got, want)
+    finally:
+        server.stop()
+
+
+def test_serve_refuses_half_a_tls_setup(setup, certificate, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # (serve sets it)
+    assert cli.main(["serve", setup["folder"], "--db", setup["db"], "--ssl-certfile", certificate[0]]) == 2
+    assert "needs both --ssl-certfile and --ssl-keyfile" in capsys.readouterr().err
+    assert cli.main(["serve", setup["folder"], "--db", setup["db"], "--ssl-certfile", "nothing.pem",
+                     "--ssl-keyfile", certificate[1]]) == 2
+    assert "no file at nothing.pem" in capsys.readouterr().err
