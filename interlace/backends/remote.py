@@ -199,6 +199,10 @@ class RemoteBackend:
                         if step.index > seen:
                             seen = step.index
                             yield step
+                    elif kind == "end":  # the server stops (SIGTERM) before the job ran: nobody will read it later
+                        raise ServiceError(f"the server at {self.host} is stopping and job {job.id} did not run "
+                                           f"({event['state']}); the stream gives it up: submit it again once the "
+                                           "server is back", status=503, code="shutting_down")
             except httpx.TransportError as error:
                 raise ServiceError(f"lost the connection to {self.host} while streaming job {job.id}: {error}",
                                    status=0, code="unreachable") from None

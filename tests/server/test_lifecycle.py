@@ -340,3 +340,23 @@ def test_a_result_past_its_ttl_is_gone_though_nobody_submits(monkeypatch):
             jobs.get(job.id, "k")
     finally:
         loop.close()
+
+
+def test_a_stream_waiting_when_the_server_drains_says_to_submit_it_again(setup, tmp_path):
+    db = str(tmp_path / "keys.db")
+    key = KeyStore(db).create("streamer")
+    server = Server(setup["long"], db, "--max-new-tokens", "4096", "--batch-jobs", "1")
+    try:
+        remote = interlace.LanguageModel("tiny-llama-long", host=server.url, api_key=key)
+        blocker = _submit(server, key, generation(150))
+        _until(server, key, blocker, ("running",))
+        with remote.generate("w5 w6", max_new_tokens=3, remote=True, stream=True) as tracer:
+            remote.generator.output.save()
+        steps = tracer.stream()
+        server.process.send_signal(signal.SIGTERM)  # the generation before it finishes; it stays queued
+        with pytest.raises(ServiceError, match="submit it again once the server is back") as raised:
+            next(steps)
+        assert (raised.value.status, raised.value.code) == (503, "shutting_down")
+        assert server.process.wait(60) == 0
+    finally:
+        server.stop()
