@@ -69,11 +69,11 @@ def _serve(args) -> int:
               file=sys.stderr)
     try:
         limits = Limits(**{name: getattr(args, name) for name in Limits.names()})
+        config = ServerConfig(limits=limits, **{f.name: getattr(args, f.name)
+                                                for f in dataclasses.fields(ServerConfig) if f.name != "limits"})
     except InterlaceError as error:
         print(f"interlace serve: {error}", file=sys.stderr)
         return 2
-    config = ServerConfig(limits=limits, **{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)
-                                            if f.name != "limits"})
     if args.ray:
         from .server.cluster import serve_on_ray
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..backends.limits import Limits
+from ..errors import InterlaceError
 
 STREAM_CHECK = 1.0  # seconds between an event stream's (or a wait's) looks at whether the server is stopping
 # seconds a streamed submission waits for its job to start before its events' answer is made: making it
@@ -26,3 +28,15 @@ class ServerConfig:
     batch_jobs: int = 16  # jobs in one batch (1: one job at a time)
     batch_tokens: int = 8192  # token positions (rows x padded length) of one batch
     batch_wait: float = 0.0  # seconds a job waits for companions; 0: run at once with what is queued
+
+    def __post_init__(self):
+        """Refuse settings under which no job would ever run or be read: a batch or queue of 0 jobs, say."""
+        for name, least in _AT_LEAST.items():
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < least:
+                raise InterlaceError(f"{name} (--{name.replace('_', '-')}) must be at least {least}, not {value!r}")
+
+
+# the least of each setting; a result stays readable a second at least (expired jobs are swept once a second)
+_AT_LEAST = {"queue_depth": 1, "rate": 1, "jobs_per_key": 1, "result_ttl": 1, "max_wait": 0, "batch_jobs": 1,
+             "batch_tokens": 1, "batch_wait": 0}

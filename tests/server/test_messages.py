@@ -171,3 +171,11 @@ def test_serve_refuses_half_a_tls_setup(setup, certificate, capsys, monkeypatch)
     assert cli.main(["serve", setup["folder"], "--db", setup["db"], "--ssl-certfile", "nothing.pem",
                      "--ssl-keyfile", certificate[1]]) == 2
     assert "no file at nothing.pem" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--batch-jobs", "--queue-depth", "--jobs-per-key", "--rate", "--result-ttl"])
+def test_serve_refuses_a_setting_under_which_no_job_would_run(setup, flag, capsys, monkeypatch):
+    """A batch of 0 jobs never ran one (the worker spun, every client waited forever); a queue of 0 refused all."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # (serve sets it)
+    assert cli.main(["serve", setup["folder"], "--db", setup["db"], flag, "0"]) == 2
+    assert f"({flag}) must be at least 1, not 0" in capsys.readouterr().err
