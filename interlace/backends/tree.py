@@ -47,6 +47,8 @@ class ModelTree:
         self.weights: list[tuple[str, torch.Tensor]] = []  # (name, tensor): every parameter and buffer once
         self.tensors: dict[int, torch.Tensor] = {}  # data_ptr -> a weight with that storage
         self.by_storage: dict[int, list[int]] = {}  # data_ptr -> the numbers in `weights` of those in it
+        self.buffers: list[int] = []  # the numbers in `weights` of the buffers
+        self.buffer_copies: dict[int, tuple[int, torch.Tensor]] = {}  # number -> (version, copy): writes.Versions
         seen, names = set(), set()
         for prefix, module in self.modules:
             for table in (module._parameters, module._buffers):
@@ -62,6 +64,8 @@ class ModelTree:
                         pointer = tensor.untyped_storage().data_ptr()
                         self.tensors.setdefault(pointer, tensor)
                         self.by_storage.setdefault(pointer, []).append(len(self.weights))
+                    if table is module._buffers:
+                        self.buffers.append(len(self.weights))
                     self.weights.append((name, tensor))
         self.weight_names = frozenset(names)  # every name a weight has (a tied one has several)
         self.first = next(iter(self.tensors.items()), None)  # (pointer, tensor): moved when the model is

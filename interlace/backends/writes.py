@@ -13,7 +13,10 @@ would write says so, and no name of a function is involved.
 the counters of every parameter and buffer are read once per run and compared after each call that
 received a weight's storage and after the run. A bump means an operator wrote a weight without its
 schema saying so (rare): nothing was copied to undo it, so the run fails (`WeightsChangedError`) and
-the model must be loaded again before it runs another job.
+the model must be loaded again before it runs another job. A buffer written with the values it held is
+not a change: a LongRoPE forward copies its frequencies back into its `inv_freq` on every call, so each
+buffer's values are kept (a copy per model, taken again only when its counter moved between runs) and
+compared when its counter moves.
 
 >>> w = torch.ones(2)
 >>> with WriteCheck({w.untyped_storage().data_ptr(): w.untyped_storage()}, "F.relu"):  # doctest: +ELLIPSIS
@@ -93,6 +96,7 @@ class WriteCheck(TorchDispatchMode):
                                "returned value")
 
 
+_MOST_COPIED = 1 << 24  # bytes: a larger buffer is not kept to compare (a write to it fails the run)
 _ARGUMENTS: dict = {}  # operator -> its (position, argument) that can hold tensors
 
 
@@ -118,8 +122,13 @@ class Versions:
     """
 
     def __init__(self, root: torch.nn.Module):
-        self.tree = ModelTree.of(root)
-        self.versions = [tensor._version for _, tensor in self.tree.weights]
+        tree = self.tree = ModelTree.of(root)
+        versions = self.versions = [tensor._version for _, tensor in tree.weights]
+        for number in tree.buffers:  # (a few small tensors: rotary frequencies, masks)
+            tensor, kept = tree.weights[number][1], tree.buffer_copies.get(number)
+            if (kept is None or kept[0] != versions[number]) and tensor.device.type != "meta" \
+                    and tensor.nbytes <= _MOST_COPIED:
+                tree.buffer_copies[number] = (versions[number], tensor.detach().clone())
 
     def changed(self, storages=None) -> list[str]:
         """The weights whose counters moved: all, or those whose storage is in `storages` (data pointers)."""
@@ -128,4 +137,14 @@ class Versions:
             numbers = range(len(weights))
         else:
             numbers = sorted(n for pointer in storages for n in self.tree.by_storage.get(pointer, ()))
-        return [weights[n][0] for n in numbers if weights[n][1]._version != versions[n]]
+        return [weights[n][0] for n in numbers if weights[n][1]._version != versions[n] and not self._same_values(n)]
+
+    def _same_values(self, number: int) -> bool:
+        """Whether weight `number` is a buffer that holds the values it held at the start: then its counter counts
+        from here."""
+        tensor, kept = self.tree.weights[number][1], self.tree.buffer_copies.get(number)
+        if kept is None or kept[0] != self.versions[number] or not torch.equal(tensor, kept[1]):
+            return False
+        self.versions[number] = tensor._version
+        self.tree.buffer_copies[number] = (tensor._version, kept[1])
+        return True

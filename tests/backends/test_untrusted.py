@@ -348,6 +348,43 @@ def test_a_long_prompt_leaves_a_dynamic_rope_as_it_was_for_the_next_job():
                                rtol=0, atol=0)
 
 
+def test_a_longrope_forward_writing_back_its_frequencies_runs_untrusted_and_other_buffer_writes_fail():
+    """A LongRoPE forward copies its short frequencies into `inv_freq` in place on every call (values it
+    already holds): untrusted runs of it give the local numbers, while a forward that writes a buffer other
+    values still fails the run."""
+    torch.manual_seed(0)
+    config = transformers.Phi3Config(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=100, max_position_embeddings=64, original_max_position_embeddings=16, pad_token_id=0,
+        eos_token_id=None, rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
+                                            "long_factor": [2.0] * 4, "original_max_position_embeddings": 16})
+    lm = interlace.LanguageModel(transformers.AutoModelForCausalLM.from_config(config).eval(), tokenizer=tiny_tokenizer())
+    with lm.trace("w5 w6 w7") as tracer:
+        logits = lm.output.logits.save()
+    request = deserialize_request(serialize_graph(tracer.graph, tracer.invokes, options=tracer.spec(0).options))
+    inv_freq = lm.module.model.rotary_emb.inv_freq
+    before = inv_freq._version
+    for _ in range(2):
+        torch.testing.assert_close(lm.run(request, untrusted=True).results[tracer.graph.saved()[0]], logits,
+                                   rtol=0, atol=0)
+    assert inv_freq._version > before  # (written in place, with the values it held)
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros(1))
+
+        def forward(self, x):
+            self.calls += 1
+            return x * 2
+
+    counting = interlace.Model(Counting())
+    g = Builder()
+    g.save(g.out(""))
+    with pytest.raises(WeightsChangedError, match="changed weight.s. calls of the shared model"):
+        counting.run(deserialize_request(g.bytes([((torch.ones(2),), {})])), untrusted=True)
+
+
 def test_a_sessions_traces_share_the_requests_element_budget():
     net = interlace.Model(MLP().eval())
     session = net.session()
