@@ -8,6 +8,7 @@
 True
 """
 
+import builtins
 import importlib
 
 # the public names and the modules that define them, imported on first use: `interlace keys ...` (which
@@ -49,6 +50,20 @@ def apply(fn, *args, **kwargs):
     return tracer.current().apply(fn, *args, **kwargs)
 
 
+def save(value):
+    """Keep `value` after the trace, as `value.save()` does (nnsight's `nnsight.save(x)`): a traced value, or a
+    list, tuple or dict holding traced values (each is saved; the name bound to the container then holds it
+    with their real values). Returns `value`."""
+    from .proxy import Proxy
+
+    if isinstance(value, Proxy):
+        return value.save()
+    items = value.values() if type(value) is dict else value if type(value) in (tuple, builtins.list) else ()
+    for item in items:
+        save(item)
+    return value
+
+
 def list():  # noqa: A001 - mirrors the builtin on purpose: a list that lives in the graph
     """A list recorded in the graph; `.append(value)` inside loops and steps, `.save()` to keep it."""
     from . import tracer
@@ -84,4 +99,5 @@ __all__ = [
     "WrapperModule",
     "apply",
     "list",
+    "save",
 ]

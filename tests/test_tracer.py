@@ -51,6 +51,19 @@ def test_saved_values_in_function_locals_lists_and_dicts(mlp, x):
     assert torch.equal(local, pair[0])
 
 
+def test_interlace_save_keeps_a_value_or_the_values_in_a_container_as_nnsight_save_does(mlp, x):
+    net = Model(mlp)
+    with net.trace(x):
+        h = interlace.save(net.layers[1].output)
+        pair = interlace.save({"first": net.layers[0].output, "scaled": [net.head.output * 2, 3]})
+        unsaved = net.layers[2].output
+    assert torch.equal(h, capture(mlp, x, mlp.layers[1]))
+    assert torch.equal(pair["first"], capture(mlp, x, mlp.layers[0]))
+    assert torch.equal(pair["scaled"][0], mlp(x).detach() * 2) and pair["scaled"][1] == 3
+    with pytest.raises(interlace.NotSavedError):
+        unsaved.value
+
+
 def test_unsaved_value_is_not_available_after_trace(mlp, x):
     net = Model(mlp)
     with net.trace(x):
