@@ -114,6 +114,26 @@ def test_attention_probabilities_need_the_flag_and_work_on_a_built_model():
     assert_clean(model)
 
 
+def test_reading_attention_probabilities_leaves_an_attention_that_does_more_than_weigh_the_values_exact():
+    # Granite's sliding-window attention adds a learned sink after weighing the values; its probabilities
+    # are read without changing the output, and writing them changes it in place (the model is not in the
+    # family table, so it warns on load)
+    module = tiny_family("granite_swa")
+    with torch.no_grad():
+        want = module(torch.tensor(IDS[:1])).logits
+    with pytest.warns(UserWarning):
+        model = StandardizedTransformer(module, enable_attention_probs=True)
+    with model.trace(IDS[:1]):
+        probs = model.attention_probabilities[0].save()
+        logits = model.logits.save()
+    torch.testing.assert_close(logits, want, rtol=0, atol=1e-6)
+    assert probs.shape[-2:] == (5, 5)
+    with model.trace(IDS[:1]):
+        model.attention_probabilities[0][:] = 0
+        zeroed = model.logits.save()
+    assert (zeroed - want).abs().max() > 1e-3
+
+
 def test_attention_probabilities_print_source_shows_where_they_come_from(capsys):
     model = StandardizedTransformer(tiny("llama"), enable_attention_probs=True)
     model.attention_probabilities.print_source()

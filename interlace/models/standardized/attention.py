@@ -8,8 +8,9 @@ Most families call their attention through `ALL_ATTENTION_FUNCTIONS`, chosen by 
   per-head output, through identity submodules (`AttentionProbes`) added under each attention
   module. Envoys hook those like any module, so reading and assigning them just works.
 - `interlace_probabilities` runs the family's own eager attention (softcapping, sinks, sliding
-  windows and all), passes its probabilities through the `probabilities` identity, then multiplies
-  the values by whatever came out, so writing the probabilities changes the output.
+  windows and all) and passes its probabilities through the `probabilities` identity. When a trace
+  wrote them (replaced them, or changed them in place), the output is the values weighted by what
+  came out, so the write changes the output; else it is the eager function's own output, exactly.
 
 A model whose native implementation is neither sdpa nor eager (flash attention) gets no per-head
 values unless probabilities are asked for. Families whose attention does not use the interface
@@ -90,9 +91,15 @@ def _attention_function(inner: str | None, swap: tuple | None = None):
         probes = getattr(module, PROBES)
         query, key, value = probes.queries(query), probes.keys(key), probes.values(value)
         if inner is None:
-            _, weights = eager(module)(module, query, key, value, attention_mask, **kwargs)
-            weights = probes.probabilities(weights)
-            output = torch.matmul(weights, _repeat_heads(value, weights.shape[1])).transpose(1, 2).contiguous()
+            own, weights = eager(module)(module, query, key, value, attention_mask, **kwargs)
+            version = None if weights.is_inference() else weights._version  # (inference tensors count no writes)
+            probabilities = probes.probabilities(weights)
+            if probabilities is weights and version is not None and weights._version == version:
+                output = own  # not written: the family's own output, which may do more than weigh the values (sinks)
+            else:
+                value = _repeat_heads(value, probabilities.shape[1])
+                output = torch.matmul(probabilities, value).transpose(1, 2).contiguous()
+            weights = probabilities
         elif inner == "eager":
             output, weights = eager(module)(module, query, key, value, attention_mask, **kwargs)
         else:
