@@ -5,6 +5,7 @@ plain forward. The by-value check of every family is in test_standardized_famili
 """
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -14,8 +15,9 @@ import interlace
 from interlace import StandardizationError, StandardizedTransformer
 from interlace.models.standardized import rename_table
 from interlace.models.standardized.attention import PROBES
+from interlace.models.standardized.check import check_model
 
-from helpers import assert_clean, tiny, tiny_family, tiny_tokenizer
+from helpers import FAMILY_SIZES, assert_clean, tiny, tiny_family, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,6 +97,45 @@ def test_writing_values_changes_the_attention(llama):
     want = hooked_logits(llama.module, [(probe, lambda m, a, out: out * 0)])
     torch.testing.assert_close(logits, want)
     assert_clean(llama.module)
+
+
+@pytest.mark.parametrize("model_type, dense", [
+    ("qwen3_moe", {"mlp_only_layers": [0]}),
+    ("qwen2_moe", {"decoder_sparse_step": 2}),  # layers 1, 3, ... are sparse
+    ("deepseek_v3", {"first_k_dense_replace": 1, "n_routed_experts": 4, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+                     "v_head_dim": 8, "kv_lora_rank": 16, "q_lora_rank": 16, "n_group": 1, "topk_group": 1,
+                     "num_key_value_heads": 4}),  # not in the family table: its router is found by search
+])
+def test_routers_of_a_moe_family_with_dense_layers_are_read_in_the_layers_that_have_one(model_type, dense):
+    torch.manual_seed(0)
+    config = transformers.CONFIG_MAPPING[model_type](**{**FAMILY_SIZES, "num_hidden_layers": 3, **dense})
+    module = transformers.AutoModelForCausalLM.from_config(config).eval()
+    sparse = [layer for layer, block in enumerate(module.model.layers) if hasattr(block.mlp, "gate")]
+    assert 0 < len(sparse) < 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (a family outside the table warns)
+        model = StandardizedTransformer(module)
+    assert model.available["routers"] is None and model.layers_with("routers") == sparse
+    with model.trace(IDS):
+        routed = [model.routers_output[layer].save() for layer in sparse]
+        call = model.inputs.save()
+    seen = []
+    handles = [module.model.layers[layer].mlp.gate.register_forward_hook(lambda m, a, out: seen.append(out))
+               for layer in sparse]
+    try:
+        with torch.no_grad():
+            module(*call[0], **call[1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(routed, seen, rtol=0, atol=0)
+    dense_layer = next(layer for layer in range(3) if layer not in sparse)
+    with pytest.raises(StandardizationError, match=f"layer {dense_layer} has no router: model.layers.{dense_layer}.mlp."
+                                                   "gate is not a module of this model .the layers with one: "):
+        with model.trace(IDS):
+            model.routers_output[dense_layer].save()
+    assert [r.name for r in check_model(model) if r.status == "FAIL"] == []
+    assert_clean(module)
 
 
 def test_attention_probabilities_need_the_flag_and_work_on_a_built_model():

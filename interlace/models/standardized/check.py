@@ -80,14 +80,13 @@ def _check_reads(model, inputs, results):
     with model.trace(inputs):
         call = model.inputs.save()
         embeddings = model.token_embeddings.save()
-        ours = {name: [] for name, _, _ in reads}
-        for layer in range(model.num_layers):
-            for name, _, _ in reads:
-                ours[name].append(getattr(model, name)[layer].save())
+        ours = {name: [getattr(model, name)[layer].save() for layer in model.layers_with(part)]
+                for name, part, _ in reads}
         logits = model.logits.save()
         projected = model.project_on_vocab(model.layers_output[-1]).save()
     args, kwargs = call
-    paths = {name: model._paths_of(part, value=kind == "output") for name, part, kind in reads}
+    paths = {name: [model._paths_of(part, value=kind == "output")[layer] for layer in model.layers_with(part)]
+             for name, part, kind in reads}
     kinds = {name: kind for name, _, kind in reads}
     paths["token_embeddings"], kinds["token_embeddings"] = [model.family.embed_tokens], "output"
     with _capture(model, paths, kinds) as captured, torch.no_grad():
@@ -96,7 +95,8 @@ def _check_reads(model, inputs, results):
         if available[part] is not None:
             results.append(CheckResult(name, "n/a", available[part]))
             continue
-        results.append(_exact(name, ours[name], captured[name], f"{model.num_layers} layers vs hooks on the native modules"))
+        results.append(_exact(name, ours[name], captured[name],
+                              f"{len(ours[name])} layers vs hooks on the native modules"))
     results.append(_exact("token_embeddings", [embeddings], captured["token_embeddings"], "vs a hook on embed_tokens"))
     results.append(_exact("trace == plain forward", [logits], [plain.logits], "logits, no intervention"))
     results.append(_close("project_on_vocab(layers_output[-1])", projected, plain.logits, "vs the model's logits"))

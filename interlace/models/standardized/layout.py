@@ -111,9 +111,13 @@ def _search(module: torch.nn.Module, names: RenameConfig, row: Family | None = N
         names.mlp_name, row and row.mlp, lambda: _find(layer0, names.mlp_name, "mlp", required=False))
 
     def router_below_mlp():
-        below = {p[len(mlp) + 1:]: m for p, m in layer0.items() if p.startswith(mlp + ".")}
-        found = _find(below, names.router_name, "router", required=False)
-        return f"{mlp}.{found}" if found else None
+        for number in range(len(paths[layers])):  # the first layers of some MoE families are dense
+            prefix = f"{layers}.{number}.{mlp}."
+            below = {p[len(prefix):]: m for p, m in paths.items() if p.startswith(prefix)}
+            found = _find(below, names.router_name, "router", required=False)
+            if found:
+                return f"{mlp}.{found}"
+        return None
 
     # the row's update submodules (see Family.attention_update) belong to its own attention and MLP
     attention_update = row.attention_update if row is not None and attention == row.attention else None

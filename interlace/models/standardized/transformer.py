@@ -174,6 +174,7 @@ class StandardizedTransformer(LanguageModel):
         if self._remote is not None:
             self._unavailable.update(self._missing_on_server())
         self._tuple_outputs: dict[str, int] = {}  # module path -> length of the tuple it returns
+        self._absent: dict[str, list[int]] = {}  # part -> the layers without it (others have it)
         self._prepare(self._module)
         # the aliases give the standard names (the probes' envoys are made when first reached)
         # nnterp's tree too (`model.model.layers`, `model.model.ln_final`), under the family's names
@@ -249,9 +250,17 @@ class StandardizedTransformer(LanguageModel):
             if name not in self._unavailable and (name != "attention_probabilities" or self._attention_probs)
         ]
         per_layer = {part: self._paths_of(part, value=True) for part in parts}
+        modules = dict(self._module.named_modules())
         for part, paths in per_layer.items():
             if not paths:
                 self._unavailable.setdefault(part, self._missing_reason(part))
+            # a part some layers lack: the router of a MoE family whose first (or every other) layers are dense
+            absent = [layer for layer, path in enumerate(paths) if path not in modules]
+            if absent and len(absent) == len(paths):
+                self._unavailable.setdefault(part, f"{paths[0]} is not a module of this model")
+            elif absent:
+                self._absent[part] = absent
+            per_layer[part] = [path for path in paths if path in modules]
         top = [family.embed_tokens, family.ln_final, family.lm_head]
         seen = observe(self._module, top + [p for paths in per_layer.values() for p in paths])
         batch, length = 2, 3
@@ -311,8 +320,19 @@ class StandardizedTransformer(LanguageModel):
                 "attention_probabilities needs the eager attention: load the model with "
                 "StandardizedTransformer(..., enable_attention_probs=True)."
             )
+        if part in self._absent and type(layer) is int and -self.num_layers <= layer < self.num_layers \
+                and layer % self.num_layers in self._absent[part]:
+            having = [i for i in range(self.num_layers) if i not in self._absent[part]]
+            raise StandardizationError(
+                f"layer {layer} has no {part[:-1]}: {self._paths_of(part)[layer]} is not a module of this model "
+                f"(the layers with one: {_spans(having)})")
         envoy, suffix = self.layers[layer], self._suffix(part, value)
         return envoy if suffix == "" else envoy.get(suffix)
+
+    def layers_with(self, part: str) -> list[int]:
+        """The layers that have `part` ('routers', 'mlps', ...): every layer, but where some lack it (a MoE family
+        whose first layers are dense has no router there)."""
+        return [layer for layer in range(self.num_layers) if layer not in self._absent.get(part, ())]
 
     def _returns_tuple(self, envoy: Envoy) -> bool:
         return envoy.path in self._tuple_outputs
@@ -475,6 +495,17 @@ class StandardizedTransformer(LanguageModel):
             )
         self._attention_probs = enabled
         self._prepare(self._module)
+
+
+def _spans(numbers: list[int]) -> str:
+    """`[1, 2, 3, 5]` as '1-3, 5'."""
+    runs: list[list[int]] = []
+    for number in numbers:
+        if runs and number == runs[-1][-1] + 1:
+            runs[-1].append(number)
+        else:
+            runs.append([number])
+    return ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
 
 
 def _fmt(shape: tuple) -> str:
