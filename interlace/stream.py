@@ -13,7 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 
-from .errors import InterlaceError, NotSavedError
+from .errors import InterlaceError, NotSavedError, describe_location
 from .graph import Outcome, Request
 from .proxy import Proxy
 
@@ -54,9 +54,12 @@ class Step:
             return self.items[index]
         if index in self.values:
             return self.values[index]
-        raise NotSavedError(f"%{proxy._index} has no value saved in step {self.index}: save it in a block that "
-                            "runs at this step (tracer.all(), tracer.iter[...]); a value of the first forward only "
-                            "is in step 0")
+        node = proxy._tracer.graph[proxy._index]  # named by what it is and the user's line, not its number
+        where = describe_location(node.location)
+        where = f" ({where})" if where else ""
+        raise NotSavedError(f"{node.describe()}{where} has no value saved in step {self.index}: save it in a block "
+                            "that runs at this step (tracer.all(), tracer.iter[...]); a value of the first forward "
+                            "only is in step 0")
 
     def node_of(self, index: int) -> int:
         """The node that stands for node `index` in this step (its copy, when a repeated block holds it)."""

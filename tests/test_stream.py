@@ -237,7 +237,8 @@ def test_mistakes_get_clear_errors(lm):
     step = next(steps)
     assert step[first].shape == (1, 3, 32)
     later = next(steps)
-    with pytest.raises(NotSavedError, match="no value saved in step 1"):
+    with pytest.raises(NotSavedError, match=r"transformer.h.0.output \(.*test_stream.py:\d+: first = lm.transformer"
+                                            r".*\) has no value saved in step 1"):  # what and where, not a node number
         later[first]
     with pytest.raises(InterlaceError, match="with a proxy saved in the trace"):
         later["first"]
