@@ -149,6 +149,44 @@ class Gate:
             self.permits.acquire(timeout=1.0)
 
 
+
+class Hold(BaseStreamer):
+    """A streamer that holds the generation before step 1's forward until `go` is set (or 5 s pass)."""
+
+    def __init__(self):
+        self.puts, self.go = 0, threading.Event()
+
+    def put(self, tokens):
+        self.puts += 1
+        if self.puts == 3:  # (the prompt, step 0's token, then step 1's: step 0 has reached the reader)
+            self.go.wait(timeout=5.0)
+
+    def end(self):
+        pass
+
+
+def test_the_readers_own_forwards_while_the_run_goes_on_are_not_the_runs(lm):
+    with lm.generate(PROMPT, max_new_tokens=NEW) as tracer:
+        hidden, logits = steered(lm, tracer)
+        out = lm.generator.output.save()
+    ids = torch.tensor([lm.tokenizer(PROMPT)["input_ids"]])
+    plain = lm.module(ids).logits
+
+    hold = Hold()
+    with lm.generate(PROMPT, max_new_tokens=NEW, stream=True, streamer=hold) as tracer:
+        s_hidden, s_logits = steered(lm, tracer)
+        s_out = lm.generator.output.save()
+    mine = []
+    for step in tracer.stream():
+        if step.index == 0:  # the run's hooks are on the model, waiting for step 1
+            mine.append(lm.module(ids).logits)
+            hold.go.set()
+    # the reader's forward was neither steered nor counted as a step of the run
+    assert torch.equal(mine[0], plain)
+    assert torch.equal(s_out, out) and len(s_hidden) == len(hidden) == NEW
+    assert all(torch.equal(a, b) for a, b in zip(s_hidden + s_logits, hidden + logits))
+
+
 @pytest.mark.parametrize("leave", [None, ValueError, KeyboardInterrupt])
 def test_leaving_the_loop_early_stops_the_generation_at_its_next_step_and_leaves_the_model_as_it_was(lm, leave):
     with lm.trace(PROMPT):

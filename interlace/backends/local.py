@@ -18,6 +18,7 @@ from __future__ import annotations
 import builtins
 import heapq
 import warnings
+from threading import get_ident
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -196,6 +197,9 @@ class Interleaver:
         outputs = {key[0] for key in self.sources if key[1] == "output"}
         inputs = {key[0] for key in self.sources if key[1] == "input"}
         skipped = {key[0] for key in self.plan.skips}
+        # a streamed run goes on in a thread while its reader may call the same modules itself: only this
+        # thread's calls are the run's (another's would be steered and counted as this run's next call)
+        self.owner = get_ident()
         if self.untrusted:
             # the deadline and the cancel flag are checked between operations; a graph may have none
             # during a long generation (it saves only `generator.output`), but every step calls the root
@@ -234,10 +238,10 @@ class Interleaver:
     # the two hooks count calls inline: they run once per call of every hooked module, and each
     # Python call made inside them costs several times more there than in a loop (cold caches)
     def _pre_hook(self, path):
-        counter, calls, sources = (path, "input"), self.calls, self.sources
+        counter, calls, sources, owner = (path, "input"), self.calls, self.sources, self.owner
 
         def hook(module, args, kwargs):
-            if self.bypass:
+            if self.bypass or get_ident() != owner:
                 return None
             call = calls.get(counter, 0)
             calls[counter] = call + 1
@@ -250,11 +254,11 @@ class Interleaver:
         return hook
 
     def _post_hook(self, path):
-        counter, calls, sources = (path, "output"), self.calls, self.sources
+        counter, calls, sources, owner = (path, "output"), self.calls, self.sources, self.owner
         kept = self.plan.kept if self.rows is None else ()  # (an invoke's rows would be cut from the value)
 
         def hook(module, args, output):
-            if self.bypass:
+            if self.bypass or get_ident() != owner:
                 return None
             call = calls.get(counter, 0)
             calls[counter] = call + 1
@@ -273,7 +277,7 @@ class Interleaver:
         original = module.forward
 
         def forward(*args, **kwargs):
-            if self.bypass:
+            if self.bypass or get_ident() != self.owner:
                 return original(*args, **kwargs)
             call = self._count(path, "skip")
             index = self.plan.skips.get((path, call))
