@@ -545,6 +545,10 @@ def _generation_options(kwargs: dict, tokenizer, rows: list, *, streaming: bool)
     if _setting(kwargs, "pad_token_id") is None:
         options["pad_token_id"] = tokenizer.pad_token_id if tokenizer is not None else None
     options.update(kwargs)
+    if config is not None:  # transformers deprecates settings passed beside a generation_config: a copy holds them
+        config = options["generation_config"] = copy.deepcopy(config)
+        for name in [name for name in options if name != "generation_config" and hasattr(config, name)]:
+            setattr(config, name, options.pop(name))
     widened = max(_setting(options, "num_beams") or 1, _setting(options, "num_return_sequences") or 1)
     if widened > 1 and len(rows) > 1:
         raise InterlaceError("num_beams / num_return_sequences give each prompt several rows, which several invokes "

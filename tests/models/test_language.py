@@ -8,6 +8,7 @@ import transformers
 
 import interlace
 from interlace import LanguageModel
+from interlace.models.language import _generation_options
 
 from helpers import assert_clean
 from helpers import FAMILIES, tiny, tiny_tokenizer
@@ -245,6 +246,11 @@ def test_hugging_face_generation_settings_are_the_callers():
     torch.manual_seed(0)
     assert torch.equal(tokens, reference.generate(**batch, generation_config=config)) and tokens.shape == (1, 8)
     assert len(tracer.copies[0][2]) == 3  # tracer.all() over the config's 3 steps
+    # beside a generation_config, transformers deprecates other settings: they go into a copy of it
+    options = _generation_options({"generation_config": config, "max_new_tokens": 2, "seed": 0}, tokenizer, [0],
+                                  streaming=False)
+    assert sorted(options) == ["generation_config", "seed"] and options["generation_config"].max_new_tokens == 2
+    assert config.max_new_tokens == 3 and options["generation_config"].top_k == 5
     with pytest.raises(interlace.InterlaceError, match="pass max_new_tokens=... instead of max_length"):
         lm.generate("w5 w6", max_length=8)
     with lm.generate(["w5 w6 w7", "w9 w10 w11"], max_new_tokens=3, num_beams=3, num_return_sequences=2):
