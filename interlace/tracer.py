@@ -271,8 +271,8 @@ class Tracer(Recorder):
     def result(self) -> Proxy:
         """What the traced call returns: the model's output (for `generate`, the generated ids)."""
         if self._closed:
-            raise InterlaceError("tracer.result is read inside the trace: `out = tracer.result.save()` in the block "
-                                 "keeps it for after")
+            raise InterlaceError("tracer.result was read after its trace ended: it has a value only inside the "
+                                 "block, so write `out = tracer.result.save()` there and use `out` after")
         return self.model._result_envoy(self).output
 
     def cache(self, modules=None, *, kind: str = "output") -> dict:
