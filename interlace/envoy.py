@@ -235,7 +235,9 @@ class Envoy:
 def _missing_child(envoy: Envoy, name: str) -> str:
     where = envoy._path or "the model"
     children = ", ".join(envoy._names()) or "none"
-    close = difflib.get_close_matches(name, envoy._names(), n=3)
+    # an envoy's own names too: `.outputs` most likely meant `.output`
+    attributes = [attribute for attribute in dir(type(envoy)) if not attribute.startswith("_")]
+    close = difflib.get_close_matches(name, envoy._names() + attributes, n=3)
     if close:
         children += f" (closest to '{name}': {', '.join(close)})"
     return (

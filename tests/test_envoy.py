@@ -128,3 +128,12 @@ def test_indexing_children_as_the_module_does(x):
     assert len(outputs) == 2 and torch.equal(outputs[1], seen[0])
     with pytest.raises(interlace.ModulePathError, match="an int, a slice or a path string, not float"):
         net.layers[1.0]
+
+
+def test_a_misspelt_envoy_attribute_suggests_the_attribute():
+    """`.outputs` is a typo of the envoy's own `.output`, not of a submodule: the error names it."""
+    net = interlace.Model(MLP().eval())
+    with pytest.raises(interlace.ModulePathError, match="closest to 'outputs': output"):
+        net.layers[0].outputs
+    with pytest.raises(interlace.ModulePathError, match="closest to 'linaer': linear"):
+        net.layers[0].linaer
