@@ -11,7 +11,7 @@ from __future__ import annotations
 import operator
 
 from . import ops
-from .errors import NotSavedError, ProxyValueError
+from .errors import NotSavedError, ProxyValueError, describe_location
 
 _MISSING = object()
 
@@ -63,9 +63,10 @@ class Proxy:
                 raise NotSavedError(
                     f"{node.describe()} is a value of a trace that is still open: it has a value once that trace's "
                     "`with` block has ended and its model has run. Use it in that trace, or in a trace after it")
+            recorded = describe_location(node.location)  # which of the trace's lines made it
             raise NotSavedError(
-                f"{node.describe()} was not saved, so it is gone after the trace. "
-                "Call .save() on it inside the trace to keep it."
+                (f"{recorded}: " if recorded else "") + f"{node.describe()} was not saved, so it is gone after the "
+                "trace. Call .save() on it inside the trace to keep it."
             )
         return value
 

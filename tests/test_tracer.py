@@ -65,11 +65,16 @@ def test_interlace_save_keeps_a_value_or_the_values_in_a_container_as_nnsight_sa
 
 
 def test_unsaved_value_is_not_available_after_trace(mlp, x):
+    """The error quotes the line that recorded the value: among several unsaved ones it says which."""
     net = Model(mlp)
     with net.trace(x):
         h = net.layers[0].output
+        doubled = h * 2  # the line the error quotes
     with pytest.raises(interlace.NotSavedError, match="save"):
         h.value
+    with pytest.raises(interlace.NotSavedError, match=r"test_tracer\.py:\d+: doubled = h \* 2 .*operator.mul\(...\) "
+                                                        r"was not saved.*Call .save\(\)"):
+        doubled.value
 
 
 def test_saved_proxy_held_elsewhere_behaves_like_value(mlp, x):
