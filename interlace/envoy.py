@@ -105,6 +105,13 @@ class Envoy:
         else:
             object.__setattr__(self, name, value)
 
+    def __delattr__(self, name: str) -> None:
+        """`del envoy.sae` detaches a module attached with `envoy.sae = ...`."""
+        if not name.startswith("_") and name in self._module._modules:
+            delattr(self._module, name)
+        else:
+            object.__delattr__(self, name)
+
     def __getitem__(self, key):
         if type(key) is int and isinstance(self._module, torch.nn.ModuleList):
             # a ModuleList names its children '0'..'n-1' in order: no list of names to build per access

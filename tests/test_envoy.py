@@ -130,6 +130,21 @@ def test_indexing_children_as_the_module_does(x):
         net.layers[1.0]
 
 
+def test_a_module_attached_through_an_envoy_is_detached_through_it(x):
+    """`del envoy.sae` undoes `envoy.sae = SAE()`: the wrapped module loses it and traces no longer reach it."""
+    mlp = MLP().eval()
+    net = Model(mlp)
+    net.layers[1].sae = SAE()
+    del net.layers[1].sae
+    assert not hasattr(mlp.layers[1], "sae")
+    with pytest.raises(interlace.ModulePathError, match="no submodule or attribute 'sae'"):
+        net.layers[1].sae
+    with net.trace(x):
+        out = net.output.save()
+    with torch.no_grad():
+        assert torch.equal(out, mlp(x))
+
+
 def test_a_misspelt_envoy_attribute_suggests_the_attribute():
     """`.outputs` is a typo of the envoy's own `.output`, not of a submodule: the error names it."""
     net = interlace.Model(MLP().eval())
