@@ -8,6 +8,7 @@ catches everything the library raises on purpose. An error about one graph node 
 
 from __future__ import annotations
 
+import difflib
 import linecache
 import re
 
@@ -50,6 +51,12 @@ def quote_sources(message: str) -> str:
         return lines[key] + location[3]
 
     return _WORD.sub(quoted, message)
+
+
+def did_you_mean(name: str, names) -> str:
+    """'; did you mean 'a', 'b'?' with the names of `names` closest to a misspelt `name`, or ''."""
+    close = difflib.get_close_matches(name, sorted(names), n=3)
+    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
 
 
 def node_info(node) -> dict:

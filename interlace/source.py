@@ -23,14 +23,13 @@ from __future__ import annotations
 import ast
 import builtins
 import copy
-import difflib
 import inspect
 import textwrap
 import types
 
 import torch
 
-from .errors import ModulePathError, SourceError
+from .errors import ModulePathError, SourceError, did_you_mean
 
 SOURCE = "source"  # the path part that leads from a module (or point) to its points
 _ATTRIBUTE = "_interlace_source"  # where a rewritten module (or point) keeps its Source
@@ -197,9 +196,7 @@ def submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:
         if child is None:
             where = ".".join(parts[:depth]) or "the model"
             what = "call site" if isinstance(module, Source) else "submodule"
-            close = difflib.get_close_matches(part, list(module._modules), n=3)
-            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise ModulePathError(f"{where} has no {what} {part!r}{hint}")
+            raise ModulePathError(f"{where} has no {what} {part!r}{did_you_mean(part, module._modules)}")
         module = child
     return module
 

@@ -32,6 +32,7 @@ from ..errors import (
     OutOfOrderError,
     RefusedError,
     describe_location,
+    did_you_mean,
 )
 from ..graph import OPS, Graph, Ref, map_refs
 from ..source import submodule
@@ -485,7 +486,13 @@ class Interleaver:
         if node.target == "backward":  # writes only the run's own .grad (put back after it)
             return self._backward(node, args, kwargs)
         if not self.untrusted:
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
+            try:
+                method = getattr(args[0], node.target)
+            except AttributeError:  # a misspelt method (a server refuses it before running, with the same hint)
+                names = [name for name in dir(args[0]) if not name.startswith("_")]
+                raise AttributeError(f"{type(args[0]).__name__} has no method {node.target!r}"
+                                     f"{did_you_mean(node.target, names)}") from None
+            return method(*args[1:], **kwargs)
         result = self.guard.call(f".{node.target}()", getattr(type(args[0]), node.target), args, kwargs)
         self.guard.check_value(result)
         return result

@@ -13,10 +13,9 @@ holds for the template holds for it. Only its first node, which holds its own st
 
 from __future__ import annotations
 
-import difflib
 
 from .. import ops
-from ..errors import GraphError, InterlaceError, describe_location
+from ..errors import GraphError, InterlaceError, describe_location, did_you_mean
 from ..graph import Graph, Node, Ref, copied_spans
 from ..source import SOURCE, submodule
 from .tree import ModelTree
@@ -133,7 +132,7 @@ def _check_call_method(node, nodes, trusted):
     if not ops.allowed_method(node.target):
         names = set(ops.TENSOR_METHODS).union(*ops.CONTAINER_METHODS.values())
         raise fail(node, f"method {node.target!r} is not an allowed method (a server runs the tensor, list and dict "
-                         f"methods of interlace/ops.py){_suggest(str(node.target), names)}")
+                         f"methods of interlace/ops.py){did_you_mean(str(node.target), names)}")
     _expect(node, len(node.args) >= 1, "a method call needs the object it is called on")
 
 
@@ -204,21 +203,17 @@ def check_against_model(graph: Graph, root, extra_modules: dict, invokes: int, s
             if weights is None:
                 weights = ModelTree.of(root).weight_names
             if node.target not in weights:
-                raise fail(node, f"the model has no parameter or buffer {node.target!r}{_suggest(node.target, weights)}")
+                raise fail(node, f"the model has no parameter or buffer {node.target!r}{did_you_mean(node.target, weights)}")
 
 
 def _source_point(node: Node, root, modules: set) -> None:
     """A path through `.source` names a call site in the model's own forward: rewrite it now, or say
     which points exist."""
     if SOURCE not in node.target.split("."):
-        raise fail(node, f"the model has no module {node.target!r}{_suggest(node.target, modules)}")
+        raise fail(node, f"the model has no module {node.target!r}{did_you_mean(node.target, modules)}")
     try:
         submodule(root, node.target)
     except InterlaceError as error:
         raise fail(node, str(error)) from None
     modules.add(node.target)
 
-
-def _suggest(name: str, names) -> str:
-    close = difflib.get_close_matches(name, sorted(names), n=3)
-    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""

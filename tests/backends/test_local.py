@@ -634,6 +634,17 @@ def test_shape_error_names_the_user_line_and_module(mlp, x):
         assert torch.equal(out, mlp(x))
 
 
+def test_a_misspelt_tensor_method_names_the_closest_ones(mlp, x):
+    net = Model(mlp)
+    with pytest.raises(interlace.ExecutionError) as info:
+        with net.trace(x):
+            net.layers[1].output.sofmax(-1).save()  # a typo
+    message = str(info.value)
+    assert "net.layers[1].output.sofmax(-1).save()  # a typo" in message
+    assert "Tensor has no method 'sofmax'; did you mean 'softmax'" in message
+    assert_clean(mlp)
+
+
 def test_module_never_reached_is_an_error(mlp, x):
     net = Model(mlp)
     with pytest.raises(interlace.OutOfOrderError, match="never reached.*ran 1 time"):
