@@ -177,7 +177,11 @@ class Proxy:
         return self._needs_value("an iterable (a for loop or `a, b = value`); index it instead, e.g. value[0]", iter)
 
     def __str__(self) -> str:
-        return str(self.value) if self._tracer._closed else repr(self)
+        if self._tracer._closed:
+            return str(self.value)
+        # (`print(h)` in the block: its value comes when the graph runs)
+        return repr(self)[:-1] + ": no value while recording; tracer.log(value) prints it when the trace runs, " \
+            "trace(..., scan=True) gives shapes now>"
 
     def __repr__(self) -> str:
         value = self._tracer.results.get(self._index, _MISSING)

@@ -196,7 +196,9 @@ def test_printing_or_converting_a_value_without_one_says_why(mlp, x):
 
     with net.trace(x):
         inside = net.layers[0].output.sum()
-        assert str(inside).startswith("<Proxy")  # inside the trace: the proxy itself
+        assert str(inside).startswith("<Proxy")  # inside the trace: the proxy itself, and how to see its value
+        assert str(inside.shape).endswith(": no value while recording; tracer.log(value) prints it when the trace "
+                                          "runs, trace(..., scan=True) gives shapes now>")
 
 
 def test_edit_records_through_the_returned_model_too(mlp, x):
