@@ -522,6 +522,14 @@ class _Body:
         return bytes(data) if len(data) < (1 << 20) else data
 
 
+def declared_nodes(data: bytes) -> int | None:
+    """The node count a request's prefix declares (copies included), or None where there is no prefix to read:
+    what reading and checking the request will cost, known before any of it is parsed."""
+    if len(data) < _PREFIX.size or bytes(data[:3]) != GRAPH_MAGIC:
+        return None
+    return _PREFIX.unpack_from(data)[3]
+
+
 def _unframe(data, magic: bytes, what: str, trusted: bool, limits: Limits, count_limit: int, versions=(1,)):
     """Check the prefix and the limits; returns (version, count, JSON header bytes, tensors)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):

@@ -102,6 +102,16 @@ def test_the_request_does_not_grow_with_the_steps_beyond_one_descriptor_per_copy
     assert 0 < sizes[48] - sizes[4] <= 44 * descriptor
 
 
+def test_the_prefix_declares_the_nodes_the_loader_builds_before_anything_is_parsed(lm):
+    """What a server reads to decide where to check a request (on its event loop when small), copies included."""
+    for steps in (1, 40):
+        request = steered(lm, steps)[0]
+        data = serialize_request(request)
+        assert serialize.declared_nodes(data) == len(deserialize_request(data).graph) == len(request.graph)
+    assert serialize.declared_nodes(b"ILR" + data[3:]) is None  # results, not a request
+    assert serialize.declared_nodes(data[:5]) is None  # a prefix cut short
+
+
 def test_reading_and_checking_do_not_grow_with_the_steps(lm, monkeypatch):
     """The loader checks each listed node once and a copy's first node (its step) alone, the copies by
     arithmetic; checking against the model does not check a decoded graph's structure again, and checks
