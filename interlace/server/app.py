@@ -63,7 +63,8 @@ class Service:
     @staticmethod
     def _runner(hosted: HostedModel):
         """Run a batch of jobs on the model in this process."""
-        def execute(jobs: list[Job]) -> list:
+        def execute(jobs: list[Job], started) -> list:
+            started()
             return hosted.execute_many([job.request for job in jobs], limits=jobs[0].limits,
                                        cancels=[job.cancel for job in jobs],
                                        groups=model_groups(jobs),
@@ -72,10 +73,10 @@ class Service:
         return execute
 
     def _counted(self, name: str, run):
-        def execute(jobs: list[Job]) -> list:
+        def execute(jobs: list[Job], started) -> list:
             self.metrics.queued.labels(name).set(len(self.queues[name]))
             self.metrics.batch_jobs.labels(name).observe(len(jobs))
-            return run(jobs)
+            return run(jobs, started)
 
         return execute
 

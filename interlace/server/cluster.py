@@ -150,7 +150,7 @@ class Ingress:
                 self.seen.pop(replica, None)
         return {"replicas": list(alive.values())}
 
-    def run_batch(self, jobs: list) -> list:
+    def run_batch(self, jobs: list, started) -> list:
         """One worker's batch, run on a free replica; per job (result bytes, logs, missing) or its error.
         The replica's stream is read by a thread of its own into `items`, so that this one can look at the
         jobs' cancel flags and the deadline while it waits: a batch whose jobs are all cancelled, or that
@@ -161,6 +161,7 @@ class Ingress:
         limits = jobs[0].limits  # a batch shares its limits (they are part of its group)
         response = self.replicas.options(stream=True).run.remote(
             [crossing(job) for job in jobs], dataclasses.asdict(limits), [job.stream for job in jobs], model_groups(jobs))
+        started()
         items: queue.Queue = queue.Queue()
         threading.Thread(target=_read_into, args=(response, items), name="interlace-replica-stream", daemon=True).start()
         longest = limits.max_seconds + ANSWER_MARGIN

@@ -72,7 +72,7 @@ class Job:
         self.publish("queued", position=position)
 
     def running(self) -> None:
-        if self.state in FINISHED:
+        if self.state != "queued":  # (finished already, or said before)
             return
         self.state, self.position, self.started = "running", None, time.time()
         self.publish("running")
@@ -210,8 +210,14 @@ def model_groups(jobs: list[Job]) -> list:
 
 
 class Worker(threading.Thread):
-    """Runs batches of jobs from one queue: `execute(jobs)` answers each with (result bytes, logs,
-    missing) or the exception that failed it. Several workers may share a queue (one per replica)."""
+    """Runs batches of jobs from one queue: `execute(jobs, started)` answers each with (result bytes, logs,
+    missing) or the exception that failed it, and calls `started()` once the batch is in the model's hands
+    (the jobs show as running from then; one that never calls it, just before their answers). Several
+    workers may share a queue (one per replica).
+
+    A runner that hands the batch to another process says so after sending it: the event loop, woken by
+    the news (a streamed submission waits for it to answer), would otherwise hold the interpreter while
+    this thread pickles and sends the batch, and delay the job's first step by as much."""
 
     def __init__(self, queue: JobQueue, execute, *, name: str, status_of, on_done=None, batch: tuple = (1, 0, 0.0)):
         super().__init__(name=f"interlace-worker-{name}", daemon=True)
@@ -227,12 +233,16 @@ class Worker(threading.Thread):
             if not jobs:
                 continue
             self.current = jobs
-            for job in jobs:
-                job.running()
+
+            def started(jobs=jobs) -> None:
+                for job in jobs:
+                    job.running()
+
             try:
-                answers = self.execute(jobs)
+                answers = self.execute(jobs, started)
             except Exception as error:  # noqa: BLE001 - a failed batch must never stop the worker
                 answers = [error] * len(jobs)
+            started()
             for job, answer in zip(jobs, answers):
                 self._finish(job, answer)
             self.current = []

@@ -113,8 +113,9 @@ class ProcessRunner:
         self.hosted.changes = self._changes + identity["changes"]
 
     # -- one batch (a worker thread of the app) ---------------------------------------------------------
-    def __call__(self, jobs: list) -> list:
-        """Per job (result bytes, logs, missing) or its error, run in the child."""
+    def __call__(self, jobs: list, started) -> list:
+        """Per job (result bytes, logs, missing) or its error, run in the child; `started()` once it has the
+        batch (see `Worker`)."""
         if not self.ready:
             try:
                 self.wait_ready()
@@ -123,7 +124,7 @@ class ProcessRunner:
                 return [error] * len(jobs)
         limits = jobs[0].limits  # a batch shares its limits (they are part of its group)
         try:
-            reply = self._run(jobs, limits)
+            reply = self._run(jobs, limits, started)
         except (EOFError, OSError):  # the child died by itself (killed for memory, say), also between batches
             self.process.join()
             code = self.process.exitcode
@@ -147,13 +148,14 @@ class ProcessRunner:
         return [cancelled if job.cancel.is_set() else decode_answer(answer)
                 for job, answer in zip(jobs, reply["answers"])]
 
-    def _run(self, jobs: list, limits) -> dict | Exception:
+    def _run(self, jobs: list, limits, started) -> dict | Exception:
         """Send the batch to the child and wait for its reply, relaying its steps and the jobs' cancels;
         the error of the whole batch where the child has to be killed for it."""
         self.batches += 1
         batch = ("run", self.batches, [crossing(job) for job in jobs], dataclasses.asdict(limits),
                  [job.stream for job in jobs], model_groups(jobs))
         self.connection.send_bytes(_pickled(batch))
+        started()
         deadline = time.monotonic() + limits.max_seconds + GRACE
         forwarded: set[int] = set()
         all_cancelled = None  # when every job of the batch was seen cancelled

@@ -176,7 +176,7 @@ def test_a_worker_fails_jobs_cancelled_while_queued_and_runs_the_rest_together()
     queue, batches = JobQueue(depth=16), []
     jobs = [queued(queue, "a") for _ in range(4)]
     jobs[1].cancel.set()
-    worker = Worker(queue, lambda batch: batches.append(batch) or [(b"", [], {})] * len(batch), name="m",
+    worker = Worker(queue, lambda batch, started: batches.append(batch) or [(b"", [], {})] * len(batch), name="m",
                     status_of=status_of, batch=(8, 10, 0.0))
     worker.start()
     deadline = time.monotonic() + 10

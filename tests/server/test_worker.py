@@ -111,6 +111,13 @@ def test_a_worker_that_dies_fails_only_its_batch(isolated, setup):
     body = answer.json()
     assert (answer.status_code, body["code"]) == (503, "worker_failed"), body
     assert "submit the job again" in body["message"]
+    # the next job waits for the new worker process to load the model: queued, not running, until it has it
+    waiting = _submit(isolated, key, good())
+    time.sleep(0.3)  # (taken by the front's worker thread; a process loads torch and the model in seconds)
+    assert get(isolated, key, f"/v1/jobs/{waiting}").json()["state"] == "queued"
+    health = isolated.health()
+    assert (health["queued"], health["running"]) == ({"tiny-gpt2": 1}, {"tiny-gpt2": 0})
+    assert _result(isolated, key, waiting).status_code == 200
     assert post(isolated, key, good()).status_code == 200  # the server goes on, on a new worker
     assert workers(isolated) and pid not in workers(isolated)
     assert isolated.health()["worker_restarts"]["tiny-gpt2"]["died"] == died + 1  # the operator sees it

@@ -17,12 +17,15 @@ router = APIRouter(tags=["health"])
 def health(svc=Depends(service)) -> Health:
     checking = [m for m in svc.models.values() if m.checksum is not None]
     broken = any(m.broken for m in svc.models.values())
+    # a worker's batch is running once the model has it; before (a worker process restarting) it waits, as queued
+    taken = {name: [job for w in svc.workers if w.name == f"interlace-worker-{name}" for job in w.current]
+             for name in svc.models}
     return Health(
         status="model_damaged" if broken else "ok", interlace=package_version(), wire_version=SUPPORTED_VERSIONS[0],
         wire_versions=list(SUPPORTED_VERSIONS), models=list(svc.models),
-        queued={name: len(queue) for name, queue in svc.queues.items()},
-        running={name: sum(len(w.current) for w in svc.workers if w.name == f"interlace-worker-{name}")
-                 for name in svc.models},
+        queued={name: len(queue) + sum(job.state == "queued" for job in taken[name])
+                for name, queue in svc.queues.items()},
+        running={name: sum(job.state == "running" for job in taken[name]) for name in svc.models},
         checked_jobs=sum(m.checked for m in checking) if checking else None,
         model_changes=[change for m in checking for change in m.changes] if checking else None,
         model_damage=[f"{m.name}: {line}" for m in svc.models.values() for line in m.damage()],
