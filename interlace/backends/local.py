@@ -39,7 +39,7 @@ from ..source import submodule
 from .guard import Guard, initialized_memory
 from .limits import Limits
 from .plan import Plan
-from .rows import first_input, narrow, replace_first_input, write_rows
+from .rows import first_input, first_input_place, narrow, replace_first_input, write_rows
 from .state import Attachments, global_state, restore_global_state
 from .validate import check_against_model
 
@@ -293,7 +293,8 @@ class Interleaver:
                 self.guard.check_size(value, f"the value that replaces {path}")
             if rows is None:
                 return value
-            return write_rows(original(*args, **kwargs), value, rows, self.batch_size, shared=self.shared)
+            return write_rows(original(*args, **kwargs), value, rows, self.batch_size, shared=self.shared,
+                              batched=self._batched(path, "output"))
 
         # an instance forward may be someone else's (accelerate's hooks): put back exactly what was there
         self.handles.append(_InstanceAttribute(module, "forward"))
@@ -434,17 +435,18 @@ class Interleaver:
     # -- one method per op -----------------------------------------------------------------------
     def _op_module_value(self, node):
         event = self._find_event(node.index)
-        value = event.value
+        value, at = event.value, ()
         kind = node.kwargs["kind"]
         if kind == "input":
-            value = first_input(*value)
+            value, at = first_input(*value), first_input_place(*value)
         elif kind == "inputs":
             value = (tuple(value[0]), dict(value[1]))
         rows = self._rows(node.kwargs["invoke"])
         if rows is None:
             return value
         return narrow(value, rows, self.batch_size, shared=self.shared,
-                      cuts=self.row_slices if node.index in self.grad_sources else None)
+                      cuts=self.row_slices if node.index in self.grad_sources else None,
+                      batched=self._batched(node.target, "output" if kind == "output" else "input"), at=at)
 
     def _op_parameter(self, node):
         try:
@@ -516,14 +518,17 @@ class Interleaver:
         else:
             rows, size, shared = self._rows(target.kwargs["invoke"]), self.batch_size, self.shared
             kind = target.kwargs["kind"]
+            batched = self._batched(target.target, "output" if kind == "output" else "input")
             if kind == "output":
-                event.value = new if rows is None else write_rows(event.value, new, rows, size, shared=shared)
+                event.value = new if rows is None else write_rows(event.value, new, rows, size, shared=shared,
+                                                                  batched=batched)
             elif kind == "input":
-                event.value = replace_first_input(event.value, new, rows, size, shared=shared)
+                event.value = replace_first_input(event.value, new, rows, size, shared=shared, batched=batched)
             else:
                 args, kwargs = new
                 new = (tuple(args), dict(kwargs))
-                event.value = new if rows is None else write_rows(event.value, new, rows, size, shared=shared)
+                event.value = new if rows is None else write_rows(event.value, new, rows, size, shared=shared,
+                                                                  batched=batched)
         event.changed = True
         return None
 
@@ -635,6 +640,11 @@ class Interleaver:
         return None
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _batched(self, path: str, kind: str):
+        """The places in the values of `path`'s calls ('input': their (args, kwargs)) that hold rows, as `narrow`
+        takes them; None: every tensor whose first dimension has the batch's size (a merged run knows better)."""
+        return None
+
     def _rows(self, invoke):
         if self.rows is None or invoke is None:
             return None

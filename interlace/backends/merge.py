@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from ..errors import CancelledError, InterlaceError
 from ..graph import Graph, Outcome, Request, TraceSpec
 from ..stream import Step
+from .layout import layout_of
 from .local import EarlyStop, Interleaver
 from .rows import Shared, SharedValueError, contains_shared
 
@@ -119,16 +120,21 @@ def _renumbered(error: InterlaceError, part: Part) -> InterlaceError:
 class MergedInterleaver(Interleaver):
     """Runs a merged request; each part (request) fails, stops and is cancelled on its own.
 
-    cancels: for each part, anything with `is_set()` (or None).
+    cancels: for each part, anything with `is_set()` (or None). inputs: the forward's `(args, kwargs)`, from
+    which the values that hold rows are found (layout.py); a generation's are those of its first step.
     """
 
     plain_calls_allowed = False  # every call's arguments are checked for Shared placeholders (_arguments)
 
-    def __init__(self, graph: Graph, root, rows, batch_size: int, *, parts: list[Part], cancels=None, **options):
+    def __init__(self, graph: Graph, root, rows, batch_size: int, *, parts: list[Part], inputs, cancels=None,
+                 **options):
         # each part's whole batch is the rows of its invokes
         rows = list(rows) + [(rows[p.first_invoke][0], rows[p.first_invoke + p.invokes - 1][1]) for p in parts]
         super().__init__(graph, root, rows, batch_size, **options)
         self.shared = True
+        for path in {key[0] for key in [*self.sources, *self.plan.skips]}:  # (`.source` points are made here, so
+            self._module_at(path)                                           # that the layout sees them)
+        self.layout = layout_of(root, inputs, batch_size)
         self.parts = parts
         self.cancels = cancels or [None] * len(parts)
         self.part_of = [0] * len(graph)
@@ -158,6 +164,11 @@ class MergedInterleaver(Interleaver):
                 self._abandon(number, part.start, "its request failed")
         if len(self.failures) == len(self.parts):
             raise EarlyStop()
+
+    def _batched(self, path: str, kind: str):
+        if path in self.extra_modules:  # interlace's own (a generator): its values are batch-first
+            return None
+        return self.layout.batched(path, kind)
 
     def _resolve(self, obj):
         """A `Shared` placeholder may be held in containers and moved by indexing, never used itself."""

@@ -46,14 +46,19 @@ class Shared:
         )
 
 
-def narrow(value, rows, batch_size, *, shared: bool = False, cuts: dict | None = None):
+def narrow(value, rows, batch_size, *, shared: bool = False, cuts: dict | None = None, batched=None, at=()):
     """The invoke's rows of every batch-first tensor in `value` (views, so writes go through).
 
     shared: anything else but plain values becomes a `Shared` placeholder.
     cuts: where to note each cut, `id(part) -> (part, whole tensor, rows)`.
+    batched: in a shared batch, the places in the value that hold rows (see layout.py: a first dimension of
+    the batch's size may be something else); a place is its index path, `at` the place of `value` itself.
+    None: every tensor whose first dimension has the batch's size.
     """
     if isinstance(value, torch.Tensor):
         if value.dim() and value.shape[0] == batch_size:
+            if shared and batched is not None and at not in batched:
+                return Shared(f"a tensor of shape {tuple(value.shape)} whose first dimension is not the batch")
             if shared and not _rows_apart(value):
                 return Shared(f"a tensor of shape {tuple(value.shape)} whose rows share memory")
             part = value[rows[0] : rows[1]]
@@ -62,10 +67,12 @@ def narrow(value, rows, batch_size, *, shared: bool = False, cuts: dict | None =
             return part
         return Shared(f"a tensor of shape {tuple(value.shape)} without the batch dimension") if shared else value
     if isinstance(value, (tuple, list)):
-        items = [narrow(item, rows, batch_size, shared=shared, cuts=cuts) for item in value]
+        items = [narrow(item, rows, batch_size, shared=shared, cuts=cuts, batched=batched, at=(*at, i))
+                 for i, item in enumerate(value)]
         return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     if isinstance(value, dict):
-        return type(value)(**{k: narrow(v, rows, batch_size, shared=shared, cuts=cuts) for k, v in value.items()})
+        return type(value)(**{k: narrow(v, rows, batch_size, shared=shared, cuts=cuts, batched=batched, at=(*at, k))
+                              for k, v in value.items()})
     if shared and not isinstance(value, _PLAIN):
         return Shared(f"a {type(value).__name__}")
     return value
@@ -84,23 +91,27 @@ def _rows_apart(tensor: torch.Tensor) -> bool:
     return abs(tensor.stride(0)) >= span
 
 
-def write_rows(dest, new, rows, batch_size=None, *, shared: bool = False):
+def write_rows(dest, new, rows, batch_size=None, *, shared: bool = False, batched=None, at=()):
     """A copy of `dest` whose rows `rows` of batch-first tensors hold `new`.
 
-    shared: `dest` is a shared batch's value; anything but its batch-first tensors stays as it is
-    (where `new` holds a `Shared` placeholder or the same plain value), and replacing it is refused.
+    shared: `dest` is a shared batch's value; anything but its batch-first tensors (those at the places in
+    `batched`, as in `narrow`) stays as it is (where `new` holds a `Shared` placeholder or the same plain
+    value), and replacing it is refused.
     """
     if isinstance(new, Shared) and shared:
         return dest
-    if isinstance(dest, torch.Tensor) and (not shared or dest.dim() and dest.shape[0] == batch_size):
+    if isinstance(dest, torch.Tensor) and (not shared or dest.dim() and dest.shape[0] == batch_size
+                                           and (batched is None or at in batched)):
         dest = dest.clone()
         dest[rows[0] : rows[1]] = new
         return dest
     if isinstance(dest, (tuple, list)) and isinstance(new, (tuple, list)) and (not shared or len(dest) == len(new)):
-        items = [write_rows(d, n, rows, batch_size, shared=shared) for d, n in zip(dest, new)]
+        items = [write_rows(d, n, rows, batch_size, shared=shared, batched=batched, at=(*at, i))
+                 for i, (d, n) in enumerate(zip(dest, new))]
         return type(dest)(*items) if hasattr(dest, "_fields") else type(dest)(items)
     if isinstance(dest, dict) and isinstance(new, dict) and (not shared or dest.keys() == new.keys()):
-        return type(dest)(**{k: write_rows(v, new[k], rows, batch_size, shared=shared) for k, v in dest.items()})
+        return type(dest)(**{k: write_rows(v, new[k], rows, batch_size, shared=shared, batched=batched, at=(*at, k))
+                             for k, v in dest.items()})
     if shared and not (isinstance(dest, _PLAIN) and type(new) is type(dest) and new == dest):
         what = f"a tensor of shape {tuple(dest.shape)}" if isinstance(dest, torch.Tensor) else f"a {type(dest).__name__}"
         raise Shared(what).refuse("replacing it")
@@ -112,11 +123,17 @@ def first_input(args, kwargs):
     return args[0] if args else next(iter(kwargs.values()), None)
 
 
-def replace_first_input(value, new, rows, batch_size=None, *, shared: bool = False):
+def first_input_place(args, kwargs) -> tuple:
+    """The place (index path, as in `narrow`) of a call's first input in its `(args, kwargs)`."""
+    return (0, 0) if args else (1, next(iter(kwargs), None))
+
+
+def replace_first_input(value, new, rows, batch_size=None, *, shared: bool = False, batched=None):
     """(args, kwargs) of a call with its first input replaced (only `rows` of it, when given)."""
     args, kwargs = value
     if rows is not None:
-        new = write_rows(first_input(args, kwargs), new, rows, batch_size, shared=shared)
+        new = write_rows(first_input(args, kwargs), new, rows, batch_size, shared=shared, batched=batched,
+                         at=first_input_place(args, kwargs))
     if args:
         return ((new,) + tuple(args[1:]), kwargs)
     first = next(iter(kwargs))

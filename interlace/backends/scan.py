@@ -39,33 +39,15 @@ class Scanner(Interleaver):
     def capture(self, invoke: int, forward) -> None:
         """Run `forward(fake)` (which calls the model on `fake(inputs)`), recording every module call."""
         seen: dict[tuple, object] = {}
-        counts: dict[tuple, int] = {}
-        handles = []
-
-        def record(path, kind, value):
-            call = counts.get((path, kind), 0)
-            counts[(path, kind)] = call + 1
-            seen[(path, kind, call)] = value
-
         modules = [*self.root.named_modules(), *points(self.root), *self.extra_modules.items()]
         self.forwards[invoke], self.hooked[invoke] = forward, {path for path, _ in modules}
-        for path, module in modules:
-            handles.append(module.register_forward_pre_hook(
-                lambda m, args, kwargs, path=path: record(path, "input", (args, kwargs)), with_kwargs=True))
-            handles.append(module.register_forward_hook(
-                lambda m, args, output, path=path: record(path, "output", output)))
         try:
-            with batched_experts(self.root), fake_buffers(self.root, self.mode), self.mode, \
-                    quiet("torch._subclasses.fake_tensor"), torch.no_grad():
-                forward(self.fake)
+            fake_run(self.root, modules, lambda: forward(self.fake), self.mode, seen)
         except Exception as error:
             raise InterlaceError(
                 f"scanning could not run the model on fake tensors ({type(error).__name__}: {error}); "
                 "run without scan=True"
             ) from error
-        finally:
-            for handle in handles:
-                handle.remove()
         self.captured[invoke] = seen
 
     def fake(self, value):
@@ -130,6 +112,31 @@ class Scanner(Interleaver):
                                  "modules after it expect what it gave (found while scanning, before the model ran)"
                                  ).at(node)
         return None
+
+
+def fake_run(root: torch.nn.Module, modules, forward, mode: FakeTensorMode, seen: dict) -> None:
+    """Call `forward()` under `mode` with the weights untouched, noting in `seen` each call of `modules` ((path,
+    module) pairs): `(path, "input", call) -> (args, kwargs)` and `(path, "output", call) -> output`. What was
+    seen before an error stays in `seen`."""
+    counts: dict[tuple, int] = {}
+    handles = []
+
+    def record(path, kind, value):
+        call = counts.get((path, kind), 0)
+        counts[(path, kind)] = call + 1
+        seen[(path, kind, call)] = value
+
+    for path, module in modules:
+        handles.append(module.register_forward_pre_hook(
+            lambda m, args, kwargs, path=path: record(path, "input", (args, kwargs)), with_kwargs=True))
+        handles.append(module.register_forward_hook(lambda m, args, output, path=path: record(path, "output", output)))
+    try:
+        with batched_experts(root), fake_buffers(root, mode), mode, quiet("torch._subclasses.fake_tensor"), \
+                torch.no_grad():
+            forward()
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextmanager

@@ -340,7 +340,10 @@ class Model(Envoy):
         if run["untrusted"] and (options.get("mode", "trace") != "trace" or options.get("kwargs")):
             raise RefusedError("a Model runs traces of its inputs only: mode 'trace' and no keyword options")
         args, kwargs, rows, batch_size = self._batch(trace.invokes)
-        interleaver = run.pop("interleaver", Interleaver)(
+        make = run.pop("interleaver", Interleaver)
+        if make is MergedInterleaver:  # (which values hold rows is found by running the forward on fake inputs)
+            run["inputs"] = (args, kwargs)
+        interleaver = make(
             graph, self._module, rows, batch_size, early_stop=options.get("early_stop", True),
             span=(trace.start, trace.end), **run)
         interleaver.run(lambda: self._run(args, kwargs))

@@ -20,7 +20,7 @@ import types
 import torch
 
 from ..backends.local import Interleaver
-from ..backends.merge import merge_key
+from ..backends.merge import MergedInterleaver, merge_key
 from ..envoy import Envoy
 from ..errors import InterlaceError, LimitError, RefusedError
 from ..graph import Request
@@ -254,7 +254,10 @@ class LanguageModel(Model):
             _check_untrusted_options(options, batch, run["limits"])
         # a run someone may cancel stops between steps: generate hands each step to a streamer that checks
         stoppable = run.get("cancel") is not None or any(c is not None for c in run.get("cancels") or ())
-        interleaver = run.pop("interleaver", Interleaver)(
+        make = run.pop("interleaver", Interleaver)
+        if make is MergedInterleaver:  # (which values hold rows is found by running the forward on fake inputs)
+            run["inputs"] = ((), dict(batch) if generating else {**batch, **forward_kwargs})
+        interleaver = make(
             graph, self._module, rows, len(batch["input_ids"]) if batch else 0,
             early_stop=options.get("early_stop", True), strict=not generating,
             modules=self._extra_modules(), span=(trace.start, trace.end), **run,

@@ -4,6 +4,7 @@ import threading
 
 import pytest
 import torch
+import transformers
 
 import interlace
 from interlace import LanguageModel
@@ -322,3 +323,69 @@ def test_a_value_whose_rows_share_memory_is_not_a_jobs_to_write():
     assert_same(answers[1], net.run(victim, untrusted=True))
     assert runs == [2, 1]  # together, then the attacker alone: the positions are its own only there
     assert_same(answers[0], net.run(attacker, untrusted=True))
+
+
+class _SequenceFirst(torch.nn.Module):
+    def forward(self, x):  # (batch, positions, features) -> (positions, batch, features), as a sequence-first layer
+        return x.transpose(0, 1).contiguous()
+
+
+class _WithSequenceFirst(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.sequence_first, self.head = _SequenceFirst(), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.head(self.sequence_first(x).transpose(0, 1))
+
+
+def test_a_first_dimension_that_only_has_the_batchs_size_is_not_a_jobs_rows():
+    """Three rows of three positions: "its rows" of a sequence-first value were every job's first positions (the
+    victim's output moved by 100); the forward itself shows the positions are no rows."""
+    torch.manual_seed(0)
+    net = interlace.Model(_WithSequenceFirst().eval())
+    victim_input, attacker_input = torch.randn(1, 3, 4), torch.randn(2, 3, 4)
+
+    def victim(net, tracer):
+        with tracer.invoke(victim_input):
+            net.output.save()
+
+    def attacker(net, tracer):
+        with tracer.invoke(attacker_input):
+            net.sequence_first.output[:] = 100.0
+            net.output.save()
+
+    victim, attacker = recorded(net, victim), recorded(net, attacker)
+    answers, runs = run_together(net, [attacker, victim])
+    with torch.no_grad():
+        torch.testing.assert_close(answers[1].results[0], net.module(victim_input))
+    assert runs == [2, 1]  # together, then the attacker alone: the sequence-first value is its own only there
+    assert_same(answers[0], net.run(attacker, untrusted=True))
+
+
+def test_an_expert_first_value_of_a_mixture_of_experts_is_not_a_jobs_rows():
+    """Mixtral's eager experts sum their routing mask per expert: 5 values (4 experts and 'none'). With 5 rows in
+    the batch, the attacker's 4 rows were experts 0-3 of every token, which it turned off for the victim too."""
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=100, max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0)
+    config._experts_implementation = "eager"  # (the loop over experts, with its `.source` points)
+    mixtral = LanguageModel(transformers.MixtralForCausalLM(config).eval(), tokenizer=tiny_tokenizer())
+
+    def victim(lm, tracer):
+        with tracer.invoke("w5 w6 w7"):
+            lm.output.logits.save()
+
+    def attacker(lm, tracer):
+        with tracer.invoke(["w9 w10 w11"] * 4):
+            lm.model.layers[0].mlp.experts.source.sum_0.output[:] = 0
+            lm.output.logits.save()
+
+    victim, attacker = recorded(mixtral, victim), recorded(mixtral, attacker)
+    answers, runs = run_together(mixtral, [attacker, victim])
+    with torch.no_grad():
+        want = mixtral.module(**mixtral.tokenizer(["w5 w6 w7"], return_tensors="pt")).logits
+    torch.testing.assert_close(answers[1].results[max(answers[1].results)], want)
+    assert runs[0] == 2 and runs.count(1) >= 1  # the attacker runs again alone
+    assert_same(answers[0], mixtral.run(attacker, untrusted=True))

@@ -1,0 +1,115 @@
+"""Layout: which values of a merged forward hold the batch's rows, learnt from what the forward does.
+
+In a batch shared by several users' jobs a job gets its rows of the values that have them (rows.py). A
+first dimension of the batch's size does not make rows: a sequence-first tensor, or an expert-first one
+inside a mixture-of-experts layer, may have that size by chance, and a job picks its prompt count to
+make it so and reach the other jobs' values there. So the forward is run on fake tensors (shapes only,
+no compute, see scan.py) twice: on the batch, and on the batch with its last row once more. A value
+holds rows at a place (its index path inside the module's output or `(args, kwargs)`) only where its
+first dimension grew by exactly that row in every call of the module, the rest of its shape unchanged;
+everything else is `Shared`. Where the fake run cannot go on (an operation whose output shape depends
+on the data, as an eager mixture-of-experts loop's `nonzero`), what comes after is unknown: `Shared`.
+
+The answer depends on the model and the shapes of the forward's inputs only, so it is kept per model
+and input signature: a stream of same-shaped batches pays for the two fake runs once.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from ..source import points
+from .scan import fake_run
+
+_KEPT = 64  # layouts kept per model (the least recently used goes): a signature is a handful of shapes
+_layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class Layout:
+    """For each `(module path, "input" | "output")`, the places in its calls' values that hold rows.
+
+    `stopped`: why the fake run ended early (None: it ran to the end); what it did not reach holds no rows.
+    """
+
+    def __init__(self, places: dict[tuple[str, str], frozenset], stopped: str | None = None):
+        self.places, self.stopped = places, stopped
+
+    def batched(self, path: str, kind: str) -> frozenset:
+        return self.places.get((path, kind), frozenset())
+
+
+def layout_of(root: torch.nn.Module, inputs, batch_size: int) -> Layout:
+    """The layout of `root(*args, **kwargs)` for `inputs = (args, kwargs)`, a batch of `batch_size` rows
+    (batch-first tensors: the invokes' inputs laid end to end), from the cache when it was found before."""
+    modules = [*root.named_modules(), *points(root)]  # the `.source` points made so far are hooked too
+    key = (_signature(inputs), batch_size, tuple(path for path, _ in modules))
+    kept = _layouts.setdefault(root, OrderedDict())
+    if key in kept:
+        kept.move_to_end(key)
+        return kept[key]
+    layout = kept[key] = find_layout(root, modules, inputs, batch_size)
+    if len(kept) > _KEPT:
+        kept.popitem(last=False)
+    return layout
+
+
+def find_layout(root: torch.nn.Module, modules, inputs, batch_size: int) -> Layout:
+    """Run the forward on fake tensors at `batch_size` rows and at one more, and compare (see the module)."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    device = next((p.device for p in root.parameters()), torch.device("cpu"))
+    args, kwargs = _map_tensors(inputs, lambda t: mode.from_tensor(t.to(device)))
+    grown = _map_tensors((args, kwargs), lambda t: torch.cat([t, t[-1:]]) if t.dim() and len(t) == batch_size else t)
+    seen: list[dict] = [{}, {}]
+    stopped = None
+    for number, (run_args, run_kwargs) in enumerate(((args, kwargs), grown)):
+        try:
+            fake_run(root, modules, lambda: root(*run_args, **run_kwargs), mode, seen[number])
+        except Exception as error:  # (the grown inputs are made in the mode: a run that fails fails both times)
+            stopped = f"{type(error).__name__}: {error}"
+    batched, shut = {}, set()
+    for (path, kind, call), value in seen[0].items():
+        own, other = batched.setdefault((path, kind), set()), set()
+        _compare(value, seen[1].get((path, kind, call)), batch_size, (), own, other)
+        shut |= {(path, kind, place) for place in other}
+    places = {key: frozenset(place for place in own if (*key, place) not in shut) for key, own in batched.items()}
+    return Layout(places, stopped)
+
+
+def _compare(small, big, batch_size: int, at: tuple, rows: set, other: set) -> None:
+    """Note each place of `small` in `rows` where `big` is it with one more row, else in `other`."""
+    if isinstance(small, torch.Tensor):
+        grew = (isinstance(big, torch.Tensor) and small.dim() and big.dim() and small.shape[0] == batch_size
+                and big.shape[0] == batch_size + 1 and small.shape[1:] == big.shape[1:])
+        (rows if grew else other).add(at)
+    elif isinstance(small, (tuple, list)):
+        for i, item in enumerate(small):
+            same = isinstance(big, (tuple, list)) and len(big) == len(small)
+            _compare(item, big[i] if same else None, batch_size, (*at, i), rows, other)
+    elif isinstance(small, dict):
+        for k, item in small.items():
+            _compare(item, big.get(k) if isinstance(big, dict) else None, batch_size, (*at, k), rows, other)
+
+
+def _map_tensors(value, fn):
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
+def _signature(value):
+    """What the layout depends on in the inputs: tensors' shapes, dtypes and devices, other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device)
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, *map(_signature, value))
+    if isinstance(value, dict):
+        return ("dict", *((k, _signature(v)) for k, v in value.items()))
+    return repr(value)
