@@ -7,8 +7,13 @@ make it so and reach the other jobs' values there. So the forward is run on fake
 no compute, see scan.py) twice: on the batch, and on the batch with its last row once more. A value
 holds rows at a place (its index path inside the module's output or `(args, kwargs)`) only where its
 first dimension grew by exactly that row in every call of the module, the rest of its shape unchanged;
-everything else is `Shared`. Where the fake run cannot go on (an operation whose output shape depends
-on the data, as an eager mixture-of-experts loop's `nonzero`), what comes after is unknown: `Shared`.
+everything else is `Shared`.
+
+A fake run cannot go through an operation whose output depends on the data (an eager mixture-of-experts
+loop over the experts hit, `nonzero`): the innermost module of the model that met one runs for real, on
+zeros and on ones of its inputs' shapes, and the fake run goes on with what it gave, the same shapes both
+times (else its output's shape depends on the data too, and the run stops). What that module holds inside
+(its submodules, its `.source` points) is then unknown: `Shared`; so is what a run that stopped did not reach.
 
 The answer depends on the model and the shapes of the forward's inputs only, so it is kept per model
 and input signature: a stream of same-shaped batches pays for the two fake runs once.
@@ -18,12 +23,17 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
+from contextlib import contextmanager
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode, unset_fake_temporarily)
 
 from ..source import points
+from .local import _InstanceAttribute
 from .scan import fake_run
+
+_DATA_DEPENDENT = (DataDependentOutputException, DynamicOutputShapeException)
 
 _KEPT = 64  # layouts kept per model (the least recently used goes): a signature is a handful of shapes
 _layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -64,19 +74,55 @@ def find_layout(root: torch.nn.Module, modules, inputs, batch_size: int) -> Layo
     args, kwargs = _map_tensors(inputs, lambda t: mode.from_tensor(t.to(device)))
     grown = _map_tensors((args, kwargs), lambda t: torch.cat([t, t[-1:]]) if t.dim() and len(t) == batch_size else t)
     seen: list[dict] = [{}, {}]
-    stopped = None
+    stopped, unknown = None, set()
     for number, (run_args, run_kwargs) in enumerate(((args, kwargs), grown)):
         try:
-            fake_run(root, modules, lambda: root(*run_args, **run_kwargs), mode, seen[number])
-        except Exception as error:  # (the grown inputs are made in the mode: a run that fails fails both times)
+            with _for_real_where_data_decides(root, mode, seen[number], unknown):
+                fake_run(root, modules, lambda: root(*run_args, **run_kwargs), mode, seen[number])
+        except Exception as error:
             stopped = f"{type(error).__name__}: {error}"
     batched, shut = {}, set()
     for (path, kind, call), value in seen[0].items():
         own, other = batched.setdefault((path, kind), set()), set()
         _compare(value, seen[1].get((path, kind, call)), batch_size, (), own, other)
         shut |= {(path, kind, place) for place in other}
-    places = {key: frozenset(place for place in own if (*key, place) not in shut) for key, own in batched.items()}
+    places = {key: frozenset(place for place in own if (*key, place) not in shut)
+              for key, own in batched.items() if key not in unknown}
     return Layout(places, stopped)
+
+
+@contextmanager
+def _for_real_where_data_decides(root: torch.nn.Module, mode: FakeTensorMode, seen: dict, unknown: set):
+    """Each module under `root` that meets an operation a fake run cannot do runs again for real, on zeros; what
+    `seen` noted while it ran goes to `unknown` as `(path, kind)`."""
+    handles = []
+
+    def wrap(module, forward):
+        def run(*args, **kwargs):
+            start = len(seen)
+            try:
+                return forward(*args, **kwargs)
+            except _DATA_DEPENDENT:
+                with unset_fake_temporarily():
+                    outputs = []
+                    for fill in (torch.zeros, torch.ones):
+                        real = _map_tensors((args, kwargs), lambda t: fill(t.shape, dtype=t.dtype, device=t.device))
+                        outputs.append(forward(*real[0], **real[1]))
+                unknown.update((path, kind) for path, kind, _ in list(seen)[start:])
+                if _signature(outputs[0]) != _signature(outputs[1]):
+                    raise ValueError(f"the shapes {type(module).__name__} gives depend on its inputs' values") from None
+                return _map_tensors(outputs[0], mode.from_tensor)
+        return run
+
+    try:
+        for module in root.modules():  # (`.source` points are not among them: their module is the innermost)
+            if module is not root:  # (the whole model run for real is no fake run)
+                handles.append(_InstanceAttribute(module, "forward"))
+                module.forward = wrap(module, module.forward)
+        yield
+    finally:
+        for handle in reversed(handles):
+            handle.remove()
 
 
 def _compare(small, big, batch_size: int, at: tuple, rows: set, other: set) -> None:

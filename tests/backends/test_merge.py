@@ -387,5 +387,5 @@ def test_an_expert_first_value_of_a_mixture_of_experts_is_not_a_jobs_rows():
     with torch.no_grad():
         want = mixtral.module(**mixtral.tokenizer(["w5 w6 w7"], return_tensors="pt")).logits
     torch.testing.assert_close(answers[1].results[max(answers[1].results)], want)
-    assert runs[0] == 2 and runs.count(1) >= 1  # the attacker runs again alone
+    assert runs == [2, 1]  # together, then the attacker alone (the victim needed nothing the fake run could not see)
     assert_same(answers[0], mixtral.run(attacker, untrusted=True))
