@@ -55,13 +55,13 @@ class Layout:
 def layout_of(root: torch.nn.Module, inputs, batch_size: int) -> Layout:
     """The layout of `root(*args, **kwargs)` for `inputs = (args, kwargs)`, a batch of `batch_size` rows
     (batch-first tensors: the invokes' inputs laid end to end), from the cache when it was found before."""
-    modules = [*root.named_modules(), *points(root)]  # the `.source` points made so far are hooked too
-    key = (_signature(inputs), batch_size, tuple(path for path, _ in modules))
+    made = list(points(root))  # the `.source` points made so far are hooked too
+    key = (_signature(inputs), batch_size, tuple(path for path, _ in made))
     kept = _layouts.setdefault(root, OrderedDict())
     if key in kept:
         kept.move_to_end(key)
         return kept[key]
-    layout = kept[key] = find_layout(root, modules, inputs, batch_size)
+    layout = kept[key] = find_layout(root, [*root.named_modules(), *made], inputs, batch_size)
     if len(kept) > _KEPT:
         kept.popitem(last=False)
     return layout
