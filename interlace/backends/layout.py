@@ -32,6 +32,7 @@ from torch._subclasses.fake_tensor import (
 from ..source import points
 from .local import _InstanceAttribute
 from .scan import fake_run
+from .state import Attachments
 
 _DATA_DEPENDENT = (DataDependentOutputException, DynamicOutputShapeException)
 
@@ -75,12 +76,16 @@ def find_layout(root: torch.nn.Module, modules, inputs, batch_size: int) -> Layo
     grown = _map_tensors((args, kwargs), lambda t: torch.cat([t, t[-1:]]) if t.dim() and len(t) == batch_size else t)
     seen: list[dict] = [{}, {}]
     stopped, unknown = None, set()
-    for number, (run_args, run_kwargs) in enumerate(((args, kwargs), grown)):
-        try:
-            with _for_real_where_data_decides(root, mode, seen[number], unknown):
-                fake_run(root, modules, lambda: root(*run_args, **run_kwargs), mode, seen[number])
-        except Exception as error:
-            stopped = f"{type(error).__name__}: {error}"
+    attachments = Attachments(root)  # what a forward sets on its modules (a dynamic RoPE's cache length) goes
+    try:
+        for number, (run_args, run_kwargs) in enumerate(((args, kwargs), grown)):
+            try:
+                with _for_real_where_data_decides(root, mode, seen[number], unknown):
+                    fake_run(root, modules, lambda: root(*run_args, **run_kwargs), mode, seen[number])
+            except Exception as error:
+                stopped = f"{type(error).__name__}: {error}"
+    finally:
+        attachments.restore()
     batched, shut = {}, set()
     for (path, kind, call), value in seen[0].items():
         own, other = batched.setdefault((path, kind), set()), set()

@@ -389,3 +389,32 @@ def test_an_expert_first_value_of_a_mixture_of_experts_is_not_a_jobs_rows():
     torch.testing.assert_close(answers[1].results[max(answers[1].results)], want)
     assert runs == [2, 1]  # together, then the attacker alone (the victim needed nothing the fake run could not see)
     assert_same(answers[0], mixtral.run(attacker, untrusted=True))
+
+
+class _Caching(torch.nn.Module):
+    def forward(self, x):  # keeps what it saw, as a rotary embedding keeps its cache length
+        self.longest = x.shape[1]
+        return x
+
+
+class _WithCaching(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.caching, self.head = _Caching(), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.head(self.caching(x))
+
+
+def test_finding_which_values_hold_rows_leaves_the_model_as_it_was():
+    net = interlace.Model(_WithCaching().eval())
+    jobs = []
+    for rows in (1, 2):
+        def job(net, tracer, inputs=torch.randn(rows, 3, 4)):
+            with tracer.invoke(inputs):
+                net.caching.output.save()
+        jobs.append(recorded(net, job))
+    state = ModelState(net.module)
+    answers, runs = run_together(net, jobs)
+    assert runs == [2] and all(isinstance(answer, interlace.graph.Outcome) for answer in answers)
+    assert state.diff() == [] and "longest" not in vars(net.module.caching)
