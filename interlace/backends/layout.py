@@ -7,7 +7,8 @@ make it so and reach the other jobs' values there. So the forward is run on fake
 no compute, see scan.py) twice: on the batch, and on the batch with its last row once more. A value
 holds rows at a place (its index path inside the module's output or `(args, kwargs)`) only where its
 first dimension grew by exactly that row in every call of the module, the rest of its shape unchanged;
-everything else is `Shared`.
+everything else is `Shared`. A generation's later steps (calls the fake run of its first step does not
+make) are taken to lay out each module's values as its calls there do.
 
 A fake run cannot go through an operation whose output depends on the data (an eager mixture-of-experts
 loop over the experts hit, `nonzero`): the innermost module of the model that met one runs for real, on
@@ -21,6 +22,7 @@ and input signature: a stream of same-shaped batches pays for the two fake runs 
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -41,13 +43,10 @@ _layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class Layout:
-    """For each `(module path, "input" | "output")`, the places in its calls' values that hold rows.
+    """For each `(module path, "input" | "output")`, the places in its calls' values that hold rows."""
 
-    `stopped`: why the fake run ended early (None: it ran to the end); what it did not reach holds no rows.
-    """
-
-    def __init__(self, places: dict[tuple[str, str], frozenset], stopped: str | None = None):
-        self.places, self.stopped = places, stopped
+    def __init__(self, places: dict[tuple[str, str], frozenset]):
+        self.places = places
 
     def batched(self, path: str, kind: str) -> frozenset:
         return self.places.get((path, kind), frozenset())
@@ -75,15 +74,15 @@ def find_layout(root: torch.nn.Module, modules, inputs, batch_size: int) -> Layo
     args, kwargs = _map_tensors(inputs, lambda t: mode.from_tensor(t.to(device)))
     grown = _map_tensors((args, kwargs), lambda t: torch.cat([t, t[-1:]]) if t.dim() and len(t) == batch_size else t)
     seen: list[dict] = [{}, {}]
-    stopped, unknown = None, set()
+    unknown = set()
     attachments = Attachments(root)  # what a forward sets on its modules (a dynamic RoPE's cache length) goes
     try:
         for number, (run_args, run_kwargs) in enumerate(((args, kwargs), grown)):
             try:
                 with _for_real_where_data_decides(root, mode, seen[number], unknown):
                     fake_run(root, modules, lambda: root(*run_args, **run_kwargs), mode, seen[number])
-            except Exception as error:
-                stopped = f"{type(error).__name__}: {error}"
+            except Exception as error:  # what it did not reach holds no rows
+                logging.getLogger(__name__).debug("the fake run of %s stopped: %r", type(root).__name__, error)
     finally:
         attachments.restore()
     batched, shut = {}, set()
@@ -93,7 +92,7 @@ def find_layout(root: torch.nn.Module, modules, inputs, batch_size: int) -> Layo
         shut |= {(path, kind, place) for place in other}
     places = {key: frozenset(place for place in own if (*key, place) not in shut)
               for key, own in batched.items() if key not in unknown}
-    return Layout(places, stopped)
+    return Layout(places)
 
 
 @contextmanager
