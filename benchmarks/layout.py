@@ -3,7 +3,7 @@
 Run `python benchmarks/layout.py [--smollm2]`. Printed, all measured in this run, on a tiny Llama, a tiny
 GPT-2 and, with --smollm2, the embedded SmolLM2-135M (one torch thread): the merged forward of two jobs
 (untrusted, as a server runs it; median of repeats, the layout already kept), the layout of a batch of a
-new shape (the two fake forwards, warm) and the lookup of a kept one, each with its ratio to the forward.
+new kind of forward (the two fake forwards, warm) and the lookup of a kept one (a batch of other sizes finds it), each with its ratio to the forward.
 """
 
 from __future__ import annotations
@@ -46,23 +46,22 @@ def request(lm, prompt):
 
 def measure(name, lm, prompts, other_prompts, repeats=7):
     requests = [request(lm, prompt) for prompt in prompts]
-    lm.run_many(requests, untrusted=True, limits=Limits())  # the layout of this shape is kept from here on
+    lm.run_many(requests, untrusted=True, limits=Limits())  # the layout of this kind of forward is kept from here on
     forward = []
     for _ in range(repeats):
         start = time.perf_counter()
         lm.run_many(requests, untrusted=True, limits=Limits())
         forward.append(time.perf_counter() - start)
     forward = statistics.median(forward)
-    batch, rows = lm._tokenize([r.traces[0].invokes[0] for r in requests])
+    other, other_rows = lm._tokenize([((prompt,), {}) for prompt in other_prompts])  # other sizes, the same kind
     start = time.perf_counter()
     for _ in range(100):
-        layout.layout_of(lm.module, ((), dict(batch)), len(rows))
+        layout.layout_of(lm.module, ((), dict(other)), len(other_rows))
     kept = (time.perf_counter() - start) / 100
-    other, other_rows = lm._tokenize([((prompt,), {}) for prompt in other_prompts])
     start = time.perf_counter()
     layout.find_layout(lm.module, list(lm.module.named_modules()), ((), dict(other)), len(other_rows))
     new = time.perf_counter() - start
-    print(f"{name}: merged forward of 2 jobs {forward * 1e3:.1f} ms; layout of a new shape {new * 1e3:.0f} ms "
+    print(f"{name}: merged forward of 2 jobs {forward * 1e3:.1f} ms; layout of a new kind {new * 1e3:.0f} ms "
           f"({new / forward:.1f}x); kept layout {kept * 1e6:.0f} us ({kept / forward:.4f}x)")
 
 

@@ -16,8 +16,12 @@ zeros and on ones of its inputs' shapes, and the fake run goes on with what it g
 times (else its output's shape depends on the data too, and the run stops). What that module holds inside
 (its submodules, its `.source` points) is then unknown: `Shared`; so is what a run that stopped did not reach.
 
-The answer depends on the model and the shapes of the forward's inputs only, so it is kept per model
-and input signature: a stream of same-shaped batches pays for the two fake runs once.
+Which places hold rows is decided by how the model lays its values out (its code), not by the sizes it is
+given: a module that puts the sequence first does so for any length and batch. So a layout is kept per model
+and input structure (which tensors, their dimensions, dtypes and devices, which of them are batch-first, the
+other values as they are) and the `.source` points made, whatever the batch size and padded length: a
+server pays the two fake runs once per kind of forward, not per shape. A value whose first dimension is
+not the batch stays so at every size; a size that happens to match (the attack) finds the layout that says so.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from .state import Attachments
 
 _DATA_DEPENDENT = (DataDependentOutputException, DynamicOutputShapeException)
 
-_KEPT = 64  # layouts kept per model (the least recently used goes): a signature is a handful of shapes
+_KEPT = 64  # layouts kept per model (the least recently used goes): a model has a few kinds of forward
 _layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -56,7 +60,7 @@ def layout_of(root: torch.nn.Module, inputs, batch_size: int) -> Layout:
     """The layout of `root(*args, **kwargs)` for `inputs = (args, kwargs)`, a batch of `batch_size` rows
     (batch-first tensors: the invokes' inputs laid end to end), from the cache when it was found before."""
     made = list(points(root))  # the `.source` points made so far are hooked too
-    key = (_signature(inputs), batch_size, tuple(path for path, _ in made))
+    key = (_structure(inputs, batch_size), tuple(path for path, _ in made))
     kept = _layouts.setdefault(root, OrderedDict())
     if key in kept:
         kept.move_to_end(key)
@@ -152,6 +156,18 @@ def _map_tensors(value, fn):
     if isinstance(value, dict):
         return {k: _map_tensors(v, fn) for k, v in value.items()}
     return value
+
+
+def _structure(value, batch_size: int):
+    """What the layout depends on in the inputs: for each tensor its dimensions, dtype, device and whether it is
+    batch-first, not its sizes; other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dim(), value.dtype, value.device, value.dim() > 0 and len(value) == batch_size)
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, *(_structure(item, batch_size) for item in value))
+    if isinstance(value, dict):
+        return ("dict", *((k, _structure(v, batch_size)) for k, v in value.items()))
+    return repr(value)
 
 
 def _signature(value):

@@ -418,3 +418,34 @@ def test_finding_which_values_hold_rows_leaves_the_model_as_it_was():
     answers, runs = run_together(net, jobs)
     assert runs == [2] and all(isinstance(answer, interlace.graph.Outcome) for answer in answers)
     assert state.diff() == [] and "longest" not in vars(net.module.caching)
+
+
+def test_a_layout_found_once_serves_batches_of_other_sizes_and_still_refuses_the_coincidence(monkeypatch):
+    """The layout is the model's way of laying out its values, not its sizes: a first shared batch (2 rows of 5
+    positions) finds it, and the attack at other sizes (3 rows of 3 positions) meets it without a new fake run."""
+    from interlace.backends import layout
+
+    real, found = layout.find_layout, []
+    monkeypatch.setattr(layout, "find_layout", lambda *args: found.append(args[3]) or real(*args))  # its batch size
+    torch.manual_seed(0)
+    net = interlace.Model(_WithSequenceFirst().eval())
+    first = [recorded(net, lambda net, tracer, x=torch.randn(1, 5, 4): _save_output(net, tracer, x)) for _ in range(2)]
+    victim_input, attacker_input = torch.randn(1, 3, 4), torch.randn(2, 3, 4)
+
+    def attacker(net, tracer):
+        with tracer.invoke(attacker_input):
+            net.sequence_first.output[:] = 100.0
+            net.output.save()
+
+    run_together(net, first)
+    answers, runs = run_together(net, [recorded(net, attacker),
+                                       recorded(net, lambda net, tracer: _save_output(net, tracer, victim_input))])
+    assert found == [2]  # one fake pair, for the first batch (2 rows); the attack's batch (3 rows) found it kept
+    with torch.no_grad():
+        torch.testing.assert_close(answers[1].results[0], net.module(victim_input))
+    assert runs == [2, 1]
+
+
+def _save_output(net, tracer, inputs):
+    with tracer.invoke(inputs):
+        net.output.save()
