@@ -449,3 +449,22 @@ def test_a_layout_found_once_serves_batches_of_other_sizes_and_still_refuses_the
 def _save_output(net, tracer, inputs):
     with tracer.invoke(inputs):
         net.output.save()
+
+
+def test_options_that_differ_where_their_repr_elides_do_not_share_a_forward(lm):
+    """Two `logits_to_keep` index tensors of 1500 positions that differ at one: torch's repr elides the middle, so
+    the keys were equal, the jobs shared a forward, and the second got the first's logits there."""
+    keep = [torch.zeros(1500, dtype=torch.long) for _ in range(2)]
+    keep[0][700] = 1
+
+    def logits(lm, tracer):
+        with tracer.invoke("w5 w6"):
+            lm.output.logits.save()
+
+    requests = [recorded(lm, logits, logits_to_keep=k) for k in keep]
+    assert repr(keep[0]) == repr(keep[1]) and {merge_key(request) for request in requests} == {None}
+    answers, runs = run_together(lm, requests)
+    assert runs == [1, 1]
+    for request, answer in zip(requests, answers):
+        assert_same(answer, lm.run(request, untrusted=True))
+    assert not torch.equal(answers[0].results[max(answers[0].results)], answers[1].results[max(answers[1].results)])
