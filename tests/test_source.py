@@ -404,3 +404,41 @@ def test_points_named_before_the_weights_load_work_after(tmp_path):
         module = attention.q_proj.output.save()
     assert lm.dispatched and not query.is_meta and torch.equal(query, module)
     assert_clean(lm.module)
+
+
+def _fast_path(forward):
+    """As transformers' implementation switches (experts, attention): the wrapper may run other code."""
+    @functools.wraps(forward)
+    def dispatch(self, x):
+        return x * 2 if self.fast else forward(self, x)
+    return dispatch
+
+
+class _Switching(torch.nn.Module):
+    def __init__(self, fast: bool):
+        super().__init__()
+        self.fast = fast
+
+    @_fast_path
+    def forward(self, x):
+        if x.sum() > 1e9:  # (never, here)
+            x = torch.relu(x)
+        return torch.mul(x, 2)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_call_site_its_forward_never_makes_names_the_module_and_a_wrapper_that_runs_other_code(fast):
+    """The point's owner is the module (it named 'layer.source'); a forward wrapped by an implementation
+    switch is said to be, with the way to the code `.source` shows."""
+    net = interlace.Model(torch.nn.Sequential(_Switching(fast)))
+    point = "relu_0" if not fast else "mul_0"
+    with pytest.raises(interlace.OutOfOrderError) as caught:
+        with net.trace(torch.ones(2, 3)):
+            getattr(net[0].source, point).output.save()
+    message = str(caught.value)
+    assert f"0.source.{point}.output was never reached: the forward of 0 did not make that call" in message
+    assert "print the `.source` of 0 to see its calls" in message
+    assert ("Its forward is wrapped (_Switching.forward)" in message) and "_experts_implementation" in message
+    with net.trace(torch.ones(2, 3)):
+        doubled = net[0].source.mul_0.output.save() if not fast else net[0].output.save()
+    assert torch.equal(doubled, torch.full((2, 3), 2.0))

@@ -744,6 +744,8 @@ class Interleaver:
                 return (f"{source.describe()} was never reached: {called.target} was called in this trace without "
                         f"hook=True ({self._where(called)}), which runs it as a plain function; call it with "
                         "hook=True to read or change the values inside it")
+            if not ran and ".source." in path:
+                return self._call_site_never_made(source, path.rpartition(".source.")[0])
             if not ran and path:  # a submodule kept for its attributes (GPT-2's attn_dropout: only its .p is read)
                 parent = path.rpartition(".")[0] or "the model"
                 return (f"{source.describe()} was never reached: {path} did not run at all in this run. The forward "
@@ -754,6 +756,21 @@ class Interleaver:
                 "this run. Check the call index (.next(), at_call) or whether the module runs at all"
             )
         return f"{source.describe()} never ran"
+
+    def _call_site_never_made(self, source, owner: str) -> str:
+        """Why a `.source` point of `owner` (a module or an outer point) did not run, and what to do."""
+        text = (f"{source.describe()} was never reached: the forward of {owner} did not make that call in this run; "
+                f"print the `.source` of {owner} to see its calls and the branches that make them")
+        try:
+            forward = self.root.get_submodule(owner).forward
+        except AttributeError:  # (an outer point, not a module)
+            return text
+        if getattr(forward, "__wrapped__", None) is None:
+            return text
+        return (f"{text}. Its forward is wrapped ({getattr(forward, '__qualname__', forward)}), and the wrapper may "
+                "run another implementation than the code `.source` shows: transformers picks one when the model "
+                "runs (for experts, attention). Choose the plain Python one to read inside it, e.g. "
+                "`config._experts_implementation = \"eager\"` or `attn_implementation=\"eager\"` when loading")
 
 
 def _only_recorders(module: torch.nn.Module) -> bool:
