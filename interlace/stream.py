@@ -1,17 +1,19 @@
 """Streaming: a run that hands out each generation step as it finishes (`stream=True`).
 
 A `Step` is what one generation step produced: each row's token, the text it adds, and the values
-saved during that step. `Stream` starts a traced run when its `with` block ends without waiting for
-it (here: the run goes to a thread and its steps come back through a queue; remotely: the job's
-events carry the steps) and `tracer.stream()` yields its steps as they come. After the last step the
-saved values bind as after any trace. Leaving the loop early (break, an exception, Ctrl-C) stops the
-run at its next step, and nothing binds.
+saved during that step. `Stream` hands out the steps of a traced run started when its `with` block
+ends (here: the run goes to a thread that makes each step while its reader waits for it; remotely:
+the job is submitted then and its events carry the steps) and `tracer.stream()` yields them as they
+come. After the last step the saved values bind as after any trace. Leaving the loop early (break, an
+exception, Ctrl-C) stops the run at its next step, and nothing binds.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+
+import torch
 
 from .errors import InterlaceError, NotSavedError, describe_location
 from .graph import Outcome, Request
@@ -83,18 +85,50 @@ class Stream:
             self.remote = steps if options.get("mode") == "generate" else _whole_at_end(steps)
             self.thread = None
             return
-        self.queue: queue.Queue = queue.Queue()  # unbounded: the run never waits for its reader
+        self.queue: queue.Queue = queue.Queue()
+        # The run and its reader take turns: the run makes a step only while its reader waits for one, with
+        # torch's random generators in the run's own state, so draws in the reader's loop neither change the
+        # run's tokens nor are changed by them. The run's state starts as torch's is now, as a run without
+        # streaming would start.
+        self.turn = threading.Semaphore(0)
+        self.random = _RandomState()
+        self.reader: _RandomState | None = None  # the reader's state while the run makes a step
         self.thread = threading.Thread(target=self._run, args=(request,), name="interlace-stream", daemon=True)
         self.thread.start()
 
     def _run(self, request: Request) -> None:
+        start = self.random
+        self._take_turn()
         try:
-            outcome = self.tracer.model.submit(request, self.tracer.options, on_step=self.queue.put, cancel=self.cancel)
-            if self.tracer.options.get("mode") != "generate":  # one forward: one step, holding every value
-                self.queue.put(_whole(outcome))
-            self.queue.put((_DONE, outcome, None))
+            outcome = self.tracer.model.submit(request, self.tracer.options, on_step=self._hand_over,
+                                               cancel=self.cancel)
+            last = [_DONE, outcome, None]
         except BaseException as error:  # noqa: BLE001 - handed to the reader, raised there
-            self.queue.put((_DONE, None, error))
+            last = [_DONE, None, error]
+        # torch's generators stay where the run left them when it drew from them (as without streaming, so the
+        # next run samples anew); otherwise (greedy, or seed=, which puts them back) where the reader left them
+        if _RandomState() == start:
+            self.reader.restore()
+        if last[1] is not None and self.tracer.options.get("mode") != "generate":
+            self.queue.put(_whole(last[1]))  # one forward: one step, holding every value
+        self.queue.put(tuple(last))
+
+    def _take_turn(self) -> None:
+        """In the run: wait until the reader asks for a step, then swap in the run's random state."""
+        self.turn.acquire()
+        self.reader = _RandomState()
+        self.random.restore()
+
+    def _hand_over(self, step: Step) -> None:
+        """In the run: give the reader its step and the turn; the model is free for the reader's own traces
+        until the reader asks for the next step."""
+        self.random = _RandomState()
+        self.reader.restore()
+        running = self.tracer.model._running
+        running.release()
+        self.queue.put(step)
+        self._take_turn()
+        running.acquire()
 
     def steps(self, frame):
         """Yield each step as it is produced; then bind the saved values in the names of `frame`."""
@@ -120,6 +154,7 @@ class Stream:
 
     def _local(self):
         while True:
+            self.turn.release()  # the run makes its next step while the reader waits here
             item = self.queue.get()
             if isinstance(item, Step):
                 yield item
@@ -141,9 +176,27 @@ class Stream:
         self.stopped = True
         self.cancel.set()
         if self.thread is not None:
+            self.turn.release()  # (a run waiting for its turn goes on to its cancelled next step)
             self.thread.join()
         else:
             self.remote.close()  # cancels the job
+
+
+class _RandomState:
+    """The state of torch's random generators: the CPU one, and each CUDA device's once CUDA is in use."""
+
+    def __init__(self):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, _RandomState) and torch.equal(self.cpu, other.cpu)
+                and len(self.cuda) == len(other.cuda) and all(map(torch.equal, self.cuda, other.cuda)))
 
 
 def _whole_at_end(steps):

@@ -338,7 +338,7 @@ class Tracer(Recorder):
             self.session.add_trace(self)  # runs when the session ends
             return False
         request = Request(self.graph, [self.spec(len(self.graph))])
-        if self.options.get("stream"):  # runs now without waiting; tracer.stream() reads it
+        if self.options.get("stream"):  # its thread starts now and makes each step as tracer.stream() asks
             self._stream = Stream(self, request)
             return False
         if self.options.get("remote") or self.options.get("mode") == "generate":

@@ -324,3 +324,46 @@ def test_a_streamed_weight_is_a_copy_changing_it_leaves_the_model(lm):
             with torch.no_grad():
                 step[weight].add_(1.0)
     assert torch.equal(lm.module.transformer.h[0].mlp.c_fc.bias, bias)
+
+
+@pytest.mark.parametrize("seed", [None, 5])
+def test_random_draws_in_the_readers_loop_neither_change_the_sampled_tokens_nor_are_changed_by_them(lm, seed):
+    def run(stream):
+        torch.manual_seed(11)
+        with lm.generate(PROMPT, max_new_tokens=NEW, do_sample=True, seed=seed, stream=stream) as tracer:
+            with tracer.all():
+                last = lm.transformer.h[0].output[:, -1]
+                last += torch.randn_like(last)  # the run's own draws, every step
+            out = lm.generator.output.save()
+        drawn = [torch.rand(3) for _ in tracer.stream()] if stream else []
+        return out, drawn, torch.rand(2)
+
+    out, _, after = run(False)
+    s_out, drawn, s_after = run(True)
+    assert torch.equal(s_out, out)
+    # the loop's draws are those of torch's generator as the block ended, as if no generation ran beside them
+    torch.manual_seed(11)
+    assert all(torch.equal(mine, torch.rand(3)) for mine in drawn) and len(drawn) == NEW
+    if seed is None:  # the run drew from torch's generator: it is left where the run left it, as without streaming
+        assert torch.equal(s_after, after)
+    else:  # seed= keeps its draws to itself: the generator is where the loop left it
+        assert torch.equal(s_after, torch.rand(2))
+
+
+def test_the_reader_can_trace_the_model_in_its_loop(lm):
+    with lm.trace(PROMPT):
+        plain = lm.output.logits.save()
+    with lm.generate(PROMPT, max_new_tokens=NEW) as tracer:
+        hidden, logits = steered(lm, tracer)
+        out = lm.generator.output.save()
+
+    with lm.generate(PROMPT, max_new_tokens=NEW, stream=True) as tracer:
+        s_hidden, s_logits = steered(lm, tracer)
+        s_out = lm.generator.output.save()
+    mine = []
+    for step in tracer.stream():  # the run waits between steps: the model is the reader's
+        with lm.trace(PROMPT):
+            mine.append(lm.output.logits.save())
+    assert len(mine) == NEW and all(torch.equal(logits, plain) for logits in mine)
+    assert torch.equal(s_out, out) and all(torch.equal(a, b) for a, b in zip(s_hidden + s_logits, hidden + logits))
+    assert_clean(lm.module)

@@ -51,7 +51,8 @@ class Model(Envoy):
         self._session: Session | None = None
         self._edits: list = []  # nodes recorded by edit(), replayed at the start of every trace
         # one local run at a time: a streamed run goes on in a thread while the caller records the next
-        # trace, and hooks on a shared module would see both (copies from edit() share it too)
+        # trace, and hooks on a shared module would see both (copies from edit() share it too); a streamed
+        # run lets go of it while it waits for its reader between steps (see stream.Stream)
         self._running = threading.RLock()
         self._apply_renames()
 
@@ -88,7 +89,7 @@ class Model(Envoy):
         scan / validate: evaluate every line on fake tensors as it is recorded, so shape errors are
         raised at that line before the model runs, and `proxy.shape` is a real size.
         remote / backend, blocking, timeout: run on a server (see docs/remote/client.md).
-        stream: start the run when the block ends without waiting; `tracer.stream()` yields it.
+        stream: start the run when the block ends; `tracer.stream()` yields it step by step.
         Other keyword arguments are the model's own (checked against its forward).
         """
         args, input_kwargs, forward_kwargs = self._trace_inputs(inputs, kwargs)
