@@ -9,9 +9,10 @@ Using a proxy where Python needs the real value now (`if`, `int()`, `len()`, ite
 from __future__ import annotations
 
 import operator
+from collections.abc import KeysView
 
 from . import ops
-from .errors import NotSavedError, ProxyValueError, describe_location
+from .errors import InterlaceError, NotSavedError, ProxyValueError, describe_location
 
 _MISSING = object()
 
@@ -174,6 +175,17 @@ class Proxy:
         scanned = self._scanned()
         if isinstance(scanned, (tuple, list)):  # `hidden, weights = attention.output` while scanning
             return iter([self[i] for i in range(len(scanned))])
+        if node.op == "call_method" and node.target == "keys" and not self._tracer._closed:
+            # `{**kwargs}`, `dict(**kwargs)`, `f(**kwargs)` iterate `kwargs.keys()`: its names are known while
+            # scanning, as a tuple's length is (each value then is `kwargs[name]`, a traced value)
+            if isinstance(scanned, KeysView):
+                return iter(list(scanned))
+            # (not a TypeError: Python would put its own "keys() returned a non-iterable" in its place)
+            raise InterlaceError(
+                "a traced mapping was unpacked (`{**kwargs}`, `dict(**kwargs)`, `f(**kwargs)`), but its keys are "
+                "known only when the model runs. Read one value as kwargs['name'] (a traced value), or trace with "
+                "scan=True, which knows the keys (then `{**kwargs}` gives a dict of traced values)"
+            )
         return self._needs_value("an iterable (a for loop or `a, b = value`); index it instead, e.g. value[0]", iter)
 
     def __str__(self) -> str:

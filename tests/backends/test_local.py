@@ -170,6 +170,44 @@ def test_inputs_unpack_into_args_and_kwargs_as_nnsight_code_writes_it(mlp, x):
     assert_clean(mlp)
 
 
+class Shifts(torch.nn.Module):
+    def forward(self, x, *, scale, shift):
+        return x * scale + shift
+
+
+class CallsWithKeywords(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner, self.shift = Shifts(), torch.nn.Parameter(torch.arange(3.0))
+
+    def forward(self, x):
+        return self.inner(x, scale=2.0, shift=self.shift * 1)
+
+
+def test_the_keywords_of_inputs_unpack_with_double_star_while_scanning_and_say_how_otherwise():
+    x3 = torch.ones(2, 3)
+    module = CallsWithKeywords()
+    seen = {}
+    handle = module.inner.register_forward_pre_hook(lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    with torch.no_grad():
+        module(x3)
+    handle.remove()
+    net = Model(module)
+    with net.trace(x3, scan=True):  # scanning knows the keyword names, as it knows a tuple's length
+        _, kwargs = net.inner.inputs
+        unpacked = {**kwargs}
+        names = sorted(unpacked)
+        shift = unpacked["shift"].save()
+        also = dict(**kwargs)["scale"].save()
+    assert names == sorted(seen) and torch.equal(shift, seen["shift"]) and also == seen["scale"]
+    for unpack in (lambda kwargs: {**kwargs}, lambda kwargs: dict(**kwargs)):
+        with pytest.raises(interlace.InterlaceError, match=r"unpacked .* known only when the model runs. Read one "
+                                                           r"value as kwargs\['name'\].*scan=True"):
+            with net.trace(x3):
+                unpack(net.inner.inputs[1])
+    assert_clean(module)
+
+
 class KeepsDropout(torch.nn.Module):
     """Holds a Dropout module but calls the function with its rate, as GPT-2's attention does with attn_dropout."""
 
