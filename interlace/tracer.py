@@ -84,6 +84,7 @@ class Recorder:
         self.missing: dict[int, str] = {}  # saved nodes that have no value: why
         self.job = None  # remote=True, blocking=False: the job handle (values bind on job.result())
         self._guard: int | None = None
+        self._step_guard: int | None = None  # the guard of an iteration block's nodes (see blocks.Iteration)
         self._closed = False
 
     def _recorder(self) -> "Recorder | None":
@@ -97,9 +98,11 @@ class Recorder:
             return self._eager(op, target, args, kwargs or {})
         if recorder is not self:
             return recorder.record(op, target, args, kwargs)
+        guard = self._guard
+        if guard is not None and guard == self._step_guard and op == "module_value":
+            guard = self.graph[guard].guard  # (see Iteration: a module value waits for its call anyway)
         node = self.graph.add(
-            op, target, self._to_refs(args), self._to_refs(kwargs) if kwargs else {},
-            user_location(), self._guard,
+            op, target, self._to_refs(args), self._to_refs(kwargs) if kwargs else {}, user_location(), guard,
         )
         if self.scanner is not None:
             self.scanner.evaluate(node)

@@ -367,3 +367,20 @@ def test_the_reader_can_trace_the_model_in_its_loop(lm):
     assert len(mine) == NEW and all(torch.equal(logits, plain) for logits in mine)
     assert torch.equal(s_out, out) and all(torch.equal(a, b) for a, b in zip(s_hidden + s_logits, hidden + logits))
     assert_clean(lm.module)
+
+
+def test_each_step_carries_what_it_appended_also_values_that_read_no_module_of_the_step(lm):
+    with lm.generate(PROMPT, max_new_tokens=NEW, stream=True) as tracer:
+        before = lm.transformer.h[0].output[:, -1].sum()  # computed before the loop (step 0's)
+        marks, hidden = interlace.list().save(), interlace.list().save()
+        with tracer.all() as step:
+            marks.append(step)
+            marks.append(7)  # a constant
+            marks.append(before)
+            hidden.append(lm.transformer.h[0].output[:, -1])
+    steps = [(step.index, step[marks], step[hidden]) for step in tracer.stream()]
+    assert len(marks) == 3 * NEW and len(hidden) == NEW
+    for index, step_marks, step_hidden in steps:  # each step's items are its own, in the order appended
+        assert step_marks[:2] == [index, 7] and step_marks == marks[3 * index:3 * index + 3]
+        assert len(step_hidden) == 1 and torch.equal(step_hidden[0], hidden[index])
+    assert torch.equal(marks[2], hidden[0].sum())

@@ -227,11 +227,15 @@ def test_a_value_saved_in_a_block_over_steps_binds_as_its_last_step():
     with torch.no_grad():
         plain = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
     with lm.generate([5, 6, 7], max_new_tokens=4, eos_token_id=int(plain[0, 4])) as tracer:  # ends early
-        with tracer.all():
+        marks = interlace.list().save()
+        with tracer.all() as step:
             every = lm.transformer.h[1].output[:, -1].save()
+            marks.append(step)  # reads no module: still runs at its step, and not for steps that never come
+            last = (step + 0).save()
         tokens = lm.generator.output.save()
     ran = tokens.shape[1] - 3
     assert ran < 4 and torch.equal(every, per_step_outputs(model, "transformer.h.1", [5, 6, 7], 4)[ran - 1])
+    assert marks == list(range(ran)) and last == ran - 1
 
 
 def test_hugging_face_generation_settings_are_the_callers():
