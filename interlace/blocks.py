@@ -70,10 +70,10 @@ class Iteration:
         tracer._iterating = True
         self.start = len(tracer.graph)
         step = tracer.record("call", "builtins.int", (self.steps[0],))
-        # The step begins with the model's call of that step, and so does the block: its nodes are guarded by a
-        # cond on that call's inputs (an `(args, kwargs)` pair: always true), so they wait for it, also those
-        # that read nothing made in the step (a constant appended to a list), which would otherwise run before
-        # the model, and for steps that never come. The block's module values wait for their own calls.
+        # The step begins with the model's call of that step: the block's nodes that read nothing made in the
+        # step (a constant appended to a list), which would otherwise run before the model and for steps that
+        # never come, are guarded by a cond on that call's inputs (an `(args, kwargs)` pair: always true), so
+        # they wait for it; the others wait for the step's module values (Recorder._guard_in_step).
         begins = tracer.record("module_value", "", (), {"kind": "inputs", "call": self.steps[0], "invoke": None})
         self.outer = tracer._guard
         tracer._guard = tracer._step_guard = tracer.record("cond", None, (begins,))._index

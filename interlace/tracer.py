@@ -19,7 +19,7 @@ from . import collector, ops
 from .binding import bind_saved, bound, values_of
 from .blocks import Condition, Iteration, Steps
 from .errors import InterlaceError, NotSavedError
-from .graph import Graph, Ref, Request, TraceSpec
+from .graph import Graph, Node, Ref, Request, TraceSpec
 from .proxy import Proxy
 from .stream import Stream
 
@@ -98,15 +98,23 @@ class Recorder:
             return self._eager(op, target, args, kwargs or {})
         if recorder is not self:
             return recorder.record(op, target, args, kwargs)
-        guard = self._guard
-        if guard is not None and guard == self._step_guard and op == "module_value":
-            guard = self.graph[guard].guard  # (see Iteration: a module value waits for its call anyway)
-        node = self.graph.add(
-            op, target, self._to_refs(args), self._to_refs(kwargs) if kwargs else {}, user_location(), guard,
-        )
+        args, kwargs, guard = self._to_refs(args), self._to_refs(kwargs) if kwargs else {}, self._guard
+        if guard is not None and guard == self._step_guard:
+            guard = self._guard_in_step(op, args, kwargs)
+        node = self.graph.add(op, target, args, kwargs, user_location(), guard)
         if self.scanner is not None:
             self.scanner.evaluate(node)
         return Proxy(self, node.index)
+
+    def _guard_in_step(self, op: str, args, kwargs) -> int | None:
+        """The guard of a node recorded in a block over steps (see blocks.Iteration): the cond on the step's
+        start for a node that reads nothing made in the step, which would run before the step otherwise; none
+        (the block's outer guard) for a module value, or a node that reads a value of the step: they wait for
+        the model's calls themselves (a `.source` point called several times a step included)."""
+        guard = self._step_guard
+        if op == "module_value" or any(ref > guard for ref in Node(0, op, None, args, kwargs).refs()):
+            return self.graph[guard].guard
+        return guard
 
     def _to_refs(self, obj):
         """`obj` with this graph's proxies made Refs (and earlier traces' saved ones made values)."""

@@ -442,3 +442,35 @@ def test_a_call_site_its_forward_never_makes_names_the_module_and_a_wrapper_that
     with net.trace(torch.ones(2, 3)):
         doubled = net[0].source.mul_0.output.save() if not fast else net[0].output.save()
     assert torch.equal(doubled, torch.full((2, 3), 2.0))
+
+
+def test_a_block_over_steps_changes_a_source_points_nth_call_in_place_as_documented():
+    """`.source` points count calls, not steps (docs/features/generation.md): the block's copy for step n changes
+    the point's call n, wherever it falls, as a hook on the layers that counts their calls does."""
+    model = tiny("llama")
+    lm = interlace.LanguageModel(model, tokenizer=tiny_tokenizer())
+    with lm.generate("w5 w6 w7", max_new_tokens=3) as tracer:
+        with tracer.all():
+            lm.model.source.decoder_layer_0.output[:, -1] *= -4.0
+        tokens = lm.generator.output.save()
+    with lm.generate("w5 w6 w7", max_new_tokens=3):
+        plain = lm.generator.output.save()
+
+    calls = []
+
+    def scale(module, args, output):
+        calls.append(module)
+        if len(calls) <= 3:  # calls 0, 1, 2 of the loop's call site: steps 0, 1 and 2's copies
+            output = output.clone()
+            output[:, -1] *= -4.0
+            return output
+
+    handles = [layer.register_forward_hook(scale) for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            want = model.generate(lm.tokenizer("w5 w6 w7", return_tensors="pt").input_ids, max_new_tokens=3,
+                                  do_sample=False, pad_token_id=0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.equal(tokens, want) and not torch.equal(tokens, plain)
