@@ -70,20 +70,25 @@ class Iteration:
         tracer._iterating = True
         self.start = len(tracer.graph)
         step = tracer.record("call", "builtins.int", (self.steps[0],))
-        # The step begins with the model's call of that step: the block's nodes that read nothing made in the
-        # step (a constant appended to a list), which would otherwise run before the model and for steps that
-        # never come, are guarded by a cond on that call's inputs (an `(args, kwargs)` pair: always true), so
-        # they wait for it; the others wait for the step's module values (Recorder._guard_in_step).
-        begins = tracer.record("module_value", "", (), {"kind": "inputs", "call": self.steps[0], "invoke": None})
-        self.outer = tracer._guard
-        tracer._guard = tracer._step_guard = tracer.record("cond", None, (begins,))._index
-        tracer._step = self.steps[0]
+        self.outer, self.cond = tracer._guard, None
+        tracer._step, tracer._step_block = self.steps[0], self
         return step
+
+    def begins(self) -> int:
+        """The guard of the block's nodes that read nothing made in the step (a constant appended to a list),
+        which would otherwise run before the model and for steps that never come: a cond on the inputs of the
+        model's call of the step (an `(args, kwargs)` pair: always true), recorded when a node first needs it.
+        The other nodes wait for the step's module values themselves (see Recorder._guard_in_step)."""
+        if self.cond is None:
+            tracer = self.tracer
+            begins = tracer.record("module_value", "", (), {"kind": "inputs", "call": self.steps[0], "invoke": None})
+            self.cond = tracer.record("cond", None, (begins,))._index
+        return self.cond
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         tracer = self.tracer
         tracer._step, tracer._iterating = 0, False
-        tracer._guard, tracer._step_guard = self.outer, None
+        tracer._step_block = None
         if exc_type is not None:
             return False
         graph, start, end, first_step = tracer.graph, self.start, len(tracer.graph), self.steps[0]

@@ -84,7 +84,7 @@ class Recorder:
         self.missing: dict[int, str] = {}  # saved nodes that have no value: why
         self.job = None  # remote=True, blocking=False: the job handle (values bind on job.result())
         self._guard: int | None = None
-        self._step_guard: int | None = None  # the guard of an iteration block's nodes (see blocks.Iteration)
+        self._step_block: Iteration | None = None  # the block over steps being recorded
         self._closed = False
 
     def _recorder(self) -> "Recorder | None":
@@ -99,7 +99,7 @@ class Recorder:
         if recorder is not self:
             return recorder.record(op, target, args, kwargs)
         args, kwargs, guard = self._to_refs(args), self._to_refs(kwargs) if kwargs else {}, self._guard
-        if guard is not None and guard == self._step_guard:
+        if self._step_block is not None and guard == self._step_block.outer:
             guard = self._guard_in_step(op, args, kwargs)
         node = self.graph.add(op, target, args, kwargs, user_location(), guard)
         if self.scanner is not None:
@@ -111,10 +111,10 @@ class Recorder:
         start for a node that reads nothing made in the step, which would run before the step otherwise; none
         (the block's outer guard) for a module value, or a node that reads a value of the step: they wait for
         the model's calls themselves (a `.source` point called several times a step included)."""
-        guard = self._step_guard
-        if op == "module_value" or any(ref > guard for ref in Node(0, op, None, args, kwargs).refs()):
-            return self.graph[guard].guard
-        return guard
+        block = self._step_block
+        if op == "module_value" or any(ref > block.start for ref in Node(0, op, None, args, kwargs).refs()):
+            return block.outer
+        return block.begins()
 
     def _to_refs(self, obj):
         """`obj` with this graph's proxies made Refs (and earlier traces' saved ones made values)."""

@@ -225,11 +225,11 @@ def test_streamed_steps_come_from_the_copies_the_server_made(lm):
 # -- descriptors that lie -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sent(lm):
-    """(header, tensor section, node count) of a 4-step request: an 11-node block, copies at 12, 23, 34."""
+    """(header, tensor section, node count) of a 4-step request: a 9-node block, copies at 10, 19, 28."""
     request, _, _ = steered(lm, 4)
     prefix, header, section = split(serialize_request(request))
-    assert header["repeats"] == [{"start": 1, "end": 12, "copies": [[12, 1, 1], [23, 2, 2], [34, 3, 3]]}]
-    assert [node["index"] for node in header["nodes"]] == [*range(12), 45]
+    assert header["repeats"] == [{"start": 1, "end": 10, "copies": [[10, 1, 1], [19, 2, 2], [28, 3, 3]]}]
+    assert [node["index"] for node in header["nodes"]] == [*range(10), 37]
     return header, section, struct.unpack_from("<I", prefix, 5)[0]
 
 
@@ -246,28 +246,28 @@ def copies(*triples):
 
 
 @pytest.mark.parametrize("change, count, error, match", [
-    (copies([12, -1, 1], [23, 2, 2], [34, 3, 3]), None, GraphError, r"moves module calls by -1; a shift is 0 to 1024"),
-    (copies([12, 1025, 1], [23, 2, 2], [34, 3, 3]), None, GraphError, r"moves module calls by 1025.*max_new_tokens"),
-    (copies([12, 1, 1], [17, 2, 2], [34, 3, 3]), None, GraphError, r"copy at node 17 overlaps its template or the copy"),
-    (copies([5, 1, 1], [23, 2, 2], [34, 3, 3]), None, GraphError, r"copy at node 5 overlaps its template"),
-    (copies([-8, 1, 1], [23, 2, 2], [34, 3, 3]), None, GraphError, r"copy at node -8 overlaps"),
-    (copies([23, 2, 2], [12, 1, 1], [34, 3, 3]), None, GraphError, r"copy at node 12 overlaps"),
-    (copies([12, 1, 1], [23, 2, 2], [34, 3, 2**300]), None, LimitError, r"int literal .*\(max_int_bits\)"),
-    (copies([12, 1, 1], [23, 2, 2], [34, 3, 2**260]), None, LimitError, r"the step of its copy at node 34 is over 256 bits"),
-    (copies(), 13, GraphError, r"repeat 0 \(template nodes 1\.\.12\): it has no copies"),
+    (copies([10, -1, 1], [19, 2, 2], [28, 3, 3]), None, GraphError, r"moves module calls by -1; a shift is 0 to 1024"),
+    (copies([10, 1025, 1], [19, 2, 2], [28, 3, 3]), None, GraphError, r"moves module calls by 1025.*max_new_tokens"),
+    (copies([10, 1, 1], [15, 2, 2], [28, 3, 3]), None, GraphError, r"copy at node 15 overlaps its template or the copy"),
+    (copies([5, 1, 1], [19, 2, 2], [28, 3, 3]), None, GraphError, r"copy at node 5 overlaps its template"),
+    (copies([-8, 1, 1], [19, 2, 2], [28, 3, 3]), None, GraphError, r"copy at node -8 overlaps"),
+    (copies([19, 2, 2], [10, 1, 1], [28, 3, 3]), None, GraphError, r"copy at node 10 overlaps"),
+    (copies([10, 1, 1], [19, 2, 2], [28, 3, 2**300]), None, LimitError, r"int literal .*\(max_int_bits\)"),
+    (copies([10, 1, 1], [19, 2, 2], [28, 3, 2**260]), None, LimitError, r"the step of its copy at node 28 is over 256 bits"),
+    (copies(), 11, GraphError, r"repeat 0 \(template nodes 1\.\.10\): it has no copies"),
     (lambda h: h["repeats"][0].update(end=1), None, GraphError, r"its template is empty"),
     (lambda h: h["repeats"][0].update(start=-1), None, SerializationError, r"repeats\.0\.start"),
-    (lambda h: h["repeats"][0].update(start=36, end=37), None, GraphError, r"copy at node 12 overlaps its template"),
-    (lambda h: h["repeats"][0].update(start=2, end=13), None, GraphError, r"copy at node 12 overlaps its template"),
-    (lambda h: h["repeats"].append({"start": 13, "end": 15, "copies": [[48, 1, 1]]}), 48, GraphError,
-     r"repeat 1: its template \(nodes 13\.\.15\) overlaps a copy"),
-    (lambda h: h["repeats"][0]["copies"].append([48, 4, 4]), 57, GraphError, r"ends at node 59, past the graph's 57 nodes"),
-    (lambda h: h["repeats"].append({"start": 0, "end": 1, "copies": [[14, 0, 0]]}), 47, GraphError,
-     r"copies of repeated blocks overlap at node 14"),
-    (copies([12, 1, 1], [23, 2, 2], [35, 3, 3]), None, SerializationError,
-     r"has index 45; nodes must be numbered in order \(the copies of repeated blocks are not listed\)"),
-    (copies([12, 1, 1], [23, 2, 2], [34, 3, "3"]), None, SerializationError, r"repeats\.0\.copies\.2\.2"),
-    (copies([12, 1, 1], [23, 2, 2], [34, 3, True]), None, SerializationError, r"repeats\.0\.copies\.2\.2"),
+    (lambda h: h["repeats"][0].update(start=30, end=31), None, GraphError, r"copy at node 10 overlaps its template"),
+    (lambda h: h["repeats"][0].update(start=2, end=11), None, GraphError, r"copy at node 10 overlaps its template"),
+    (lambda h: h["repeats"].append({"start": 11, "end": 13, "copies": [[40, 1, 1]]}), 40, GraphError,
+     r"repeat 1: its template \(nodes 11\.\.13\) overlaps a copy"),
+    (lambda h: h["repeats"][0]["copies"].append([40, 4, 4]), 47, GraphError, r"ends at node 49, past the graph's 47 nodes"),
+    (lambda h: h["repeats"].append({"start": 0, "end": 1, "copies": [[12, 0, 0]]}), 39, GraphError,
+     r"copies of repeated blocks overlap at node 12"),
+    (copies([10, 1, 1], [19, 2, 2], [29, 3, 3]), None, SerializationError,
+     r"has index 37; nodes must be numbered in order \(the copies of repeated blocks are not listed\)"),
+    (copies([10, 1, 1], [19, 2, 2], [28, 3, "3"]), None, SerializationError, r"repeats\.0\.copies\.2\.2"),
+    (copies([10, 1, 1], [19, 2, 2], [28, 3, True]), None, SerializationError, r"repeats\.0\.copies\.2\.2"),
 ])
 def test_malformed_descriptors_are_refused(sent, change, count, error, match):
     with pytest.raises(error, match=match):
@@ -282,18 +282,18 @@ def test_a_version_1_header_has_no_repeats(sent):
 
 
 def test_the_count_must_include_the_copies(sent):
-    with pytest.raises(SerializationError, match=r"the prefix says 13 nodes but the header holds 46 \(its listed"):
-        changed(sent, lambda h: None, count=13)()
+    with pytest.raises(SerializationError, match=r"the prefix says 11 nodes but the header holds 38 \(its listed"):
+        changed(sent, lambda h: None, count=11)()
 
 
 def test_an_expansion_past_max_nodes_is_refused_before_any_copy_is_made(sent, monkeypatch):
     made = []
     monkeypatch.setattr(Graph, "add_copy", lambda self, *a: made.append(a))
-    many = [[12 + 11 * i, 1, 1] for i in range(1000)]
+    many = [[10 + 9 * i, 1, 1] for i in range(1000)]
     with pytest.raises(LimitError, match=r"the repeated blocks make the graph over 100 nodes \(max_nodes\)"):
         changed(sent, copies(*many), count=99, limits=Limits(max_nodes=100))()
     with pytest.raises(LimitError, match=r"over the limit of 100 \(max_nodes\)"):  # the prefix, before parsing
-        changed(sent, copies(*many), count=11013, limits=Limits(max_nodes=100))()
+        changed(sent, copies(*many), count=9011, limits=Limits(max_nodes=100))()
     assert made == []
 
 
