@@ -44,9 +44,9 @@ class _Layout:
     def __init__(self, model: Model):
         family = self.family = family_of(model._module)
         layer = f"{family.layers}.0"
-        parts = {"layers": layer, "attention": f"{layer}.{family.attention_update or family.attention}"}
+        parts = {"layers": layer, "attention": f"{layer}.{family.output_of('attention')}"}
         if family.mlp is not None:
-            parts["mlp"] = f"{layer}.{family.mlp_update or family.mlp}"
+            parts["mlp"] = f"{layer}.{family.output_of('mlp')}"
         seen = observe(model._module, list(parts.values()))
         self.tuples = {part for part, path in parts.items() if isinstance(seen.get(path, (None, None))[1], tuple)}
 
@@ -119,8 +119,7 @@ def get_attention(model, layer: int) -> Envoy:
 def get_attention_output(model, layer: int):
     if isinstance(model, StandardizedTransformer):
         return model.attentions_output[layer]
-    update = _layout(model).family.attention_update  # Bloom's attention adds the residual: read its update
-    return _value(model, get_layer(model, layer).get(update) if update else get_attention(model, layer), "attention")
+    return _value(model, get_layer(model, layer).get(_layout(model).family.output_of("attention")), "attention")
 
 
 def get_mlp(model, layer: int) -> Envoy:
@@ -136,8 +135,8 @@ def get_mlp(model, layer: int) -> Envoy:
 def get_mlp_output(model, layer: int):
     if isinstance(model, StandardizedTransformer):
         return model.mlps_output[layer]
-    update = _layout(model).family.mlp_update  # Bloom's and MPT's MLP add the residual: read the update
-    return _value(model, get_layer(model, layer).get(update) if update else get_mlp(model, layer), "mlp")
+    get_mlp(model, layer)  # (a family without an MLP module says so)
+    return _value(model, get_layer(model, layer).get(_layout(model).family.output_of("mlp")), "mlp")
 
 
 def get_logits(model):

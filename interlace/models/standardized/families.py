@@ -46,6 +46,13 @@ class Family:
     # probabilities through a module of its own (Bloom's and GPT-Neo's dropout): that module, under the attention
     probabilities: str | None = None
 
+    def output_of(self, part: str) -> str | None:
+        """The path, under each layer, of the module whose output is `part`'s ("attention" or "mlp") value: what
+        joins the residual (its update submodule where the part's module adds the residual itself)."""
+        if part == "attention":
+            return self.attention_update or self.attention
+        return self.mlp_update or self.mlp
+
     def final_transform(self, logits, config):
         """`logits` after the family's final-logit transform (what its forward applies after lm_head)."""
         value = getattr(config, self.final_logits[1], None) if self.final_logits else None

@@ -231,10 +231,8 @@ class StandardizedTransformer(LanguageModel):
         value: the module whose output is the part's value: the submodule computing the update alone
         where the part's module adds the residual itself (Bloom, MPT)."""
         family = self.family
-        if value and part == "attentions" and family.attention_update is not None:
-            return family.attention_update
-        if value and part == "mlps" and family.mlp_update is not None:
-            return family.mlp_update
+        if value and part in ("attentions", "mlps"):
+            return family.output_of(part[:-1])  # ("attentions" -> "attention")
         if part == "attention_probabilities" and family.probabilities is not None:
             return f"{family.attention}.{family.probabilities}"
         if part in HEAD_VALUES:
