@@ -31,14 +31,17 @@ def steered(lm, tracer, factor=1.5):
     return hidden, logits
 
 
-def test_greedy_steps_equal_the_run_without_streaming_and_a_hand_written_hook(lm):
-    with lm.generate(PROMPT, max_new_tokens=NEW) as tracer:
+def steered_generation(lm, **options):
+    """A generation of NEW tokens `steered` at every step: (its tracer, hidden, logits, the tokens)."""
+    with lm.generate(PROMPT, max_new_tokens=NEW, **options) as tracer:
         hidden, logits = steered(lm, tracer)
         out = lm.generator.output.save()
+    return tracer, hidden, logits, out
 
-    with lm.generate(PROMPT, max_new_tokens=NEW, stream=True) as tracer:
-        s_hidden, s_logits = steered(lm, tracer)
-        s_out = lm.generator.output.save()
+
+def test_greedy_steps_equal_the_run_without_streaming_and_a_hand_written_hook(lm):
+    _, hidden, logits, out = steered_generation(lm)
+    tracer, s_hidden, s_logits, s_out = steered_generation(lm, stream=True)
     steps = []
     for step in tracer.stream():
         assert isinstance(s_hidden, Proxy)  # values bind after the last step
@@ -166,9 +169,7 @@ class Hold(BaseStreamer):
 
 
 def test_the_readers_own_forwards_while_the_run_goes_on_are_not_the_runs(lm):
-    with lm.generate(PROMPT, max_new_tokens=NEW) as tracer:
-        hidden, logits = steered(lm, tracer)
-        out = lm.generator.output.save()
+    _, hidden, logits, out = steered_generation(lm)
     ids = torch.tensor([lm.tokenizer(PROMPT)["input_ids"]])
     plain = lm.module(ids).logits
 
@@ -353,13 +354,8 @@ def test_random_draws_in_the_readers_loop_neither_change_the_sampled_tokens_nor_
 def test_the_reader_can_trace_the_model_in_its_loop(lm):
     with lm.trace(PROMPT):
         plain = lm.output.logits.save()
-    with lm.generate(PROMPT, max_new_tokens=NEW) as tracer:
-        hidden, logits = steered(lm, tracer)
-        out = lm.generator.output.save()
-
-    with lm.generate(PROMPT, max_new_tokens=NEW, stream=True) as tracer:
-        s_hidden, s_logits = steered(lm, tracer)
-        s_out = lm.generator.output.save()
+    _, hidden, logits, out = steered_generation(lm)
+    tracer, s_hidden, s_logits, s_out = steered_generation(lm, stream=True)
     mine = []
     for step in tracer.stream():  # the run waits between steps: the model is the reader's
         with lm.trace(PROMPT):

@@ -302,24 +302,29 @@ class _WithPositions(torch.nn.Module):
         return self.head(x + self.positions(x)[..., None])
 
 
-def test_a_value_whose_rows_share_memory_is_not_a_jobs_to_write():
-    """A batch dimension made by `expand` is one row's memory for every row: writing "its rows" wrote every job's
-    (the victim's output was off by 99.6)."""
-    torch.manual_seed(0)
-    net = interlace.Model(_WithPositions().eval())
-    victim_input, attacker_input = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
-
+def attacked(net, victim_input, attacker_input, written: str):
+    """A victim that saves the output and an attacker that first writes 100 into the output of module `written`,
+    run as one shared batch (attacker first): ((their requests), their answers, the invokes of each forward)."""
     def victim(net, tracer):
         with tracer.invoke(victim_input):
             net.output.save()
 
     def attacker(net, tracer):
         with tracer.invoke(attacker_input):
-            net.positions.output[:] = 100.0
+            getattr(net, written).output[:] = 100.0
             net.output.save()
 
-    victim, attacker = recorded(net, victim), recorded(net, attacker)
-    answers, runs = run_together(net, [attacker, victim])
+    requests = [recorded(net, attacker), recorded(net, victim)]
+    answers, runs = run_together(net, requests)
+    return requests, answers, runs
+
+
+def test_a_value_whose_rows_share_memory_is_not_a_jobs_to_write():
+    """A batch dimension made by `expand` is one row's memory for every row: writing "its rows" wrote every job's
+    (the victim's output was off by 99.6)."""
+    torch.manual_seed(0)
+    net = interlace.Model(_WithPositions().eval())
+    (attacker, victim), answers, runs = attacked(net, torch.randn(1, 3, 4), torch.randn(1, 3, 4), "positions")
     assert_same(answers[1], net.run(victim, untrusted=True))
     assert runs == [2, 1]  # together, then the attacker alone: the positions are its own only there
     assert_same(answers[0], net.run(attacker, untrusted=True))
@@ -344,19 +349,8 @@ def test_a_first_dimension_that_only_has_the_batchs_size_is_not_a_jobs_rows():
     victim's output moved by 100); the forward itself shows the positions are no rows."""
     torch.manual_seed(0)
     net = interlace.Model(_WithSequenceFirst().eval())
-    victim_input, attacker_input = torch.randn(1, 3, 4), torch.randn(2, 3, 4)
-
-    def victim(net, tracer):
-        with tracer.invoke(victim_input):
-            net.output.save()
-
-    def attacker(net, tracer):
-        with tracer.invoke(attacker_input):
-            net.sequence_first.output[:] = 100.0
-            net.output.save()
-
-    victim, attacker = recorded(net, victim), recorded(net, attacker)
-    answers, runs = run_together(net, [attacker, victim])
+    victim_input = torch.randn(1, 3, 4)
+    (attacker, _), answers, runs = attacked(net, victim_input, torch.randn(2, 3, 4), "sequence_first")
     with torch.no_grad():
         torch.testing.assert_close(answers[1].results[0], net.module(victim_input))
     assert runs == [2, 1]  # together, then the attacker alone: the sequence-first value is its own only there
@@ -429,26 +423,14 @@ def test_a_layout_found_once_serves_batches_of_other_sizes_and_still_refuses_the
     monkeypatch.setattr(layout, "find_layout", lambda *args: found.append(args[3]) or real(*args))  # its batch size
     torch.manual_seed(0)
     net = interlace.Model(_WithSequenceFirst().eval())
-    first = [recorded(net, lambda net, tracer, x=torch.randn(1, 5, 4): _save_output(net, tracer, x)) for _ in range(2)]
-    victim_input, attacker_input = torch.randn(1, 3, 4), torch.randn(2, 3, 4)
-
-    def attacker(net, tracer):
-        with tracer.invoke(attacker_input):
-            net.sequence_first.output[:] = 100.0
-            net.output.save()
-
-    run_together(net, first)
-    answers, runs = run_together(net, [recorded(net, attacker),
-                                       recorded(net, lambda net, tracer: _save_output(net, tracer, victim_input))])
+    attacked(net, torch.randn(1, 5, 4), torch.randn(1, 5, 4), "head")  # (writing the head's output: no rows lost)
+    victim_input = torch.randn(1, 3, 4)
+    _, answers, runs = attacked(net, victim_input, torch.randn(2, 3, 4), "sequence_first")
     assert found == [2]  # one fake pair, for the first batch (2 rows); the attack's batch (3 rows) found it kept
     with torch.no_grad():
         torch.testing.assert_close(answers[1].results[0], net.module(victim_input))
     assert runs == [2, 1]
 
-
-def _save_output(net, tracer, inputs):
-    with tracer.invoke(inputs):
-        net.output.save()
 
 
 def test_options_that_differ_where_their_repr_elides_do_not_share_a_forward(lm):
