@@ -43,15 +43,15 @@ def merge_key(request: Request):
     kwargs = options.get("kwargs", {})
     if kwargs.get("do_sample") and kwargs.get("seed") is not None:
         return None  # a seeded sample's draws depend on the rows drawn beside it: alone, as in the user's own run
-    if not all(_plain(value) for value in kwargs.values()):
+    if not all(plain(value) for value in kwargs.values()):
         return None  # (a tensor's repr elides most of it: two different ones could look equal and share a run)
     return options.get("mode", "trace"), repr(sorted(kwargs.items()))
 
 
-def _plain(value) -> bool:
+def plain(value) -> bool:
     """Whether `value`'s repr is all of it (and so equal reprs mean equal options)."""
     if type(value) in (tuple, list):
-        return all(_plain(item) for item in value)
+        return all(plain(item) for item in value)
     return value is None or type(value) in (bool, int, float, str)
 
 

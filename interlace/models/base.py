@@ -17,7 +17,7 @@ from ..backends.guard import Guard
 from ..backends.tree import ModelTree
 from ..backends.limits import DEFAULT as DEFAULT_LIMITS, Limits
 from ..backends.local import Interleaver, ended_by_session_stop
-from ..backends.merge import MergedInterleaver, merge, merge_key, split, split_step
+from ..backends.merge import MergedInterleaver, merge, merge_key, plain, split, split_step
 from ..backends.rows import SharedValueError
 from ..backends.scan import Scanner
 from ..envoy import Envoy
@@ -295,7 +295,7 @@ class Model(Envoy):
         size is how much of a merged batch it takes (rows; LanguageModel: token positions)."""
         size = sum(_batch_size(args, kwargs) for trace in request.traces for args, kwargs in trace.invokes)
         key = merge_key(request)
-        if key is None:
+        if key is None or not all(_rows_alone(args, kwargs) for args, kwargs in request.traces[0].invokes):
             return None, size
         return (key, self._call_shape(request.traces[0].invokes)), size  # positions mean the same in every row
 
@@ -440,6 +440,16 @@ def _batch_size(args, kwargs) -> int:
         if isinstance(value, torch.Tensor) and value.dim():
             return value.shape[0]
     return 1
+
+
+def _rows_alone(args, kwargs) -> bool:
+    """Whether an invoke's inputs are one batch-first tensor (its rows) and plain values, so another job's can be
+    laid beside them. A second tensor need not be rows (a context every row reads): laid end to end with another
+    job's, each job's rows would read both."""
+    values = [*args, *kwargs.values()]
+    tensors = [value for value in values if isinstance(value, torch.Tensor)]
+    return (len(tensors) == 1 and tensors[0].dim() > 0
+            and all(isinstance(value, torch.Tensor) or plain(value) for value in values))
 
 
 def _concat(values, name):

@@ -450,3 +450,31 @@ def test_options_that_differ_where_their_repr_elides_do_not_share_a_forward(lm):
     for request, answer in zip(requests, answers):
         assert_same(answer, lm.run(request, untrusted=True))
     assert not torch.equal(answers[0].results[max(answers[0].results)], answers[1].results[max(answers[1].results)])
+
+
+class _WithContext(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head, self.proj = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x, context):  # x: rows; context: vectors every row reads (no rows)
+        return self.head(x) + self.proj(context).mean(0)
+
+
+def test_a_second_input_tensor_is_not_laid_end_to_end_with_another_jobs():
+    """A job's context (3 vectors every row reads) was concatenated with the attacker's: the victim's output was
+    the mean over both contexts (-9.91 where alone it is -0.33)."""
+    torch.manual_seed(0)
+    net = interlace.Model(_WithContext().eval())
+    victim_inputs, attacker_inputs = (torch.randn(1, 4), torch.randn(3, 4)), (torch.randn(1, 4), torch.randn(3, 4) * 100)
+
+    def job(inputs):
+        def record(net, tracer):
+            with tracer.invoke(*inputs):
+                net.output.save()
+        return record
+
+    answers, runs = run_together(net, [recorded(net, job(attacker_inputs)), recorded(net, job(victim_inputs))])
+    with torch.no_grad():
+        torch.testing.assert_close(answers[1].results[0], net.module(*victim_inputs))
+    assert runs == [1, 1]  # each alone: which of its tensors are rows is unknown
