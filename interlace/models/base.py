@@ -295,17 +295,11 @@ class Model(Envoy):
         size is how much of a merged batch it takes (rows; LanguageModel: token positions)."""
         size = sum(_batch_size(args, kwargs) for trace in request.traces for args, kwargs in trace.invokes)
         key = merge_key(request)
-        if key is None or not all(_rows_alone(args, kwargs) for args, kwargs in request.traces[0].invokes):
-            return None, size
-        return (key, self._call_shape(request.traces[0].invokes)), size  # positions mean the same in every row
-
-    def _call_shape(self, invokes) -> tuple:
-        """What must match for invokes to share a forward: the inputs' shapes but the batch dimension."""
-        def shape(value):
-            return tuple(value.shape[1:]) if hasattr(value, "shape") else repr(value)[:100]
-
-        args, kwargs = invokes[0]
-        return tuple(shape(a) for a in args), tuple((k, shape(v)) for k, v in kwargs.items())
+        invokes = request.traces[0].invokes if key is not None else ()
+        shapes = {_call_shape(args, kwargs) for args, kwargs in invokes}
+        if len(shapes) != 1 or not all(_rows_alone(args, kwargs) for args, kwargs in invokes):
+            return None, size  # (invokes that cannot be batched fail their own request only, alone)
+        return (key, shapes.pop()), size  # positions mean the same in every row
 
     def _answer(self, request: Request, untrusted: bool, limits: Limits, cancel, on_step=None):
         try:
@@ -440,6 +434,15 @@ def _batch_size(args, kwargs) -> int:
         if isinstance(value, torch.Tensor) and value.dim():
             return value.shape[0]
     return 1
+
+
+def _call_shape(args, kwargs) -> tuple:
+    """What must match for invokes to share a forward: the tensors' shapes but the batch dimension, the plain
+    values whole (two that differ past a shortened repr could not be batched, and would fail every job)."""
+    def shape(value):
+        return tuple(value.shape[1:]) if isinstance(value, torch.Tensor) else repr(value)
+
+    return tuple(shape(a) for a in args), tuple((k, shape(v)) for k, v in kwargs.items())
 
 
 def _rows_alone(args, kwargs) -> bool:

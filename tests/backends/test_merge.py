@@ -478,3 +478,30 @@ def test_a_second_input_tensor_is_not_laid_end_to_end_with_another_jobs():
     with torch.no_grad():
         torch.testing.assert_close(answers[1].results[0], net.module(*victim_inputs))
     assert runs == [1, 1]  # each alone: which of its tensors are rows is unknown
+
+
+class _Tagged(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(4, 4)
+
+    def forward(self, x, tag):
+        return self.head(x) * len(tag)
+
+
+def test_plain_inputs_that_differ_past_a_long_repr_do_not_share_a_forward():
+    """The group held the first 100 characters of a plain input's repr: two tags equal there shared a forward, which
+    could not batch them, and both jobs failed ('the invokes pass different non-tensor values')."""
+    net = interlace.Model(_Tagged().eval())
+
+    def job(tag):
+        def record(net, tracer):
+            with tracer.invoke(torch.randn(1, 4), tag):
+                net.output.save()
+        return record
+
+    requests = [recorded(net, job("a" * 120 + "b")), recorded(net, job("a" * 120))]
+    answers, runs = run_together(net, requests)
+    assert runs == [1, 1]
+    for request, answer in zip(requests, answers):
+        assert_same(answer, net.run(request, untrusted=True))
