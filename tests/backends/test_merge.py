@@ -466,7 +466,8 @@ def test_a_second_input_tensor_is_not_laid_end_to_end_with_another_jobs():
     the mean over both contexts (-9.91 where alone it is -0.33)."""
     torch.manual_seed(0)
     net = interlace.Model(_WithContext().eval())
-    victim_inputs, attacker_inputs = (torch.randn(1, 4), torch.randn(3, 4)), (torch.randn(1, 4), torch.randn(3, 4) * 100)
+    victim_inputs = (torch.randn(1, 4), torch.randn(3, 4))
+    attacker_inputs = (torch.randn(1, 4), torch.randn(3, 4) * 100)
 
     def job(inputs):
         def record(net, tracer):
