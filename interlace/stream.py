@@ -2,10 +2,10 @@
 
 A `Step` is what one generation step produced: each row's token, the text it adds, and the values
 saved during that step. `Stream` hands out the steps of a traced run started when its `with` block
-ends (here: the run goes to a thread that makes each step while its reader waits for it; remotely:
-the job is submitted then and its events carry the steps) and `tracer.stream()` yields them as they
-come. After the last step the saved values bind as after any trace. Leaving the loop early (break, an
-exception, Ctrl-C) stops the run at its next step, and nothing binds.
+ends (here: the run goes to a thread, started at the first read, that makes each step while its reader
+waits for it; remotely: the job is submitted then and its events carry the steps) and `tracer.stream()`
+yields them as they come. After the last step the saved values bind as after any trace. Leaving the loop
+early (break, an exception, Ctrl-C) stops the run at its next step, and nothing binds.
 """
 
 from __future__ import annotations
@@ -93,8 +93,8 @@ class Stream:
         self.turn = threading.Semaphore(0)
         self.random = _RandomState()
         self.reader: _RandomState | None = None  # the reader's state while the run makes a step
+        # started by the reader's first ask: a stream never read leaves no thread waiting for it forever
         self.thread = threading.Thread(target=self._run, args=(request,), name="interlace-stream", daemon=True)
-        self.thread.start()
 
     def _run(self, request: Request) -> None:
         start = self.random
@@ -153,12 +153,14 @@ class Stream:
                 self._stop()
 
     def _local(self):
+        self.thread.start()
         while True:
             self.turn.release()  # the run makes its next step while the reader waits here
             item = self.queue.get()
             if isinstance(item, Step):
                 yield item
                 continue
+            self.thread.join()  # (its last act was this put): no thread is left once the last step is given
             _, outcome, error = item
             if error is not None:
                 raise error
@@ -176,6 +178,8 @@ class Stream:
         self.stopped = True
         self.cancel.set()
         if self.thread is not None:
+            if self.thread.ident is None:  # never started: nothing to stop
+                return
             self.turn.release()  # (a run waiting for its turn goes on to its cancelled next step)
             self.thread.join()
         else:

@@ -349,7 +349,7 @@ class Tracer(Recorder):
             self.session.add_trace(self)  # runs when the session ends
             return False
         request = Request(self.graph, [self.spec(len(self.graph))])
-        if self.options.get("stream"):  # its thread starts now and makes each step as tracer.stream() asks
+        if self.options.get("stream"):  # its steps are made as tracer.stream() asks for them
             self._stream = Stream(self, request)
             return False
         if self.options.get("remote") or self.options.get("mode") == "generate":

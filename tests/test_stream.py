@@ -380,3 +380,19 @@ def test_each_step_carries_what_it_appended_also_values_that_read_no_module_of_t
         assert step_marks[:2] == [index, 7] and step_marks == marks[3 * index:3 * index + 3]
         assert len(step_hidden) == 1 and torch.equal(step_hidden[0], hidden[index])
     assert torch.equal(marks[2], hidden[0].sum())
+
+
+def test_a_stream_leaves_no_thread_behind_read_to_its_end_or_never_read(lm):
+    def streams():
+        return sum(thread.name == "interlace-stream" for thread in threading.enumerate())
+
+    before = streams()
+    with lm.generate(PROMPT, max_new_tokens=2, stream=True):
+        lm.generator.output.save()
+    assert streams() == before  # never read: nothing runs, nothing waits for a reader
+    with lm.generate(PROMPT, max_new_tokens=2, stream=True) as tracer:
+        out = lm.generator.output.save()
+    steps = list(tracer.stream())
+    assert len(steps) == 2 and isinstance(out, torch.Tensor) and streams() == before
+    with lm.trace(PROMPT):  # the model is free
+        lm.output.save()
