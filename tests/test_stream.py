@@ -396,3 +396,17 @@ def test_a_stream_leaves_no_thread_behind_read_to_its_end_or_never_read(lm):
     assert len(steps) == 2 and isinstance(out, torch.Tensor) and streams() == before
     with lm.trace(PROMPT):  # the model is free
         lm.output.save()
+
+
+def test_a_list_that_gains_nothing_in_a_step_gives_that_step_no_items(lm):
+    with lm.generate(PROMPT, max_new_tokens=4) as tracer:
+        marks = interlace.list().save()
+        with tracer.iter[1:3] as step:
+            marks.append(step)
+    want = marks
+    with lm.generate(PROMPT, max_new_tokens=4, stream=True) as tracer:
+        marks = interlace.list().save()
+        with tracer.iter[1:3] as step:
+            marks.append(step)
+    per_step = [step[marks] for step in tracer.stream()]
+    assert per_step == [[], [want[0]], [want[1]], []] and marks == want == [1, 2]

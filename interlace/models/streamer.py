@@ -96,9 +96,8 @@ class StepStreamer:
         values, items = {}, {}
         for number, (index, value) in enumerate(results.items()):
             if type(value) is list:
-                seen = self.lengths.get(index, 0)
-                if len(value) > seen:
-                    items[index], self.lengths[index] = value[seen:], len(value)
+                seen = self.lengths.get(index, 0)  # (a list that gained nothing in the step: its empty list)
+                items[index], self.lengths[index] = value[seen:], len(value)
             elif number >= self.reported:
                 values[index] = value
         self.reported = len(results)
