@@ -274,3 +274,14 @@ def test_streams_read_to_the_end_leave_their_connection_for_the_next_request(rem
         assert len(list(tracer.stream())) == 2 and out.shape == (1, 6)
         seen.append({id(connection) for connection in pool.connections})
     assert seen[0] == seen[1] == seen[2] and len(seen[0]) == 1
+
+
+def test_a_list_that_gains_nothing_in_a_step_gives_that_step_no_items_as_locally(local, remote):
+    def items(lm, is_remote):
+        with lm.generate(PROMPT, max_new_tokens=4, remote=is_remote, stream=True) as tracer:
+            marks = interlace.list().save()
+            with tracer.iter[1:3] as step:
+                marks.append(step)
+        return [step[marks] for step in tracer.stream()], marks
+
+    assert items(remote, True) == items(local, False) == ([[], [1], [2], []], [1, 2])
