@@ -252,6 +252,24 @@ def test_a_hugging_face_streamer_keeps_working(lm, stream):
         assert all(torch.equal(a, b) for a, b in zip(tokens, streamer.puts[1:]))
 
 
+@pytest.mark.parametrize("leave", [None, ValueError])
+def test_leaving_the_loop_ends_a_hugging_face_streamer_with_the_tokens_the_loop_read(lm, leave):
+    streamer = Recording()
+    with lm.generate(PROMPT, max_new_tokens=10, streamer=streamer, stream=True) as tracer:
+        lm.generator.output.save()
+    tokens = []
+    with pytest.raises(leave) if leave else contextlib.nullcontext():
+        for step in tracer.stream():
+            tokens.append(step.tokens)
+            if step.index == 1:
+                if leave:
+                    raise leave()
+                break
+    # ended, so a reader of it (a TextIteratorStreamer's loop in another thread) does not wait forever
+    assert streamer.ends == 1 and len(streamer.puts) == 3
+    assert all(torch.equal(a, b) for a, b in zip(streamer.puts[1:], tokens))
+
+
 def test_a_streamed_trace_is_one_step_with_every_value(lm):
     with lm.trace(PROMPT):
         want = lm.transformer.h[0].output.save()

@@ -73,10 +73,12 @@ class StepStreamer:
         self.lengths: dict[int, int] = {}  # saved lists: items already handed out
 
     def put(self, tokens) -> None:
+        if self.interleaver.is_cancelled():
+            if self.forward is not None:  # the user's streamer ends as a whole run's does (a reader of it stops)
+                self.forward.end()
+            raise CancelledError("the generation was cancelled")
         if self.forward is not None:
             self.forward.put(tokens)
-        if self.interleaver.is_cancelled():
-            raise CancelledError("the generation was cancelled")
         if self.index < 0:
             self.index = 0
             return
