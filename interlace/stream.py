@@ -88,10 +88,11 @@ class Stream:
         self.queue: queue.Queue = queue.Queue()
         # The run and its reader take turns: the run makes a step only while its reader waits for one, with
         # torch's random generators in the run's own state, so draws in the reader's loop neither change the
-        # run's tokens nor are changed by them. The run's state starts as torch's is now, as a run without
-        # streaming would start.
+        # run's tokens nor are changed by them. The run's state starts as torch's is when the reader first asks
+        # (set in _local): a stream read after another one's end samples on from where that one's draws left
+        # torch's generators, as runs without streaming do, not again from the same state.
         self.turn = threading.Semaphore(0)
-        self.random = _RandomState()
+        self.random: _RandomState | None = None  # the run's state while the reader has the turn
         self.reader: _RandomState | None = None  # the reader's state while the run makes a step
         # started by the reader's first ask: a stream never read leaves no thread waiting for it forever
         self.thread = threading.Thread(target=self._run, args=(request,), name="interlace-stream", daemon=True)
@@ -153,6 +154,7 @@ class Stream:
                 self._stop()
 
     def _local(self):
+        self.random = _RandomState()
         self.thread.start()
         while True:
             self.turn.release()  # the run makes its next step while the reader waits here

@@ -369,6 +369,22 @@ def test_random_draws_in_the_readers_loop_neither_change_the_sampled_tokens_nor_
         assert torch.equal(s_after, torch.rand(2))
 
 
+def test_sampling_streams_read_one_after_the_other_sample_anew_as_runs_without_streaming(lm):
+    def made(stream):
+        with lm.generate(PROMPT, max_new_tokens=NEW, do_sample=True, stream=stream) as tracer:
+            out = lm.generator.output.save()
+        return tracer, out
+
+    torch.manual_seed(2)
+    plain = [made(False)[1] for _ in range(2)]
+    assert not torch.equal(plain[0], plain[1])
+    torch.manual_seed(2)
+    streams = [made(True) for _ in range(2)]  # both made before either is read
+    for tracer, _ in streams:
+        list(tracer.stream())
+    assert all(torch.equal(out, want) for (_, out), want in zip(streams, plain))
+
+
 def test_the_reader_can_trace_the_model_in_its_loop(lm):
     with lm.trace(PROMPT):
         plain = lm.output.logits.save()
