@@ -72,7 +72,7 @@ class Step:
 
 
 class Stream:
-    """The run of a `stream=True` trace, started when its block ends; `steps()` yields its `Step`s."""
+    """The run of a `stream=True` trace, set up when its block ends; `steps()` yields its `Step`s."""
 
     def __init__(self, tracer, request: Request):
         self.tracer = tracer

@@ -89,7 +89,7 @@ class Model(Envoy):
         scan / validate: evaluate every line on fake tensors as it is recorded, so shape errors are
         raised at that line before the model runs, and `proxy.shape` is a real size.
         remote / backend, blocking, timeout: run on a server (see docs/remote/client.md).
-        stream: start the run when the block ends; `tracer.stream()` yields it step by step.
+        stream: run step by step as `tracer.stream()` asks (a remote job is submitted as the block ends).
         Other keyword arguments are the model's own (checked against its forward).
         """
         args, input_kwargs, forward_kwargs = self._trace_inputs(inputs, kwargs)

@@ -219,7 +219,7 @@ class LanguageModel(Model):
         state is left as it was). Other keyword arguments (a `streamer`, a `generation_config` too) go to
         `generate`; max_new_tokens: given, else the generation_config's, else 20 (the steps of `tracer.all()`).
         scan / validate check the first step's shapes.
-        stream: start generating when the block ends; `tracer.stream()` yields each step as it is made.
+        stream: generate as `tracer.stream()` asks: it yields each step as it is made.
         """
         config = kwargs.get("generation_config")
         if max_new_tokens is None:
