@@ -61,7 +61,7 @@ class Step:
         where = f" ({where})" if where else ""
         raise NotSavedError(f"{node.describe()}{where} has no value saved in step {self.index}: save it in a block "
                             "that runs at this step (tracer.all(), tracer.iter[...]); a value of the first forward "
-                            "only is in step 0")
+                            "only is in step 0, one of the whole run (generator.output) binds after the last step")
 
     def node_of(self, index: int) -> int:
         """The node that stands for node `index` in this step (its copy, when a repeated block holds it)."""

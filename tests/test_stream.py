@@ -290,6 +290,7 @@ def test_mistakes_get_clear_errors(lm):
 
     with lm.generate(PROMPT, max_new_tokens=2, stream=True) as tracer:
         first = lm.transformer.h[0].output.save()  # the first forward only
+        tokens = lm.generator.output.save()  # the whole run's
     steps = tracer.stream()
     step = next(steps)
     assert step[first].shape == (1, 3, 32)
@@ -299,6 +300,8 @@ def test_mistakes_get_clear_errors(lm):
         later[first]
     with pytest.raises(InterlaceError, match="with a proxy saved in the trace"):
         later["first"]
+    with pytest.raises(NotSavedError, match=r"generator.output .* binds after the last step"):
+        later[tokens]
     list(steps)
     with pytest.raises(InterlaceError, match="can be read once"):
         next(tracer.stream())
