@@ -116,7 +116,7 @@ class HostedModel:
             if len(trace.invokes) > self.limits.max_invokes:
                 raise LimitError(f"a trace has {len(trace.invokes)} invokes, over the limit of "
                                  f"{self.limits.max_invokes} (max_invokes)")
-            if not (self.trusted and _has_functions(request.graph)):  # (only a trusted server decodes functions)
+            if not self._runs_functions(request.graph):
                 check_against_model(request.graph, self.model.module, self.model._extra_modules(),
                                     len(trace.invokes), trace.start, trace.end)
             if isinstance(self.model, LanguageModel):
@@ -126,7 +126,7 @@ class HostedModel:
     def batching(self, request: Request, limits: Limits) -> tuple:
         """(group, size) of a job: jobs of one group (None: none) can share a forward; size in tokens."""
         group, size = self.model.batching(request, max_tokens=limits.max_tokens)
-        if group is None or self.trusted and _has_functions(request.graph):
+        if group is None or self._runs_functions(request.graph):
             return None, size
         return (group, limits), size
 
@@ -142,7 +142,7 @@ class HostedModel:
         on_steps = [step_publisher(request.graph, limits, send) if send else None
                     for request, send in zip(requests, on_steps or [None] * len(requests))]
         try:
-            if len(requests) == 1 and self.trusted and _has_functions(requests[0].graph):  # (only a trusted server's)
+            if len(requests) == 1 and self._runs_functions(requests[0].graph):
                 answers = [self._answer(lambda: self.model.run(requests[0], limits=limits, cancel=cancels[0],
                                                                on_step=on_steps[0]))]
             else:
@@ -157,6 +157,10 @@ class HostedModel:
         finally:
             if self.checksum is not None:
                 self._check()
+
+    def _runs_functions(self, graph) -> bool:
+        """Whether `graph` names Python functions (interlace.apply), which only a trusted server decodes."""
+        return self.trusted and _has_functions(graph)
 
     def damage(self) -> list[str]:
         """What jobs did to the weights past the write check, and what was done about it (`/v1/health`)."""
