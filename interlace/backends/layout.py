@@ -161,21 +161,20 @@ def _map_tensors(value, fn):
 def _structure(value, batch_size: int):
     """What the layout depends on in the inputs: for each tensor its dimensions, dtype, device and whether it is
     batch-first, not its sizes; other values as they are."""
-    if isinstance(value, torch.Tensor):
-        return ("tensor", value.dim(), value.dtype, value.device, value.dim() > 0 and len(value) == batch_size)
-    if isinstance(value, (tuple, list)):
-        return (type(value).__name__, *(_structure(item, batch_size) for item in value))
-    if isinstance(value, dict):
-        return ("dict", *((k, _structure(v, batch_size)) for k, v in value.items()))
-    return repr(value)
+    return _described(value, lambda t: (t.dim(), t.dtype, t.device, t.dim() > 0 and len(t) == batch_size))
 
 
 def _signature(value):
-    """What the layout depends on in the inputs: tensors' shapes, dtypes and devices, other values as they are."""
+    """What a value is made of: tensors' shapes, dtypes and devices, other values as they are."""
+    return _described(value, lambda t: (tuple(t.shape), t.dtype, t.device))
+
+
+def _described(value, tensor):
+    """`value` as comparable data: each tensor as `tensor(it)`, containers item by item, other values' repr."""
     if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(value.shape), value.dtype, value.device)
+        return ("tensor", *tensor(value))
     if isinstance(value, (tuple, list)):
-        return (type(value).__name__, *map(_signature, value))
+        return (type(value).__name__, *(_described(item, tensor) for item in value))
     if isinstance(value, dict):
-        return ("dict", *((k, _signature(v)) for k, v in value.items()))
+        return ("dict", *((k, _described(v, tensor)) for k, v in value.items()))
     return repr(value)
