@@ -188,6 +188,19 @@ def test_the_readers_own_forwards_while_the_run_goes_on_are_not_the_runs(lm):
     assert all(torch.equal(a, b) for a, b in zip(s_hidden + s_logits, hidden + logits))
 
 
+def read_to_step_one(tracer, leave):
+    """The steps read by a loop that leaves after step 1: by `break` (leave None), or by raising `leave`."""
+    read = []
+    with pytest.raises(leave) if leave else contextlib.nullcontext():
+        for step in tracer.stream():
+            read.append(step)
+            if step.index == 1:
+                if leave:
+                    raise leave()
+                break
+    return read
+
+
 @pytest.mark.parametrize("leave", [None, ValueError, KeyboardInterrupt])
 def test_leaving_the_loop_early_stops_the_generation_at_its_next_step_and_leaves_the_model_as_it_was(lm, leave):
     with lm.trace(PROMPT):
@@ -196,14 +209,7 @@ def test_leaving_the_loop_early_stops_the_generation_at_its_next_step_and_leaves
     try:
         with lm.generate(PROMPT, max_new_tokens=20, stream=True) as tracer:
             hidden, _ = steered(lm, tracer)
-        read = []
-        with pytest.raises(leave) if leave else contextlib.nullcontext():
-            for step in tracer.stream():
-                read.append(step.index)
-                if step.index == 1:
-                    if leave:
-                        raise leave()
-                    break
+        read = [step.index for step in read_to_step_one(tracer, leave)]
     finally:
         gate.handle.remove()
     # the loop left after step 1, while step 2's forward waited: the generation ended after step 2's token
@@ -257,14 +263,7 @@ def test_leaving_the_loop_ends_a_hugging_face_streamer_with_the_tokens_the_loop_
     streamer = Recording()
     with lm.generate(PROMPT, max_new_tokens=10, streamer=streamer, stream=True) as tracer:
         lm.generator.output.save()
-    tokens = []
-    with pytest.raises(leave) if leave else contextlib.nullcontext():
-        for step in tracer.stream():
-            tokens.append(step.tokens)
-            if step.index == 1:
-                if leave:
-                    raise leave()
-                break
+    tokens = [step.tokens for step in read_to_step_one(tracer, leave)]
     # ended, so a reader of it (a TextIteratorStreamer's loop in another thread) does not wait forever
     assert streamer.ends == 1 and len(streamer.puts) == 3
     assert all(torch.equal(a, b) for a, b in zip(streamer.puts[1:], tokens))
