@@ -3,7 +3,7 @@
 Run `python benchmarks/streaming.py [--model tiny] [--tokens 32] [--repeats 10]`. It starts an `interlace
 serve` process on 127.0.0.1 (its own key database in a temporary folder), loads the same model here, and
 runs one steered generation (a vector added to a middle layer's last position at every step, that
-position saved per step in an `interlace.list()`) four ways, alternating, so all see the same machine:
+position saved per step in an `interlace.list()`) four ways, in a shuffled order each round, so all see the same machine:
 local and remote (over loopback), each with and without `stream=True`. It prints medians of:
 
 - time to first token: from the end of the `with` block to the first step in hand (without streaming,
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -125,8 +126,14 @@ def _report(local, remotes, name, layers, prompt, args) -> None:
         _generate(lm, layers, prompt, 4, remote=is_remote, stream=stream)
     first, per_token, total = ({way: [] for way in ways} for _ in range(3))
     tokens = {}
+    order, shuffler = list(ways), random.Random(0)
     for _ in range(args.repeats):
-        for way, (lm, is_remote, stream) in ways.items():
+        # a shuffled order each round: a way that always followed another on its own server (remote streamed
+        # after remote) would find it warm, one that never did (the baseline) cold; that alone moved the first
+        # token by 2 ms between two servers running the same code
+        shuffler.shuffle(order)
+        for way in order:
+            lm, is_remote, stream = ways[way]
             to_first, each, whole, got = _generate(lm, layers, prompt, args.tokens, remote=is_remote, stream=stream)
             first[way].append(to_first)
             per_token[way].append(each)
