@@ -240,6 +240,21 @@ def copied_spans(repeats, start: int = 0, end: int | None = None) -> list[tuple[
     return spans
 
 
+def _shifted(nodes, base: int, first: int, calls: int) -> list[Node]:
+    """Copies of `nodes` numbered from `first`: see `Graph.extend_shifted`."""
+    offset = first - base
+    shift = lambda ref: Ref(ref.index + offset) if ref.index >= base else ref  # noqa: E731 - one for all nodes
+    made = []
+    for index, node in enumerate(nodes, first):
+        kwargs = map_refs(node.kwargs, shift) if node.kwargs else {}
+        if calls and node.op in ("module_value", "skip"):
+            kwargs["call"] += calls
+        guard = node.guard + offset if node.guard is not None and node.guard >= base else node.guard
+        made.append(Node(index, node.op, node.target, map_refs(node.args, shift) if node.args else (), kwargs,
+                         node.location, guard, node.saved))
+    return made
+
+
 class Graph:
     """An ordered list of nodes, and the blocks of it that repeat (`repeats`, see `Repeat`).
 
@@ -257,6 +272,7 @@ class Graph:
         # how many of the first nodes were checked for an untrusted run where they were decoded
         # (`deserialize_request`): `check_against_model` checks their structure only past them
         self.checked = 0
+        self.copies_made = True  # False while `add_copy_later` copies stand in for theirs: see make_copies
 
     def add(self, op, target=None, args=(), kwargs=None, location=None, guard=None, saved=False) -> Node:
         node = Node(len(self.nodes), op, target, args, kwargs, location, guard, saved)
@@ -286,15 +302,7 @@ class Graph:
         applied to several generation steps or session values); module calls move by `calls`.
         """
         first = len(self.nodes)
-        offset = first - base
-        shift = lambda ref: Ref(ref.index + offset) if ref.index >= base else ref  # noqa: E731 - one for all nodes
-        for node in list(nodes):
-            kwargs = map_refs(node.kwargs, shift) if node.kwargs else {}
-            if calls and node.op in ("module_value", "skip"):
-                kwargs["call"] += calls
-            guard = node.guard + offset if node.guard is not None and node.guard >= base else node.guard
-            self.add(node.op, node.target, map_refs(node.args, shift) if node.args else (), kwargs, node.location,
-                     guard, node.saved)
+        self.nodes += _shifted(nodes, base, first, calls)
         return first
 
     def add_copy(self, start: int, end: int, calls: int, value: int) -> int:
@@ -303,6 +311,31 @@ class Graph:
         first = self.extend_shifted(self.nodes[start:end], start, calls)
         self.nodes[first].args = (value,)
         return first
+
+    def add_copy_later(self, start: int, end: int, calls: int, value: int) -> int:
+        """What `add_copy` appends, but for its first node the template's own nodes stand in for the copy's
+        until `make_copies`. A server checks a copy by its template and first node alone, so its front
+        needs no more, and the nodes it pickles for its worker process are then the template's again
+        (pickle writes an object it has written once as a reference): the copies are made where the
+        graph runs. Such a graph must not run before `make_copies` (`Model.run` calls it)."""
+        first = len(self.nodes)
+        self.nodes += self.nodes[start:end]
+        self.nodes[first] = _shifted(self.nodes[start : start + 1], start, first, calls)[0]
+        self.nodes[first].args = (value,)
+        self.copies_made = False
+        return first
+
+    def make_copies(self) -> None:
+        """Make the copies of `repeats` that `add_copy_later` left to the template's nodes, in graph order
+        (a template may hold the copies of a block inside it)."""
+        if self.copies_made:
+            return
+        for first, start, end, calls in sorted((first, repeat.start, repeat.end, calls) for repeat in self.repeats
+                                               for first, calls, _ in repeat.copies):
+            value = self.nodes[first].args
+            self.nodes[first : first + end - start] = _shifted(self.nodes[start:end], start, first, calls)
+            self.nodes[first].args = value
+        self.copies_made = True
 
     def repeat(self, start: int, end: int, copies) -> Repeat:
         """Append one copy of nodes `start..end` per `(calls, value)` of `copies` and record them."""

@@ -7,8 +7,9 @@
 Version 1 is frozen. Version 2 (requests only, written only when a graph has repeated blocks) adds
 `repeats` to the header: a block applied to many generation steps is sent once, with where each
 copy starts, its call shift and its step; the loader checks those numbers against the limits and
-builds the copies itself (`Graph.add_copy`): a request's size, reading and checking do not grow
-with the number of steps, and no copy comes from the sender. A reader takes both versions.
+builds the copies itself (`Graph.add_copy`; a server's front leaves them to the process that runs the
+request, `Graph.add_copy_later`): a request's size, reading and checking do not grow with the number
+of steps, and no copy comes from the sender. A reader takes both versions.
 
 `count` is the number of nodes (request, copies included) or values (results), so an over-long graph
 is refused before anything is parsed. The header is checked by the pydantic models below; values inside it are
@@ -599,8 +600,12 @@ def _guarded(load):
 
 
 @_guarded
-def deserialize_request(data: bytes, *, trusted: bool = False, limits: Limits | None = None) -> Request:
-    """A `Request` from `serialize_request` bytes; refuses pickled functions unless `trusted`."""
+def deserialize_request(data: bytes, *, trusted: bool = False, limits: Limits | None = None,
+                        make_copies: bool = True) -> Request:
+    """A `Request` from `serialize_request` bytes; refuses pickled functions unless `trusted`.
+
+    make_copies=False leaves the copies of repeated blocks to `Graph.make_copies` (`Graph.add_copy_later`):
+    a server's front checks the request and hands it to the process that runs it."""
     limits = limits or Limits()
     version, count, text, tensors = _unframe(data, GRAPH_MAGIC, "graph", trusted, limits, limits.max_nodes,
                                              SUPPORTED_VERSIONS)
@@ -613,7 +618,7 @@ def deserialize_request(data: bytes, *, trusted: bool = False, limits: Limits | 
     copies = _copies(header, count, limits)
     decoder, graph = _Decoder(tensors, limits), Graph()
     for model in header.nodes:
-        _add_copies(graph, copies, trusted)  # the copies of repeated blocks fill the gaps between listed nodes
+        _add_copies(graph, copies, trusted, make_copies)  # the copies of repeated blocks fill the gaps between listed nodes
         position = len(graph)
         node = Node(position, model.op, location=model.location)
         try:
@@ -635,7 +640,7 @@ def deserialize_request(data: bytes, *, trusted: bool = False, limits: Limits | 
         except InterlaceError as error:
             raise type(error)(f"{_where(node)}: {error}").at(node) from None
         check_node(graph.add(model.op, target, args, kwargs, location, model.guard, model.saved), graph.nodes, trusted)
-    _add_copies(graph, copies, trusted)
+    _add_copies(graph, copies, trusted, make_copies)
     if len(graph) != count:
         raise SerializationError(f"the prefix says {count} nodes but the header holds {len(graph)}"
                                  + (" (with the copies of its repeated blocks)" if copies else ""))
@@ -660,11 +665,12 @@ def deserialize_request(data: bytes, *, trusted: bool = False, limits: Limits | 
     return Request(graph, traces)
 
 
-def _add_copies(graph: Graph, copies: dict, trusted: bool) -> None:
-    """The copies that start where `graph` ends. Their templates were checked as they were read: a copy
-    is checked by its first node alone, which holds its own step (validate.py says why)."""
+def _add_copies(graph: Graph, copies: dict, trusted: bool, make: bool) -> None:
+    """The copies that start where `graph` ends (made, or left to `Graph.make_copies`). Their templates were
+    checked as they were read: a copy is checked by its first node alone, which holds its own step
+    (validate.py says why)."""
     while len(graph) in copies:
-        first = graph.add_copy(*copies[len(graph)])
+        first = (graph.add_copy if make else graph.add_copy_later)(*copies[len(graph)])
         check_node(graph.nodes[first], graph.nodes, trusted)
 
 

@@ -228,6 +228,7 @@ class Model(Envoy):
         at its next step. `on_step(step)` is handed each generation step as it finishes (a `Step`).
         """
         graph, traces = request.graph, request.traces
+        graph.make_copies()  # (a server's front leaves them to the process that runs the request)
         limits = limits or DEFAULT_LIMITS
         last_reader = _last_reader(graph, traces) if len(traces) > 1 else None  # (one trace: nothing carries)
         outcome, carried, skip_to = Outcome(), {}, 0
@@ -272,6 +273,8 @@ class Model(Envoy):
         each request, None or a function handed each of its generation steps (its own rows and values).
         """
         limits = limits or DEFAULT_LIMITS
+        for request in requests:
+            request.graph.make_copies()
         cancels = list(cancels) if cancels is not None else [None] * len(requests)
         on_steps = list(on_steps) if on_steps is not None else [None] * len(requests)
         answers: list = [None] * len(requests)

@@ -111,7 +111,8 @@ class HostedModel:
         if carries_functions(data) and not self.trusted:
             raise RefusedError("this request carries pickled Python functions (interlace.apply), which this "
                                "server does not run: it runs graphs of allowed operations only")
-        request = deserialize_request(data, trusted=self.trusted, limits=self.limits)
+        # the copies of repeated blocks are made where the request runs (a worker process gets it pickled)
+        request = deserialize_request(data, trusted=self.trusted, limits=self.limits, make_copies=False)
         for trace in request.traces:
             if len(trace.invokes) > self.limits.max_invokes:
                 raise LimitError(f"a trace has {len(trace.invokes)} invokes, over the limit of "

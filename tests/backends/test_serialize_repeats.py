@@ -2,6 +2,7 @@
 steps; the loader builds its copies itself, equal to the sender's, and refuses descriptors that lie."""
 
 import json
+import pickle
 import struct
 
 import pytest
@@ -14,6 +15,7 @@ from interlace.backends import serialize, validate
 from interlace.backends.limits import Limits
 from interlace.backends.serialize import deserialize_request, serialize_request
 from interlace.graph import Graph, Ref, Repeat, Request
+from interlace.server.hosting import HostedModel
 
 PROMPT = "w5 w6 w7"
 
@@ -67,6 +69,32 @@ def test_a_block_over_every_step_round_trips_to_an_equal_graph_and_bit_identical
     assert [(t.start, t.end, t.options) for t in loaded.traces] == [(t.start, t.end, t.options) for t in request.traces]
     outcome = lm.run(loaded, untrusted=True)  # as a server runs it
     assert sorted(outcome.results) == sorted(results) and len(results[request.graph.saved()[0]]) == steps
+    assert all(same(outcome.results[index], value) for index, value in results.items())
+    assert same(outcome.results[request.graph.saved()[-1]], tokens)
+
+
+@pytest.mark.parametrize("steps", [4, 32])
+def test_a_front_that_leaves_the_copies_to_its_worker_sends_the_template_once_and_runs_the_same(lm, steps):
+    """A server's front reads a request without making its copies (`make_copies=False`): each copy holds its
+    template's nodes (its first node alone its own), which pickle sends as references; the run makes them,
+    equal to the copies made on reading, and gives the same values."""
+    request, results, tokens = steered(lm, steps)
+    data = serialize_request(request)
+    made = deserialize_request(data)
+    left = deserialize_request(data, make_copies=False)
+    assert not left.graph.copies_made and len(left.graph) == len(made.graph)
+    assert [node.op for node in left.graph] == [node.op for node in made.graph]  # what checks read of a copy
+    firsts = [first for first, _, _ in made.graph.repeats[0].copies]
+    assert all(left.graph[first] == made.graph[first] for first in firsts)
+    sent = pickle.dumps(left, protocol=pickle.HIGHEST_PROTOCOL)
+    assert len(sent) < len(pickle.dumps(made, protocol=pickle.HIGHEST_PROTOCOL)) * (0.5 if steps == 32 else 0.8)
+    received = pickle.loads(sent)
+    received.graph.make_copies()
+    assert received.graph.copies_made and received.graph == made.graph
+    assert [node.index for node in received.graph] == list(range(len(made.graph)))
+    outcome = lm.run(pickle.loads(sent), untrusted=True)  # (the run makes them itself)
+    assert not HostedModel(lm, name="tiny", limits=Limits()).admit(data).graph.copies_made  # (what a front does)
+    assert sorted(outcome.results) == sorted(results)
     assert all(same(outcome.results[index], value) for index, value in results.items())
     assert same(outcome.results[request.graph.saved()[-1]], tokens)
 
@@ -208,6 +236,9 @@ def test_a_session_loop_over_a_generation_round_trips(lm):
         request = session.request()
     loaded = deserialize_request(serialize_request(request))
     assert len(request.graph.repeats) == 1 and loaded.graph == request.graph
+    left = deserialize_request(serialize_request(request), make_copies=False)
+    left.graph.make_copies()  # (a copy of a trace holds the block's copies as its own nodes)
+    assert left.graph == request.graph
     outcome = lm.run(loaded)
     assert len(logits) == 6 and same(outcome.results[request.graph.saved()[0]], list(logits))
 
@@ -297,7 +328,8 @@ def test_an_expansion_past_max_nodes_is_refused_before_any_copy_is_made(sent, mo
     assert made == []
 
 
-def test_a_copy_whose_first_node_cannot_hold_a_step_is_refused():
+@pytest.mark.parametrize("make_copies", [True, False])
+def test_a_copy_whose_first_node_cannot_hold_a_step_is_refused(make_copies):
     """A copy's first node takes its step as its one argument: copies of a block that starts with a module
     value (which takes none) fail their own check."""
     nodes = [{"index": 0, "op": "module_value", "target": "transformer.h.0",
@@ -306,10 +338,11 @@ def test_a_copy_whose_first_node_cannot_hold_a_step_is_refused():
     header = {"version": 2, "nodes": nodes, "repeats": [{"start": 0, "end": 2, "copies": [[2, 1, 1]]}],
               "traces": [{"start": 0, "end": 4, "invokes": [{"args": [PROMPT]}]}]}
     with pytest.raises(GraphError, match=r"node %2 \(module_value \[transformer\.h\.0\]\): a module value takes no args"):
-        deserialize_request(frame(header, b"", 4))
+        deserialize_request(frame(header, b"", 4), make_copies=make_copies)
     header["nodes"][0] = {"index": 0, "op": "call", "target": "builtins.int", "args": [0]}
     header["nodes"][1]["args"] = [{"ref": 0}, 2]
-    loaded = deserialize_request(frame(header, b"", 4))
+    loaded = deserialize_request(frame(header, b"", 4), make_copies=make_copies)
+    loaded.graph.make_copies()
     assert [node.args for node in loaded.graph] == [(0,), (Ref(0), 2), (1,), (Ref(2), 2)]
 
 
