@@ -445,12 +445,16 @@ def test_the_write_check_runs_only_where_a_weight_is_within_reach(monkeypatch):
     own = torch.ones(2, 2)
     guard.call("torch.relu", torch.relu, (own,), {})
     guard.call("operator.getitem", operator.getitem, (own, (slice(None), 0)), {})
+    guard.call("builtins.int", int, (3,), {})  # a step of a block over steps
+    guard.call("builtins.list", list, (), {})
     assert entered == []  # handed only its own tensor and plain values: nothing of the model in reach
     guard.call("operator.add", operator.add, (own, net.weight.detach()), {})
     guard.call("torch.relu", torch.relu, (torch.ones(2, requires_grad=True),), {})  # a backward reaches .grad
     assert entered == ["operator.add", "torch.relu"]
     with pytest.raises(RefusedError, match="would change a weight"):
         guard.call("F.relu", torch.nn.functional.relu, (net.weight.detach()[0], True), {})  # a view of one
+    with pytest.raises(RefusedError, match=r"tensor it was given \(argument 'out'"):  # a second tensor may be one
+        guard.call("torch.norm", torch.norm, (own, "fro", None, False, torch.ones(2)), {})
 
 
 def test_memory_a_graph_allocates_without_writing_holds_nothing_of_an_earlier_job():
