@@ -167,6 +167,12 @@ class Recorder:
             raise NotSavedError(
                 "this trace has ended: call .save() inside the `with` block that computes the value"
             )
+        block = self._step_block
+        if block is not None and proxy._index == block.start:
+            # the step's own number is known before its step runs: saved as it is, each step's copy would bind,
+            # those of steps that never came too (an early end of sequence); the proxy moves to a copy of it
+            # that waits for its step (see _guard_in_step), and so do the lines after that read it
+            object.__setattr__(proxy, "_index", self.record("call", "builtins.int", (proxy,))._index)
         self.graph.nodes[proxy._index].saved = True
 
     # -- verbs shared by traces and sessions ----------------------------------------------------------

@@ -232,10 +232,17 @@ def test_a_value_saved_in_a_block_over_steps_binds_as_its_last_step():
             every = lm.transformer.h[1].output[:, -1].save()
             marks.append(step)  # reads no module: still runs at its step, and not for steps that never come
             last = (step + 0).save()
+            number = step.save()  # the step itself, known before its step runs
         tokens = lm.generator.output.save()
     ran = tokens.shape[1] - 3
     assert ran < 4 and torch.equal(every, per_step_outputs(model, "transformer.h.1", [5, 6, 7], 4)[ran - 1])
-    assert marks == list(range(ran)) and last == ran - 1
+    assert marks == list(range(ran)) and last == ran - 1 and number == ran - 1
+    with lm.generate([5, 6, 7], max_new_tokens=4) as tracer:
+        marks = interlace.list().save()
+        with tracer.all() as step:
+            step.save()  # the name bound by `as` holds it after the run, as any saved value's name
+            marks.append(step)
+    assert step == 3 and marks == [0, 1, 2, 3]
 
 
 def test_hugging_face_generation_settings_are_the_callers():
