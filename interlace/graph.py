@@ -177,6 +177,13 @@ def target_name(target) -> str:
 _HOLDERS = frozenset({Ref, tuple, list, dict, slice})
 
 
+def refs_in(obj) -> list[int]:
+    """The indices of the Refs inside `obj` (through tuples, lists, dicts and slices), in order."""
+    found: list[int] = []
+    _collect_refs(obj, found)
+    return found
+
+
 def _collect_refs(obj, found: list) -> None:
     kind = type(obj)
     if kind is Ref:

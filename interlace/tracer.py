@@ -19,7 +19,7 @@ from . import collector, ops
 from .binding import bind_saved, bound, values_of
 from .blocks import Condition, Iteration, Steps
 from .errors import InterlaceError, NotSavedError
-from .graph import Graph, Node, Ref, Request, TraceSpec
+from .graph import Graph, Ref, Request, TraceSpec, refs_in
 from .proxy import Proxy
 from .stream import Stream
 
@@ -112,7 +112,7 @@ class Recorder:
         (the block's outer guard) for a module value, or a node that reads a value of the step: they wait for
         the model's calls themselves (a `.source` point called several times a step included)."""
         block = self._step_block
-        if op == "module_value" or any(ref > block.start for ref in Node(0, op, None, args, kwargs).refs()):
+        if op == "module_value" or any(ref > block.start for ref in refs_in((args, kwargs))):
             return block.outer
         return block.begins()
 
