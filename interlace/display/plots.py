@@ -83,8 +83,8 @@ def plot_logit_lens(model, prompt: str, title: str | None = None, width: int | N
     model = standardized(model)
     with model.trace(prompt):
         hidden = torch.cat([model.layers_output[layer] for layer in range(model.num_layers)])  # one prompt: [layers, seq, hidden]
-        top = model.project_on_vocab(hidden).softmax(-1).max(-1)
-        values, ids = top[0].float().cpu().save(), top[1].cpu().save()
+        top = model.project_on_vocab(hidden).softmax(-1, dtype=torch.float32).max(-1)
+        values, ids = top[0].cpu().save(), top[1].cpu().save()
     tokens = model.tokenizer(prompt)["input_ids"]
     labels = [f"{position}: {text}" for position, text in enumerate(_token_text(model.tokenizer, tokens, False))]
     text = [_token_text(model.tokenizer, row, False) for row in ids.tolist()]

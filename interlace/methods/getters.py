@@ -160,7 +160,7 @@ def project_on_vocab(model, hidden):
 
 
 def get_next_token_probs(model):
-    return token_at(model, get_logits(model), -1).softmax(-1)
+    return token_at(model, get_logits(model), -1).softmax(-1, dtype=torch.float32)
 
 
 def token_at(model, value, idx: int):

@@ -7,6 +7,7 @@ from interlace import StandardizedTransformer
 from interlace.methods import (
     TargetPrompt,
     TargetPromptBatch,
+    get_next_token_probs,
     it_repeat_prompt,
     logit_lens,
     patch_object_attn_lens,
@@ -66,6 +67,25 @@ def test_logit_lens_projects_every_layer_at_the_last_position(model):
     torch.testing.assert_close(probs, want)
     torch.testing.assert_close(probs[:, -1], run(model, SOURCES)[:, -1].softmax(-1))
     assert_clean(model.module)
+
+
+def test_probabilities_of_a_bfloat16_model_are_float32_softmaxes_of_its_logits():
+    """A bfloat16 softmax keeps about three digits of each probability: the lens, the next-token
+    probabilities and the closest tokens take the softmax of the model's logits in float32."""
+    model = StandardizedTransformer(tiny("llama").to(torch.bfloat16), tokenizer=tiny_tokenizer())
+    logits = run(model, SOURCES)[:, -1]
+    assert logits.dtype == torch.bfloat16
+    want = logits.float().softmax(-1)
+    probs = logit_lens(model, SOURCES)
+    assert probs.dtype == torch.float32 and torch.equal(probs[:, -1], want)
+    with model.trace(SOURCES):
+        next_probs = model.next_token_probs.save()
+        from_getter = get_next_token_probs(model).save()
+        last = model.layers_output[1][:, -1].save()
+    assert next_probs.dtype == torch.float32 and torch.equal(next_probs, want) and torch.equal(from_getter, want)
+    closest = model.get_topk_closest_tokens(last[0], k=3)
+    assert list(closest.values()) == want[0].topk(3).values.tolist()
+    assert not torch.equal(logits.softmax(-1).float(), want)  # what a bfloat16 softmax would have given
 
 
 def test_patchscope_lens_equals_a_patching_hook(model):

@@ -391,8 +391,9 @@ class StandardizedTransformer(LanguageModel):
 
     @property
     def next_token_probs(self) -> Proxy:
-        """The softmax of the last position's logits `[batch, vocab]`."""
-        return self.output.logits[:, -1].softmax(-1)
+        """The softmax of the last position's logits `[batch, vocab]`, in float32 (a bfloat16 softmax keeps
+        about three digits of each probability)."""
+        return self.output.logits[:, -1].softmax(-1, dtype=torch.float32)
 
     @property
     def input_ids(self) -> Proxy:
@@ -477,7 +478,7 @@ class StandardizedTransformer(LanguageModel):
                 "get_topk_closest_tokens needs a real tensor: save the hidden state in the trace and call it after."
             )
         with torch.no_grad():
-            probs = self.project_on_vocab(hidden).softmax(-1)
+            probs = self.project_on_vocab(hidden).softmax(-1, dtype=torch.float32)
         values, indices = probs.topk(k, dim=-1)
         rows = [
             {self.tokenizer.decode(i) if self.tokenizer else str(i): v for i, v in zip(ids, ps)}
