@@ -16,7 +16,7 @@ import logging
 import signal
 import threading
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 
 import uvicorn
 from fastapi import FastAPI
@@ -58,6 +58,7 @@ class Service:
         self._stopping = threading.Event()
         self.draining = False  # SIGTERM: no new submissions; what runs finishes, what waits stays for a restart
         self.closing = False  # the last moment: waits and event streams end now
+        self.listeners = 0  # waits and event streams open (changed on the event loop only; see listening)
         self._watcher = threading.Thread(target=self._watch_keys, name="interlace-revocations", daemon=True)
 
     @staticmethod
@@ -145,8 +146,26 @@ class Service:
     async def wait(self, job: Job, seconds: float) -> None:
         """Wait up to `seconds` (at most --max-wait) for the job to finish, or for the server to stop."""
         deadline = asyncio.get_running_loop().time() + min(seconds, self.config.max_wait)
-        while job.state not in FINISHED and not self.closing and (left := deadline - asyncio.get_running_loop().time()) > 0:
-            await job.wait(min(left, STREAM_CHECK))
+        with self.listening():
+            while job.state not in FINISHED and not self.closing and (left := deadline - asyncio.get_running_loop().time()) > 0:
+                await job.wait(min(left, STREAM_CHECK))
+
+    @contextmanager
+    def listening(self):
+        """Around a wait or an event stream: each looks at `closing` every STREAM_CHECK seconds, and a
+        stopping server waits for those open to end (`wait_for_listeners`)."""
+        self.listeners += 1
+        try:
+            yield
+        finally:
+            self.listeners -= 1
+
+    def wait_for_listeners(self) -> None:
+        """Once `closing` is set: until every wait and event stream open has seen it and ended with its final
+        answer (at most STREAM_CHECK + 0.5 s); at once when none is open."""
+        deadline = time.monotonic() + STREAM_CHECK + 0.5
+        while self.listeners and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def model(self, name: str | None) -> HostedModel:
         if name is None and len(self.models) == 1:
@@ -256,7 +275,7 @@ def serve(app: FastAPI, *, host: str, port: int, log_level: str, ssl_certfile: s
             log.info("SIGTERM: draining (no new jobs; the running ones finish; queued ones wait for a restart)")
             service.drain()
             service.closing = True
-            time.sleep(STREAM_CHECK + 0.5)  # every wait and event stream sees it and ends with a final event
+            service.wait_for_listeners()
             self.should_exit = True
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,

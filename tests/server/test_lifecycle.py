@@ -14,6 +14,8 @@ import pytest
 import interlace
 from hostile import Builder
 from interlace.errors import ServiceError
+from interlace.server import app as app_module
+from interlace.server.config import ServerConfig
 from interlace.server.keys import KeyStore
 from serving import Server
 from test_bad_input import _submit, _until, get, post
@@ -340,6 +342,27 @@ def test_a_result_past_its_ttl_is_gone_though_nobody_submits(monkeypatch):
             jobs.get(job.id, "k")
     finally:
         loop.close()
+
+
+def test_a_drain_waits_for_the_waits_and_streams_still_open_and_for_nothing_else(tmp_path, monkeypatch):
+    """SIGTERM sets `closing`; each wait and event stream sees it within STREAM_CHECK and ends with its
+    final answer. The drain waits for those open, not a fixed STREAM_CHECK (which every stop paid)."""
+    service = app_module.Service([], KeyStore(str(tmp_path / "keys.db")), ServerConfig())
+    slept = []
+
+    def sleep(seconds):
+        slept.append(seconds)
+        if len(slept) == 3:  # the stream has sent its final event
+            listening.__exit__(None, None, None)
+
+    monkeypatch.setattr(app_module.time, "sleep", sleep)
+    service.wait_for_listeners()
+    assert slept == []  # nothing open
+    listening = service.listening()
+    listening.__enter__()
+    assert service.listeners == 1
+    service.wait_for_listeners()
+    assert len(slept) == 3 and service.listeners == 0
 
 
 def test_a_stream_waiting_when_the_server_drains_says_to_submit_it_again(setup, tmp_path):

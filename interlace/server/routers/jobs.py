@@ -146,20 +146,21 @@ async def _events_of(job: Job, svc):
     goes away (closed its connection, or died) is cancelled: nobody reads its steps."""
     seen, ended = 0, False
     try:
-        while True:
-            new = await job.next_events(seen, STREAM_CHECK)
-            seen += len(new)
-            for kind, data in new:
-                yield {"event": kind, "data": json.dumps(data)}
-                if kind in FINISHED:
+        with svc.listening():
+            while True:
+                new = await job.next_events(seen, STREAM_CHECK)
+                seen += len(new)
+                for kind, data in new:
+                    yield {"event": kind, "data": json.dumps(data)}
+                    if kind in FINISHED:
+                        ended = True
+                        return
+                if svc.closing:
                     ended = True
+                    yield {"event": "end", "data": json.dumps({
+                        "state": job.state, "message": "the server is stopping; the job is kept: ask for it again "
+                                                       "(GET /v1/jobs/{id}) once the server is back"})}
                     return
-            if svc.closing:
-                ended = True
-                yield {"event": "end", "data": json.dumps({
-                    "state": job.state, "message": "the server is stopping; the job is kept: ask for it again "
-                                                   "(GET /v1/jobs/{id}) once the server is back"})}
-                return
     finally:
         if not ended and job.stream and job.state not in FINISHED:
             svc.cancel(job, "the job was cancelled: its reader went away")
