@@ -22,7 +22,8 @@ def logit_lens(model, prompts, remote: bool = False) -> torch.Tensor:
     """Each layer's next-token distribution at the last position, in one forward.
 
     Returns `[num_prompts, num_layers, vocab]` probabilities on the CPU: `project_on_vocab` of every
-    layer's output (no embedding row), then softmax (in float32, whatever the model's dtype). The last layer's row is `next_token_probs`.
+    layer's output (no embedding row), then softmax (in float32, whatever the model's dtype). The last
+    layer's row is `next_token_probs`.
     """
     model = standardized(model)
     with model.trace(prompts, remote=remote):
