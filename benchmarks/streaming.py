@@ -20,8 +20,9 @@ The server runs the model in a worker process, as `interlace serve` does by defa
 keeps it in the server's process, to show what the hop to the worker costs.
 
 `--baseline CHECKOUT` also starts a server from another checkout (`git worktree add /tmp/base <commit>`)
-and streams from it in the same rounds: this machine's neighbours move the first token by several ms
-from one run to the next, so a change to the server is measured against its baseline in one run.
+and runs both remote ways on it in the same rounds: this machine's neighbours move the first token by
+several ms from one run to the next, so a change to the server is measured against its baseline in one
+run (each server serving as many requests: one that served more would be warmer).
 
 Model: the embedded SmolLM2-135M (default) or a tiny random GPT-2 (`--model tiny`). Both processes use
 `--threads` intra-op threads (default 1): on a small loaded machine two OpenMP threads in the main thread
@@ -120,7 +121,8 @@ def _report(local, remotes, name, layers, prompt, args) -> None:
     remote = remotes[0]
     ways = {"local": (local, False, False), "local, streamed": (local, False, True),
             "remote": (remote, True, False), "remote, streamed": (remote, True, True)}
-    if len(remotes) > 1:
+    if len(remotes) > 1:  # (both ways, as for the server under test: each server then gets as many requests)
+        ways["baseline"] = (remotes[1], True, False)
         ways["baseline, streamed"] = (remotes[1], True, True)
     for lm, is_remote, stream in ways.values():  # warm every path
         _generate(lm, layers, prompt, 4, remote=is_remote, stream=stream)
