@@ -13,6 +13,8 @@ import httpx
 import pytest
 import torch
 
+import interlace
+
 from hostile import Builder
 from interlace.errors import ExecutionError
 from interlace.server.replica import ModelReplica, decode_answer
@@ -165,6 +167,22 @@ def test_in_process_keeps_the_model_in_the_server(setup, local):
         there, here = values(response.content), run_here(local, data)
         assert there.keys() == here.keys() and all((there[k] == here[k]).all() for k in here)
         assert server.health()["checked_jobs"] >= 1
+        # a block over steps: the front leaves its copies to the run, here in the front's own process
+        remote = interlace.LanguageModel("tiny-gpt2", host=server.url, api_key=setup["keys"]["user6"])
+        steer = torch.linspace(-1, 1, local.config.hidden_size)
+
+        def steered(lm, **options):
+            with lm.generate("w5 w6", max_new_tokens=4, **options) as tracer:
+                hidden = interlace.list().save()
+                with tracer.all():
+                    lm.transformer.h[0].output[:, -1] += steer
+                    hidden.append(lm.transformer.h[1].output[:, -1])
+                tokens = lm.generator.output.save()
+            return hidden, tokens
+
+        (hidden, tokens), (mine, my_tokens) = steered(remote, remote=True), steered(local)
+        assert torch.equal(tokens, my_tokens) and len(hidden) == 4
+        assert all(torch.equal(a, b) for a, b in zip(hidden, mine))
     finally:
         server.stop()
 
