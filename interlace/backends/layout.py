@@ -37,7 +37,7 @@ from torch._subclasses.fake_tensor import (
 
 from ..source import points
 from .local import _InstanceAttribute
-from .scan import fake_run
+from .scan import fake_run, map_tensors
 from .state import Attachments
 
 _DATA_DEPENDENT = (DataDependentOutputException, DynamicOutputShapeException)
@@ -75,8 +75,8 @@ def find_layout(root: torch.nn.Module, modules, inputs, batch_size: int) -> Layo
     """Run the forward on fake tensors at `batch_size` rows and at one more, and compare (see the module)."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     device = next((p.device for p in root.parameters()), torch.device("cpu"))
-    args, kwargs = _map_tensors(inputs, lambda t: mode.from_tensor(t.to(device)))
-    grown = _map_tensors((args, kwargs), lambda t: torch.cat([t, t[-1:]]) if t.dim() and len(t) == batch_size else t)
+    args, kwargs = map_tensors(inputs, lambda t: mode.from_tensor(t.to(device)))
+    grown = map_tensors((args, kwargs), lambda t: torch.cat([t, t[-1:]]) if t.dim() and len(t) == batch_size else t)
     seen: list[dict] = [{}, {}]
     unknown = set()
     attachments = Attachments(root)  # what a forward sets on its modules (a dynamic RoPE's cache length) goes
@@ -114,12 +114,12 @@ def _for_real_where_data_decides(root: torch.nn.Module, mode: FakeTensorMode, se
                 with unset_fake_temporarily():
                     outputs = []
                     for fill in (torch.zeros, torch.ones):
-                        real = _map_tensors((args, kwargs), lambda t: fill(t.shape, dtype=t.dtype, device=t.device))
+                        real = map_tensors((args, kwargs), lambda t: fill(t.shape, dtype=t.dtype, device=t.device))
                         outputs.append(forward(*real[0], **real[1]))
                 unknown.update((path, kind) for path, kind, _ in list(seen)[start:])
                 if _signature(outputs[0]) != _signature(outputs[1]):
                     raise ValueError(f"the shapes {type(module).__name__} gives depend on its inputs' values") from None
-                return _map_tensors(outputs[0], mode.from_tensor)
+                return map_tensors(outputs[0], mode.from_tensor)
         return run
 
     try:
@@ -146,16 +146,6 @@ def _compare(small, big, batch_size: int, at: tuple, rows: set, other: set) -> N
     elif isinstance(small, dict):
         for k, item in small.items():
             _compare(item, big.get(k) if isinstance(big, dict) else None, batch_size, (*at, k), rows, other)
-
-
-def _map_tensors(value, fn):
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_map_tensors(v, fn) for v in value)
-    if isinstance(value, dict):
-        return {k: _map_tensors(v, fn) for k, v in value.items()}
-    return value
 
 
 def _structure(value, batch_size: int):

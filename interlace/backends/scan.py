@@ -52,13 +52,7 @@ class Scanner(Interleaver):
 
     def fake(self, value):
         """`value` with every tensor turned into a fake tensor on the model's device."""
-        if isinstance(value, torch.Tensor):
-            return self.mode.from_tensor(value.to(self.device))
-        if isinstance(value, (tuple, list)):
-            return type(value)(self.fake(v) for v in value)
-        if isinstance(value, dict):
-            return {k: self.fake(v) for k, v in value.items()}
-        return value
+        return map_tensors(value, lambda tensor: self.mode.from_tensor(tensor.to(self.device)))
 
     def evaluate(self, node: Node) -> None:
         """Compute the fake value of a node just recorded; errors name the user's line."""
@@ -112,6 +106,17 @@ class Scanner(Interleaver):
                                  "modules after it expect what it gave (found while scanning, before the model ran)"
                                  ).at(node)
         return None
+
+
+def map_tensors(value, fn):
+    """`value` with each tensor `t` in it (through tuples, lists and dicts) replaced by `fn(t)`."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    return value
 
 
 def fake_run(root: torch.nn.Module, modules, forward, mode: FakeTensorMode, seen: dict) -> None:
