@@ -61,6 +61,7 @@ def merge(requests: list[Request]) -> tuple[Request, list[Part]]:
     total = sum(len(request.traces[0].invokes) for request in requests)
     for number, request in enumerate(requests):
         trace = request.traces[0]
+        request.graph.make_copies()  # (a server's front leaves them to the run: see Graph.add_copy_later)
         first_node, first_invoke = graph.extend_shifted(request.graph.nodes, 0), len(invokes)
         rows_invoke = total + number
         for node in graph.nodes[first_node:]:

@@ -273,8 +273,6 @@ class Model(Envoy):
         each request, None or a function handed each of its generation steps (its own rows and values).
         """
         limits = limits or DEFAULT_LIMITS
-        for request in requests:
-            request.graph.make_copies()
         cancels = list(cancels) if cancels is not None else [None] * len(requests)
         on_steps = list(on_steps) if on_steps is not None else [None] * len(requests)
         answers: list = [None] * len(requests)
