@@ -111,7 +111,8 @@ def attack(data: bytes, limits: Limits | None = None, cancel=None, run=None) -> 
     state = ModelState(lm.module)
     error = None
     try:
-        request = deserialize_request(data, limits=limits)
+        # (as a server's front reads it: the copies of repeated blocks are made by the run, see Graph.add_copy_later)
+        request = deserialize_request(data, limits=limits, make_copies=False)
         if run is not None:
             [answer] = run([request], limits=limits, cancels=[cancel or threading.Event()])
             if isinstance(answer, Exception):
