@@ -702,6 +702,20 @@ def generate_option_that_loads_code():
     return attack(g.bytes(mode="generate", kwargs={"max_new_tokens": 2, "custom_generate": "someone/repo"}))
 
 
+@case("RefusedError", r"eos_token_id must be a token id \(an int from 0\) or a list of at most 64 of them, not \[-1\]")
+def end_of_sequence_token_that_is_no_token():
+    g = Builder()
+    g.save(g.out("generator"))
+    return attack(g.bytes(mode="generate", kwargs={"max_new_tokens": 2, "eos_token_id": [-1]}))
+
+
+@case("RefusedError", r"eos_token_id must be a token id .* or a list of at most 64 of them, not \[0, 0, 0")
+def too_many_end_of_sequence_tokens():
+    g = Builder()
+    g.save(g.out("generator"))
+    return attack(g.bytes(mode="generate", kwargs={"max_new_tokens": 2, "eos_token_id": [0] * 1000}))
+
+
 @case("LimitError", r"are over the limit of 100 token positions \(max_tokens\)")
 def too_many_tokens():
     g = Builder()

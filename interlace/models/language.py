@@ -424,9 +424,12 @@ class LanguageModel(Model):
 _UNTRUSTED_OPTIONS = {
     "trace": frozenset({"output_attentions", "output_hidden_states", "use_cache", "return_dict", "logits_to_keep"}),
     "generate": frozenset({"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-                           "repetition_penalty", "no_repeat_ngram_size", "use_cache", "seed"}),
+                           "repetition_penalty", "no_repeat_ngram_size", "use_cache", "seed", "eos_token_id"}),
     "session": frozenset(),  # a session's own nodes between its traces: no model run, no options
 }
+
+
+_MAX_END_TOKENS = 64  # end-of-sequence ids a stranger's generation may name (each is compared at every step)
 
 
 def _check_untrusted_options(options: dict, batch, limits) -> None:
@@ -440,6 +443,12 @@ def _check_untrusted_options(options: dict, batch, limits) -> None:
     seed = kwargs.get("seed")
     if seed is not None and (type(seed) is not int or not 0 <= seed < 1 << 63):
         raise RefusedError(f"seed must be an int from 0 to 2**63 - 1, not {seed!r}")
+    eos = kwargs.get("eos_token_id")
+    ends = eos if type(eos) is list else [eos]
+    if eos is not None and not (len(ends) <= _MAX_END_TOKENS and all(type(token) is int and 0 <= token < 1 << 31
+                                                                        for token in ends)):
+        raise RefusedError(f"eos_token_id must be a token id (an int from 0) or a list of at most {_MAX_END_TOKENS} "
+                           f"of them, not {eos!r}"[:300])
     new_tokens = kwargs.get("max_new_tokens", 0)
     if type(new_tokens) is not int or not 0 <= new_tokens <= limits.max_new_tokens:
         raise LimitError(f"max_new_tokens must be an int from 0 to {limits.max_new_tokens} (max_new_tokens)")

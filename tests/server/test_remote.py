@@ -262,3 +262,24 @@ def test_the_status_line_stays_off_a_stderr_that_is_not_a_terminal(monkeypatch):
     status.show("running", {})
     status.close()
     assert written.getvalue() == ""
+
+
+def test_a_generation_ends_early_at_the_end_of_sequence_token_it_names(local, remote):
+    sampled = {"do_sample": True, "seed": 1}  # (greedy, the tiny model says one token again and again)
+    with local.generate("w3 w4", max_new_tokens=4, **sampled):
+        full = local.generator.output.save()
+    new = full[0, -4:].tolist()
+    ran = next(k for k in range(1, 4) if new[k] not in new[:k]) + 1  # its first token not made earlier ends it
+    end, prompt_length = new[ran - 1], full.shape[1] - 4
+
+    def work(lm, remote):
+        with lm.generate("w3 w4", max_new_tokens=4, eos_token_id=[end], remote=remote, **sampled) as tracer:
+            steps = interlace.list().save()
+            with tracer.all() as step:
+                steps.append(step)
+            tokens = lm.generator.output.save()
+        return steps, tokens
+
+    here, there = on_both(local, remote, work)
+    assert same(here, there) and there[0] == list(range(ran)) and there[1].shape[1] == prompt_length + ran
+    assert int(there[1][0, -1]) == end
