@@ -43,6 +43,7 @@ from .rows import first_input, first_input_place, narrow, replace_first_input, w
 from .state import Attachments, global_state, restore_global_state
 from .validate import check_against_model
 
+ENDED_EARLIER = "its module did not run that many times (the generation ended earlier)"
 _PENDING = object()  # a node that waits for a later event (a gradient)
 _MISSING = object()
 # op -> method name; looked up on each call, as a table of bound methods would make the
@@ -135,7 +136,7 @@ class Interleaver:
             if index >= self.start and index not in self.results:
                 reasons[index] = self.not_run.get(index) or (
                     "the trace stopped (tracer.stop() or an early stop) before it was computed" if self.stopped
-                    else "its module did not run that many times (the generation ended earlier)"
+                    else ENDED_EARLIER
                 )
         return reasons
 

@@ -5,7 +5,8 @@ options) become one request: their graphs laid end to end, their invokes one bat
 nodes read and write only its invokes' rows; nodes it recorded outside an invoke (its whole batch)
 get a row range of their own. `MergedInterleaver` runs the merged graph so that each request stays
 alone in every way that matters: a failure fails only its request, a stop or early stop ends only
-its request (the forward runs on while another needs it), a cancelled request leaves cleanly.
+its request (the forward runs on while another needs it), a cancelled request leaves cleanly, and
+a generation whose rows have all ended (an end-of-sequence token) ends at that step, as alone.
 `split` hands each request its own outcome, numbered as in its own graph.
 """
 
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..errors import CancelledError, InterlaceError
 from ..graph import Graph, Outcome, Request, TraceSpec
 from ..stream import Step
 from .layout import layout_of
-from .local import EarlyStop, Interleaver
+from .local import ENDED_EARLIER, EarlyStop, Interleaver
 from .rows import Shared, SharedValueError, contains_shared
 
 
@@ -45,6 +48,8 @@ def merge_key(request: Request):
         return None  # a seeded sample's draws depend on the rows drawn beside it: alone, as in the user's own run
     if not all(plain(value) for value in kwargs.values()):
         return None  # (a tensor's repr elides most of it: two different ones could look equal and share a run)
+    if any(type(kwargs.get(name)) is int and kwargs[name] > 1 for name in ("num_beams", "num_return_sequences")):
+        return None  # several rows for each prompt, which the invokes of a merged batch could not tell apart
     return options.get("mode", "trace"), repr(sorted(kwargs.items()))
 
 
@@ -106,7 +111,8 @@ def split_step(parts: list[Part], on_steps: list):
 
     def on_step(step: Step, interleaver: "MergedInterleaver") -> None:
         for number, (part, receive) in enumerate(zip(parts, on_steps)):
-            if receive is None or number in interleaver.failures or interleaver.is_cancelled(number):
+            if (receive is None or number in interleaver.failures or interleaver.is_cancelled(number)
+                    or number in interleaver.ended):
                 continue
             start, stop = interleaver.rows[part.rows_invoke]
             own = Step(step.index, step.tokens[start:stop] if step.tokens is not None else None,
@@ -151,6 +157,10 @@ class MergedInterleaver(Interleaver):
         for number, part in enumerate(parts):
             self.part_of[part.start : part.end] = [number] * (part.end - part.start)
         self.failures: dict[int, InterlaceError] = {}
+        self.end_tokens: frozenset = frozenset()  # a generation's end-of-sequence ids (see generation_ends)
+        self.prompt_length = 0
+        self.unfinished: list[set[int]] = []  # for each part, its rows that have made no end token yet
+        self.ended: dict[int, int] = {}  # part -> the step at which all its rows had made an end token
 
     def is_cancelled(self, number: int | None = None) -> bool:
         """Whether part `number` was cancelled; without a number, whether every part was (nobody waits)."""
@@ -174,6 +184,52 @@ class MergedInterleaver(Interleaver):
                 self._abandon(number, part.start, "its request failed")
         if len(self.failures) == len(self.parts):
             raise EarlyStop()
+
+    def generation_ends(self, end_tokens, prompt_length: int) -> None:
+        """This run generates, ending a row at any of `end_tokens`, from prompts `prompt_length` tokens long."""
+        self.end_tokens, self.prompt_length = frozenset(end_tokens), prompt_length
+        self.unfinished = [set(range(*self.rows[part.rows_invoke])) for part in self.parts]
+
+    def step_made(self, index: int, tokens) -> None:
+        """After generation step `index` chose `tokens` (one per row): a part whose rows have all made an end
+        token ends at this step, as its generation alone would (generate goes on while any part's rows do).
+        What waits for a later step's modules does not run, and its generator output is cut to its steps."""
+        if not self.end_tokens:
+            return
+        chosen = tokens.tolist()
+        for number, rows in enumerate(self.unfinished):
+            if not rows or number in self.failures:
+                continue
+            rows.difference_update([row for row in rows if chosen[row] in self.end_tokens])
+            if not rows:
+                self.ended[number] = index
+                self._abandon_later_steps(number)
+
+    def _abandon_later_steps(self, number: int) -> None:
+        """Part `number`'s generation ended: its nodes that wait for a module's later call (and all that read
+        them) are done without running; the generator's output (and what reads only it) still comes."""
+        part, done, users = self.parts[number], self.done, self.plan.users
+        later = set()
+        for index in range(part.start, part.end):
+            if done[index]:
+                continue
+            node = self.nodes[index]
+            if index in later or node.op == "module_value" and node.target not in self.extra_modules:
+                later.add(index)
+                later.update(users[index])  # (users come later in the graph: reached in this loop)
+        for index in sorted(later):
+            if not done[index]:
+                self._finish(index, None, ran=False, why=ENDED_EARLIER)
+
+    def _op_module_value(self, node):
+        value = super()._op_module_value(node)
+        ended = self.ended.get(self.part_of[node.index])
+        if ended is not None and node.target in self.extra_modules and node.kwargs["kind"] == "output":
+            if type(value) is not torch.Tensor:
+                raise SharedValueError("the generation's output of a job whose rows ended before the others' cannot "
+                                       "be cut to its own steps here; the job runs again alone")
+            value = value[:, : self.prompt_length + ended + 1]  # (generate padded its rows for the later steps)
+        return value
 
     def _batched(self, path: str, kind: str):
         if path in self.extra_modules:  # interlace's own (a generator): its values are batch-first

@@ -252,9 +252,11 @@ class LanguageModel(Model):
         generating = options.get("mode", "trace") == "generate"
         if run["untrusted"]:
             _check_untrusted_options(options, batch, run["limits"])
-        # a run someone may cancel stops between steps: generate hands each step to a streamer that checks
-        stoppable = run.get("cancel") is not None or any(c is not None for c in run.get("cancels") or ())
         make = run.pop("interleaver", Interleaver)
+        # a run someone may cancel stops between steps: generate hands each step to a streamer that checks; a
+        # merged generation's streamer also ends each job where its rows end (MergedInterleaver.step_made)
+        stoppable = (run.get("cancel") is not None or any(c is not None for c in run.get("cancels") or ())
+                     or make is MergedInterleaver)
         if make is MergedInterleaver:  # (which values hold rows is found by running the forward on fake inputs)
             run["inputs"] = ((), dict(batch) if generating else {**batch, **forward_kwargs})
         interleaver = make(
@@ -274,6 +276,8 @@ class LanguageModel(Model):
                                          "at a time")
                 options = _generation_options(forward_kwargs, self.tokenizer, rows,
                                               streaming=on_step is not None or stoppable)
+                if make is MergedInterleaver:
+                    interleaver.generation_ends(_end_tokens(options, self._module), batch["input_ids"].shape[1])
                 if on_step is not None or stoppable:
                     options["streamer"] = self._step_streamer(interleaver, on_step, batch, options)
                 generate_batch = {k: v for k, v in batch.items() if k != "position_ids"}
@@ -297,7 +301,8 @@ class LanguageModel(Model):
                        zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist())]
             copies = _setting(options, "num_return_sequences") or 1  # (each prompt's rows follow one another)
             detokenizer = Detokenizer(self.tokenizer, [prompt for prompt in prompts for _ in range(copies)])
-        return StepStreamer(interleaver, on_step, detokenizer, options.get("streamer"))
+        made = interleaver.step_made if isinstance(interleaver, MergedInterleaver) else None
+        return StepStreamer(interleaver, on_step, detokenizer, options.get("streamer"), made)
 
     def _extra_modules(self) -> dict:
         return {"generator": self._generator}
@@ -546,6 +551,16 @@ def _weights_missing(module: torch.nn.Module) -> bool:
 def _setting(options: dict, name: str):
     """A generation setting as `generate` takes it: the keyword, else the generation_config's."""
     return options[name] if name in options else getattr(options.get("generation_config"), name, None)
+
+
+def _end_tokens(options: dict, module) -> list[int]:
+    """The end-of-sequence ids a generation with `options` stops a row at (the model's own, unless given)."""
+    ends = _setting(options, "eos_token_id")
+    if ends is None:
+        ends = getattr(getattr(module, "generation_config", None), "eos_token_id", None)
+    if isinstance(ends, torch.Tensor):
+        ends = ends.tolist()
+    return [] if ends is None else [ends] if isinstance(ends, int) else list(ends)
 
 
 def _generation_options(kwargs: dict, tokenizer, rows: list, *, streaming: bool) -> dict:

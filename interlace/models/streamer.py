@@ -62,12 +62,12 @@ class StepStreamer:
     """A Hugging Face streamer that turns each generation step into a `Step` for `on_step(step, interleaver)`.
 
     detokenizer: None (no tokenizer: steps carry no text). forward: the user's own streamer, which
-    gets every call it would get without this one.
+    gets every call it would get without this one. made: None, or `made(index, tokens)` after each step.
     """
 
-    def __init__(self, interleaver, on_step, detokenizer: Detokenizer | None, forward=None):
+    def __init__(self, interleaver, on_step, detokenizer: Detokenizer | None, forward=None, made=None):
         self.interleaver, self.on_step = interleaver, on_step
-        self.detokenizer, self.forward = detokenizer, forward
+        self.detokenizer, self.forward, self.made = detokenizer, forward, made
         self.index = -1  # the first put is the prompt
         self.reported = 0  # results already handed out
         self.lengths: dict[int, int] = {}  # saved lists: items already handed out
@@ -86,6 +86,8 @@ class StepStreamer:
             text = self.detokenizer.add(tokens) if self.detokenizer is not None else None
             values, items = self._saved()
             self.on_step(Step(self.index, tokens, text, values, items), self.interleaver)
+        if self.made is not None:
+            self.made(self.index, tokens)
         self.index += 1
 
     def end(self) -> None:

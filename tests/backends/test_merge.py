@@ -155,6 +155,46 @@ def test_generations_with_the_same_settings_share_one_generate(lm):
         assert torch.equal(tokens[:, -4:], want[:, -4:])  # the same token choices
 
 
+def test_a_job_whose_rows_end_ends_there_while_the_batch_goes_on(lm):
+    def generation(prompts):
+        def record(lm, tracer):
+            with tracer.invoke(prompts):
+                steps = interlace.list().save()
+                with tracer.all():
+                    steps.append(lm.model.layers[0].output[:, -1])
+                lm.generator.output.save()
+        return record
+
+    # with the end tokens 80 and 94: "w5 w6" makes 36, 80 and "w1 w2" 41, 94, so both end at step 1; "w7 w8"
+    # never ends; of ["w3 w9", "w5 w6"] one row ends at step 1 and the other never (it is padded after its end)
+    prompts = ["w5 w6", "w7 w8", "w1 w2", ["w3 w9", "w5 w6"]]
+    requests = [recorded(lm, generation(p), method="generate", max_new_tokens=5, eos_token_id=[80, 94]) for p in prompts]
+    streamed = [[] for _ in requests]
+    runs = []
+    original = lm._execute
+    lm._execute = lambda graph, trace, **run: runs.append(len(trace.invokes)) or original(graph, trace, **run)
+    try:
+        answers = lm.run_many(requests, on_steps=[steps.append for steps in streamed])
+    finally:
+        del lm._execute
+    assert runs == [4]  # one generate for all
+    lengths = []
+    for request, answer, steps in zip(requests, answers, streamed):
+        alone_steps = []
+        alone = lm.run(request, on_step=alone_steps.append)
+        assert sorted(answer.results) == sorted(alone.results) and answer.missing == alone.missing
+        for index, value in alone.results.items():
+            if type(value) is list:
+                assert len(answer.results[index]) == len(value)
+                torch.testing.assert_close(answer.results[index], value, rtol=1e-5, atol=1e-6)
+            else:
+                assert torch.equal(answer.results[index], value)  # the tokens, cut to the job's own steps
+        assert [step.index for step in steps] == [step.index for step in alone_steps]
+        assert all(torch.equal(ours.tokens, theirs.tokens) for ours, theirs in zip(steps, alone_steps))
+        lengths.append(len(alone_steps))
+    assert lengths == [2, 5, 2, 5]
+
+
 def test_seeded_samples_run_alone_and_draw_what_they_draw_alone(lm):
     def generation(lm, tracer):
         with tracer.invoke("w5 w6"):
