@@ -195,6 +195,18 @@ def test_a_job_whose_rows_end_ends_there_while_the_batch_goes_on(lm):
     assert lengths == [2, 5, 2, 5]
 
 
+def test_generations_with_several_rows_per_prompt_run_alone(lm):
+    def generation(lm, tracer):
+        with tracer.invoke("w5 w6"):
+            lm.generator.output.save()
+
+    wide = [recorded(lm, generation, method="generate", max_new_tokens=3, num_beams=2) for _ in range(2)]
+    assert merge_key(wide[0]) is None
+    answers, runs = run_counting(lm, wide)
+    want = lm.run(wide[0]).results
+    assert runs == [1, 1] and all(torch.equal(answer.results[max(want)], want[max(want)]) for answer in answers)
+
+
 def test_seeded_samples_run_alone_and_draw_what_they_draw_alone(lm):
     def generation(lm, tracer):
         with tracer.invoke("w5 w6"):
