@@ -130,6 +130,37 @@ def test_generations_with_the_same_settings_batch_with_identical_tokens(batching
     assert jobs_after - jobs_before == 4 and batches_after - batches_before < 4
 
 
+def test_a_generation_that_ends_at_its_end_token_in_a_batch_ends_as_alone(batching, setup, local):
+    def record(prompt):
+        def steps(tracer):
+            with tracer.invoke(prompt):
+                made = interlace.list().save()
+                with tracer.all():
+                    made.append(local.lm_head.output[:, -1].argmax(-1))
+                local.generator.output.save()
+        return steps
+
+    # greedy, "w9 w2 w7" makes 7, 7, 7, 95: it ends at step 3 while "w1 w2 w3" never makes a 95
+    recordings = [recorded(local, record(prompt), max_new_tokens=5, eos_token_id=95)
+                  for prompt in ("w9 w2 w7", "w1 w2 w3")]
+    jobs_before, batches_before = batch_sizes(batching)
+    jobs = submit_together(batching, setup, [request for request, _ in recordings])
+    for job, (_, tracer) in zip(jobs, recordings):
+        outcome = job.result(timeout=60)
+        for index, value in tracer.results.items():
+            assert same_tokens(outcome.results[index], value)
+    assert [len(tracer.results[min(tracer.results)]) for _, tracer in recordings] == [4, 5]
+    jobs_after, batches_after = batch_sizes(batching)
+    assert jobs_after - jobs_before == 2 and batches_after - batches_before == 1
+
+
+def same_tokens(a, b) -> bool:
+    """Equal token ids (tensors, or lists of them)."""
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(same_tokens, a, b))
+    return torch.equal(a, b)
+
+
 # -- the queue's choice of a batch, without a server ------------------------------------------------
 
 def queued(queue, group, size=1) -> Job:
