@@ -258,6 +258,7 @@ class Interleaver:
     def _post_hook(self, path):
         counter, calls, sources, owner = (path, "output"), self.calls, self.sources, self.owner
         kept = self.plan.kept if self.rows is None else ()  # (an invoke's rows would be cut from the value)
+        done, values, results, saved, guard = self.done, self.values, self.results, self.saved, self.guard
 
         def hook(module, args, output):
             if self.bypass or get_ident() != owner:
@@ -267,11 +268,22 @@ class Interleaver:
             key = (path, "output", call)
             if key not in sources:
                 return None
-            if key in kept:
-                self._keep(key, output)
-                return None
-            event = self._event(key, output)
-            return event.value if event.changed else None
+            if key not in kept:
+                event = self._event(key, output)
+                return event.value if event.changed else None
+            # an event of `Plan.kept`: what _event and _finish would do for module values nothing reads (no
+            # reader to wake, nothing read to free), inline: the commonest event, a saved output
+            if self.untrusted:
+                guard.tick()
+            for index in sources.pop(key):
+                if not done[index]:
+                    done[index] = 1
+                    self.finished += 1
+                    if index in saved:
+                        values[index] = results[index] = output
+            if self.early_stop and self.finished == self.total and not self.events:
+                raise EarlyStop()
+            return None
 
         return hook
 
@@ -330,17 +342,6 @@ class Interleaver:
         if self.early_stop and self.finished == self.total and not self.events:
             raise EarlyStop()
         return event
-
-    def _keep(self, key, value) -> None:
-        """An event of `Plan.kept`: what `_event` would do for module values that nothing reads."""
-        if self.untrusted:
-            self.guard.tick()
-        done = self.done
-        for index in self.sources.pop(key):
-            if not done[index]:
-                self._finish(index, value)  # (no reader to wake, nothing it reads to free)
-        if self.early_stop and self.finished == self.total and not self.events:
-            raise EarlyStop()
 
     def _whole_output(self, index: int) -> bool:
         """Whether node `index` is an output read as it is: what `_op_module_value` would give is the event's value."""
