@@ -262,7 +262,11 @@ class Tracer(Recorder):
 
     def module_value(self, envoy, kind: str) -> Proxy:
         kwargs = {"kind": kind, "call": self.call_index(envoy), "invoke": self.current_invoke}
-        return self.record("module_value", envoy._path, (), kwargs)
+        if self._closed or self.scanner is not None:  # (the general way: it says why, or scans the node)
+            return self.record("module_value", envoy._path, (), kwargs)
+        # the commonest node, recorded directly: its arguments hold no proxy, and a module value waits for its
+        # module's call, so even in a block over steps its guard is the block's (see _guard_in_step)
+        return Proxy(self, self.graph.add("module_value", envoy._path, (), kwargs, user_location(), self._guard).index)
 
     def advance(self, path: str, steps: int) -> None:
         self._offsets[path] = self._offsets.get(path, 0) + steps

@@ -393,7 +393,7 @@ def _copy_weights(results: dict, module: torch.nn.Module) -> None:
     walk over every parameter here would cost more than the rest of a small trace."""
     index = None
     for key, value in results.items():
-        if not isinstance(value, torch.Tensor) or value.device.type == "meta":
+        if not isinstance(value, torch.Tensor) or value.is_meta:
             continue
         if index is None:
             index = ModelTree.of(module)
