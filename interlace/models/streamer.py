@@ -9,6 +9,10 @@ to a streamer of the user's own (`streamer=`).
 
 from __future__ import annotations
 
+import tokenizers
+import torch
+from tokenizers.decoders import DecodeStream
+
 from ..errors import CancelledError
 from ..stream import Step
 
@@ -37,12 +41,23 @@ class Detokenizer:
     def __init__(self, tokenizer, prompts: list[list[int]]):
         self.tokenizer = tokenizer
         self.ids = [list(prompt[-_CONTEXT:]) for prompt in prompts]
+        backend = getattr(tokenizer, "_tokenizer", None)
+        self.streams = None
+        if isinstance(backend, tokenizers.Tokenizer) and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+            # the tokenizers library's own incremental decoder does the same in Rust: 0.8 µs a token where
+            # decoding two windows costs 6 (25 between a generation's steps). Not where decode cleans up spaces.
+            self.backend, self.streams = backend, [DecodeStream(ids, skip_special_tokens=True) for ids in self.ids]
         self.start = [0] * len(prompts)  # where each row's window begins
         self.shown = [len(ids) for ids in self.ids]  # tokens whose text was handed out
 
     def add(self, tokens) -> list[str]:
         """The text each row's new token adds ("" while a character is still incomplete)."""
-        return [self._add(row, int(token)) for row, token in enumerate(tokens)]
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.tolist()  # (one call: a 0-d tensor for each row costs more than its decoding)
+        if self.streams is not None:
+            backend = self.backend
+            return [stream.step(backend, token) or "" for stream, token in zip(self.streams, tokens)]
+        return [self._add(row, token) for row, token in enumerate(tokens)]
 
     def _add(self, row: int, token: int) -> str:
         ids, start, shown = self.ids[row], self.start[row], self.shown[row]

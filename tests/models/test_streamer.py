@@ -1,20 +1,26 @@
 """Incremental detokenization on SmolLM2's byte-level tokenizer, and a streamed steered generation of the
 real model whose text is exactly the decoded tokens of the same run without streaming."""
 
+import copy
+
+import pytest
 import torch
 
 TEXTS = ["The café served crème brûlée 🙂🙂 and 世界 for 5€.", "  spaces\tand\nnewlines  ", "naïve Ωmega 👩‍👩‍👧 end"]
 
 
-def test_the_pieces_join_to_the_whole_decoding_and_never_show_half_a_character(smollm2):
+@pytest.mark.parametrize("cleans_up", [False, True], ids=["incremental decoder", "decoded windows"])
+def test_the_pieces_join_to_the_whole_decoding_and_never_show_half_a_character(smollm2, cleans_up):
     from interlace.models.streamer import Detokenizer
 
-    tokenizer = smollm2.tokenizer
+    tokenizer = copy.deepcopy(smollm2.tokenizer)
+    tokenizer.clean_up_tokenization_spaces = cleans_up  # (its decode cleans spaces up: the library's decoder does not)
     prompt = tokenizer("Say:")["input_ids"]
     for text in TEXTS:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert any("\ufffd" in tokenizer.decode([i]) for i in ids) or text == TEXTS[1]  # split characters
         detokenizer = Detokenizer(tokenizer, [prompt, []])
+        assert (detokenizer.streams is None) == cleans_up
         pieces = [detokenizer.add([i, i]) for i in ids]
         for row in (0, 1):
             assert "".join(p[row] for p in pieces) == tokenizer.decode(ids)
