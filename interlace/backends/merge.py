@@ -50,6 +50,8 @@ def merge_key(request: Request):
         return None  # (a tensor's repr elides most of it: two different ones could look equal and share a run)
     if any(type(kwargs.get(name)) is int and kwargs[name] > 1 for name in ("num_beams", "num_return_sequences")):
         return None  # several rows for each prompt, which the invokes of a merged batch could not tell apart
+    if kwargs.get("stop_strings") or kwargs.get("max_time") is not None:
+        return None  # rows end where a merged run cannot tell (a string, the batch's own time): only end tokens can
     return options.get("mode", "trace"), repr(sorted(kwargs.items()))
 
 

@@ -195,13 +195,15 @@ def test_a_job_whose_rows_end_ends_there_while_the_batch_goes_on(lm):
     assert lengths == [2, 5, 2, 5]
 
 
-def test_generations_with_several_rows_per_prompt_run_alone(lm):
+def test_generations_with_several_rows_per_prompt_or_rows_ended_by_a_string_run_alone(lm):
     def generation(lm, tracer):
         with tracer.invoke("w5 w6"):
             lm.generator.output.save()
 
     wide = [recorded(lm, generation, method="generate", max_new_tokens=3, num_beams=2) for _ in range(2)]
     assert merge_key(wide[0]) is None
+    for ends in ({"stop_strings": ["w9"]}, {"max_time": 10.0}):  # rows that end where a merged run cannot tell
+        assert merge_key(recorded(lm, generation, method="generate", max_new_tokens=3, **ends)) is None
     answers, runs = run_counting(lm, wide)
     want = lm.run(wide[0]).results
     assert runs == [1, 1] and all(torch.equal(answer.results[max(want)], want[max(want)]) for answer in answers)
