@@ -83,6 +83,9 @@ class Envoy:
     def __getattr__(self, name: str):
         if name.startswith("__") or name in ("_children", "_module", "_root", "_path", "_aliases"):
             raise AttributeError(name)
+        child = self._children.get(name)
+        if child is not None and child._module is self._module._modules.get(name):
+            return child  # (the commonest read, `model.layers`, without a call to _child)
         child = self._child(name)
         if child is not None:
             return child
@@ -115,10 +118,15 @@ class Envoy:
     def __getitem__(self, key):
         if type(key) is int and isinstance(self._module, torch.nn.ModuleList):
             # a ModuleList names its children '0'..'n-1' in order: no list of names to build per access
-            size = len(self._module._modules)
-            child = self._child(str(key + size if key < 0 else key)) if -size <= key < size else None
-            if child is not None:
-                return child
+            modules = self._module._modules
+            size = len(modules)
+            if -size <= key < size:
+                name = str(key + size if key < 0 else key)
+                child = self._children.get(name)
+                if child is None or child._module is not modules.get(name):
+                    child = self._child(name)
+                if child is not None:
+                    return child
         names = self._names()
         if isinstance(key, int):
             try:

@@ -128,6 +128,8 @@ def test_indexing_children_as_the_module_does(x):
     assert len(outputs) == 2 and torch.equal(outputs[1], seen[0])
     with pytest.raises(interlace.ModulePathError, match="an int, a slice or a path string, not float"):
         net.layers[1.0]
+    mlp.layers = torch.nn.ModuleList([torch.nn.Linear(3, 3)])  # a child replaced by name: the envoy follows
+    assert net.layers.module is mlp.layers and net.layers[0].module is mlp.layers[0] and len(net.layers) == 1
 
 
 def test_a_module_attached_through_an_envoy_is_detached_through_it(x):
