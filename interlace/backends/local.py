@@ -313,13 +313,17 @@ class Interleaver:
         self.handles.append(_InstanceAttribute(module, "forward"))
         module.forward = forward
 
-    def _event(self, key, value) -> _Event:
+    def _event(self, key, value, sources=None) -> _Event:
+        """Module event `key` with its `value`: its nodes run (`sources`, some of them: the others' event comes
+        later; by default all, and the event then ends: what still waits for it failed)."""
         if self.untrusted:
             self.guard.tick()
         event = _Event(key, value)
         self.events.append(event)
         try:
-            sources = self.sources.pop(key)
+            whole = sources is None
+            if whole:
+                sources = self.sources.pop(key)
             done, waiting, ready = self.done, self.waiting, self.ready
             for index in sources:
                 if done[index]:  # under a false cond: done before its event
@@ -334,7 +338,7 @@ class Interleaver:
             for index in sources:
                 if not done[index]:
                     self._ended_early(index, key)
-            for index in self.plan.mutations.get(key, ()):
+            for index in self.plan.mutations.get(key, ()) if whole else ():
                 if not done[index]:
                     self._ended_early(index, key)
         finally:

@@ -6,8 +6,9 @@ nodes read and write only its invokes' rows; nodes it recorded outside an invoke
 get a row range of their own. `MergedInterleaver` runs the merged graph so that each request stays
 alone in every way that matters: a failure fails only its request, a stop or early stop ends only
 its request (the forward runs on while another needs it), a cancelled request leaves cleanly, and
-a generation whose rows have all ended (an end-of-sequence token) ends at that step, as alone.
-`split` hands each request its own outcome, numbered as in its own graph.
+a generation whose rows have all ended (an end-of-sequence token) ends at that step, as alone, and is
+answered then (`on_answers`) instead of waiting for the others' steps. `split` hands each request its
+own outcome, numbered as in its own graph.
 """
 
 from __future__ import annotations
@@ -84,25 +85,25 @@ def merge(requests: list[Request]) -> tuple[Request, list[Part]]:
     return Request(graph, [TraceSpec(0, len(graph), invokes, options)]), parts
 
 
-def split(interleaver: Interleaver, parts: list[Part]) -> list[Outcome | InterlaceError]:
+def split(interleaver: "MergedInterleaver", parts: list[Part]) -> list[Outcome | InterlaceError]:
     """Each request's outcome from a merged run (or the error that failed it), in its own numbering."""
     missing = interleaver.missing()
-    answers = []
-    for number, part in enumerate(parts):
-        failure = interleaver.failures.get(number)
-        if failure is not None:
-            answers.append(_renumbered(failure, part))
-            continue
-        outcome = Outcome()
-        outcome.results = {i - part.start: v for i, v in interleaver.results.items() if part.start <= i < part.end}
-        outcome.logs = [(i - part.start, values) for i, values in interleaver.logs if part.start <= i < part.end]
-        if contains_shared(outcome.results) or contains_shared(outcome.logs):
-            answers.append(SharedValueError("the job saved or logged a value every job in this batch shares; "
-                                            "the job runs again alone, where the whole value is its own"))
-            continue
-        outcome.missing = {i - part.start: why for i, why in missing.items() if part.start <= i < part.end}
-        answers.append(outcome)
-    return answers
+    return [_outcome(interleaver, number, part, missing) for number, part in enumerate(parts)]
+
+
+def _outcome(interleaver: "MergedInterleaver", number: int, part: Part, missing: dict) -> Outcome | InterlaceError:
+    """Part `number`'s outcome (or its error); `missing`: the run's saved nodes without a value, and why."""
+    failure = interleaver.failures.get(number)
+    if failure is not None:
+        return _renumbered(failure, part)
+    outcome = Outcome()
+    outcome.results = {i - part.start: v for i, v in interleaver.results.items() if part.start <= i < part.end}
+    outcome.logs = [(i - part.start, values) for i, values in interleaver.logs if part.start <= i < part.end]
+    if contains_shared(outcome.results) or contains_shared(outcome.logs):
+        return SharedValueError("the job saved or logged a value every job in this batch shares; "
+                                "the job runs again alone, where the whole value is its own")
+    outcome.missing = {i - part.start: why for i, why in missing.items() if part.start <= i < part.end}
+    return outcome
 
 
 def split_step(parts: list[Part], on_steps: list):
@@ -140,12 +141,14 @@ class MergedInterleaver(Interleaver):
 
     cancels: for each part, anything with `is_set()` (or None). inputs: the forward's `(args, kwargs)`, from
     which the values that hold rows are found (layout.py); a generation's are those of its first step.
+    on_answers: for each part, None or what is handed its `Outcome` as soon as it has one: a part whose
+    generation ended before the others' is answered at its last step (see `generation_ends`).
     """
 
     plain_calls_allowed = False  # every call's arguments are checked for Shared placeholders (_arguments)
 
     def __init__(self, graph: Graph, root, rows, batch_size: int, *, parts: list[Part], inputs, cancels=None,
-                 **options):
+                 on_answers=None, **options):
         # each part's whole batch is the rows of its invokes
         rows = list(rows) + [(rows[p.first_invoke][0], rows[p.first_invoke + p.invokes - 1][1]) for p in parts]
         super().__init__(graph, root, rows, batch_size, **options)
@@ -159,8 +162,11 @@ class MergedInterleaver(Interleaver):
         for number, part in enumerate(parts):
             self.part_of[part.start : part.end] = [number] * (part.end - part.start)
         self.failures: dict[int, InterlaceError] = {}
+        self.on_answers = on_answers or [None] * len(parts)
         self.end_tokens: frozenset = frozenset()  # a generation's end-of-sequence ids (see generation_ends)
         self.prompt_length = 0
+        self.prompts = None  # the batch's prompt ids where a part's generator output can be made from its steps
+        self.made: list[torch.Tensor] = []  # then: each step's tokens
         self.unfinished: list[set[int]] = []  # for each part, its rows that have made no end token yet
         self.ended: dict[int, int] = {}  # part -> the step at which all its rows had made an end token
 
@@ -187,10 +193,14 @@ class MergedInterleaver(Interleaver):
         if len(self.failures) == len(self.parts):
             raise EarlyStop()
 
-    def generation_ends(self, end_tokens, prompt_length: int) -> None:
-        """This run generates, ending a row at any of `end_tokens`, from prompts `prompt_length` tokens long."""
-        self.end_tokens, self.prompt_length = frozenset(end_tokens), prompt_length
+    def generation_ends(self, end_tokens, prompts: torch.Tensor, *, returns_ids: bool) -> None:
+        """This run generates from `prompts` (ids, a row each), ending a row at any of `end_tokens`.
+        returns_ids: generate returns the prompts and the new tokens as one tensor (not a dict of more), which a
+        part that ends before the others then gets at once from its steps' tokens, as generate would make it."""
+        self.end_tokens, self.prompt_length = frozenset(end_tokens), prompts.shape[1]
         self.unfinished = [set(range(*self.rows[part.rows_invoke])) for part in self.parts]
+        if returns_ids and any(self.on_answers):
+            self.prompts = prompts
 
     def step_made(self, index: int, tokens) -> None:
         """After generation step `index` chose `tokens` (one per row): a part whose rows have all made an end
@@ -198,6 +208,8 @@ class MergedInterleaver(Interleaver):
         What waits for a later step's modules does not run, and its generator output is cut to its steps."""
         if not self.end_tokens:
             return
+        if self.prompts is not None:
+            self.made.append(tokens)
         chosen = tokens.tolist()
         for number, rows in enumerate(self.unfinished):
             if not rows or number in self.failures:
@@ -206,6 +218,27 @@ class MergedInterleaver(Interleaver):
             if not rows:
                 self.ended[number] = index
                 self._abandon_later_steps(number)
+                if self.prompts is not None and self.on_answers[number] is not None:
+                    self._answer_now(number)
+
+    def _answer_now(self, number: int) -> None:
+        """Part `number` ended at this step: its generator output is the prompts and the tokens so far (what
+        generate returns is made so); once that has run, the part is answered, unless it failed or needs a
+        value of a later step. An untrusted run checks the weights' versions first, as it does at its end."""
+        part = self.parts[number]
+        output = torch.cat([self.prompts, torch.stack(self.made, 1).to(self.prompts.device)], 1)
+        for key in [key for key in self.sources if key[0] in self.extra_modules and key[1] == "output"]:
+            own = [index for index in self.sources[key] if part.start <= index < part.end]
+            if own:
+                self.sources[key] = [index for index in self.sources[key] if index not in own]
+                self._event(key, output, own)
+        if number in self.failures or not all(self.done[part.start : part.end]):
+            return
+        if self.untrusted:
+            self.guard.check_versions()
+        answer = _outcome(self, number, part, self.missing())
+        if isinstance(answer, Outcome):
+            self.on_answers[number](answer)
 
     def _abandon_later_steps(self, number: int) -> None:
         """Part `number`'s generation ended: its nodes that wait for a module's later call (and all that read

@@ -262,7 +262,7 @@ class Model(Envoy):
         return outcome
 
     def run_many(self, requests: list[Request], *, untrusted: bool = False, limits: Limits | None = None,
-                 cancels=None, groups=None, on_steps=None) -> list:
+                 cancels=None, groups=None, on_steps=None, on_answers=None) -> list:
         """Run several requests, sharing one batched forward among those that can (cross-user batching).
 
         Requests with one trace and the same mode and options merge into one forward, each keeping
@@ -271,10 +271,14 @@ class Model(Envoy):
         that fails, stops early or is cancelled (`cancels[i].is_set()`) never cuts the others short.
         groups: each request's group from `batching`, when the caller has it already. on_steps: for
         each request, None or a function handed each of its generation steps (its own rows and values).
+        on_answers: for each request, None or a function handed its `Outcome` as soon as there is one (errors
+        come only in what `run_many` returns): as its group's run ends, or at its last step, for a generation
+        that ends before the others of its batch.
         """
         limits = limits or DEFAULT_LIMITS
         cancels = list(cancels) if cancels is not None else [None] * len(requests)
         on_steps = list(on_steps) if on_steps is not None else [None] * len(requests)
+        on_answers = [_once(receive) for receive in on_answers] if on_answers is not None else [None] * len(requests)
         answers: list = [None] * len(requests)
         keys = groups if groups is not None else [self.batching(request)[0] for request in requests]
         together: dict = {}
@@ -282,13 +286,17 @@ class Model(Envoy):
             together.setdefault(key if key is not None else ("alone", number), []).append(number)
         for members in together.values():
             if len(members) == 1:
-                number = members[0]
-                answers[number] = self._answer(requests[number], untrusted, limits, cancels[number], on_steps[number])
-                continue
-            merged = self._run_merged([requests[i] for i in members], untrusted, limits, [cancels[i] for i in members],
-                                      [on_steps[i] for i in members])
-            for number, answer in zip(members, merged):
-                answers[number] = answer
+                answers[members[0]] = self._answer(requests[members[0]], untrusted, limits, cancels[members[0]],
+                                                   on_steps[members[0]])
+            else:
+                early = [on_answers[i] for i in members]
+                merged = self._run_merged([requests[i] for i in members], untrusted, limits,
+                                          [cancels[i] for i in members], [on_steps[i] for i in members], early)
+                for number, answer in zip(members, merged):
+                    answers[number] = answer
+            for number in members:
+                if isinstance(answers[number], Outcome) and on_answers[number] is not None:
+                    on_answers[number](answers[number])  # (once: a generation ended early had its answer then)
         return answers
 
     def batching(self, request: Request, *, max_tokens: int | None = None) -> tuple:
@@ -308,24 +316,39 @@ class Model(Envoy):
         except InterlaceError as error:
             return error
 
-    def _run_merged(self, requests: list[Request], untrusted: bool, limits: Limits, cancels: list, on_steps: list) -> list:
+    def _run_merged(self, requests: list[Request], untrusted: bool, limits: Limits, cancels: list, on_steps: list,
+                    on_answers: list) -> list:
         merged, parts = merge(requests)
         count = len(parts)
+        answered: dict[int, Outcome] = {}  # the parts answered before the run's end: that answer stands
+
+        def early(number: int, receive):
+            def hand(answer: Outcome) -> None:
+                answered[number] = answer
+                receive(answer)
+            return hand if receive is not None else None
+
+        on_answers = [early(number, receive) for number, receive in enumerate(on_answers)]
         shared = dataclasses.replace(limits, max_total_elements=limits.max_total_elements * count,
                                      max_tokens=limits.max_tokens * count)
         try:
             interleaver = self._execute(merged.graph, merged.traces[0], known={}, keep=(), untrusted=untrusted,
                                         limits=shared, cancel=None, interleaver=MergedInterleaver, parts=parts,
-                                        cancels=cancels, on_step=split_step(parts, on_steps))
+                                        cancels=cancels, on_answers=on_answers, on_step=split_step(parts, on_steps))
         except ModelError:  # the forward itself broke: run each alone, so it fails only whose request broke it
-            return [self._answer(r, untrusted, limits, c, s) for r, c, s in zip(requests, cancels, on_steps)]
+            return [answered[n] if n in answered else self._answer(r, untrusted, limits, c, s)
+                    for n, (r, c, s) in enumerate(zip(requests, cancels, on_steps))]
         except InterlaceError as error:  # the whole run failed (its deadline, a check): every request with it
-            return [error] * count
-        # a job that needed a value the batch shares (a cache, a tensor without rows) runs again alone
-        # (streamed, its steps start again from step 0: a remote reader skips those it has)
-        return [self._answer(request, untrusted, limits, cancel, on_step) if isinstance(answer, SharedValueError)
-                else answer for request, cancel, on_step, answer in zip(requests, cancels, on_steps,
-                                                                          split(interleaver, parts))]
+            return [answered.get(n, error) for n in range(count)]
+        answers = split(interleaver, parts)
+        for n, answer in enumerate(answers):
+            if n in answered:
+                answers[n] = answered[n]
+            elif isinstance(answer, SharedValueError):
+                # a job that needed a value the batch shares (a cache, a tensor without rows) runs again alone
+                # (streamed, its steps start again from step 0: a remote reader skips those it has)
+                answers[n] = self._answer(requests[n], untrusted, limits, cancels[n], on_steps[n])
+        return answers
 
     def _execute(self, graph: Graph, trace: TraceSpec, *, on_step=None, **run) -> Interleaver:
         """Run one trace of a request; returns the finished interleaver.
@@ -371,6 +394,20 @@ class Model(Envoy):
         args = tuple(_concat([a[i] for a, _ in invokes], f"argument {i}") for i in range(len(invokes[0][0])))
         kwargs = {key: _concat([k[key] for _, k in invokes], f"argument '{key}'") for key in invokes[0][1]}
         return args, kwargs, rows, start
+
+
+def _once(receive):
+    """`receive`, called with its first argument only (None stays None)."""
+    if receive is None:
+        return None
+    calls = []
+
+    def first(answer) -> None:
+        if not calls:
+            calls.append(answer)
+            receive(answer)
+
+    return first
 
 
 def _each_step(on_step, module: torch.nn.Module):

@@ -277,7 +277,9 @@ class LanguageModel(Model):
                 options = _generation_options(forward_kwargs, self.tokenizer, rows,
                                               streaming=on_step is not None or stoppable)
                 if make is MergedInterleaver:
-                    interleaver.generation_ends(_end_tokens(options, self._module), batch["input_ids"].shape[1])
+                    interleaver.generation_ends(_end_tokens(options, self._module), batch["input_ids"],
+                                                returns_ids=not _generation_setting(options, self._module,
+                                                                                    "return_dict_in_generate"))
                 if on_step is not None or stoppable:
                     options["streamer"] = self._step_streamer(interleaver, on_step, batch, options)
                 generate_batch = {k: v for k, v in batch.items() if k != "position_ids"}
@@ -553,11 +555,15 @@ def _setting(options: dict, name: str):
     return options[name] if name in options else getattr(options.get("generation_config"), name, None)
 
 
+def _generation_setting(options: dict, module, name: str):
+    """A generation setting of a run with `options` on `module`: given, else the model's own."""
+    value = _setting(options, name)
+    return getattr(getattr(module, "generation_config", None), name, None) if value is None else value
+
+
 def _end_tokens(options: dict, module) -> list[int]:
     """The end-of-sequence ids a generation with `options` stops a row at (the model's own, unless given)."""
-    ends = _setting(options, "eos_token_id")
-    if ends is None:
-        ends = getattr(getattr(module, "generation_config", None), "eos_token_id", None)
+    ends = _generation_setting(options, module, "eos_token_id")
     if isinstance(ends, torch.Tensor):
         ends = ends.tolist()
     return [] if ends is None else [ends] if isinstance(ends, int) else list(ends)

@@ -12,6 +12,7 @@ database (`store.py`) and taken back at start; a watcher thread cancels the jobs
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import threading
@@ -64,20 +65,21 @@ class Service:
     @staticmethod
     def _runner(hosted: HostedModel):
         """Run a batch of jobs on the model in this process."""
-        def execute(jobs: list[Job], started) -> list:
+        def execute(jobs: list[Job], started, finish) -> list:
             started()
             return hosted.execute_many([job.request for job in jobs], limits=jobs[0].limits,
                                        cancels=[job.cancel for job in jobs],
                                        groups=model_groups(jobs),
-                                       on_steps=[job.publish_step if job.stream else None for job in jobs])
+                                       on_steps=[job.publish_step if job.stream else None for job in jobs],
+                                       on_answers=[functools.partial(finish, number) for number in range(len(jobs))])
 
         return execute
 
     def _counted(self, name: str, run):
-        def execute(jobs: list[Job], started) -> list:
+        def execute(jobs: list[Job], started, finish) -> list:
             self.metrics.queued.labels(name).set(len(self.queues[name]))
             self.metrics.batch_jobs.labels(name).observe(len(jobs))
-            return run(jobs, started)
+            return run(jobs, started, finish)
 
         return execute
 

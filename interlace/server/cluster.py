@@ -78,17 +78,18 @@ class RayReplica(ModelReplica):
 
     async def run(self, requests: list, limits: dict, streamed: list[bool], groups: list):
         """Run one batch (`ModelReplica.answer`) in a thread; yield ("step", number, event) for each step of a
-        streamed request as it comes, and last ("answers", reply). A cancelled call (the ingress gives up
+        streamed request and ("answer", number, answer) for each request answered, as they come, and last
+        ("answers", reply). A cancelled call (the ingress gives up
         on the batch) stops every request at its next operation, and returns only once the batch has
         stopped, so that the next batch never runs beside it on the module."""
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
         cancels = [threading.Event() for _ in requests]
 
-        def step(number: int, event: dict) -> None:
-            loop.call_soon_threadsafe(items.put_nowait, ("step", number, event))
+        def send(*message) -> None:
+            loop.call_soon_threadsafe(items.put_nowait, message)
 
-        work = loop.run_in_executor(None, self.answer, requests, limits, streamed, step, cancels, groups)
+        work = loop.run_in_executor(None, self.answer, requests, limits, streamed, send, cancels, groups)
         work.add_done_callback(lambda _: items.put_nowait(None))
         try:
             while (item := await items.get()) is not None:
@@ -150,8 +151,9 @@ class Ingress:
                 self.seen.pop(replica, None)
         return {"replicas": list(alive.values())}
 
-    def run_batch(self, jobs: list, started) -> list:
-        """One worker's batch, run on a free replica; per job (result bytes, logs, missing) or its error.
+    def run_batch(self, jobs: list, started, finish) -> list:
+        """One worker's batch, run on a free replica; per job (result bytes, logs, missing) or its error
+        (`finish(number, answer)` for one answered before the batch's end: see `Worker`).
         The replica's stream is read by a thread of its own into `items`, so that this one can look at the
         jobs' cancel flags and the deadline while it waits: a batch whose jobs are all cancelled, or that
         is past its deadline and margin, is cancelled on the replica too (it stops at its next operation)."""
@@ -190,6 +192,10 @@ class Ingress:
             if item[0] == "step":
                 _, number, event = item
                 jobs[number].publish_step(event)
+                continue
+            if item[0] == "answer":
+                _, number, answer = item
+                finish(number, decode_answer(answer))
                 continue
             reply = item[1]
             break

@@ -133,28 +133,42 @@ class HostedModel:
 
     # -- jobs (the model's worker thread) ---------------------------------------------------------------
     def execute_many(self, requests: list[Request], *, limits: Limits, cancels: list, groups=None,
-                     on_steps=None) -> list:
+                     on_steps=None, on_answers=None) -> list:
         """Run requests together where they can share a forward (one group; see `batching`); for each,
         (result bytes, log lines, missing saved values) or the exception that failed it alone.
         groups: the model's group of each request (`Model.batching`), when known. on_steps: for each,
-        None or what is handed each of its generation steps as a `step` event (`serialize_step`)."""
+        None or what is handed each of its generation steps as a `step` event (`serialize_step`).
+        on_answers: for each, None or what is handed its (result bytes, log lines, missing) as soon as it
+        has them, before the batch ends where it can (see `Model.run_many`)."""
         if self.broken:
             return [self.damaged()] * len(requests)
         on_steps = [step_publisher(request.graph, limits, send) if send else None
                     for request, send in zip(requests, on_steps or [None] * len(requests))]
+        replies: dict[int, tuple] = {}  # the answers handed out early, made once
+
+        def answered(number: int, receive):
+            def reply(outcome) -> None:
+                made = self._reply(requests[number], outcome, limits)
+                if not isinstance(made, Exception):  # (too large: the batch's end says so)
+                    replies[number] = made
+                    receive(made)
+            return reply if receive is not None else None
+
+        on_answers = [answered(number, receive) for number, receive in enumerate(on_answers or [None] * len(requests))]
         try:
             if len(requests) == 1 and self._runs_functions(requests[0].graph):
                 answers = [self._answer(lambda: self.model.run(requests[0], limits=limits, cancel=cancels[0],
                                                                on_step=on_steps[0]))]
             else:
                 answers = self.model.run_many(requests, untrusted=True, limits=limits, cancels=cancels, groups=groups,
-                                              on_steps=on_steps)
+                                              on_steps=on_steps, on_answers=on_answers)
             for answer in answers:
                 if isinstance(answer, WeightsChangedError):
                     self.broken += [name for name in answer.changed if name not in self.broken]
                     log.error("a job changed weight(s) %s of the hosted model %s past the write check: it runs "
                               "no more jobs until it is loaded again", ", ".join(answer.changed[:5]), self.name)
-            return [self._reply(request, answer, limits) for request, answer in zip(requests, answers)]
+            return [replies[number] if number in replies else self._reply(request, answer, limits)
+                    for number, (request, answer) in enumerate(zip(requests, answers))]
         finally:
             if self.checksum is not None:
                 self._check()

@@ -210,9 +210,11 @@ def model_groups(jobs: list[Job]) -> list:
 
 
 class Worker(threading.Thread):
-    """Runs batches of jobs from one queue: `execute(jobs, started)` answers each with (result bytes, logs,
-    missing) or the exception that failed it, and calls `started()` once the batch is in the model's hands
-    (the jobs show as running from then; one that never calls it, just before their answers). Several
+    """Runs batches of jobs from one queue: `execute(jobs, started, finish)` answers each with (result bytes,
+    logs, missing) or the exception that failed it, and calls `started()` once the batch is in the model's
+    hands (the jobs show as running from then; one that never calls it, just before their answers). A job
+    answered before the batch ends (a generation that ended before the others) is finished then, by
+    `finish(its number, its answer)`; its place in the answers is then ignored (None will do). Several
     workers may share a queue (one per replica).
 
     A runner that hands the batch to another process says so after sending it: the event loop, woken by
@@ -234,17 +236,24 @@ class Worker(threading.Thread):
                 continue
             self.current = jobs
 
+            finished = set()  # jobs answered before the batch's end
+
             def started(jobs=jobs) -> None:
                 for job in jobs:
                     job.running()
 
+            def finish(number: int, answer, jobs=jobs, finished=finished) -> None:
+                finished.add(number)
+                self._finish(jobs[number], answer)
+
             try:
-                answers = self.execute(jobs, started)
+                answers = self.execute(jobs, started, finish)
             except Exception as error:  # noqa: BLE001 - a failed batch must never stop the worker
                 answers = [error] * len(jobs)
             started()
-            for job, answer in zip(jobs, answers):
-                self._finish(job, answer)
+            for number, (job, answer) in enumerate(zip(jobs, answers)):
+                if number not in finished:
+                    self._finish(job, answer)
             self.current = []
 
     def _finish(self, job: Job, answer) -> None:

@@ -3,7 +3,9 @@
 (`crossing`: pickled by the pipe or by Ray, both ours, and not checked again), and come out as plain
 data, one answer per request (`encode_answer`: result bytes, logs and missing values, or an
 error's status and body, raised again as its own class by `decode_answer`) and, for streamed jobs,
-a `step` event per generation step, already in the wire format."""
+a `step` event per generation step, already in the wire format. A job's answer goes out as soon as it
+is made (an `answer` message: a generation that ends before the others of its batch needs not wait
+for them); the batch's reply then holds `ANSWERED` in its place."""
 
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from .errors import error_body, status_of
 from .hosting import HostedModel, carries_functions, load_model
 
 log = logging.getLogger("interlace.server")
+
+ANSWERED = ("answered",)  # in a batch's reply: this job's answer went out before it (its `answer` message)
 
 
 class ModelReplica:
@@ -50,20 +54,30 @@ class ModelReplica:
                cancels: list[threading.Event] | None = None, groups: list | None = None) -> dict:
         """Run one batch: `requests` are those the front admitted (`crossing`), `limits`
         (`Limits` as a dict) are the batch's, `groups` the model's group of each, as the front found it
-        (`Model.batching`; None: found here). For each request that is `streamed`, `send(number, event)`
-        gets its `step` events as they come; `cancels` (one per request), when set, stop a request at its
-        next operation. Returns this replica's identity and per request one `encode_answer`."""
+        (`Model.batching`; None: found here). `cancels` (one per request), when set, stop a request at its
+        next operation. `send(kind, number, payload)` (where given) gets ("step", its number, the event) and ("answer",
+        its number, its `encode_answer`) as they come. Returns this replica's identity and per request one
+        `encode_answer`, or `ANSWERED` where that went out already."""
         streamed = streamed or [False] * len(requests)
         cancels = cancels or [threading.Event() for _ in requests]
         requests = [self.hosted.admit(request) if isinstance(request, bytes) else request for request in requests]
-        sends = [(lambda event, number=number: send(number, event)) if streamed[number] else None
+        sends = [(lambda event, number=number: send("step", number, event)) if streamed[number] else None
+                 for number in range(len(requests))]
+        sent = set()
+
+        def answered(number: int, answer) -> None:
+            sent.add(number)
+            send("answer", number, encode_answer(answer))
+
+        early = [(lambda answer, number=number: answered(number, answer)) if send else None
                  for number in range(len(requests))]
         # the collector pauses for the batch (see collector): this process runs batches and nothing else,
         # where a front that runs its own (--in-process) answers HTTP meanwhile, whose cycles must not wait
         with collector.paused():
             answers = self.hosted.execute_many(requests, limits=Limits(**limits), cancels=cancels, groups=groups,
-                                               on_steps=sends)
-        return {"replica": self.identity(), "answers": [encode_answer(answer) for answer in answers]}
+                                               on_steps=sends, on_answers=early)
+        return {"replica": self.identity(),
+                "answers": [ANSWERED if number in sent else encode_answer(answer) for number, answer in enumerate(answers)]}
 
 
 def crossing(job) -> Request | bytes:
@@ -87,6 +101,8 @@ def decode_answer(answer: tuple):
     """What `encode_answer` encoded: (result bytes, logs, missing), or the error as its own class again."""
     if answer[0] == "completed":
         return tuple(answer[1:])
+    if answer == ANSWERED:  # (its answer came before the batch's reply)
+        return None
     _, status, body = answer
     # the client's own mapping from code to class; node and hint go in as they are, not into the message
     error = _error(httpx.Response(status, json={**body, "node": None, "hint": None}), quote=False)

@@ -113,9 +113,9 @@ class ProcessRunner:
         self.hosted.changes = self._changes + identity["changes"]
 
     # -- one batch (a worker thread of the app) ---------------------------------------------------------
-    def __call__(self, jobs: list, started) -> list:
+    def __call__(self, jobs: list, started, finish) -> list:
         """Per job (result bytes, logs, missing) or its error, run in the child; `started()` once it has the
-        batch (see `Worker`)."""
+        batch, `finish(number, answer)` for a job answered before the batch ends (see `Worker`)."""
         if not self.ready:
             try:
                 self.wait_ready()
@@ -124,7 +124,7 @@ class ProcessRunner:
                 return [error] * len(jobs)
         limits = jobs[0].limits  # a batch shares its limits (they are part of its group)
         try:
-            reply = self._run(jobs, limits, started)
+            reply = self._run(jobs, limits, started, finish)
         except (EOFError, OSError):  # the child died by itself (killed for memory, say), also between batches
             self.process.join()
             code = self.process.exitcode
@@ -148,7 +148,7 @@ class ProcessRunner:
         return [cancelled if job.cancel.is_set() else decode_answer(answer)
                 for job, answer in zip(jobs, reply["answers"])]
 
-    def _run(self, jobs: list, limits, started) -> dict | Exception:
+    def _run(self, jobs: list, limits, started, finish) -> dict | Exception:
         """Send the batch to the child and wait for its reply, relaying its steps and the jobs' cancels;
         the error of the whole batch where the child has to be killed for it."""
         self.batches += 1
@@ -182,6 +182,8 @@ class ProcessRunner:
             message = self.connection.recv()
             if message[0] == "step":
                 jobs[message[1]].publish_step(message[2])
+            elif message[0] == "answer":
+                finish(message[1], decode_answer(message[2]))
             elif message[0] == "failed":  # the child's own error, not a job's: it goes on
                 raise RuntimeError(f"the model's worker process failed to run a batch: {message[1]}")
             else:
@@ -255,8 +257,7 @@ def _child(connection, cancels, source: str, options: dict, level: int) -> None:
             for number in early.pop(batch, ()):
                 events[number].set()
         try:
-            reply = replica.answer(requests, limits, streamed,
-                                   lambda number, event: send(("step", number, event)), events, groups)
+            reply = replica.answer(requests, limits, streamed, lambda *message: send(message), events, groups)
         except Exception as error:  # noqa: BLE001 - reported to the front; the child goes on
             log.exception("the model's worker process failed to run a batch")
             send(("failed", f"{type(error).__name__}: {error}"[:2000]))

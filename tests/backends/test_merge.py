@@ -170,14 +170,20 @@ def test_a_job_whose_rows_end_ends_there_while_the_batch_goes_on(lm):
     prompts = ["w5 w6", "w7 w8", "w1 w2", ["w3 w9", "w5 w6"]]
     requests = [recorded(lm, generation(p), method="generate", max_new_tokens=5, eos_token_id=[80, 94]) for p in prompts]
     streamed = [[] for _ in requests]
+    answered = [[] for _ in requests]  # (its answer, the steps "w7 w8" had made then), as each comes
     runs = []
     original = lm._execute
     lm._execute = lambda graph, trace, **run: runs.append(len(trace.invokes)) or original(graph, trace, **run)
     try:
-        answers = lm.run_many(requests, on_steps=[steps.append for steps in streamed])
+        answers = lm.run_many(requests, on_steps=[steps.append for steps in streamed],
+                              on_answers=[lambda answer, into=into: into.append((answer, len(streamed[1])))
+                                          for into in answered])
     finally:
         del lm._execute
     assert runs == [4]  # one generate for all
+    # a job is answered at its last step, not once the batch has ended: the same answer, once
+    assert [[made for _, made in got] for got in answered] == [[2], [5], [2], [5]]
+    assert all(got[0][0] is answer for got, answer in zip(answered, answers))
     lengths = []
     for request, answer, steps in zip(requests, answers, streamed):
         alone_steps = []

@@ -154,6 +154,37 @@ def test_a_generation_that_ends_at_its_end_token_in_a_batch_ends_as_alone(batchi
     assert jobs_after - jobs_before == 2 and batches_after - batches_before == 1
 
 
+def test_a_job_whose_generation_ends_first_is_answered_before_its_batch_ends(batching, setup, local):
+    def record(prompt):
+        def tokens(tracer):
+            with tracer.invoke(prompt):
+                local.generator.output.save()
+        return tokens
+
+    # greedy, "w9 w2 w7" makes 7, 7, 7, 95 and ends at step 3; "w1 w2 w3" makes no 95 in 48 steps
+    (short, short_alone), (long, long_alone) = [recorded(local, record(prompt), max_new_tokens=48, eos_token_id=95)
+                                                for prompt in ("w9 w2 w7", "w1 w2 w3")]
+    assert [tracer.results[0].shape[1] for tracer in (short_alone, long_alone)] == [3 + 4, 3 + 48]
+    backends = [RemoteBackend(batching.url, setup["keys"][user], model="tiny-gpt2", progress=False)
+                for user in USERS[:2]]
+    jobs_before, batches_before = batch_sizes(batching)
+    short_job = backends[0].run(short, blocking=False)
+    long_job, steps = backends[1].stream(long)
+    states = {}
+    try:
+        while True:
+            step = next(steps)
+            if step.index == 8:  # the short job's answer went out at its step 3, before the batch's step 4
+                states[step.index] = short_job.status()["state"]
+    except StopIteration as end:
+        long_outcome = end.value
+    assert states == {8: "completed"}  # (without early answers: "running", until step 47)
+    assert torch.equal(short_job.result(timeout=60).results[0], short_alone.results[0])
+    assert torch.equal(long_outcome.results[0], long_alone.results[0])
+    jobs_after, batches_after = batch_sizes(batching)
+    assert jobs_after - jobs_before == 2 and batches_after - batches_before == 1
+
+
 def same_tokens(a, b) -> bool:
     """Equal token ids (tensors, or lists of them)."""
     if isinstance(a, list):
@@ -207,7 +238,7 @@ def test_a_worker_fails_jobs_cancelled_while_queued_and_runs_the_rest_together()
     queue, batches = JobQueue(depth=16), []
     jobs = [queued(queue, "a") for _ in range(4)]
     jobs[1].cancel.set()
-    worker = Worker(queue, lambda batch, started: batches.append(batch) or [(b"", [], {})] * len(batch), name="m",
+    worker = Worker(queue, lambda batch, started, finish: batches.append(batch) or [(b"", [], {})] * len(batch), name="m",
                     status_of=status_of, batch=(8, 10, 0.0))
     worker.start()
     deadline = time.monotonic() + 10
