@@ -55,7 +55,7 @@ from interlace.graph import Request  # noqa: E402
 from interlace.server.hosting import HostedModel  # noqa: E402
 from interlace.server.keys import KeyStore  # noqa: E402
 from remote import _model  # noqa: E402 - the same models as the remote benchmark
-from serving import Server  # noqa: E402
+from serving import Server, program_from  # noqa: E402
 
 
 def _generate(lm, layers: str, prompt: str, tokens: int, *, remote: bool, stream: bool):
@@ -104,11 +104,8 @@ def main() -> None:
         servers, remotes = [], []
         try:
             for checkout in [None] + ([os.path.abspath(args.baseline)] if args.baseline else []):
-                # (-c: `-m interlace` would find the package of the current folder before the checkout's)
-                program = ("-m", "interlace") if checkout is None else (
-                    "-c", f"import sys; sys.path.insert(0, {checkout!r}); from interlace.cli import main; sys.exit(main())")
                 servers.append(Server(source, os.path.join(folder, "keys.db"), *flags, ready_within=300, env=env,
-                                      program=program))
+                                      program=program_from(checkout)))
                 remotes.append(interlace.LanguageModel(name, host=servers[-1].url, api_key=key))
                 remotes[-1]._remote.progress = False
             _report(local, remotes, name, layers, prompt, args)

@@ -18,6 +18,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def program_from(checkout: str | None) -> tuple[str, ...]:
+    """`Server`'s `program` running the interlace of another checkout (None: the one this process imports).
+    (`-c`: `-m interlace` would find the package of the current folder before the checkout's.)"""
+    if checkout is None:
+        return ("-m", "interlace")
+    return ("-c", f"import sys; sys.path.insert(0, {checkout!r}); from interlace.cli import main; sys.exit(main())")
+
+
 class Server:
     """`interlace serve MODEL --db DB *flags` on a free port; `stop()` ends it (kill after 15 s).
     `env`: the server's whole environment (default: this process's). `program`: what runs `interlace`
