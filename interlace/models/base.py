@@ -271,14 +271,14 @@ class Model(Envoy):
         that fails, stops early or is cancelled (`cancels[i].is_set()`) never cuts the others short.
         groups: each request's group from `batching`, when the caller has it already. on_steps: for
         each request, None or a function handed each of its generation steps (its own rows and values).
-        on_answers: for each request, None or a function handed its `Outcome` as soon as there is one (errors
-        come only in what `run_many` returns): as its group's run ends, or at its last step, for a generation
-        that ends before the others of its batch.
+        on_answers: for each request, None or a function handed its `Outcome` where there is one before the
+        run ends: a generation that ends before the others of its batch is answered at its last step (what
+        `run_many` returns holds the same answer).
         """
         limits = limits or DEFAULT_LIMITS
         cancels = list(cancels) if cancels is not None else [None] * len(requests)
         on_steps = list(on_steps) if on_steps is not None else [None] * len(requests)
-        on_answers = [_once(receive) for receive in on_answers] if on_answers is not None else [None] * len(requests)
+        on_answers = list(on_answers) if on_answers is not None else [None] * len(requests)
         answers: list = [None] * len(requests)
         keys = groups if groups is not None else [self.batching(request)[0] for request in requests]
         together: dict = {}
@@ -286,17 +286,13 @@ class Model(Envoy):
             together.setdefault(key if key is not None else ("alone", number), []).append(number)
         for members in together.values():
             if len(members) == 1:
-                answers[members[0]] = self._answer(requests[members[0]], untrusted, limits, cancels[members[0]],
-                                                   on_steps[members[0]])
-            else:
-                early = [on_answers[i] for i in members]
-                merged = self._run_merged([requests[i] for i in members], untrusted, limits,
-                                          [cancels[i] for i in members], [on_steps[i] for i in members], early)
-                for number, answer in zip(members, merged):
-                    answers[number] = answer
-            for number in members:
-                if isinstance(answers[number], Outcome) and on_answers[number] is not None:
-                    on_answers[number](answers[number])  # (once: a generation ended early had its answer then)
+                number = members[0]
+                answers[number] = self._answer(requests[number], untrusted, limits, cancels[number], on_steps[number])
+                continue
+            merged = self._run_merged([requests[i] for i in members], untrusted, limits, [cancels[i] for i in members],
+                                      [on_steps[i] for i in members], [on_answers[i] for i in members])
+            for number, answer in zip(members, merged):
+                answers[number] = answer
         return answers
 
     def batching(self, request: Request, *, max_tokens: int | None = None) -> tuple:
@@ -394,20 +390,6 @@ class Model(Envoy):
         args = tuple(_concat([a[i] for a, _ in invokes], f"argument {i}") for i in range(len(invokes[0][0])))
         kwargs = {key: _concat([k[key] for _, k in invokes], f"argument '{key}'") for key in invokes[0][1]}
         return args, kwargs, rows, start
-
-
-def _once(receive):
-    """`receive`, called with its first argument only (None stays None)."""
-    if receive is None:
-        return None
-    calls = []
-
-    def first(answer) -> None:
-        if not calls:
-            calls.append(answer)
-            receive(answer)
-
-    return first
 
 
 def _each_step(on_step, module: torch.nn.Module):

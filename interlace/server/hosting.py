@@ -138,8 +138,8 @@ class HostedModel:
         (result bytes, log lines, missing saved values) or the exception that failed it alone.
         groups: the model's group of each request (`Model.batching`), when known. on_steps: for each,
         None or what is handed each of its generation steps as a `step` event (`serialize_step`).
-        on_answers: for each, None or what is handed its (result bytes, log lines, missing) as soon as it
-        has them, before the batch ends where it can (see `Model.run_many`)."""
+        on_answers: for each, None or what is handed its (result bytes, log lines, missing) where it has them
+        before the batch ends (see `Model.run_many`)."""
         if self.broken:
             return [self.damaged()] * len(requests)
         on_steps = [step_publisher(request.graph, limits, send) if send else None

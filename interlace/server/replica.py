@@ -3,9 +3,9 @@
 (`crossing`: pickled by the pipe or by Ray, both ours, and not checked again), and come out as plain
 data, one answer per request (`encode_answer`: result bytes, logs and missing values, or an
 error's status and body, raised again as its own class by `decode_answer`) and, for streamed jobs,
-a `step` event per generation step, already in the wire format. A job's answer goes out as soon as it
-is made (an `answer` message: a generation that ends before the others of its batch needs not wait
-for them); the batch's reply then holds `ANSWERED` in its place."""
+a `step` event per generation step, already in the wire format. A job answered before its batch ends (a
+generation that ends before the others of its batch) is sent then, as an `answer` message; the batch's
+reply then holds `ANSWERED` in its place."""
 
 from __future__ import annotations
 
