@@ -155,6 +155,12 @@ def test_a_generation_that_ends_at_its_end_token_in_a_batch_ends_as_alone(batchi
 
 
 def test_a_job_whose_generation_ends_first_is_answered_before_its_batch_ends(batching, setup, local):
+    answered_before_its_batch_ends(batching, setup, local)
+
+
+def answered_before_its_batch_ends(server, setup, local) -> None:
+    """A 3-step generation batched with a streamed 48-step one is completed while the long one streams, and
+    both equal their local runs (the worker process's runner and Ray's, tests/server/test_ray.py)."""
     def record(prompt):
         def tokens(tracer):
             with tracer.invoke(prompt):
@@ -165,9 +171,9 @@ def test_a_job_whose_generation_ends_first_is_answered_before_its_batch_ends(bat
     (short, short_alone), (long, long_alone) = [recorded(local, record(prompt), max_new_tokens=48, eos_token_id=95)
                                                 for prompt in ("w9 w2 w7", "w1 w2 w3")]
     assert [tracer.results[0].shape[1] for tracer in (short_alone, long_alone)] == [3 + 4, 3 + 48]
-    backends = [RemoteBackend(batching.url, setup["keys"][user], model="tiny-gpt2", progress=False)
+    backends = [RemoteBackend(server.url, setup["keys"][user], model="tiny-gpt2", progress=False)
                 for user in USERS[:2]]
-    jobs_before, batches_before = batch_sizes(batching)
+    jobs_before, batches_before = batch_sizes(server)
     short_job = backends[0].run(short, blocking=False)
     long_job, steps = backends[1].stream(long)
     states = {}
@@ -181,7 +187,7 @@ def test_a_job_whose_generation_ends_first_is_answered_before_its_batch_ends(bat
     assert states == {8: "completed"}  # (without early answers: "running", until step 47)
     assert torch.equal(short_job.result(timeout=60).results[0], short_alone.results[0])
     assert torch.equal(long_outcome.results[0], long_alone.results[0])
-    jobs_after, batches_after = batch_sizes(batching)
+    jobs_after, batches_after = batch_sizes(server)
     assert jobs_after - jobs_before == 2 and batches_after - batches_before == 1
 
 

@@ -32,7 +32,7 @@ from interlace.server.errors import status_of
 from interlace.server.hosting import HostedModel, load_model
 from serving import Server
 from test_bad_input import _result, _submit, _until, get, good
-from test_batching import batch_sizes, recorded, submit_together
+from test_batching import answered_before_its_batch_ends, batch_sizes, recorded, submit_together
 from test_remote import same
 from test_stream_remote import generation
 
@@ -272,6 +272,11 @@ def test_jobs_sent_together_share_a_batch_on_a_replica(cluster, setup, local):
             assert_close_in_batch(outcome.results[index], value)
     jobs_after, batches_after = batch_sizes(cluster)
     assert jobs_after - jobs_before == len(recordings) and batches_after - batches_before < len(recordings)
+
+
+@needs_ray
+def test_a_job_whose_generation_ends_first_is_answered_from_its_replica_before_its_batch_ends(cluster, setup, local):
+    answered_before_its_batch_ends(cluster, setup, local)
 
 
 @needs_ray
