@@ -202,6 +202,26 @@ def test_a_job_whose_rows_end_ends_there_while_the_batch_goes_on(lm):
     assert lengths == [2, 5, 2, 5]
 
 
+def test_a_generation_returning_a_dict_is_not_answered_before_the_batch_ends_and_equals_alone(lm):
+    def generation(prompt):
+        def record(lm, tracer):
+            with tracer.invoke(prompt):
+                lm.generator.output.sequences.save()
+        return record
+
+    # "w5 w6" ends at step 1 (see above), "w7 w8" never: generate's dict (scores too) cannot be made from the
+    # tokens of the steps, so the ended job waits for the batch's end (and then runs again alone)
+    requests = [recorded(lm, generation(prompt), method="generate", max_new_tokens=5, eos_token_id=[80, 94],
+                         return_dict_in_generate=True) for prompt in ("w5 w6", "w7 w8")]
+    answered = []
+    answers = lm.run_many(requests, on_answers=[answered.append, answered.append])
+    assert answered == []
+    for request, answer in zip(requests, answers):
+        alone = lm.run(request)
+        assert torch.equal(answer.results[1], alone.results[1])
+    assert [answer.results[1].shape[1] for answer in answers] == [2 + 2, 2 + 5]
+
+
 def test_generations_with_several_rows_per_prompt_or_rows_ended_by_a_string_run_alone(lm):
     def generation(lm, tracer):
         with tracer.invoke("w5 w6"):
