@@ -26,14 +26,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-import transformers
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "server"))
 import interlace  # noqa: E402
-from helpers import tiny_tokenizer  # noqa: E402
+from helpers import tiny, tiny_tokenizer  # noqa: E402
 from interlace.backends.remote import RemoteBackend  # noqa: E402
 from interlace.graph import Request  # noqa: E402
 from interlace.server.keys import KeyStore  # noqa: E402
@@ -43,11 +42,7 @@ SHORT, LONG = "w9 w2 w7", "w1 w2 w3"  # prompts of one length: a server batches 
 
 
 def _model(folder: str) -> interlace.LanguageModel:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=4096,
-                                      pad_token_id=0, bos_token_id=0, eos_token_id=None)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tiny("llama", positions=4096).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return interlace.LanguageModel(folder)
 

@@ -63,9 +63,12 @@ FAMILIES = {
 }
 
 
-def tiny(family: str):
+def tiny(family: str, positions: int | None = None):
+    """A random model of `family` (seed 0); `positions`: its longest sequence, for long generations."""
     torch.manual_seed(0)
     config = FAMILIES[family]()
+    if positions is not None:
+        config.max_position_embeddings = positions
     config.pad_token_id = config.bos_token_id = 0
     config.eos_token_id = None  # random models must not end generation early
     return transformers.AutoModelForCausalLM.from_config(config).eval()

@@ -230,7 +230,7 @@ class MergedInterleaver(Interleaver):
         for key in [key for key in self.sources if key[0] in self.extra_modules and key[1] == "output"]:
             own = [index for index in self.sources[key] if part.start <= index < part.end]
             if own:
-                self.sources[key] = [index for index in self.sources[key] if index not in own]
+                self.sources[key] = [index for index in self.sources[key] if not part.start <= index < part.end]
                 self._event(key, output, own)
         if number in self.failures or not all(self.done[part.start : part.end]):
             return

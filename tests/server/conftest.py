@@ -5,8 +5,6 @@ generates thousands of tokens), each started once per test
 session and stopped at its end, also when a test fails."""
 
 import pytest
-import torch
-import transformers
 
 import interlace
 from helpers import tiny, tiny_tokenizer
@@ -24,11 +22,7 @@ def setup(tmp_path_factory):
     folder = root / MODEL
     tiny("gpt2").save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=4096,
-                                      pad_token_id=0, bos_token_id=0, eos_token_id=None)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / LONG)
+    tiny("llama", positions=4096).save_pretrained(root / LONG)
     tiny_tokenizer().save_pretrained(root / LONG)
     store = KeyStore(str(root / "keys.db"))
     keys = {name: store.create(name) for name in KEYS}
