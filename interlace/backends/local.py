@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import builtins
 import heapq
+import sys
 import warnings
 from threading import get_ident
 
@@ -45,6 +46,7 @@ from .validate import check_against_model
 
 ENDED_EARLIER = "its module did not run that many times (the generation ended earlier)"
 _PENDING = object()  # a node that waits for a later event (a gradient)
+_NEVER = sys.maxsize  # a module call no run reaches
 _MISSING = object()
 # op -> method name; looked up on each call, as a table of bound methods would make the
 # interleaver a reference cycle and keep its values (activations) alive until the garbage collector
@@ -73,6 +75,7 @@ class Interleaver:
     """
 
     plain_calls_allowed = True  # False where a subclass checks the arguments of every call (merge.py)
+    defers_copies = True  # plan a generation's per-step copies as their steps come (see Plan)
 
     def __init__(
         self, graph: Graph, root: torch.nn.Module, rows, batch_size: int, *,
@@ -108,7 +111,9 @@ class Interleaver:
         self.skip_to: int | None = None  # set by a session.stop(): the session goes on from this node
         self.unlike: list[str] = []  # replacements unlike what they replaced, and skips: a model error names them
         self.handles: list = []
-        plan = self.plan = Plan(graph, self.start, self.end)
+        plan = self.plan = Plan(graph, self.start, self.end, defer_copies=self.defers_copies)
+        # the first module call of the next copy still to plan: a hook reaching it plans it (see _plan_copies)
+        self.deferred_from = plan.deferred[0][0] if plan.deferred else _NEVER
         # the module values whose gradient a .grad asks for: where their rows were cut from (see _gradient_target)
         self.grad_sources = _gradient_sources(graph.nodes, plan.gradients)
         self.row_slices: dict[int, tuple] = {}  # id of an invoke's rows -> (them, the whole tensor, rows)
@@ -217,6 +222,15 @@ class Interleaver:
             if path in skipped:
                 self._patch_forward(module, path)
 
+    def _plan_copies(self, call: int) -> None:
+        """Plan the copies of the block over steps whose module calls begin by `call`, and run what of them
+        needs no module value (a step's number)."""
+        for index in self.plan.plan_copies(call, self.done):
+            _push(self.ready, index)
+        deferred = self.plan.deferred
+        self.deferred_from = deferred[0][0] if deferred else _NEVER
+        self._drain()
+
     def _step(self) -> None:
         """Before each call of the whole model (each generation step): stop when cancelled or late."""
         self.guard.tick()
@@ -247,6 +261,8 @@ class Interleaver:
                 return None
             call = calls.get(counter, 0)
             calls[counter] = call + 1
+            if call >= self.deferred_from:
+                self._plan_copies(call)
             key = (path, "input", call)
             if key not in sources:
                 return None
@@ -265,6 +281,8 @@ class Interleaver:
                 return None
             call = calls.get(counter, 0)
             calls[counter] = call + 1
+            if call >= self.deferred_from:
+                self._plan_copies(call)
             key = (path, "output", call)
             if key not in sources:
                 return None
@@ -718,7 +736,10 @@ class Interleaver:
         if self.finished == self.total or self.stopped:
             return
         checked: set[int] = set()  # sources already found optional: each is looked at once
-        for pending in self.nodes[self.start : self.end]:
+        deferred = self.plan.deferred  # copies never planned: of steps the generation did not reach (none ran)
+        nodes = self.nodes[self.start : self.end] if not deferred else (
+            self.nodes[self.start : deferred[0][1]] + self.nodes[deferred[-1][2] : self.end])
+        for pending in nodes:
             if self.done[pending.index]:
                 continue
             source = self._pending_source(pending.index) or pending

@@ -11,6 +11,8 @@ second.
 
 from __future__ import annotations
 
+from collections import deque
+
 from .. import ops
 from ..graph import Graph, Ref
 
@@ -18,9 +20,14 @@ VIEW_TARGETS = frozenset({"operator.getitem", "builtins.getattr"})
 
 
 class Plan:
-    """The dependencies of nodes `start..end` of `graph`; nodes before `start` ran earlier."""
+    """The dependencies of nodes `start..end` of `graph`; nodes before `start` ran earlier.
 
-    def __init__(self, graph: Graph, start: int, end: int):
+    defer_copies: plan the copies of a generation's block over steps (`Graph.repeats`) when their step
+    comes (`plan_copies`), not all before the first token, where nothing after the block depends on
+    their order (see `_deferrable`); `deferred` lists them.
+    """
+
+    def __init__(self, graph: Graph, start: int, end: int, *, defer_copies: bool = False):
         nodes = self.nodes = graph.nodes
         self.start, self.end = start, end
         # indexed by node; only nodes of the span have readers to wake (a session plans each trace)
@@ -42,13 +49,63 @@ class Plan:
         self.plain_calls: set[int] = set()  # calls of registered operations with nothing else to check
         self.stores_back: dict[int, int] = {}  # `x[k] op= y`: its setitem -> its getitem (see _store_back)
         self.ready: list[int] = []  # ready before the model runs, in graph order
-        last_mutation: dict[int, int] = {}
-        previous_stop = start
-        previous_backward, waiting_grads = None, []
-        previous_log = None  # log lines come out in the order written
+        # copies planned later: (their first module call, first node, stop), in graph order
+        self.deferred: deque[tuple[int, int, int]] = deque()
+        self._outside: dict[int, int] = {}  # nodes before a deferred block read by its copies: readers per copy
+        # what planning carries from node to node (a deferred copy goes on from where it stopped)
+        self._last_mutation: dict[int, int] = {}
+        self._previous_stop = start
+        self._previous_backward, self._waiting_grads = None, []
+        self._previous_log = None  # log lines come out in the order written
+        found = _deferrable(graph, start, end) if defer_copies else None
+        if found is None:
+            self._add(nodes[start:end], self.ready)
+        else:
+            repeat, outside, first_call = found
+            size = repeat.end - repeat.start
+            self.deferred = deque((first_call + calls, first, first + size) for first, calls, _ in repeat.copies)
+            self._add(nodes[start : repeat.end], self.ready)
+            self._add(nodes[self.deferred[-1][2] : end], self.ready)
+            # a value the copies read lives until the last of them has run, planned or not
+            self._outside = outside
+            for ref, count in outside.items():
+                self.remaining[ref] += count * len(self.deferred)
+        # output events whose module values are read whole by nothing of the graph (saved, most often):
+        # the hook keeps the value and wakes no one (the commonest event, done without the general path)
+        self.kept: dict[tuple, list[int]] = {}
+        self._keep_unread(self.sources)
+
+    def plan_copies(self, call: int, done) -> list[int]:
+        """Plan the deferred copies whose module calls begin at or before `call` (`done`: the nodes
+        that ran); returns their nodes that are ready now."""
+        ready: list[int] = []
+        while self.deferred and self.deferred[0][0] <= call:
+            _, first, stop = self.deferred.popleft()
+            self._add(self.nodes[first:stop], ready, done)
+            for ref, count in self._outside.items():  # (counted when the plan was made)
+                self.remaining[ref] -= count
+            event_keys = self.event_keys
+            self._keep_unread({event_keys[index] for index in range(first, stop) if self.nodes[index].op == "module_value"})
+        return ready
+
+    def _keep_unread(self, keys) -> None:
+        users, nodes, sources, kept = self.users, self.nodes, self.sources, self.kept
+        for key in keys:
+            indices = sources[key]
+            if key[1] == "output" and key not in self.mutations and all(
+                    not users[i] and nodes[i].guard is None for i in indices):
+                kept[key] = indices
+            else:
+                kept.pop(key, None)
+
+    def _add(self, span, ready: list, done=None) -> None:
+        """Plan the nodes of `span`, in graph order, after those planned so far; a node with nothing
+        to wait for (`done`: nodes that ran already) is appended to `ready`."""
+        nodes, start = self.nodes, self.start
+        last_mutation = self._last_mutation
         users, waiting, remaining, event_keys = self.users, self.waiting, self.remaining, self.event_keys
         mutating, functions, sources = ops.MUTATING_TARGETS, ops.FUNCTIONS, self.sources
-        for node in nodes[start:end]:
+        for node in span:
             index, op = node.index, node.op
             reads = self.reads[index] = [ref for ref in node.refs() if ref >= start] if start else node.refs()
             if op == "call" and node.target == "operator.setitem" and index - 2 >= start and _store_back(nodes, index):
@@ -58,25 +115,27 @@ class Plan:
                 remaining[ref] += 1
             deps = reads
             if op == "stop":  # everything recorded since the previous stop (which waits for the rest)
-                deps = range(previous_stop, index)
-                previous_stop = index
+                deps = range(self._previous_stop, index)
+                self._previous_stop = index
             else:
                 # a read waits for the in-place changes recorded before it
                 extra = [last_mutation[ref] for ref in reads if ref in last_mutation] if last_mutation else []
                 if op == "call_method" and node.target == "backward":
                     # each .grad recorded since the previous backward is this one's; a backward runs
                     # after the previous one has finished, never inside its gradient hooks
-                    self.gradients[index], waiting_grads = waiting_grads, []
+                    self.gradients[index], self._waiting_grads = self._waiting_grads, []
                     extra += [nodes[g].args[0].index for g in self.gradients[index] if nodes[g].args[0].index >= start]
-                    if previous_backward is not None:
-                        extra.append(previous_backward)
-                    previous_backward = index
+                    if self._previous_backward is not None:
+                        extra.append(self._previous_backward)
+                    self._previous_backward = index
                 elif op == "log":
-                    if previous_log is not None:
-                        extra.append(previous_log)
-                    previous_log = index
+                    if self._previous_log is not None:
+                        extra.append(self._previous_log)
+                    self._previous_log = index
                 if extra:
                     deps = list(dict.fromkeys([*reads, *extra]))
+            if done is not None:  # (a deferred copy: what ran already is not waited for)
+                deps = [dep for dep in deps if not done[dep]]
             for dep in deps:
                 users[dep].append(index)
             waiting[index] = len(deps)
@@ -101,17 +160,13 @@ class Plan:
                 elif op == "grad" or (op == "call_method" and node.target == "backward"):
                     self.needs_grad = True
                     if op == "grad":
-                        waiting_grads.append(index)
+                        self._waiting_grads.append(index)
                 elif op == "call_method" and node.target in ops.AUTOGRAD_METHODS:
                     self.sets_requires_grad = True
                 if op == "call_method" and ops.is_in_place_method(node.target):
                     self._mutation(node, last_mutation)
             if not deps:
-                self.ready.append(index)
-        # output events whose module values are read whole by nothing of the graph (saved, most often):
-        # the hook keeps the value and wakes no one (the commonest event, done without the general path)
-        self.kept = {key: indices for key, indices in sources.items() if key[1] == "output" and key not in self.mutations
-                     and all(not users[i] and nodes[i].guard is None for i in indices)}
+                ready.append(index)
 
     def _mutation(self, node, last_mutation: dict) -> None:
         """`node` changes its first argument in place: later reads of it wait for it, and its module
@@ -147,6 +202,64 @@ class Plan:
         for viewing in chain:
             self._earlier_keys[viewing] = self._earlier_keys[index]
         return self._earlier_keys[index]
+
+
+# what a deferred copy may hold: no op that waits for, or orders, what was recorded before it (stop, log,
+# backward), and nothing that calls a module (its hooks would plan copies while this one is being planned)
+_DEFERRABLE = frozenset({"call", "call_method", "module_value", "cond", "swap", "parameter", "apply"})
+
+
+def _deferrable(graph: Graph, start: int, end: int):
+    """`(repeat, outside, first call)` where the copies of the graph's one block over steps can be planned as
+    their steps come, else None. `outside`: the nodes before the block its nodes read, and how often.
+
+    Planned late, a copy is planned after the nodes that follow the copies, so none of those may depend on
+    the copies' order: read (or wait for) a value the block changes in place (a list it appends to), change
+    a value the block reads, or be a `stop`. The copies follow the block, in step order; a value the block
+    changes is not a module's (whose event would end before a later copy is planned)."""
+    if start or len(graph.repeats) != 1 or not graph.copies_made:
+        return None
+    repeat = graph.repeats[0]
+    nodes, begin, size = graph.nodes, repeat.start, repeat.end - repeat.start
+    copies = repeat.copies
+    if not copies or copies[-1][0] + size > end or any(
+            first != repeat.end + number * size or (number and calls < copies[number - 1][1])
+            for number, (first, calls, _) in enumerate(copies)):
+        return None
+    outside: dict[int, int] = {}
+    changed: set[int] = set()
+    calls = []
+    for node in nodes[begin : repeat.end]:
+        op = node.op
+        if op not in _DEFERRABLE or op == "call_method" and (node.target == "backward"
+                                                               or node.target in ops.AUTOGRAD_METHODS):
+            return None
+        if op == "module_value":
+            calls.append(node.kwargs["call"])
+        for ref in node.refs():
+            if ref < begin:
+                outside[ref] = outside.get(ref, 0) + 1
+        target = node.args[0].index if op == "swap" and type(node.args[0]) is Ref else _changed(node)
+        if target is not None and target < begin:
+            if op == "swap" or nodes[target].op == "module_value" or _is_view(nodes[target]):
+                return None
+            changed.add(target)
+    if not calls:
+        return None
+    for node in nodes[copies[-1][0] + size : end]:
+        target = _changed(node)
+        if node.op == "stop" or not changed.isdisjoint(node.refs()) or target is not None and target in outside:
+            return None
+    return repeat, outside, min(calls)
+
+
+def _changed(node) -> int | None:
+    """The node whose value `node` changes in place, if it changes one."""
+    op = node.op
+    if ((op == "call" and node.target in ops.MUTATING_TARGETS) or (op == "call_method" and ops.is_in_place_method(
+            node.target))) and node.args and type(node.args[0]) is Ref:
+        return node.args[0].index
+    return None
 
 
 _BASIC_INDEX = frozenset({int, type(None), type(Ellipsis)})

@@ -1,0 +1,135 @@
+"""Planning a generation's per-step copies as their steps come (Plan(defer_copies=True)).
+
+Every test runs the same generation twice, with the copies planned as their steps come and with all of them
+planned before the first forward (`Interleaver.defers_copies = False`, what every run did before), and
+compares tokens and values; the unit tests check which graphs are deferred and what `plan_copies` plans.
+"""
+
+import pytest
+import torch
+
+import interlace
+from interlace import LanguageModel
+from interlace.backends.local import Interleaver
+from interlace.backends.plan import Plan
+
+from helpers import tiny, tiny_tokenizer
+
+PROMPT = "w5 w6 w7"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return LanguageModel(tiny("gpt2"), tokenizer=tiny_tokenizer())
+
+
+@pytest.fixture
+def planned_first(monkeypatch):
+    """Run the body with every copy planned before the model runs (no deferral)."""
+    def planned(run):
+        with monkeypatch.context() as patch:
+            patch.setattr(Interleaver, "defers_copies", False)
+            return run()
+    return planned
+
+
+def record(lm, tokens: int, *, read_after: bool = False, **options):
+    """A generation steering layer 1 at every step and collecting layer 0's last position in a list (read
+    again after the block when `read_after`): (tracer, the list, the block's last value, the tokens, extra)."""
+    with lm.generate(PROMPT, max_new_tokens=tokens, **options) as tracer:
+        hidden = interlace.list().save()
+        with tracer.all() as step:
+            lm.transformer.h[1].output[:, -1] += 0.5
+            last = lm.transformer.h[0].output[:, -1].save()
+            hidden.append(last * step)
+        extra = hidden[1].save() if read_after else None
+        out = lm.generator.output.save()
+    return tracer, hidden, last, out, extra
+
+
+def run_pair(lm, planned_first, **options):
+    return record(lm, **options), planned_first(lambda: record(lm, **options))
+
+
+def by_hand(lm, tokens: int):
+    """The same steered generation with hand-written hooks: (tokens, layer 0's last positions times the step)."""
+    seen = []
+
+    def steer(module, args, output):
+        output = output.clone()
+        output[:, -1] += 0.5
+        return output
+
+    handles = [lm.module.transformer.h[1].register_forward_hook(steer),
+               lm.module.transformer.h[0].register_forward_hook(lambda m, a, o: seen.append(o[:, -1].clone()))]
+    try:
+        ids = lm.tokenizer(PROMPT, return_tensors="pt")
+        out = lm.module.generate(**ids, max_new_tokens=tokens, do_sample=False, pad_token_id=0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, [value * step for step, value in enumerate(seen)]
+
+
+def test_a_deferred_generation_equals_the_one_planned_first_and_hand_written_hooks(lm, planned_first):
+    (tracer, hidden, last, out, _), (_, e_hidden, e_last, e_out, _) = run_pair(lm, planned_first, tokens=7)
+    want_out, want_hidden = by_hand(lm, 7)
+    assert torch.equal(out, want_out) and torch.equal(e_out, want_out)
+    assert len(hidden) == len(e_hidden) == 7
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(hidden, e_hidden, want_hidden))
+    assert torch.equal(last, e_last) and torch.equal(last * 6, want_hidden[-1])  # the last step's value
+    assert tracer.missing == {}
+
+
+def test_a_value_read_after_the_block_from_what_it_changes_plans_every_copy_first(lm, planned_first):
+    # `hidden[1]` after the block waits for the block's appends: its copies are not deferred, and it reads step 1
+    (_, hidden, _, out, second), (_, e_hidden, _, e_out, e_second) = run_pair(lm, planned_first, tokens=4,
+                                                                             read_after=True)
+    assert torch.equal(out, e_out) and torch.equal(second, e_second) and torch.equal(second, hidden[1])
+    assert all(torch.equal(a, b) for a, b in zip(hidden, e_hidden))
+
+
+def test_a_generation_that_ends_early_leaves_its_last_copies_unplanned_and_reports_as_before(lm, planned_first):
+    steps = 8
+    _, _, _, full, _ = record(lm, tokens=steps)
+    made = full[0, -steps:].tolist()
+    last = next(step for step in range(2, steps - 1) if made[step] not in made[:step])  # its token ends it there
+    (tracer, hidden, _, out, _), (e_tracer, e_hidden, _, e_out, _) = run_pair(lm, planned_first, tokens=steps,
+                                                                             eos_token_id=made[last])
+    assert out.shape[1] == full.shape[1] - steps + last + 1 and torch.equal(out, e_out)
+    assert len(hidden) == len(e_hidden) == last + 1 and all(torch.equal(a, b) for a, b in zip(hidden, e_hidden))
+    assert tracer.missing == e_tracer.missing
+
+
+def graph_of(lm, tokens: int, **options):
+    tracer = record(lm, tokens, **options)[0]
+    return tracer.graph
+
+
+def test_plan_defers_each_copy_until_its_first_module_call(lm):
+    graph = graph_of(lm, 5)
+    plan = Plan(graph, 0, len(graph), defer_copies=True)
+    eager = Plan(graph, 0, len(graph))
+    assert [call for call, _, _ in plan.deferred] == [1, 2, 3, 4]
+    first, stop = plan.deferred[0][1:]
+    assert not any(key[2] > 0 for key in plan.sources) and any(key[2] == 4 for key in eager.sources)
+    done = bytearray(len(graph))
+    ready = plan.plan_copies(2, done)  # copies of steps 1 and 2: each one's step number needs nothing
+    assert ready == [first, stop] and [call for call, _, _ in plan.deferred] == [3, 4]
+    assert {key for key in plan.sources if key[2] <= 2} == {key for key in eager.sources if key[2] <= 2}
+    for index in range(first, stop):  # the copy waits for what it waited for planned first
+        assert plan.users[index] == eager.users[index] and plan.waiting[index] == eager.waiting[index]
+    plan.plan_copies(10, done)
+    assert not plan.deferred and plan.remaining == eager.remaining and plan.users == eager.users
+    assert plan.kept == eager.kept and plan.plain_calls == eager.plain_calls
+
+
+def test_plan_does_not_defer_a_block_whose_changes_are_read_after_it_or_a_stop_after_it(lm):
+    graph = graph_of(lm, 4, read_after=True)
+    assert not Plan(graph, 0, len(graph), defer_copies=True).deferred
+    with lm.generate(PROMPT, max_new_tokens=4) as tracer:
+        with tracer.all():
+            lm.transformer.h[0].output.save()
+        lm.transformer.h[1].output.save()
+        tracer.stop()
+    assert not Plan(tracer.graph, 0, len(tracer.graph), defer_copies=True).deferred
