@@ -54,7 +54,7 @@ def _model(kind: str, folder: str):
         from helpers import tiny, tiny_tokenizer
 
         path = os.path.join(folder, "tiny-gpt2")
-        tiny("gpt2").save_pretrained(path)
+        tiny("gpt2", positions=1024).save_pretrained(path)  # (long generations: streaming.py --tokens 512)
         tiny_tokenizer().save_pretrained(path)
         return path, interlace.LanguageModel(path, dispatch=True), "transformer.h", "w5 w6 w7 w8 w9"
     return "smollm2", interlace.LanguageModel.default(dispatch=True), "model.layers", PROMPT

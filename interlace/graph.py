@@ -324,7 +324,8 @@ class Graph:
         until `make_copies`. A server checks a copy by its template and first node alone, so its front
         needs no more, and the nodes it pickles for its worker process are then the template's again
         (pickle writes an object it has written once as a reference): the copies are made where the
-        graph runs. Such a graph must not run before `make_copies` (`Model.run` calls it)."""
+        graph runs. Such a graph must not run before its copies are made (`make_copies`, or one by one:
+        `make_copy`; `Plan` does it)."""
         first = len(self.nodes)
         self.nodes += self.nodes[start:end]
         self.nodes[first] = _shifted(self.nodes[start : start + 1], start, first, calls)[0]
@@ -339,10 +340,15 @@ class Graph:
             return
         for first, start, end, calls in sorted((first, repeat.start, repeat.end, calls) for repeat in self.repeats
                                                for first, calls, _ in repeat.copies):
-            value = self.nodes[first].args
-            self.nodes[first : first + end - start] = _shifted(self.nodes[start:end], start, first, calls)
-            self.nodes[first].args = value
+            self.make_copy(start, end, first, calls)
         self.copies_made = True
+
+    def make_copy(self, start: int, end: int, first: int, calls: int) -> None:
+        """Make the copy at node `first` of nodes `start..end` (module calls moved by `calls`) that
+        `add_copy_later` left to the template's nodes (a run that plans a copy as its step comes makes it then)."""
+        value = self.nodes[first].args
+        self.nodes[first : first + end - start] = _shifted(self.nodes[start:end], start, first, calls)
+        self.nodes[first].args = value
 
     def repeat(self, start: int, end: int, copies) -> Repeat:
         """Append one copy of nodes `start..end` per `(calls, value)` of `copies` and record them."""

@@ -1,6 +1,7 @@
 """Small models and checks shared by the tests."""
 
 import inspect
+import math
 
 import torch
 import transformers
@@ -125,3 +126,23 @@ def check_without_refusing(self, tensor, argument, func):
     pointer = tensor.untyped_storage().data_ptr()
     if pointer in self.weights:
         self.touched.add(pointer)
+
+
+def same(a, b) -> bool:
+    """Equal in type and value; tensors bit for bit (dtype, shape and bytes, nan included)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, torch.Tensor):
+        return (a.dtype == b.dtype and a.shape == b.shape
+                and torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8)))
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, slice):
+        return same((a.start, a.stop, a.step), (b.start, b.stop, b.step))
+    if isinstance(a, float) and math.isnan(a):
+        return math.isnan(b)
+    if isinstance(a, float):
+        return a == b and math.copysign(1, a) == math.copysign(1, b)
+    return a == b

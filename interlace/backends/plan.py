@@ -28,10 +28,14 @@ class Plan:
     """
 
     def __init__(self, graph: Graph, start: int, end: int, *, defer_copies: bool = False):
+        found = _deferrable(graph, start, end) if defer_copies else None
+        if found is None:
+            graph.make_copies()  # (a server's front leaves them to the run: see Graph.add_copy_later)
+        self.graph = graph
         nodes = self.nodes = graph.nodes
         self.start, self.end = start, end
         # indexed by node; only nodes of the span have readers to wake (a session plans each trace)
-        self.users: list[list[int]] = [()] * start + [[] for _ in range(end - start)]
+        self.users: list = [()] * end  # (a list for each node as it is planned)
         self.waiting = [0] * end  # dependencies not yet finished
         self.remaining = [0] * end  # readers not yet finished: the value is freed at zero
         self.event_keys: list = [None] * end  # module event a value of the span is (a view of), or None
@@ -39,7 +43,8 @@ class Plan:
         self.sources: dict[tuple, list[int]] = {}  # module event -> its module_value nodes
         self.mutations: dict[tuple, list[int]] = {}  # module event -> in-place changes of it
         self.skips: dict[tuple, int] = {}  # (path, call) -> skip node
-        self.saved = {node.index for node in nodes[start:end] if node.saved}
+        # (by position: a copy not made yet has its template's nodes, whose flags are its own)
+        self.saved = {index for index, node in enumerate(nodes[start:end], start) if node.saved}
         self.needs_grad = False
         self.sets_requires_grad = False  # a `requires_grad_()` call: the run puts the parameters' flags back
         self.gradients: dict[int, list[int]] = {}  # backward call -> the grad nodes it computes
@@ -49,23 +54,23 @@ class Plan:
         self.plain_calls: set[int] = set()  # calls of registered operations with nothing else to check
         self.stores_back: dict[int, int] = {}  # `x[k] op= y`: its setitem -> its getitem (see _store_back)
         self.ready: list[int] = []  # ready before the model runs, in graph order
-        # copies planned later: (their first module call, first node, stop), in graph order
-        self.deferred: deque[tuple[int, int, int]] = deque()
+        # copies planned later: (their first module call, first node, stop, module calls moved by), in graph order
+        self.deferred: deque[tuple[int, int, int, int]] = deque()
         self._outside: dict[int, int] = {}  # nodes before a deferred block read by its copies: readers per copy
         # what planning carries from node to node (a deferred copy goes on from where it stopped)
         self._last_mutation: dict[int, int] = {}
         self._previous_stop = start
         self._previous_backward, self._waiting_grads = None, []
         self._previous_log = None  # log lines come out in the order written
-        found = _deferrable(graph, start, end) if defer_copies else None
         if found is None:
-            self._add(nodes[start:end], self.ready)
+            self._add(start, end, self.ready)
         else:
             repeat, outside, first_call = found
             size = repeat.end - repeat.start
-            self.deferred = deque((first_call + calls, first, first + size) for first, calls, _ in repeat.copies)
-            self._add(nodes[start : repeat.end], self.ready)
-            self._add(nodes[self.deferred[-1][2] : end], self.ready)
+            self._template = (repeat.start, repeat.end)
+            self.deferred = deque((first_call + calls, first, first + size, calls) for first, calls, _ in repeat.copies)
+            self._add(start, repeat.end, self.ready)
+            self._add(self.deferred[-1][2], end, self.ready)
             # a value the copies read lives until the last of them has run, planned or not
             self._outside = outside
             for ref, count in outside.items():
@@ -80,8 +85,11 @@ class Plan:
         that ran); returns their nodes that are ready now."""
         ready: list[int] = []
         while self.deferred and self.deferred[0][0] <= call:
-            _, first, stop = self.deferred.popleft()
-            self._add(self.nodes[first:stop], ready, done)
+            _, first, stop, calls = self.deferred.popleft()
+            begin, end = self._template
+            if not self.graph.copies_made:
+                self.graph.make_copy(begin, end, first, calls)
+            self._add(first, stop, ready, done)
             for ref, count in self._outside.items():  # (counted when the plan was made)
                 self.remaining[ref] -= count
             event_keys = self.event_keys
@@ -98,14 +106,15 @@ class Plan:
             else:
                 kept.pop(key, None)
 
-    def _add(self, span, ready: list, done=None) -> None:
-        """Plan the nodes of `span`, in graph order, after those planned so far; a node with nothing
+    def _add(self, first: int, stop: int, ready: list, done=None) -> None:
+        """Plan nodes `first..stop`, in graph order, after those planned so far; a node with nothing
         to wait for (`done`: nodes that ran already) is appended to `ready`."""
         nodes, start = self.nodes, self.start
+        self.users[first:stop] = [[] for _ in range(stop - first)]
         last_mutation = self._last_mutation
         users, waiting, remaining, event_keys = self.users, self.waiting, self.remaining, self.event_keys
         mutating, functions, sources = ops.MUTATING_TARGETS, ops.FUNCTIONS, self.sources
-        for node in span:
+        for node in nodes[first:stop]:
             index, op = node.index, node.op
             reads = self.reads[index] = [ref for ref in node.refs() if ref >= start] if start else node.refs()
             if op == "call" and node.target == "operator.setitem" and index - 2 >= start and _store_back(nodes, index):
@@ -213,11 +222,11 @@ def _deferrable(graph: Graph, start: int, end: int):
     """`(repeat, outside, first call)` where the copies of the graph's one block over steps can be planned as
     their steps come, else None. `outside`: the nodes before the block its nodes read, and how often.
 
-    Planned late, a copy is planned after the nodes that follow the copies, so none of those may depend on
-    the copies' order: read (or wait for) a value the block changes in place (a list it appends to), change
-    a value the block reads, or be a `stop`. The copies follow the block, in step order; a value the block
+    Planned late, a copy is planned after the nodes that follow the copies, so none of those may read a copy's
+    value (a later block over steps reads its own step's) or depend on the copies' order: read (or wait for)
+    a value the block changes in place (a list it appends to), change a value the block reads, or be a `stop`. The copies follow the block, in step order; a value the block
     changes is not a module's (whose event would end before a later copy is planned)."""
-    if start or len(graph.repeats) != 1 or not graph.copies_made:
+    if start or len(graph.repeats) != 1:
         return None
     repeat = graph.repeats[0]
     nodes, begin, size = graph.nodes, repeat.start, repeat.end - repeat.start
@@ -246,9 +255,11 @@ def _deferrable(graph: Graph, start: int, end: int):
             changed.add(target)
     if not calls:
         return None
-    for node in nodes[copies[-1][0] + size : end]:
-        target = _changed(node)
-        if node.op == "stop" or not changed.isdisjoint(node.refs()) or target is not None and target in outside:
+    begin_copies, end_copies = copies[0][0], copies[-1][0] + size
+    for node in nodes[end_copies:end]:
+        target, refs = _changed(node), node.refs()
+        if node.op == "stop" or not changed.isdisjoint(refs) or target is not None and target in outside or any(
+                begin_copies <= ref < end_copies for ref in refs):  # (a later block reading a copy's value)
             return None
     return repeat, outside, min(calls)
 

@@ -228,7 +228,8 @@ class Model(Envoy):
         at its next step. `on_step(step)` is handed each generation step as it finishes (a `Step`).
         """
         graph, traces = request.graph, request.traces
-        graph.make_copies()  # (a server's front leaves them to the process that runs the request)
+        if len(traces) > 1:  # (a server's front leaves them to the process that runs the request: see Plan)
+            graph.make_copies()
         limits = limits or DEFAULT_LIMITS
         last_reader = _last_reader(graph, traces) if len(traces) > 1 else None  # (one trace: nothing carries)
         outcome, carried, skip_to = Outcome(), {}, 0

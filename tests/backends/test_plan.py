@@ -12,8 +12,10 @@ import interlace
 from interlace import LanguageModel
 from interlace.backends.local import Interleaver
 from interlace.backends.plan import Plan
+from interlace.backends.serialize import deserialize_request, serialize_request
+from interlace.graph import Request
 
-from helpers import tiny, tiny_tokenizer
+from helpers import same, tiny, tiny_tokenizer
 
 PROMPT = "w5 w6 w7"
 
@@ -110,12 +112,12 @@ def test_plan_defers_each_copy_until_its_first_module_call(lm):
     graph = graph_of(lm, 5)
     plan = Plan(graph, 0, len(graph), defer_copies=True)
     eager = Plan(graph, 0, len(graph))
-    assert [call for call, _, _ in plan.deferred] == [1, 2, 3, 4]
-    first, stop = plan.deferred[0][1:]
+    assert [copy[0] for copy in plan.deferred] == [1, 2, 3, 4]
+    first, stop = plan.deferred[0][1:3]
     assert not any(key[2] > 0 for key in plan.sources) and any(key[2] == 4 for key in eager.sources)
     done = bytearray(len(graph))
     ready = plan.plan_copies(2, done)  # copies of steps 1 and 2: each one's step number needs nothing
-    assert ready == [first, stop] and [call for call, _, _ in plan.deferred] == [3, 4]
+    assert ready == [first, stop] and [copy[0] for copy in plan.deferred] == [3, 4]
     assert {key for key in plan.sources if key[2] <= 2} == {key for key in eager.sources if key[2] <= 2}
     for index in range(first, stop):  # the copy waits for what it waited for planned first
         assert plan.users[index] == eager.users[index] and plan.waiting[index] == eager.waiting[index]
@@ -133,3 +135,48 @@ def test_plan_does_not_defer_a_block_whose_changes_are_read_after_it_or_a_stop_a
         lm.transformer.h[1].output.save()
         tracer.stop()
     assert not Plan(tracer.graph, 0, len(tracer.graph), defer_copies=True).deferred
+
+
+def test_plan_does_not_defer_a_block_whose_steps_a_later_block_reads_and_the_run_equals_hooks(lm, planned_first):
+    def run():
+        with lm.generate(PROMPT, max_new_tokens=4) as tracer:
+            doubled = interlace.list().save()
+            with tracer.all():
+                state = lm.transformer.h[0].output[:, -1]
+            with tracer.all():  # its copies read the first block's copies, step by step
+                doubled.append(state * 2)
+        return tracer, doubled
+
+    tracer, doubled = run()
+    assert len(tracer.graph.repeats) == 1 and not Plan(tracer.graph, 0, len(tracer.graph), defer_copies=True).deferred
+    _, e_doubled = planned_first(run)
+    assert len(doubled) == len(e_doubled) == 4 and all(torch.equal(a, b) for a, b in zip(doubled, e_doubled))
+    ids = lm.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    seen = []
+    handle = lm.module.transformer.h[0].register_forward_hook(lambda m, a, o: seen.append(o[:, -1]))
+    try:
+        lm.module(ids)
+    finally:
+        handle.remove()
+    assert torch.equal(doubled[0], seen[0] * 2) and not torch.equal(doubled[0], doubled[1])  # step 0's, then its own
+
+
+def test_a_request_whose_copies_are_left_to_the_run_makes_each_as_it_plans_it(lm):
+    """A server's front leaves a block's copies to the run (`Graph.add_copy_later`): the run makes a copy when
+    it plans it, so a generation that ends early leaves the last ones unmade, and gives the local run's values."""
+    steps = 8
+    _, _, _, full, _ = record(lm, tokens=steps)
+    made = full[0, -steps:].tolist()
+    last = next(step for step in range(2, steps - 1) if made[step] not in made[:step])
+    for options in ({}, {"eos_token_id": made[last]}):
+        tracer = record(lm, tokens=steps, **options)[0]
+        request = Request(tracer.graph, [tracer.spec(len(tracer.graph))])
+        loaded = deserialize_request(serialize_request(request), make_copies=False)
+        template = loaded.graph.repeats[0]
+        assert not loaded.graph.copies_made
+        outcome, want = lm.run(loaded, untrusted=True), lm.run(request)  # (a saved block value: step 0's, unbound)
+        assert sorted(outcome.results) == sorted(want.results) and outcome.missing == want.missing == tracer.missing
+        assert all(same(outcome.results[index], value) for index, value in want.results.items())
+        unmade = [first for first, _, _ in template.copies
+                  if loaded.graph.nodes[first + 1] is loaded.graph.nodes[template.start + 1]]
+        assert len(unmade) == (0 if not options else steps - 1 - last)

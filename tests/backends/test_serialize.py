@@ -26,28 +26,10 @@ from interlace.backends.serialize import (
 from interlace.errors import quote_sources
 from interlace.graph import OPS, Graph, Ref
 
+from helpers import same
+
 
 # -- helpers ---------------------------------------------------------------------------------------
-def same(a, b) -> bool:
-    """Equal in type and value; tensors bit for bit (dtype, shape and bytes, nan included)."""
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, torch.Tensor):
-        return (a.dtype == b.dtype and a.shape == b.shape
-                and torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8)))
-    if isinstance(a, (tuple, list)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, slice):
-        return same((a.start, a.stop, a.step), (b.start, b.stop, b.step))
-    if isinstance(a, float) and math.isnan(a):
-        return math.isnan(b)
-    if isinstance(a, float):
-        return a == b and math.copysign(1, a) == math.copysign(1, b)
-    return a == b
-
-
 def rerun(net, graph, invokes):
     """Execute a (deserialized) graph on `net` the way a server would; returns its results."""
     sizes = [args[0].shape[0] for args, _ in invokes]

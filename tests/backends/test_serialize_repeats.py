@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import interlace
-from helpers import tiny, tiny_tokenizer
+from helpers import same, tiny, tiny_tokenizer
 from interlace import GraphError, LanguageModel, LimitError, SerializationError
 from interlace.backends import serialize, validate
 from interlace.backends.limits import Limits
@@ -47,14 +47,6 @@ def frame(header: dict, section: bytes, count: int, version: int | None = None) 
     text = json.dumps(header).encode()
     prefix = b"ILG" + bytes([header["version"] if version is None else version, 0]) + struct.pack("<I", count)
     return prefix + struct.pack("<Q", len(text)) + text + section
-
-
-def same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
-    return a == b
 
 
 # -- round trips -------------------------------------------------------------------------------------

@@ -6,23 +6,12 @@ import pytest
 import torch
 
 import interlace
-from helpers import assert_clean
+from helpers import assert_clean, same
 from interlace.backends import remote as remote_backend
 from interlace.backends.serialize import serialize_request
 from interlace.errors import ExecutionError, VersionError
 
 PROMPT = "w5 w6 w7 w8"
-
-
-def same(a, b) -> bool:
-    """Equal bit for bit, through tuples, lists and dicts."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    return a == b
 
 
 def on_both(local, remote, work):

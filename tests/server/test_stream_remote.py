@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import interlace
-from helpers import assert_clean
+from helpers import assert_clean, same
 from interlace.backends import remote as remote_backend
 from interlace.backends.serialize import serialize_request
 from interlace.graph import Request
@@ -18,15 +18,6 @@ from test_batching import USERS, batch_sizes, batching  # noqa: F401 - the batch
 
 PROMPT = "w5 w6 w7 w8"
 NEW = 6
-
-
-def same(a, b) -> bool:
-    """Equal bit for bit, through lists."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def generation(lm, *, remote, stream, sample=True, stop=False):
