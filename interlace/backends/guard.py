@@ -2,8 +2,10 @@
 
 `Guard` is consulted by the interleaver before every operation it runs.
 
-- Writes: in an untrusted run every call runs under `writes.WriteCheck`, which refuses any aten
-  operator whose schema writes a weight's storage, before it runs; the weights' version counters
+- Writes: in an untrusted run every call that could reach a weight (or a tensor it was handed as an
+  `out`) runs under `writes.WriteCheck`, which refuses any aten operator whose schema writes a weight's
+  storage, before it runs (a call handed only tensors of its own and plain values cannot: see
+  `Guard._reaches_no_weight`); the weights' version counters
   (`writes.Versions`) are a second line, checked after calls that received a weight and after every
   run (`check_versions`). Nothing is copied for it: a write the schemas did not declare leaves the
   weights changed, and the run fails saying so (`WeightsChangedError`), so that whoever hosts the
@@ -130,7 +132,7 @@ class Guard:
         If a weight's version counter moved anyway (an operator whose schema does not declare its write),
         the call fails (`check_versions`).
         """
-        if module is None and self._writes_only_its_first(args, kwargs):
+        if module is None and self._reaches_no_weight(fn, args, kwargs):
             return fn(*args, **kwargs)  # nothing a weight shares is in reach: the dispatch mode costs 4-70 µs
         check = WriteCheck(self._weights(), what)
         with check:
@@ -139,21 +141,40 @@ class Guard:
             self.check_versions(what, check.touched)
         return result
 
-    def _writes_only_its_first(self, args, kwargs) -> bool:
-        """Whether the only tensor a call is handed, if any, is its first argument, a plain tensor that
-        shares no weight's storage and has no autograd graph (through which a backward reaches weights'
-        .grad), the rest being plain numbers, strings, shapes and slices: then no operator inside it can
-        reach a weight, and the one tensor it can write is the receiver of an allowed in-place operation
-        (an `out` argument is another tensor, or the `out=` keyword, refused before the call). A call
-        handed no tensor at all (a step's `int(3)`) writes none."""
-        if not all(_inert(value) for value in args[1:]) or not all(_inert(value) for value in kwargs.values()):
-            return False
+    def _reaches_no_weight(self, fn, args, kwargs) -> bool:
+        """Whether no operator inside the call can reach a weight or a tensor it was handed as an `out`: the
+        tensors it is handed are plain strided tensors that share no weight's storage and have no autograd
+        graph (through which a backward reaches weights' .grad), and are its first argument alone (the receiver
+        of an allowed in-place operation; a second tensor may be a positional `out`, `torch.norm(x, "fro",
+        None, False, y)`), or any of its operands where `fn` is one of Python's operators (`operator.iadd`
+        for `h += steer`: its arguments are its operands, so none is an `out`). The rest are plain numbers,
+        strings, shapes and slices, in tuples and lists. A call handed no tensor (a step's `int(3)`) writes none."""
+        operands = getattr(fn, "__module__", None) == _OPERATORS
+        tensors = []
         first = args[0] if args else None
-        if type(first) in _INERT:  # (not a container: _inert walks every level of one)
-            return True
-        if type(first) is not torch.Tensor or first.requires_grad or first.grad_fn is not None:
+        if type(first) is torch.Tensor:
+            tensors.append(first)
+        elif type(first) not in _INERT:  # (not a container: a tensor in one would be no receiver)
             return False
-        return first.untyped_storage().data_ptr() not in self._weights()
+        pending = [*args[1:], *kwargs.values()] if kwargs else list(args[1:])
+        while pending:
+            value = pending.pop()
+            kind = type(value)
+            if kind in _INERT:
+                continue
+            if kind is tuple or kind is list:
+                pending += value
+            elif kind is slice:
+                pending += (value.start, value.stop, value.step)
+            elif kind is torch.Tensor and operands:
+                tensors.append(value)
+            else:
+                return False
+        for tensor in tensors:
+            if tensor.layout is not torch.strided or tensor.requires_grad or tensor.grad_fn is not None or (
+                    tensor.untyped_storage().data_ptr() in self._weights()):
+                return False
+        return True
 
     def check_versions(self, what: str = "the run", storages=None) -> None:
         """The second line: fail if any weight's version counter moved (of the weights in `storages`, data
@@ -359,16 +380,7 @@ def _repeat_count(value) -> int | None:
 
 _INERT = frozenset((int, float, bool, complex, str, type(None), type(Ellipsis), torch.dtype, torch.device,
                     torch.Size, torch.layout, torch.memory_format))
-
-
-def _inert(value) -> bool:
-    """A value that holds no tensor: a number, string, shape, or a slice or sequence of those."""
-    kind = type(value)
-    if kind is tuple or kind is list:
-        return all(_inert(item) for item in value)
-    if kind is slice:
-        return _inert(value.start) and _inert(value.stop) and _inert(value.step)
-    return kind in _INERT
+_OPERATORS = operator.add.__module__  # the module of Python's operators ('_operator')
 
 
 def guarded_weights(root: torch.nn.Module) -> dict[int, torch.Tensor]:

@@ -447,10 +447,19 @@ def test_the_write_check_runs_only_where_a_weight_is_within_reach(monkeypatch):
     guard.call("operator.getitem", operator.getitem, (own, (slice(None), 0)), {})
     guard.call("builtins.int", int, (3,), {})  # a step of a block over steps
     guard.call("builtins.list", list, (), {})
-    assert entered == []  # handed only its own tensor and plain values: nothing of the model in reach
+    steer = torch.full((2,), 0.5)
+    got = guard.call("operator.iadd", operator.iadd, (own[:, 0], steer), {})  # `h[:, 0] += steer`: operands alone
+    assert got is not None and torch.equal(own[:, 0], torch.full((2,), 1.5))
+    guard.call("operator.setitem", operator.setitem, (own, (slice(None), 1), steer), {})
+    assert entered == []  # handed only its own tensors and plain values: nothing of the model in reach
     guard.call("operator.add", operator.add, (own, net.weight.detach()), {})
     guard.call("torch.relu", torch.relu, (torch.ones(2, requires_grad=True),), {})  # a backward reaches .grad
-    assert entered == ["operator.add", "torch.relu"]
+    guard.call("torch.add", torch.add, (own, steer), {})  # not an operator: a second tensor may be an `out`
+    guard.call("operator.iadd", operator.iadd, (torch.zeros(2), torch.ones(2, requires_grad=True)), {})
+    guard.call("operator.iadd", operator.iadd, (own, torch.ones(4)[::2]), {})  # (a strided view of its own: fine)
+    assert entered == ["operator.add", "torch.relu", "torch.add", "operator.iadd"]
+    with pytest.raises(RefusedError, match="would change a weight"):  # the weight is the operand written
+        guard.call("operator.iadd", operator.iadd, (net.bias.detach(), steer), {})
     with pytest.raises(RefusedError, match="would change a weight"):
         guard.call("F.relu", torch.nn.functional.relu, (net.weight.detach()[0], True), {})  # a view of one
     with pytest.raises(RefusedError, match=r"tensor it was given \(argument 'out'"):  # a second tensor may be one
