@@ -4,7 +4,7 @@
 
 - Writes: in an untrusted run every call that could reach a weight (or a tensor it was handed as an
   `out`) runs under `writes.WriteCheck`, which refuses any aten operator whose schema writes a weight's
-  storage, before it runs (a call handed only tensors of its own and plain values cannot: see
+  storage, before it runs (a call that can reach neither runs without it: see
   `Guard._reaches_no_weight`); the weights' version counters
   (`writes.Versions`) are a second line, checked after calls that received a weight and after every
   run (`check_versions`). Nothing is copied for it: a write the schemas did not declare leaves the

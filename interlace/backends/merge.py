@@ -146,7 +146,7 @@ class MergedInterleaver(Interleaver):
     """
 
     plain_calls_allowed = False  # every call's arguments are checked for Shared placeholders (_arguments)
-    defers_copies = False  # (its parts end, and are answered, by the whole batch's bookkeeping: every copy is planned first)
+    defers_copies = False  # (its parts end, and are answered, by the whole batch's bookkeeping: copies planned first)
 
     def __init__(self, graph: Graph, root, rows, batch_size: int, *, parts: list[Part], inputs, cancels=None,
                  on_answers=None, **options):

@@ -92,8 +92,8 @@ class Plan:
             self._add(first, stop, ready, done)
             for ref, count in self._outside.items():  # (counted when the plan was made)
                 self.remaining[ref] -= count
-            event_keys = self.event_keys
-            self._keep_unread({event_keys[index] for index in range(first, stop) if self.nodes[index].op == "module_value"})
+            self._keep_unread({self.event_keys[index] for index in range(first, stop)
+                               if self.nodes[index].op == "module_value"})
         return ready
 
     def _keep_unread(self, keys) -> None:
@@ -224,8 +224,9 @@ def _deferrable(graph: Graph, start: int, end: int):
 
     Planned late, a copy is planned after the nodes that follow the copies, so none of those may read a copy's
     value (a later block over steps reads its own step's) or depend on the copies' order: read (or wait for)
-    a value the block changes in place (a list it appends to), change a value the block reads, or be a `stop`. The copies follow the block, in step order; a value the block
-    changes is not a module's (whose event would end before a later copy is planned)."""
+    a value the block changes in place (a list it appends to), change a value the block reads, or be a
+    `stop`. The copies follow the block, in step order; a value the block changes is not a module's (whose
+    event would end before a later copy is planned)."""
     if start or len(graph.repeats) != 1:
         return None
     repeat = graph.repeats[0]
@@ -255,11 +256,11 @@ def _deferrable(graph: Graph, start: int, end: int):
             changed.add(target)
     if not calls:
         return None
-    begin_copies, end_copies = copies[0][0], copies[-1][0] + size
+    end_copies = copies[-1][0] + size  # (they begin where the block ends)
     for node in nodes[end_copies:end]:
         target, refs = _changed(node), node.refs()
         if node.op == "stop" or not changed.isdisjoint(refs) or target is not None and target in outside or any(
-                begin_copies <= ref < end_copies for ref in refs):  # (a later block reading a copy's value)
+                repeat.end <= ref < end_copies for ref in refs):  # (a later block reading a copy's value)
             return None
     return repeat, outside, min(calls)
 
