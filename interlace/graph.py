@@ -319,17 +319,16 @@ class Graph:
         self.nodes[first].args = (value,)
         return first
 
-    def add_copy_later(self, start: int, end: int, calls: int, value: int) -> int:
-        """What `add_copy` appends, but for its first node the template's own nodes stand in for the copy's
-        until `make_copies`. A server checks a copy by its template and first node alone, so its front
-        needs no more, and the nodes it pickles for its worker process are then the template's again
-        (pickle writes an object it has written once as a reference): the copies are made where the
-        graph runs. Such a graph must not run before its copies are made (`make_copies`, or one by one:
-        `make_copy`; `Plan` does it)."""
+    def add_copy_later(self, start: int, end: int) -> int:
+        """Append the template's own nodes `start..end` where `add_copy` would append a copy of them: they
+        stand in for it until it is made (`make_copies`, or one by one: `make_copy`; `Plan` does it), which
+        needs its `Repeat` entry (its call shift and step). A server's front checks a copy by its template
+        (see validate.py), so it needs no more, and the nodes it pickles for its worker process are then the
+        template's again (pickle writes an object it has written once as a reference): the copies are made
+        where the graph runs, and no step of this costs a node. Such a graph must not run before its copies
+        are made."""
         first = len(self.nodes)
         self.nodes += self.nodes[start:end]
-        self.nodes[first] = _shifted(self.nodes[start : start + 1], start, first, calls)[0]
-        self.nodes[first].args = (value,)
         self.copies_made = False
         return first
 
@@ -338,17 +337,18 @@ class Graph:
         (a template may hold the copies of a block inside it)."""
         if self.copies_made:
             return
-        for first, start, end, calls in sorted((first, repeat.start, repeat.end, calls) for repeat in self.repeats
-                                               for first, calls, _ in repeat.copies):
-            self.make_copy(start, end, first, calls)
+        for first, start, end, calls, value in sorted((first, repeat.start, repeat.end, calls, value)
+                                                      for repeat in self.repeats
+                                                      for first, calls, value in repeat.copies):
+            self.make_copy(start, end, first, calls, value)
         self.copies_made = True
 
-    def make_copy(self, start: int, end: int, first: int, calls: int) -> None:
-        """Make the copy at node `first` of nodes `start..end` (module calls moved by `calls`) that
-        `add_copy_later` left to the template's nodes (a run that plans a copy as its step comes makes it then)."""
-        value = self.nodes[first].args
+    def make_copy(self, start: int, end: int, first: int, calls: int, value: int) -> None:
+        """Make the copy at node `first` of nodes `start..end` (module calls moved by `calls`, its first
+        node's args `(value,)`) that `add_copy_later` left to the template's nodes (a run that plans a copy
+        as its step comes makes it then)."""
         self.nodes[first : first + end - start] = _shifted(self.nodes[start:end], start, first, calls)
-        self.nodes[first].args = value
+        self.nodes[first].args = (value,)
 
     def repeat(self, start: int, end: int, copies) -> Repeat:
         """Append one copy of nodes `start..end` per `(calls, value)` of `copies` and record them."""

@@ -23,6 +23,7 @@ from ..stream import Step
 from .layout import layout_of
 from .local import ENDED_EARLIER, EarlyStop, Interleaver
 from .rows import Shared, SharedValueError, contains_shared
+from .validate import own_nodes
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,9 @@ def merge_key(request: Request):
     one forward; None: this one runs alone."""
     if len(request.traces) != 1 or not request.traces[0].invokes:
         return None
-    if any(node.op == "grad" or node.op == "call_method" and node.target == "backward" for node in request.graph):
+    graph = request.graph  # (a copy of a repeated block has its template's ops)
+    if any(node.op == "grad" or node.op == "call_method" and node.target == "backward"
+           for node in own_nodes(graph.nodes, graph.repeats, 0, len(graph))):
         return None  # one job's backward would run through (and free) every job's autograd graph
     options = request.traces[0].options
     kwargs = options.get("kwargs", {})

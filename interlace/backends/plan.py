@@ -54,8 +54,9 @@ class Plan:
         self.plain_calls: set[int] = set()  # calls of registered operations with nothing else to check
         self.stores_back: dict[int, int] = {}  # `x[k] op= y`: its setitem -> its getitem (see _store_back)
         self.ready: list[int] = []  # ready before the model runs, in graph order
-        # copies planned later: (their first module call, first node, stop, module calls moved by), in graph order
-        self.deferred: deque[tuple[int, int, int, int]] = deque()
+        # copies planned later: (their first module call, first node, stop, module calls moved by, step), in
+        # graph order
+        self.deferred: deque[tuple[int, int, int, int, int]] = deque()
         self._outside: dict[int, int] = {}  # nodes before a deferred block read by its copies: readers per copy
         # what planning carries from node to node (a deferred copy goes on from where it stopped)
         self._last_mutation: dict[int, int] = {}
@@ -68,7 +69,8 @@ class Plan:
             repeat, outside, first_call = found
             size = repeat.end - repeat.start
             self._template = (repeat.start, repeat.end)
-            self.deferred = deque((first_call + calls, first, first + size, calls) for first, calls, _ in repeat.copies)
+            self.deferred = deque((first_call + calls, first, first + size, calls, value)
+                                  for first, calls, value in repeat.copies)
             self._add(start, repeat.end, self.ready)
             self._add(self.deferred[-1][2], end, self.ready)
             # a value the copies read lives until the last of them has run, planned or not
@@ -85,10 +87,10 @@ class Plan:
         that ran); returns their nodes that are ready now."""
         ready: list[int] = []
         while self.deferred and self.deferred[0][0] <= call:
-            _, first, stop, calls = self.deferred.popleft()
+            _, first, stop, calls, value = self.deferred.popleft()
             begin, end = self._template
             if not self.graph.copies_made:
-                self.graph.make_copy(begin, end, first, calls)
+                self.graph.make_copy(begin, end, first, calls, value)
             self._add(first, stop, ready, done)
             for ref, count in self._outside.items():  # (counted when the plan was made)
                 self.remaining[ref] -= count

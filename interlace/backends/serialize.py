@@ -667,17 +667,23 @@ def deserialize_request(data: bytes, *, trusted: bool = False, limits: Limits | 
 
 def _add_copies(graph: Graph, copies: dict, trusted: bool, make: bool) -> None:
     """The copies that start where `graph` ends (made, or left to `Graph.make_copies`). Their templates were
-    checked as they were read: a copy is checked by its first node alone, which holds its own step
-    (validate.py says why)."""
+    checked as they were read: a block's copies are checked by the first one's first node, which holds its
+    step (validate.py says why the others need no check), so that one is made here in any case."""
     while len(graph) in copies:
-        first = (graph.add_copy if make else graph.add_copy_later)(*copies[len(graph)])
-        check_node(graph.nodes[first], graph.nodes, trusted)
+        start, end, calls, value, leading = copies[len(graph)]
+        if make or leading:
+            first = graph.add_copy(start, end, calls, value)
+            if leading:
+                check_node(graph.nodes[first], graph.nodes, trusted)
+        else:
+            graph.add_copy_later(start, end)
 
 
 def _copies(header: Header, count: int, limits: Limits) -> dict[int, tuple]:
-    """{first node: (start, end, calls, value)} of every copy of a repeated block, checked by arithmetic
-    before any is made: a template before its copies and in no copy, copies in order and apart, call
-    shifts within max_new_tokens, and the nodes they make within max_nodes and the prefix's count."""
+    """{first node: (start, end, calls, value, whether it is its block's first copy)} of every copy of a
+    repeated block, checked by arithmetic before any is made: a template before its copies and in no copy,
+    copies in order and apart, call shifts within max_new_tokens, and the nodes they make within max_nodes
+    and the prefix's count."""
     if header.version < 2 and "repeats" in header.model_fields_set:
         raise SerializationError("a version 1 header has no repeats (repeated blocks need version 2)")
     copies: dict[int, tuple] = {}
@@ -690,7 +696,7 @@ def _copies(header: Header, count: int, limits: Limits) -> dict[int, tuple]:
         if not repeat.copies:
             raise GraphError(f"{where}: it has no copies")
         follows = repeat.end  # where the next copy may start at the earliest
-        for first, calls, value in repeat.copies:
+        for number, (first, calls, value) in enumerate(repeat.copies):
             if first < follows:
                 raise GraphError(f"{where}: its copy at node {first} overlaps its template or the copy before it; "
                                  f"copies follow their template in order, each {size} nodes long")
@@ -703,7 +709,7 @@ def _copies(header: Header, count: int, limits: Limits) -> dict[int, tuple]:
             total += size
             if total > limits.max_nodes:
                 raise LimitError(f"the repeated blocks make the graph over {limits.max_nodes} nodes (max_nodes)")
-            copies[first] = (repeat.start, repeat.end, calls, value)
+            copies[first] = (repeat.start, repeat.end, calls, value, number == 0)
             follows = first + size
     if total != count:
         raise SerializationError(f"the prefix says {count} nodes but the header holds {total} (its listed nodes "

@@ -8,7 +8,11 @@ op, target) and its recorded location, quoted as text (never opened).
 
 A copy of a repeated block (`Graph.repeats`) is checked by checking its template once: it has the
 same nodes with references moved inside the copy and module calls moved by a shift >= 0, so what
-holds for the template holds for it. Only its first node, which holds its own step, is checked again.
+holds for the template holds for it. Only its first node, whose args are its own step `(value,)`, is
+not the template's: that of the block's first copy is checked, and it stands for the others', which
+differ from it only in their int and their shift: with one int argument, no check's answer depends on
+its value or on the node's position (a guard is before the block; tests/backends/test_validate.py
+tries every op), so each of the others would get the same answer.
 """
 
 from __future__ import annotations
@@ -49,10 +53,12 @@ def check_structure(graph: Graph, *, trusted: bool = False, repeats=None) -> Non
 
 
 def own_nodes(nodes, repeats, start: int, end: int):
-    """Nodes `start..end` but those of copies whose template is among them (a copy's first node is kept)."""
+    """Nodes `start..end` but those of copies whose template is among them; a block's first copy keeps
+    its first node (see the module's docstring)."""
     position = start
+    leading = {repeat.copies[0][0] for repeat in repeats if repeat.copies}
     for first, stop in copied_spans(repeats, start, end):
-        yield from nodes[position : first + 1]
+        yield from nodes[position : first + 1 if first in leading else first]
         position = stop
     yield from nodes[position:end]
 
