@@ -23,6 +23,7 @@ import uvicorn
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from .. import collector
 from ..backends.serialize import declared_nodes
 from ..errors import CancelledError, ServiceError
 from . import errors
@@ -282,6 +283,7 @@ def serve(app: FastAPI, *, host: str, port: int, log_level: str, ssl_certfile: s
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
                             ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+    collector.settle()  # what is loaded by now stays: the collector's full passes need not walk it
     Draining(config).run()
 
 

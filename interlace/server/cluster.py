@@ -47,6 +47,7 @@ import threading
 import time
 from collections import Counter
 
+from .. import collector
 from ..errors import CancelledError, ServiceError
 from .config import ServerConfig
 from .jobs import model_groups
@@ -68,6 +69,7 @@ class RayReplica(ModelReplica):
     def __init__(self, source: str, **options):
         _serve_on_loopback_if_local()
         super().__init__(source, **options)
+        collector.settle()  # (a process of its own: see collector.settle)
 
     def check_health(self) -> None:
         """Ray Serve calls this periodically and replaces a replica for which it raises: one whose
@@ -131,6 +133,7 @@ class Ingress:
                          runners={hosted.name: [self.run_batch] * self.workers})
         app.add_api_route("/v1/replicas", self.replica_view, methods=["GET"], dependencies=[Depends(caller)],
                           tags=["health"], summary="The model replicas that answered jobs, and how many each")
+        collector.settle()
         return app
 
     def replica_view(self) -> dict:

@@ -36,6 +36,7 @@ import time
 
 import torch
 
+from .. import collector
 from ..errors import CancelledError, LimitError, ServiceError
 from .jobs import model_groups
 from .replica import ModelReplica, crossing, decode_answer
@@ -222,6 +223,7 @@ def _child(connection, cancels, source: str, options: dict, level: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s (worker): %(message)s")
     os.nice(NICE)
     replica = ModelReplica(source, **options)
+    collector.settle()  # the model and the libraries stay: the collector's full passes need not walk them
     sending = threading.Lock()  # steps are sent from the batch's thread, answers from the main one
 
     def send(message) -> None:
