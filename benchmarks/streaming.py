@@ -10,6 +10,8 @@ local and remote (over loopback), each with and without `stream=True`. It prints
   the first token comes with the last: the whole generation);
 - per-token latency: the median time between steps (streamed), or the whole generation over its tokens;
 - the whole generation, and its ratio to the local generation without streaming;
+- the longest wait between two streamed tokens over all the rounds (a pause of the server's garbage
+  collector, say, which medians hide);
 - the streamed first token again, each way's generations in a row instead of alternating: the server
   then runs warm, as the local process does (see `_back_to_back`);
 - the request itself: its nodes and bytes, `serialize_request` on the client, and admission on the
@@ -59,7 +61,8 @@ from serving import Server, program_from  # noqa: E402
 
 
 def _generate(lm, layers: str, prompt: str, tokens: int, *, remote: bool, stream: bool):
-    """One steered generation; (seconds to the first token, per token, in all; the tokens)."""
+    """One steered generation; (seconds to the first token, per token, in all; the tokens; the longest wait
+    between two tokens, None without streaming)."""
     layer = lm.get(layers)[len(lm.get(layers)) // 2]
     steer = torch.full((lm.config.hidden_size,), 0.01)
     with lm.generate(prompt, max_new_tokens=tokens, remote=remote, stream=stream) as tracer:
@@ -71,14 +74,14 @@ def _generate(lm, layers: str, prompt: str, tokens: int, *, remote: bool, stream
         start = time.perf_counter()  # the block ends right after this line: the run starts
     if not stream:  # every token comes at the end
         total = time.perf_counter() - start
-        return total, total / tokens, total, out[0, -tokens:]
+        return total, total / tokens, total, out[0, -tokens:], None
     arrivals, got = [], []
     for step in tracer.stream():
         arrivals.append(time.perf_counter())
         got.append(int(step.tokens[0]))
     assert len(hidden) == tokens
     gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:])]
-    return arrivals[0] - start, statistics.median(gaps), time.perf_counter() - start, torch.tensor(got)
+    return arrivals[0] - start, statistics.median(gaps), time.perf_counter() - start, torch.tensor(got), max(gaps)
 
 
 def main() -> None:
@@ -123,7 +126,7 @@ def _report(local, remotes, name, layers, prompt, args) -> None:
         ways["baseline, streamed"] = (remotes[1], True, True)
     for lm, is_remote, stream in ways.values():  # warm every path
         _generate(lm, layers, prompt, 4, remote=is_remote, stream=stream)
-    first, per_token, total = ({way: [] for way in ways} for _ in range(3))
+    first, per_token, total, longest = ({way: [] for way in ways} for _ in range(4))
     tokens = {}
     order, shuffler = list(ways), random.Random(0)
     for _ in range(args.repeats):
@@ -133,21 +136,24 @@ def _report(local, remotes, name, layers, prompt, args) -> None:
         shuffler.shuffle(order)
         for way in order:
             lm, is_remote, stream = ways[way]
-            to_first, each, whole, got = _generate(lm, layers, prompt, args.tokens, remote=is_remote, stream=stream)
+            to_first, each, whole, got, gap = _generate(lm, layers, prompt, args.tokens, remote=is_remote, stream=stream)
             first[way].append(to_first)
             per_token[way].append(each)
             total[way].append(whole)
+            longest[way].append(gap)
             tokens.setdefault(way, got)
     same = all(torch.equal(got, tokens["local"]) for got in tokens.values())
     print(f"model: {name}; {args.tokens} new tokens, steered at every step, one value saved per step; "
           f"median of {args.repeats}; server: model {'in its process' if args.in_process else 'in a worker process'}; "
           f"the same tokens every way: {same}")
     base = statistics.median(total["local"])
-    print(f"{'':20}{'first token ms':>16}{'per token ms':>14}{'whole ms':>10}{'whole / local':>15}")
+    print(f"{'':20}{'first token ms':>16}{'per token ms':>14}{'whole ms':>10}{'whole / local':>15}"
+          f"{'longest wait ms':>17}")
     for way in ways:
         whole = statistics.median(total[way])
+        wait = f"{max(longest[way]) * 1000:17.1f}" if longest[way][0] is not None else f"{'—':>17}"
         print(f"{way:20}{statistics.median(first[way]) * 1000:16.2f}{statistics.median(per_token[way]) * 1000:14.2f}"
-              f"{whole * 1000:10.1f}{whole / base:15.2f}")
+              f"{whole * 1000:10.1f}{whole / base:15.2f}{wait}")
     local_first = statistics.median(first["local, streamed"]) * 1000
     print()
     for way in [way for way in ways if way.endswith(", streamed") and way != "local, streamed"]:
