@@ -4,7 +4,8 @@
 block once and apply it to several generation steps; `SessionIteration` records a block of a session
 (traces included) once and applies it to each of several values. Both repeat the block as copies of
 its nodes (`Graph.extend_shifted`), so the graph stays plain data that runs anywhere; an `Iteration`
-also records its copies in `Graph.repeats`, so the block travels once on the wire.
+also records its copies in `Graph.repeats`, so the block travels once on the wire, and leaves them to
+be made as the run reaches their steps (`Graph.add_copy_later`): its end costs no node per step.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ class Iteration:
         if exc_type is not None:
             return False
         graph, start, end, first_step = tracer.graph, self.start, len(tracer.graph), self.steps[0]
-        repeat = graph.repeat(start, end, [(step - first_step, step) for step in self.steps[1:]])
+        # the copies are made as the run reaches their steps (see Plan), or when something reads them
+        repeat = graph.repeat(start, end, [(step - first_step, step) for step in self.steps[1:]], later=True)
         # where each step's copy starts (a streamed step finds its values)
         firsts = {first_step: start, **{step: first for first, _, step in repeat.copies}}
         if _read_per_step(tracer, start, end, firsts) and repeat.copies:
@@ -162,6 +164,7 @@ def _read_per_step(tracer, start: int, end: int, firsts: dict) -> bool:
     earlier = [(s, e, f) for s, e, f in tracer.copies if len(f) > 1]
     if not earlier:
         return False
+    tracer.graph.make_copies()  # (the copies change)
     nodes, size, changed = tracer.graph.nodes, end - start, False
     for step, first in firsts.items():
         for node in nodes[first:first + size]:

@@ -279,7 +279,7 @@ class Graph:
         # how many of the first nodes were checked for an untrusted run where they were decoded
         # (`deserialize_request`): `check_against_model` checks their structure only past them
         self.checked = 0
-        self.copies_made = True  # False while `add_copy_later` copies stand in for theirs: see make_copies
+        self.copies_made = True  # False while `add_copy_later` nodes may stand in for copies: see make_copies
 
     def add(self, op, target=None, args=(), kwargs=None, location=None, guard=None, saved=False) -> Node:
         node = Node(len(self.nodes), op, target, args, kwargs, location, guard, saved)
@@ -290,15 +290,21 @@ class Graph:
         return len(self.nodes)
 
     def __iter__(self):
+        self.make_copies()
         return iter(self.nodes)
 
     def __getitem__(self, index: int) -> Node:
         return self.nodes[index]
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Graph) and self.nodes == other.nodes
+        if not isinstance(other, Graph):
+            return False
+        self.make_copies()
+        other.make_copies()
+        return self.nodes == other.nodes
 
     def __hash__(self) -> int:
+        self.make_copies()
         return hash(tuple(self.nodes))
 
     def extend_shifted(self, nodes, base: int, calls: int = 0) -> int:
@@ -308,6 +314,7 @@ class Graph:
         first copy, so a block recorded once can be repeated (edits replayed into a trace, a block
         applied to several generation steps or session values); module calls move by `calls`.
         """
+        self.make_copies()  # (`nodes` may be some of this graph's own)
         first = len(self.nodes)
         self.nodes += _shifted(nodes, base, first, calls)
         return first
@@ -315,8 +322,9 @@ class Graph:
     def add_copy(self, start: int, end: int, calls: int, value: int) -> int:
         """Append a copy of nodes `start..end` with module calls moved by `calls` and its first node's
         args `(value,)`; returns the index of its first node. It is not recorded in `repeats`."""
-        first = self.extend_shifted(self.nodes[start:end], start, calls)
-        self.nodes[first].args = (value,)
+        first = len(self.nodes)
+        self.nodes += self.nodes[start:end]
+        self.make_copy(start, end, first, calls, value)
         return first
 
     def add_copy_later(self, start: int, end: int) -> int:
@@ -325,8 +333,9 @@ class Graph:
         needs its `Repeat` entry (its call shift and step). A server's front checks a copy by its template
         (see validate.py), so it needs no more, and the nodes it pickles for its worker process are then the
         template's again (pickle writes an object it has written once as a reference): the copies are made
-        where the graph runs, and no step of this costs a node. Such a graph must not run before its copies
-        are made."""
+        where the graph runs, and no step of this costs a node. A block over steps is recorded so too
+        (blocks.py). Such a graph must not run before its copies are made, and what reads its nodes as
+        recorded (iterating it, printing or comparing it, `saved()`) makes them all first."""
         first = len(self.nodes)
         self.nodes += self.nodes[start:end]
         self.copies_made = False
@@ -334,7 +343,7 @@ class Graph:
 
     def make_copies(self) -> None:
         """Make the copies of `repeats` that `add_copy_later` left to the template's nodes, in graph order
-        (a template may hold the copies of a block inside it)."""
+        (a template may hold the copies of a block inside it); one made already stays as it was made."""
         if self.copies_made:
             return
         for first, start, end, calls, value in sorted((first, repeat.start, repeat.end, calls, value)
@@ -346,13 +355,18 @@ class Graph:
     def make_copy(self, start: int, end: int, first: int, calls: int, value: int) -> None:
         """Make the copy at node `first` of nodes `start..end` (module calls moved by `calls`, its first
         node's args `(value,)`) that `add_copy_later` left to the template's nodes (a run that plans a copy
-        as its step comes makes it then)."""
+        as its step comes makes it then), unless it was made already: the nodes of a copy are its own, so
+        one still left holds its template's first node itself."""
+        if self.nodes[first] is not self.nodes[start]:
+            return
         self.nodes[first : first + end - start] = _shifted(self.nodes[start:end], start, first, calls)
         self.nodes[first].args = (value,)
 
-    def repeat(self, start: int, end: int, copies) -> Repeat:
-        """Append one copy of nodes `start..end` per `(calls, value)` of `copies` and record them."""
-        repeat = Repeat(start, end, tuple((self.add_copy(start, end, calls, value), calls, value)
+    def repeat(self, start: int, end: int, copies, *, later: bool = False) -> Repeat:
+        """Append one copy of nodes `start..end` per `(calls, value)` of `copies` and record them; `later`:
+        as `add_copy_later` leaves them (a run makes each as its step comes; reading the graph, all)."""
+        repeat = Repeat(start, end, tuple((self.add_copy_later(start, end) if later else
+                                           self.add_copy(start, end, calls, value), calls, value)
                                           for calls, value in copies))
         if repeat.copies:
             self.repeats.append(repeat)
@@ -372,20 +386,21 @@ class Graph:
     def intact_repeats(self) -> list[Repeat]:
         """The recorded copies that are still what `add_copy` makes of their template: nodes are not
         changed after recording but for `saved` (a node saved after its block is saved in the template
-        alone), so a copy whose saved flags differ from its template's is left out."""
-        intact = []
+        alone), so a copy whose saved flags differ from its template's is left out. A copy not made yet
+        (`add_copy_later`) is its template's nodes: intact."""
+        intact, nodes = [], self.nodes
         for repeat in self.repeats:
-            template = [node.saved for node in self.nodes[repeat.start:repeat.end]]
+            head, template = nodes[repeat.start], [node.saved for node in nodes[repeat.start:repeat.end]]
             size = len(template)
-            copies = tuple(copy for copy in repeat.copies
-                           if [node.saved for node in self.nodes[copy[0]:copy[0] + size]] == template)
+            copies = tuple(copy for copy in repeat.copies if nodes[copy[0]] is head
+                           or [node.saved for node in nodes[copy[0]:copy[0] + size]] == template)
             if copies:
                 intact.append(Repeat(repeat.start, repeat.end, copies))
         return intact
 
     def users(self) -> list[list[int]]:
         """For each node, the indices of the nodes that read it."""
-        users: list[list[int]] = [[] for _ in self.nodes]
+        users: list[list[int]] = [[] for _ in self]
         for node in self.nodes:
             for ref in node.refs():
                 users[ref].append(node.index)
@@ -393,10 +408,10 @@ class Graph:
 
     def saved(self) -> list[int]:
         """Indices of the nodes whose values are kept after execution."""
-        return [node.index for node in self.nodes if node.saved]
+        return [node.index for node in self if node.saved]
 
     def __str__(self) -> str:
-        return "\n".join(repr(node) for node in self.nodes) or "<empty graph>"
+        return "\n".join(repr(node) for node in self) or "<empty graph>"
 
 
 @dataclass

@@ -61,6 +61,7 @@ class Session(Recorder):
         it (its appends), are computed here once for its length (and again when the session runs). A
         value that needs a trace, or sits under a condition, is an error.
         """
+        self.graph.make_copies()
         nodes = self.graph.nodes
         needed: set[int] = set()
 

@@ -173,6 +173,8 @@ class Recorder:
             # those of steps that never came too (an early end of sequence); the proxy moves to a copy of it
             # that waits for its step (see _guard_in_step), and so do the lines after that read it
             object.__setattr__(proxy, "_index", self.record("call", "builtins.int", (proxy,))._index)
+        if any(repeat.start <= proxy._index < repeat.end for repeat in self.graph.repeats):
+            self.graph.make_copies()  # a block's node saved after the block: its copies stay as they were
         self.graph.nodes[proxy._index].saved = True
 
     # -- verbs shared by traces and sessions ----------------------------------------------------------
@@ -386,6 +388,7 @@ class Tracer(Recorder):
                           "this model until model.clear_edits().", *error.args[1:])
 
     def _receive(self, outcome, frame) -> None:
+        self.graph.make_copies()  # (those of steps the run did not reach: `tracer.graph` reads as recorded)
         self.results, self.missing = outcome.results, outcome.missing
         self._bind_last_steps()
         self._bind(frame, (self,))

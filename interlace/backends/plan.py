@@ -89,8 +89,7 @@ class Plan:
         while self.deferred and self.deferred[0][0] <= call:
             _, first, stop, calls, value = self.deferred.popleft()
             begin, end = self._template
-            if not self.graph.copies_made:
-                self.graph.make_copy(begin, end, first, calls, value)
+            self.graph.make_copy(begin, end, first, calls, value)
             self._add(first, stop, ready, done)
             for ref, count in self._outside.items():  # (counted when the plan was made)
                 self.remaining[ref] -= count

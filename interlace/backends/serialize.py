@@ -248,6 +248,8 @@ def serialize_request(request: Request, *, trusted: bool = False, compress: bool
         raise VersionError(f"cannot write wire format version {version}; this interlace writes version "
                            f"{' or '.join(map(str, SUPPORTED_VERSIONS))}")
     graph = request.graph
+    if version < 2:
+        graph.make_copies()  # (every node is listed)
     repeats = graph.intact_repeats() if version >= 2 and graph.repeats else []
     encoder, nodes, flags = _Encoder(), [], 0
     for node in _unrepeated(graph.nodes, repeats):

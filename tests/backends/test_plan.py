@@ -13,7 +13,7 @@ from interlace import LanguageModel
 from interlace.backends.local import Interleaver
 from interlace.backends.plan import Plan
 from interlace.backends.serialize import deserialize_request, serialize_request
-from interlace.graph import Request
+from interlace.graph import Graph, Request
 
 from helpers import same, tiny, tiny_tokenizer
 
@@ -180,3 +180,71 @@ def test_a_request_whose_copies_are_left_to_the_run_makes_each_as_it_plans_it(lm
         unmade = [first for first, _, _ in template.copies
                   if loaded.graph.nodes[first + 1] is loaded.graph.nodes[template.start + 1]]
         assert len(unmade) == (0 if not options else steps - 1 - last)
+
+
+@pytest.fixture
+def made_at_once(monkeypatch):
+    """Run the body with every block's copies made when the block ends (what every recording did before)."""
+    def made(run):
+        real = Graph.repeat
+        with monkeypatch.context() as patch:
+            patch.setattr(Graph, "repeat", lambda self, start, end, copies, later=False: real(self, start, end, copies))
+            return run()
+    return made
+
+
+def test_a_blocks_copies_are_made_as_the_run_reaches_their_steps_and_read_as_recorded(lm, made_at_once):
+    """Leaving a block over steps makes none of its copies (however many steps it asks for): the run makes each
+    as its step comes; the graph, read in the block or after the run, holds every copy, as made at once."""
+    def run(eos=None):
+        with lm.generate(PROMPT, max_new_tokens=6, eos_token_id=eos) as tracer:
+            hidden = interlace.list().save()
+            with tracer.all():
+                lm.transformer.h[1].output[:, -1] += 0.5
+                hidden.append(lm.transformer.h[0].output[:, -1])
+            left = [first for first, _, _ in tracer.graph.repeats[0].copies
+                    if tracer.graph.nodes[first] is tracer.graph.nodes[tracer.graph.repeats[0].start]]
+            out = lm.generator.output.save()
+        return tracer, hidden, out, left
+
+    tracer, hidden, out, left = run()
+    e_tracer, e_hidden, e_out, e_left = made_at_once(run)
+    assert len(left) == 5 and e_left == []
+    assert tracer.graph == e_tracer.graph and tracer.graph.copies_made
+    assert torch.equal(out, e_out) and all(torch.equal(a, b) for a, b in zip(hidden, e_hidden))
+    made = out[0, -6:].tolist()
+    last = next(step for step in range(2, 5) if made[step] not in made[:step])
+    tracer, hidden, out, _ = run(eos=made[last])  # ends early: the steps it never reached are made after it
+    assert len(hidden) == last + 1 and tracer.graph == e_tracer.graph
+    with lm.generate(PROMPT, max_new_tokens=3) as tracer:
+        with tracer.all():
+            lm.transformer.h[0].output.save()
+        listed = str(tracer.graph)  # (read in the block: made for it)
+    assert tracer.graph.copies_made and all(f"builtins.int]({k})" in listed for k in range(3))
+
+
+def test_a_blocks_node_saved_after_it_and_a_later_block_keep_the_copies_as_made_at_once(lm, made_at_once):
+    """Saving a block's value after the block saves its first step's alone, also when another block over
+    steps follows (whose copies are left to the run: those made already stay as they were)."""
+    def run():
+        with lm.generate(PROMPT, max_new_tokens=4) as tracer:
+            with tracer.all():
+                first = lm.transformer.h[0].output[:, -1]
+            first.save()
+            with tracer.all():
+                lm.transformer.h[1].output[:, -1] += 0.5
+            out = lm.generator.output.save()
+        return tracer, first, out
+
+    tracer, first, out = run()
+    e_tracer, e_first, e_out = made_at_once(run)
+    assert tracer.graph == e_tracer.graph and sorted(tracer.results) == sorted(e_tracer.results)
+    assert torch.equal(first, e_first) and torch.equal(out, e_out)
+    ids = lm.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    seen = []
+    handle = lm.module.transformer.h[0].register_forward_hook(lambda m, a, o: seen.append(o[:, -1]))
+    try:
+        lm.module(ids)
+    finally:
+        handle.remove()
+    assert torch.equal(first, seen[0])  # the first step's

@@ -75,7 +75,7 @@ def test_a_front_that_leaves_the_copies_to_its_worker_sends_the_template_once_an
     made = deserialize_request(data)
     left = deserialize_request(data, make_copies=False)
     assert not left.graph.copies_made and len(left.graph) == len(made.graph)
-    assert [node.op for node in left.graph] == [node.op for node in made.graph]  # what checks read of a copy
+    assert [node.op for node in left.graph.nodes] == [node.op for node in made.graph]  # what checks read of a copy
     repeat = made.graph.repeats[0]
     (first, _, _), *later = repeat.copies
     size = repeat.end - repeat.start
