@@ -242,16 +242,20 @@ def test_a_client_streams_from_a_server_that_answers_a_streamed_submission_with_
     assert same(got["steps"], expected["steps"]) and same(got["hidden"], expected["hidden"])
 
 
-def test_a_stream_nobody_reads_gives_its_connection_back(remote):
+def test_a_stream_nobody_reads_gives_its_connection_back_and_its_job_is_cancelled(remote):
+    """Dropped unread, a stream closes its connection, and the server cancels the job as for any reader that
+    leaves (its steps are slow here, so the job is still running when the server sees it go)."""
     pool = remote._remote._client._transport._pool
-    with remote.generate(PROMPT, max_new_tokens=2, remote=True, stream=True) as tracer:
+    with remote.generate(PROMPT, max_new_tokens=16, remote=True, stream=True) as tracer:
+        slow_generation(remote, tracer)
         remote.generator.output.save()
     assert any(not connection.is_idle() for connection in pool.connections)  # its events are open
     job = tracer.job
     del tracer
     gc.collect()
     assert all(connection.is_idle() or connection.is_closed() for connection in pool.connections)
-    assert job.result().results  # the job ran all the same
+    with pytest.raises(interlace.errors.CancelledError, match="its reader went away"):
+        job.result()
 
 
 def test_streams_read_to_the_end_leave_their_connection_for_the_next_request(remote):
