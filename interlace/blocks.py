@@ -136,6 +136,7 @@ class SessionIteration:
         if exc_type is not None:
             return False
         session, graph, start = self.session, self.session.graph, self.start
+        graph.make_copies()  # (the block's generations' blocks over steps: each value's loop copies them)
         template, traces = graph.nodes[start:], session.traces[self.first_trace:]
         offset = 0
         for number in range(1, self.length):

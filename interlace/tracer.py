@@ -456,7 +456,7 @@ class Editor(Tracer):
         self.edited._tracer = None
         self._closed = True
         if exc_type is None:
-            self.edited._edits = list(self.graph.nodes)
+            self.edited._edits = list(self.graph)  # (as recorded: see Graph.add_copy_later)
         return False
 
 

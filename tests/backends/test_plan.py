@@ -248,3 +248,23 @@ def test_a_blocks_node_saved_after_it_and_a_later_block_keep_the_copies_as_made_
     finally:
         handle.remove()
     assert torch.equal(first, seen[0])  # the first step's
+
+
+def test_a_session_loop_over_a_generation_with_a_block_over_steps_gives_each_values_steps(lm, made_at_once):
+    """session.iter copies a whole generation per value, its block over steps included: each value's copy
+    holds that block's copies as made, and gives what the copies made at the block's end give."""
+    def run():
+        with lm.session() as session:
+            seen = interlace.list().save()
+            with session.iter([1.0, 2.0]) as scale:
+                with lm.generate(PROMPT, max_new_tokens=3) as tracer:
+                    with tracer.all():
+                        lm.transformer.h[0].output[:, -1] *= scale
+                        seen.append(lm.lm_head.output[0, -1])
+        return session, seen
+
+    session, seen = run()
+    e_session, e_seen = made_at_once(run)
+    assert session.graph == e_session.graph
+    assert len(seen) == len(e_seen) == 6 and all(torch.equal(a, b) for a, b in zip(seen, e_seen))
+    assert not torch.equal(seen[1], seen[4])  # (step 1 of each value: scaled apart)
