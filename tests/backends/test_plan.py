@@ -103,6 +103,17 @@ def test_a_generation_that_ends_early_leaves_its_last_copies_unplanned_and_repor
     assert tracer.missing == e_tracer.missing
 
 
+def first_forward_last(lm):
+    """Layer 0's last position in a plain forward of the prompt (a hand-written hook): a generation's step 0."""
+    seen = []
+    handle = lm.module.transformer.h[0].register_forward_hook(lambda m, a, o: seen.append(o[:, -1]))
+    try:
+        lm.module(lm.tokenizer(PROMPT, return_tensors="pt")["input_ids"])
+    finally:
+        handle.remove()
+    return seen[0]
+
+
 def graph_of(lm, tokens: int, **options):
     tracer = record(lm, tokens, **options)[0]
     return tracer.graph
@@ -151,14 +162,7 @@ def test_plan_does_not_defer_a_block_whose_steps_a_later_block_reads_and_the_run
     assert len(tracer.graph.repeats) == 1 and not Plan(tracer.graph, 0, len(tracer.graph), defer_copies=True).deferred
     _, e_doubled = planned_first(run)
     assert len(doubled) == len(e_doubled) == 4 and all(torch.equal(a, b) for a, b in zip(doubled, e_doubled))
-    ids = lm.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    seen = []
-    handle = lm.module.transformer.h[0].register_forward_hook(lambda m, a, o: seen.append(o[:, -1]))
-    try:
-        lm.module(ids)
-    finally:
-        handle.remove()
-    assert torch.equal(doubled[0], seen[0] * 2) and not torch.equal(doubled[0], doubled[1])  # step 0's, then its own
+    assert torch.equal(doubled[0], first_forward_last(lm) * 2) and not torch.equal(doubled[0], doubled[1])  # step 0's, then its own
 
 
 def test_a_request_whose_copies_are_left_to_the_run_makes_each_as_it_plans_it(lm):
@@ -240,31 +244,5 @@ def test_a_blocks_node_saved_after_it_and_a_later_block_keep_the_copies_as_made_
     e_tracer, e_first, e_out = made_at_once(run)
     assert tracer.graph == e_tracer.graph and sorted(tracer.results) == sorted(e_tracer.results)
     assert torch.equal(first, e_first) and torch.equal(out, e_out)
-    ids = lm.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    seen = []
-    handle = lm.module.transformer.h[0].register_forward_hook(lambda m, a, o: seen.append(o[:, -1]))
-    try:
-        lm.module(ids)
-    finally:
-        handle.remove()
-    assert torch.equal(first, seen[0])  # the first step's
+    assert torch.equal(first, first_forward_last(lm))  # the first step's
 
-
-def test_a_session_loop_over_a_generation_with_a_block_over_steps_gives_each_values_steps(lm, made_at_once):
-    """session.iter copies a whole generation per value, its block over steps included: each value's copy
-    holds that block's copies as made, and gives what the copies made at the block's end give."""
-    def run():
-        with lm.session() as session:
-            seen = interlace.list().save()
-            with session.iter([1.0, 2.0]) as scale:
-                with lm.generate(PROMPT, max_new_tokens=3) as tracer:
-                    with tracer.all():
-                        lm.transformer.h[0].output[:, -1] *= scale
-                        seen.append(lm.lm_head.output[0, -1])
-        return session, seen
-
-    session, seen = run()
-    e_session, e_seen = made_at_once(run)
-    assert session.graph == e_session.graph
-    assert len(seen) == len(e_seen) == 6 and all(torch.equal(a, b) for a, b in zip(seen, e_seen))
-    assert not torch.equal(seen[1], seen[4])  # (step 1 of each value: scaled apart)

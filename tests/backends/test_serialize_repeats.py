@@ -219,17 +219,28 @@ def test_a_trace_that_fails_in_a_session_takes_its_repeats_along(lm):
     assert out.shape[-1] == lm.config.vocab_size
 
 
-def test_a_session_loop_over_a_generation_round_trips(lm):
+def test_a_session_loop_over_a_generation_round_trips(lm, monkeypatch):
     """session.iter copies whole traces: the first value's block travels once, the copies of the
-    later values' traces are listed, and the session's results come out the same."""
-    with lm.session() as session:
-        logits = interlace.list().save()
-        with session.iter([1.0, 2.0]) as scale:
-            with lm.generate(PROMPT, max_new_tokens=3) as tracer:
-                with tracer.all():
-                    lm.transformer.h[0].output[:, -1] *= scale
-                    logits.append(lm.lm_head.output[0, -1])
-        request = session.request()
+    later values' traces are listed, and the session's results come out the same; each value's copy holds
+    the block's copies as made (recorded with every copy made at the block's end: the same graph and values)."""
+    def record():
+        with lm.session() as session:
+            logits = interlace.list().save()
+            with session.iter([1.0, 2.0]) as scale:
+                with lm.generate(PROMPT, max_new_tokens=3) as tracer:
+                    with tracer.all():
+                        lm.transformer.h[0].output[:, -1] *= scale
+                        logits.append(lm.lm_head.output[0, -1])
+            request = session.request()
+        return request, logits
+
+    request, logits = record()
+    real = Graph.repeat
+    with monkeypatch.context() as patch:
+        patch.setattr(Graph, "repeat", lambda self, start, end, copies, later=False: real(self, start, end, copies))
+        at_once, at_once_logits = record()
+    assert request.graph == at_once.graph and same(list(logits), list(at_once_logits))
+    assert not torch.equal(logits[1], logits[4])  # (step 1 of each value: scaled apart)
     loaded = deserialize_request(serialize_request(request))
     assert len(request.graph.repeats) == 1 and loaded.graph == request.graph
     left = deserialize_request(serialize_request(request), make_copies=False)
