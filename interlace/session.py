@@ -149,6 +149,7 @@ class Session(Recorder):
             self._receive(outcome, frame, self.tracers)
 
     def _receive(self, outcome, frame, tracers) -> None:
+        self.graph.make_copies()  # (see Tracer._receive)
         results = outcome.results
         for alias, source in self.aliases.items():
             if source in results:

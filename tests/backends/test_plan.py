@@ -246,3 +246,17 @@ def test_a_blocks_node_saved_after_it_and_a_later_block_keep_the_copies_as_made_
     assert torch.equal(first, e_first) and torch.equal(out, e_out)
     assert torch.equal(first, first_forward_last(lm))  # the first step's
 
+
+
+def test_a_sessions_graph_holds_every_copy_after_a_generation_that_ended_early(lm):
+    """The copies of steps a generation never reached are made once it has run: the graph reads as recorded
+    (each node at its own index), in a session too."""
+    made = record(lm, tokens=6)[3][0, -6:].tolist()
+    last = next(step for step in range(2, 5) if made[step] not in made[:step])
+    with lm.session() as session:
+        with lm.generate(PROMPT, max_new_tokens=6, eos_token_id=made[last]) as tracer:
+            hidden = interlace.list().save()
+            with tracer.all():
+                hidden.append(lm.transformer.h[0].output[:, -1])
+    assert len(hidden) == last + 1
+    assert session.graph.copies_made and [node.index for node in session.graph.nodes] == list(range(len(session.graph)))
