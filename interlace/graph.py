@@ -357,10 +357,15 @@ class Graph:
         node's args `(value,)`) that `add_copy_later` left to the template's nodes (a run that plans a copy
         as its step comes makes it then), unless it was made already: the nodes of a copy are its own, so
         one still left holds its template's first node itself."""
-        if self.nodes[first] is not self.nodes[start]:
+        if not self.left(start, first):
             return
         self.nodes[first : first + end - start] = _shifted(self.nodes[start:end], start, first, calls)
         self.nodes[first].args = (value,)
+
+    def left(self, start: int, first: int) -> bool:
+        """Whether the copy at node `first` of the block starting at node `start` is still its template's
+        nodes (`add_copy_later`): a copy made has nodes of its own."""
+        return self.nodes[first] is self.nodes[start]
 
     def repeat(self, start: int, end: int, copies, *, later: bool = False) -> Repeat:
         """Append one copy of nodes `start..end` per `(calls, value)` of `copies` and record them; `later`:
@@ -390,9 +395,9 @@ class Graph:
         (`add_copy_later`) is its template's nodes: intact."""
         intact, nodes = [], self.nodes
         for repeat in self.repeats:
-            head, template = nodes[repeat.start], [node.saved for node in nodes[repeat.start:repeat.end]]
+            template = [node.saved for node in nodes[repeat.start:repeat.end]]
             size = len(template)
-            copies = tuple(copy for copy in repeat.copies if nodes[copy[0]] is head
+            copies = tuple(copy for copy in repeat.copies if self.left(repeat.start, copy[0])
                            or [node.saved for node in nodes[copy[0]:copy[0] + size]] == template)
             if copies:
                 intact.append(Repeat(repeat.start, repeat.end, copies))

@@ -173,9 +173,10 @@ class Recorder:
             # those of steps that never came too (an early end of sequence); the proxy moves to a copy of it
             # that waits for its step (see _guard_in_step), and so do the lines after that read it
             object.__setattr__(proxy, "_index", self.record("call", "builtins.int", (proxy,))._index)
-        if any(repeat.start <= proxy._index < repeat.end for repeat in self.graph.repeats):
-            self.graph.make_copies()  # a block's node saved after the block: its copies stay as they were
-        self.graph.nodes[proxy._index].saved = True
+        graph = self.graph
+        if not graph.copies_made and any(repeat.start <= proxy._index < repeat.end for repeat in graph.repeats):
+            graph.make_copies()  # a block's node saved after the block: its copies stay as they were
+        graph.nodes[proxy._index].saved = True
 
     # -- verbs shared by traces and sessions ----------------------------------------------------------
     def cond(self, predicate) -> Condition:

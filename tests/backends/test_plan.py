@@ -182,7 +182,7 @@ def test_a_request_whose_copies_are_left_to_the_run_makes_each_as_it_plans_it(lm
         assert sorted(outcome.results) == sorted(want.results) and outcome.missing == want.missing == tracer.missing
         assert all(same(outcome.results[index], value) for index, value in want.results.items())
         unmade = [first for first, _, _ in template.copies
-                  if loaded.graph.nodes[first + 1] is loaded.graph.nodes[template.start + 1]]
+                  if loaded.graph.left(template.start, first)]
         assert len(unmade) == (0 if not options else steps - 1 - last)
 
 
@@ -207,7 +207,7 @@ def test_a_blocks_copies_are_made_as_the_run_reaches_their_steps_and_read_as_rec
                 lm.transformer.h[1].output[:, -1] += 0.5
                 hidden.append(lm.transformer.h[0].output[:, -1])
             left = [first for first, _, _ in tracer.graph.repeats[0].copies
-                    if tracer.graph.nodes[first] is tracer.graph.nodes[tracer.graph.repeats[0].start]]
+                    if tracer.graph.left(tracer.graph.repeats[0].start, first)]
             out = lm.generator.output.save()
         return tracer, hidden, out, left
 
