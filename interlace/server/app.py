@@ -107,7 +107,7 @@ class Service:
                 try:
                     job.limits = hosted.limits_for(timeout)
                     job.request = hosted.admit(data)
-                    job.group, job.size = hosted.batching(job.request, job.limits)
+                    job.batching = functools.partial(hosted.batching, job.request, job.limits)
                     job.data = data
                     self.queues[hosted.name].put(job)
                 except Exception as error:  # noqa: BLE001 - the server's limits changed, the queue is full...
@@ -200,22 +200,18 @@ class Service:
         self.quota.check_active(key, self.store.active(key))
         limits = hosted.limits_for(timeout)
 
-        def admit():
-            request = hosted.admit(data)
-            return (request, *hosted.batching(request, limits))
-
         # a small request is checked right here: handing it to a thread and back would cost a streamed job's
         # first token more (two wake-ups) than the check (well under a millisecond); a large one would hold
         # up every other request meanwhile
         small = len(data) <= INLINE_ADMISSION[0] and (declared_nodes(data) or 0) <= INLINE_ADMISSION[1]
-        request, group, size = admit() if small else await run_in_threadpool(admit)
+        request = hosted.admit(data) if small else await run_in_threadpool(hosted.admit, data)
         # nothing awaits from here on: the checks and the queueing happen as one step
         self.quota.check_active(key, self.store.active(key))
         self.refuse_if_draining()
         if idempotency and (job := self.store.idempotent(key, idempotency)) is not None:  # sent twice at once
             return job
         job = Job(request, key=key, model=hosted.name, limits=limits, loop=asyncio.get_running_loop(), data=data,
-                  group=group, size=size, stream=stream)
+                  batching=functools.partial(hosted.batching, request, limits), stream=stream)
         self.store.add(job, fingerprint=hosted.fingerprint(), timeout=timeout, idempotency=idempotency)
         try:
             self.queues[hosted.name].put(job)

@@ -14,6 +14,7 @@ batches at once would see each other's activations). The store of jobs (by id, i
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
 import threading
@@ -33,11 +34,15 @@ class Job:
     """One request on its way through the server; created on the event loop's thread."""
 
     def __init__(self, request, *, key: str, model: str, limits, loop: asyncio.AbstractEventLoop, data: bytes = b"",
-                 group=None, size: int = 1, job_id: str | None = None, stream: bool = False):
+                 batching=None, job_id: str | None = None, stream: bool = False):
         self.id = job_id or secrets.token_urlsafe(16)  # random: ids cannot be guessed, only received
         self.request, self.key, self.model, self.limits = request, key, model, limits
         self.data = data  # the request's bytes as received (a runner in another process sends them on)
-        self.group, self.size = group, size  # jobs of one group may share a forward; size: its token positions
+        # what gives (group, size): jobs of one group may share a forward; size: its token positions. Asked
+        # the first time a batch needs them (a job alone in the queue never does: its prompt is not tokenized
+        # here, ahead of its first token); None: it runs alone
+        self.batching = batching
+        self._grouped: tuple | None = None
         self.stream = stream  # publish a `step` event per generation step
         self.state = "queued"
         self.position: int | None = None
@@ -52,6 +57,23 @@ class Job:
         self._changed = asyncio.Event()
         self._lock = threading.Lock()
         self.on_change = None  # set by the store: called when the job starts, and once when it is finished
+
+    @property
+    def group(self):
+        return self._grouping()[0]
+
+    @property
+    def size(self) -> int:
+        return self._grouping()[1]
+
+    def _grouping(self) -> tuple:
+        if self._grouped is None:
+            try:
+                self._grouped = self.batching() if self.batching is not None else (None, 1)
+            except Exception:  # noqa: BLE001 - (asked in the worker's thread) it runs alone, and its run says why
+                log.exception("finding the batching group of job %s failed; it runs alone", self.id)
+                self._grouped = (None, 1)
+        return self._grouped
 
     def info(self) -> dict:
         return {"id": self.id, "model": self.model, "state": self.state, "position": self.position,
@@ -167,11 +189,12 @@ class JobQueue:
                         return None
                     if not self._jobs:
                         break
-            batch, total = [], 0
-            for job in self._jobs:
+            batch, total = [first], None  # (no group or size is asked of a job that goes alone)
+            for job in itertools.islice(self._jobs, 1, None):
                 if len(batch) == jobs:
                     break
-                if batch and (first.group is None or job.group != first.group or total + job.size > size):
+                total = first.size if total is None else total
+                if first.group is None or job.group != first.group or total + job.size > size:
                     continue  # it waits for a batch of its own kind; order within a group is kept
                 batch.append(job)
                 total += job.size
@@ -205,7 +228,10 @@ class JobQueue:
 
 
 def model_groups(jobs: list[Job]) -> list:
-    """Each job's group as `Model.batching` gave it (a job's `group` is that and the limits, or None)."""
+    """Each job's group as `Model.batching` gave it (a job's `group` is that and the limits, or None); a
+    batch of one needs none."""
+    if len(jobs) == 1:
+        return [None]
     return [job.group and job.group[0] for job in jobs]
 
 

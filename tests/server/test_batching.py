@@ -13,7 +13,7 @@ import interlace
 from helpers import assert_close_in_batch
 from interlace.backends.remote import RemoteBackend
 from interlace.graph import Request
-from interlace.server.jobs import Job, JobQueue
+from interlace.server.jobs import Job, JobQueue, model_groups
 from serving import Server
 
 USERS = [f"user{i}" for i in range(10)]
@@ -200,8 +200,14 @@ def same_tokens(a, b) -> bool:
 
 # -- the queue's choice of a batch, without a server ------------------------------------------------
 
-def queued(queue, group, size=1) -> Job:
-    job = Job(None, key="k", model="m", limits=None, loop=_Loop(), group=group, size=size)
+def queued(queue, group, size=1, asked=None) -> Job:
+    """A job of `group` and `size` put in `queue`; `asked` (a list) gets the job each time its batching is asked."""
+    def batching():
+        if asked is not None:
+            asked.append(job)
+        return group, size
+
+    job = Job(None, key="k", model="m", limits=None, loop=_Loop(), batching=batching)
     queue.put(job)
     return job
 
@@ -220,6 +226,32 @@ def test_the_queue_batches_one_group_in_order_within_the_bounds():
     assert queue.take(jobs=8, size=4) == [alone]  # no group: always alone
     assert queue.take(jobs=8, size=4) == [a3]  # the first job of a batch goes even when over the bound
     assert [queued(queue, "a") for _ in range(3)] and len(queue.take(jobs=2, size=10)) == 2
+
+
+def test_a_job_alone_is_taken_without_its_batching_being_asked():
+    """Finding a job's group tokenizes its prompts: done only once a batch could hold another job beside it, so
+    a job alone in the queue goes to the model without it (and without it on the way to its first token)."""
+    queue, asked = JobQueue(depth=16), []
+    alone = queued(queue, "a", asked=asked)
+    assert queue.take(jobs=8, size=4) == [alone] and asked == []
+    assert model_groups([alone]) == [None] and asked == []
+    first, second, other = (queued(queue, (group, "limits"), asked=asked) for group in ("a", "a", "b"))
+    assert queue.take(jobs=8, size=4) == [first, second]
+    assert sorted(map(id, asked)) == sorted(map(id, [first, second, other]))  # each asked once
+    assert model_groups([first, second]) == ["a", "a"] and len(asked) == 3
+    assert queue.take(jobs=1, size=4) == [other] and len(asked) == 3
+
+
+def test_a_job_whose_batching_fails_runs_alone():
+    def failing():
+        raise RuntimeError("no tokenizer")
+
+    queue = JobQueue(depth=16)
+    first = queued(queue, "a")
+    broken = Job(None, key="k", model="m", limits=None, loop=_Loop(), batching=failing)
+    queue.put(broken)
+    assert queue.take(jobs=8, size=4) == [first]
+    assert queue.take(jobs=8, size=4) == [broken] and broken.group is None
 
 
 def test_the_queue_waits_for_companions_only_when_told():
