@@ -33,11 +33,9 @@ class Attachments:
     `inv_freq` buffer and sets `max_seq_len_cached` for a long prompt, which later calls then use (another
     job's numbers would depend on this one's prompt). `restore()` takes off what was added and puts back
     what was replaced, by identity: each module's instance dict and its parameter and buffer tables are
-    copied (shallow: ~0.5 ms for 400 modules). The copies are kept with the model's `ModelTree` and taken
-    again only when a table no longer holds what its copy does (comparing them costs a fraction of copying):
-    a run that restores leaves them equal, so the next one takes none. Hook ids only grow
-    (`RemovableHandle.next_id`), so a hook added since is one with a larger id (and when the only ids handed
-    out since are the caller's own hooks', no hook table needs a look).
+    copied (shallow: ~0.5 ms for 400 modules). Hook ids only grow (`RemovableHandle.next_id`), so a hook
+    added since is one with a larger id (and when the only ids handed out since are the caller's own
+    hooks', no hook table needs a look).
 
     >>> net = torch.nn.Linear(2, 2)
     >>> attachments = Attachments(net)
@@ -55,10 +53,7 @@ class Attachments:
         self.first_id = RemovableHandle.next_id  # hooks registered from now on have ids from here
         self.tree = ModelTree.of(root)
         self.tables = self.tree.tables
-        copies = self.tree.table_copies  # (never changed: a copy that no longer matches is replaced whole)
-        if copies is None or not _same(self.tables, copies):
-            copies = self.tree.table_copies = list(map(dict.copy, self.tables))
-        self.copies = copies
+        self.copies = list(map(dict.copy, self.tables))
 
     def _changed(self, own: int = 0):
         """(module name, what, the table, its copy, the keys added, the keys replaced) for every instance dict,

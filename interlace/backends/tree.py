@@ -43,7 +43,6 @@ class ModelTree:
         # what a run may change on a module in place: its instance dict, parameter table and buffer table (state.py)
         self.tables = [table for attributes in self.attributes
                        for table in (attributes, attributes["_parameters"], attributes["_buffers"])]
-        self.table_copies: list[dict] | None = None  # their shallow copies, as `state.Attachments` last took them
         ModelTree._members.update(module for _, module in self.modules)
         self.weights: list[tuple[str, torch.Tensor]] = []  # (name, tensor): every parameter and buffer once
         self.tensors: dict[int, torch.Tensor] = {}  # data_ptr -> a weight with that storage

@@ -22,7 +22,6 @@ from capped import Worker
 from helpers import MLP, assert_clean, check_without_refusing, tiny_tokenizer
 from hostile import CASES, Builder, model
 from interlace.backends.state import ModelState
-from interlace.backends.tree import ModelTree
 from interlace.backends.limits import Limits
 from interlace.backends.serialize import deserialize_request, serialize_graph
 from interlace.backends.writes import WriteCheck
@@ -175,28 +174,6 @@ def test_an_untrusted_run_takes_off_what_the_forward_attached_and_its_own_hooks(
         assert not module.inner._forward_hooks and not module._forward_hooks and not module._forward_pre_hooks
         assert "captured" not in vars(module.inner)
     assert len(kept._forward_hooks) == 1
-
-
-def test_an_untrusted_run_keeps_what_was_set_on_the_model_between_runs():
-    """The snapshot of the modules' tables is kept between runs (each run puts them back as they were) and
-    taken again when something else changed them since: what the model's owner set between two runs stays."""
-    torch.manual_seed(0)
-    module = _Attaching(False, False)
-    net = interlace.Model(module)
-    x = torch.randn(2, 3)
-    with net.trace(x) as tracer:
-        net.output.save()
-    module.attribute = True  # (from now on its forward leaves `captured` on `inner`)
-    request = deserialize_request(serialize_graph(tracer.graph, tracer.invokes, options=tracer.spec(0).options))
-    net.run(request, untrusted=True, limits=Limits())
-    tree = ModelTree.of(module)
-    copies = tree.table_copies
-    net.run(request, untrusted=True, limits=Limits())
-    assert tree.table_copies is copies  # nothing changed between the runs: not copied again
-    module.inner.note, module.inner.out_features = "kept", 4  # the owner's changes, between runs
-    net.run(request, untrusted=True, limits=Limits())
-    assert tree.table_copies is not copies
-    assert module.inner.note == "kept" and module.inner.out_features == 4 and "captured" not in vars(module.inner)
 
 
 def test_an_untrusted_run_may_not_write_a_gradient_the_weights_hold():
