@@ -7,9 +7,9 @@ for every process of the machine) as a request passes each stage, streams the st
 `benchmarks/streaming.py` (32 tokens), alternating with the same generation run here unless `--in-a-row`,
 and prints, per stage, the median time after the end of the client's `with` block and what that stage added:
 the client writing the request and sending it; the front reaching the app, reading the body, admitting the
-request (`HostedModel.admit`), finding its batching group, recording the job and queueing it; the worker
-thread taking it, the worker process receiving and unpickling it and reaching the run; the first step sent,
-received by the front, written to the event stream, and read by the client.
+request (`HostedModel.admit`), recording the job and queueing it (a job alone in the queue is not grouped for
+batching); the worker thread taking it, the worker process receiving and unpickling it and reaching the run;
+the first step sent, received by the front, written to the event stream, and read by the client.
 
 The marks come from wrapping the functions of each stage (this file is also the server's program: it wraps
 them in its front, and in the worker process it starts), so a stage renamed in the code is reported missing
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 STAGES = [
     "client: block ended", "client: request written", "client: sending", "front: app reached",
-    "front: body read", "front: admitted", "front: group found", "front: job recorded", "front: queued",
+    "front: body read", "front: admitted", "front: job recorded", "front: queued",
     "front: worker thread has it", "worker: batch received", "worker: batch unpickled", "worker: run begins",
     "worker: first step sent", "front: first step received", "front: first step written",
     "client: first step read",
@@ -104,7 +104,6 @@ def _front() -> None:
         return job
     app.Service.submit = submitted
     _after(hosting.HostedModel, "admit", "front: admitted")
-    _after(hosting.HostedModel, "batching", "front: group found")
     _after(store.JobStore, "add", "front: job recorded")
     _before(worker.ProcessRunner, "_run", "front: worker thread has it")
     _before(jobs.Job, "publish_step", "front: first step received")
