@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import inspect
 import os
 import statistics
 import sys
@@ -51,23 +52,22 @@ def mark(stage: str) -> None:
     _marks.write(f"{time.perf_counter():.7f} {stage}\n")
 
 
-def _after(owner, name: str, stage: str) -> None:
-    """Mark `stage` when `owner.name` returns."""
+def _marked(owner, name: str, stage: str, *, before: bool = False) -> None:
+    """Mark `stage` when `owner.name` returns (`before`: when it is called); a coroutine function when it ends."""
     original = getattr(owner, name)
-
-    def wrapped(*args, **kwargs):
-        result = original(*args, **kwargs)
-        mark(stage)
-        return result
-    setattr(owner, name, wrapped)
-
-
-def _before(owner, name: str, stage: str) -> None:
-    original = getattr(owner, name)
-
-    def wrapped(*args, **kwargs):
-        mark(stage)
-        return original(*args, **kwargs)
+    if inspect.iscoroutinefunction(original):
+        async def wrapped(*args, **kwargs):
+            result = await original(*args, **kwargs)
+            mark(stage)
+            return result
+    else:
+        def wrapped(*args, **kwargs):
+            if before:
+                mark(stage)
+            result = original(*args, **kwargs)
+            if not before:
+                mark(stage)
+            return result
     setattr(owner, name, wrapped)
 
 
@@ -89,24 +89,12 @@ def _front() -> None:
             await send(message)
         return await counted(self, scope, receive, sending)
     app._CountRefusals.__call__ = asgi
-    read_body = routes._read_body
-
-    async def body(*args, **kwargs):
-        data = await read_body(*args, **kwargs)
-        mark("front: body read")
-        return data
-    routes._read_body = body
-    submit = app.Service.submit
-
-    async def submitted(*args, **kwargs):
-        job = await submit(*args, **kwargs)
-        mark("front: queued")
-        return job
-    app.Service.submit = submitted
-    _after(hosting.HostedModel, "admit", "front: admitted")
-    _after(store.JobStore, "add", "front: job recorded")
-    _before(worker.ProcessRunner, "_run", "front: worker thread has it")
-    _before(jobs.Job, "publish_step", "front: first step received")
+    _marked(routes, "_read_body", "front: body read")
+    _marked(app.Service, "submit", "front: queued")
+    _marked(hosting.HostedModel, "admit", "front: admitted")
+    _marked(store.JobStore, "add", "front: job recorded")
+    _marked(worker.ProcessRunner, "_run", "front: worker thread has it", before=True)
+    _marked(jobs.Job, "publish_step", "front: first step received", before=True)
     worker._child = _worker
 
 
@@ -134,8 +122,8 @@ def _worker(connection, *args):
     from interlace.backends import local
     from interlace.server import replica, worker
 
-    _before(replica.ModelReplica, "answer", "worker: batch unpickled")
-    _before(local.Interleaver, "run", "worker: run begins")
+    _marked(replica.ModelReplica, "answer", "worker: batch unpickled", before=True)
+    _marked(local.Interleaver, "run", "worker: run begins", before=True)
     worker._child(_Connection(connection), *args)
 
 
@@ -150,8 +138,8 @@ def _client(args) -> None:
     from serving import Server
 
     torch.set_num_threads(1)
-    _after(RemoteBackend, "_encode", "client: request written")
-    _before(httpx.Client, "send", "client: sending")
+    _marked(RemoteBackend, "_encode", "client: request written")
+    _marked(httpx.Client, "send", "client: sending", before=True)
     with tempfile.TemporaryDirectory() as folder:
         marks = os.environ["INTERLACE_MARKS"] = os.path.join(folder, "marks")
         os.mkdir(marks)
