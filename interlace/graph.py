@@ -405,7 +405,8 @@ class Graph:
 
     def users(self) -> list[list[int]]:
         """For each node, the indices of the nodes that read it."""
-        users: list[list[int]] = [[] for _ in self]
+        self.make_copies()
+        users: list[list[int]] = [[] for _ in self.nodes]
         for node in self.nodes:
             for ref in node.refs():
                 users[ref].append(node.index)
