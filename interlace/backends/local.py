@@ -572,11 +572,11 @@ class Interleaver:
         outer, self.bypass = self.bypass, True
         try:
             if self.untrusted:
-                self.guard.before_module_call(module, node.target, args, kwargs)
+                weights = self.guard.before_module_call(module, node.target, args, kwargs)
             self.bypass = outer if hooked else True
             if self.untrusted:
-                return self.guard.call(f"calling {node.target}", module, args, kwargs, module=module)
-            return module(*args, **kwargs)
+                return self.guard.call_module(node.target, module, args, kwargs, weights)
+            return self.guard.local_call(module, args, kwargs)  # (handed a weight, it writes a copy: see Guard)
         finally:
             self.bypass = outer
 

@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import LimitError, RefusedError
+from .writes import written_tensors
 
 
 def elements(value) -> int:
@@ -281,20 +282,46 @@ class _ElementCounter(TorchDispatchMode):
         return result
 
 
-def rehearse(module: torch.nn.Module, path: str, args, kwargs) -> tuple[int, int, int]:
-    """(elements of the output, elements made inside, floating point operations) of calling `module`."""
+class _Rehearsal(_ElementCounter):
+    """Also notes whether an operator's schema declares a write to a tensor the call did not make: one of
+    its arguments or the module's weights (an in-place operation on a view of one included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made: dict[int, torch.UntypedStorage] = {}  # storages operators made, by id (kept: ids stay unique)
+        self.writes_outside = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if any(id(tensor.untyped_storage()) not in self.made for tensor in written_tensors(func, args, kwargs)):
+            self.writes_outside = True
+        result = super().__torch_dispatch__(func, types, args, kwargs)
+        returns = func._schema.returns
+        for declared, value in zip(returns, (result,) if len(returns) == 1 else result or ()):
+            if declared.alias_info is None:  # (a view or an in-place result is its argument's memory)
+                for tensor in value if isinstance(value, (list, tuple)) else (value,):
+                    if isinstance(tensor, torch.Tensor):
+                        storage = tensor.untyped_storage()
+                        self.made[id(storage)] = storage
+        return result
+
+
+def rehearse(module: torch.nn.Module, path: str, args, kwargs) -> tuple[int, int, int, bool]:
+    """(elements of the output, elements made inside, floating point operations, whether an operator inside
+    declares a write to a tensor the call did not make) of calling `module`."""
     weights = {name: tensor.to("meta") for name, tensor in
                list(module.named_parameters()) + list(module.named_buffers())}
-    counter, flops = _ElementCounter(), FlopCounterMode(display=False)
+    args, kwargs = _to_meta(tuple(args)), _to_meta(dict(kwargs))  # (made before: the call did not make them)
+    counter, flops = _Rehearsal(), FlopCounterMode(display=False)
     try:
         with torch.device("meta"), flops, counter:
-            output = torch.func.functional_call(module, weights, _to_meta(tuple(args)), _to_meta(dict(kwargs)))
+            output = torch.func.functional_call(module, weights, args, kwargs)
     except Exception as error:
         raise RefusedError(
             f"calling {path} on these values could not be checked ahead of running it "
             f"({type(error).__name__}: {error})"
         ) from None
-    return elements(output), counter.elements, flops.get_total_flops()
+    return elements(output), counter.elements, flops.get_total_flops(), counter.writes_outside
 
 
 def shapes(value):

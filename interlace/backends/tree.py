@@ -69,7 +69,7 @@ class ModelTree:
                     self.weights.append((name, tensor))
         self.weight_names = frozenset(names)  # every name a weight has (a tied one has several)
         self.first = next(iter(self.tensors.items()), None)  # (pointer, tensor): moved when the model is
-        self.rehearsals: dict[tuple, tuple[int, int, int]] = {}  # module calls, by shapes (`Guard.before_module_call`)
+        self.rehearsals: dict[tuple, tuple] = {}  # module calls, by shapes (`Guard.before_module_call`)
 
     @classmethod
     def of(cls, root: torch.nn.Module) -> "ModelTree":

@@ -100,6 +100,17 @@ _MOST_COPIED = 1 << 24  # bytes: a larger buffer is not kept to compare (a write
 _ARGUMENTS: dict = {}  # operator -> its (position, argument) that can hold tensors
 
 
+def written_tensors(func, args, kwargs) -> list[torch.Tensor]:
+    """The tensors bound to the arguments operator `func`'s schema declares it writes (`Tensor(a!)`)."""
+    written = []
+    for position, argument in _tensor_arguments(func):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            value = args[position] if position < len(args) else kwargs.get(argument.name)
+            written += [tensor for tensor in (value if isinstance(value, (list, tuple)) else (value,))
+                        if isinstance(tensor, torch.Tensor)]
+    return written
+
+
 def _tensor_arguments(func) -> list:
     arguments = _ARGUMENTS.get(func)
     if arguments is None:

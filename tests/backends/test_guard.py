@@ -133,6 +133,19 @@ def test_the_tree_is_kept_across_forwards_that_make_modules_and_listed_again_whe
     assert fresh is not tree and "layers.2.weight" in [name for name, _ in fresh.weights]
 
 
+def test_a_module_called_on_a_weight_that_writes_it_in_place_is_undone_after_the_trace():
+    """`model.act(weight)` where act is an in-place ReLU: the module's operator writes the weight it was handed."""
+    torch.manual_seed(0)
+    module, x = Net().eval(), torch.randn(2, 3)
+    module.act = torch.nn.ReLU(inplace=True)  # (not in the forward: called by the graph)
+    net = interlace.Model(module)
+    before = module.head.weight.detach().clone()
+    with net.trace(x):
+        changed = net.act(net.head.weight).clone().save()
+    assert torch.equal(changed, before.relu()) and not torch.equal(changed, before)  # the write happened in the run
+    assert torch.equal(module.head.weight, before)  # and was put back
+
+
 @pytest.mark.parametrize("write", [
     lambda w: torch.nn.functional.relu(w, True),
     lambda w: torch.nn.functional.hardtanh(w, -0.1, 0.1, True),
