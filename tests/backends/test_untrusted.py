@@ -275,6 +275,34 @@ def test_a_module_call_whose_rehearsal_writes_nothing_outside_it_runs_without_th
     assert checks == ["calling act"]  # the ReLU writes its argument: it runs under the check, which allows that
 
 
+class _Writes(torch.nn.Module):
+    def __init__(self, forward):
+        super().__init__()
+        self.weight, self.body = torch.nn.Parameter(torch.ones(3)), forward
+
+    def forward(self, x):
+        return self.body(self, x)
+
+
+def _made_and_written(module, x):
+    parts = [x * 1, x * 2]
+    torch._foreach_mul_(parts, 2)  # (an operator that writes a list and returns nothing)
+    y = parts[0] + parts[1]
+    y.view(-1).add_(1)  # through a view of what the call made
+    return y * module.weight
+
+
+@pytest.mark.parametrize("body, writes", [
+    (_made_and_written, False),
+    (lambda module, x: torch._foreach_mul_([module.weight], 2) or x, True),  # its weight
+    (lambda module, x: (x.view(-1)[:1].mul_(2), x)[1], True),  # its argument, through a view of it
+], ids=["what_it_made", "its_weight", "its_argument"])
+def test_a_rehearsal_tells_writes_to_what_the_call_made_from_writes_outside_it(body, writes):
+    from interlace.backends.sizes import rehearse
+
+    assert rehearse(_Writes(body), "m", (torch.randn(2, 3),), {})[3] is writes
+
+
 def test_a_module_call_that_would_write_its_weight_or_a_weight_it_is_handed_is_refused_before_the_write():
     torch.manual_seed(0)
     writers = _Writers().eval()
