@@ -177,7 +177,8 @@ def test_an_untrusted_run_takes_off_what_the_forward_attached_and_its_own_hooks(
 
 
 def test_an_untrusted_run_may_not_write_a_gradient_the_weights_hold():
-    """The weights the write check guards are listed once per model; their gradients are looked up each run."""
+    """The weights the write check guards are listed once per model; a gradient the graph reaches through a
+    parameter node's `.grad` is guarded as the node reads it."""
     torch.manual_seed(0)
     mlp = MLP()
     net = interlace.Model(mlp)
@@ -215,6 +216,31 @@ def test_a_module_call_is_rehearsed_once_per_model_and_shape_in_a_bounded_cache(
     assert rehearsed == [2, 3, 4, 2]
 
 
+class _Writes(torch.nn.Module):
+    """A module with a weight whose forward is `body(module, x)`."""
+
+    def __init__(self, body, width: int = 3):
+        super().__init__()
+        self.weight, self.body = torch.nn.Parameter(torch.ones(width)), body
+
+    def forward(self, x):
+        return self.body(self, x)
+
+
+def _scaled_in_place(module, x):
+    """Doubles its own weight (on every device), then scales by it."""
+    with torch.no_grad():
+        module.weight.mul_(2)
+    return x * module.weight
+
+
+def _scaled_in_place_off_meta(module, x):
+    """Doubles its own weight where a rehearsal on the meta device cannot see it."""
+    if x.device.type != "meta":
+        return _scaled_in_place(module, x)
+    return x * module.weight
+
+
 class _Writers(torch.nn.Module):
     """An MLP with modules the forward never calls, for graphs to call: one that writes its own weight where its
     operators say so, one that writes it only off the meta device (where a rehearsal cannot see it), and an
@@ -223,24 +249,12 @@ class _Writers(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.net = MLP()
-        self.declared = _ScaleInPlace(lambda x: True)
-        self.hidden = _ScaleInPlace(lambda x: x.device.type != "meta")
+        self.declared = _Writes(_scaled_in_place, 8)
+        self.hidden = _Writes(_scaled_in_place_off_meta, 8)
         self.act = torch.nn.ReLU(inplace=True)
 
     def forward(self, x):
         return self.net(x)
-
-
-class _ScaleInPlace(torch.nn.Module):
-    def __init__(self, writes):
-        super().__init__()
-        self.scale, self.writes = torch.nn.Parameter(torch.ones(8)), writes
-
-    def forward(self, x):
-        if self.writes(x):
-            with torch.no_grad():
-                self.scale.mul_(2)
-        return x * self.scale
 
 
 def _untrusted(net, path: str, argument):
@@ -254,7 +268,7 @@ def _untrusted(net, path: str, argument):
 
 
 def test_a_module_call_whose_rehearsal_writes_nothing_outside_it_runs_without_the_operator_check(monkeypatch):
-    """The norm, the head, a whole block: their operators write only what they make, so the call runs as it is
+    """The head and a whole block: their operators write only what they make, so the call runs as it is
     (the dispatch mode costs ~0.2 ms a call) and equals the module called by hand."""
     from interlace.backends import guard as guard_module
 
@@ -273,15 +287,6 @@ def test_a_module_call_whose_rehearsal_writes_nothing_outside_it_runs_without_th
     hidden = mlp.layers[0](mlp.embed(x))
     assert torch.equal(head, mlp.head(mlp.layers[1](hidden))) and torch.equal(act, torch.relu(hidden))
     assert checks == ["calling act"]  # the ReLU writes its argument: it runs under the check, which allows that
-
-
-class _Writes(torch.nn.Module):
-    def __init__(self, forward):
-        super().__init__()
-        self.weight, self.body = torch.nn.Parameter(torch.ones(3)), forward
-
-    def forward(self, x):
-        return self.body(self, x)
 
 
 def _made_and_written(module, x):
@@ -322,9 +327,9 @@ def test_a_write_a_module_makes_only_off_the_meta_device_fails_the_run_by_the_ve
     torch.manual_seed(0)
     writers = _Writers().eval()
     net = interlace.Model(writers)
-    with pytest.raises(WeightsChangedError, match=r"calling hidden changed weight\(s\) hidden.scale of the shared model") as caught:
+    with pytest.raises(WeightsChangedError, match=r"calling hidden changed weight\(s\) hidden.weight of the shared model") as caught:
         _untrusted(net, "hidden", lambda g: g.out("net.layers.0"))
-    assert caught.value.changed == ["hidden.scale"] and torch.equal(writers.hidden.scale, torch.full((8,), 2.0))
+    assert caught.value.changed == ["hidden.weight"] and torch.equal(writers.hidden.weight, torch.full((8,), 2.0))
 
 
 def test_a_logit_lens_copies_no_weight_and_equals_the_local_run(monkeypatch):
