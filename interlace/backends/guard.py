@@ -91,21 +91,24 @@ class Guard:
         """A local run's call of an allowed function. One handed a weight (or a view of one) runs under the
         operators' schemas (`WriteCheck`), which copy the weight before an operator writes it
         (`F.relu(w, inplace=True)`, `out=w`: no name says so), so the run puts it back; others run as they are."""
+        if self.holds_no_weight((*args, *kwargs.values()) if kwargs else args):
+            return fn(*args, **kwargs)
+        with WriteCheck({**self._tree.tensors, **self._named}, "a call", keep=self._keep):
+            return fn(*args, **kwargs)
+
+    def holds_no_weight(self, values) -> bool:
+        """Whether none of the tensors `values` (a local run's arguments, top level) is a weight or shares the
+        memory of one: a call with them cannot write a weight."""
         tree = self._tree or self._local_tree()
         weights, named = tree.tensors, self._named
-        # (inline: this runs for most nodes of a local run, between a model's modules, where each Python
-        # call costs several times what it does in a loop; a stale entry only costs the check below)
-        for value in (*args, *kwargs.values()) if kwargs else args:
+        for value in values:  # (a stale entry of the tree only costs WriteCheck's look)
             kind = type(value)
             if kind is torch.Tensor or kind is torch.nn.Parameter or (
                     isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor)):
                 pointer = value.untyped_storage().data_ptr()
                 if pointer and (pointer in weights or pointer in named):
-                    break
-        else:
-            return fn(*args, **kwargs)
-        with WriteCheck({**tree.tensors, **named}, "a call", keep=self._keep):
-            return fn(*args, **kwargs)
+                    return False
+        return True
 
     def _local_tree(self) -> ModelTree:
         self._tree = ModelTree.of(self.root)
@@ -198,9 +201,14 @@ class Guard:
             "operator's schema declared, so the run is refused. The weights stay changed: the server must reload "
             "the model before it runs another job. Compute on a copy (`w.clone()`).", changed=changed)
 
-    def restore_weights(self) -> None:
-        """Put back every weight storage a local run changed (an untrusted run copies none: it writes none)."""
+    def restore_weights(self, results: dict | None = None) -> None:
+        """Put back every weight storage a local run changed (an untrusted run copies none: it writes none).
+        A value of `results` (node -> saved value) in such a storage (a module's output that is a view of its
+        weight) is copied first: it keeps what the run made, which the model does not."""
         if self._copies:
+            for node, value in (results or {}).items():
+                if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in self._copies:
+                    results[node] = value.detach().clone()
             with torch.no_grad():
                 for storage, copy in self._copies.values():
                     storage.copy_(copy)

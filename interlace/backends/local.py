@@ -195,7 +195,7 @@ class Interleaver:
                             attachments.restore(own=sum(type(handle) is RemovableHandle for handle in self.handles))
                             restore_global_state(state)
                 finally:
-                    self.guard.restore_weights()
+                    self.guard.restore_weights(self.results)
             finally:
                 self._remove_hooks()  # whatever else failed, no hook stays on the model
         return self.results
@@ -211,13 +211,18 @@ class Interleaver:
             # the deadline and the cancel flag are checked between operations; a graph may have none
             # during a long generation (it saves only `generator.output`), but every step calls the root
             self.handles.append(self.root.register_forward_pre_hook(lambda module, args: self._step()))
+        kept = edits = {}  # (where an invoke's rows are cut from a value, none)
+        if self.rows is None:
+            kept = self.plan.kept
+            # (not where a later trace of a session reads a node of an edit: its value is kept for it)
+            edits = self.plan.edits if self.plain_calls and self.saved <= self.plan.saved else {}
         for path in outputs | inputs | skipped:
             module = self._module_at(path)
             if path in inputs:
                 hook = self._pre_hook(path)
                 self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
             if path in outputs:
-                hook = self._post_hook(path)
+                hook = self._post_hook(path, kept, edits)
                 self.handles.append(module.register_forward_hook(hook, prepend=_only_recorders(module)))
             if path in skipped:
                 self._patch_forward(module, path)
@@ -271,9 +276,10 @@ class Interleaver:
 
         return hook
 
-    def _post_hook(self, path):
+    def _post_hook(self, path, kept, edits):
+        """The hook of `path`'s output; `kept`, `edits`: the events of `Plan.kept` and `Plan.edits` it may do
+        itself (see `_install`)."""
         counter, calls, sources, owner = (path, "output"), self.calls, self.sources, self.owner
-        kept = self.plan.kept if self.rows is None else ()  # (an invoke's rows would be cut from the value)
         done, values, results, saved, guard = self.done, self.values, self.results, self.saved, self.guard
 
         def hook(module, args, output):
@@ -287,8 +293,11 @@ class Interleaver:
             if key not in sources:
                 return None
             if key not in kept:
-                event = self._event(key, output)
-                return event.value if event.changed else None
+                edit = edits.get(key)
+                if edit is None or self.ready or not self._edit(key, output, edit):
+                    event = self._event(key, output)
+                    return event.value if event.changed else None
+                return None
             # an event of `Plan.kept`: what _event and _finish would do for module values nothing reads (no
             # reader to wake, nothing read to free), inline: the commonest event, a saved output
             if self.untrusted:
@@ -304,6 +313,44 @@ class Interleaver:
             return None
 
         return hook
+
+    def _edit(self, key, output, edit) -> bool:
+        """An event of `Plan.edits`, module value `output`: do its `x[k] op= c` or `x[k] = c` here, as the general
+        path would do its nodes. False (nothing done) where it must go that way: the value or `c` is a weight's
+        memory (see Guard.local_call), or a `session.stop()` ended its nodes."""
+        indices, where, operator, constant = edit
+        done, first = self.done, indices[0]
+        if done[first] or not self.guard.holds_no_weight((output, constant)):
+            return False
+        del self.sources[key]
+        at = indices[-1]
+        try:
+            if operator is None:
+                output[where] = constant
+            else:
+                at = indices[1]
+                view = output[where]
+                at = indices[2]
+                new = operator(view, constant)
+                at = indices[3]  # (skipped where the operator wrote `x` through its view: see `_stores_onto_itself`)
+                if new is not view or type(output) is not torch.Tensor or output.layout is not torch.strided:
+                    output[where] = new
+        except Exception as error:
+            self.events.append(_Event(key, output))  # (the error names the event)
+            try:
+                failure = self._execution_error(self.nodes[at], error)
+            finally:
+                self.events.pop()
+            failure.__cause__ = error
+            self._node_failed(at, failure)
+        for index in indices:
+            done[index] = 1
+        self.finished += len(indices)
+        if first in self.saved:
+            self.values[first] = self.results[first] = output
+        if self.early_stop and self.finished == self.total and not self.events:
+            raise EarlyStop()
+        return True
 
     def _patch_forward(self, module, path) -> None:
         original = module.forward

@@ -80,7 +80,9 @@ class Plan:
         # output events whose module values are read whole by nothing of the graph (saved, most often):
         # the hook keeps the value and wakes no one (the commonest event, done without the general path)
         self.kept: dict[tuple, list[int]] = {}
-        self._keep_unread(self.sources)
+        # output events whose only work is one edit of the module's value by a constant (see `_edit`)
+        self.edits: dict[tuple, tuple] = {}
+        self._shortcuts(self.sources)
 
     def plan_copies(self, call: int, done) -> list[int]:
         """Plan the deferred copies whose module calls begin at or before `call` (`done`: the nodes
@@ -93,19 +95,52 @@ class Plan:
             self._add(first, stop, ready, done)
             for ref, count in self._outside.items():  # (counted when the plan was made)
                 self.remaining[ref] -= count
-            self._keep_unread({self.event_keys[index] for index in range(first, stop)
-                               if self.nodes[index].op == "module_value"})
+            self._shortcuts({self.event_keys[index] for index in range(first, stop)
+                             if self.nodes[index].op == "module_value"})
         return ready
 
-    def _keep_unread(self, keys) -> None:
-        users, nodes, sources, kept = self.users, self.nodes, self.sources, self.kept
+    def _shortcuts(self, keys) -> None:
+        """Note which of the events `keys` the hooks do without the general path (`kept`, `edits`)."""
+        users, nodes, sources, kept, edits = self.users, self.nodes, self.sources, self.kept, self.edits
         for key in keys:
             indices = sources[key]
-            if key[1] == "output" and key not in self.mutations and all(
-                    not users[i] and nodes[i].guard is None for i in indices):
+            kept.pop(key, None)
+            edits.pop(key, None)
+            if key[1] != "output":
+                continue
+            changes = self.mutations.get(key)
+            if changes is None and all(not users[i] and nodes[i].guard is None for i in indices):
                 kept[key] = indices
-            else:
-                kept.pop(key, None)
+            elif changes is not None and len(indices) == 1:
+                edit = self._edit(indices[0], changes)
+                if edit is not None:
+                    edits[key] = edit
+
+    def _edit(self, first: int, changes: list[int]):
+        """`((first, getitem, operator, setitem), k, operator, c)` where the only nodes that read module value
+        `first` (an event's only one) are those of `x[k] op= c` (`out[:, -1] += steer`), and
+        `((first, setitem), k, None, c)` where it is `x[k] = c` (`out[:, 0] = 0`), with `c` a constant, no cond,
+        and nothing else reading what they make; else None. The hook then does the edit itself, as the
+        general path would do it node by node."""
+        users, waiting, nodes, plain = self.users, self.waiting, self.nodes, self.plain_calls
+        store = changes[-1]
+        node = nodes[store]
+        if (nodes[first].guard is not None or node.guard is not None or store not in plain or users[store]
+                or store in self.saved):
+            return None
+        edit = None
+        if len(changes) == 1 and users[first] == [store] and _constant(node, 2):
+            edit = (first, store), node.args[1], None, node.args[2]
+        read, update = store - 2, store - 1
+        if (len(changes) == 2 and changes[0] == update and self.stores_back.get(store) == read
+                and users[first] == [read, store] and users[read] == [update, store] and users[update] == [store]
+                and waiting[read] == 1 and waiting[update] == 1 and read in plain and update in plain
+                and read not in self.saved and update not in self.saved and _constant(nodes[update], 1)):
+            operator = nodes[update]
+            edit = (first, read, update, store), node.args[1], ops.FUNCTIONS[operator.target][0], operator.args[1]
+        if edit is not None and self._outside and not self._outside.keys().isdisjoint(edit[0]):
+            return None  # (copies of a block not planned yet read one of its values: it must outlive the event)
+        return edit
 
     def _add(self, first: int, stop: int, ready: list, done=None) -> None:
         """Plan nodes `first..stop`, in graph order, after those planned so far; a node with nothing
@@ -129,7 +164,8 @@ class Plan:
                 self._previous_stop = index
             else:
                 # a read waits for the in-place changes recorded before it
-                extra = [last_mutation[ref] for ref in reads if ref in last_mutation] if last_mutation else []
+                extra = ([last_mutation[ref] for ref in reads if ref in last_mutation]
+                         if last_mutation and not last_mutation.keys().isdisjoint(reads) else [])
                 if op == "call_method" and node.target == "backward":
                     # each .grad recorded since the previous backward is this one's; a backward runs
                     # after the previous one has finished, never inside its gradient hooks
@@ -152,7 +188,10 @@ class Plan:
             if op == "call":  # (most nodes: their checks first, each once)
                 target = node.target
                 if target in VIEW_TARGETS:  # a view has its module event; other calls make new values
-                    event_keys[index] = self._event_key(node)
+                    viewed = node.args[0] if node.args else None
+                    if type(viewed) is Ref:
+                        viewed = viewed.index
+                        event_keys[index] = event_keys[viewed] if viewed >= start else self._earlier_key(viewed)
                 if target == "operator.getitem" and _reads_row_zero(nodes, node):
                     self.row_zero.add(index)
                 elif type(target) is str and target in functions:
@@ -286,12 +325,22 @@ def _store_back(nodes, index: int) -> bool:
     On a tensor `x`, `x[k]` is then a view of `x` and the operator wrote through it, so when the
     operator returned `v` itself the setitem would copy memory onto itself: it is skipped."""
     store, update, read = nodes[index], nodes[index - 1], nodes[index - 2]
-    return (len(store.args) == 3 and type(store.args[2]) is Ref and store.args[2].index == index - 1
-            and update.op == "call" and update.target in _IN_PLACE_OPERATORS and update.guard == store.guard
+    args = store.args
+    if len(args) != 3 or type(args[2]) is not Ref or args[2].index != index - 1 or read.target != "operator.getitem":
+        return False
+    return (update.op == "call" and update.target in _IN_PLACE_OPERATORS and update.guard == store.guard
             and update.args and type(update.args[0]) is Ref and update.args[0].index == index - 2
-            and read.op == "call" and read.target == "operator.getitem" and read.guard == store.guard
-            and len(read.args) == 2 and read.args[0] == store.args[0] and type(read.args[0]) is Ref
-            and _basic(store.args[1]) and read.args[1] == store.args[1])
+            and read.op == "call" and read.guard == store.guard and len(read.args) == 2
+            and type(read.args[0]) is Ref and type(args[0]) is Ref and read.args[0].index == args[0].index
+            and _basic(args[1]) and read.args[1] == args[1])
+
+
+def _constant(node, position: int) -> bool:
+    """Whether the argument at `position` of call `node` (`c` of `x[k] = c`, `v += c`) is no node's value, and
+    nothing else of the call but its first argument is."""
+    args = node.args
+    return (len(args) == position + 1 and not node.kwargs and type(args[0]) is Ref and len(node.refs()) == 1
+            and node._shallow and all(type(arg) is not Ref for arg in args[1:]))
 
 
 def _basic(key) -> bool:
@@ -299,7 +348,8 @@ def _basic(key) -> bool:
     for part in key if type(key) is tuple else (key,):
         kind = type(part)
         if kind is slice:
-            if not all(type(p) in _BASIC_INDEX for p in (part.start, part.stop, part.step)):
+            if (type(part.start) not in _BASIC_INDEX or type(part.stop) not in _BASIC_INDEX
+                    or type(part.step) not in _BASIC_INDEX):
                 return False
         elif kind not in _BASIC_INDEX:
             return False

@@ -8,6 +8,7 @@ import torch
 
 import interlace
 from interlace import Model, ProxyValueError
+from interlace.backends.plan import Plan
 
 from helpers import MLP, assert_clean
 
@@ -118,6 +119,128 @@ def test_augmented_assignment_to_a_weight_is_undone(mlp, x):
         plain = net.embed.output.save()
     with torch.no_grad():
         assert torch.equal(plain, mlp.embed(x))
+
+
+# -- edits the hook does itself (Plan.edits) ----------------------------------------------------------
+def _edits(tracer) -> list[str]:
+    """The module paths whose edit `Plan.edits` lets the hook do itself, in the graph `tracer` recorded."""
+    return sorted(key[0] for key in Plan(tracer.graph, 0, len(tracer.graph)).edits)
+
+
+def test_an_edit_by_a_constant_is_done_in_the_hook_as_hand_written_hooks_do_it(mlp, x):
+    """`out[k] op= c` and `out[k] = c`, `c` a constant, nothing else reading the module's value: the hook does the
+    edit itself, with the numbers of the same lines in hooks."""
+    net = Model(mlp)
+    steer = torch.linspace(-1.0, 1.0, 8)
+    with net.trace(x) as tracer:
+        net.layers[0].output[:, 1:] *= 0.5
+        net.layers[1].output[:, 0] = 0
+        net.layers[2].output[:] += steer
+        out = net.output.save()
+    assert _edits(tracer) == ["layers.0", "layers.1", "layers.2"]
+    def hooks(module, args, o):  # (returns None: the output stays the tensor it wrote)
+        if module is mlp.layers[0]:
+            o[:, 1:] *= 0.5
+        elif module is mlp.layers[1]:
+            o[:, 0] = 0
+        else:
+            o[:] += steer
+
+    handles = [layer.register_forward_hook(hooks) for layer in mlp.layers[:3]]
+    want = hooked(mlp, x, mlp.head, lambda o: o)
+    for handle in handles:
+        handle.remove()
+    assert torch.equal(out, want)
+    assert_clean(mlp)
+
+
+def test_edits_that_read_a_value_or_whose_value_is_read_go_the_general_way_with_the_same_numbers(mlp, x):
+    """A `c` that is a value of the graph, a second reader of the module's value (in graph order: it sees the
+    edit before it and not the one after it), `output[0]` (which may warn) and an edit saved on the way are
+    not the hook's own; they run node by node, as hooks would."""
+    net = Model(mlp)
+    with net.trace(x) as tracer:
+        net.layers[0].output[:, 0] += net.embed.output[:, 1]
+        h = net.layers[1].output
+        h[:, 0] = 0
+        before = h[:, 1].clone().save()
+        h[:, 1] = 7.0
+        net.layers[2].output[0] += 1.0
+        last = net.layers[3].output
+        part = last[:, 2]
+        part += 3.0
+        last[:, 2] = part
+        part.save()
+        out = net.output.save()
+    assert _edits(tracer) == []
+
+    def hooks(module, args, o):
+        if module is mlp.layers[0]:
+            o[:, 0] += embedded[:, 1]
+        elif module is mlp.layers[1]:
+            o[:, 0] = 0
+            seen.append(o[:, 1].clone())
+            o[:, 1] = 7.0
+        elif module is mlp.layers[2]:
+            o[0] += 1.0
+        elif module is mlp.layers[3]:
+            o[:, 2] += 3.0
+            seen.append(o[:, 2])
+
+    seen, embedded = [], None
+    with torch.no_grad():
+        embedded = mlp.embed(x)
+    handles = [layer.register_forward_hook(hooks) for layer in mlp.layers]
+    want = hooked(mlp, x, mlp.head, lambda o: o)
+    for handle in handles:
+        handle.remove()
+    assert torch.equal(out, want) and torch.equal(before, seen[0]) and torch.equal(part, seen[1])
+    assert_clean(mlp)
+
+
+class Table(torch.nn.Module):
+    """Its output is rows of its weight: a view of the weight's memory, not a new tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.arange(12.0).reshape(4, 3))
+
+    def forward(self, x):
+        return self.weight[: x.shape[0]]
+
+
+def test_an_edit_of_an_output_that_is_a_weights_memory_is_undone_after_the_trace(x):
+    """The plan lets the hook do the edit, but the value is a view of a weight: the edit goes the general way,
+    which keeps the weight and puts it back after the run."""
+    model = torch.nn.Sequential(Table(), torch.nn.Identity())
+    before = model[0].weight.detach().clone()
+    net = Model(model)
+    with net.trace(x) as tracer:
+        net[0].output[:, 0] += 100.0
+        out = net.output.save()
+    assert _edits(tracer) == ["0"]
+    want = before[:2].clone()
+    want[:, 0] += 100.0
+    assert torch.equal(out, want)
+    assert torch.equal(model[0].weight.detach(), before)
+    assert_clean(model)
+
+
+def test_an_edit_whose_value_a_later_trace_of_a_session_reads_is_kept_for_it(mlp, x):
+    net = Model(mlp)
+    with net.session():
+        with net.trace(x):
+            h = net.layers[1].output
+            part = h[:, 0]
+            part += 1.0
+            h[:, 0] = part
+        with net.trace(x):
+            later = (part * 2.0).save()
+    want = hooked(mlp, x, mlp.layers[1], lambda o: o)  # (the head's output; the layer's is read below)
+    with torch.no_grad():
+        layer_out = mlp.layers[1](mlp.layers[0](mlp.embed(x)))
+    assert want is not None and torch.equal(later, (layer_out[:, 0] + 1.0) * 2.0)
+    assert_clean(mlp)
 
 
 def test_replace_output_and_input(mlp, x):
@@ -665,6 +788,13 @@ def test_shape_error_names_the_user_line_and_module(mlp, x):
     message = str(info.value)
     assert "test_local.py" in message and "torch.ones(5)" in message
     assert "layers.1 (output, call 0)" in message
+    assert_clean(mlp)
+    with pytest.raises(interlace.ExecutionError) as info:  # (an edit the hook does itself: see Plan.edits)
+        with net.trace(x):
+            net.layers[2].output[:, 1] += torch.ones(3)  # wrong shape too
+    message = str(info.value)
+    assert "torch.ones(3)  # wrong shape too" in message and "layers.2 (output, call 0)" in message
+    assert "operator.iadd" in message
     assert_clean(mlp)
     with torch.no_grad():  # the model still works as before
         with net.trace(x):
