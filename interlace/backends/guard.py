@@ -93,13 +93,13 @@ class Guard:
         (`F.relu(w, inplace=True)`, `out=w`: no name says so), so the run puts it back; others run as they are."""
         if self.holds_no_weight((*args, *kwargs.values()) if kwargs else args):
             return fn(*args, **kwargs)
-        with WriteCheck({**self._tree.tensors, **self._named}, "a call", keep=self._keep):
+        with WriteCheck({**self.tree().tensors, **self._named}, "a call", keep=self._keep):
             return fn(*args, **kwargs)
 
     def holds_no_weight(self, values) -> bool:
         """Whether none of the tensors `values` (a local run's arguments, top level) is a weight or shares the
         memory of one: a call with them cannot write a weight."""
-        tree = self._tree or self._local_tree()
+        tree = self._tree or self.tree()
         weights, named = tree.tensors, self._named
         for value in values:  # (a stale entry of the tree only costs WriteCheck's look)
             kind = type(value)
@@ -110,8 +110,10 @@ class Guard:
                     return False
         return True
 
-    def _local_tree(self) -> ModelTree:
-        self._tree = ModelTree.of(self.root)
+    def tree(self) -> ModelTree:
+        """The model's `ModelTree`, looked up once a run."""
+        if self._tree is None:
+            self._tree = ModelTree.of(self.root)
         return self._tree
 
     def _keep(self, storage: torch.UntypedStorage) -> None:
@@ -123,7 +125,7 @@ class Guard:
     def _is_weight(self, pointer: int) -> bool:
         if self.untrusted:  # every weight, and the gradients the graph named
             return pointer in self._weights()
-        return (self._tree or self._local_tree()).holds(pointer)
+        return self.tree().holds(pointer)
 
     def _weights(self) -> dict[int, torch.Tensor]:
         """data_ptr -> a tensor in that storage, of every weight (as the model's tree lists them once) and of

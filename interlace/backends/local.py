@@ -243,7 +243,9 @@ class Interleaver:
     def _module_at(self, path: str) -> torch.nn.Module:
         if path in self.extra_modules:
             return self.extra_modules[path]
-        return submodule(self.root, path)  # rewrites, on first use, the forwards `.source` points are in
+        module = self.guard.tree().by_path.get(path)
+        # (a `.source` point not made yet: made now, by rewriting the forwards it is in)
+        return module if module is not None else submodule(self.root, path)
 
     def _remove_hooks(self) -> None:
         for handle in reversed(self.handles):

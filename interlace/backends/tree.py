@@ -38,7 +38,7 @@ class ModelTree:
         self.epoch = ModelTree.epoch
         # every (path, module), a module shared by two paths under both (its hooks are looked at once each)
         self.modules = list(root.named_modules(remove_duplicate=False))
-        self.paths = frozenset(name for name, _ in self.modules)
+        self.by_path = dict(self.modules)
         self.attributes = [vars(module) for _, module in self.modules]  # each module's instance dict (itself)
         # what a run may change on a module in place: its instance dict, parameter table and buffer table (state.py)
         self.tables = [table for attributes in self.attributes

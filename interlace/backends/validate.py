@@ -196,7 +196,7 @@ def check_against_model(graph: Graph, root, extra_modules: dict, invokes: int, s
             check_node(node, graph.nodes, False)
         if node.op in ("module_value", "skip", "module_call"):
             if modules is None:
-                modules = {*ModelTree.of(root).paths, *extra_modules}  # (a `.source` point found is added)
+                modules = {*ModelTree.of(root).by_path, *extra_modules}  # (a `.source` point found is added)
             if node.target not in modules:
                 _source_point(node, root, modules)
             if node.op == "module_call" and node.target in extra_modules:

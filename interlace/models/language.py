@@ -242,8 +242,14 @@ class LanguageModel(Model):
             )
         return inputs, {}, kwargs
 
+    def run(self, request, **options):
+        """`Model.run`, with the weights loaded first where they are not yet (`dispatch=False`): before the run's
+        guard is made, which must know the loaded modules and weights, not those on the meta device."""
+        self.dispatch()
+        return super().run(request, **options)
+
     def _execute(self, graph, trace, *, on_step=None, **run) -> Interleaver:
-        if not self.dispatched:
+        if not self.dispatched:  # (a merged run of a server's requests comes here directly)
             self.dispatch()
         options = trace.options
         forward_kwargs = options.get("kwargs", {})
