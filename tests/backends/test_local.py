@@ -119,6 +119,14 @@ def test_augmented_assignment_to_a_weight_is_undone(mlp, x):
         plain = net.embed.output.save()
     with torch.no_grad():
         assert torch.equal(plain, mlp.embed(x))
+    before = mlp.embed.weight.detach().clone()
+    with net.trace(x):
+        weight = net.embed.weight
+        weight[1, :] -= 5.0
+        weight = weight.save()  # what the run made, not the weight put back after it
+    want = before.clone()
+    want[1, :] -= 5.0
+    assert torch.equal(weight, want) and torch.equal(mlp.embed.weight.detach(), before)
 
 
 # -- edits the hook does itself (Plan.edits) ----------------------------------------------------------
