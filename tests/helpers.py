@@ -34,6 +34,17 @@ class MLP(torch.nn.Module):
         return self.head(h)
 
 
+class Table(torch.nn.Module):
+    """Returns a view of its own weight (as a learned position table sliced to the input does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.arange(12.0).reshape(4, 3))
+
+    def forward(self, x):
+        return self.table[: x.shape[0]]
+
+
 def assert_clean(module: torch.nn.Module):
     """No hooks and no patched forward (but a `.source` rewrite) left anywhere in the module tree."""
     for name, sub in module.named_modules():

@@ -10,7 +10,7 @@ import interlace
 from interlace import Model, ProxyValueError
 from interlace.backends.plan import Plan
 
-from helpers import MLP, assert_clean
+from helpers import MLP, Table, assert_clean
 
 
 def hooked(model, x, module, fn):
@@ -206,22 +206,11 @@ def test_edits_that_read_a_value_or_whose_value_is_read_go_the_general_way_with_
     assert_clean(mlp)
 
 
-class Table(torch.nn.Module):
-    """Its output is rows of its weight: a view of the weight's memory, not a new tensor."""
-
-    def __init__(self):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.arange(12.0).reshape(4, 3))
-
-    def forward(self, x):
-        return self.weight[: x.shape[0]]
-
-
 def test_an_edit_of_an_output_that_is_a_weights_memory_is_undone_after_the_trace(x):
     """The plan lets the hook do the edit, but the value is a view of a weight: the edit goes the general way,
     which keeps the weight and puts it back after the run."""
     model = torch.nn.Sequential(Table(), torch.nn.Identity())
-    before = model[0].weight.detach().clone()
+    before = model[0].table.detach().clone()
     net = Model(model)
     with net.trace(x) as tracer:
         net[0].output[:, 0] += 100.0
@@ -230,7 +219,7 @@ def test_an_edit_of_an_output_that_is_a_weights_memory_is_undone_after_the_trace
     want = before[:2].clone()
     want[:, 0] += 100.0
     assert torch.equal(out, want)
-    assert torch.equal(model[0].weight.detach(), before)
+    assert torch.equal(model[0].table.detach(), before)
     assert_clean(model)
 
 
