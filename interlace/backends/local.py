@@ -214,8 +214,10 @@ class Interleaver:
         kept = edits = {}  # (where an invoke's rows are cut from a value, none)
         if self.rows is None:
             kept = self.plan.kept
-            # (not where a later trace of a session reads a node of an edit: its value is kept for it)
-            edits = self.plan.edits if self.plain_calls and self.saved <= self.plan.saved else {}
+            # not where a later trace of a session reads a node of this one that is not saved (it may be an
+            # edit's, whose value the hook does not keep); values of earlier traces are no edit's
+            later = any(index >= self.start for index in self.saved - self.plan.saved)
+            edits = self.plan.edits if self.plain_calls and not later else {}
         for path in outputs | inputs | skipped:
             module = self._module_at(path)
             if path in inputs:

@@ -8,6 +8,7 @@ import torch
 
 import interlace
 from interlace import Model, ProxyValueError
+from interlace.backends.local import Interleaver
 from interlace.backends.plan import Plan
 
 from helpers import MLP, Table, assert_clean
@@ -221,6 +222,28 @@ def test_an_edit_of_an_output_that_is_a_weights_memory_is_undone_after_the_trace
     assert torch.equal(out, want)
     assert torch.equal(model[0].table.detach(), before)
     assert_clean(model)
+
+
+def test_a_sessions_later_trace_does_its_edit_in_the_hook_with_the_earlier_traces_values_at_hand(
+        mlp, x, monkeypatch):
+    done_by_hooks, edit = [], Interleaver._edit
+
+    def counted(self, *args):
+        done_by_hooks.append(edit(self, *args))
+        return done_by_hooks[-1]
+
+    monkeypatch.setattr(Interleaver, "_edit", counted)
+    net = Model(mlp)
+    with net.session():
+        with net.trace(x):
+            first = net.layers[0].output.save()
+        with net.trace(x):
+            net.layers[1].output[:, 0] = 0
+            out = (net.output + first.sum()).save()  # (reads the first trace's value)
+    want = hooked(mlp, x, mlp.layers[1], lambda o: o.__setitem__((slice(None), 0), 0))
+    assert done_by_hooks == [True]
+    assert torch.equal(out, want + first.sum())
+    assert_clean(mlp)
 
 
 def test_an_edit_whose_value_a_later_trace_of_a_session_reads_is_kept_for_it(mlp, x):
