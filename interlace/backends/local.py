@@ -321,22 +321,21 @@ class Interleaver:
     def _edit(self, key, output, edit) -> bool:
         """An event of `Plan.edits`, module value `output`: do its `x[k] op= c` or `x[k] = c` here, as the general
         path would do its nodes. False (nothing done) where it must go that way: the value or `c` is a weight's
-        memory (see Guard.local_call), or a `session.stop()` ended its nodes."""
-        indices, where, operator, constant = edit
-        done, first = self.done, indices[0]
-        if done[first] or not self.guard.holds_no_weight((output, constant)):
+        memory (see Guard.local_call), or a `session.stop()` ended some of its nodes."""
+        values, steps, where, operator, constant = edit
+        done = self.done
+        if any(done[index] for index in values) or not self.guard.holds_no_weight((output, constant)):
             return False
         del self.sources[key]
-        at = indices[-1]
+        at = steps[0]
         try:
             if operator is None:
                 output[where] = constant
             else:
-                at = indices[1]
                 view = output[where]
-                at = indices[2]
+                at = steps[1]
                 new = operator(view, constant)
-                at = indices[3]  # (skipped where the operator wrote `x` through its view: see `_stores_onto_itself`)
+                at = steps[2]  # (skipped where the operator wrote `x` through its view: see `_stores_onto_itself`)
                 if new is not view or type(output) is not torch.Tensor or output.layout is not torch.strided:
                     output[where] = new
         except Exception as error:
@@ -347,11 +346,14 @@ class Interleaver:
                 self.events.pop()
             failure.__cause__ = error
             self._node_failed(at, failure)
-        for index in indices:
+        saved = self.saved
+        for index in values:
             done[index] = 1
-        self.finished += len(indices)
-        if first in self.saved:
-            self.values[first] = self.results[first] = output
+            if index in saved:
+                self.values[index] = self.results[index] = output
+        for index in steps:
+            done[index] = 1
+        self.finished += len(values) + len(steps)
         if self.early_stop and self.finished == self.total and not self.events:
             raise EarlyStop()
         return True

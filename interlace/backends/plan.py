@@ -111,17 +111,19 @@ class Plan:
             changes = self.mutations.get(key)
             if changes is None and all(not users[i] and nodes[i].guard is None for i in indices):
                 kept[key] = indices
-            elif changes is not None and len(indices) == 1:
-                edit = self._edit(indices[0], changes)
+            elif changes is not None:
+                read = [i for i in indices if users[i] or nodes[i].guard is not None]
+                edit = self._edit(read[0], indices, changes) if len(read) == 1 else None
                 if edit is not None:
                     edits[key] = edit
 
-    def _edit(self, first: int, changes: list[int]):
-        """`((first, getitem, operator, setitem), k, operator, c)` where the only nodes that read module value
-        `first` (an event's only one) are those of `x[k] op= c` (`out[:, -1] += steer`), and
-        `((first, setitem), k, None, c)` where it is `x[k] = c` (`out[:, 0] = 0`), with `c` a constant, no cond,
-        and nothing else reading what they make; else None. The hook then does the edit itself, as the
-        general path would do it node by node."""
+    def _edit(self, first: int, values: list[int], changes: list[int]):
+        """`(values, (getitem, operator, setitem), k, operator, c)` where the only nodes that read module value
+        `first` are those of `x[k] op= c` (`out[:, -1] += steer`), and `(values, (setitem,), k, None, c)` where
+        it is `x[k] = c` (`out[:, 0] = 0`), with `c` a constant, no cond, and nothing else reading what they make;
+        the event's other module values `values` (`first` among them) are read by nothing (saved: their value
+        is the module's edited one, whether recorded before the edit or after). Else None. The hook then does
+        the edit itself, as the general path would do it node by node."""
         users, waiting, nodes, plain = self.users, self.waiting, self.nodes, self.plain_calls
         store = changes[-1]
         node = nodes[store]
@@ -130,15 +132,16 @@ class Plan:
             return None
         edit = None
         if len(changes) == 1 and users[first] == [store] and _constant(node, 2):
-            edit = (first, store), node.args[1], None, node.args[2]
+            edit = tuple(values), (store,), node.args[1], None, node.args[2]
         read, update = store - 2, store - 1
         if (len(changes) == 2 and changes[0] == update and self.stores_back.get(store) == read
                 and users[first] == [read, store] and users[read] == [update, store] and users[update] == [store]
                 and waiting[read] == 1 and waiting[update] == 1 and read in plain and update in plain
                 and read not in self.saved and update not in self.saved and _constant(nodes[update], 1)):
             operator = nodes[update]
-            edit = (first, read, update, store), node.args[1], ops.FUNCTIONS[operator.target][0], operator.args[1]
-        if edit is not None and self._outside and not self._outside.keys().isdisjoint(edit[0]):
+            edit = (tuple(values), (read, update, store), node.args[1], ops.FUNCTIONS[operator.target][0],
+                    operator.args[1])
+        if edit is not None and self._outside and not self._outside.keys().isdisjoint([*edit[0], *edit[1]]):
             return None  # (copies of a block not planned yet read one of its values: it must outlive the event)
         return edit
 

@@ -137,29 +137,36 @@ def _edits(tracer) -> list[str]:
 
 
 def test_an_edit_by_a_constant_is_done_in_the_hook_as_hand_written_hooks_do_it(mlp, x):
-    """`out[k] op= c` and `out[k] = c`, `c` a constant, nothing else reading the module's value: the hook does the
-    edit itself, with the numbers of the same lines in hooks."""
+    """`out[k] op= c` and `out[k] = c`, `c` a constant, nothing else reading the module's value (saving it, before
+    or after the edit, is no read): the hook does the edit itself, with the numbers of the same lines in hooks."""
     net = Model(mlp)
     steer = torch.linspace(-1.0, 1.0, 8)
     with net.trace(x) as tracer:
         net.layers[0].output[:, 1:] *= 0.5
+        before = net.layers[1].output.save()  # (the module's value itself: edited below)
         net.layers[1].output[:, 0] = 0
         net.layers[2].output[:] += steer
+        after = net.layers[2].output.save()
         out = net.output.save()
     assert _edits(tracer) == ["layers.0", "layers.1", "layers.2"]
+
     def hooks(module, args, o):  # (returns None: the output stays the tensor it wrote)
         if module is mlp.layers[0]:
             o[:, 1:] *= 0.5
         elif module is mlp.layers[1]:
             o[:, 0] = 0
+            seen.append(o)
         else:
             o[:] += steer
+            seen.append(o)
 
+    seen = []
     handles = [layer.register_forward_hook(hooks) for layer in mlp.layers[:3]]
     want = hooked(mlp, x, mlp.head, lambda o: o)
     for handle in handles:
         handle.remove()
-    assert torch.equal(out, want)
+    assert torch.equal(out, want) and torch.equal(before, seen[0]) and torch.equal(after, seen[1])
+    assert torch.equal(before[:, 0], torch.zeros(2))
     assert_clean(mlp)
 
 
