@@ -11,7 +11,9 @@ reports the median over repeats, after warmup. Four sections:
    item, so a regression shows in one run. With a venv holding nnsight (`.venv-nnsight/`, or the
    python named by `$NNSIGHT_PYTHON`; torch==2.13.0 installed first, then `nnsight==0.8.1
    "transformers==5.*"`) the same work runs there under nnsight, with its own bare forward measured
-   beside it; else that column is skipped. CPU time of this thread, one torch thread, lower quartile
+   beside it; else that column is skipped. `--baseline CHECKOUT` runs it once more under another
+   checkout's interlace (`git worktree add /tmp/base <commit>`), with this script's harness, in a
+   process of its own (it runs after this one: compare each column's µs per item over its own raw hooks). CPU time of this thread, one torch thread, lower quartile
    of the repeats (these machines are shared: neighbours only add time, to wall time most of all);
    "mean" fits the mean instead, which also counts what comes now and then, as the garbage
    collector's full passes do.
@@ -50,7 +52,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+# run from a checkout without installing; `--baseline` runs this script with another checkout's interlace
+sys.path.insert(0, os.environ.get("INTERLACE_CHECKOUT") or str(Path(__file__).resolve().parents[1]))
 import interlace  # noqa: E402
 
 
@@ -384,28 +387,37 @@ def item_costs(wrap, repeats: int, warmup: int) -> dict:
     return costs
 
 
-def nnsight_costs(repeats: int, warmup: int):
-    """`item_costs` under nnsight, run by the nnsight venv (None when there is none)."""
-    if not os.path.exists(NNSIGHT_PYTHON):
+def worker_costs(python: str, repeats: int, warmup: int, checkout: str | None = None):
+    """`item_costs` in a process of its own: under nnsight, run by the nnsight venv's `python`, or under the
+    interlace of another `checkout` (the same harness, this script). None when there is no such python or
+    its run failed."""
+    if not os.path.exists(python):
         return None
-    command = [NNSIGHT_PYTHON, __file__, "--nnsight-worker", str(repeats), str(warmup)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    what = "baseline" if checkout else "nnsight"
+    env = {**os.environ, "INTERLACE_CHECKOUT": os.path.abspath(checkout)} if checkout else None
+    command = [python, __file__, "--worker", what, str(repeats), str(warmup)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
-        print(f"(nnsight column skipped: its run failed)\n{done.stderr[-2000:]}")
+        print(f"({what} column skipped: its run failed)\n{done.stderr[-2000:]}")
         return None
     rows = json.loads(done.stdout.strip().splitlines()[-1])
     return {tuple(key): value for key, value in rows}
 
 
-def _nnsight_worker(repeats: int, warmup: int) -> None:
-    import nnsight
+def _worker(what: str, repeats: int, warmup: int) -> None:
+    if what == "nnsight":
+        import nnsight
 
-    costs = item_costs(nnsight.NNsight, repeats, warmup)
-    print(json.dumps([[list(key), value] for key, value in costs.items()] + [[["version"], nnsight.__version__]]))
+        wrap, version = nnsight.NNsight, nnsight.__version__
+    else:
+        wrap, version = interlace.Model, os.environ["INTERLACE_CHECKOUT"]
+    costs = item_costs(wrap, repeats, warmup)
+    print(json.dumps([[list(key), value] for key, value in costs.items()] + [[["version"], version]]))
 
 
-def item_rows(repeats: int, warmup: int) -> list[list[str]]:
-    ours, theirs = item_costs(interlace.Model, repeats, warmup), nnsight_costs(repeats, warmup)
+def item_rows(repeats: int, warmup: int, baseline: str | None = None) -> list[list[str]]:
+    ours, theirs = item_costs(interlace.Model, repeats, warmup), worker_costs(NNSIGHT_PYTHON, repeats, warmup)
+    before = worker_costs(sys.executable, repeats, warmup, baseline) if baseline else None
 
     def cell(costs, key, side):
         if costs is None:
@@ -415,14 +427,20 @@ def item_rows(repeats: int, warmup: int) -> list[list[str]]:
         (fixed, per), mean = costs[key + (side, "")], costs[key + (side, "mean")][1]
         return f"{fixed:+.0f} + {per:.1f}/item (mean {mean:.1f})"
 
+    def baseline_cell(key):  # (with the raw hooks' µs per item of its own process, which ran at another time)
+        if before is None or key[1] == "empty":
+            return cell(before, key, "traced")
+        return f"{cell(before, key, 'traced')} (raw there {before[key + ('raw', '')][1]:.1f}/item)"
+
     rows = []
     for layers in FIT_COUNTS:
         for work in ("empty", "save", "edit"):
             key = (layers, work)
             raw = "—" if work == "empty" else cell(ours, key, "raw")
-            rows.append([f"GPT-2 {layers}x64", work, raw, cell(theirs, key, "traced"), cell(ours, key, "traced")])
+            rows.append([f"GPT-2 {layers}x64", work, raw, cell(theirs, key, "traced"), cell(ours, key, "traced")]
+                        + ([baseline_cell(key)] if baseline else []))
     version = theirs[("version",)] if theirs else "not found"
-    print(f"(nnsight: {version})")
+    print(f"(nnsight: {version}" + (f"; baseline: interlace of {before[('version',)]})" if before else ")"))
     return rows
 
 
@@ -436,16 +454,19 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a rough check)")
     parser.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated, from {sorted(MODELS)}")
     parser.add_argument("--fit-only", action="store_true", help="only the per-item section")
-    parser.add_argument("--nnsight-worker", nargs=2, type=int, help=argparse.SUPPRESS)  # run by nnsight_costs
+    parser.add_argument("--baseline", metavar="CHECKOUT",
+                        help="also fit the per-item section under another checkout's interlace "
+                             "(`git worktree add /tmp/base <commit>`), in a process of its own")
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)  # run by worker_costs
     args = parser.parse_args(argv)
-    if args.nnsight_worker:
-        return _nnsight_worker(*args.nnsight_worker)
+    if args.worker:
+        return _worker(args.worker[0], int(args.worker[1]), int(args.worker[2]))
     repeats, warmup, small = (3, 1, 20) if args.quick else (11, 2, 200)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {repeats} after {warmup} "
           f"warmup, load average {os.getloadavg()[0]:.2f} at start (other processes skew timings)\n")
     fit_repeats = 15 if args.quick else 61
-    print(table(["model", "work (early stop off)", "raw hooks µs", "nnsight µs", "interlace µs"],
-                item_rows(fit_repeats, warmup)))
+    print(table(["model", "work (early stop off)", "raw hooks µs", "nnsight µs", "interlace µs"]
+                + (["baseline µs"] if args.baseline else []), item_rows(fit_repeats, warmup, args.baseline)))
     if args.fit_only:
         return
     rows = []
