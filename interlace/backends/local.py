@@ -335,8 +335,8 @@ class Interleaver:
                 view = output[where]
                 at = steps[1]
                 new = operator(view, constant)
-                at = steps[2]  # (skipped where the operator wrote `x` through its view: see `_stores_onto_itself`)
-                if new is not view or type(output) is not torch.Tensor or output.layout is not torch.strided:
+                at = steps[2]
+                if not _onto_itself(output, view, new):
                     output[where] = new
         except Exception as error:
             self.events.append(_Event(key, output))  # (the error names the event)
@@ -549,12 +549,8 @@ class Interleaver:
         return self.guard.local_call(fn, args, kwargs)  # (it keeps a weight an in-place operator writes)
 
     def _stores_onto_itself(self, index: int, args) -> bool:
-        """Whether setitem `index` (of `x[k] += y`, see Plan.stores_back) would copy the view `x[k]` onto
-        itself: the in-place operator returned the view `x[k]` itself, and a basic index of a plain
-        strided tensor is always a view of its memory, so the operator wrote `x` through it."""
-        tensor, new = args[0], args[2]
-        return (new is self.values[self.stores_back[index]] and type(tensor) is torch.Tensor
-                and tensor.layout is torch.strided)
+        """Whether setitem `index` (of `x[k] += y`, see Plan.stores_back) would copy the view `x[k]` onto itself."""
+        return _onto_itself(args[0], self.values[self.stores_back[index]], args[2])
 
     def _op_call_method(self, node):
         args, kwargs = self._arguments(node)
@@ -851,6 +847,13 @@ class Interleaver:
                 "run another implementation than the code `.source` shows: transformers picks one when the model "
                 "runs (for experts, attention). Choose the plain Python one to read inside it, e.g. "
                 "`config._experts_implementation = \"eager\"` or `attn_implementation=\"eager\"` when loading")
+
+
+def _onto_itself(tensor, view, new) -> bool:
+    """Whether `tensor[k] = new`, after `view = tensor[k]` with a basic index `k` and `new = view op= y`, would copy
+    memory onto itself: the in-place operator returned the view itself, and a basic index of a plain strided
+    tensor is always a view of its memory, so the operator wrote `tensor` through it."""
+    return new is view and type(tensor) is torch.Tensor and tensor.layout is torch.strided
 
 
 def _only_recorders(module: torch.nn.Module) -> bool:
