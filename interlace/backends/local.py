@@ -104,7 +104,7 @@ class Interleaver:
         self.not_run: dict[int, str] = {}  # saved nodes that did not run: why
         self.events: list[_Event] = []
         self.open_sources: set[int] = set()  # sources whose event is on but whose guard is not
-        self.calls: dict[tuple, int] = {}
+        self.calls: dict[tuple, list[int]] = {}  # (path, kind) -> [calls so far] (see _counter)
         self.skip_values: dict[tuple, tuple] = {}
         self.bypass = False
         self.stopped = False
@@ -156,12 +156,12 @@ class Interleaver:
             state, attachments = global_state(), Attachments(self.root)  # e.g. hooks output_attentions leaves
         if self.plan.needs_grad:
             # fresh gradients for the run; the parameters' own .grad objects come back after it
-            grads, no_grad = {p: p.grad for p in self.root.parameters()}, None
+            grads = {p: p.grad for p in self.root.parameters()}
             for param in grads:
                 param.grad = None
-        else:
-            grads, no_grad = None, torch.no_grad()
-            no_grad.__enter__()
+        else:  # torch.no_grad() without its context object, which costs ~20 lines of torch a run
+            grads, grad_was = None, torch.is_grad_enabled()
+            torch._C._set_grad_enabled(False)
         # `weight.requires_grad_()` for one run's gradient: the flags come back after it
         flags = {p: p.requires_grad for p in self.root.parameters()} if self.plan.sets_requires_grad else None
         try:
@@ -180,8 +180,8 @@ class Interleaver:
         finally:
             try:
                 try:
-                    if no_grad is not None:
-                        no_grad.__exit__(None, None, None)
+                    if grads is None:
+                        torch._C._set_grad_enabled(grad_was)
                     else:
                         _restore_grads(grads)
                     if flags is not None:
@@ -254,22 +254,30 @@ class Interleaver:
             handle.remove()
         self.handles.clear()
 
+    def _counter(self, path: str, kind: str) -> list[int]:
+        """The one-item list that counts the calls of `path` of `kind` ("input", "output", "skip") so far: a hook
+        holds it, so counting a call costs no lookup of its key."""
+        counter = self.calls.get((path, kind))
+        if counter is None:
+            counter = self.calls[(path, kind)] = [0]
+        return counter
+
     def _count(self, path: str, kind: str) -> int:
-        key = (path, kind)
-        call = self.calls.get(key, 0)
-        self.calls[key] = call + 1
+        counter = self._counter(path, kind)
+        call = counter[0]
+        counter[0] = call + 1
         return call
 
     # the two hooks count calls inline: they run once per call of every hooked module, and each
     # Python call made inside them costs several times more there than in a loop (cold caches)
     def _pre_hook(self, path):
-        counter, calls, sources, owner = (path, "input"), self.calls, self.sources, self.owner
+        counter, sources, owner = self._counter(path, "input"), self.sources, self.owner
 
         def hook(module, args, kwargs):
             if self.bypass or get_ident() != owner:
                 return None
-            call = calls.get(counter, 0)
-            calls[counter] = call + 1
+            call = counter[0]
+            counter[0] = call + 1
             if call >= self.deferred_from:
                 self._plan_copies(call)
             key = (path, "input", call)
@@ -283,20 +291,21 @@ class Interleaver:
     def _post_hook(self, path, kept, edits):
         """The hook of `path`'s output; `kept`, `edits`: the events of `Plan.kept` and `Plan.edits` it may do
         itself (see `_install`)."""
-        counter, calls, sources, owner = (path, "output"), self.calls, self.sources, self.owner
+        counter, sources, owner = self._counter(path, "output"), self.sources, self.owner
         done, values, results, saved, guard = self.done, self.values, self.results, self.saved, self.guard
 
         def hook(module, args, output):
             if self.bypass or get_ident() != owner:
                 return None
-            call = calls.get(counter, 0)
-            calls[counter] = call + 1
+            call = counter[0]
+            counter[0] = call + 1
             if call >= self.deferred_from:
                 self._plan_copies(call)
             key = (path, "output", call)
-            if key not in sources:
-                return None
-            if key not in kept:
+            indices = kept.get(key)
+            if indices is None:
+                if key not in sources:
+                    return None
                 edit = edits.get(key)
                 if edit is None or self.ready or not self._edit(key, output, edit):
                     event = self._event(key, output)
@@ -306,7 +315,8 @@ class Interleaver:
             # reader to wake, nothing read to free), inline: the commonest event, a saved output
             if self.untrusted:
                 guard.tick()
-            for index in sources.pop(key):
+            del sources[key]  # (`indices` is its list)
+            for index in indices:
                 if not done[index]:
                     done[index] = 1
                     self.finished += 1
@@ -808,7 +818,7 @@ class Interleaver:
                     "loss, inside the trace, after this line)")
         if source.op == "module_value":
             path = source.target
-            ran = self.calls.get((path, "output" if source.kwargs["kind"] == "output" else "input"), 0)
+            ran = self.calls.get((path, "output" if source.kwargs["kind"] == "output" else "input"), (0,))[0]
             skipped = next((outer for outer, _ in self.plan.skips if path.startswith(f"{outer}.") or not outer), None)
             if not ran and skipped is not None:
                 return (f"{source.describe()} was never reached: {skipped or 'the model'} is skipped (.skip()), so "
