@@ -63,7 +63,8 @@ class Node:
 
     __slots__ = ("index", "op", "target", "args", "kwargs", "location", "guard", "saved", "_refs", "_shallow")
 
-    def __init__(self, index, op, target=None, args=(), kwargs=None, location=None, guard=None, saved=False):
+    def __init__(self, index, op, target=None, args=(), kwargs=None, location=None, guard=None, saved=False,
+                 refs=None, shallow=False):
         self.index = index
         self.op = op
         self.target = target
@@ -72,8 +73,9 @@ class Node:
         self.location = location
         self.guard = guard
         self.saved = saved
-        self._refs = None
-        self._shallow = False
+        # what `refs()` finds, where the recorder found it while making the arguments (else found when first asked)
+        self._refs = refs
+        self._shallow = shallow
 
     def __reduce__(self):
         # (a worker process gets its batch pickled: the fields as one tuple, not a state dict of every slot)
@@ -96,9 +98,7 @@ class Node:
                 elif kind in _HOLDERS:
                     _collect_refs(item, found)
             self._shallow = top == len(found)
-            if self.guard is not None:
-                found.append(self.guard)
-            self._refs = tuple(dict.fromkeys(found)) if len(found) > 1 else tuple(found)
+            self._refs = unique_refs(found, self.guard)
         return self._refs
 
     def bind(self, values) -> tuple[tuple, dict]:
@@ -145,6 +145,13 @@ class Node:
         if self.location:
             where = f"  # {os.path.basename(self.location[0])}:{self.location[1]}"
         return f"%{self.index} = {self.op}{target}({', '.join(parts)}){guard}{where}"
+
+
+def unique_refs(found: list[int], guard: int | None) -> tuple[int, ...]:
+    """A node's `refs()` from the indices its arguments hold, in order, and its guard."""
+    if guard is not None:
+        found.append(guard)
+    return tuple(dict.fromkeys(found)) if len(found) > 1 else tuple(found)
 
 
 def _format(value) -> str:
@@ -281,8 +288,10 @@ class Graph:
         self.checked = 0
         self.copies_made = True  # False while `add_copy_later` nodes may stand in for copies: see make_copies
 
-    def add(self, op, target=None, args=(), kwargs=None, location=None, guard=None, saved=False) -> Node:
-        node = Node(len(self.nodes), op, target, args, kwargs, location, guard, saved)
+    def add(self, op, target=None, args=(), kwargs=None, location=None, guard=None, saved=False, refs=None,
+            shallow=False) -> Node:
+        """Append a node; `refs`, `shallow`: what `Node.refs` would find, where the caller knows it already."""
+        node = Node(len(self.nodes), op, target, args, kwargs, location, guard, saved, refs, shallow)
         self.nodes.append(node)
         return node
 

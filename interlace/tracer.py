@@ -19,7 +19,7 @@ from . import collector, ops
 from .binding import bind_saved, bound, values_of
 from .blocks import Condition, Iteration, Steps
 from .errors import InterlaceError, NotSavedError
-from .graph import Graph, Ref, Request, TraceSpec, refs_in
+from .graph import Graph, Ref, Request, TraceSpec, unique_refs
 from .proxy import Proxy
 from .stream import Stream
 
@@ -93,60 +93,85 @@ class Recorder:
 
     def record(self, op: str, target=None, args=(), kwargs=None) -> Proxy:
         """Append a node and return the proxy of its value."""
-        recorder = self._recorder()
+        recorder = self if not self._closed else self._recorder()
         if recorder is None:
             return self._eager(op, target, args, kwargs or {})
         if recorder is not self:
             return recorder.record(op, target, args, kwargs)
-        args, kwargs, guard = self._to_refs(args), self._to_refs(kwargs) if kwargs else {}, self._guard
+        # the arguments with proxies made Refs, and the nodes they read, found on the way (the plan asks for
+        # them: see Node.refs); the commonest argument, a proxy of this graph, is made one here without a call
+        graph, found, items, nested = self.graph, [], None, False
+        for position, item in enumerate(args):
+            kind = type(item)
+            if kind in _PLAIN:
+                continue
+            if kind is Proxy and item._tracer.graph is graph:
+                new = Ref(item._index)
+                found.append(new.index)
+            else:
+                count = len(found)
+                new = self._to_refs(item, found)
+                nested = nested or len(found) > count
+            if new is not item:
+                if items is None:
+                    items = list(args)
+                items[position] = new
+        if items is not None:
+            args = tuple(items)
+        if kwargs:
+            kwargs = self._to_refs(kwargs, found)
+            nested = True  # (binds the general way, as does a Ref inside an argument)
+        else:
+            kwargs = {}
+        guard = self._guard
         if self._step_block is not None and guard == self._step_block.outer:
-            guard = self._guard_in_step(op, args, kwargs)
-        node = self.graph.add(op, target, args, kwargs, user_location(), guard)
+            guard = self._guard_in_step(op, found)
+        node = graph.add(op, target, args, kwargs, user_location(), guard, False, unique_refs(found, guard), not nested)
         if self.scanner is not None:
             self.scanner.evaluate(node)
         return Proxy(self, node.index)
 
-    def _guard_in_step(self, op: str, args, kwargs) -> int | None:
-        """The guard of a node recorded in a block over steps (see blocks.Iteration): the cond on the step's
-        start for a node that reads nothing made in the step, which would run before the step otherwise; none
-        (the block's outer guard) for a module value, or a node that reads a value of the step: they wait for
-        the model's calls themselves (a `.source` point called several times a step included)."""
+    def _guard_in_step(self, op: str, found: list[int]) -> int | None:
+        """The guard of a node recorded in a block over steps (see blocks.Iteration) that reads nodes `found`:
+        the cond on the step's start for a node that reads nothing made in the step, which would run before the
+        step otherwise; none (the block's outer guard) for a module value, or a node that reads a value of the
+        step: they wait for the model's calls themselves (a `.source` point called several times a step
+        included)."""
         block = self._step_block
-        if op == "module_value" or any(ref > block.start for ref in refs_in((args, kwargs))):
+        if op == "module_value" or any(ref > block.start for ref in found):
             return block.outer
         return block.begins()
 
-    def _to_refs(self, obj):
-        """`obj` with this graph's proxies made Refs (and earlier traces' saved ones made values)."""
+    def _to_refs(self, obj, found: list[int]):
+        """`obj` with this graph's proxies made Refs (and earlier traces' saved ones made values); the Refs'
+        indices are appended to `found`, in order."""
         kind = type(obj)
         if kind in _PLAIN:
             return obj
         if isinstance(obj, Proxy):
             if obj._tracer.graph is self.graph:
-                return Ref(obj._index)
+                found.append(obj._index)
+                return Ref(found[-1])
             return obj.value  # a saved value of an earlier trace
         if kind is tuple or kind is list:
-            # this runs for every recorded node: items that hold no proxy are passed over without a
-            # call, and a tuple with no proxy in it is kept as it is (a list is always copied)
+            # this runs for most recorded nodes (an index): items that hold no proxy are passed over without
+            # a call, and a tuple with no proxy in it is kept as it is (a list is always copied)
             items = None
             for position, item in enumerate(obj):
                 kind_of = type(item)
                 if kind_of in _PLAIN or kind_of is slice and (
                         type(item.start) in _PLAIN and type(item.stop) in _PLAIN and type(item.step) in _PLAIN):
                     continue
-                if kind_of is Proxy and item._tracer.graph is self.graph:  # (the usual argument: no call)
-                    new = Ref(item._index)
-                else:
-                    new = self._to_refs(item)
+                new = self._to_refs(item, found)
                 if new is not item:
                     if items is None:
                         items = list(obj)
                     items[position] = new
             return kind(obj if items is None else items) if kind is list or items is not None else obj
         if kind is dict:
-            return {key: item if type(item) in _PLAIN else self._to_refs(item) for key, item in obj.items()}
+            return {key: item if type(item) in _PLAIN else self._to_refs(item, found) for key, item in obj.items()}
         if kind is slice and not (type(obj.start) in _PLAIN and type(obj.stop) in _PLAIN and type(obj.step) in _PLAIN):
-            return slice(*self._to_refs((obj.start, obj.stop, obj.step)))
+            return slice(*self._to_refs((obj.start, obj.stop, obj.step), found))
         return obj
 
     def _eager(self, op, target, args, kwargs):
@@ -269,7 +294,10 @@ class Tracer(Recorder):
             return self.record("module_value", envoy._path, (), kwargs)
         # the commonest node, recorded directly: its arguments hold no proxy, and a module value waits for its
         # module's call, so even in a block over steps its guard is the block's (see _guard_in_step)
-        return Proxy(self, self.graph.add("module_value", envoy._path, (), kwargs, user_location(), self._guard).index)
+        guard = self._guard
+        refs = () if guard is None else (guard,)
+        return Proxy(self, self.graph.add("module_value", envoy._path, (), kwargs, user_location(), guard, False, refs,
+                                          True).index)
 
     def advance(self, path: str, steps: int) -> None:
         self._offsets[path] = self._offsets.get(path, 0) + steps
@@ -412,7 +440,7 @@ class Tracer(Recorder):
     def spec(self, end: int) -> TraceSpec:
         """This trace as a part of a request: its nodes, inputs and run options."""
         options = {key: self.options[key] for key in ("mode", "kwargs", "early_stop") if key in self.options}
-        return TraceSpec(self.start, end, self._to_refs(self.invokes), options)
+        return TraceSpec(self.start, end, self._to_refs(self.invokes, []), options)
 
     def _bind(self, frame, recorders: tuple) -> None:
         """Give saved values to caches and to the names in `frame` that held proxies."""

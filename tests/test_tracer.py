@@ -311,3 +311,29 @@ def test_a_value_of_a_trace_still_open_used_in_another_says_so(x):
         with net.trace(x):
             out = net.output.save()
         assert out.shape == (2, 4)
+
+
+def test_the_refs_a_recorder_finds_while_recording_are_those_node_refs_computes(mlp, x):
+    # record() hands each node the nodes its arguments read (Node.refs), found while making the Refs; a node
+    # built from the same fields computes them from its arguments: both must agree, for every shape of argument
+    net = Model(mlp)
+    with net.session() as session:
+        with net.trace(x) as tracer:
+            i = net.layers[0].output.sum().long().clamp(0, 3)
+            h = net.layers[1].output
+            with tracer.cond(h.sum() > -1e9):
+                h[:, 0] = i  # a guard, and a Ref as the value
+                h[:, i:] += 1  # a Ref inside a slice inside the index
+                parts = torch.cat([h, h * 2], dim=-1)  # a list of Refs, and a keyword
+                torch.where(h > 0, h, other=0.5)  # a Ref as a keyword
+                pair = net.layers[2].output[(0, i)]  # a Ref inside a tuple
+                net.layers[3].output[:] = pair.sum() + parts.mean()
+            first = net.layers[3].output.save()
+        with net.trace(x):
+            net.layers[0].output.add(first).save()  # a value of an earlier trace (no Ref), beside a Ref
+    nodes = list(session.graph)
+    assert len(nodes) > 20
+    for node in nodes:
+        fresh = interlace.graph.Node(node.index, node.op, node.target, node.args, node.kwargs, None, node.guard)
+        assert node.refs() == fresh.refs(), node
+        assert not node._shallow or fresh._shallow, node  # (shallow binds each argument itself: must be true)
