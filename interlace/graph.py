@@ -441,6 +441,9 @@ class TraceSpec:
     end: int
     invokes: list = field(default_factory=list)
     options: dict = field(default_factory=dict)
+    # whether `invokes` may hold Refs (values of a session's earlier traces), to be replaced before the run: the
+    # recorder that made them knows (False spares a walk of the inputs per trace); a decoded request is walked
+    inputs_hold_refs: bool = field(default=True, compare=False)
 
 
 @dataclass

@@ -440,7 +440,9 @@ class Tracer(Recorder):
     def spec(self, end: int) -> TraceSpec:
         """This trace as a part of a request: its nodes, inputs and run options."""
         options = {key: self.options[key] for key in ("mode", "kwargs", "early_stop") if key in self.options}
-        return TraceSpec(self.start, end, self._to_refs(self.invokes, []), options)
+        found: list[int] = []
+        invokes = self._to_refs(self.invokes, found)
+        return TraceSpec(self.start, end, invokes, options, inputs_hold_refs=bool(found))
 
     def _bind(self, frame, recorders: tuple) -> None:
         """Give saved values to caches and to the names in `frame` that held proxies."""

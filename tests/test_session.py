@@ -253,3 +253,24 @@ def test_remote_on_a_trace_inside_a_local_session_says_to_put_it_on_the_session(
         with net.session():
             with net.trace(x, backend=stand_in):
                 net.layers[0].output.save()
+
+
+def test_a_value_of_an_earlier_trace_as_a_later_trace_s_input(net, x):
+    with net.session() as session:
+        with net.trace(x):
+            doubled = net.input * 2  # not saved: the session carries it to the next trace
+        with net.trace(doubled):
+            out = net.output.save()
+    assert torch.equal(out, _alone(net.module, x * 2))
+    # the recorder says which traces' inputs hold values of earlier traces: only those are walked for them
+    assert [trace.inputs_hold_refs for trace in session.traces] == [False, True]
+
+    with pytest.raises(interlace.InterlaceError, match=r"an input of trace 1 is the value of node %\d+, which was not "
+                                                       r"computed \(a false condition"):
+        with net.session():
+            with net.trace(x) as tracer:
+                with tracer.cond(net.input.sum() > 1e9):
+                    never = net.input * 2
+            with net.trace(never):
+                net.output.save()
+    assert_clean(net.module)

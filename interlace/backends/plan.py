@@ -341,9 +341,9 @@ def _store_back(nodes, index: int) -> bool:
 def _constant(node, position: int) -> bool:
     """Whether the argument at `position` of call `node` (`c` of `x[k] = c`, `v += c`) is no node's value, and
     nothing else of the call but its first argument is."""
-    args = node.args
+    args = node.args  # (args[1] and args[-1] are all the arguments after the first: there are 2 or 3)
     return (len(args) == position + 1 and not node.kwargs and type(args[0]) is Ref and len(node.refs()) == 1
-            and node._shallow and all(type(arg) is not Ref for arg in args[1:]))
+            and node._shallow and type(args[1]) is not Ref and type(args[-1]) is not Ref)
 
 
 def _basic(key) -> bool:

@@ -245,7 +245,8 @@ class Model(Envoy):
                     continue
                 trace = TraceSpec(skip_to, trace.end, trace.invokes, trace.options)  # what follows the loop
             keep = {i for i in range(trace.start, trace.end) if last_reader[i] > number} if last_reader else set()
-            trace = TraceSpec(trace.start, trace.end, _inputs(trace, carried, number), trace.options)
+            if trace.inputs_hold_refs:
+                trace = TraceSpec(trace.start, trace.end, _inputs(trace, carried, number), trace.options, False)
             run = {"known": carried, "keep": keep, "untrusted": untrusted, "limits": limits, "cancel": cancel,
                    "guard": guard}
             if trace.options.get("mode") == "session":  # the session's own nodes: no model run
