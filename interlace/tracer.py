@@ -441,7 +441,8 @@ class Tracer(Recorder):
         """This trace as a part of a request: its nodes, inputs and run options."""
         options = {key: self.options[key] for key in ("mode", "kwargs", "early_stop") if key in self.options}
         found: list[int] = []
-        invokes = self._to_refs(self.invokes, found)
+        invokes = [(self._to_refs(args, found), self._to_refs(kwargs, found) if kwargs else {})
+                   for args, kwargs in self.invokes]
         return TraceSpec(self.start, end, invokes, options, inputs_hold_refs=bool(found))
 
     def _bind(self, frame, recorders: tuple) -> None:

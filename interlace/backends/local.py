@@ -218,16 +218,15 @@ class Interleaver:
             # edit's, whose value the hook does not keep); values of earlier traces are no edit's
             later = any(index >= self.start for index in self.saved - self.plan.saved)
             edits = self.plan.edits if self.plain_calls and not later else {}
-        for path in outputs | inputs | skipped:
+        handles = self.handles
+        for path in inputs:
+            handles.append(self._module_at(path).register_forward_pre_hook(self._pre_hook(path), with_kwargs=True))
+        for path in outputs:
             module = self._module_at(path)
-            if path in inputs:
-                hook = self._pre_hook(path)
-                self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-            if path in outputs:
-                hook = self._post_hook(path, kept, edits)
-                self.handles.append(module.register_forward_hook(hook, prepend=_only_recorders(module)))
-            if path in skipped:
-                self._patch_forward(module, path)
+            handles.append(module.register_forward_hook(self._post_hook(path, kept, edits),
+                                                        prepend=_only_recorders(module)))
+        for path in skipped:
+            self._patch_forward(self._module_at(path), path)
 
     def _plan_copies(self, call: int) -> None:
         """Plan the copies of the block over steps whose module calls begin by `call`, and run what of them
