@@ -115,17 +115,18 @@ class Interleaver:
         # the first module call of the next copy still to plan: a hook reaching it plans it (see _plan_copies)
         self.deferred_from = plan.deferred[0][0] if plan.deferred else _NEVER
         # the module values whose gradient a .grad asks for: where their rows were cut from (see _gradient_target)
-        self.grad_sources = _gradient_sources(graph.nodes, plan.gradients)
+        self.grad_sources = _gradient_sources(graph.nodes, plan.gradients) if plan.gradients else set()
         self.row_slices: dict[int, tuple] = {}  # id of an invoke's rows -> (them, the whole tensor, rows)
         self.users, self.waiting, self.remaining = plan.users, plan.waiting, plan.remaining
         self.sources = plan.sources
         self.stores_back = plan.stores_back
-        self.saved = plan.saved | set(keep) | set(self.values)
+        self.saved = plan.saved | set(keep) | set(self.values) if keep or self.values else plan.saved  # (never changed)
         self.ready = list(plan.ready)  # already in graph order, so a valid heap
         # calls of allowed operations that need none of _op_call's checks: _execute runs them itself
         self.plain_calls = plan.plain_calls if self.plain_calls_allowed and not untrusted else ()
         self.done = bytearray(self.end)
-        self.done[: self.start] = b"\x01" * self.start
+        if self.start:
+            self.done[: self.start] = b"\x01" * self.start
         self.total = self.end - self.start
         self.finished = 0
 
@@ -216,7 +217,8 @@ class Interleaver:
             kept = self.plan.kept
             # not where a later trace of a session reads a node of this one that is not saved (it may be an
             # edit's, whose value the hook does not keep); values of earlier traces are no edit's
-            later = any(index >= self.start for index in self.saved - self.plan.saved)
+            carried = self.saved - self.plan.saved
+            later = bool(carried) and max(carried) >= self.start
             edits = self.plan.edits if self.plain_calls and not later else {}
         handles = self.handles
         for path in inputs:

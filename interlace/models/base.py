@@ -173,7 +173,7 @@ class Model(Envoy):
 
     def _attach(self, tracer: Tracer) -> None:
         models = (self,) if self._origin is None else (self, self._origin)
-        if any(model._tracer is not None for model in models):
+        if self._tracer is not None or self._origin is not None and self._origin._tracer is not None:
             raise InterlaceError(NESTED_MESSAGES["trace"])
         for model in models:
             model._tracer = tracer
@@ -378,14 +378,15 @@ class Model(Envoy):
         """One call's (args, kwargs) from the invokes, and each invoke's (start, stop) rows."""
         if not invokes:
             return None, None, [], 0
-        sizes = [_batch_size(args, kwargs) for args, kwargs in invokes]
-        rows, start = [], 0
-        for size in sizes:
-            rows.append((start, start + size))
-            start += size
         if len(invokes) == 1:
             args, kwargs = invokes[0]
-            return args, kwargs, rows, start
+            size = _batch_size(args, kwargs)
+            return args, kwargs, [(0, size)], size
+        rows, start = [], 0
+        for args, kwargs in invokes:
+            size = _batch_size(args, kwargs)
+            rows.append((start, start + size))
+            start += size
         arities = {(len(a), tuple(k)) for a, k in invokes}
         if len(arities) > 1:
             raise InterlaceError("every invoke must pass the same positional and keyword arguments")
@@ -452,7 +453,7 @@ def _inputs(trace: TraceSpec, carried: dict, number: int) -> list:
 
 
 def _batch_size(args, kwargs) -> int:
-    for value in list(args) + list(kwargs.values()):
+    for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor) and value.dim():
             return value.shape[0]
     return 1
