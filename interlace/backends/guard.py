@@ -203,14 +203,19 @@ class Guard:
             "operator's schema declared, so the run is refused. The weights stay changed: the server must reload "
             "the model before it runs another job. Compute on a copy (`w.clone()`).", changed=changed)
 
-    def restore_weights(self, results: dict | None = None) -> None:
+    def restore_weights(self, *held: dict) -> None:
         """Put back every weight storage a local run changed (an untrusted run copies none: it writes none).
-        A value of `results` (node -> saved value) in such a storage (a module's output that is a view of its
-        weight) is copied first: it keeps what the run made, which the model does not."""
+        A value of `held` (node -> value: the run's results, the values it keeps for a session's later traces) in
+        such a storage (a module's output that is a view of its weight) is copied first, once wherever it is
+        held: it keeps what the run made, which the model does not."""
         if self._copies:
-            for node, value in (results or {}).items():
-                if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in self._copies:
-                    results[node] = value.detach().clone()
+            copies: dict[int, tuple] = {}  # id of a value -> (it, its copy): the value is held while its id is used
+            for values in held:
+                for node, value in values.items():
+                    if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in self._copies:
+                        if id(value) not in copies:
+                            copies[id(value)] = (value, value.detach().clone())
+                        values[node] = copies[id(value)][1]
             with torch.no_grad():
                 for storage, copy in self._copies.values():
                     storage.copy_(copy)

@@ -196,7 +196,7 @@ class Interleaver:
                             attachments.restore(own=sum(type(handle) is RemovableHandle for handle in self.handles))
                             restore_global_state(state)
                 finally:
-                    self.guard.restore_weights(self.results)
+                    self.guard.restore_weights(self.results, self.values)
             finally:
                 self._remove_hooks()  # whatever else failed, no hook stays on the model
         return self.results

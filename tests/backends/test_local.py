@@ -231,6 +231,25 @@ def test_an_edit_of_an_output_that_is_a_weights_memory_is_undone_after_the_trace
     assert_clean(model)
 
 
+def test_a_value_in_a_weights_memory_that_a_later_trace_reads_keeps_the_earlier_traces_edit(x):
+    """The first trace edits a module output that is a view of a weight (the run copies the weight and puts it
+    back after it); the second trace reads that output as the first trace left it, not the weight put back."""
+    model = torch.nn.Sequential(Table(), torch.nn.Identity())
+    before = model[0].table.detach().clone()
+    net = Model(model)
+    with net.session():
+        with net.trace(x):
+            h = net[0].output
+            h[:, 0] += 100.0
+        with net.trace(x):
+            out = (net.output + h).save()
+    edited = before[:2].clone()
+    edited[:, 0] += 100.0
+    assert torch.equal(out, before[:2] + edited)
+    assert torch.equal(model[0].table.detach(), before)
+    assert_clean(model)
+
+
 def test_a_sessions_later_trace_does_its_edit_in_the_hook_with_the_earlier_traces_values_at_hand(
         mlp, x, monkeypatch):
     done_by_hooks, edit = [], Interleaver._edit
