@@ -246,7 +246,8 @@ class Model(Envoy):
                 trace = TraceSpec(skip_to, trace.end, trace.invokes, trace.options)  # what follows the loop
             keep = {i for i in range(trace.start, trace.end) if last_reader[i] > number} if last_reader else set()
             if trace.inputs_hold_refs:
-                trace = TraceSpec(trace.start, trace.end, _inputs(trace, carried, number), trace.options, False)
+                trace = TraceSpec(trace.start, trace.end, _inputs(trace, carried, number), trace.options,
+                                  inputs_hold_refs=False)
             run = {"known": carried, "keep": keep, "untrusted": untrusted, "limits": limits, "cancel": cancel,
                    "guard": guard}
             if trace.options.get("mode") == "session":  # the session's own nodes: no model run
