@@ -265,8 +265,8 @@ def test_a_value_of_an_earlier_trace_as_a_later_trace_s_input(net, x):
     # the recorder says which traces' inputs hold values of earlier traces: only those are walked for them
     assert [trace.inputs_hold_refs for trace in session.traces] == [False, True]
 
-    with pytest.raises(interlace.InterlaceError, match=r"an input of trace 1 is the value of node %\d+, which was not "
-                                                       r"computed \(a false condition"):
+    with pytest.raises(interlace.InterlaceError, match=r"an input of trace 1 is the value of node %\d+ \(recorded at "
+                       r".*test_session.py:\d+: never = net.input \* 2\), which was not computed \(a false condition"):
         with net.session():
             with net.trace(x) as tracer:
                 with tracer.cond(net.input.sum() > 1e9):

@@ -21,7 +21,7 @@ from ..backends.merge import MergedInterleaver, merge, merge_key, plain, split, 
 from ..backends.rows import SharedValueError
 from ..backends.scan import Scanner
 from ..envoy import Envoy
-from ..errors import InterlaceError, ModelError, RefusedError
+from ..errors import InterlaceError, ModelError, RefusedError, describe_location
 from ..graph import Graph, Outcome, Request, TraceSpec, map_refs
 from ..session import Session
 from ..tracer import NESTED_MESSAGES, Editor, Tracer
@@ -246,7 +246,7 @@ class Model(Envoy):
                 trace = TraceSpec(skip_to, trace.end, trace.invokes, trace.options)  # what follows the loop
             keep = {i for i in range(trace.start, trace.end) if last_reader[i] > number} if last_reader else set()
             if trace.inputs_hold_refs:
-                trace = TraceSpec(trace.start, trace.end, _inputs(trace, carried, number), trace.options,
+                trace = TraceSpec(trace.start, trace.end, _inputs(trace, carried, number, graph, untrusted), trace.options,
                                   inputs_hold_refs=False)
             run = {"known": carried, "keep": keep, "untrusted": untrusted, "limits": limits, "cancel": cancel,
                    "guard": guard}
@@ -440,13 +440,16 @@ def _last_reader(graph: Graph, traces) -> list[int]:
     return last
 
 
-def _inputs(trace: TraceSpec, carried: dict, number: int) -> list:
+def _inputs(trace: TraceSpec, carried: dict, number: int, graph: Graph, untrusted: bool) -> list:
     """A trace's invokes with values of earlier traces (a session's values) in place of references."""
     def value(ref):
         if ref.index not in carried:
+            node = graph.nodes[ref.index] if 0 <= ref.index < len(graph) else None
+            recorded = describe_location(node.location, read_source=not untrusted) if node is not None else ""
             raise InterlaceError(
-                f"an input of trace {number} is the value of node %{ref.index}, which was not computed "
-                "(a false condition, or a stop before it)"
+                f"an input of trace {number} is the value of node %{ref.index}"
+                + (f" (recorded at {recorded})" if recorded else "")
+                + ", which was not computed (a false condition, or a stop before it)"
             )
         return carried[ref.index]
 
