@@ -17,6 +17,7 @@ send the block once and a loader rebuild and check the copies by arithmetic.
 from __future__ import annotations
 
 import os
+from types import CodeType
 from dataclasses import dataclass, field
 
 OPS = frozenset(
@@ -61,7 +62,7 @@ class Ref:
 class Node:
     """One recorded operation. `location` is the user's (filename, lineno)."""
 
-    __slots__ = ("index", "op", "target", "args", "kwargs", "location", "guard", "saved", "_refs", "_shallow")
+    __slots__ = ("index", "op", "target", "args", "kwargs", "_location", "guard", "saved", "_refs", "_shallow")
 
     def __init__(self, index, op, target=None, args=(), kwargs=None, location=None, guard=None, saved=False,
                  refs=None, shallow=False):
@@ -70,7 +71,7 @@ class Node:
         self.target = target
         self.args = args
         self.kwargs = kwargs if kwargs is not None else {}
-        self.location = location
+        self._location = location
         self.guard = guard
         self.saved = saved
         # what `refs()` finds, where the recorder found it while making the arguments (else found when first asked)
@@ -84,6 +85,18 @@ class Node:
     @property
     def name(self) -> str:
         return f"%{self.index}"
+
+    @property
+    def location(self) -> tuple[str, int] | None:
+        """The user's (filename, lineno). The recorder may leave `(code, offset)` of the user's call instead:
+        a frame's line number is found by reading its code's line table from the start (a few µs per node
+        late in a long script or notebook cell), so it is worked out here, once, when first asked for."""
+        where = self._location
+        if where is not None and type(where[0]) is CodeType:
+            code, offset = where
+            line = next((line for start, end, line in code.co_lines() if start <= offset < end), None)
+            where = self._location = (code.co_filename, line if line is not None else code.co_firstlineno)
+        return where
 
     def refs(self) -> tuple[int, ...]:
         """Indices of the nodes this node reads, each once, in order (guard included)."""
@@ -265,7 +278,7 @@ def _shifted(nodes, base: int, first: int, calls: int) -> list[Node]:
             kwargs["call"] += calls
         guard = node.guard + offset if node.guard is not None and node.guard >= base else node.guard
         made.append(Node(index, node.op, node.target, map_refs(node.args, shift) if node.args else (), kwargs,
-                         node.location, guard, node.saved))
+                         node._location, guard, node.saved))
     return made
 
 

@@ -59,15 +59,16 @@ _inside: dict[str, bool] = {}  # file name -> whether it is interlace's or torch
 
 
 def user_location():
-    """(filename, lineno) of the nearest frame outside interlace and torch."""
+    """Where the nearest frame outside interlace and torch is: `(code, offset of its current instruction)`,
+    which `Node.location` turns into (filename, lineno) when asked (see there)."""
     frame = sys._getframe(2)
     while frame is not None:
-        filename = frame.f_code.co_filename
-        inside = _inside.get(filename)
+        code = frame.f_code
+        inside = _inside.get(code.co_filename)
         if inside is None:
-            inside = _inside[filename] = filename.startswith(_SKIPPED_DIRS)
+            inside = _inside[code.co_filename] = code.co_filename.startswith(_SKIPPED_DIRS)
         if not inside:
-            return (filename, frame.f_lineno)
+            return (code, frame.f_lasti)
         frame = frame.f_back
     return None
 

@@ -97,7 +97,7 @@ def test_model_underscore_model_and_tracer_result(x):
         result = tracer.result.save()
     with torch.no_grad():
         assert torch.equal(result, mlp(x))
-    with pytest.raises(interlace.InterlaceError, match="tracer.result was read after its trace ended.*`out = tracer.result.save\(\)`"):
+    with pytest.raises(interlace.InterlaceError, match=r"tracer.result was read after its trace ended.*`out = tracer.result.save\(\)`"):
         tracer.result
     with pytest.raises(interlace.InterlaceError, match="backend must be a RemoteBackend .* not str"):
         net.trace(x, backend="somewhere")
