@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from itertools import compress
 
 from .proxy import Proxy
 
@@ -16,6 +17,10 @@ _MISSING = object()
 # Containers longer than this are not searched for saved proxies when binding names (that would
 # cost time on every trace); proxies in them still work and give their value through `.value`.
 _LARGEST_SCANNED = 1024
+_SEARCHED = (list, dict, tuple)
+# what may hold a saved proxy, told apart by type alone: a notebook's scope has hundreds of names (IPython's
+# `_i1`, `_i2`, ...) and lists of results that hold none; they are passed over in C, not with a call each
+_HOLDERS = frozenset({Proxy, *Proxy.__subclasses__(), *_SEARCHED})
 
 
 def values_of(obj):
@@ -38,7 +43,9 @@ def bound(obj, recorders: tuple, depth: int):
             return obj if value is _MISSING else value
         return obj
     kind = type(obj)
-    if depth == 0 or kind not in (list, dict, tuple) or len(obj) > _LARGEST_SCANNED:
+    if depth == 0 or kind not in _SEARCHED or len(obj) > _LARGEST_SCANNED:
+        return obj
+    if _HOLDERS.isdisjoint(map(type, obj.values() if kind is dict else obj)):
         return obj
     if kind is list:
         for i, item in enumerate(obj):
@@ -65,7 +72,8 @@ def bind_saved(frame, recorders: tuple) -> None:
     """
     scope = frame.f_locals
     changed = False
-    for name, obj in list(scope.items()):
+    for name in [*compress(scope, map(_HOLDERS.__contains__, map(type, scope.values())))]:
+        obj = scope[name]
         new = bound(obj, recorders, 3)
         if new is not obj:
             scope[name] = new
