@@ -365,3 +365,30 @@ def test_each_node_names_its_line_late_in_a_long_source(mlp, x):
     copied = pickle.loads(pickle.dumps(graph))
     decoded, _ = deserialize_graph(serialize_graph(graph, [((x,), {})]))
     assert [node.location for node in copied.nodes] == [node.location for node in decoded.nodes] == expected
+
+
+def test_saved_values_are_bound_among_a_notebooks_many_names_and_long_result_lists(mlp, x):
+    """A module scope like a long notebook's: thousands of other names, and lists and dicts of earlier results
+    (passed over by type, in C). Saved proxies in it are bound wherever the search reaches: a name, the end of a
+    long list, a list in a dict, a tuple, an attribute read (`.T`); a list longer than the search's limit keeps
+    its proxy, which still gives its value."""
+    scope = {"net": Model(mlp), "x": x, "torch": torch}
+    scope.update({f"_i{n}": f"cell {n}" for n in range(3000)})
+    source = ("acts = [torch.zeros(2) for _ in range(1000)]\n"
+              "by_prompt = {p: [torch.zeros(2)] * 30 for p in range(100)}\n"
+              "huge = [0] * 2000\n"
+              "with net.trace(x):\n"
+              "    h = net.layers[0].output.save()\n"
+              "    acts.append(net.layers[1].output.save())\n"
+              "    by_prompt[99].append(net.layers[2].output.save())\n"
+              "    pair = (1, net.head.output.save())\n"
+              "    flipped = net.layers[0].output.T.save()\n"
+              "    huge.append(net.layers[3].output.save())\n")
+    exec(compile(source, "notebook_cell.py", "exec"), scope)
+    expected = [capture(mlp, x, mlp.layers[i]) for i in range(4)]
+    assert torch.equal(scope["h"], expected[0]) and torch.equal(scope["acts"][-1], expected[1])
+    assert torch.equal(scope["by_prompt"][99][-1], expected[2]) and len(scope["by_prompt"][99]) == 31
+    assert torch.equal(scope["pair"][1], mlp(x).detach()) and scope["pair"][0] == 1
+    assert type(scope["flipped"]) is torch.Tensor and torch.equal(scope["flipped"], expected[0].T)
+    assert isinstance(scope["huge"][-1], interlace.Proxy) and torch.equal(scope["huge"][-1].value, expected[3])
+    assert all(type(item) is torch.Tensor for item in scope["acts"])  # (nothing else in them changed)
