@@ -17,6 +17,9 @@ from .errors import InterlaceError, ModulePathError
 from .source import SOURCE, rewrite, source_of
 
 
+_OWN_FIELDS = frozenset({"_children", "_module", "_root", "_path", "_aliases"})
+
+
 class Envoy:
     """Mirror of a module and its children.
 
@@ -81,7 +84,8 @@ class Envoy:
         return envoy
 
     def __getattr__(self, name: str):
-        if name.startswith("__") or name in ("_children", "_module", "_root", "_path", "_aliases"):
+        # (not set yet while an envoy is made or copied: looking them up here would come back here)
+        if name[:1] == "_" and (name in _OWN_FIELDS or name.startswith("__")):
             raise AttributeError(name)
         child = self._children.get(name)
         if child is not None and child._module is self._module._modules.get(name):

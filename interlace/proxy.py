@@ -31,8 +31,8 @@ class Proxy:
     __slots__ = ("_tracer", "_index")
 
     def __init__(self, tracer, index: int):
-        object.__setattr__(self, "_tracer", tracer)
-        object.__setattr__(self, "_index", index)
+        _set_tracer(self, tracer)  # (the slots' own setters: `__setattr__` records, and one proxy is made a node)
+        _set_index(self, index)
 
     # -- verbs -----------------------------------------------------------------------------
     def save(self) -> "Proxy":
@@ -208,6 +208,9 @@ class Proxy:
         return text + ">"
 
     __hash__ = object.__hash__
+
+
+_set_tracer, _set_index = Proxy._tracer.__set__, Proxy._index.__set__
 
 
 class _Attribute(Proxy):

@@ -335,7 +335,10 @@ class Interleaver:
         memory (see Guard.local_call), or a `session.stop()` ended some of its nodes."""
         values, steps, where, operator, constant = edit
         done = self.done
-        if any(done[index] for index in values) or not self.guard.holds_no_weight((output, constant)):
+        for index in values:  # (a loop, not any(...): a generator is made per call, on cold caches)
+            if done[index]:
+                return False
+        if not self.guard.holds_no_weight((output, constant)):
             return False
         del self.sources[key]
         at = steps[0]
