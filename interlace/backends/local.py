@@ -331,14 +331,15 @@ class Interleaver:
 
     def _edit(self, key, output, edit) -> bool:
         """An event of `Plan.edits`, module value `output`: do its `x[k] op= c` or `x[k] = c` here, as the general
-        path would do its nodes. False (nothing done) where it must go that way: the value or `c` is a weight's
-        memory (see Guard.local_call), or a `session.stop()` ended some of its nodes."""
+        path would do its nodes. False (nothing done) where it must go that way: the value is a weight's memory
+        (see Guard.local_call), or a `session.stop()` ended some of its nodes. (`c` may be one: an in-place
+        operator's schema and setitem's write their first argument only, so `c` is read, never written.)"""
         values, steps, where, operator, constant = edit
         done = self.done
         for index in values:  # (a loop, not any(...): a generator is made per call, on cold caches)
             if done[index]:
                 return False
-        if not self.guard.holds_no_weight((output, constant)):
+        if not self.guard.holds_no_weight((output,)):
             return False
         del self.sources[key]
         at = steps[0]

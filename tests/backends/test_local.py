@@ -214,6 +214,37 @@ def test_edits_that_read_a_value_or_whose_value_is_read_go_the_general_way_with_
     assert_clean(mlp)
 
 
+def test_an_edit_by_a_weights_memory_is_done_in_the_hook_and_leaves_the_weight_as_it_was(mlp, x, monkeypatch):
+    """`c` of `out[k] op= c` / `out[k] = c` is a view of a weight: the edit reads it (the operators write their first
+    argument only), so the hook does the edit, with a hand-written hook's numbers, and the weight is unchanged."""
+    done_by_hooks, edit = [], Interleaver._edit
+    monkeypatch.setattr(Interleaver, "_edit", lambda self, *args: done_by_hooks.append(edit(self, *args))
+                        or done_by_hooks[-1])
+    row, bias = mlp.layers[3].linear.weight.detach()[0], mlp.layers[3].linear.bias.detach()[:2]
+    weight, bias_before = mlp.layers[3].linear.weight.detach().clone(), mlp.layers[3].linear.bias.detach().clone()
+    net = Model(mlp)
+    with net.trace(x):
+        net.layers[0].output[:] += row
+        net.layers[1].output[:, 0] = bias
+        out = net.output.save()
+
+    def hooks(module, args, o):
+        if module is mlp.layers[0]:
+            o[:] += row
+        else:
+            o[:, 0] = bias
+
+    handles = [layer.register_forward_hook(hooks) for layer in mlp.layers[:2]]
+    want = hooked(mlp, x, mlp.head, lambda o: o)
+    for handle in handles:
+        handle.remove()
+    assert done_by_hooks == [True, True]
+    assert torch.equal(out, want)
+    linear = mlp.layers[3].linear
+    assert torch.equal(linear.weight.detach(), weight) and torch.equal(linear.bias.detach(), bias_before)
+    assert_clean(mlp)
+
+
 def test_an_edit_of_an_output_that_is_a_weights_memory_is_undone_after_the_trace(x):
     """The plan lets the hook do the edit, but the value is a view of a weight: the edit goes the general way,
     which keeps the weight and puts it back after the run."""
