@@ -109,9 +109,13 @@ class Plan:
             if key[1] != "output":
                 continue
             changes = self.mutations.get(key)
-            if changes is None and all(not users[i] and nodes[i].guard is None for i in indices):
-                kept[key] = indices
-            elif changes is not None:
+            if changes is None:
+                for i in indices:  # (a loop, not all(...): no generator made for each event)
+                    if users[i] or nodes[i].guard is not None:
+                        break
+                else:
+                    kept[key] = indices
+            else:
                 read = [i for i in indices if users[i] or nodes[i].guard is not None]
                 edit = self._edit(read[0], indices, changes) if len(read) == 1 else None
                 if edit is not None:
@@ -155,6 +159,10 @@ class Plan:
         mutating, functions, sources = ops.MUTATING_TARGETS, ops.FUNCTIONS, self.sources
         for node in nodes[first:stop]:
             index, op = node.index, node.op
+            if op == "module_value" and node.guard is None:  # (the commonest node: it reads nothing, and it is
+                key = event_keys[index] = _module_event(node)  # ready in its module's event, not before)
+                sources.setdefault(key, []).append(index)
+                continue
             reads = self.reads[index] = [ref for ref in node.refs() if ref >= start] if start else node.refs()
             if op == "call" and node.target == "operator.setitem" and index - 2 >= start and _store_back(nodes, index):
                 self.stores_back[index] = index - 2
@@ -234,8 +242,7 @@ class Plan:
         """The module event whose value `node` is or views (getitem/getattr of one), else None."""
         op = node.op
         if op == "module_value":
-            kind = "output" if node.kwargs["kind"] == "output" else "input"
-            return (node.target, kind, node.kwargs["call"])
+            return _module_event(node)
         if op == "grad":
             return ("grad", node.index)
         if _is_view(node):
@@ -357,6 +364,12 @@ def _basic(key) -> bool:
         elif kind not in _BASIC_INDEX:
             return False
     return True
+
+
+def _module_event(node) -> tuple:
+    """The event of module value `node`: (module path, "output" or "input" (`.inputs` too), call)."""
+    kwargs = node.kwargs
+    return (node.target, "output" if kwargs["kind"] == "output" else "input", kwargs["call"])
 
 
 def _reads_row_zero(nodes, node) -> bool:
