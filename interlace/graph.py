@@ -16,9 +16,10 @@ send the block once and a loader rebuild and check the copies by arithmetic.
 
 from __future__ import annotations
 
+import bisect
 import os
-from types import CodeType
 from dataclasses import dataclass, field
+from types import CodeType
 
 OPS = frozenset(
     {
@@ -93,9 +94,7 @@ class Node:
         late in a long script or notebook cell), so it is worked out here, once, when first asked for."""
         where = self._location
         if where is not None and type(where[0]) is CodeType:
-            code, offset = where
-            line = next((line for start, end, line in code.co_lines() if start <= offset < end), None)
-            where = self._location = (code.co_filename, line if line is not None else code.co_firstlineno)
+            where = self._location = (where[0].co_filename, _line_of(*where))
         return where
 
     def refs(self) -> tuple[int, ...]:
@@ -158,6 +157,24 @@ class Node:
         if self.location:
             where = f"  # {os.path.basename(self.location[0])}:{self.location[1]}"
         return f"%{self.index} = {self.op}{target}({', '.join(parts)}){guard}{where}"
+
+
+# the line table of the code object whose lines were last asked for: (it, where each run of instructions of one
+# line starts, its line). A graph sent to a server asks for every node's line, most of them in one script or
+# cell; a code object is not a dict key here, as its hash reads all of its code.
+_last_lines: tuple = (None, [], [])
+
+
+def _line_of(code: CodeType, offset: int) -> int:
+    """The line of the instruction at `offset` in `code`, as a frame's `f_lineno` there gives it."""
+    global _last_lines
+    table = _last_lines
+    if table[0] is not code:
+        runs = list(code.co_lines())  # (start, end, line), in order, from offset 0
+        table = _last_lines = (code, [start for start, _, _ in runs], [line for _, _, line in runs])
+    _, starts, lines = table
+    line = lines[bisect.bisect_right(starts, offset) - 1]
+    return line if line is not None else code.co_firstlineno
 
 
 def unique_refs(found: list[int], guard: int | None) -> tuple[int, ...]:

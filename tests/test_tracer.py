@@ -342,26 +342,31 @@ def test_the_refs_a_recorder_finds_while_recording_are_those_node_refs_computes(
 
 def test_each_node_names_its_line_late_in_a_long_source(mlp, x):
     """A node keeps where its line's call was and finds the line number when asked: the same line as the
-    frame's own `f_lineno`, also 3,000 lines into a source, in a statement over several lines, in a copy of
-    the graph made by pickling and in the request's bytes."""
+    frame's own `f_lineno`, also 3,000 lines into a source, in a statement over several lines, in a helper
+    function between lines of the experiment (lines of two code objects, asked for in turn), in a copy of the
+    graph made by pickling and in the request's bytes."""
     from interlace.backends.serialize import deserialize_graph, serialize_graph
 
     filler = "".join(f"    unused_{n} = {n}\n" for n in range(3000))
-    source = ("def experiment(net, x, sys):\n" + filler +
+    source = ("def helper(h, lines, sys):\n"
+              "    lines.append(sys._getframe().f_lineno + 1)\n"
+              "    return h - 1\n"
+              "def experiment(net, x, sys):\n" + filler +
               "    lines = []\n"
               "    with net.trace(x) as tracer:\n"
               "        hidden = net.layers[0].output; lines.append(sys._getframe().f_lineno)\n"
               "        total = (hidden\n"
               "                 * 2); lines.append(sys._getframe().f_lineno - 1)\n"
+              "        total = helper(total, lines, sys)\n"
               "        total.sum().save(); lines.append(sys._getframe().f_lineno)\n"
               "    return tracer.graph, lines\n")
     scope = {}
     exec(compile(source, "long_experiment.py", "exec"), scope)
     graph, lines = scope["experiment"](Model(mlp), x, __import__("sys"))
     expected = [("long_experiment.py", line) for line in lines]
-    assert [node.location for node in graph.nodes] == [expected[0], expected[1], expected[2]]
-    assert lines == [3004, 3005, 3007]  # (the product starts on its statement's first line, as Python says)
-    assert "long_experiment.py:3004" in str(graph)
+    assert lines == [3007, 3008, 3, 3011]  # (the product starts on its statement's first line, as Python says)
+    assert [node.location for node in graph.nodes] == expected
+    assert "long_experiment.py:3007" in str(graph)
     copied = pickle.loads(pickle.dumps(graph))
     decoded, _ = deserialize_graph(serialize_graph(graph, [((x,), {})]))
     assert [node.location for node in copied.nodes] == [node.location for node in decoded.nodes] == expected
