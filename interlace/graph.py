@@ -93,7 +93,7 @@ class Node:
         a frame's line number is found by reading its code's line table from the start (a few µs per node
         late in a long script or notebook cell), so it is worked out here, once, when first asked for."""
         where = self._location
-        if where is not None and type(where[0]) is CodeType:
+        if where and type(where[0]) is CodeType:  # (an empty location, from a Node made by hand, stays as it is)
             where = self._location = (where[0].co_filename, _line_of(*where))
         return where
 

@@ -78,3 +78,10 @@ def test_an_outcome_prints_shapes_not_numbers():
     outcome = Outcome({3: torch.zeros(200, 4096), 5: [1, 2], 8: 1.5}, [(3, ("x",))], {9: "the trace stopped"})
     assert repr(outcome) == ("Outcome(results={%3: Tensor[200, 4096] float32, %5: list of 2, %8: 1.5}, logs=1, "
                              "missing={9: 'the trace stopped'})")
+
+
+def test_a_node_made_by_hand_keeps_the_location_it_was_given():
+    """Only a recorder's `(code, offset)` is turned into a line; what a caller hands `Node` is returned as it is."""
+    from interlace.graph import Node
+
+    assert [Node(0, "call", location=where).location for where in (None, (), ("f.py", 3))] == [None, (), ("f.py", 3)]
