@@ -46,6 +46,7 @@ from .validate import check_against_model
 
 ENDED_EARLIER = "its module did not run that many times (the generation ended earlier)"
 _PENDING = object()  # a node that waits for a later event (a gradient)
+_NONE: dict = {}  # (a hook's events of a kind it has none of; never written)
 _NEVER = sys.maxsize  # a module call no run reaches
 _MISSING = object()
 # op -> method name; looked up on each call, as a table of bound methods would make the
@@ -225,8 +226,8 @@ class Interleaver:
             handles.append(self._module_at(path).register_forward_pre_hook(self._pre_hook(path), with_kwargs=True))
         for path in outputs:
             module = self._module_at(path)
-            handles.append(module.register_forward_hook(self._post_hook(path, kept, edits),
-                                                        prepend=_only_recorders(module)))
+            hook = self._post_hook(path, kept.get(path, _NONE), edits.get(path, _NONE))
+            handles.append(module.register_forward_hook(hook, prepend=_only_recorders(module)))
         for path in skipped:
             self._patch_forward(self._module_at(path), path)
 
@@ -290,8 +291,8 @@ class Interleaver:
         return hook
 
     def _post_hook(self, path, kept, edits):
-        """The hook of `path`'s output; `kept`, `edits`: the events of `Plan.kept` and `Plan.edits` it may do
-        itself (see `_install`)."""
+        """The hook of `path`'s output; `kept`, `edits`: its events of `Plan.kept` and `Plan.edits` (by call) it may
+        do itself (see `_install`)."""
         counter, sources, owner = self._counter(path, "output"), self.sources, self.owner
         done, values, results, saved, guard = self.done, self.values, self.results, self.saved, self.guard
 
@@ -302,21 +303,21 @@ class Interleaver:
             counter[0] = call + 1
             if call >= self.deferred_from:
                 self._plan_copies(call)
-            key = (path, "output", call)
-            indices = kept.get(key)
+            indices = kept.get(call)
             if indices is None:
-                if key not in sources:
-                    return None
-                edit = edits.get(key)
-                if edit is None or self.ready or not self._edit(key, output, edit):
+                edit = edits.get(call)
+                if edit is None or self.ready or not self._edit(path, call, output, edit):
+                    key = (path, "output", call)
+                    if key not in sources:
+                        return None
                     event = self._event(key, output)
                     return event.value if event.changed else None
                 return None
             # an event of `Plan.kept`: what _event and _finish would do for module values nothing reads (no
-            # reader to wake, nothing read to free), inline: the commonest event, a saved output
+            # reader to wake, nothing read to free), inline: the commonest event, a saved output (its entry in
+            # `sources` stays, as an edit's does: a call comes once, and a delete costs ~1 µs on cold caches)
             if self.untrusted:
                 guard.tick()
-            del sources[key]  # (`indices` is its list)
             for index in indices:
                 if not done[index]:
                     done[index] = 1
@@ -329,7 +330,7 @@ class Interleaver:
 
         return hook
 
-    def _edit(self, key, output, edit) -> bool:
+    def _edit(self, path: str, call: int, output, edit) -> bool:
         """An event of `Plan.edits`, module value `output`: do its `x[k] op= c` or `x[k] = c` here, as the general
         path would do its nodes. False (nothing done) where it must go that way: the value is a weight's memory
         (see Guard.local_call), or a `session.stop()` ended some of its nodes. (`c` may be one: an in-place
@@ -341,7 +342,6 @@ class Interleaver:
                 return False
         if not self.guard.holds_no_weight((output,)):
             return False
-        del self.sources[key]
         at = steps[0]
         try:
             if operator is None:
@@ -354,7 +354,7 @@ class Interleaver:
                 if not _onto_itself(output, view, new):
                     output[where] = new
         except Exception as error:
-            self.events.append(_Event(key, output))  # (the error names the event)
+            self.events.append(_Event((path, "output", call), output))  # (the error names the event)
             try:
                 failure = self._execution_error(self.nodes[at], error)
             finally:

@@ -78,10 +78,11 @@ class Plan:
             for ref, count in outside.items():
                 self.remaining[ref] += count * len(self.deferred)
         # output events whose module values are read whole by nothing of the graph (saved, most often):
-        # the hook keeps the value and wakes no one (the commonest event, done without the general path)
-        self.kept: dict[tuple, list[int]] = {}
-        # output events whose only work is one edit of the module's value by a constant (see `_edit`)
-        self.edits: dict[tuple, tuple] = {}
+        # the hook keeps the value and wakes no one (the commonest event, done without the general path);
+        # by path, then call (a hook looks its call up by number: no key is made, or hashed, per call)
+        self.kept: dict[str, dict[int, list[int]]] = {}
+        # output events whose only work is one edit of the module's value by a constant (see `_edit`), the same way
+        self.edits: dict[str, dict[int, tuple]] = {}
         self._shortcuts(self.sources)
 
     def plan_copies(self, call: int, done) -> list[int]:
@@ -101,25 +102,28 @@ class Plan:
 
     def _shortcuts(self, keys) -> None:
         """Note which of the events `keys` the hooks do without the general path (`kept`, `edits`)."""
-        users, nodes, sources, kept, edits = self.users, self.nodes, self.sources, self.kept, self.edits
+        users, nodes, sources = self.users, self.nodes, self.sources
         for key in keys:
-            indices = sources[key]
-            kept.pop(key, None)
-            edits.pop(key, None)
-            if key[1] != "output":
+            path, kind, call = key
+            if kind != "output":
                 continue
+            indices = sources[key]
+            # (every output path has both dicts, so a hook holds the ones later copies' events go into)
+            kept, edits = self.kept.setdefault(path, {}), self.edits.setdefault(path, {})
+            kept.pop(call, None)
+            edits.pop(call, None)
             changes = self.mutations.get(key)
             if changes is None:
                 for i in indices:  # (a loop, not all(...): no generator made for each event)
                     if users[i] or nodes[i].guard is not None:
                         break
                 else:
-                    kept[key] = indices
+                    kept[call] = indices
             else:
                 read = [i for i in indices if users[i] or nodes[i].guard is not None]
                 edit = self._edit(read[0], indices, changes) if len(read) == 1 else None
                 if edit is not None:
-                    edits[key] = edit
+                    edits[call] = edit
 
     def _edit(self, first: int, values: list[int], changes: list[int]):
         """`(values, (getitem, operator, setitem), k, operator, c)` where the only nodes that read module value

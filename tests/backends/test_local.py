@@ -133,7 +133,7 @@ def test_augmented_assignment_to_a_weight_is_undone(mlp, x):
 # -- edits the hook does itself (Plan.edits) ----------------------------------------------------------
 def _edits(tracer) -> list[str]:
     """The module paths whose edit `Plan.edits` lets the hook do itself, in the graph `tracer` recorded."""
-    return sorted(key[0] for key in Plan(tracer.graph, 0, len(tracer.graph)).edits)
+    return sorted(path for path, calls in Plan(tracer.graph, 0, len(tracer.graph)).edits.items() if calls)
 
 
 def test_an_edit_by_a_constant_is_done_in_the_hook_as_hand_written_hooks_do_it(mlp, x):
@@ -520,6 +520,49 @@ def test_module_called_twice_next_and_at_call():
         by_next = net.shared.output.save()
         by_number = net.shared.at_call(0).output.save()
     assert torch.equal(by_next, second) and torch.equal(by_number, first)
+
+
+class Thrice(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.shared = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.shared(self.shared(torch.relu(self.shared(x))))
+
+
+def test_one_hook_keeps_one_call_and_edits_another_of_the_same_module_by_its_call_number():
+    """A module called three times, its first call saved (`Plan.kept`), its second edited (`Plan.edits`), the
+    third read the general way: the one hook tells them apart by call, with a hand-written hook's numbers."""
+    torch.manual_seed(0)
+    model = Thrice()
+    net = Model(model)
+    x, steer = torch.randn(2, 4), torch.linspace(-1.0, 1.0, 3)
+    with net.trace(x) as tracer:
+        first = net.shared.output.save()
+        net.shared.at_call(1).output[:, 1:] += steer
+        third = (net.shared.at_call(2).output * 2).save()
+    plan = Plan(tracer.graph, 0, len(tracer.graph))
+    assert list(plan.kept["shared"]) == [0] and list(plan.edits["shared"]) == [1]
+
+    def outputs(edit: bool) -> list:
+        calls = []
+
+        def hook(module, args, o):
+            calls.append(o)
+            if edit and len(calls) == 2:
+                o[:, 1:] += steer
+
+        handle = model.shared.register_forward_hook(hook)
+        with torch.no_grad():
+            model(x)
+        handle.remove()
+        return calls
+
+    want, unedited = outputs(edit=True), outputs(edit=False)
+    assert torch.equal(first, want[0]) and torch.equal(third, want[2] * 2)
+    assert not torch.equal(third, unedited[2] * 2)
+    assert_clean(model)
 
 
 def test_apply_and_log(mlp, x, capsys):
