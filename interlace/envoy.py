@@ -122,10 +122,16 @@ class Envoy:
     def __getitem__(self, key):
         if type(key) is int and isinstance(self._module, torch.nn.ModuleList):
             # a ModuleList names its children '0'..'n-1' in order: no list of names to build per access
-            size = len(self._module._modules)
-            child = self._child(str(key + size if key < 0 else key)) if -size <= key < size else None
-            if child is not None:
-                return child
+            modules = self._module._modules
+            size = len(modules)
+            if -size <= key < size:
+                name = str(key + size if key < 0 else key)
+                child = self._children.get(name)
+                if child is not None and child._module is modules.get(name):
+                    return child  # (the commonest read, `layers[i]`, without a call to _child)
+                child = self._child(name)
+                if child is not None:
+                    return child
         names = self._names()
         if isinstance(key, int):
             try:
