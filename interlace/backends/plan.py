@@ -102,27 +102,32 @@ class Plan:
 
     def _shortcuts(self, keys) -> None:
         """Note which of the events `keys` the hooks do without the general path (`kept`, `edits`)."""
-        users, nodes, sources = self.users, self.nodes, self.sources
+        users, nodes, sources, all_kept, all_edits = self.users, self.nodes, self.sources, self.kept, self.edits
         for key in keys:
             path, kind, call = key
             if kind != "output":
                 continue
             indices = sources[key]
-            # (every output path has both dicts, so a hook holds the ones later copies' events go into)
-            kept, edits = self.kept.setdefault(path, {}), self.edits.setdefault(path, {})
-            kept.pop(call, None)
-            edits.pop(call, None)
+            kept, edits = all_kept.get(path), all_edits.get(path)
+            if kept is not None:
+                kept.pop(call, None)
+            if edits is not None:
+                edits.pop(call, None)
             changes = self.mutations.get(key)
             if changes is None:
                 for i in indices:  # (a loop, not all(...): no generator made for each event)
                     if users[i] or nodes[i].guard is not None:
                         break
                 else:
+                    if kept is None:
+                        kept = all_kept[path] = {}
                     kept[call] = indices
             else:
                 read = [i for i in indices if users[i] or nodes[i].guard is not None]
                 edit = self._edit(read[0], indices, changes) if len(read) == 1 else None
                 if edit is not None:
+                    if edits is None:
+                        edits = all_edits[path] = {}
                     edits[call] = edit
 
     def _edit(self, first: int, values: list[int], changes: list[int]):
