@@ -226,6 +226,7 @@ class Interleaver:
             handles.append(self._module_at(path).register_forward_pre_hook(self._pre_hook(path), with_kwargs=True))
         for path in outputs:
             module = self._module_at(path)
+            # (a path whose first kept or edit event is a later copy's has no table yet: those go the general way)
             hook = self._post_hook(path, kept.get(path, _NONE), edits.get(path, _NONE))
             handles.append(module.register_forward_hook(hook, prepend=_only_recorders(module)))
         for path in skipped:
