@@ -420,7 +420,8 @@ def _copy_weights(results: dict, module: torch.nn.Module) -> None:
             continue
         if index is None:
             index = ModelTree.of(module)
-        if index.holds(value.untyped_storage().data_ptr()):
+        pointer = value.untyped_storage().data_ptr()
+        if pointer in index.tensors and index.holds(pointer):  # (most are no weight's: no call for them)
             results[key] = value.detach().clone()
 
 
