@@ -28,7 +28,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 import interlace  # noqa: E402
-from overhead import small_gpt2  # noqa: E402
+from overhead import quantile, small_gpt2  # noqa: E402
 
 BLOCKS = 64
 
@@ -83,15 +83,11 @@ def main(argv=None) -> None:
                 for run in runs if number % 2 else runs[::-1]:
                     run()
             medians = {name: statistics.median(ts) / 1e3 for name, ts in times.items()}
-            cells = [f"{medians[name]:.2f} ({_quartile(times[name]) / 1e3:.2f})" for name in times]
+            cells = [f"{medians[name]:.2f} ({quantile(times[name], 0.25) / 1e3:.2f})" for name in times]
             cells[1:] = [f"{cell}, +{medians[name] - medians['raw']:.2f}" for cell, name in zip(cells[1:], packages)]
             print(f"| {work} | " + " | ".join(cells) + " |")
             for ts in times.values():
                 ts.clear()
-
-
-def _quartile(values) -> float:
-    return sorted(values)[len(values) // 4]
 
 
 def _traced(net, ids, work: str, steer):

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.environ.get("INTERLACE_CHECKOUT") or str(Path(__file__).resolve().parents[1]))
 import interlace  # noqa: E402
-from overhead import small_gpt2  # noqa: E402
+from overhead import quantile, small_gpt2  # noqa: E402
 
 REPEATS = 60
 OTHER_LINES = 3000
@@ -78,10 +78,6 @@ def trace_cost(net, ids, notebook: bool):
     return timed(TRACE, "cell.py", scope)
 
 
-def quartile(values: list[float]) -> float:
-    return sorted(values)[len(values) // 4]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", metavar="CHECKOUT", help="then run the same under this checkout's interlace")
@@ -103,7 +99,7 @@ def main() -> None:
             if repeat >= 5:  # (warmup)
                 times[name].append(took)
     print(f"interlace {interlace.__file__}")
-    costs = {name: quartile(values) for name, values in times.items()}
+    costs = {name: quantile(values, 0.25) for name, values in times.items()}
     for name, cost in costs.items():
         print(f"{name:55s} {cost:9.1f}")
     (top, late), (few, many) = list(costs.values())[:2], list(costs.values())[2:]
