@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import weakref
 
 import torch
 
@@ -18,6 +19,38 @@ from .source import SOURCE, rewrite, source_of
 
 
 _OWN_FIELDS = frozenset({"_children", "_module", "_root", "_path", "_aliases"})
+
+# An envoy keeps the envoys it hands out for `envoy.name` in its instance dict, where Python finds them without
+# a call to __getattr__ (10 ns, not 650: most of that is the failed lookup before it). torch calls its global
+# module registration hooks whenever a module's child is set (`module.name = new`, `register_module`,
+# `ModuleList[i] = new`, `= None`), and on that the envoys of that module drop what they keep for the name;
+# `del envoy.name` drops it too. (A child deleted by `del module.name` on the torch module itself leaves its
+# envoy readable: the paths it records then fail when the trace runs, naming the path.)
+_mirrors: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.WeakSet[Envoy]]" = weakref.WeakKeyDictionary()
+
+
+def _forget_child(module, name, submodule) -> None:
+    envoys = _mirrors.get(module)
+    if envoys is not None:
+        for envoy in list(envoys):
+            envoy.__dict__.pop(name, None)
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_forget_child)
+
+
+def _keep(envoy: "Envoy", name: str, found: "Envoy") -> None:
+    """Keep `found` (an envoy) in `envoy`'s instance dict for `envoy.name`, which its module's changes drop."""
+    envoys = _mirrors.get(envoy._module)
+    if envoys is None:
+        envoys = _mirrors[envoy._module] = weakref.WeakSet()
+    envoys.add(envoy)
+    envoy.__dict__[name] = found
+
+
+def _kept_names(envoy: "Envoy") -> list[str]:
+    """The names `envoy` keeps an envoy for (public names holding an Envoy: see _keep)."""
+    return [name for name, value in vars(envoy).items() if name[:1] != "_" and isinstance(value, Envoy)]
 
 
 class Envoy:
@@ -30,6 +63,8 @@ class Envoy:
     """
 
     def __init__(self, module: torch.nn.Module, path: str = "", root: "Envoy | None" = None):
+        for name in _kept_names(self):  # (a copy made again, Model._copy: its children are its own)
+            del self.__dict__[name]
         set_ = object.__setattr__
         set_(self, "_module", module)
         set_(self, "_path", path)
@@ -87,14 +122,14 @@ class Envoy:
         # (not set yet while an envoy is made or copied: looking them up here would come back here)
         if name[:1] == "_" and (name in _OWN_FIELDS or name.startswith("__")):
             raise AttributeError(name)
-        child = self._children.get(name)
-        if child is not None and child._module is self._module._modules.get(name):
-            return child  # (the commonest read, `model.layers`, without a call to _child)
         child = self._child(name)
-        if child is not None:
+        if child is None:
+            child = self._aliases.get(name)
+        if isinstance(child, Envoy):
+            _keep(self, name, child)  # (the next `envoy.name` does not come here)
             return child
-        if name in self._aliases:
-            return self._aliases[name]
+        if child is not None:  # (an alias to several modules: a list)
+            return child
         tracer = self._root._tracer
         module = self._module
         if tracer is not None and (name in module._parameters or name in module._buffers):
@@ -116,6 +151,7 @@ class Envoy:
         """`del envoy.sae` detaches a module attached with `envoy.sae = ...`."""
         if not name.startswith("_") and name in self._module._modules:
             delattr(self._module, name)
+            _forget_child(self._module, name, None)
         else:
             object.__delattr__(self, name)
 
@@ -204,6 +240,8 @@ class Envoy:
         """This module at its `call`-th call in the forward (0-based), e.g. a module run twice."""
         view = copy.copy(self)
         view._call = call
+        for name in _kept_names(view):  # (looked up again, and kept where its module's changes reach them)
+            del view.__dict__[name]
         return view
 
     def skip(self, value) -> None:

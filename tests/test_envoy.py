@@ -132,6 +132,45 @@ def test_indexing_children_as_the_module_does(x):
     assert net.layers.module is mlp.layers and net.layers[0].module is mlp.layers[0] and len(net.layers) == 1
 
 
+def test_a_child_read_once_follows_every_later_change_of_the_module(x):
+    """`net.head` is kept by its envoy after the first read (no __getattr__ call the next time); a child set
+    on the torch module, through the envoy, to None, or detached through the envoy is what the next read
+    sees, in every envoy of the module (a copy from model.edit() keeps its own), and a trace reaches it."""
+    mlp = MLP().eval()
+    net = Model(mlp)
+    first = net.head
+    assert net.head is first and vars(net)["head"] is first  # kept: found without a call
+    with net.edit() as edited:
+        pass
+    assert edited.head is not first and edited.head.module is mlp.head
+    wider = torch.nn.Linear(8, 7)
+    mlp.head = wider  # on the torch module: both envoys of it follow
+    assert net.head.module is wider and edited.head.module is wider and net.head is not first
+    seen = []
+    handle = wider.register_forward_hook(lambda module, args, output: seen.append(output.detach()))
+    with torch.no_grad():
+        mlp(x)
+    handle.remove()
+    with net.trace(x):
+        out = net.head.output.save()
+    assert out.shape == (2, 7) and torch.equal(out, seen[0])
+    net.head = torch.nn.Linear(8, 2)  # through the envoy
+    assert net.head.module is mlp.head and mlp.head.out_features == 2
+    layer = net.layers[1]
+    assert layer.linear.module is mlp.layers[1].linear
+    mlp.layers[1] = torch.nn.Identity()  # a ModuleList item: its envoy is a new one, with no `linear`
+    with pytest.raises(interlace.ModulePathError, match="no submodule or attribute 'linear'"):
+        net.layers[1].linear
+    assert layer.at_call(0).linear.module is layer.module.linear  # a view of an envoy looks its children up
+    net.sae = SAE()
+    assert net.sae.encoder.module is mlp.sae.encoder
+    del net.sae
+    with pytest.raises(interlace.ModulePathError, match="no submodule or attribute 'sae'"):
+        net.sae
+    mlp.head = None
+    assert net.head is None
+
+
 def test_a_module_attached_through_an_envoy_is_detached_through_it(x):
     """`del envoy.sae` undoes `envoy.sae = SAE()`: the wrapped module loses it and traces no longer reach it."""
     mlp = MLP().eval()
