@@ -253,7 +253,8 @@ class Tracer(Recorder):
         self.session = model._session
         # in a session every trace records into the session's one graph
         self.graph = self.session.graph if self.session is not None else Graph()
-        self.start = self.graph.extend_shifted(model._edits, 0)  # persistent interventions of model.edit()
+        # persistent interventions of model.edit()
+        self.start = self.graph.extend_shifted(model._edits, 0) if model._edits else len(self.graph)
         self._guard = self.session._guard if self.session is not None else None
         self._caches: list[dict] = []
         self.invokes: list[tuple[tuple, dict]] = []
@@ -420,7 +421,8 @@ class Tracer(Recorder):
     def _receive(self, outcome, frame) -> None:
         self.graph.make_copies()  # (those of steps the run did not reach: `tracer.graph` reads as recorded)
         self.results, self.missing = outcome.results, outcome.missing
-        self._bind_last_steps()
+        if self.copies:
+            self._bind_last_steps()
         self._bind(frame, (self,))
 
     def _bind_last_steps(self) -> None:
@@ -448,7 +450,8 @@ class Tracer(Recorder):
 
     def _bind(self, frame, recorders: tuple) -> None:
         """Give saved values to caches and to the names in `frame` that held proxies."""
-        self._bind_caches()
+        if self._caches:
+            self._bind_caches()
         super()._bind(frame, recorders)
 
     def _bind_caches(self) -> None:

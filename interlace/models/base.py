@@ -259,7 +259,8 @@ class Model(Envoy):
             outcome.results.update(interleaver.results)
             outcome.logs += interleaver.logs
             outcome.missing.update(interleaver.missing())
-            carried.update({i: interleaver.values[i] for i in keep if i in interleaver.values})
+            if keep:
+                carried.update({i: interleaver.values[i] for i in keep if i in interleaver.values})
             skip_to = max(skip_to, interleaver.skip_to or 0)
         _copy_weights(outcome.results, self._module)
         return outcome
