@@ -53,6 +53,16 @@ def _kept_names(envoy: "Envoy") -> list[str]:
     return [name for name, value in vars(envoy).items() if name[:1] != "_" and isinstance(value, Envoy)]
 
 
+def _reader(kind: str):
+    """The getter of `envoy.output` (`kind`): the value, recorded by the open trace (one call: the commonest read)."""
+
+    def read(envoy: "Envoy"):
+        tracer = envoy._root._tracer
+        return (tracer if tracer is not None else envoy._active(kind)).module_value(envoy, kind)
+
+    return read
+
+
 class Envoy:
     """Mirror of a module and its children.
 
@@ -217,18 +227,15 @@ class Envoy:
             )
         return tracer
 
-    def _value(self, kind: str):
-        return self._active(kind).module_value(self, kind)
-
     def _replace(self, kind: str, value) -> None:
         tracer = self._active(kind)
         tracer.record("swap", None, (tracer.module_value(self, kind), value))
 
-    output = property(lambda self: self._value("output"), lambda self, v: self._replace("output", v))
+    output = property(_reader("output"), lambda self, v: self._replace("output", v))
     output.__doc__ = "The module's output; assign to replace it."
-    input = property(lambda self: self._value("input"), lambda self, v: self._replace("input", v))
+    input = property(_reader("input"), lambda self, v: self._replace("input", v))
     input.__doc__ = "The module's first input (first positional argument, else first keyword)."
-    inputs = property(lambda self: self._value("inputs"), lambda self, v: self._replace("inputs", v))
+    inputs = property(_reader("inputs"), lambda self, v: self._replace("inputs", v))
     inputs.__doc__ = "All inputs of the call as `(args, kwargs)`; assign a pair to replace them."
 
     def next(self, steps: int = 1) -> "Envoy":
