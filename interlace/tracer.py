@@ -219,8 +219,10 @@ class Recorder:
         return self.record("call", name, args, kwargs) if name else self.record("apply", fn, args, kwargs)
 
     def _bind(self, frame, recorders: tuple) -> None:
-        if any(recorder.results for recorder in recorders):
-            bind_saved(frame, recorders)
+        for recorder in recorders:  # (a loop, not any(...): no generator made a trace)
+            if recorder.results:
+                bind_saved(frame, recorders)
+                return
 
 
 NESTED_MESSAGES = {  # a trace started while one is open on the model

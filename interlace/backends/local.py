@@ -203,9 +203,12 @@ class Interleaver:
         return self.results
 
     def _install(self) -> None:
-        outputs = {key[0] for key in self.sources if key[1] == "output"}
-        inputs = {key[0] for key in self.sources if key[1] == "input"}
-        skipped = {key[0] for key in self.plan.skips}
+        outputs, inputs = set(), set()
+        for path, kind, _ in self.sources:  # (module events: path, "output" or "input", call)
+            if kind == "output":
+                outputs.add(path)
+            elif kind == "input":
+                inputs.add(path)
         # a streamed run goes on in a thread while its reader may call the same modules itself: only this
         # thread's calls are the run's (another's would be steered and counted as this run's next call)
         self.owner = get_ident()
@@ -229,7 +232,7 @@ class Interleaver:
             # (a path whose first kept or edit event is a later copy's has no table yet: those go the general way)
             hook = self._post_hook(path, kept.get(path, _NONE), edits.get(path, _NONE))
             handles.append(module.register_forward_hook(hook, prepend=_only_recorders(module)))
-        for path in skipped:
+        for path in {path for path, _ in self.plan.skips} if self.plan.skips else ():
             self._patch_forward(self._module_at(path), path)
 
     def _plan_copies(self, call: int) -> None:

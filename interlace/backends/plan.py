@@ -28,7 +28,7 @@ class Plan:
     """
 
     def __init__(self, graph: Graph, start: int, end: int, *, defer_copies: bool = False):
-        found = _deferrable(graph, start, end) if defer_copies else None
+        found = _deferrable(graph, start, end) if defer_copies and graph.repeats else None
         if found is None:
             graph.make_copies()  # (a server's front leaves them to the run: see Graph.add_copy_later)
         self.graph = graph
