@@ -26,14 +26,17 @@ _OWN_FIELDS = frozenset({"_children", "_module", "_root", "_path", "_aliases"})
 # `ModuleList[i] = new`, `= None`), and on that the envoys of that module drop what they keep for the name;
 # `del envoy.name` drops it too. (A child deleted by `del module.name` on the torch module itself leaves its
 # envoy readable: the paths it records then fail when the trace runs, naming the path.)
-_mirrors: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.WeakSet[Envoy]]" = weakref.WeakKeyDictionary()
+_mirrors: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.WeakValueDictionary[int, Envoy]]" = (
+    weakref.WeakKeyDictionary())  # module -> its envoys that keep children, by id
 
 
 def _forget_child(module, name, submodule) -> None:
     envoys = _mirrors.get(module)
     if envoys is not None:
-        for envoy in list(envoys):
-            envoy.__dict__.pop(name, None)
+        for ref in envoys.valuerefs():  # (a list made in one step: another thread may add to it meanwhile)
+            envoy = ref()
+            if envoy is not None:
+                envoy.__dict__.pop(name, None)
 
 
 torch.nn.modules.module.register_module_module_registration_hook(_forget_child)
@@ -41,10 +44,7 @@ torch.nn.modules.module.register_module_module_registration_hook(_forget_child)
 
 def _keep(envoy: "Envoy", name: str, found: "Envoy") -> None:
     """Keep `found` (an envoy) in `envoy`'s instance dict for `envoy.name`, which its module's changes drop."""
-    envoys = _mirrors.get(envoy._module)
-    if envoys is None:
-        envoys = _mirrors[envoy._module] = weakref.WeakSet()
-    envoys.add(envoy)
+    _mirrors.setdefault(envoy._module, weakref.WeakValueDictionary())[id(envoy)] = envoy
     envoy.__dict__[name] = found
 
 
