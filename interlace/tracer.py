@@ -189,7 +189,7 @@ class Recorder:
 
     def mark_saved(self, proxy: Proxy) -> None:
         """`proxy.save()`: keep the value of its node after the run."""
-        if self._recorder() is None:
+        if self._closed and self._recorder() is None:  # (an open one records: no call to ask it)
             raise NotSavedError(
                 "this trace has ended: call .save() inside the `with` block that computes the value"
             )
