@@ -256,7 +256,7 @@ class Tracer(Recorder):
         # in a session every trace records into the session's one graph
         self.graph = self.session.graph if self.session is not None else Graph()
         # persistent interventions of model.edit()
-        self.start = self.graph.extend_shifted(model._edits, 0) if model._edits else len(self.graph)
+        self.start = self.graph.extend_shifted(model._edits, 0) if model._edits else len(self.graph.nodes)
         self._guard = self.session._guard if self.session is not None else None
         self._caches: list[dict] = []
         self.invokes: list[tuple[tuple, dict]] = []
@@ -365,7 +365,7 @@ class Tracer(Recorder):
     # -- context ----------------------------------------------------------------------------------
     def __enter__(self) -> "Tracer":
         self.model._attach(self)
-        active().append(self)
+        _open.recorders.append(self)
         collector.pause()  # until the run ends: see collector for why
         self._paused = True
         return self
@@ -383,7 +383,7 @@ class Tracer(Recorder):
 
     def _close(self, exc_type, frame) -> bool:
         """End the recording and run it; saved values bind to names in `frame` (the `with` block's)."""
-        active().remove(self)
+        _open.recorders.remove(self)
         self.model._detach(self)
         self._closed = True
         if exc_type is not None:
@@ -393,7 +393,7 @@ class Tracer(Recorder):
         if self.session is not None:
             self.session.add_trace(self)  # runs when the session ends
             return False
-        request = Request(self.graph, [self.spec(len(self.graph))])
+        request = Request(self.graph, [self.spec(len(self.graph.nodes))])
         if self.options.get("stream"):  # its steps are made as tracer.stream() asks for them
             self._stream = Stream(self, request)
             return False
@@ -489,7 +489,7 @@ class Editor(Tracer):
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._resume_collector()
-        active().remove(self)
+        _open.recorders.remove(self)
         self.model._detach(self)
         self.edited._tracer = None
         self._closed = True
