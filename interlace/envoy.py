@@ -48,9 +48,18 @@ def _keep(envoy: "Envoy", name: str, found: "Envoy") -> None:
     envoy.__dict__[name] = found
 
 
-def _kept_names(envoy: "Envoy") -> list[str]:
-    """The names `envoy` keeps an envoy for (public names holding an Envoy: see _keep)."""
-    return [name for name, value in vars(envoy).items() if name[:1] != "_" and isinstance(value, Envoy)]
+def _drop_kept(envoy: "Envoy") -> None:
+    """Drop what `envoy` keeps (see _keep): the entries of its instance dict that are its child or alias of
+    that name (a copy of an envoy, one whose module changes: what it keeps is looked up again, and kept where
+    its module's changes reach it)."""
+    attributes = vars(envoy)
+    children, aliases = attributes.get("_children", {}), attributes.get("_aliases", {})
+    for name in [name for name, value in attributes.items()
+                 if value is children.get(name, _ABSENT) or value is aliases.get(name, _ABSENT)]:
+        del attributes[name]
+
+
+_ABSENT = object()
 
 
 def _reader(kind: str):
@@ -73,8 +82,7 @@ class Envoy:
     """
 
     def __init__(self, module: torch.nn.Module, path: str = "", root: "Envoy | None" = None):
-        for name in _kept_names(self):  # (a copy made again, Model._copy: its children are its own)
-            del self.__dict__[name]
+        _drop_kept(self)  # (a copy made again, Model._copy: its children are its own)
         set_ = object.__setattr__
         set_(self, "_module", module)
         set_(self, "_path", path)
@@ -247,9 +255,13 @@ class Envoy:
         """This module at its `call`-th call in the forward (0-based), e.g. a module run twice."""
         view = copy.copy(self)
         view._call = call
-        for name in _kept_names(view):  # (looked up again, and kept where its module's changes reach them)
-            del view.__dict__[name]
+        _drop_kept(view)
         return view
+
+    def _point_at(self, module: torch.nn.Module) -> None:
+        """Mirror `module` from now on (the same module loaded: LanguageModel.dispatch)."""
+        self._module = module
+        _drop_kept(self)
 
     def skip(self, value) -> None:
         """Do not run this module in this call; `value` is used as its output."""

@@ -173,7 +173,7 @@ class LanguageModel(Model):
         # every envoy (and alias) made so far points at the loaded module; listed first, since an envoy
         # whose module changed would make its children anew, leaving the user's references on the meta ones
         for envoy in list(self.modules()):
-            envoy._module = submodule(module, envoy.path)  # `.source` used before: rewritten here too
+            envoy._point_at(submodule(module, envoy.path))  # `.source` used before: rewritten here too
         self._generator._model[0] = module
         self._loaded = module
 

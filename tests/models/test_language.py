@@ -385,6 +385,8 @@ def test_envoys_taken_before_the_weights_load_reach_the_loaded_modules(tmp_path)
     assert not norm.weight.is_meta and attention.module is lm.module.model.layers[1].self_attn
     with torch.no_grad():  # called outside a trace: the loaded module runs
         torch.testing.assert_close(alias(hidden), model.model.norm(hidden))
+    lm.module.model.norm = torch.nn.Identity()  # a child of a loaded module replaced: its envoys follow
+    assert isinstance(lm.model.norm.module, torch.nn.Identity) and lm.model.norm is not norm
 
 
 def test_an_edited_copy_made_before_the_weights_load_shares_them_with_its_model(tmp_path):
