@@ -35,8 +35,8 @@ def _forget_child(module, name, submodule) -> None:
     if envoys is not None:
         for ref in envoys.valuerefs():  # (a list made in one step: another thread may add to it meanwhile)
             envoy = ref()
-            if envoy is not None:
-                envoy.__dict__.pop(name, None)
+            if envoy is not None and name in vars(envoy):
+                _drop_kept(envoy, (name,))
 
 
 torch.nn.modules.module.register_module_module_registration_hook(_forget_child)
@@ -48,14 +48,14 @@ def _keep(envoy: "Envoy", name: str, found: "Envoy") -> None:
     envoy.__dict__[name] = found
 
 
-def _drop_kept(envoy: "Envoy") -> None:
-    """Drop what `envoy` keeps (see _keep): the entries of its instance dict that are its child or alias of
-    that name (a copy of an envoy, one whose module changes: what it keeps is looked up again, and kept where
-    its module's changes reach it)."""
+def _drop_kept(envoy: "Envoy", names=None) -> None:
+    """Drop what `envoy` keeps (see _keep) under `names` (default: all): the entries of its instance dict that
+    are its child or alias of that name, not an attribute set by hand (a copy of an envoy, one whose module
+    changes: what it keeps is looked up again, and kept where its module's changes reach it)."""
     attributes = vars(envoy)
     children, aliases = attributes.get("_children", {}), attributes.get("_aliases", {})
-    for name in [name for name, value in attributes.items()
-                 if value is children.get(name, _ABSENT) or value is aliases.get(name, _ABSENT)]:
+    for name in [name for name in (attributes if names is None else names)
+                 if attributes[name] is children.get(name, _ABSENT) or attributes[name] is aliases.get(name, _ABSENT)]:
         del attributes[name]
 
 
