@@ -169,6 +169,9 @@ def test_a_child_read_once_follows_every_later_change_of_the_module(x):
         net.sae
     mlp.head = None
     assert net.head is None
+    net.note = "mine"  # an attribute set on the envoy by hand is not one it keeps: a child of that name leaves it
+    mlp.note = torch.nn.ReLU()
+    assert net.note == "mine"
 
 
 def test_a_module_attached_through_an_envoy_is_detached_through_it(x):
