@@ -28,7 +28,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 import interlace  # noqa: E402
-from overhead import quantile, small_gpt2  # noqa: E402
+from overhead import _traced_items, quantile, small_gpt2  # noqa: E402
 
 BLOCKS = 64
 
@@ -78,7 +78,8 @@ def main(argv=None) -> None:
             time_hooks(package, times[name])
         for work in ("save", "edit"):
             runs = [_raw(module, ids, work, steer, times["raw"])]
-            runs += [_traced(package.Model(module), ids, work, steer) for package in packages.values()]
+            runs += [_traced_items(package.Model(module), ids, BLOCKS, work == "edit", steer, {"early_stop": False})
+                     for package in packages.values()]
             for number in range(args.rounds):
                 for run in runs if number % 2 else runs[::-1]:
                     run()
@@ -88,17 +89,6 @@ def main(argv=None) -> None:
             print(f"| {work} | " + " | ".join(cells) + " |")
             for ts in times.values():
                 ts.clear()
-
-
-def _traced(net, ids, work: str, steer):
-    def run():
-        with net.trace(input_ids=ids, early_stop=False):
-            for block in range(BLOCKS):
-                if work == "edit":
-                    net.transformer.h[block].output[:, -1] += steer
-                else:
-                    net.transformer.h[block].output.save()
-    return run
 
 
 def _raw(module, ids, work: str, steer, sink: list):

@@ -339,9 +339,11 @@ def _raw_items(module, ids, k: int, edit: bool, steer):
     return run
 
 
-def _traced_items(net, ids, k: int, edit: bool, steer):
-    """k saves or k edits through a tracing library whose wrapper is `net` (interlace or nnsight)."""
-    options = {"early_stop": False} if isinstance(net, interlace.Model) else {}
+def _traced_items(net, ids, k: int, edit: bool, steer, options: dict | None = None):
+    """k saves or k edits through a tracing library whose wrapper is `net` (interlace or nnsight); `options` of
+    the trace (default: early stop off for this checkout's interlace, none for nnsight)."""
+    if options is None:
+        options = {"early_stop": False} if isinstance(net, interlace.Model) else {}
 
     def run():
         with net.trace(input_ids=ids, **options):
