@@ -50,8 +50,7 @@ def _keep(envoy: "Envoy", name: str, found: "Envoy") -> None:
 
 def _drop_kept(envoy: "Envoy", names=None) -> None:
     """Drop what `envoy` keeps (see _keep) under `names` (default: all): the entries of its instance dict that
-    are its child or alias of that name, not an attribute set by hand (a copy of an envoy, one whose module
-    changes: what it keeps is looked up again, and kept where its module's changes reach it)."""
+    are its child or alias of that name, not an attribute set by hand."""
     attributes = vars(envoy)
     children, aliases = attributes.get("_children", {}), attributes.get("_aliases", {})
     for name in [name for name in (attributes if names is None else names)
@@ -82,7 +81,6 @@ class Envoy:
     """
 
     def __init__(self, module: torch.nn.Module, path: str = "", root: "Envoy | None" = None):
-        _drop_kept(self)  # (a copy made again, Model._copy: its children are its own)
         set_ = object.__setattr__
         set_(self, "_module", module)
         set_(self, "_path", path)
@@ -255,8 +253,15 @@ class Envoy:
         """This module at its `call`-th call in the forward (0-based), e.g. a module run twice."""
         view = copy.copy(self)
         view._call = call
-        _drop_kept(view)
         return view
+
+    def __copy__(self) -> "Envoy":
+        """A shallow copy (an `at_call` view, `Model._copy`) without what this envoy keeps (see _keep): the copy
+        looks its children up again, and keeps them where its module's changes reach it."""
+        copied = object.__new__(type(self))
+        copied.__dict__.update(self.__dict__)
+        _drop_kept(copied)
+        return copied
 
     def _point_at(self, module: torch.nn.Module) -> None:
         """Mirror `module` from now on (the same module loaded: LanguageModel.dispatch)."""
