@@ -110,6 +110,11 @@ class Guard:
                     return False
         return True
 
+    def weight_memory(self) -> tuple[dict, dict]:
+        """The storage pointers of the weights, for `holds_no_weight`'s test done inline (where a call is what
+        costs): the model's (`ModelTree.tensors`) and those this run's `parameter` nodes named, which grows."""
+        return (self._tree or self.tree()).tensors, self._named
+
     def tree(self) -> ModelTree:
         """The model's `ModelTree`, looked up once a run."""
         if self._tree is None:

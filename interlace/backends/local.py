@@ -224,14 +224,24 @@ class Interleaver:
             carried = self.saved - self.plan.saved
             later = bool(carried) and max(carried) >= self.start
             edits = self.plan.edits if self.plain_calls and not later else {}
+            if edits:
+                self.weight_memory = self.guard.weight_memory()
         handles = self.handles
+        # (_module_at's commonest case inline: it costs two calls a hooked module, on cold caches)
+        by_path = self.guard.tree().by_path if (inputs or outputs) and not self.extra_modules else {}
         for path in inputs:
-            handles.append(self._module_at(path).register_forward_pre_hook(self._pre_hook(path), with_kwargs=True))
+            module = by_path.get(path)
+            if module is None:
+                module = self._module_at(path)
+            handles.append(module.register_forward_pre_hook(self._pre_hook(path), with_kwargs=True))
         for path in outputs:
-            module = self._module_at(path)
+            module = by_path.get(path)
+            if module is None:
+                module = self._module_at(path)
             # (a path whose first kept or edit event is a later copy's has no table yet: those go the general way)
             hook = self._post_hook(path, kept.get(path, _NONE), edits.get(path, _NONE))
-            handles.append(module.register_forward_hook(hook, prepend=_only_recorders(module)))
+            handles.append(module.register_forward_hook(hook, prepend=bool(module._forward_hooks)
+                                                        and _only_recorders(module)))
         for path in {path for path, _ in self.plan.skips} if self.plan.skips else ():
             self._patch_forward(self._module_at(path), path)
 
@@ -344,7 +354,13 @@ class Interleaver:
         for index in values:  # (a loop, not any(...): a generator is made per call, on cold caches)
             if done[index]:
                 return False
-        if not self.guard.holds_no_weight((output,)):
+        plain = type(output) is torch.Tensor
+        if plain:  # (holds_no_weight's test, inline: this runs in a hook, where each call costs on cold caches)
+            pointer = output.untyped_storage().data_ptr()
+            weights, named = self.weight_memory
+            if pointer and (pointer in weights or pointer in named):
+                return False
+        elif not self.guard.holds_no_weight((output,)):
             return False
         at = steps[0]
         try:
@@ -355,7 +371,7 @@ class Interleaver:
                 at = steps[1]
                 new = operator(view, constant)
                 at = steps[2]
-                if not _onto_itself(output, view, new):
+                if not (new is view and plain and output.layout is torch.strided):  # (_onto_itself, inline)
                     output[where] = new
         except Exception as error:
             self.events.append(_Event((path, "output", call), output))  # (the error names the event)
