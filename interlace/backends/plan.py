@@ -123,7 +123,10 @@ class Plan:
                         kept = all_kept[path] = {}
                     kept[call] = indices
             else:
-                read = [i for i in indices if users[i] or nodes[i].guard is not None]
+                read = []
+                for i in indices:
+                    if users[i] or nodes[i].guard is not None:
+                        read.append(i)
                 edit = self._edit(read[0], indices, changes) if len(read) == 1 else None
                 if edit is not None:
                     if edits is None:
@@ -169,10 +172,13 @@ class Plan:
         for node in nodes[first:stop]:
             index, op = node.index, node.op
             if op == "module_value" and node.guard is None:  # (the commonest node: it reads nothing, and it is
-                key = event_keys[index] = _module_event(node)  # ready in its module's event, not before)
+                kwargs = node.kwargs  # ready in its module's event, not before; _module_event inline)
+                key = event_keys[index] = (node.target, "output" if kwargs["kind"] == "output" else "input",
+                                           kwargs["call"])
                 sources.setdefault(key, []).append(index)
                 continue
-            reads = self.reads[index] = [ref for ref in node.refs() if ref >= start] if start else node.refs()
+            refs = node._refs or node.refs()  # (the recorder's, read without a call; () asks again, harmlessly)
+            reads = self.reads[index] = [ref for ref in refs if ref >= start] if start else refs
             if op == "call" and node.target == "operator.setitem" and index - 2 >= start and _store_back(nodes, index):
                 self.stores_back[index] = index - 2
                 reads = self.reads[index] = (*reads, index - 2)  # the getitem's value lives until then
@@ -184,8 +190,11 @@ class Plan:
                 self._previous_stop = index
             else:
                 # a read waits for the in-place changes recorded before it
-                extra = ([last_mutation[ref] for ref in reads if ref in last_mutation]
-                         if last_mutation and not last_mutation.keys().isdisjoint(reads) else [])
+                extra = []
+                if last_mutation and not last_mutation.keys().isdisjoint(reads):
+                    for ref in reads:  # (a loop, not a comprehension: that is a call, on cold caches)
+                        if ref in last_mutation:
+                            extra.append(last_mutation[ref])
                 if op == "call_method" and node.target == "backward":
                     # each .grad recorded since the previous backward is this one's; a backward runs
                     # after the previous one has finished, never inside its gradient hooks
@@ -205,6 +214,7 @@ class Plan:
             for dep in deps:
                 users[dep].append(index)
             waiting[index] = len(deps)
+            mutates = False  # whether it changes its first argument in place
             if op == "call":  # (most nodes: their checks first, each once)
                 target = node.target
                 if target in VIEW_TARGETS:  # a view has its module event; other calls make new values
@@ -212,12 +222,11 @@ class Plan:
                     if type(viewed) is Ref:
                         viewed = viewed.index
                         event_keys[index] = event_keys[viewed] if viewed >= start else self._earlier_key(viewed)
-                if target == "operator.getitem" and _reads_row_zero(nodes, node):
+                if target == "operator.getitem" and type(node.args[-1]) is int and _reads_row_zero(nodes, node):
                     self.row_zero.add(index)
                 elif type(target) is str and target in functions:
                     self.plain_calls.add(index)
-                if target in mutating:
-                    self._mutation(node, last_mutation)
+                mutates = target in mutating
             elif op == "module_value":
                 key = event_keys[index] = self._event_key(node)
                 sources.setdefault(key, []).append(index)
@@ -232,20 +241,17 @@ class Plan:
                         self._waiting_grads.append(index)
                 elif op == "call_method" and node.target in ops.AUTOGRAD_METHODS:
                     self.sets_requires_grad = True
-                if op == "call_method" and ops.is_in_place_method(node.target):
-                    self._mutation(node, last_mutation)
+                mutates = op == "call_method" and ops.is_in_place_method(node.target)
+            if mutates:  # later reads of what it changes wait for it, and so does the end of that value's module
+                self.writes.add(index)  # event, if it is (a view of) a module's value
+                changed = node.args[0] if node.args else None
+                if type(changed) is Ref:
+                    last_mutation[changed.index] = index
+                    changed_key = event_keys[changed.index]
+                    if changed_key is not None:
+                        self.mutations.setdefault(changed_key, []).append(index)
             if not deps:
                 ready.append(index)
-
-    def _mutation(self, node, last_mutation: dict) -> None:
-        """`node` changes its first argument in place: later reads of it wait for it, and its module
-        event (if the argument is a module's value) must not end before it runs."""
-        self.writes.add(node.index)
-        if node.args and type(node.args[0]) is Ref:
-            last_mutation[node.args[0].index] = node.index
-            target_key = self.event_keys[node.args[0].index]
-            if target_key is not None:
-                self.mutations.setdefault(target_key, []).append(node.index)
 
     def _event_key(self, node):
         """The module event whose value `node` is or views (getitem/getattr of one), else None."""
