@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import threading
+from functools import partial
 
 import torch
 
@@ -176,7 +177,7 @@ class Model(Envoy):
         if self._tracer is not None or self._origin is not None and self._origin._tracer is not None:
             raise InterlaceError(NESTED_MESSAGES["trace"])
         for model in models:
-            model._tracer = tracer
+            object.__setattr__(model, "_tracer", tracer)  # (not Envoy.__setattr__'s module check: a call a trace)
         if tracer.options.get("scan") or tracer.session is not None and tracer.session.options.get("scan"):
             try:
                 self._start_scan(tracer)
@@ -213,9 +214,9 @@ class Model(Envoy):
         return self._module
 
     def _detach(self, tracer: Tracer) -> None:
-        self._tracer = None
+        object.__setattr__(self, "_tracer", None)  # (as in _attach)
         if self._origin is not None:
-            self._origin._tracer = None
+            object.__setattr__(self._origin, "_tracer", None)
 
     def run(self, request: Request, *, untrusted: bool = False, limits: Limits | None = None,
             cancel=None, on_step=None) -> Outcome:
@@ -236,7 +237,8 @@ class Model(Envoy):
         # a session's traces share one deadline and one element budget: the request's, not each trace's
         guard = Guard(self._module, untrusted=untrusted, limits=limits, cancel=cancel)
         for number, trace in enumerate(traces):
-            guard.tick()  # between a session's forwards too, whatever its graph runs
+            if untrusted or cancel is not None:  # (a deadline is an untrusted run's)
+                guard.tick()  # between a session's forwards too, whatever its graph runs
             if trace.start < skip_to:  # a session.stop() ended the loop this span belongs to
                 why = ended_by_session_stop(skip_to >= len(graph))
                 outcome.missing.update({node.index: why for node in graph.nodes[trace.start : min(trace.end, skip_to)]
@@ -255,14 +257,17 @@ class Model(Envoy):
                                           modules=self._extra_modules(), **run)
                 interleaver.run(None)
             else:
-                interleaver = self._execute(graph, trace, on_step=_each_step(on_step, self._module), **run)
+                each_step = _each_step(on_step, self._module) if on_step is not None else None
+                interleaver = self._execute(graph, trace, on_step=each_step, **run)
             outcome.results.update(interleaver.results)
             outcome.logs += interleaver.logs
-            outcome.missing.update(interleaver.missing())
+            if interleaver.plan.saved:
+                outcome.missing.update(interleaver.missing())
             if keep:
                 carried.update({i: interleaver.values[i] for i in keep if i in interleaver.values})
             skip_to = max(skip_to, interleaver.skip_to or 0)
-        _copy_weights(outcome.results, self._module)
+        if outcome.results:
+            _copy_weights(outcome.results, self._module)
         return outcome
 
     def run_many(self, requests: list[Request], *, untrusted: bool = False, limits: Limits | None = None,
@@ -365,16 +370,9 @@ class Model(Envoy):
         interleaver = make(
             graph, self._module, rows, batch_size, early_stop=options.get("early_stop", True),
             span=(trace.start, trace.end), **run)
-        interleaver.run(lambda: self._run(args, kwargs))
+        # (a partial, not a lambda calling a method: two calls a trace fewer)
+        interleaver.run(partial(self._module, *args, **kwargs) if args is not None else _no_input)
         return interleaver
-
-    def _run(self, args, kwargs):
-        if args is None:
-            raise InterlaceError(
-                "the trace has no input: pass inputs to `model.trace(...)` or add them with "
-                "`tracer.invoke(...)`"
-            )
-        return self._module(*args, **kwargs)
 
     def _batch(self, invokes):
         """One call's (args, kwargs) from the invokes, and each invoke's (start, stop) rows."""
@@ -397,11 +395,13 @@ class Model(Envoy):
         return args, kwargs, rows, start
 
 
+def _no_input():
+    raise InterlaceError("the trace has no input: pass inputs to `model.trace(...)` or add them with `tracer.invoke(...)`")
+
+
 def _each_step(on_step, module: torch.nn.Module):
     """`on_step(step)` as `_execute` calls it, `(step, interleaver)` (a merged run splits steps by part);
     a step's values are copied where they share a weight's memory, as the run's results are."""
-    if on_step is None:
-        return None
 
     def each(step, interleaver) -> None:
         _copy_weights(step.values, module)

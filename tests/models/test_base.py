@@ -252,3 +252,15 @@ def test_a_saved_weight_is_a_copy_also_after_the_weight_was_replaced(mlp, x):
         weight = net.head.weight.save()
     weight.zero_()
     assert torch.equal(mlp.head.weight, torch.ones_like(weight))
+
+
+def test_a_trace_with_no_input_says_how_to_give_one_and_the_model_takes_traces_again(mlp, x):
+    net = Model(mlp)
+    with pytest.raises(interlace.InterlaceError, match=r"no input: pass inputs to `model.trace\(...\)`"):
+        with net.trace():
+            net.layers[0].output.save()
+    assert_clean(mlp)
+    with net.trace(x):
+        out = net.output.save()
+    with torch.no_grad():
+        assert torch.equal(out, mlp(x))
