@@ -168,7 +168,8 @@ class Interleaver:
         flags = {p: p.requires_grad for p in self.root.parameters()} if self.plan.sets_requires_grad else None
         try:
             try:
-                self._drain()
+                if self.ready:
+                    self._drain()
                 if forward is not None and (self.finished < self.total or not self.early_stop):
                     self._install()
                     forward()
@@ -178,7 +179,8 @@ class Interleaver:
                 raise
             except Exception as error:
                 raise self._model_error(error) from error
-            self._check_finished()
+            if self.finished < self.total and not self.stopped:
+                self._check_finished()
         finally:
             try:
                 try:
@@ -199,7 +201,8 @@ class Interleaver:
                 finally:
                     self.guard.restore_weights(self.results, self.values)
             finally:
-                self._remove_hooks()  # whatever else failed, no hook stays on the model
+                if self.handles:
+                    self._remove_hooks()  # whatever else failed, no hook stays on the model
         return self.results
 
     def _install(self) -> None:
@@ -817,8 +820,7 @@ class Interleaver:
         return ModelError(f"the model raised {type(error).__name__}: {error}.{unlike_}{waiting}")
 
     def _check_finished(self) -> None:
-        if self.finished == self.total or self.stopped:
-            return
+        """Fail the nodes that did not run (the run ended with some not finished, and no stop)."""
         checked: set[int] = set()  # sources already found optional: each is looked at once
         deferred = self.plan.deferred  # copies never planned: of steps the generation did not reach (none ran)
         nodes = self.nodes[self.start : self.end] if not deferred else (
