@@ -29,13 +29,13 @@ class Plan:
 
     def __init__(self, graph: Graph, start: int, end: int, *, defer_copies: bool = False):
         found = _deferrable(graph, start, end) if defer_copies and graph.repeats else None
-        if found is None:
+        if found is None and not graph.copies_made:
             graph.make_copies()  # (a server's front leaves them to the run: see Graph.add_copy_later)
         self.graph = graph
         nodes = self.nodes = graph.nodes
         self.start, self.end = start, end
         # indexed by node; only nodes of the span have readers to wake (a session plans each trace)
-        self.users: list = [()] * end  # (a list for each node as it is planned)
+        self.users: list = [()] * end  # (a list for each node once it has a reader: most have none)
         self.waiting = [0] * end  # dependencies not yet finished
         self.remaining = [0] * end  # readers not yet finished: the value is freed at zero
         self.event_keys: list = [None] * end  # module event a value of the span is (a view of), or None
@@ -44,7 +44,10 @@ class Plan:
         self.mutations: dict[tuple, list[int]] = {}  # module event -> in-place changes of it
         self.skips: dict[tuple, int] = {}  # (path, call) -> skip node
         # (by position: a copy not made yet has its template's nodes, whose flags are its own)
-        self.saved = {index for index, node in enumerate(nodes[start:end], start) if node.saved}
+        self.saved = set()
+        for index, node in enumerate(nodes[start:end], start):  # (a loop: a comprehension is a call, on cold caches)
+            if node.saved:
+                self.saved.add(index)
         self.needs_grad = False
         self.sets_requires_grad = False  # a `requires_grad_()` call: the run puts the parameters' flags back
         self.gradients: dict[int, list[int]] = {}  # backward call -> the grad nodes it computes
@@ -64,7 +67,8 @@ class Plan:
         self._previous_backward, self._waiting_grads = None, []
         self._previous_log = None  # log lines come out in the order written
         if found is None:
-            self._add(start, end, self.ready)
+            if start < end:
+                self._add(start, end, self.ready)
         else:
             repeat, outside, first_call = found
             size = repeat.end - repeat.start
@@ -83,7 +87,8 @@ class Plan:
         self.kept: dict[str, dict[int, list[int]]] = {}
         # output events whose only work is one edit of the module's value by a constant (see `_edit`), the same way
         self.edits: dict[str, dict[int, tuple]] = {}
-        self._shortcuts(self.sources)
+        if self.sources:
+            self._shortcuts(self.sources)
 
     def plan_copies(self, call: int, done) -> list[int]:
         """Plan the deferred copies whose module calls begin at or before `call` (`done`: the nodes
@@ -165,7 +170,6 @@ class Plan:
         """Plan nodes `first..stop`, in graph order, after those planned so far; a node with nothing
         to wait for (`done`: nodes that ran already) is appended to `ready`."""
         nodes, start = self.nodes, self.start
-        self.users[first:stop] = [[] for _ in range(stop - first)]
         last_mutation = self._last_mutation
         users, waiting, remaining, event_keys = self.users, self.waiting, self.remaining, self.event_keys
         mutating, functions, sources = ops.MUTATING_TARGETS, ops.FUNCTIONS, self.sources
@@ -212,7 +216,11 @@ class Plan:
             if done is not None:  # (a deferred copy: what ran already is not waited for)
                 deps = [dep for dep in deps if not done[dep]]
             for dep in deps:
-                users[dep].append(index)
+                readers = users[dep]
+                if readers:
+                    readers.append(index)
+                else:
+                    users[dep] = [index]
             waiting[index] = len(deps)
             mutates = False  # whether it changes its first argument in place
             if op == "call":  # (most nodes: their checks first, each once)
