@@ -174,7 +174,10 @@ class Recorder:
                 return Ref(found[-1])
             return obj.value  # a saved value of an earlier trace
         if kind is dict:
-            return {key: item if type(item) in _PLAIN else self._to_refs(item, found) for key, item in obj.items()}
+            for item in obj.values():  # (the commonest dict, inputs by name, holds no proxy: copied without a call)
+                if type(item) not in _PLAIN:
+                    return {key: item if type(item) in _PLAIN else self._to_refs(item, found) for key, item in obj.items()}
+            return dict(obj)
         if kind is slice and not (type(obj.start) in _PLAIN and type(obj.stop) in _PLAIN and type(obj.step) in _PLAIN):
             return slice(*self._to_refs((obj.start, obj.stop, obj.step), found))
         return obj
@@ -427,11 +430,16 @@ class Tracer(Recorder):
                           "this model until model.clear_edits().", *error.args[1:])
 
     def _receive(self, outcome, frame) -> None:
-        self.graph.make_copies()  # (those of steps the run did not reach: `tracer.graph` reads as recorded)
+        """Take the run's values: into `tracer.cache()` dicts and the names in `frame` that held saved proxies."""
+        if not self.graph.copies_made:  # (those of steps the run did not reach: `tracer.graph` reads as recorded)
+            self.graph.make_copies()
         self.results, self.missing = outcome.results, outcome.missing
         if self.copies:
             self._bind_last_steps()
-        self._bind(frame, (self,))
+        if self._caches:
+            self._bind_caches()
+        if self.results:
+            bind_saved(frame, (self,))
 
     def _bind_last_steps(self) -> None:
         """A value saved in a block over several steps binds as its last step's that ran, as a name
@@ -450,17 +458,15 @@ class Tracer(Recorder):
 
     def spec(self, end: int) -> TraceSpec:
         """This trace as a part of a request: its nodes, inputs and run options."""
-        options = {key: self.options[key] for key in ("mode", "kwargs", "early_stop") if key in self.options}
+        options = {}
+        for key in ("mode", "kwargs", "early_stop"):  # (loops: a comprehension is a call, on cold caches)
+            if key in self.options:
+                options[key] = self.options[key]
         found: list[int] = []
-        invokes = [(self._to_refs(args, found), self._to_refs(kwargs, found) if kwargs else {})
-                   for args, kwargs in self.invokes]
+        invokes = []
+        for args, kwargs in self.invokes:
+            invokes.append((self._to_refs(args, found), self._to_refs(kwargs, found) if kwargs else {}))
         return TraceSpec(self.start, end, invokes, options, inputs_hold_refs=bool(found))
-
-    def _bind(self, frame, recorders: tuple) -> None:
-        """Give saved values to caches and to the names in `frame` that held proxies."""
-        if self._caches:
-            self._bind_caches()
-        super()._bind(frame, recorders)
 
     def _bind_caches(self) -> None:
         """Fill `tracer.cache()` dicts with their saved values."""
