@@ -230,7 +230,8 @@ class Plan:
                     if type(viewed) is Ref:
                         viewed = viewed.index
                         event_keys[index] = event_keys[viewed] if viewed >= start else self._earlier_key(viewed)
-                if target == "operator.getitem" and type(node.args[-1]) is int and _reads_row_zero(nodes, node):
+                if target == "operator.getitem" and len(node.args) == 2 and type(node.args[1]) is int and (
+                        _reads_row_zero(nodes, node)):
                     self.row_zero.add(index)
                 elif type(target) is str and target in functions:
                     self.plain_calls.add(index)
