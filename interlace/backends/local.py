@@ -374,7 +374,7 @@ class Interleaver:
                 at = steps[1]
                 new = operator(view, constant)
                 at = steps[2]
-                if not (new is view and plain and output.layout is torch.strided):  # (_onto_itself, inline)
+                if not _onto_itself(output, view, new):
                     output[where] = new
         except Exception as error:
             self.events.append(_Event((path, "output", call), output))  # (the error names the event)

@@ -176,9 +176,7 @@ class Plan:
         for node in nodes[first:stop]:
             index, op = node.index, node.op
             if op == "module_value" and node.guard is None:  # (the commonest node: it reads nothing, and it is
-                kwargs = node.kwargs  # ready in its module's event, not before; _module_event inline)
-                key = event_keys[index] = (node.target, "output" if kwargs["kind"] == "output" else "input",
-                                           kwargs["call"])
+                key = event_keys[index] = _module_event(node)  # ready in its module's event, not before)
                 sources.setdefault(key, []).append(index)
                 continue
             refs = node._refs or node.refs()  # (the recorder's, read without a call; () asks again, harmlessly)
@@ -230,8 +228,7 @@ class Plan:
                     if type(viewed) is Ref:
                         viewed = viewed.index
                         event_keys[index] = event_keys[viewed] if viewed >= start else self._earlier_key(viewed)
-                if target == "operator.getitem" and len(node.args) == 2 and type(node.args[1]) is int and (
-                        _reads_row_zero(nodes, node)):
+                if target == "operator.getitem" and _reads_row_zero(nodes, node):
                     self.row_zero.add(index)
                 elif type(target) is str and target in functions:
                     self.plain_calls.add(index)

@@ -237,7 +237,7 @@ class Model(Envoy):
         # a session's traces share one deadline and one element budget: the request's, not each trace's
         guard = Guard(self._module, untrusted=untrusted, limits=limits, cancel=cancel)
         for number, trace in enumerate(traces):
-            if untrusted or cancel is not None:  # (a deadline is an untrusted run's)
+            if guard.deadline is not None or guard.cancel is not None:  # (what tick checks: no call without them)
                 guard.tick()  # between a session's forwards too, whatever its graph runs
             if trace.start < skip_to:  # a session.stop() ended the loop this span belongs to
                 why = ended_by_session_stop(skip_to >= len(graph))
