@@ -156,6 +156,7 @@ MUTATING_TARGETS = frozenset(
     f"operator.{name}" for name in _OPERATORS
     if name in ("setitem", "delitem") or name.startswith("i") and name != "invert"
 )
+IN_PLACE_OPERATORS = frozenset(target for target in MUTATING_TARGETS if target.startswith("operator.i"))  # `+=`...
 
 
 def _build() -> dict[str, tuple[object, str]]:

@@ -173,11 +173,17 @@ class Plan:
         last_mutation = self._last_mutation
         users, waiting, remaining, event_keys = self.users, self.waiting, self.remaining, self.event_keys
         mutating, functions, sources = ops.MUTATING_TARGETS, ops.FUNCTIONS, self.sources
+        planned_to = first  # nodes before it are planned already (the last two of an `x[k] op= c`: see _add_edit)
         for node in nodes[first:stop]:
             index, op = node.index, node.op
             if op == "module_value" and node.guard is None:  # (the commonest node: it reads nothing, and it is
                 key = event_keys[index] = _module_event(node)  # ready in its module's event, not before)
                 sources.setdefault(key, []).append(index)
+                continue
+            if index < planned_to:
+                continue
+            if op == "call" and node.target == "operator.getitem" and done is None and self._add_edit(index, stop):
+                planned_to = index + 3
                 continue
             refs = node._refs or node.refs()  # (the recorder's, read without a call; () asks again, harmlessly)
             reads = self.reads[index] = [ref for ref in refs if ref >= start] if start else refs
@@ -258,6 +264,44 @@ class Plan:
                         self.mutations.setdefault(changed_key, []).append(index)
             if not deps:
                 ready.append(index)
+
+    def _add_edit(self, read: int, stop: int) -> bool:
+        """Plan nodes `read..read+2` at once where they are `v = x[k]; v op= c; x[k] = v` (what `x[k] op= c` records,
+        see `_store_back`: a steering edit, the commonest three nodes), with `x` a value of the span nothing has
+        changed in place yet, `k` a basic index other than an int, `c` a constant and no guard: as `_add` plans them
+        one by one (the tests compare the two), without its checks for what these nodes are not. False, with
+        nothing planned, where they are not such nodes."""
+        nodes, update, store = self.nodes, read + 1, read + 2
+        if store >= stop or not _store_back(nodes, store):
+            return False
+        get, setitem = nodes[read], nodes[store]
+        x = get.args[0].index
+        if (x < self.start or setitem.guard is not None or x in self._last_mutation or type(get.args[1]) is int
+                or get.kwargs or setitem.kwargs or not _constant(nodes[update], 1)):
+            return False
+        users, remaining, waiting, reads = self.users, self.remaining, self.waiting, self.reads
+        # the getitem reads x; the operator reads the getitem's view and writes it; the setitem reads x, the
+        # operator's result and (kept alive until then: see stores_back) the view
+        readers = users[x]
+        if readers:
+            readers += (read, store)
+        else:
+            users[x] = [read, store]
+        users[read], users[update] = [update, store], [store]
+        reads[read], reads[update], reads[store] = (x,), (read,), (x, update, read)
+        remaining[x] += 2
+        remaining[read] += 2
+        remaining[update] += 1
+        waiting[read] = waiting[update] = 1
+        waiting[store] = 3
+        key = self.event_keys[read] = self.event_keys[x]
+        if key is not None:
+            self.mutations.setdefault(key, []).extend((update, store))
+        self._last_mutation[read], self._last_mutation[x] = update, store
+        self.stores_back[store] = read
+        self.plain_calls.update((read, update, store))
+        self.writes.update((update, store))
+        return True
 
     def _event_key(self, node):
         """The module event whose value `node` is or views (getitem/getattr of one), else None."""
@@ -346,7 +390,6 @@ def _changed(node) -> int | None:
 
 
 _BASIC_INDEX = frozenset({int, type(None), type(Ellipsis)})
-_IN_PLACE_OPERATORS = frozenset(target for target in ops.MUTATING_TARGETS if target.startswith("operator.i"))
 
 
 def _store_back(nodes, index: int) -> bool:
@@ -359,7 +402,7 @@ def _store_back(nodes, index: int) -> bool:
     args = store.args
     if len(args) != 3 or type(args[2]) is not Ref or args[2].index != index - 1 or read.target != "operator.getitem":
         return False
-    return (update.op == "call" and update.target in _IN_PLACE_OPERATORS and update.guard == store.guard
+    return (update.op == "call" and update.target in ops.IN_PLACE_OPERATORS and update.guard == store.guard
             and update.args and type(update.args[0]) is Ref and update.args[0].index == index - 2
             and read.op == "call" and read.guard == store.guard and len(read.args) == 2
             and type(read.args[0]) is Ref and type(args[0]) is Ref and read.args[0].index == args[0].index

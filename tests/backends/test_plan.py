@@ -260,3 +260,55 @@ def test_a_sessions_graph_holds_every_copy_after_a_generation_that_ended_early(l
                 hidden.append(lm.transformer.h[0].output[:, -1])
     assert len(hidden) == last + 1
     assert session.graph.copies_made and [node.index for node in session.graph.nodes] == list(range(len(session.graph)))
+
+
+# -- `x[k] op= c` planned three nodes at once (Plan._add_edit) ----------------------------------------------
+def _worked_out(plan: Plan) -> dict:
+    """Everything `plan` worked out (a node's reads as a tuple, whether listed or not)."""
+    fields = {name: value for name, value in vars(plan).items() if name not in ("graph", "nodes")}
+    fields["reads"] = [tuple(reads) for reads in plan.reads]
+    return fields
+
+
+def test_edits_planned_three_nodes_at_once_are_planned_as_node_by_node(mlp, x, monkeypatch):
+    """Every kind of `x[k] op= c` and its neighbours: those `_add_edit` plans at once (a module's value or any other
+    value edited by a constant, saved on the way or not, the same module edited twice) and those it leaves to the
+    general path (a value changed before, of an earlier trace, read by a guard, edited by a value of the graph, an
+    int or tensor index): every field of each plan a session's run made equals the plan made node by node."""
+    spans, plan = [], Plan.__init__
+    net = interlace.Model(mlp)
+    with monkeypatch.context() as patch, net.session():
+        patch.setattr(Plan, "__init__", lambda self, graph, start, end, **options: spans.append(
+            (graph, start, end)) or plan(self, graph, start, end, **options))
+        with net.trace(x) as tracer:
+            net.layers[0].output[:, 1:] *= 0.5
+            net.layers[1].output[:, 0] += 1.0
+            net.layers[1].output[:, 1] -= torch.ones(2)
+            twice = net.layers[2].output
+            twice[:, 0] += 1.0
+            twice[:, 1] += 2.0  # (changed before: node by node)
+            view = twice[:, 2]
+            view *= 3.0
+            twice[:, 2] = view
+            view.save()
+            doubled = net.layers[3].output * 2
+            doubled[..., None, 1] /= 4.0
+            doubled[0] += 1.0  # (an int index)
+            doubled[torch.tensor([1])] += 1.0  # (a tensor index)
+            with tracer.cond(doubled.sum() > 0):
+                net.layers[3].output[:, 0] += 1.0
+            net.embed.output[:, 0] += net.embed.output[:, 1]
+            early = doubled.save()
+            out = net.output.save()
+        with net.trace(x):
+            early[:, 0] += 1.0  # (a value of the earlier trace)
+            net.layers[0].output[:, :2] += 1.0
+            later = net.output.save()
+    assert len(spans) == 2 and spans[1][1] > 0
+    assert out.shape == later.shape == (2, 5)
+    units, add_edit = [], Plan._add_edit
+    monkeypatch.setattr(Plan, "_add_edit", lambda self, read, stop: units.append(add_edit(self, read, stop)) or units[-1])
+    at_once = [_worked_out(Plan(graph, start, end)) for graph, start, end in spans]
+    assert units.count(True) == 6  # layers 0, 1 (twice), 2 (first), the saved view, the doubled value; layer 0 later
+    monkeypatch.setattr(Plan, "_add_edit", lambda self, read, stop: False)
+    assert [_worked_out(Plan(graph, start, end)) for graph, start, end in spans] == at_once
