@@ -115,7 +115,7 @@ class Proxy:
         return self._tracer.record("call", "operator.getitem", (self, key))
 
     def __setitem__(self, key, value) -> None:
-        self._tracer.record("call", "operator.setitem", (self, key, value))
+        self._tracer.store(self, key, value)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):

@@ -136,6 +136,27 @@ class Recorder:
             self.scanner.evaluate(node)
         return Proxy(self, index)
 
+    def store(self, proxy: Proxy, key, value) -> None:
+        """`proxy[key] = value`. Where it is the write-back of `proxy[key] op= y` (Python's `v = proxy[key]`,
+        `v op= y`, `proxy[key] = v`: a steering edit, the commonest setitem), the node is made here, as `record`
+        would make it: its arguments are the two nodes just recorded and the key the getitem was recorded with
+        (the same object, so it holds no proxy), and there is nothing in them to look for."""
+        nodes = self.graph.nodes
+        update = len(nodes) - 1
+        if (type(value) is Proxy and value._index == update and value._tracer is self and not self._closed
+                and self.scanner is None and self._step_block is None):
+            changed, read, guard = nodes[update], nodes[update - 1], self._guard
+            changed_args, read_args = changed.args, read.args
+            if (changed.target in ops.IN_PLACE_OPERATORS and changed.op == "call" and read.op == "call"
+                    and read.target == "operator.getitem" and changed.guard == guard and read.guard == guard
+                    and len(read_args) == 2 and read_args[1] is key and type(read_args[0]) is Ref
+                    and read_args[0].index == proxy._index and type(changed_args[0]) is Ref
+                    and changed_args[0].index == update - 1):
+                nodes.append(Node(update + 1, "call", "operator.setitem", (read_args[0], key, Ref(update)), {},
+                                  user_location(), guard, False, unique_refs([proxy._index, update], guard), True))
+                return
+        self.record("call", "operator.setitem", (proxy, key, value))
+
     def _guard_in_step(self, op: str, found: list[int]) -> int | None:
         """The guard of a node recorded in a block over steps (see blocks.Iteration) that reads nodes `found`:
         the cond on the step's start for a node that reads nothing made in the step, which would run before the

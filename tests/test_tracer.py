@@ -1,5 +1,6 @@
 """Recording and binding: saved values become real values; proxies refuse to be Python values."""
 
+import linecache
 import pickle
 import threading
 
@@ -338,6 +339,55 @@ def test_the_refs_a_recorder_finds_while_recording_are_those_node_refs_computes(
         fresh = interlace.graph.Node(node.index, node.op, node.target, node.args, node.kwargs, None, node.guard)
         assert node.refs() == fresh.refs(), node
         assert not node._shallow or fresh._shallow, node  # (shallow binds each argument itself: must be true)
+
+
+def _fields(graph) -> list[tuple]:
+    """Every recorded field of every node but its line (and what refs() finds)."""
+    return [(node.index, node.op, node.target, node.args, node.kwargs, node.guard, node.saved, node.refs(),
+             node._shallow) for node in graph]
+
+
+def test_the_write_back_of_x_k_op_y_is_recorded_as_record_would_record_it(mlp, x, monkeypatch):
+    """`Recorder.store` makes the setitem of `x[k] op= y` itself (a steering edit's third node): for the same lines,
+    with and without a guard, spelled out, or not such a write-back (a plain `x[k] = c`, another key, a key or
+    a value made in the graph), the graph equals the one `record` makes for every setitem."""
+    steer = torch.full((2,), 0.5)
+
+    def lines():
+        net = Model(mlp)
+        with net.trace(x) as tracer:
+            out = net.layers[0].output
+            out[:, -1] += steer
+            out[0, 1:3] *= 2.0
+            key = (slice(None), 2)
+            view = out[key]
+            view -= 1.0
+            out[key] = view  # (spelled out: the same key object, so the same write-back)
+            view = out[:, 3]
+            view -= 1.0
+            out[:, 3] = view  # (an equal key, another object: the general way)
+            out[:, 4] = 0.5
+            where = net.embed.output.sum().long().clamp(0, 3)
+            out[:, where] += 1.0  # (a key holding a value of the graph)
+            with tracer.cond(out.sum() > -1e9):
+                net.layers[2].output[:, :2] /= steer
+            net.layers[3].output[:, 0] += net.layers[2].output[:, 0]
+            last = net.output.save()
+        return tracer.graph, last
+
+    fast, fast_last = lines()
+    written = [node.index for node in fast if node.target == "operator.setitem" and node.args[1] is fast[node.index - 2].args[1]]
+    monkeypatch.setattr(interlace.proxy.Proxy, "__setitem__",
+                        lambda self, key, value: self._tracer.record("call", "operator.setitem", (self, key, value)))
+    general, general_last = lines()
+    assert [linecache.getline(*fast[index].location).strip() for index in written] == [
+        "out[:, -1] += steer", "out[0, 1:3] *= 2.0", "out[key] = view  # (spelled out: the same key object, so the "
+        "same write-back)", "net.layers[2].output[:, :2] /= steer"]
+    # (the general way's setitems name the patch's line, the rest their own)
+    assert [node.location for node in fast if node.target != "operator.setitem"] == [
+        node.location for node in general if node.target != "operator.setitem"]
+    assert _fields(fast) == _fields(general)
+    assert torch.equal(fast_last, general_last)
 
 
 def test_each_node_names_its_line_late_in_a_long_source(mlp, x):
