@@ -2,8 +2,9 @@
 
 Run `python benchmarks/paired.py BASELINE_CHECKOUT [--rounds N]`. Both packages are loaded in this process (the
 baseline's under another name, as `hooks.py --baseline` does), and each round runs every variant once, in a
-shuffled order: an empty trace of a 2-block GPT-2, and 64 saves and 64 steering edits (`out[:, -1] += c`) of a
-64-block one, for this checkout, the baseline and raw PyTorch hooks, beside the bare forward. Printed: the median
+shuffled order: an empty trace of a 2-block and of a 64-block GPT-2 (is it flat in depth?), and 64 saves and 64
+steering edits (`out[:, -1] += c`) of the 64-block one, for this checkout, the baseline and raw PyTorch hooks,
+beside the bare forward. Printed: the median
 over rounds of (this checkout − baseline), and of each minus its reference (the bare forward for the empty
 trace, raw hooks for saves and edits), per trace or per item (an item's share of its 64-item trace, the
 trace's fixed cost included: ~1 µs an item).
@@ -34,10 +35,11 @@ from overhead import _raw_items, _traced_items, interlace, small_gpt2  # noqa: E
 ITEMS = 64
 
 
-def variants(packages: dict, work: str) -> tuple[dict, int]:
-    """The callables to time for `work` ("empty", "save", "edit"), and the count of items each does."""
+def variants(packages: dict, work: str, blocks: int) -> tuple[dict, int]:
+    """The callables to time for `work` ("empty", "save", "edit") on a GPT-2 of `blocks` blocks, and the count of
+    items each does."""
     empty = work == "empty"
-    module, ids = small_gpt2(2 if empty else ITEMS)
+    module, ids = small_gpt2(blocks)
     items = 0 if empty else ITEMS
     steer = torch.full((64,), 0.01)
 
@@ -82,15 +84,16 @@ def main(argv=None) -> None:
         print(f"torch {torch.__version__}, 1 thread, {args.rounds} rounds; medians over rounds of paired differences\n")
         print("| work (reference) | this − baseline | this − reference | baseline − reference |")
         print("|---|---|---|---|")
-        for work in ("empty", "save", "edit"):
-            runs, items = variants(packages, work)
+        for work, blocks in (("empty", 2), ("empty", ITEMS), ("save", ITEMS), ("edit", ITEMS)):
+            runs, items = variants(packages, work, blocks)
             times = paired(runs, args.rounds)
             other = "bare" if work == "empty" else "raw hooks"
             unit = "µs a trace" if work == "empty" else "µs an item"
             cells = [median_difference(times["this"], times["baseline"], items),
                      median_difference(times["this"], times[other], items),
                      median_difference(times["baseline"], times[other], items)]
-            label = "empty trace, 2 blocks (bare forward)" if work == "empty" else f"each {work}, 64 blocks (raw hooks)"
+            label = (f"empty trace, {blocks} blocks (bare forward)" if work == "empty"
+                     else f"each {work}, {blocks} blocks (raw hooks)")
             print(f"| {label} | " + " | ".join(f"{cell:+.2f} {unit}" for cell in cells) + " |", flush=True)
 
 
