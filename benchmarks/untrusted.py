@@ -6,9 +6,10 @@ Run `python benchmarks/untrusted.py [--smollm2]`. Printed, all measured in this 
    by a cond, a mix): the time to build the plan, and the time to load and check the same graph from
    bytes (`deserialize_request`, structure checks included).
 2. The same request run locally (`untrusted=False`) and as a server runs it (`untrusted=True`: model
-   checks, size rules before every call, write protection, deadline), side by side, median CPU time
-   of repeats (one torch thread unless --threads), with the ratio; on a 12-block MLP and, with
-   --smollm2, on the embedded SmolLM2-135M.
+   checks, size rules before every call, write protection, deadline), side by side in a shuffled order
+   each repeat, median CPU time of repeats (one torch thread unless --threads), with the ratio and the
+   median of the per-repeat differences; on a 12-block MLP and, with --smollm2, on the embedded
+   SmolLM2-135M.
 3. What the untrusted run's second line costs per run (`writes.Versions`: every weight's version
    counter read at the start and compared at the end; `state.Attachments`: hooks and instance
    attributes taken and put back), next to the untrusted run's own time.
@@ -17,6 +18,7 @@ Run `python benchmarks/untrusted.py [--smollm2]`. Printed, all measured in this 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import time
@@ -95,12 +97,18 @@ def run_rows(name: str, model: interlace.Model, record, repeats: int) -> list[st
     for fn in (local, untrusted):
         fn()
     times = {"local": [], "untrusted": []}
+    runs = [("local", local), ("untrusted", untrusted)]
     for _ in range(repeats):
-        for key, fn in (("local", local), ("untrusted", untrusted)):
+        # in a shuffled order: run always second, the untrusted run read ~2% slow on SmolLM2 (its matmuls too,
+        # which are the model's own), and a local run timed against itself the same way reads up to 1% apart
+        random.shuffle(runs)
+        for key, fn in runs:
             times[key].append(_median(fn, 1))
     local_ms, untrusted_ms = (statistics.median(times[k]) * 1e3 for k in ("local", "untrusted"))
+    paired = statistics.median(u - l for u, l in zip(times["untrusted"], times["local"])) * 1e3
     SECOND_LINE.append((name, model.module, untrusted_ms))
-    return [f"| {name} | {len(tracer.graph)} | {local_ms:.2f} | {untrusted_ms:.2f} | {untrusted_ms / local_ms:.3f} |"]
+    return [f"| {name} | {len(tracer.graph)} | {local_ms:.2f} | {untrusted_ms:.2f} | {untrusted_ms / local_ms:.3f} | "
+            f"{paired:+.2f} |"]
 
 
 SECOND_LINE: list = []  # (request, module, its untrusted run in ms), from run_rows
@@ -154,8 +162,8 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     print("\n".join(planning_rows()))
     print()
-    print("| request | nodes | local ms | untrusted ms | untrusted/local |")
-    print("|---|---|---|---|---|")
+    print("| request | nodes | local ms | untrusted ms | untrusted/local | untrusted − local, paired, ms |")
+    print("|---|---|---|---|---|---|")
     mlp = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU()) for _ in range(12)])
     print("\n".join(run_rows("MLP 12x256, steer every block, save 13", interlace.Model(mlp.eval()), _mlp_trace,
                              args.repeats)))
