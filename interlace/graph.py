@@ -184,6 +184,23 @@ def unique_refs(found: list[int], guard: int | None) -> tuple[int, ...]:
     return tuple(dict.fromkeys(found)) if len(found) > 1 else tuple(found)
 
 
+_INDEX_PARTS = frozenset({int, type(None), type(Ellipsis)})  # (a bool is a mask, not an int index)
+
+
+def basic_index(key) -> bool:
+    """Whether `key` is a basic tensor index, which gives a view and holds no node's value: ints, slices of ints,
+    None, Ellipsis, and tuples of them."""
+    for part in key if type(key) is tuple else (key,):
+        kind = type(part)
+        if kind is slice:
+            if (type(part.start) not in _INDEX_PARTS or type(part.stop) not in _INDEX_PARTS
+                    or type(part.step) not in _INDEX_PARTS):
+                return False
+        elif kind not in _INDEX_PARTS:
+            return False
+    return True
+
+
 def _format(value) -> str:
     """Arguments as a user would write them: `[:, -1]`, `...`, `%3`."""
     kind = type(value)

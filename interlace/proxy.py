@@ -112,7 +112,7 @@ class Proxy:
         return _Attribute(self, name)
 
     def __getitem__(self, key):
-        return self._tracer.record("call", "operator.getitem", (self, key))
+        return self._tracer.item(self, key)
 
     def __setitem__(self, key, value) -> None:
         self._tracer.store(self, key, value)

@@ -19,7 +19,7 @@ from . import collector, ops
 from .binding import bind_saved, bound, values_of
 from .blocks import Condition, Iteration, Steps
 from .errors import InterlaceError, NotSavedError
-from .graph import Graph, Node, Ref, Request, TraceSpec, unique_refs
+from .graph import Graph, Node, Ref, Request, TraceSpec, basic_index, unique_refs
 from .proxy import Proxy
 from .stream import Stream
 
@@ -135,6 +135,17 @@ class Recorder:
         if self.scanner is not None:
             self.scanner.evaluate(node)
         return Proxy(self, index)
+
+    def item(self, proxy: Proxy, key) -> Proxy:
+        """`proxy[key]`. A tensor's basic index (ints, slices of ints, None, `...`, a tuple of them: the commonest key)
+        holds no proxy, so its node is made here, as `record` would make it, without searching the key."""
+        if not self._closed and self.scanner is None and self._step_block is None and basic_index(key):
+            nodes, guard, viewed = self.graph.nodes, self._guard, proxy._index
+            index = len(nodes)
+            nodes.append(Node(index, "call", "operator.getitem", (Ref(viewed), key), {}, user_location(), guard, False,
+                              (viewed,) if guard is None else unique_refs([viewed], guard), True))
+            return Proxy(self, index)
+        return self.record("call", "operator.getitem", (proxy, key))
 
     def store(self, proxy: Proxy, key, value) -> None:
         """`proxy[key] = value`. Where it is the write-back of `proxy[key] op= y` (Python's `v = proxy[key]`,

@@ -347,10 +347,11 @@ def _fields(graph) -> list[tuple]:
              node._shallow) for node in graph]
 
 
-def test_the_write_back_of_x_k_op_y_is_recorded_as_record_would_record_it(mlp, x, monkeypatch):
-    """`Recorder.store` makes the setitem of `x[k] op= y` itself (a steering edit's third node): for the same lines,
-    with and without a guard, spelled out, or not such a write-back (a plain `x[k] = c`, another key, a key or
-    a value made in the graph), the graph equals the one `record` makes for every setitem."""
+def test_basic_indexing_and_the_write_back_of_x_k_op_y_are_recorded_as_record_would_record_them(mlp, x, monkeypatch):
+    """`Recorder.item` makes the getitem of a basic index itself, and `Recorder.store` the setitem of `x[k] op= y`
+    (a steering edit's first and third nodes): for the same lines, with and without a guard, spelled out, or not
+    such a key or write-back (a bool, list or tensor key, a plain `x[k] = c`, another key, a key or a value made in
+    the graph), the graph equals the one `record` makes for every getitem and setitem."""
     steer = torch.full((2,), 0.5)
 
     def lines():
@@ -372,6 +373,10 @@ def test_the_write_back_of_x_k_op_y_is_recorded_as_record_would_record_it(mlp, x
             with tracer.cond(out.sum() > -1e9):
                 net.layers[2].output[:, :2] /= steer
             net.layers[3].output[:, 0] += net.layers[2].output[:, 0]
+            net.layers[3].output[..., None, 1:-1:2].save()
+            net.layers[3].output[True].save()  # (a bool: a mask)
+            net.layers[3].output[[0, 1]].save()
+            net.layers[3].output[torch.tensor([1])].save()
             last = net.output.save()
         return tracer.graph, last
 
@@ -379,13 +384,18 @@ def test_the_write_back_of_x_k_op_y_is_recorded_as_record_would_record_it(mlp, x
     written = [node.index for node in fast if node.target == "operator.setitem" and node.args[1] is fast[node.index - 2].args[1]]
     monkeypatch.setattr(interlace.proxy.Proxy, "__setitem__",
                         lambda self, key, value: self._tracer.record("call", "operator.setitem", (self, key, value)))
+    monkeypatch.setattr(interlace.proxy.Proxy, "__getitem__",
+                        lambda self, key: self._tracer.record("call", "operator.getitem", (self, key)))
     general, general_last = lines()
     assert [linecache.getline(*fast[index].location).strip() for index in written] == [
         "out[:, -1] += steer", "out[0, 1:3] *= 2.0", "out[key] = view  # (spelled out: the same key object, so the "
         "same write-back)", "net.layers[2].output[:, :2] /= steer"]
-    # (the general way's setitems name the patch's line, the rest their own)
-    assert [node.location for node in fast if node.target != "operator.setitem"] == [
-        node.location for node in general if node.target != "operator.setitem"]
+    # (the general way's getitems and setitems name the patch's line, the rest their own)
+    indexing = ("operator.getitem", "operator.setitem")
+    assert [node.location for node in fast if node.target not in indexing] == [
+        node.location for node in general if node.target not in indexing]
+    assert all(linecache.getline(*node.location).strip().startswith(("out", "view", "net.", "where"))
+               for node in fast if node.target in indexing)
     assert _fields(fast) == _fields(general)
     assert torch.equal(fast_last, general_last)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import deque
 
 from .. import ops
-from ..graph import Graph, Ref
+from ..graph import Graph, Ref, basic_index
 
 VIEW_TARGETS = frozenset({"operator.getitem", "builtins.getattr"})
 
@@ -389,9 +389,6 @@ def _changed(node) -> int | None:
     return None
 
 
-_BASIC_INDEX = frozenset({int, type(None), type(Ellipsis)})
-
-
 def _store_back(nodes, index: int) -> bool:
     """Whether nodes index-2..index are what `x[k] op= y` records: `v = x[k]`, `v op= y` (an in-place
     operator: `+=`, `*=`, ...) and `x[k] = v`, with the same basic index `k` (ints, slices, None, ...).
@@ -406,7 +403,7 @@ def _store_back(nodes, index: int) -> bool:
             and update.args and type(update.args[0]) is Ref and update.args[0].index == index - 2
             and read.op == "call" and read.guard == store.guard and len(read.args) == 2
             and type(read.args[0]) is Ref and type(args[0]) is Ref and read.args[0].index == args[0].index
-            and _basic(args[1]) and read.args[1] == args[1])
+            and basic_index(args[1]) and read.args[1] == args[1])
 
 
 def _constant(node, position: int) -> bool:
@@ -415,19 +412,6 @@ def _constant(node, position: int) -> bool:
     args = node.args  # (args[1] and args[-1] are all the arguments after the first: there are 2 or 3)
     return (len(args) == position + 1 and not node.kwargs and type(args[0]) is Ref and len(node.refs()) == 1
             and node._shallow and type(args[1]) is not Ref and type(args[-1]) is not Ref)
-
-
-def _basic(key) -> bool:
-    """A basic tensor index (which gives a view): ints, slices of ints, None, Ellipsis, tuples of them."""
-    for part in key if type(key) is tuple else (key,):
-        kind = type(part)
-        if kind is slice:
-            if (type(part.start) not in _BASIC_INDEX or type(part.stop) not in _BASIC_INDEX
-                    or type(part.step) not in _BASIC_INDEX):
-                return False
-        elif kind not in _BASIC_INDEX:
-            return False
-    return True
 
 
 def _module_event(node) -> tuple:
