@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass, field
 from types import CodeType
 
+from . import ops
+
 OPS = frozenset(
     {
         "module_value",  # target=path; kwargs: kind (output|input|inputs), call, invoke
@@ -199,6 +201,21 @@ def basic_index(key) -> bool:
         elif kind not in _INDEX_PARTS:
             return False
     return True
+
+
+def item_updated(nodes, update: int, base: int, guard) -> bool:
+    """Whether nodes `update - 1` and `update` are `v = x[k]` and `v op= y` (an in-place operator: `+=`, `*=`, ...),
+    `x` node `base`, both under `guard`: the first two nodes `x[k] op= y` records. The third, Python's write-back
+    `x[k] = v`, the recorder makes directly and the plan skips where it would copy `v` onto itself; each compares
+    the key `k` as it needs."""
+    if update < 1:
+        return False
+    read, change = nodes[update - 1], nodes[update]
+    read_args, change_args = read.args, change.args
+    return (change.op == "call" and change.target in ops.IN_PLACE_OPERATORS and change.guard == guard
+            and bool(change_args) and type(change_args[0]) is Ref and change_args[0].index == update - 1
+            and read.op == "call" and read.target == "operator.getitem" and read.guard == guard
+            and len(read_args) == 2 and type(read_args[0]) is Ref and read_args[0].index == base)
 
 
 def _format(value) -> str:

@@ -19,7 +19,7 @@ from . import collector, ops
 from .binding import bind_saved, bound, values_of
 from .blocks import Condition, Iteration, Steps
 from .errors import InterlaceError, NotSavedError
-from .graph import Graph, Node, Ref, Request, TraceSpec, basic_index, unique_refs
+from .graph import Graph, Node, Ref, Request, TraceSpec, basic_index, item_updated, unique_refs
 from .proxy import Proxy
 from .stream import Stream
 
@@ -152,20 +152,14 @@ class Recorder:
         `v op= y`, `proxy[key] = v`: a steering edit, the commonest setitem), the node is made here, as `record`
         would make it: its arguments are the two nodes just recorded and the key the getitem was recorded with
         (the same object, so it holds no proxy), and there is nothing in them to look for."""
-        nodes = self.graph.nodes
+        nodes, guard = self.graph.nodes, self._guard
         update = len(nodes) - 1
         if (type(value) is Proxy and value._index == update and value._tracer is self and not self._closed
-                and self.scanner is None and self._step_block is None):
-            changed, read, guard = nodes[update], nodes[update - 1], self._guard
-            changed_args, read_args = changed.args, read.args
-            if (changed.target in ops.IN_PLACE_OPERATORS and changed.op == "call" and read.op == "call"
-                    and read.target == "operator.getitem" and changed.guard == guard and read.guard == guard
-                    and len(read_args) == 2 and read_args[1] is key and type(read_args[0]) is Ref
-                    and read_args[0].index == proxy._index and type(changed_args[0]) is Ref
-                    and changed_args[0].index == update - 1):
-                nodes.append(Node(update + 1, "call", "operator.setitem", (read_args[0], key, Ref(update)), {},
-                                  user_location(), guard, False, unique_refs([proxy._index, update], guard), True))
-                return
+                and self.scanner is None and self._step_block is None
+                and item_updated(nodes, update, proxy._index, guard) and nodes[update - 1].args[1] is key):
+            nodes.append(Node(update + 1, "call", "operator.setitem", (nodes[update - 1].args[0], key, Ref(update)), {},
+                              user_location(), guard, False, unique_refs([proxy._index, update], guard), True))
+            return
         self.record("call", "operator.setitem", (proxy, key, value))
 
     def _guard_in_step(self, op: str, found: list[int]) -> int | None:

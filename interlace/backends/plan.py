@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import deque
 
 from .. import ops
-from ..graph import Graph, Ref, basic_index
+from ..graph import Graph, Ref, basic_index, item_updated
 
 VIEW_TARGETS = frozenset({"operator.getitem", "builtins.getattr"})
 
@@ -395,15 +395,12 @@ def _store_back(nodes, index: int) -> bool:
 
     On a tensor `x`, `x[k]` is then a view of `x` and the operator wrote through it, so when the
     operator returned `v` itself the setitem would copy memory onto itself: it is skipped."""
-    store, update, read = nodes[index], nodes[index - 1], nodes[index - 2]
+    store = nodes[index]
     args = store.args
-    if len(args) != 3 or type(args[2]) is not Ref or args[2].index != index - 1 or read.target != "operator.getitem":
+    if len(args) != 3 or type(args[2]) is not Ref or args[2].index != index - 1 or type(args[0]) is not Ref:
         return False
-    return (update.op == "call" and update.target in ops.IN_PLACE_OPERATORS and update.guard == store.guard
-            and update.args and type(update.args[0]) is Ref and update.args[0].index == index - 2
-            and read.op == "call" and read.guard == store.guard and len(read.args) == 2
-            and type(read.args[0]) is Ref and type(args[0]) is Ref and read.args[0].index == args[0].index
-            and basic_index(args[1]) and read.args[1] == args[1])
+    return (item_updated(nodes, index - 1, args[0].index, store.guard) and basic_index(args[1])
+            and nodes[index - 2].args[1] == args[1])
 
 
 def _constant(node, position: int) -> bool:
