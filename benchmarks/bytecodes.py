@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import os
 import sys
 from pathlib import Path
@@ -31,7 +32,8 @@ ITEMS = 8
 
 
 def count(run, by_function: collections.Counter | None = None) -> int:
-    """Bytecodes `run()` executes in Python frames (after two runs, so that everything is imported and made)."""
+    """Bytecodes `run()` executes in Python frames (after two runs, so that everything is imported and made), with the
+    garbage collector off (a collection now and then could run finalizers' Python on either side of a difference)."""
     run()
     run()
     total = 0
@@ -45,11 +47,13 @@ def count(run, by_function: collections.Counter | None = None) -> int:
                 by_function[(frame.f_code.co_filename, frame.f_code.co_name)] += 1
         return trace
 
+    gc.disable()
     sys.settrace(trace)
     try:
         run()
     finally:
         sys.settrace(None)
+        gc.enable()
     return total
 
 

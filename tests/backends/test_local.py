@@ -1,7 +1,9 @@
 """The interleaver: interventions reach the model, invokes keep to their rows, early stop, errors."""
 
 import gc
+import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,9 @@ from interlace.backends.local import Interleaver
 from interlace.backends.plan import Plan
 
 from helpers import MLP, Table, assert_clean
+
+sys.path.append(str(Path(__file__).resolve().parents[2] / "benchmarks"))  # (last: its scripts shadow nothing)
+from bytecodes import count as count_bytecodes  # noqa: E402  (what the benchmark counts is what a test holds)
 
 
 def hooked(model, x, module, fn):
@@ -1001,3 +1006,35 @@ def test_values_are_freed_without_the_garbage_collector(mlp, x, experiment):
         assert alive() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("work", ["nothing", "saves", "edits", "a weight's edit"])
+def test_what_a_trace_runs_beyond_the_forward_is_the_same_on_a_deep_model_as_on_a_shallow_one(work):
+    """A trace's own work follows what it touches, never the model's size (issue 19): no walk over modules or
+    weights per trace. Counted in bytecodes (a time could not tell 2 blocks from 16 on these machines)."""
+    steer = torch.full((8,), 0.5)
+
+    def added(depth: int, items: int) -> int:
+        torch.manual_seed(0)
+        module, x = MLP(depth=depth), torch.randn(1, 4, 3)  # (a batch of 4 positions, as tokens)
+        net = Model(module)
+
+        def bare():
+            with torch.no_grad():
+                module(x)
+
+        def traced():
+            with net.trace(x, early_stop=False):
+                for i in range(items):
+                    if work == "saves":
+                        net.layers[i].output.save()
+                    elif work == "edits":
+                        net.layers[i].output[:, -1] += steer
+                    else:
+                        net.layers[i].linear.bias[:2] += 1.0  # copied first, put back after the run
+        return count_bytecodes(traced) - count_bytecodes(bare)
+
+    items = 0 if work == "nothing" else 2
+    shallow, deep = added(2, items), added(16, items)
+    assert shallow == deep, f"{work}: {shallow} bytecodes beyond the forward on 2 blocks, {deep} on 16"
+    assert shallow > 0  # (the count sees interlace's frames)
