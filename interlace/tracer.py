@@ -386,7 +386,23 @@ class Tracer(Recorder):
 
     def stop(self) -> None:
         """End the model's forward pass once the graph reaches this point."""
+        block = self._step_block
+        if block is not None:
+            self._refuse_stop_after_later_steps(block.steps[0])
         self.record("stop")
+
+    def _refuse_stop_after_later_steps(self, step: int) -> None:
+        """A stop waits for every line recorded before it: in a block for `step`, after a block over later steps
+        (since the previous stop), it could only stop once those had run; say so where it is written."""
+        nodes = self.graph.nodes
+        previous = next((i for i in range(len(nodes) - 1, self.start - 1, -1) if nodes[i].op == "stop"), -1)
+        for start, _, firsts in self.copies:
+            if start > previous and max(firsts) > step:
+                raise InterlaceError(
+                    f"tracer.stop() here is for step {step}, but a block over steps {min(firsts)}..{max(firsts)} is "
+                    f"recorded before it, and a stop waits for every line recorded before it: the generation would "
+                    f"run to step {max(firsts)} first. Record the stop before that block, or inside it: "
+                    f"`with tracer.cond(step == {step}): tracer.stop()` (its step bound by `as step`).")
 
     def stream(self):
         """After a `stream=True` block: yield each generation `Step` (tokens, text, values saved in the

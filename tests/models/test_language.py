@@ -152,6 +152,36 @@ def test_a_block_over_steps_reads_the_same_step_of_a_value_from_an_earlier_block
     assert len(later) == 2 and torch.equal(later[0], want[1]) and torch.equal(later[1], want[2])
 
 
+
+def test_a_stop_for_a_step_after_a_block_over_later_steps_is_refused_at_its_line_and_the_block_form_stops():
+    """A stop waits for every line recorded before it: after `tracer.all()`, a stop in `tracer.iter[2]` could only
+    stop once step 3's copy of that block ran (it used to let the whole generation run, then report the values
+    after it as stopped). It is refused where it is written, saying what to write; that form stops at step 2."""
+    model = tiny("gpt2")
+    lm = LanguageModel(model)
+    calls = []
+    handle = model.transformer.h[1].register_forward_hook(lambda m, a, o: calls.append(o.shape[1]))
+    with pytest.raises(interlace.InterlaceError) as refused:
+        with lm.generate([5, 6, 7], max_new_tokens=4) as tracer:
+            with tracer.all() as step:
+                lm.transformer.h[1].output.save()
+            with tracer.iter[2]:
+                tracer.stop()  # the refused line
+    message = str(refused.value)
+    assert "for step 2" in message and "steps 0..3" in message and "tracer.cond(step == 2)" in message
+    assert any("refused line" in str(entry.statement) for entry in refused.traceback)  # raised at the user's line
+    assert calls == []  # nothing ran
+    with lm.generate([5, 6, 7], max_new_tokens=4) as tracer:
+        steps = interlace.list().save()
+        with tracer.all() as step:
+            steps.append(step)
+            with tracer.cond(step == 2):
+                tracer.stop()
+    handle.remove()
+    assert list(steps) == [0, 1, 2]
+    assert calls == [3, 1]  # steps 0 and 1 ran layer 1; step 2 stopped as it began
+    assert_clean(model)
+
 def test_patching_one_invoke_into_another_at_every_step_keeps_its_tokens():
     """Copying invoke 1's state into invoke 2 (the same prompt) at every step changes nothing: both
     generate what the prompt generates alone."""
