@@ -270,6 +270,20 @@ def _reflected(fn):
     return method
 
 
+def _in_place(fn):
+    name = ops.name_of(fn)
+
+    def method(self, other):
+        changed = self._tracer.record("call", name, (self, other))
+        # `x op= y` binds the name `x` to this node: a saved `x` stays saved (a tensor's is the same object, changed)
+        nodes = self._tracer.graph.nodes
+        if nodes[self._index].saved and type(changed) is Proxy and changed._tracer.graph.nodes is nodes:
+            changed.save()
+        return changed
+
+    return method
+
+
 def _unary(fn):
     name = ops.name_of(fn)
 
@@ -283,7 +297,7 @@ for _name in "add sub mul truediv floordiv mod pow matmul and or xor lshift rshi
     _fn = getattr(operator, _name + ("_" if _name in ("and", "or") else ""))
     setattr(Proxy, f"__{_name}__", _binary(_fn))
     setattr(Proxy, f"__r{_name}__", _reflected(_fn))
-    setattr(Proxy, f"__i{_name}__", _binary(getattr(operator, f"i{_name}")))
+    setattr(Proxy, f"__i{_name}__", _in_place(getattr(operator, f"i{_name}")))
 for _name in "lt le eq ne gt ge".split():
     setattr(Proxy, f"__{_name}__", _binary(getattr(operator, _name)))
 for _name in "neg pos abs invert".split():

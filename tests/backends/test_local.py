@@ -57,6 +57,40 @@ def test_in_place_change_reaches_downstream(mlp, x):
     assert_clean(mlp)
 
 
+
+def test_an_augmented_assignment_to_a_saved_value_keeps_the_name_saved(mlp, x):
+    """`h = out.save(); h *= 2` binds `h` to the in-place operator's value (Python rebinds the name): a saved `h`
+    stays saved, and holds the changed tensor, which the model went on with (nnterp's attention example:
+    `p[..., 0] = 0; p /= p.sum(-1, keepdim=True)`)."""
+    net = Model(mlp)
+    with net.trace(x):
+        h = net.layers[0].output.save()
+        h *= 2
+        p = net.layers[1].output.save()
+        p[:, 0] = 0
+        p /= p.sum(-1, keepdim=True)
+        count = interlace.apply(int, 3).save()
+        count += 1
+        out = net.output.save()
+
+    kept = {}
+
+    def double(module, args, o):
+        kept["h"] = o.mul_(2)
+
+    def normalize(module, args, o):
+        o[:, 0] = 0
+        kept["p"] = o.div_(o.sum(-1, keepdim=True))
+
+    handles = [mlp.layers[0].register_forward_hook(double), mlp.layers[1].register_forward_hook(normalize)]
+    with torch.no_grad():
+        want = mlp(x)
+    for handle in handles:
+        handle.remove()
+    assert torch.equal(h, kept["h"]) and torch.equal(p, kept["p"]) and torch.equal(out, want)
+    assert count == 4
+    assert_clean(mlp)
+
 @pytest.mark.parametrize("key", [(slice(None), -1), (0, slice(1, None, 2)), (Ellipsis, 3), (None, 1)],
                          ids=["last-column", "strided", "ellipsis", "new-axis"])
 def test_augmented_assignment_to_an_index_is_the_hooks(mlp, x, key):
