@@ -273,6 +273,24 @@ def test_layer_outputs_read_and_assign_as_tensors_and_as_tuples(tuples):
     torch.testing.assert_close(logits, want)
 
 
+
+def test_a_slice_of_layer_values_reads_a_list_and_refuses_assignment_saying_how(llama):
+    """`model.layers_output[1:]` (as `model.layers[1:]`) is one value per layer, each what a hook on it sees."""
+    seen = []
+    handles = [layer.register_forward_hook(lambda m, a, o: seen.append(o.clone())) for layer in llama.module.model.layers]
+    with torch.no_grad():
+        llama.module(torch.tensor([[5, 6, 7]]))
+    for handle in handles:
+        handle.remove()
+    with llama.trace([[5, 6, 7]]):
+        outputs = [value.save() for value in llama.layers_output[0:]]
+        last = llama.layers_output[-1:]
+        assert len(last) == 1 and len(llama.attentions[:1]) == 1
+    assert len(outputs) == 2 and all(torch.equal(got, want) for got, want in zip(outputs, seen))
+    with pytest.raises(StandardizationError, match=r"assign one layer at a time, `for layer in range\(0, 2\)"):
+        with llama.trace([[5, 6, 7]]):
+            llama.layers_output[0:2] = torch.zeros(1, 3, 32)
+
 def test_skip_layers_passes_the_residual_through(llama):
     with llama.trace(IDS):
         entering = llama.layers_input[0].save()

@@ -57,7 +57,9 @@ class LayerValues:
     def __init__(self, model: "StandardizedTransformer", part: str, kind: str):
         self._model, self._part, self._kind = model, part, kind
 
-    def __getitem__(self, layer: int):
+    def __getitem__(self, layer: int | slice):
+        if type(layer) is slice:  # `model.layers_output[2:4]`: a list, one value per layer, as `model.layers[2:4]`
+            return [self[number] for number in range(self._model.num_layers)[layer]]
         envoy = self._model._module_of(self._part, layer, value=self._kind == "output")
         if self._kind == "module":
             return envoy
@@ -69,6 +71,10 @@ class LayerValues:
         return output.clone() if self._part in self._model.family.copy_on_read else output
 
     def __setitem__(self, layer: int, value) -> None:
+        if type(layer) is slice:
+            raise StandardizationError(
+                f"assign one layer at a time, `for layer in range({layer.start}, {layer.stop}): ...[layer] = value`: "
+                "a slice reads a list, one value per layer, and cannot be assigned")
         envoy = self._model._module_of(self._part, layer, value=self._kind == "output")
         if self._kind == "module":
             raise StandardizationError(f"cannot assign a module; assign its value: {self._part}_output[{layer}] = ...")
