@@ -150,7 +150,8 @@ class Proxy:
         raise ProxyValueError(
             f"a traced value was used as {what}, but it has no value until the model runs. "
             "Keep it as a proxy (index and compute with torch ops), or use "
-            "interlace.apply(fn, value) to run your own function on the real value."
+            "interlace.apply(fn, value) to run your own function on the real value; for a size "
+            "(`value.shape[1]`, `value.size(0)`), trace with scan=True, which makes shapes real numbers."
         )
 
     def __int__(self):

@@ -98,14 +98,25 @@ def test_saved_proxy_held_elsewhere_behaves_like_value(mlp, x):
         (lambda p: len(p), r"shape\[0\]"),
         (lambda p: [a for a in p], "index it"),
         (lambda p: range(10)[p], "interlace.apply"),
+        (lambda p: range(p.shape[0]), r"for a size .* trace with scan=True"),
     ],
 )
 def test_proxy_used_as_python_value_says_what_to_use(mlp, x, use, advice):
     net = Model(mlp)
     with pytest.raises(ProxyValueError, match=advice):
         with net.trace(x):
-            use(net.layers[0].output.sum())
+            use(net.layers[0].output.sum(0))
     assert_clean(mlp)
+
+
+def test_a_size_used_as_a_python_int_works_with_scan_as_the_error_says(mlp, x):
+    net = Model(mlp)
+    with net.trace(x, scan=True):
+        h = net.layers[0].output
+        columns = [h[:, column].sum().save() for column in range(h.shape[1])]
+        whole = h.sum().save()
+    assert len(columns) == mlp.layers[0].linear.out_features
+    torch.testing.assert_close(sum(columns), whole)
 
 
 def test_graph_records_user_line(mlp, x):

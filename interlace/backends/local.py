@@ -578,7 +578,7 @@ class Interleaver:
         if node.index in self.stores_back and self._stores_onto_itself(node.index, args):
             return None
         if node.index in self.plan.row_zero:
-            _warn_row_zero(self.nodes[node.args[0].index], args[0])
+            _warn_row_zero(self.nodes[node.args[0].index], args[0], node.location)
         if self.untrusted:
             self.guard.before_call(target, fn, args, kwargs)
             result = self.guard.call(target, fn, args, kwargs)
@@ -925,20 +925,23 @@ def unlike(old, new) -> str | None:
     return None
 
 
-def _warn_row_zero(source, value) -> None:
-    """Warn once per module path when `output[0]` takes the first row of a batch-first tensor."""
+def _warn_row_zero(source, value, location) -> None:
+    """Warn once per module path when `output[0]` takes the first row of a batch-first tensor; the warning is
+    the user's line's (`location`, where it is known), so filters and `-W error` can name it."""
     path = source.target
     if path in _warned_paths or not isinstance(value, torch.Tensor) or value.dim() < 3:
         return
     _warned_paths.add(path)
-    warnings.warn(
+    message = (
         f"{path or 'the model'}.output is a tensor of shape {tuple(value.shape)}, so `.output[0]` is its "
         "first row (batch item 0), not the hidden states. In transformers 5 decoder layers return the "
         "hidden states themselves, where older releases (and older nnsight examples) returned a tuple. "
         "Use `.output` (or `.output[:, ...]`) for the hidden states; if row 0 is what you want, silence "
-        "this with warnings.filterwarnings('ignore', category=interlace.BatchIndexWarning).",
-        BatchIndexWarning, stacklevel=2,
-    )
+        "this with warnings.filterwarnings('ignore', category=interlace.BatchIndexWarning).")
+    if location:
+        warnings.warn_explicit(message, BatchIndexWarning, *location)
+    else:
+        warnings.warn(message, BatchIndexWarning, stacklevel=2)
 
 
 def _gradient_sources(nodes, gradients: dict[int, list[int]]) -> set[int]:

@@ -1,6 +1,7 @@
 """LanguageModel on tiny random models: batching equals running alone, generation, loading."""
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -574,10 +575,12 @@ def test_a_forward_replaced_on_the_instance_is_the_one_whose_keywords_count():
 def test_output_zero_of_a_layer_warns_once_about_transformers_5():
     interlace.backends.local._warned_paths.clear()
     lm = LanguageModel(tiny("llama"))
-    with pytest.warns(interlace.BatchIndexWarning, match=r"model.layers.0.output is a tensor of shape \(2, 3, 32\)"):
+    with pytest.warns(interlace.BatchIndexWarning, match=r"model.layers.0.output is a tensor of shape \(2, 3, 32\)") \
+            as caught:
         with lm.trace([[5, 6, 7], [8, 9, 10]]):
-            row = lm.model.layers[0].output[0].save()
+            row = lm.model.layers[0].output[0].save(); line = inspect.currentframe().f_lineno  # noqa: E702
     assert row.shape == (3, 32)
+    assert (caught[0].filename, caught[0].lineno) == (__file__, line)  # the user's line, not interlace's
     import warnings
 
     with warnings.catch_warnings():
