@@ -324,8 +324,16 @@ def _missing_child(envoy: Envoy, name: str) -> str:
         children += f" (closest to '{name}': {', '.join(close)})"
     return (
         f"{where} ({type(envoy._module).__name__}) has no submodule or attribute '{name}'. "
-        f"Its submodules are: {children}.{_deeper(envoy, name)} Print the model to see the whole tree."
+        f"Its submodules are: {children}.{_deeper(envoy, name)}{_STEP_VERBS.get(name, '')} Print the model to see "
+        "the whole tree."
     )
+
+
+# nnsight 0.4's per-module step verbs, which here are the tracer's blocks
+_STEP_VERBS = {
+    "all": " To apply lines to every generation step, put them in a `with tracer.all():` block.",
+    "iter": " To apply lines to chosen generation steps, put them in a `with tracer.iter[a:b]:` block.",
+}
 
 
 def _deeper(envoy: Envoy, name: str) -> str:

@@ -196,3 +196,10 @@ def test_a_misspelt_envoy_attribute_suggests_the_attribute():
         net.layers[0].outputs
     with pytest.raises(interlace.ModulePathError, match="closest to 'linaer': linear"):
         net.layers[0].linaer
+
+
+@pytest.mark.parametrize("verb, block", [("all", r"with tracer.all\(\):"), ("iter", r"with tracer.iter\[a:b\]:")])
+def test_nnsight_04s_per_module_step_verbs_point_to_the_tracers_blocks(verb, block):
+    net = interlace.Model(MLP().eval())
+    with pytest.raises(interlace.ModulePathError, match=f"no submodule or attribute '{verb}'.* `{block}` block"):
+        getattr(net.layers[0], verb)()
