@@ -38,13 +38,16 @@ class Steps:
 
     def __getitem__(self, key) -> "Iteration":
         steps = range(self.tracer.options.get("steps", 1))
+        written = f"tracer.iter[{key}]" if isinstance(key, int) else f"tracer.iter[{key.start}:{key.stop}]"
         if isinstance(key, int):
             key = slice(key, key + 1 if key != -1 else None)
         if not isinstance(key, slice):
             raise InterlaceError(f"tracer.iter takes a step or a slice of steps, not {type(key).__name__}")
         chosen = steps[key]
         if not chosen:
-            raise InterlaceError(f"tracer.iter[{key.start}:{key.stop}] selects no step of {len(steps)}")
+            raise InterlaceError(f"{written} selects no step: this generation has {len(steps)} (steps 0 to "
+                                 f"{len(steps) - 1}, one per new token); choose steps below {len(steps)}, or raise "
+                                 "max_new_tokens")
         return Iteration(self.tracer, chosen)
 
 

@@ -190,7 +190,8 @@ class Envoy:
                 return self._child(names[key])
             except IndexError:
                 raise ModulePathError(
-                    f"{self._path or 'the model'} has {len(names)} children; index {key} is out of range"
+                    f"{self._path or 'the model'} has {len(names)} children; index {key} is out of range (use 0 to "
+                    f"{len(names) - 1}, or -{len(names)} to -1 from the end)"
                 ) from None
         if isinstance(key, str):
             return self.get(key)

@@ -115,7 +115,7 @@ def test_indexing_children_as_the_module_does(x):
     assert isinstance(seq[-1].module, torch.nn.ReLU) and seq[0].path == "0"
     with pytest.raises(interlace.ModulePathError, match="has 4 children; index 4 is out of range"):
         net.layers[4]
-    with pytest.raises(interlace.ModulePathError, match="has 4 children; index -5 is out of range"):
+    with pytest.raises(interlace.ModulePathError, match=r"has 4 children; index -5 is out of range \(use 0 to 3, or -4 to -1 from the end\)"):
         net.layers[-5]
     assert [envoy.path for envoy in net.layers[1:3]] == ["layers.1", "layers.2"]  # a slice: a list of envoys
     with net.trace(x):

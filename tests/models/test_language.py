@@ -183,6 +183,18 @@ def test_a_stop_for_a_step_after_a_block_over_later_steps_is_refused_at_its_line
     assert calls == [3, 1]  # steps 0 and 1 ran layer 1; step 2 stopped as it began
     assert_clean(model)
 
+
+@pytest.mark.parametrize("written, chosen", [("tracer.iter[5]", 5), ("tracer.iter[3:9]", slice(3, 9))])
+def test_steps_a_generation_does_not_have_are_refused_saying_which_it_has(written, chosen):
+    model = tiny("gpt2")
+    lm = LanguageModel(model)
+    with pytest.raises(interlace.InterlaceError) as refused:
+        with lm.generate([5, 6, 7], max_new_tokens=3) as tracer:
+            with tracer.iter[chosen]:
+                lm.transformer.h[0].output.save()
+    assert str(refused.value).startswith(f"{written} selects no step: this generation has 3 (steps 0 to 2")
+    assert_clean(model)
+
 def test_patching_one_invoke_into_another_at_every_step_keeps_its_tokens():
     """Copying invoke 1's state into invoke 2 (the same prompt) at every step changes nothing: both
     generate what the prompt generates alone."""
