@@ -558,7 +558,8 @@ def pending(options: dict) -> bool:
 
 
 class Invoker:
-    """One input of a batched trace (`with tracer.invoke(x):`)."""
+    """One input of a batched trace (`with tracer.invoke(x):`); with no input (`tracer.invoke()`), lines for every
+    row of the batch."""
 
     def __init__(self, tracer: Tracer, args: tuple, kwargs: dict, *, scan: bool = False):
         self.tracer = tracer
@@ -574,13 +575,16 @@ class Invoker:
         if tracer._in_invoke:
             raise InterlaceError("invokes cannot be nested: close one `tracer.invoke` before opening the next")
         self._outer = (tracer.current_invoke, tracer._offsets)
-        tracer.invokes.append((self.args, self.kwargs))
-        self.index = len(tracer.invokes) - 1
+        if self.args or self.kwargs:
+            tracer.invokes.append((self.args, self.kwargs))
+            self.index = len(tracer.invokes) - 1
+        # else nnsight 0.5's `tracer.invoke()`: no input of its own, its lines see every row, as lines outside
+        # the invokes do (index None), with module calls counted from the first, as in an invoke
         tracer.current_invoke, tracer._offsets = self.index, {}
         tracer._in_invoke = True
         if self.scan and tracer.scanner is None:
             tracer.model._start_scan(tracer)  # captures every invoke so far, this one included
-        elif tracer.scanner is not None:
+        elif tracer.scanner is not None and self.index is not None:
             tracer.model._scan_invoke(tracer, self.index)
         return self
 

@@ -360,9 +360,7 @@ class LanguageModel(Model):
             if kwargs:
                 args = args + (kwargs,)
             if len(args) != 1:
-                raise InterlaceError(f"an invoke takes one input (a prompt, prompts or token ids), got {len(args)}"
-                                     + ("; to change every row, record outside the invokes (or in each)" if not args
-                                        else ""))
+                raise InterlaceError(f"an invoke takes one input (a prompt, prompts or token ids), got {len(args)}")
             left = None if max_tokens is None else max_tokens - sum(len(ids) for ids, _ in sequences)
             seqs = self._sequences(args[0], left)
             if left is not None and sum(len(ids) for ids, _ in seqs) > left:

@@ -55,14 +55,41 @@ def test_input_forms_give_the_same_batch():
     with pytest.raises(interlace.InterlaceError, match="got an empty list of prompts: pass at least one"):
         with lm.trace([]):
             lm.output.save()
-    with pytest.raises(interlace.InterlaceError, match="got 0; to change every row, record outside the invokes"):
+    with pytest.raises(interlace.InterlaceError, match="an invoke takes one input .* got 2"):
         with lm.trace() as tracer:
-            with tracer.invoke():  # nnsight's 'every row' invoke
+            with tracer.invoke([5, 6], [7, 8]):
                 lm.output.save()
     with pytest.raises(interlace.InterlaceError, match="no tokenizer"):
         with lm.trace("text"):
             lm.output.save()
 
+
+
+def test_an_invoke_without_input_records_lines_for_every_row_as_nnsight_05s_does():
+    model = tiny("llama")
+    lm = LanguageModel(model)
+    with lm.trace() as tracer:
+        with tracer.invoke([5, 6, 7]):
+            first = lm.model.layers[0].output.save()
+        with tracer.invoke([8, 9, 10]):
+            pass
+        with tracer.invoke():  # no input: every row
+            lm.model.layers[0].output[:, -1] = 0
+            logits = lm.output.logits.save()
+    kept = []
+
+    def zero(module, args, output):
+        kept.append(output[:1].clone())
+        output[:, -1] = 0
+
+    handle = model.model.layers[0].register_forward_hook(zero)
+    with torch.no_grad():
+        want = model(torch.tensor([[5, 6, 7], [8, 9, 10]])).logits
+    handle.remove()
+    assert len(tracer.invokes) == 2 and logits.shape == want.shape
+    torch.testing.assert_close(logits, want)
+    torch.testing.assert_close(first[:, :-1], kept[0][:, :-1])
+    assert torch.equal(first[:, -1], torch.zeros_like(first[:, -1]))  # the first invoke's rows, zeroed too
 
 def test_layer_output_patch_equals_hook():
     model = tiny("llama")
