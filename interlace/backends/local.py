@@ -578,7 +578,8 @@ class Interleaver:
         if node.index in self.stores_back and self._stores_onto_itself(node.index, args):
             return None
         if node.index in self.plan.row_zero:
-            _warn_row_zero(self.nodes[node.args[0].index], args[0], node.location)
+            # (a stranger's locations are never files to open here: formatting a warning reads its line)
+            _warn_row_zero(self.nodes[node.args[0].index], args[0], None if self.untrusted else node.location)
         if self.untrusted:
             self.guard.before_call(target, fn, args, kwargs)
             result = self.guard.call(target, fn, args, kwargs)

@@ -137,6 +137,34 @@ def test_untrusted_run_of_a_good_request_equals_the_local_trace():
     assert_clean(mlp)
 
 
+
+def test_an_untrusted_runs_warning_never_reads_the_file_a_location_names(monkeypatch, tmp_path):
+    """A local trace's BatchIndexWarning is the user's line's (its source line is read to show it); a stranger's
+    request names files of the server's disk as its lines' locations: its warning reads none of them."""
+    import linecache
+    import warnings
+
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2, vocab_size=50)).eval()
+    net = interlace.Model(model)
+    with net.trace(torch.tensor([[1, 2, 3], [4, 5, 6]])) as tracer:
+        net.model.layers[0].output[0].save()
+    secret = tmp_path / "secret.py"
+    secret.write_text("the server's own file\n")
+    for node in tracer.graph.nodes:
+        node._location = (str(secret), 1)
+    request = deserialize_request(serialize_graph(tracer.graph, tracer.invokes, options=tracer.spec(0).options))
+    read = []
+    monkeypatch.setattr(linecache, "getline", lambda filename, lineno, *rest: read.append(filename) or "")
+    interlace.backends.local._warned_paths.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        net.run(request, untrusted=True, limits=Limits())
+        for warning in caught:
+            warnings.formatwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    assert [w.category for w in caught] == [interlace.BatchIndexWarning]
+    assert str(secret) not in read and caught[0].filename != str(secret)
+
 class _Attaching(torch.nn.Module):
     """A forward that leaves things on its modules, as transformers' output capturing does."""
 
