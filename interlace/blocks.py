@@ -38,10 +38,11 @@ class Steps:
 
     def __getitem__(self, key) -> "Iteration":
         steps = range(self.tracer.options.get("steps", 1))
-        written = f"tracer.iter[{key}]" if isinstance(key, int) else f"tracer.iter[{key.start}:{key.stop}]"
         if isinstance(key, int):
-            key = slice(key, key + 1 if key != -1 else None)
-        if not isinstance(key, slice):
+            written, key = f"tracer.iter[{key}]", slice(key, key + 1 if key != -1 else None)
+        elif isinstance(key, slice):
+            written = f"tracer.iter[{key.start}:{key.stop}]"
+        else:
             raise InterlaceError(f"tracer.iter takes a step or a slice of steps, not {type(key).__name__}")
         chosen = steps[key]
         if not chosen:

@@ -221,6 +221,10 @@ def test_steps_a_generation_does_not_have_are_refused_saying_which_it_has(writte
                 lm.transformer.h[0].output.save()
     assert str(refused.value).startswith(f"{written} selects no step: this generation has 3 (steps 0 to 2")
     assert_clean(model)
+    with pytest.raises(interlace.InterlaceError, match="tracer.iter takes a step or a slice of steps, not list"):
+        with lm.generate([5, 6, 7], max_new_tokens=3) as tracer:
+            with tracer.iter[[0, 2]]:
+                pass
 
 def test_patching_one_invoke_into_another_at_every_step_keeps_its_tokens():
     """Copying invoke 1's state into invoke 2 (the same prompt) at every step changes nothing: both
