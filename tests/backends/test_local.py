@@ -57,7 +57,6 @@ def test_in_place_change_reaches_downstream(mlp, x):
     assert_clean(mlp)
 
 
-
 def test_an_augmented_assignment_to_a_saved_value_keeps_the_name_saved(mlp, x):
     """`h = out.save(); h *= 2` binds `h` to the in-place operator's value (Python rebinds the name): a saved `h`
     stays saved, and holds the changed tensor, which the model went on with (nnterp's attention example:
@@ -90,6 +89,7 @@ def test_an_augmented_assignment_to_a_saved_value_keeps_the_name_saved(mlp, x):
     assert torch.equal(h, kept["h"]) and torch.equal(p, kept["p"]) and torch.equal(out, want)
     assert count == 4
     assert_clean(mlp)
+
 
 @pytest.mark.parametrize("key", [(slice(None), -1), (0, slice(1, None, 2)), (Ellipsis, 3), (None, 1)],
                          ids=["last-column", "strided", "ellipsis", "new-axis"])

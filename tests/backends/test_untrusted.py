@@ -137,7 +137,6 @@ def test_untrusted_run_of_a_good_request_equals_the_local_trace():
     assert_clean(mlp)
 
 
-
 def test_an_untrusted_runs_warning_never_reads_the_file_a_location_names(monkeypatch, tmp_path):
     """A local trace's BatchIndexWarning is the user's line's (its source line is read to show it); a stranger's
     request names files of the server's disk as its lines' locations: its warning reads none of them."""
@@ -164,6 +163,7 @@ def test_an_untrusted_runs_warning_never_reads_the_file_a_location_names(monkeyp
             warnings.formatwarning(warning.message, warning.category, warning.filename, warning.lineno)
     assert [w.category for w in caught] == [interlace.BatchIndexWarning]
     assert str(secret) not in read and caught[0].filename != str(secret)
+
 
 class _Attaching(torch.nn.Module):
     """A forward that leaves things on its modules, as transformers' output capturing does."""

@@ -64,7 +64,6 @@ def test_input_forms_give_the_same_batch():
             lm.output.save()
 
 
-
 def test_an_invoke_without_input_records_lines_for_every_row_as_nnsight_05s_does():
     model = tiny("llama")
     lm = LanguageModel(model)
@@ -90,6 +89,7 @@ def test_an_invoke_without_input_records_lines_for_every_row_as_nnsight_05s_does
     torch.testing.assert_close(logits, want)
     torch.testing.assert_close(first[:, :-1], kept[0][:, :-1])
     assert torch.equal(first[:, -1], torch.zeros_like(first[:, -1]))  # the first invoke's rows, zeroed too
+
 
 def test_layer_output_patch_equals_hook():
     model = tiny("llama")
@@ -180,7 +180,6 @@ def test_a_block_over_steps_reads_the_same_step_of_a_value_from_an_earlier_block
     assert len(later) == 2 and torch.equal(later[0], want[1]) and torch.equal(later[1], want[2])
 
 
-
 def test_a_stop_for_a_step_after_a_block_over_later_steps_is_refused_at_its_line_and_the_block_form_stops():
     """A stop waits for every line recorded before it: after `tracer.all()`, a stop in `tracer.iter[2]` could only
     stop once step 3's copy of that block ran (it used to let the whole generation run, then report the values
@@ -225,6 +224,7 @@ def test_steps_a_generation_does_not_have_are_refused_saying_which_it_has(writte
         with lm.generate([5, 6, 7], max_new_tokens=3) as tracer:
             with tracer.iter[[0, 2]]:
                 pass
+
 
 def test_patching_one_invoke_into_another_at_every_step_keeps_its_tokens():
     """Copying invoke 1's state into invoke 2 (the same prompt) at every step changes nothing: both

@@ -273,7 +273,6 @@ def test_layer_outputs_read_and_assign_as_tensors_and_as_tuples(tuples):
     torch.testing.assert_close(logits, want)
 
 
-
 def test_a_slice_of_layer_values_reads_a_list_and_refuses_assignment_saying_how(llama):
     """`model.layers_output[1:]` (as `model.layers[1:]`) is one value per layer, each what a hook on it sees."""
     seen = []
@@ -290,6 +289,7 @@ def test_a_slice_of_layer_values_reads_a_list_and_refuses_assignment_saying_how(
     with pytest.raises(StandardizationError, match=r"assign one layer at a time, `for layer in range\(0, 2\)"):
         with llama.trace([[5, 6, 7]]):
             llama.layers_output[0:2] = torch.zeros(1, 3, 32)
+
 
 def test_skip_layers_passes_the_residual_through(llama):
     with llama.trace(IDS):
