@@ -10,9 +10,9 @@ frees nothing later and removes that walk: on average ~20 µs per steering edit 
 first pass after the pause ends finds any cycles among it.
 
 Pauses nest and may overlap across threads: the collector runs again when the last one ends, and
-only if it ran before the first began (a caller who turned it off keeps it off). Pauses that overlap
-for longer than `LONGEST` seconds (threads tracing without a break) collect the young generation
-when one of them starts or ends, so the cycles other threads make never wait for long.
+only if it ran before the first began (a caller who turned it off keeps it off). Once pauses have
+overlapped for longer than `LONGEST` seconds (threads tracing without a break), one of them starting
+or ending collects the young generation, so the cycles other threads make never wait for long.
 
 `settle()` is for a server's processes, once loaded: what they keep for good leaves the collector's
 walks altogether.
@@ -30,38 +30,52 @@ LONGEST = 1.0  # seconds of overlapping pauses before the young generation is co
 _lock = threading.Lock()
 _pauses = 0
 _was_enabled = False
-_since = 0.0  # when the collector last ran for us: the first pause began, or a young pass since
+_overlap_since: float | None = None  # when pauses began to overlap, or the last young pass since; None: no overlap
 
 
 def pause() -> None:
     """Stop automatic collection until the matching `resume()`."""
-    global _pauses, _was_enabled, _since
-    with _lock:
+    global _pauses, _was_enabled
+    # (acquire and release, not `with`: on cold caches its two calls, which parse arguments, cost about twice as much)
+    _lock.acquire()
+    try:
         if not _pauses:
             _was_enabled = gc.isenabled()
             gc.disable()
-            _since = time.monotonic()
         else:
             _collect_if_long()
         _pauses += 1
+    finally:
+        _lock.release()
 
 
 def resume() -> None:
     """End one `pause()`; the last one to end turns collection back on (if it was on)."""
-    global _pauses
-    with _lock:
+    global _pauses, _overlap_since
+    _lock.acquire()
+    try:
         _pauses -= 1
-        if not _pauses and _was_enabled:
-            gc.enable()
-        elif _pauses:
+        if not _pauses:
+            _overlap_since = None
+            if _was_enabled:
+                gc.enable()
+        else:
             _collect_if_long()
+    finally:
+        _lock.release()
 
 
 def _collect_if_long() -> None:
-    global _since
-    if _was_enabled and time.monotonic() - _since > LONGEST:
+    """(A pause starts or ends while others hold.) The clock is read only here: one pause at a time never reads it."""
+    global _overlap_since
+    if not _was_enabled:
+        return
+    now = time.monotonic()
+    if _overlap_since is None:
+        _overlap_since = now
+    elif now - _overlap_since > LONGEST:
         gc.collect(0)
-        _since = time.monotonic()
+        _overlap_since = now
 
 
 def settle() -> None:
