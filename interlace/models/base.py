@@ -154,8 +154,12 @@ class Model(Envoy):
         if options.get("remote"):
             return self.run_remote(request, blocking=options["blocking"], timeout=options["timeout"],
                                    backend=options["backend"], stream=options.get("stream", False))
-        with self._running:
+        running = self._running
+        running.acquire()  # (not `with`: see collector.pause)
+        try:
             return self.run(request, on_step=on_step, cancel=cancel)
+        finally:
+            running.release()
 
     def run_remote(self, request: Request, *, blocking: bool = True, timeout=None, backend=None, stream: bool = False):
         """Run on a server (`backend`, a RemoteBackend, or the model's own): an Outcome, a job handle, or
@@ -265,7 +269,8 @@ class Model(Envoy):
                 outcome.missing.update(interleaver.missing())
             if keep:
                 carried.update({i: interleaver.values[i] for i in keep if i in interleaver.values})
-            skip_to = max(skip_to, interleaver.skip_to or 0)
+            if interleaver.skip_to is not None:  # (a session.stop())
+                skip_to = max(skip_to, interleaver.skip_to)
         if outcome.results:
             _copy_weights(outcome.results, self._module)
         return outcome
@@ -460,7 +465,7 @@ def _inputs(trace: TraceSpec, carried: dict, number: int, graph: Graph, untruste
 
 def _batch_size(args, kwargs) -> int:
     for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.dim():
+        if isinstance(value, torch.Tensor) and value.ndim:
             return value.shape[0]
     return 1
 
