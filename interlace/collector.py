@@ -36,24 +36,21 @@ _overlap_since: float | None = None  # when pauses began to overlap, or the last
 def pause() -> None:
     """Stop automatic collection until the matching `resume()`."""
     global _pauses, _was_enabled
-    # (acquire and release, not `with`: on cold caches its two calls, which parse arguments, cost about twice as much)
-    _lock.acquire()
-    try:
+    # (`with`, not acquire() then try: a Ctrl-C raised as acquire() returns would leave the lock held, and the
+    # next trace waiting for it for good)
+    with _lock:
         if not _pauses:
             _was_enabled = gc.isenabled()
             gc.disable()
         else:
             _collect_if_long()
         _pauses += 1
-    finally:
-        _lock.release()
 
 
 def resume() -> None:
     """End one `pause()`; the last one to end turns collection back on (if it was on)."""
     global _pauses, _overlap_since
-    _lock.acquire()
-    try:
+    with _lock:
         _pauses -= 1
         if not _pauses:
             _overlap_since = None
@@ -61,8 +58,6 @@ def resume() -> None:
                 gc.enable()
         else:
             _collect_if_long()
-    finally:
-        _lock.release()
 
 
 def _collect_if_long() -> None:

@@ -154,12 +154,8 @@ class Model(Envoy):
         if options.get("remote"):
             return self.run_remote(request, blocking=options["blocking"], timeout=options["timeout"],
                                    backend=options["backend"], stream=options.get("stream", False))
-        running = self._running
-        running.acquire()  # (not `with`: see collector.pause)
-        try:
+        with self._running:
             return self.run(request, on_step=on_step, cancel=cancel)
-        finally:
-            running.release()
 
     def run_remote(self, request: Request, *, blocking: bool = True, timeout=None, backend=None, stream: bool = False):
         """Run on a server (`backend`, a RemoteBackend, or the model's own): an Outcome, a job handle, or
