@@ -10,9 +10,10 @@ frees nothing later and removes that walk: on average ~20 µs per steering edit 
 first pass after the pause ends finds any cycles among it.
 
 Pauses nest and may overlap across threads: the collector runs again when the last one ends, and
-only if it ran before the first began (a caller who turned it off keeps it off). Once pauses have
-overlapped for longer than `LONGEST` seconds (threads tracing without a break), one of them starting
-or ending collects the young generation, so the cycles other threads make never wait for long.
+only if it ran before the first began (a caller who turned it off keeps it off). While pauses overlap
+(threads tracing without a break), one of them starting or ending more than `LONGEST` seconds after
+the overlap began, or after the last such pass, collects the young generation, so the cycles other
+threads make never wait for long.
 
 `settle()` is for a server's processes, once loaded: what they keep for good leaves the collector's
 walks altogether.
@@ -30,7 +31,7 @@ LONGEST = 1.0  # seconds of overlapping pauses before the young generation is co
 _lock = threading.Lock()
 _pauses = 0
 _was_enabled = False
-_overlap_since: float | None = None  # when pauses began to overlap, or the last young pass since; None: no overlap
+_overlap_since: float | None = None  # when pauses began to overlap, or the last young pass since; None: none held
 
 
 def pause() -> None:
