@@ -11,7 +11,7 @@ PyTorch hooks (registered and removed per call, as in overhead.py) and interlace
 Linear(64, 64) layers (a forward small enough that its own misses, which vary by a few per cent from run
 to run, hide nothing): the empty trace over the bare forward, and each extra save or steering edit
 (`output[:, -1] += c`) over the same work by raw hooks, from the counts at 0 and 8 items. The empty trace's
-row is the same within 2 % from run to run (its code misses within a few); the per-item rows move by ~30 misses.
+row is the same within ~3 % from run to run; the per-item rows move by ~30 misses.
 
 A miss costs ~20-30 ns on this machine (what a trace adds cold in cold.py and paired.py, less what it adds
 warm, over these counts; TLB misses, which valgrind does not simulate, are in that too), so the misses, not
