@@ -589,7 +589,7 @@ class Interleaver:
             return None
         if node.index in self.plan.row_zero:
             # (a stranger's locations are never files to open here: formatting a warning reads its line)
-            _warn_row_zero(self.nodes[node.args[0].index], args[0], None if self.untrusted else node.location)
+            _warn_row_zero(self.nodes[node.args[0].index], args[0], None if self.untrusted else node)
         if self.untrusted:
             self.guard.before_call(target, fn, args, kwargs)
             result = self.guard.call(target, fn, args, kwargs)
@@ -936,13 +936,14 @@ def unlike(old, new) -> str | None:
     return None
 
 
-def _warn_row_zero(source, value, location) -> None:
+def _warn_row_zero(source, value, node) -> None:
     """Warn once per module path when `output[0]` takes the first row of a batch-first tensor; the warning is
-    the user's line's (`location`, where it is known), so filters and `-W error` can name it."""
+    the user's line's (that of `node`, the index, where given), so filters and `-W error` can name it."""
     path = source.target
     if path in _warned_paths or not isinstance(value, torch.Tensor) or value.dim() < 3:
         return
     _warned_paths.add(path)
+    location = node.location if node is not None else None  # (worked out only for a warning given)
     message = (
         f"{path or 'the model'}.output is a tensor of shape {tuple(value.shape)}, so `.output[0]` is its "
         "first row (batch item 0), not the hidden states. In transformers 5 decoder layers return the "
