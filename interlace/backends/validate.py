@@ -189,16 +189,17 @@ _CHECKS = {
 def check_against_model(graph: Graph, root, extra_modules: dict, invokes: int, start: int = 0, end=None) -> None:
     """Module paths, parameter names and invoke indices of nodes `start..end` exist in this model, and
     their structure is sound (but that of nodes the decoder checked already: `Graph.checked`)."""
-    modules = None
+    paths, points = None, set()  # (the `.source` points found: each is looked up once)
     weights = None
     for node in own_nodes(graph.nodes, graph.repeats, start, len(graph) if end is None else end):
         if node.index >= graph.checked:
             check_node(node, graph.nodes, False)
         if node.op in ("module_value", "skip", "module_call"):
-            if modules is None:
-                modules = {*ModelTree.of(root).by_path, *extra_modules}  # (a `.source` point found is added)
-            if node.target not in modules:
-                _source_point(node, root, modules)
+            if paths is None:
+                paths = ModelTree.of(root).by_path
+            if node.target not in paths and node.target not in extra_modules and node.target not in points:
+                _source_point(node, root, paths, extra_modules)
+                points.add(node.target)
             if node.op == "module_call" and node.target in extra_modules:
                 raise fail(node, f"{node.target!r} is not a module of the model's own tree, and a graph may call "
                            "only those (generate with mode 'generate' and its allowed options instead)")
@@ -212,14 +213,13 @@ def check_against_model(graph: Graph, root, extra_modules: dict, invokes: int, s
                 raise fail(node, f"the model has no parameter or buffer {node.target!r}{did_you_mean(node.target, weights)}")
 
 
-def _source_point(node: Node, root, modules: set) -> None:
+def _source_point(node: Node, root, paths: dict, extra_modules: dict) -> None:
     """A path through `.source` names a call site in the model's own forward: rewrite it now, or say
     which points exist."""
     if SOURCE not in node.target.split("."):
-        raise fail(node, f"the model has no module {node.target!r}{did_you_mean(node.target, modules)}")
+        raise fail(node, f"the model has no module {node.target!r}{did_you_mean(node.target, [*paths, *extra_modules])}")
     try:
         submodule(root, node.target)
     except InterlaceError as error:
         raise fail(node, str(error)) from None
-    modules.add(node.target)
 
