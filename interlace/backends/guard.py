@@ -167,10 +167,14 @@ class Guard:
         of an allowed in-place operation; a second tensor may be a positional `out`, `torch.norm(x, "fro",
         None, False, y)`), or any of its operands where `fn` is one of Python's operators (`operator.iadd`
         for `h += steer`: its arguments are its operands, so none is an `out`). The rest are plain numbers,
-        strings, shapes and slices, in tuples and lists. A call handed no tensor (a step's `int(3)`) writes none."""
+        strings, shapes and slices, in tuples and lists. A call handed no tensor (a step's `int(3)`) writes none,
+        nor does `getattr` of anything but a tensor: `before_call` allowed it only the fields of a model output or
+        of one of torch's named tuples, read as they are (a tensor's attributes, `.T`, run operators)."""
+        first = args[0] if args else None
+        if fn is getattr and not isinstance(first, torch.Tensor):
+            return True
         operands = getattr(fn, "__module__", None) == _OPERATORS
         tensors = []
-        first = args[0] if args else None
         if type(first) is torch.Tensor:
             tensors.append(first)
         elif type(first) not in _INERT:  # (not a container: a tensor in one would be no receiver)
@@ -422,13 +426,14 @@ def initialized_memory():
     (on a GPU, the caching allocator hands those blocks straight back). Which kernels those are is torch's own
     knowledge: its deterministic mode fills them (`torch.utils.deterministic.fill_uninitialized_memory`),
     warning only, not failing, where an operation has no deterministic kernel; the mode is set around the
-    graph's operations, not the model's own forward."""
-    mode = torch.get_deterministic_debug_mode()  # (`use_deterministic_algorithms` imports the compiler: ~4 s)
-    torch.set_deterministic_debug_mode("warn")
+    graph's operations, not the model's own forward. (torch's own setters, `use_deterministic_algorithms` and
+    `set_deterministic_debug_mode`, are the flag's setter wrapped: the first imports the compiler, ~4 s.)"""
+    on, warn_only = torch._C._get_deterministic_algorithms(), torch._C._get_deterministic_algorithms_warn_only()
+    torch._C._set_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
-        torch.set_deterministic_debug_mode(mode)
+        torch._C._set_deterministic_algorithms(on, warn_only=warn_only)
 
 
 def _repeat_count(value) -> int | None:
