@@ -5,11 +5,13 @@ Run `python benchmarks/untrusted.py [--smollm2]`. Printed, all measured in this 
 1. Planning 100,000 nodes of each kind (stops, in-place changes down a chain of views, nodes guarded
    by a cond, a mix): the time to build the plan, and the time to load and check the same graph from
    bytes (`deserialize_request`, structure checks included).
-2. The same request run locally (`untrusted=False`) and as a server runs it (`untrusted=True`: model
-   checks, size rules before every call, write protection, deadline), side by side in a shuffled order
-   each repeat, median CPU time of repeats (one torch thread unless --threads), with the ratio and the
-   median of the per-repeat differences; on a 12-block MLP and, with --smollm2, on the embedded
-   SmolLM2-135M.
+2. The same request run locally (`untrusted=False`) and untrusted (`untrusted=True`: model checks, size
+   rules before every call, write protection, deadline), side by side in a shuffled order each repeat,
+   median CPU time of repeats (one torch thread unless --threads), with the ratio and the median of the
+   per-repeat differences; on a 12-block MLP and, with --smollm2, on the embedded SmolLM2-135M. Untrusted
+   twice: as `interlace serve` runs it (the model held, `ModelTree.hold`: each run's second line starts from
+   what the last one read) and on a model that is not held (`Model.run(untrusted=True)` in a process whose
+   other code may change the model between runs: every run reads everything at its start).
 3. What the untrusted run's second line costs per run (`writes.Versions`: every weight's version
    counter read at the start and compared at the end; `state.Attachments`: hooks and instance
    attributes taken and put back), next to the untrusted run's own time.
@@ -32,6 +34,7 @@ from interlace.backends.limits import Limits  # noqa: E402
 from interlace.backends.plan import Plan  # noqa: E402
 from interlace.backends.serialize import deserialize_request, serialize_graph  # noqa: E402
 from interlace.backends.state import Attachments  # noqa: E402
+from interlace.backends.tree import ModelTree  # noqa: E402
 from interlace.backends.writes import Versions  # noqa: E402
 from interlace.graph import Graph, Ref  # noqa: E402
 
@@ -94,21 +97,33 @@ def run_rows(name: str, model: interlace.Model, record, repeats: int) -> list[st
     limits = Limits()
     local = lambda: model.run(request)  # noqa: E731
     untrusted = lambda: model.run(request, untrusted=True, limits=limits)  # noqa: E731
-    for fn in (local, untrusted):
+    ModelTree.hold(model.module)  # first as a server holds its model, then released
+    try:
+        held = _side_by_side(local, untrusted, repeats)
+    finally:
+        ModelTree.release(model.module)
+    not_held = _side_by_side(local, untrusted, repeats)
+    row = f"| {name} | {len(tracer.graph)} | {held[0]:.2f} |"
+    for local_ms, untrusted_ms, paired in (held, not_held):
+        row += f" {untrusted_ms:.2f} | {untrusted_ms / local_ms:.3f} | {paired:+.2f} |"
+    SECOND_LINE.append((name, model.module, not_held[1]))
+    return [row]
+
+
+def _side_by_side(local, untrusted, repeats: int) -> tuple[float, float, float]:
+    """(local ms, untrusted ms, the median of the untrusted − local differences in ms), run in turns."""
+    runs = [("local", local), ("untrusted", untrusted)]
+    for _, fn in runs:
         fn()
     times = {"local": [], "untrusted": []}
-    runs = [("local", local), ("untrusted", untrusted)]
     for _ in range(repeats):
         # in a shuffled order: run always second, the untrusted run read ~2% slow on SmolLM2 (its matmuls too,
         # which are the model's own), and a local run timed against itself the same way reads up to 1% apart
         random.shuffle(runs)
         for key, fn in runs:
             times[key].append(_median(fn, 1))
-    local_ms, untrusted_ms = (statistics.median(times[k]) * 1e3 for k in ("local", "untrusted"))
-    paired = statistics.median(u - l for u, l in zip(times["untrusted"], times["local"])) * 1e3
-    SECOND_LINE.append((name, model.module, untrusted_ms))
-    return [f"| {name} | {len(tracer.graph)} | {local_ms:.2f} | {untrusted_ms:.2f} | {untrusted_ms / local_ms:.3f} | "
-            f"{paired:+.2f} |"]
+    paired = statistics.median(u - l for u, l in zip(times["untrusted"], times["local"]))
+    return statistics.median(times["local"]) * 1e3, statistics.median(times["untrusted"]) * 1e3, paired * 1e3
 
 
 SECOND_LINE: list = []  # (request, module, its untrusted run in ms), from run_rows
@@ -162,8 +177,9 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     print("\n".join(planning_rows()))
     print()
-    print("| request | nodes | local ms | untrusted ms | untrusted/local | untrusted − local, paired, ms |")
-    print("|---|---|---|---|---|---|")
+    print("| request | nodes | local ms | held: untrusted ms | /local | − local, paired, ms | not held: untrusted ms "
+          "| /local | − local, paired, ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
     mlp = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU()) for _ in range(12)])
     print("\n".join(run_rows("MLP 12x256, steer every block, save 13", interlace.Model(mlp.eval()), _mlp_trace,
                              args.repeats)))

@@ -206,6 +206,7 @@ class Guard:
         changed = self.versions.changed(storages) if self.versions is not None else []
         if not changed:
             return
+        self.versions.tree.forget_reads()
         self.versions = Versions(self.root)  # reported once: a later check of this run counts from here
         raise WeightsChangedError(
             f"{what} changed weight(s) {', '.join(changed[:5])} of the shared model in a write no "
@@ -218,6 +219,7 @@ class Guard:
         such a storage (a module's output that is a view of its weight) is copied first, once wherever it is
         held: it keeps what the run made, which the model does not."""
         if self._copies:
+            ModelTree.of(self.root).forget_reads()  # (putting them back moves their counters)
             copies: dict[int, tuple] = {}  # id of a value -> (it, its copy): the value is held while its id is used
             for values in held:
                 for node, value in values.items():

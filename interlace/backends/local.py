@@ -165,7 +165,8 @@ class Interleaver:
         """
         # what the run changes is put back in reverse order (try/finally: an ExitStack costs ~10 µs a trace)
         if self.untrusted:  # allowed operations cannot change these: this is a second line of defence
-            state, attachments = global_state(), Attachments(self.root)  # e.g. hooks output_attentions leaves
+            # (e.g. the hooks output_attentions leaves; a held model's copies are those the last run left)
+            state, attachments = global_state(), Attachments(self.root, carried=True)
         if self.plan.needs_grad:
             # fresh gradients for the run; the parameters' own .grad objects come back after it
             grads = {p: p.grad for p in self.root.parameters()}

@@ -49,11 +49,16 @@ class Attachments:
 
     _TABLES = ("instance attribute", "parameter", "buffer")
 
-    def __init__(self, root: torch.nn.Module):
+    def __init__(self, root: torch.nn.Module, *, carried: bool = False):
+        """carried: (an untrusted run's) a held model's copies may be those the last such run left (see tree.py),
+        and are left for the next one when this run changed nothing."""
         self.first_id = RemovableHandle.next_id  # hooks registered from now on have ids from here
         self.tree = ModelTree.of(root)
         self.tables = self.tree.tables
-        self.copies = list(map(dict.copy, self.tables))
+        self.carried = carried and self.tree.held
+        kept = self.tree.copies if self.carried else None
+        self.copies = kept if kept is not None else list(map(dict.copy, self.tables))
+        self.clean = False  # (set by _changed: nothing changed)
 
     def _changed(self, own: int = 0):
         """(module name, what, the table, its copy, the keys added, the keys replaced) for every instance dict,
@@ -61,7 +66,8 @@ class Attachments:
         since (and takes off itself): those need no look."""
         hooked = RemovableHandle.next_id - self.first_id > own
         changed = not _same(self.tables, self.copies)
-        if not changed and not hooked:
+        self.clean = not changed and not hooked
+        if self.clean:
             return
         for number, ((name, _), attributes) in enumerate(zip(self.tree.modules, self.tree.attributes)):
             name = name or "<root>"
@@ -101,6 +107,8 @@ class Attachments:
                 del table[key]
             for key in replaced:
                 table[key] = copy[key]
+        if self.carried:
+            self.tree.copies = self.copies if self.clean else None
 
 
 _MISSING = object()
@@ -188,6 +196,7 @@ class ModelState:
 
     def restore(self) -> None:
         self.attachments.restore()
+        ModelTree.of(self.root).forget_reads()  # (the weights' counters move below)
         for _, module, forward, training, hooks in self.modules:
             forward = forward or rewritten_forward(module)  # a `.source` rewrite stays: it is part of the model
             if forward is None:

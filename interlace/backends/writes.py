@@ -134,7 +134,10 @@ class Versions:
 
     def __init__(self, root: torch.nn.Module):
         tree = self.tree = ModelTree.of(root)
-        versions = self.versions = [tensor._version for _, tensor in tree.weights]
+        if tree.versions is not None:  # (a held model, as the last run left it: see tree.py)
+            self.versions = list(tree.versions)
+            return
+        versions = self.versions = [tensor._version for tensor in tree.weight_tensors]
         for number in tree.buffers:  # (a few small tensors: rotary frequencies, masks)
             tensor, kept = tree.weights[number][1], tree.buffer_copies.get(number)
             if (kept is None or kept[0] != versions[number]) and tensor.device.type != "meta" \
@@ -142,18 +145,28 @@ class Versions:
                 tree.buffer_copies[number] = (versions[number], tensor.detach().clone())
 
     def changed(self, storages=None) -> list[str]:
-        """The weights whose counters moved: all, or those whose storage is in `storages` (data pointers)."""
-        weights, versions = self.tree.weights, self.versions
+        """The weights whose counters moved: all, or those whose storage is in `storages` (data pointers). A held
+        model's tree keeps the counters of a check of all that found none moved (see tree.py)."""
+        tree, versions = self.tree, self.versions
         if storages is None:
-            numbers = range(len(weights))
+            now = [tensor._version for tensor in tree.weight_tensors]
+            if now == versions:  # (compared in one C call: the common case)
+                if tree.held:
+                    tree.versions = now
+                return []
+            numbers = range(len(now))
         else:
-            numbers = sorted(n for pointer in storages for n in self.tree.by_storage.get(pointer, ()))
-        return [weights[n][0] for n in numbers if weights[n][1]._version != versions[n] and not self._same_values(n)]
+            numbers = sorted(n for pointer in storages for n in tree.by_storage.get(pointer, ()))
+        tensors = tree.weight_tensors
+        changed = [tree.weights[n][0] for n in numbers if tensors[n]._version != versions[n] and not self._same_values(n)]
+        if storages is None and not changed and tree.held:
+            tree.versions = list(versions)
+        return changed
 
     def _same_values(self, number: int) -> bool:
         """Whether weight `number` is a buffer that holds the values it held at the start: then its counter counts
         from here."""
-        tensor, kept = self.tree.weights[number][1], self.tree.buffer_copies.get(number)
+        tensor, kept = self.tree.weight_tensors[number], self.tree.buffer_copies.get(number)
         if kept is None or kept[0] != self.versions[number] or not torch.equal(tensor, kept[1]):
             return False
         self.versions[number] = tensor._version

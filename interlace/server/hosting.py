@@ -33,6 +33,7 @@ from collections import Counter
 import torch
 
 from ..backends.state import ModelState
+from ..backends.tree import ModelTree
 from ..backends.limits import Limits
 from ..backends.remote import package_version
 from ..backends.serialize import (GRAPH_MAGIC, SUPPORTED_VERSIONS, deserialize_request, log_text,
@@ -102,7 +103,8 @@ class HostedModel:
         self.worker_restarts: Counter = Counter()  # why its worker process was started again (worker.py): times
         self._manifest: dict | None = None
         self._fingerprint: str | None = None
-        if not trusted:
+        if not trusted:  # (a trusted server's local runs run the users' own code, which may change the model)
+            ModelTree.hold(model.module)  # only the jobs change it: their second line carries its reads
             warm_up()
 
     # -- before queueing (a thread of the HTTP side) ------------------------------------------------

@@ -22,6 +22,7 @@ from capped import Worker
 from helpers import MLP, assert_clean, check_without_refusing, tiny_tokenizer
 from hostile import CASES, Builder, model
 from interlace.backends.state import ModelState
+from interlace.backends.tree import ModelTree
 from interlace.backends.limits import Limits
 from interlace.backends.serialize import deserialize_request, serialize_graph
 from interlace.backends.writes import WriteCheck
@@ -528,6 +529,83 @@ def test_a_longrope_forward_writing_back_its_frequencies_runs_untrusted_and_othe
     g.save(g.out(""))
     with pytest.raises(WeightsChangedError, match="changed weight.s. calls of the shared model"):
         counting.run(deserialize_request(g.bytes([((torch.ones(2),), {})])), untrusted=True)
+
+
+class _ChangesItselfWhenAsked(torch.nn.Module):
+    """A model whose own forward, for an input whose first value is negative, writes its buffer in place (a write
+    no graph operation makes: only the counters read at the end of the run see it), or replaces an attribute,
+    adds one and adds a hook (as a dynamic RoPE and transformers' output capture do)."""
+
+    def __init__(self, writes: bool):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 3)
+        self.register_buffer("scale", torch.ones(3))
+        self.writes, self.limit = writes, 1.0
+
+    def forward(self, x):
+        if x[0, 0] < 0 and self.writes:
+            self.scale.mul_(2.0)
+        elif x[0, 0] < 0:
+            self.limit, self.seen = 2.0, True
+            self.linear.register_forward_hook(lambda module, args, output: output * 0)
+        return self.linear(x) * self.scale * self.limit
+
+
+def _output_of(x) -> "interlace.graph.Request":
+    g = Builder()
+    g.save(g.out(""))
+    return deserialize_request(g.bytes([((x,), {})]))
+
+
+def test_a_hosted_models_runs_start_from_what_the_last_run_read_and_still_catch_a_write_by_its_forward():
+    torch.manual_seed(0)
+    module = _ChangesItselfWhenAsked(writes=True).eval()
+    hosted = HostedModel(interlace.Model(module), name="m", limits=Limits())  # (a hosted model is held)
+    tree = ModelTree.of(module)
+    expected = module(torch.ones(2, 3)).detach()
+    for _ in range(2):
+        [answer] = hosted.execute_many([_output_of(torch.ones(2, 3))], limits=Limits(), cancels=[threading.Event()])
+        assert not isinstance(answer, Exception), answer
+        assert tree.versions is not None and tree.copies is not None  # what the next run starts from
+    [error] = hosted.execute_many([_output_of(-torch.ones(2, 3))], limits=Limits(), cancels=[threading.Event()])
+    assert isinstance(error, WeightsChangedError) and error.changed == ["scale"], error
+    assert hosted.broken == ["scale"] and torch.equal(module.scale, torch.full((3,), 2.0))
+    assert torch.equal(module(torch.ones(2, 3)), expected * 2)  # (the write happened: nothing was kept)
+
+
+def test_a_held_models_runs_put_back_what_its_forward_left_from_the_copies_the_last_run_left():
+    torch.manual_seed(0)
+    module = _ChangesItselfWhenAsked(writes=False).eval()
+    net = interlace.Model(module)
+    ModelTree.hold(module)
+    ones = _output_of(torch.ones(2, 3))
+    first = net.run(ones, untrusted=True).results
+    assert ModelTree.of(module).copies is not None
+    net.run(_output_of(-torch.ones(2, 3)), untrusted=True)
+    assert (module.limit, "seen" in vars(module), len(module.linear._forward_hooks)) == (1.0, False, 0)
+    again = net.run(ones, untrusted=True).results
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_a_held_models_counters_are_read_again_after_interlace_put_a_weight_back():
+    """A local trace that wrote a weight, and `ModelState.restore`, put weights back with `copy_`, which moves
+    their counters: the next untrusted run must not take that for its own write."""
+    torch.manual_seed(0)
+    mlp = MLP().eval()
+    net = interlace.Model(mlp)
+    ModelTree.hold(mlp)
+    x = torch.randn(2, 3)
+    request = _output_of(x)
+    expected = net.run(request, untrusted=True).results
+    with net.trace(x):
+        net.head.weight[:] = 0  # (copied first, put back after the trace)
+    assert net.run(request, untrusted=True).results.keys() == expected.keys()
+    state = ModelState(mlp)
+    with torch.no_grad():
+        mlp.head.weight.add_(1.0)
+    state.restore()
+    after = net.run(request, untrusted=True).results
+    assert all(torch.equal(after[k], expected[k]) for k in expected)
 
 
 def test_a_sessions_traces_share_the_requests_element_budget():
