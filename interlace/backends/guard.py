@@ -245,7 +245,7 @@ class Guard:
     def before_call(self, name: str, fn, args, kwargs) -> None:
         """Checks before calling function entry `name` (untrusted runs)."""
         _refuse_out_arguments(kwargs)
-        if name.startswith("operator.") or name.startswith("builtins."):
+        if name in _GROWING:
             self._python_growth(name, args)
         if name == "builtins.getattr":
             _check_attribute(args)
@@ -385,14 +385,14 @@ class Guard:
             )
 
     def _python_growth(self, name: str, args) -> None:
-        """Repetition, concatenation, formatting and int growth, bounded before Python computes them."""
-        op = name.split(".")[-1]
+        """Repetition, concatenation, formatting and int growth, bounded before Python computes them (for the
+        operators and builtins in `_GROWING`)."""
+        op = _operation(name)
         if op in ("list", "tuple", "dict") and args:
             self._items(_length_of(args[0]), PYTHON_TENSOR if isinstance(args[0], torch.Tensor) else PYTHON_REFERENCE)
         if len(args) != 2:
             return
         a, b = args
-        op = op[1:] if name in ops.MUTATING_TARGETS and op not in ("setitem", "delitem") else op
         if op == "mul":
             for seq, times in ((a, b), (b, a)):
                 if isinstance(seq, _SEQUENCES) and (count := _repeat_count(times)) is not None:
@@ -452,6 +452,18 @@ def _repeat_count(value) -> int | None:
 _INERT = frozenset((int, float, bool, complex, str, type(None), type(Ellipsis), torch.dtype, torch.device,
                     torch.Size, torch.layout, torch.memory_format))
 _OPERATORS = operator.add.__module__  # the module of Python's operators ('_operator')
+
+
+def _operation(name: str) -> str:
+    """The operation of one of Python's operators or builtins, as `_python_growth` bounds it: `operator.iadd`'s is
+    'add'."""
+    op = name.split(".")[-1]
+    return op[1:] if name in ops.MUTATING_TARGETS and op not in ("setitem", "delitem") else op
+
+
+# the operators and builtins whose result can outgrow their arguments (the rest need no look: `_python_growth`)
+_GROWING = frozenset(name for name in ops.FUNCTIONS if name.startswith(("operator.", "builtins."))
+                     and _operation(name) in ("list", "tuple", "dict", "mul", "add", "mod", "pow", "lshift"))
 
 
 def _refuse_out_arguments(kwargs) -> None:
