@@ -28,8 +28,8 @@ The size rules themselves live in `sizes`; the snapshot of a model's state in `s
 
 from __future__ import annotations
 
-import contextlib
 import operator
+import threading
 import time
 
 import torch
@@ -420,22 +420,42 @@ class Guard:
                              f"{self.limits.max_list_length} (max_list_length)")
 
 
-@contextlib.contextmanager
-def initialized_memory():
-    """The kernels that hand out memory without writing it (`torch.empty`, `new_empty`, `empty_like`, a growing
-    `resize_`, whatever calls them) fill it here: NaN, or an integer type's largest value. Otherwise a graph's
-    `torch.empty(n)` holds what the allocator last freed: another user's activations from the job before
-    (on a GPU, the caching allocator hands those blocks straight back). Which kernels those are is torch's own
-    knowledge: its deterministic mode fills them (`torch.utils.deterministic.fill_uninitialized_memory`),
-    warning only, not failing, where an operation has no deterministic kernel; the mode is set around the
-    graph's operations, not the model's own forward. (torch's own setters, `use_deterministic_algorithms` and
+class _InitializedMemory:
+    """`with initialized_memory:` the kernels that hand out memory without writing it (`torch.empty`, `new_empty`,
+    `empty_like`, a growing `resize_`, whatever calls them) fill it: NaN, or an integer type's largest value.
+    Otherwise a graph's `torch.empty(n)` holds what the allocator last freed: another user's activations from the
+    job before (on a GPU, the caching allocator hands those blocks straight back). Which kernels those are is
+    torch's own knowledge: its deterministic mode fills them (`torch.utils.deterministic.fill_uninitialized_memory`),
+    warning only, not failing, where an operation has no deterministic kernel; the mode is set around the graph's
+    operations, not the model's own forward.
+
+    The mode is one flag for the whole process, and a server runs each of its models in a thread of its own: it
+    is set when the first run enters and put back when the last one leaves, so that one run leaving cannot turn
+    it off under another's operations. (torch's own setters, `use_deterministic_algorithms` and
     `set_deterministic_debug_mode`, are the flag's setter wrapped: the first imports the compiler, ~4 s.)"""
-    on, warn_only = torch._C._get_deterministic_algorithms(), torch._C._get_deterministic_algorithms_warn_only()
-    torch._C._set_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch._C._set_deterministic_algorithms(on, warn_only=warn_only)
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.runs = 0  # inside it now
+        self.before = (False, False)  # the flag and its warn_only as the first of them found them
+
+    def __enter__(self) -> None:
+        with self.lock:
+            if not self.runs:
+                self.before = (torch._C._get_deterministic_algorithms(),
+                               torch._C._get_deterministic_algorithms_warn_only())
+                torch._C._set_deterministic_algorithms(True, warn_only=True)
+            self.runs += 1
+
+    def __exit__(self, *exception) -> None:
+        with self.lock:
+            self.runs -= 1
+            if not self.runs:
+                on, warn_only = self.before
+                torch._C._set_deterministic_algorithms(on, warn_only=warn_only)
+
+
+initialized_memory = _InitializedMemory()
 
 
 def _repeat_count(value) -> int | None:

@@ -478,7 +478,7 @@ class Interleaver:
     def _drain(self) -> None:
         ready, execute = self.ready, self._execute
         if ready and self.untrusted:
-            with initialized_memory():  # (what an earlier job left in freed memory stays unread)
+            with initialized_memory:  # (what an earlier job left in freed memory stays unread)
                 while ready:
                     execute(_pop(ready))
             return

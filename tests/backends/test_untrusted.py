@@ -718,3 +718,34 @@ def test_memory_a_graph_allocates_without_writing_holds_nothing_of_an_earlier_jo
     leaked = {index: sum(value in secrets for value in tensor.tolist()) for index, tensor in results.items()}
     assert leaked == dict.fromkeys(results, 0)
     assert not torch.are_deterministic_algorithms_enabled()  # the fill was the graph's, not the process's
+
+
+def test_memory_stays_filled_while_any_run_holds_it_though_another_left():
+    """The fill is one flag for the process, and a server runs each model in a thread: a run that leaves must not
+    turn it off under another's operations (it did: each put back what it had found)."""
+    from interlace.backends.guard import initialized_memory
+
+    entered, left, seen = threading.Event(), threading.Event(), []
+
+    def other_run():
+        with initialized_memory:
+            entered.set()
+            left.wait(10)
+            seen.append(torch.empty(1000, dtype=torch.float32).isnan().all().item())
+            seen.append(torch.empty(1000, dtype=torch.int64).eq(torch.iinfo(torch.int64).max).all().item())
+
+    thread = threading.Thread(target=other_run)
+    with initialized_memory:  # this run enters first and leaves first, while the other is inside
+        thread.start()
+        assert entered.wait(10)
+    left.set()
+    thread.join(10)
+    assert seen == [True, True]
+    assert not torch.are_deterministic_algorithms_enabled()  # the last to leave put it back
+    torch.use_deterministic_algorithms(True, warn_only=True)  # what the process had is what it gets back
+    try:
+        with initialized_memory:
+            pass
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
