@@ -20,7 +20,7 @@
   elements of its result from its arguments' shapes; the bound is checked against `Limits` before
   the call allocates anything. Python values (ints, strings, lists) are bounded the same way.
 - Time (untrusted runs): a deadline and a cancel flag, checked between operations.
-- Memory a job did not write (untrusted runs): the graph's operations run under `initialized_memory`, so
+- Memory a job did not write (untrusted runs): the graph's operations run under `state.initialized_memory`, so
   what an earlier job left in freed memory never reaches a later one.
 
 The size rules themselves live in `sizes`; the snapshot of a model's state in `state`.
@@ -29,7 +29,6 @@ The size rules themselves live in `sizes`; the snapshot of a model's state in `s
 from __future__ import annotations
 
 import operator
-import threading
 import time
 
 import torch
@@ -418,44 +417,6 @@ class Guard:
         if length > self.limits.max_list_length:
             raise LimitError(f"a Python value would hold {length} items, over the limit of "
                              f"{self.limits.max_list_length} (max_list_length)")
-
-
-class _InitializedMemory:
-    """`with initialized_memory:` the kernels that hand out memory without writing it (`torch.empty`, `new_empty`,
-    `empty_like`, a growing `resize_`, whatever calls them) fill it: NaN, or an integer type's largest value.
-    Otherwise a graph's `torch.empty(n)` holds what the allocator last freed: another user's activations from the
-    job before (on a GPU, the caching allocator hands those blocks straight back). Which kernels those are is
-    torch's own knowledge: its deterministic mode fills them (`torch.utils.deterministic.fill_uninitialized_memory`),
-    warning only, not failing, where an operation has no deterministic kernel; the mode is set around the graph's
-    operations, not the model's own forward.
-
-    The mode is one flag for the whole process, and a server runs each of its models in a thread of its own: it
-    is set when the first run enters and put back when the last one leaves, so that one run leaving cannot turn
-    it off under another's operations. (torch's own setters, `use_deterministic_algorithms` and
-    `set_deterministic_debug_mode`, are the flag's setter wrapped: the first imports the compiler, ~4 s.)"""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.runs = 0  # inside it now
-        self.before = (False, False)  # the flag and its warn_only as the first of them found them
-
-    def __enter__(self) -> None:
-        with self.lock:
-            if not self.runs:
-                self.before = (torch._C._get_deterministic_algorithms(),
-                               torch._C._get_deterministic_algorithms_warn_only())
-                torch._C._set_deterministic_algorithms(True, warn_only=True)
-            self.runs += 1
-
-    def __exit__(self, *exception) -> None:
-        with self.lock:
-            self.runs -= 1
-            if not self.runs:
-                on, warn_only = self.before
-                torch._C._set_deterministic_algorithms(on, warn_only=warn_only)
-
-
-initialized_memory = _InitializedMemory()
 
 
 def _repeat_count(value) -> int | None:

@@ -37,11 +37,11 @@ from ..errors import (
 )
 from ..graph import OPS, Graph, Ref, map_refs
 from ..source import submodule
-from .guard import Guard, initialized_memory
+from .guard import Guard
 from .limits import Limits
 from .plan import Plan
 from .rows import first_input, first_input_place, narrow, replace_first_input, write_rows
-from .state import Attachments, global_state, restore_global_state
+from .state import Attachments, global_state, initialized_memory, restore_global_state
 from .validate import check_against_model
 
 ENDED_EARLIER = "its module did not run that many times (the generation ended earlier)"

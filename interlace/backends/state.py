@@ -5,10 +5,12 @@
 `restore()` puts it back and `diff()` says what changed (the tests use it on every hostile graph).
 `global_state` / `restore_global_state` and `Attachments` (hooks and instance attributes a forward
 may add for good, as transformers' output-capturing hooks do) are the cheap part an untrusted run
-restores every time.
+restores every time; `initialized_memory` fills the memory an untrusted run's operations allocate.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -123,12 +125,66 @@ def _same(tables: list[dict], copies: list[dict]) -> bool:
         return False
 
 
+class _InitializedMemory:
+    """`with initialized_memory:` the kernels that hand out memory without writing it (`torch.empty`, `new_empty`,
+    `empty_like`, a growing `resize_`, whatever calls them) fill it: NaN, or an integer type's largest value.
+    Otherwise a graph's `torch.empty(n)` holds what the allocator last freed: another user's activations from the
+    job before (on a GPU, the caching allocator hands those blocks straight back). Which kernels those are is
+    torch's own knowledge: its deterministic mode fills them (`torch.utils.deterministic.fill_uninitialized_memory`),
+    warning only, not failing, where an operation has no deterministic kernel; the mode is set around the graph's
+    operations, not the model's own forward.
+
+    The mode is one flag for the whole process, and a server runs each of its models in a thread of its own: it
+    is set when the first run enters and put back when the last one leaves, so that one run leaving cannot turn
+    it off under another's operations; `global_state` and `restore_global_state` read and set the flag as it is
+    outside them. (torch's own setters, `use_deterministic_algorithms` and
+    `set_deterministic_debug_mode`, are the flag's setter wrapped: the first imports the compiler, ~4 s.)"""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.runs = 0  # inside it now
+        self.before = (False, False)  # the flag and its warn_only as the first of them found them
+
+    def __enter__(self) -> None:
+        with self.lock:
+            if not self.runs:
+                self.before = (torch._C._get_deterministic_algorithms(),
+                               torch._C._get_deterministic_algorithms_warn_only())
+                torch._C._set_deterministic_algorithms(True, warn_only=True)
+            self.runs += 1
+
+    def __exit__(self, *exception) -> None:
+        with self.lock:
+            self.runs -= 1
+            if not self.runs:
+                on, warn_only = self.before
+                torch._C._set_deterministic_algorithms(on, warn_only=warn_only)
+
+    def outside(self) -> tuple[bool, bool]:
+        """The flag and its warn_only as the process has them outside the runs' operations."""
+        with self.lock:
+            if self.runs:
+                return self.before
+            return torch._C._get_deterministic_algorithms(), torch._C._get_deterministic_algorithms_warn_only()
+
+    def put_back(self, flags: tuple[bool, bool]) -> None:
+        """Make `flags` what the process has outside the runs' operations: now, or as the last run leaves."""
+        with self.lock:
+            if self.runs:
+                self.before = flags
+            else:
+                torch._C._set_deterministic_algorithms(flags[0], warn_only=flags[1])
+
+
+initialized_memory = _InitializedMemory()
+
+
 def global_state() -> dict:
     """torch's process-wide settings a graph could change."""
     state = {
         "grad_enabled": torch.is_grad_enabled(),
         "default_dtype": torch.get_default_dtype(),
-        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "deterministic": initialized_memory.outside(),  # (on, warn_only)
         "anomaly": torch.is_anomaly_enabled(),
     }
     for device in ("cpu", "cuda"):
@@ -230,7 +286,7 @@ def restore_global_state(state: dict) -> None:
     if now["default_dtype"] != state["default_dtype"]:
         torch.set_default_dtype(state["default_dtype"])
     if now["deterministic"] != state["deterministic"]:
-        torch.use_deterministic_algorithms(state["deterministic"])
+        initialized_memory.put_back(state["deterministic"])
     if now["anomaly"] != state["anomaly"]:
         torch.set_anomaly_enabled(state["anomaly"])
     for device in ("cpu", "cuda"):

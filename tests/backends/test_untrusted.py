@@ -723,7 +723,7 @@ def test_memory_a_graph_allocates_without_writing_holds_nothing_of_an_earlier_jo
 def test_memory_stays_filled_while_any_run_holds_it_though_another_left():
     """The fill is one flag for the process, and a server runs each model in a thread: a run that leaves must not
     turn it off under another's operations (it did: each put back what it had found)."""
-    from interlace.backends.guard import initialized_memory
+    from interlace.backends.state import global_state, initialized_memory, restore_global_state
 
     entered, left, seen = threading.Event(), threading.Event(), []
 
@@ -742,6 +742,11 @@ def test_memory_stays_filled_while_any_run_holds_it_though_another_left():
     thread.join(10)
     assert seen == [True, True]
     assert not torch.are_deterministic_algorithms_enabled()  # the last to leave put it back
+    with initialized_memory:  # another run's operations, while this one takes and puts back torch's state
+        state = global_state()
+        restore_global_state(state)
+        assert torch.empty(1000).isnan().all()
+    assert state["deterministic"] == (False, False) and not torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)  # what the process had is what it gets back
     try:
         with initialized_memory:
