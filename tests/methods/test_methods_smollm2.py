@@ -67,4 +67,6 @@ def test_nnterp_getters_on_the_plain_model_with_nnterp_renames(smollm2, smollm2_
     prompts = [PROMPT, "The Eiffel Tower is in the city of", "Rome is the capital of"]
     session = collect_last_token_activations_session(plain, prompts, batch_size=2, layers=[5, 20])
     standardized = get_token_activations(smollm2_standardized, prompts, layers=[5, 20])
-    torch.testing.assert_close(session, standardized)
+    # (batches of 2 against one of 3: other padding, so other matmul shapes; on a CPU with AVX-512 the float32
+    # sums then differ by up to ~4e-5, past assert_close's 1e-5 default)
+    torch.testing.assert_close(session, standardized, atol=1e-4, rtol=1e-4)
