@@ -28,6 +28,8 @@ interlace.errors.RefusedError: F.relu (through aten.relu_.default, which writes 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -70,8 +72,8 @@ class WriteCheck(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        for position, argument in _tensor_arguments(func):
-            value = args[position] if position < len(args) else kwargs.get(argument.name)
+        for argument in _tensor_arguments(func):
+            value = args[argument.position] if argument.position < len(args) else kwargs.get(argument.name)
             for tensor in value if isinstance(value, (list, tuple)) else (value,):
                 if isinstance(tensor, torch.Tensor):
                     self._check(tensor, argument, func)
@@ -81,9 +83,9 @@ class WriteCheck(TorchDispatchMode):
                 self.made.add(tensor.untyped_storage().data_ptr())
         return result
 
-    def _check(self, tensor: torch.Tensor, argument, func) -> None:
+    def _check(self, tensor: torch.Tensor, argument: "_Argument", func) -> None:
         pointer = tensor.untyped_storage().data_ptr()
-        written = argument.alias_info is not None and argument.alias_info.is_write
+        written = argument.written
         if pointer in self.weights:
             if written:
                 if self.keep is None:
@@ -97,25 +99,37 @@ class WriteCheck(TorchDispatchMode):
 
 
 _MOST_COPIED = 1 << 24  # bytes: a larger buffer is not kept to compare (a write to it fails the run)
-_ARGUMENTS: dict = {}  # operator -> its (position, argument) that can hold tensors
+_ARGUMENTS: dict = {}  # operator -> its arguments that can hold tensors
+
+
+class _Argument(NamedTuple):
+    """What an operator's schema says of one of its arguments that can hold tensors, read once per operator (each
+    read of the schema's objects makes new Python objects)."""
+
+    position: int
+    name: str
+    written: bool  # `Tensor(a!)`: the operator writes it
+    is_out: bool  # an `out` argument
 
 
 def written_tensors(func, args, kwargs) -> list[torch.Tensor]:
     """The tensors bound to the arguments operator `func`'s schema declares it writes (`Tensor(a!)`)."""
     written = []
-    for position, argument in _tensor_arguments(func):
-        if argument.alias_info is not None and argument.alias_info.is_write:
-            value = args[position] if position < len(args) else kwargs.get(argument.name)
+    for argument in _tensor_arguments(func):
+        if argument.written:
+            value = args[argument.position] if argument.position < len(args) else kwargs.get(argument.name)
             written += [tensor for tensor in (value if isinstance(value, (list, tuple)) else (value,))
                         if isinstance(tensor, torch.Tensor)]
     return written
 
 
-def _tensor_arguments(func) -> list:
+def _tensor_arguments(func) -> list[_Argument]:
     arguments = _ARGUMENTS.get(func)
     if arguments is None:
-        arguments = _ARGUMENTS[func] = [(position, argument) for position, argument in enumerate(func._schema.arguments)
-                                        if "Tensor" in str(argument.type)]
+        arguments = _ARGUMENTS[func] = [
+            _Argument(position, argument.name, argument.alias_info is not None and argument.alias_info.is_write,
+                      argument.is_out)
+            for position, argument in enumerate(func._schema.arguments) if "Tensor" in str(argument.type)]
     return arguments
 
 
