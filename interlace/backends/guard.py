@@ -5,7 +5,7 @@
 - Writes: in an untrusted run every call that could reach a weight (or a tensor it was handed as an
   `out`) runs under `writes.WriteCheck`, which refuses any aten operator whose schema writes a weight's
   storage, before it runs (a call that can reach neither runs without it: see
-  `Guard._reaches_no_weight`; nor does a module call whose rehearsal on the meta device saw no operator
+  `Guard.reaches_no_weight`; nor does a module call whose rehearsal on the meta device saw no operator
   declare a write to a tensor the call did not make, and which is handed no weight: see `Guard.call_module`,
   whose weights' counters are compared after it); the weights' version counters
   (`writes.Versions`) are a second line, checked after calls that received a weight and after every
@@ -150,7 +150,7 @@ class Guard:
         If a weight's version counter moved anyway (an operator whose schema does not declare its write),
         the call fails (`check_versions`).
         """
-        if module is None and self._reaches_no_weight(fn, args, kwargs):
+        if module is None and self.reaches_no_weight(fn, args, kwargs):
             return fn(*args, **kwargs)  # nothing a weight shares is in reach: the dispatch mode costs 4-70 µs
         check = WriteCheck(self._weights(), what)
         with check:
@@ -159,7 +159,7 @@ class Guard:
             self.check_versions(what, check.touched)
         return result
 
-    def _reaches_no_weight(self, fn, args, kwargs) -> bool:
+    def reaches_no_weight(self, fn, args, kwargs=None) -> bool:
         """Whether no operator inside the call can reach a weight or a tensor it was handed as an `out`: the
         tensors it is handed are plain strided tensors that share no weight's storage and have no autograd
         graph (through which a backward reaches weights' .grad), and are its first argument alone (the receiver

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import builtins
 import heapq
+import operator
 import sys
 import warnings
 from threading import get_ident
@@ -53,6 +54,7 @@ _MISSING = object()
 # interleaver a reference cycle and keep its values (activations) alive until the garbage collector
 _METHODS = {op: "_op_" + op for op in OPS}
 _push, _pop = heapq.heappush, heapq.heappop
+_getitem, _setitem = operator.getitem, operator.setitem
 
 
 class EarlyStop(Exception):
@@ -237,7 +239,8 @@ class Interleaver:
             # edit's, whose value the hook does not keep); values of earlier traces are no edit's
             carried = self.saved - self.plan.saved
             later = bool(carried) and max(carried) >= self.start
-            edits = self.plan.edits if self.plain_calls and not later else {}
+            shortcuts = self.plain_calls or self.untrusted and self.plain_calls_allowed  # (see _edit)
+            edits = self.plan.edits if shortcuts and not later else {}
             if edits:
                 self.weight_memory = self.guard.weight_memory()
         handles = self.handles
@@ -368,6 +371,8 @@ class Interleaver:
         for index in values:  # (a loop, not any(...): a generator is made per call, on cold caches)
             if done[index]:
                 return False
+        if self.untrusted:
+            return self._checked_edit(path, call, output, edit)
         plain = type(output) is torch.Tensor
         if plain:  # (holds_no_weight's test, inline: this runs in a hook, where each call costs on cold caches)
             pointer = output.untyped_storage().data_ptr()
@@ -388,14 +393,59 @@ class Interleaver:
                 if not _onto_itself(output, view, new):
                     output[where] = new
         except Exception as error:
-            self.events.append(_Event((path, "output", call), output))  # (the error names the event)
-            try:
-                failure = self._execution_error(self.nodes[at], error)
-            finally:
-                self.events.pop()
-            failure.__cause__ = error
-            self._node_failed(at, failure)
-        saved = self.saved
+            self._edit_failed(path, call, output, at, error)
+        self._edited(output, values, steps)
+        return True
+
+    def _checked_edit(self, path: str, call: int, output, edit) -> bool:
+        """`_edit` in an untrusted run: each of its nodes gets the checks `_op_call` gives it (its size rule, counted
+        in the run's budget, with the deadline checked first), under `initialized_memory`. False (nothing done) where
+        they would need the write check, whose refusals the general path gives: the output or the constant is a
+        weight's memory or has an autograd graph (`Guard.reaches_no_weight`, asked as of the operator, all of whose
+        arguments are its operands)."""
+        values, steps, where, operator, constant = edit
+        guard, nodes = self.guard, self.nodes
+        store = nodes[steps[-1]]
+        if not guard.reaches_no_weight(_setitem, (output, where, constant)):
+            return False
+        at = steps[0]
+        try:
+            guard.tick()
+            with initialized_memory:
+                if operator is None:
+                    guard.before_call(store.target, _setitem, (output, where, constant), {})
+                    output[where] = constant
+                else:
+                    guard.before_call(nodes[at].target, _getitem, (output, where), {})
+                    view = output[where]
+                    at = steps[1]
+                    guard.before_call(nodes[at].target, operator, (view, constant), {})
+                    new = operator(view, constant)
+                    at = steps[2]
+                    if not _onto_itself(output, view, new):
+                        guard.before_call(store.target, _setitem, (output, where, new), {})
+                        output[where] = new
+        except Exception as error:
+            self._edit_failed(path, call, output, at, error)
+        self._edited(output, values, steps)
+        return True
+
+    def _edit_failed(self, path: str, call: int, output, at: int, error: Exception) -> None:
+        """Node `at` of an edit failed: as `_execute` reports a node's error, naming the event."""
+        if isinstance(error, InterlaceError):  # (a check's: a size over the limits, the deadline)
+            self._node_failed(at, error if error.node is not None else error.at(self.nodes[at]))
+            return
+        self.events.append(_Event((path, "output", call), output))  # (the error names the event)
+        try:
+            failure = self._execution_error(self.nodes[at], error)
+        finally:
+            self.events.pop()
+        failure.__cause__ = error
+        self._node_failed(at, failure)
+
+    def _edited(self, output, values, steps) -> None:
+        """An edit's nodes are done; its module values (saved or not) are the edited output."""
+        done, saved = self.done, self.saved
         for index in values:
             done[index] = 1
             if index in saved:
@@ -405,7 +455,6 @@ class Interleaver:
         self.finished += len(values) + len(steps)
         if self.early_stop and self.finished == self.total and not self.events:
             raise EarlyStop()
-        return True
 
     def _patch_forward(self, module, path) -> None:
         original = module.forward

@@ -608,6 +608,73 @@ def test_a_held_models_counters_are_read_again_after_interlace_put_a_weight_back
     assert all(torch.equal(after[k], expected[k]) for k in expected)
 
 
+def _steering_request(net, x, *, set_to=None):
+    """`layers[1].output[:, 0] += 0.5` (or `= set_to`) and the output saved, recorded locally, as bytes a server reads."""
+    with net.trace(x) as tracer:
+        if set_to is None:
+            net.layers[1].output[:, 0] += 0.5
+        else:
+            net.layers[1].output[:, 0] = set_to
+        net.output.save()
+    return deserialize_request(serialize_graph(tracer.graph, tracer.invokes, options=tracer.spec(0).options))
+
+
+@pytest.mark.parametrize("set_to", [None, 2.0], ids=["x[k] += c", "x[k] = c"])
+def test_an_untrusted_steering_edit_done_by_the_hook_checks_and_counts_what_its_nodes_would(monkeypatch, set_to):
+    """The module's hook does `x[k] op= c` itself in an untrusted run too (`Interleaver._checked_edit`): the same
+    numbers as a hand-written hook, and the same elements counted against the run's budget as the node-by-node
+    path, so the same limit stops it."""
+    from interlace.backends import guard as guard_module, local
+
+    torch.manual_seed(0)
+    mlp = MLP().eval()
+    net = interlace.Model(mlp)
+    x = torch.randn(2, 3)
+
+    def change(module, args, output):
+        output = output.clone()
+        output[:, 0] = output[:, 0] + 0.5 if set_to is None else set_to
+        return output
+
+    handle = mlp.layers[1].register_forward_hook(change)
+    with torch.no_grad():
+        expected = mlp(x)
+    handle.remove()
+    request = _steering_request(net, x, set_to=set_to)
+    edits, counted = [], []
+    checked_edit, add = local.Interleaver._checked_edit, guard_module.Guard._add
+    monkeypatch.setattr(local.Interleaver, "_checked_edit",
+                        lambda self, *args: edits.append(checked_edit(self, *args)) or edits[-1])
+    monkeypatch.setattr(guard_module.Guard, "_add", lambda self, count: counted.append(count) or add(self, count))
+    [saved] = net.run(request, untrusted=True).results.values()
+    assert edits == [True] and torch.equal(saved, expected)
+    by_the_hook = sum(counted)
+    monkeypatch.setattr(local.Interleaver, "_checked_edit", lambda self, *args: False)  # node by node
+    counted.clear()
+    [saved] = net.run(request, untrusted=True).results.values()
+    assert torch.equal(saved, expected) and sum(counted) == by_the_hook > 0
+    monkeypatch.setattr(local.Interleaver, "_checked_edit", checked_edit)
+    with pytest.raises(interlace.errors.LimitError, match=r"max_total_elements") as caught:
+        net.run(request, untrusted=True, limits=Limits(max_total_elements=by_the_hook - 1))
+    assert caught.value.node is not None
+    assert torch.equal(net.run(request).results[request.graph.saved()[0]], expected)  # (and the local run)
+
+
+def test_an_untrusted_edit_of_a_weights_view_goes_the_way_that_refuses_it():
+    from helpers import Table
+
+    module = torch.nn.Sequential(Table(), torch.nn.Identity())
+    net = interlace.Model(module)
+    before = module[0].table.detach().clone()
+    with net.trace(torch.zeros(2)) as tracer:
+        net[0].output[:, 0] += 1.0
+        net.output.save()
+    request = deserialize_request(serialize_graph(tracer.graph, tracer.invokes, options=tracer.spec(0).options))
+    with pytest.raises(RefusedError, match="would change a weight of the shared model"):
+        net.run(request, untrusted=True)
+    assert torch.equal(module[0].table, before)
+
+
 def test_a_sessions_traces_share_the_requests_element_budget():
     net = interlace.Model(MLP().eval())
     session = net.session()
