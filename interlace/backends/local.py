@@ -239,8 +239,9 @@ class Interleaver:
             # edit's, whose value the hook does not keep); values of earlier traces are no edit's
             carried = self.saved - self.plan.saved
             later = bool(carried) and max(carried) >= self.start
-            shortcuts = self.plain_calls or self.untrusted and self.plain_calls_allowed  # (see _edit)
-            edits = self.plan.edits if shortcuts and not later else {}
+            edits = self.plan.edits  # (in an untrusted run too: see _edit)
+            if edits and (later or not self.plain_calls_allowed):
+                edits = {}
             if edits:
                 self.weight_memory = self.guard.weight_memory()
         handles = self.handles
@@ -372,37 +373,48 @@ class Interleaver:
             if done[index]:
                 return False
         if self.untrusted:
-            return self._checked_edit(path, call, output, edit)
-        plain = type(output) is torch.Tensor
-        if plain:  # (holds_no_weight's test, inline: this runs in a hook, where each call costs on cold caches)
-            pointer = output.untyped_storage().data_ptr()
-            weights, named = self.weight_memory
-            if pointer and (pointer in weights or pointer in named):
+            if not self._checked_edit(path, call, output, edit):
                 return False
-        elif not self.guard.holds_no_weight((output,)):
-            return False
-        at = steps[0]
-        try:
-            if operator is None:
-                output[where] = constant
-            else:
-                view = output[where]
-                at = steps[1]
-                new = operator(view, constant)
-                at = steps[2]
-                if not _onto_itself(output, view, new):
-                    output[where] = new
-        except Exception as error:
-            self._edit_failed(path, call, output, at, error)
-        self._edited(output, values, steps)
+        else:
+            plain = type(output) is torch.Tensor
+            if plain:  # (holds_no_weight's test, inline: this runs in a hook, where each call costs on cold caches)
+                pointer = output.untyped_storage().data_ptr()
+                weights, named = self.weight_memory
+                if pointer and (pointer in weights or pointer in named):
+                    return False
+            elif not self.guard.holds_no_weight((output,)):
+                return False
+            at = steps[0]
+            try:
+                if operator is None:
+                    output[where] = constant
+                else:
+                    view = output[where]
+                    at = steps[1]
+                    new = operator(view, constant)
+                    at = steps[2]
+                    if not _onto_itself(output, view, new):
+                        output[where] = new
+            except Exception as error:
+                self._edit_failed(path, call, output, at, error)
+        saved = self.saved
+        for index in values:
+            done[index] = 1
+            if index in saved:
+                self.values[index] = self.results[index] = output
+        for index in steps:
+            done[index] = 1
+        self.finished += len(values) + len(steps)
+        if self.early_stop and self.finished == self.total and not self.events:
+            raise EarlyStop()
         return True
 
     def _checked_edit(self, path: str, call: int, output, edit) -> bool:
-        """`_edit` in an untrusted run: each of its nodes gets the checks `_op_call` gives it (its size rule, counted
-        in the run's budget, with the deadline checked first), under `initialized_memory`. False (nothing done) where
-        they would need the write check, whose refusals the general path gives: the output or the constant is a
-        weight's memory or has an autograd graph (`Guard.reaches_no_weight`, asked as of the operator, all of whose
-        arguments are its operands)."""
+        """`_edit`'s nodes in an untrusted run: each gets the checks `_op_call` gives it (its size rule, counted in the
+        run's budget, with the deadline checked first), under `initialized_memory`. False (nothing done) where they
+        would need the write check, whose refusals the general path gives: the output or the constant is a weight's
+        memory or has an autograd graph (`Guard.reaches_no_weight`, asked as of the operator, all of whose arguments
+        are its operands)."""
         values, steps, where, operator, constant = edit
         guard, nodes = self.guard, self.nodes
         store = nodes[steps[-1]]
@@ -427,7 +439,6 @@ class Interleaver:
                         output[where] = new
         except Exception as error:
             self._edit_failed(path, call, output, at, error)
-        self._edited(output, values, steps)
         return True
 
     def _edit_failed(self, path: str, call: int, output, at: int, error: Exception) -> None:
@@ -442,19 +453,6 @@ class Interleaver:
             self.events.pop()
         failure.__cause__ = error
         self._node_failed(at, failure)
-
-    def _edited(self, output, values, steps) -> None:
-        """An edit's nodes are done; its module values (saved or not) are the edited output."""
-        done, saved = self.done, self.saved
-        for index in values:
-            done[index] = 1
-            if index in saved:
-                self.values[index] = self.results[index] = output
-        for index in steps:
-            done[index] = 1
-        self.finished += len(values) + len(steps)
-        if self.early_stop and self.finished == self.total and not self.events:
-            raise EarlyStop()
 
     def _patch_forward(self, module, path) -> None:
         original = module.forward
