@@ -101,7 +101,7 @@ def run_rows(name: str, model: interlace.Model, record, repeats: int) -> list[st
     try:
         held = _side_by_side(local, untrusted, repeats)
     finally:
-        ModelTree.release(model.module)
+        ModelTree.hold(model.module, False)
     not_held = _side_by_side(local, untrusted, repeats)
     row = f"| {name} | {len(tracer.graph)} | {held[0]:.2f} |"
     for local_ms, untrusted_ms, paired in (held, not_held):

@@ -91,20 +91,13 @@ class ModelTree:
         return tree
 
     @classmethod
-    def hold(cls, root: torch.nn.Module) -> None:
-        """Nothing but interlace's runs will change `root` from now on (see the module docstring)."""
-        cls._held.add(root)
+    def hold(cls, root: torch.nn.Module, held: bool = True) -> None:
+        """Nothing but interlace's runs will change `root` from now on (see the module docstring); `held=False`
+        undoes it (other code may change it again)."""
+        (cls._held.add if held else cls._held.discard)(root)
         tree = cls._cache.get(root)
         if tree is not None:
-            tree.held = True
-
-    @classmethod
-    def release(cls, root: torch.nn.Module) -> None:
-        """Undo `hold`: other code may change `root` again."""
-        cls._held.discard(root)
-        tree = cls._cache.get(root)
-        if tree is not None:
-            tree.held = False
+            tree.held = held
             tree.forget_reads()
 
     def forget_reads(self) -> None:

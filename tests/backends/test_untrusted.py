@@ -585,6 +585,10 @@ def test_a_held_models_runs_put_back_what_its_forward_left_from_the_copies_the_l
     assert (module.limit, "seen" in vars(module), len(module.linear._forward_hooks)) == (1.0, False, 0)
     again = net.run(ones, untrusted=True).results
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    ModelTree.hold(module, False)  # other code may change it again: each run reads everything
+    assert ModelTree.of(module).copies is None
+    net.run(ones, untrusted=True)
+    assert ModelTree.of(module).copies is None and ModelTree.of(module).versions is None
 
 
 def test_a_held_models_counters_are_read_again_after_interlace_put_a_weight_back():
