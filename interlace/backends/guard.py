@@ -192,9 +192,10 @@ class Guard:
                 tensors.append(value)
             else:
                 return False
+        weights = self._weights() if tensors else None
         for tensor in tensors:
             if tensor.layout is not torch.strided or tensor.requires_grad or tensor.grad_fn is not None or (
-                    tensor.untyped_storage().data_ptr() in self._weights()):
+                    tensor.untyped_storage().data_ptr() in weights):
                 return False
         return True
 
@@ -329,7 +330,8 @@ class Guard:
 
     def check_value(self, value) -> None:
         """After an operation: Python values it made stay within the limits (untrusted runs)."""
-        _check_python_value(value, self.limits)
+        if type(value) is not torch.Tensor:  # (the commonest result: bounded by its size rule before it was made)
+            _check_python_value(value, self.limits)
 
     def check_replacement(self, old, new, what: str) -> None:
         """A swap or skip may not make the model compute on more elements than it would have."""

@@ -169,10 +169,15 @@ class Versions:
                     tree.versions = now
                 return []
             numbers = range(len(now))
-        else:
-            numbers = sorted(n for pointer in storages for n in tree.by_storage.get(pointer, ()))
-        tensors = tree.weight_tensors
-        changed = [tree.weights[n][0] for n in numbers if tensors[n]._version != versions[n] and not self._same_values(n)]
+        else:  # (a call's few storages: a loop, not generators, each a frame made on cold caches)
+            numbers, by_storage = [], tree.by_storage
+            for pointer in storages:
+                numbers += by_storage.get(pointer, ())
+            numbers.sort()
+        tensors, changed = tree.weight_tensors, []
+        for n in numbers:
+            if tensors[n]._version != versions[n] and not self._same_values(n):
+                changed.append(tree.weights[n][0])
         if storages is None and not changed and tree.held:
             tree.versions = list(versions)
         return changed
