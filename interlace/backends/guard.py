@@ -244,7 +244,8 @@ class Guard:
 
     def before_call(self, name: str, fn, args, kwargs) -> None:
         """Checks before calling function entry `name` (untrusted runs)."""
-        _refuse_out_arguments(kwargs)
+        if kwargs:  # (most calls have none: no call made for them)
+            _refuse_out_arguments(kwargs)
         if name in _GROWING:
             self._python_growth(name, args)
         if name == "builtins.getattr":
@@ -254,7 +255,8 @@ class Guard:
     def before_method(self, name: str, args, kwargs) -> None:
         """Checks before calling method `name` on `args[0]` (untrusted runs)."""
         receiver = args[0] if args else None
-        _refuse_out_arguments(kwargs)
+        if kwargs:  # (most calls have none: no call made for them)
+            _refuse_out_arguments(kwargs)
         if isinstance(receiver, torch.Tensor):
             if name not in ops.TENSOR_METHODS:
                 raise RefusedError(f"tensors have no allowed method {name!r}")
@@ -355,14 +357,17 @@ class Guard:
             raise
         except Exception:
             count = RULES["meta"](args, kwargs, self.limits, fn)  # arguments the formula does not expect
-        count, flops = count if isinstance(count, tuple) else (count, 0)
+        flops = 0
+        if type(count) is tuple:
+            count, flops = count
         if count > self.limits.max_elements:
             raise LimitError(
                 f"{name} would create {count} elements, over the limit of {self.limits.max_elements} "
                 "for one value (max_elements)"
             )
         self._add(count)
-        self._work(name, flops)
+        if flops:
+            self._work(name, flops)
 
     def _work(self, what: str, flops: int) -> None:
         """A call's floating point operations, at the server's rate, must fit in the time the run has left."""
