@@ -285,7 +285,7 @@ class Guard:
         """
         _check_module_arguments(path, args, kwargs)
         key = (path, shapes(args), shapes(kwargs))
-        rehearsals = ModelTree.of(self.root).rehearsals  # (what a call with these shapes does is the model's)
+        rehearsals = self.tree().rehearsals  # (what a call with these shapes does is the model's: kept with its tree)
         counted = rehearsals.get(key)
         if counted is None:
             *counted, writes = rehearse(module, path, args, kwargs)
