@@ -442,17 +442,23 @@ class Interleaver:
         return True
 
     def _edit_failed(self, path: str, call: int, output, at: int, error: Exception) -> None:
-        """Node `at` of an edit failed: as `_execute` reports a node's error, naming the event."""
-        if isinstance(error, InterlaceError):  # (a check's: a size over the limits, the deadline)
-            self._node_failed(at, error if error.node is not None else error.at(self.nodes[at]))
-            return
-        self.events.append(_Event((path, "output", call), output))  # (the error names the event)
+        """Node `at` of an edit failed (in the hook, outside `_event`): as `_execute` fails a node, naming the event."""
+        self.events.append(_Event((path, "output", call), output))
         try:
-            failure = self._execution_error(self.nodes[at], error)
+            failure = self._failure(at, error)
         finally:
             self.events.pop()
-        failure.__cause__ = error
         self._node_failed(at, failure)
+
+    def _failure(self, index: int, error: Exception) -> InterlaceError:
+        """What node `index` raising `error` fails with: an interlace error (a check's: a size over the limits, the
+        deadline) as it is, any other as the node's `ExecutionError`."""
+        node = self.nodes[index]
+        if isinstance(error, InterlaceError):
+            return error if error.node is not None else error.at(node)
+        failure = self._execution_error(node, error)
+        failure.__cause__ = error
+        return failure
 
     def _patch_forward(self, module, path) -> None:
         original = module.forward
@@ -554,13 +560,8 @@ class Interleaver:
                 value = getattr(self, _METHODS[node.op])(node)
         except EarlyStop:
             raise
-        except InterlaceError as error:
-            self._node_failed(index, error if error.node is not None else error.at(node))
-            return
         except Exception as error:
-            failure = self._execution_error(node, error)
-            failure.__cause__ = error
-            self._node_failed(index, failure)
+            self._node_failed(index, self._failure(index, error))
             return
         if value is not _PENDING:
             self._finish(index, value)

@@ -153,7 +153,7 @@ class Versions:
             return
         versions = self.versions = [tensor._version for tensor in tree.weight_tensors]
         for number in tree.buffers:  # (a few small tensors: rotary frequencies, masks)
-            tensor, kept = tree.weights[number][1], tree.buffer_copies.get(number)
+            tensor, kept = tree.weight_tensors[number], tree.buffer_copies.get(number)
             if (kept is None or kept[0] != versions[number]) and tensor.device.type != "meta" \
                     and tensor.nbytes <= _MOST_COPIED:
                 tree.buffer_copies[number] = (versions[number], tensor.detach().clone())
@@ -164,11 +164,7 @@ class Versions:
         tree, versions = self.tree, self.versions
         if storages is None:
             now = [tensor._version for tensor in tree.weight_tensors]
-            if now == versions:  # (compared in one C call: the common case)
-                if tree.held:
-                    tree.versions = now
-                return []
-            numbers = range(len(now))
+            numbers = () if now == versions else range(len(now))  # (compared in one C call: the common case)
         else:  # (a call's few storages: a loop, not generators, each a frame made on cold caches)
             numbers, by_storage = [], tree.by_storage
             for pointer in storages:
@@ -178,8 +174,8 @@ class Versions:
         for n in numbers:
             if tensors[n]._version != versions[n] and not self._same_values(n):
                 changed.append(tree.weights[n][0])
-        if storages is None and not changed and tree.held:
-            tree.versions = list(versions)
+        if storages is None and not changed and tree.held:  # (then `versions` holds what `now` does)
+            tree.versions = now
         return changed
 
     def _same_values(self, number: int) -> bool:
