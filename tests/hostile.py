@@ -463,6 +463,38 @@ def version_counters_catch_a_write_the_schema_check_missed():
     return result
 
 
+def _steering(g: Builder, constant=0.5) -> None:
+    """`model.layers.0.output[:, 0] += constant`, as the tracer records it (the module's hook does it itself)."""
+    out, key = g.out(), (slice(None), 0)
+    view = g.call("operator.getitem", out, key)
+    g.call("operator.setitem", out, key, g.call("operator.iadd", view, constant))
+
+
+@case("LimitError", r"^the run would create more than 100 elements in all \(max_total_elements\)")
+def a_steering_edit_done_by_the_hook_counts_in_the_runs_budget():
+    """getitem counts the output's 96 elements, the += its row's 32: over 100, stopped at the +=."""
+    g = Builder()
+    _steering(g)
+    g.save(g.out("model.norm"))
+    result = attack(g.bytes(), Limits(max_total_elements=100))
+    assert attack(g.bytes(), Limits(max_total_elements=128))["error"] is None  # (its own count, and no more)
+    return result
+
+
+@case(None, "")
+def a_hosted_models_steered_jobs_carry_its_checks_reads_and_leave_nothing():
+    """A hosted model is held: its second job starts from what the first job's end checks read; each steers."""
+    from interlace.server.hosting import HostedModel
+
+    hosted = HostedModel(model(), name="tiny", limits=Limits())
+    g = Builder()
+    _steering(g, 3.0)
+    g.save(g.call("operator.getitem", g.out(""), "logits"))
+    first = attack(g.bytes(), run=hosted.execute_many)
+    assert first["error"] is None and first["changes"] == [], first
+    return attack(g.bytes(), run=hosted.execute_many)
+
+
 @case(None, "")
 def output_attentions_leaves_no_hooks_on_the_layers():
     g = Builder()
