@@ -5,11 +5,12 @@
 - Writes: in an untrusted run every call that could reach a weight (or a tensor it was handed as an
   `out`) runs under `writes.WriteCheck`, which refuses any aten operator whose schema writes a weight's
   storage, before it runs (a call that can reach neither runs without it: see
-  `Guard.reaches_no_weight`; nor does a module call whose rehearsal on the meta device saw no operator
-  declare a write to a tensor the call did not make, and which is handed no weight: see `Guard.call_module`,
-  whose weights' counters are compared after it); the weights' version counters
-  (`writes.Versions`) are a second line, checked after calls that received a weight and after every
-  run (`check_versions`). Nothing is copied for it: a write the schemas did not declare leaves the
+  `Guard.reaches_no_weight`; nor does a function call whose earlier call on arguments of the same shapes ran
+  no operator that declares a write, see `Guard.call`, nor a module call whose rehearsal on the meta device saw
+  no operator declare a write to a tensor the call did not make, and which is handed no weight: see
+  `Guard.call_module`; the counters of the weights either was handed are compared after it); the weights'
+  version counters (`writes.Versions`) are a second line, checked after calls that received a weight and after
+  every run (`check_versions`). Nothing is copied for it: a write the schemas did not declare leaves the
   weights changed, and the run fails saying so (`WeightsChangedError`), so that whoever hosts the
   model reloads it (`server.hosting`). In a local run an in-place operation on a weight's storage copies it first
   and the copy is put back when the run ends, so after every trace the weights are what they were;
@@ -42,7 +43,7 @@ from .sizes import PYTHON_REFERENCE, PYTHON_TENSOR, RULES, elements, rehearse, s
 from .writes import Versions, WriteCheck, refuse_weight_write
 
 _SEQUENCES = (str, bytes, list, tuple)
-REHEARSALS = 256  # module calls' rehearsals kept per model, by path and shapes
+REHEARSALS = 256  # module calls' rehearsals kept per model, by path and shapes (and as many pure calls)
 
 
 class Guard:
@@ -147,16 +148,38 @@ class Guard:
     def call(self, what: str, fn, args, kwargs, *, module: torch.nn.Module | None = None):
         """`fn(*args, **kwargs)` in an untrusted run: no operator inside it may write a weight.
 
+        A function call runs under the write check (`WriteCheck`) unless nothing a weight shares is in its
+        reach (`reaches_no_weight`), or an earlier call of the same function on arguments of the same shapes
+        ran operators none of whose schemas declares a write (the model's `ModelTree.pure_calls`, at most
+        `REHEARSALS` of them): `x @ w.T` on a weight, after its first call, runs as it is, and the counters of the
+        weights it was handed are compared after it, as after a module call whose rehearsal saw no write. Which
+        operators a call of an allowed function runs follows from its arguments' shapes and types (the
+        key), and the counters catch a write that did not.
+
         If a weight's version counter moved anyway (an operator whose schema does not declare its write),
         the call fails (`check_versions`).
         """
-        if module is None and self.reaches_no_weight(fn, args, kwargs):
-            return fn(*args, **kwargs)  # nothing a weight shares is in reach: the dispatch mode costs 4-70 µs
+        key = None
+        if module is None:
+            if self.reaches_no_weight(fn, args, kwargs):
+                return fn(*args, **kwargs)  # nothing a weight shares is in reach: the dispatch mode costs 4-70 µs
+            handed, described = self._look_through((*args, *kwargs.values()))
+            if handed is not None:
+                key, pure = (fn, len(args), *kwargs, described), self.tree().pure_calls
+                if key in pure:
+                    result = fn(*args, **kwargs)
+                    if handed:
+                        self.check_versions(what, handed)
+                    return result
         check = WriteCheck(self._weights(), what)
         with check:
             result = fn(*args, **kwargs)
         if check.touched:
             self.check_versions(what, check.touched)
+        if key is not None and not check.declared_write:
+            if len(pure) >= REHEARSALS:  # (bounded: a stranger chooses the shapes)
+                del pure[next(iter(pure))]
+            pure[key] = None
         return result
 
     def reaches_no_weight(self, fn, args, kwargs=None) -> bool:
@@ -312,23 +335,40 @@ class Guard:
         (~0.2 ms a call of a Llama norm). Otherwise it runs under the write check (`call`).
         """
         what = f"calling {path}"
-        if weights is None or self._hands_a_weight((*args, *kwargs.values())):
+        if weights is None or self._look_through((*args, *kwargs.values()))[0] != set():
             return self.call(what, module, args, kwargs, module=module)
         result = module(*args, **kwargs)
         self.check_versions(what, weights)
         return result
 
-    def _hands_a_weight(self, values) -> bool:
-        """Whether a tensor among `values` (in tuples and lists) shares a weight's or a gradient's storage."""
-        weights = self._weights()
-        for value in values:
-            if type(value) in (tuple, list):
-                if self._hands_a_weight(value):
-                    return True
-            elif isinstance(value, torch.Tensor) and (value.layout is not torch.strided  # (no storage to look at)
-                                                      or value.untyped_storage().data_ptr() in weights):
-                return True
-        return False
+    def _look_through(self, values) -> tuple[set[int], tuple] | tuple[None, None]:
+        """(the storages (data pointers) of the weights and gradients among the tensors in `values`, in tuples and
+        lists; a description of `values`: each tensor's shape, dtype and whether it requires grad, each other value
+        and its type, each container's type and length), or (None, None) where a value cannot be looked through: a
+        tensor without a strided storage, a tensor subclass, anything but a number, string, shape, slice or None.
+        (A loop, not a recursion: a stranger chooses how deep the lists go.)"""
+        weights, handed, described, pending = self._weights(), set(), [], list(values)
+        while pending:
+            value = pending.pop()
+            kind = type(value)
+            if kind is torch.Tensor or kind is torch.nn.Parameter:
+                if value.layout is not torch.strided:
+                    return None, None
+                pointer = value.untyped_storage().data_ptr()
+                if pointer in weights:
+                    handed.add(pointer)
+                described.append((value.shape, value.dtype, value.requires_grad))
+            elif kind is tuple or kind is list:
+                described.append((kind, len(value)))
+                pending += value
+            elif kind is slice:
+                described.append(kind)
+                pending += (value.start, value.stop, value.step)
+            elif kind in _INERT:
+                described.append((kind, value))  # (with its type: 1, 1.0 and True are equal keys)
+            else:
+                return None, None
+        return handed, tuple(described)
 
     def check_value(self, value) -> None:
         """After an operation: Python values it made stay within the limits (untrusted runs)."""

@@ -82,6 +82,7 @@ class ModelTree:
         self.copies: list[dict] | None = None  # held: copies of `tables` as the last untrusted run left them
         self.first = next(iter(self.tensors.items()), None)  # (pointer, tensor): moved when the model is
         self.rehearsals: dict[tuple, tuple] = {}  # module calls, by shapes (`Guard.before_module_call`)
+        self.pure_calls: dict[tuple, None] = {}  # function calls seen to declare no write, by shapes (`Guard.call`)
 
     @classmethod
     def of(cls, root: torch.nn.Module) -> "ModelTree":

@@ -59,7 +59,7 @@ class WriteCheck(TorchDispatchMode):
 
     weights: data pointer -> storage (or a tensor) of every weight. After the call, `touched` holds the
     data pointers of the weights' storages operators saw (their version counters are worth comparing,
-    see `Versions`). keep: in a local run, what is handed a weight's storage before an operator writes
+    see `Versions`), and `declared_write` whether any operator declared a write at all. keep: in a local run, what is handed a weight's storage before an operator writes
     it (to copy and put back after the run), where an untrusted run refuses; `out` arguments are then
     the caller's to give.
     """
@@ -69,10 +69,13 @@ class WriteCheck(TorchDispatchMode):
         self.weights, self.what, self.keep = weights, what, keep
         self.made: set[int] = set()  # storages of the tensors operators made during the call
         self.touched: set[int] = set()
+        self.declared_write = False  # whether an operator's schema declared a write to any of its arguments
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         for argument in _tensor_arguments(func):
+            if argument.written:
+                self.declared_write = True
             value = args[argument.position] if argument.position < len(args) else kwargs.get(argument.name)
             for tensor in value if isinstance(value, (list, tuple)) else (value,):
                 if isinstance(tensor, torch.Tensor):

@@ -245,6 +245,68 @@ def test_a_module_call_is_rehearsed_once_per_model_and_shape_in_a_bounded_cache(
     assert rehearsed == [2, 3, 4, 2]
 
 
+def test_a_function_call_handed_a_weight_runs_under_the_operator_check_once_per_shapes(monkeypatch):
+    """A logit lens's `h @ head.weight.T`: its operators declare no write, so after its first call (under the check)
+    a call of the same function on arguments of the same shapes runs as it is, in later requests too; other shapes
+    are checked again. The values are the plain computation's."""
+    from interlace.backends import guard as guard_module
+
+    checks = []
+    monkeypatch.setattr(guard_module, "WriteCheck", lambda *args, **kwargs: checks.append(args[1]) or WriteCheck(*args, **kwargs))
+    torch.manual_seed(0)
+    mlp = MLP().eval()
+    net = interlace.Model(mlp)
+    per_request = []
+    for rows in (2, 2, 3):
+        x = torch.randn(rows, 3)
+        with net.trace(x) as tracer:
+            (net.layers[1].output @ net.head.weight.T).argmax(-1).save()
+        request = deserialize_request(serialize_graph(tracer.graph, tracer.invokes, options=tracer.spec(0).options))
+        checks.clear()
+        [value] = net.run(request, untrusted=True, limits=Limits()).results.values()
+        per_request.append(list(checks))
+        with torch.no_grad():
+            assert torch.equal(value, (mlp.layers[1](mlp.layers[0](mlp.embed(x))) @ mlp.head.weight.T).argmax(-1))
+    # the weight's `.T` has the same shape in every request; the product's first operand has 3 rows in the last
+    assert per_request == [["builtins.getattr", "operator.matmul"], [], ["operator.matmul"]]
+
+
+def test_a_function_call_that_skipped_the_operator_check_and_wrote_a_weight_fails_the_run(monkeypatch):
+    """Which operators a call runs follows from its function and its arguments' shapes: were a function to write on
+    its second call what its first call left alone, the weights' version counters, compared after every call that
+    was handed one, fail the run. A call whose operators declared a write (here to a tensor it was handed, which
+    is allowed) is never taken for one that writes nothing."""
+    from interlace.backends import guard as guard_module
+
+    checks = []
+    monkeypatch.setattr(guard_module, "WriteCheck", lambda *args, **kwargs: checks.append(args[1]) or WriteCheck(*args, **kwargs))
+    calls = []
+
+    def reads_then_writes(w):
+        calls.append(len(calls))
+        if len(calls) == 2:
+            with torch.no_grad():
+                w.mul_(2)
+        return w * 1
+
+    def adds_to_what_it_is_handed(w, out):
+        return out.add_(w)
+
+    mlp = MLP().eval()
+    weight, y = mlp.head.weight, torch.zeros(5, 8)
+    guard = guard_module.Guard(mlp, untrusted=True)
+    guard.call("reads", reads_then_writes, (weight,), {})
+    with pytest.raises(WeightsChangedError, match="head.weight"):
+        guard.call("reads", reads_then_writes, (weight,), {})
+    assert checks == ["reads"]  # the second call ran as it is: the counters caught it
+    guard = guard_module.Guard(MLP().eval(), untrusted=True)
+    weight = guard.root.head.weight
+    for _ in range(2):
+        guard.call("adds", adds_to_what_it_is_handed, (weight, y), {})
+    assert checks == ["reads", "adds", "adds"] and torch.equal(y, 2 * weight.detach())
+    assert ModelTree.of(guard.root).pure_calls == {}
+
+
 class _Writes(torch.nn.Module):
     """A module with a weight whose forward is `body(module, x)`."""
 
