@@ -164,7 +164,7 @@ class Guard:
             if self.reaches_no_weight(fn, args, kwargs):
                 return fn(*args, **kwargs)  # nothing a weight shares is in reach: the dispatch mode costs 4-70 µs
             handed, described = self._look_through((*args, *kwargs.values()))
-            if handed is not None:
+            if described is not None:
                 key, pure = (fn, len(args), *kwargs, described), self.tree().pure_calls
                 if key in pure:
                     result = fn(*args, **kwargs)
@@ -341,13 +341,14 @@ class Guard:
         self.check_versions(what, weights)
         return result
 
-    def _look_through(self, values) -> tuple[set[int], tuple] | tuple[None, None]:
+    def _look_through(self, values) -> tuple[set[int] | None, tuple | None]:
         """(the storages (data pointers) of the weights and gradients among the tensors in `values`, in tuples and
         lists; a description of `values`: each tensor's shape, dtype and whether it requires grad, each other value
-        and its type, each container's type and length), or (None, None) where a value cannot be looked through: a
-        tensor without a strided storage, a tensor subclass, anything but a number, string, shape, slice or None.
-        (A loop, not a recursion: a stranger chooses how deep the lists go.)"""
-        weights, handed, described, pending = self._weights(), set(), [], list(values)
+        and its type, each container's type and length, or None where it would be too large to keep: over
+        `_KEY_ITEMS` items or a string over `_KEY_STRING` characters), or (None, None) where a value cannot be
+        looked through: a tensor without a strided storage, a tensor subclass, anything but a number, string,
+        shape, slice or None. (A loop, not a recursion: a stranger chooses how deep the lists go.)"""
+        weights, handed, described, pending, small = self._weights(), set(), [], list(values), True
         while pending:
             value = pending.pop()
             kind = type(value)
@@ -366,9 +367,11 @@ class Guard:
                 pending += (value.start, value.stop, value.step)
             elif kind in _INERT:
                 described.append((kind, value))  # (with its type: 1, 1.0 and True are equal keys)
+                if kind is str and len(value) > _KEY_STRING:
+                    small = False
             else:
                 return None, None
-        return handed, tuple(described)
+        return handed, tuple(described) if small and len(described) <= _KEY_ITEMS else None
 
     def check_value(self, value) -> None:
         """After an operation: Python values it made stay within the limits (untrusted runs)."""
@@ -480,6 +483,8 @@ def _repeat_count(value) -> int | None:
 _INERT = frozenset((int, float, bool, complex, str, type(None), type(Ellipsis), torch.dtype, torch.device,
                     torch.Size, torch.layout, torch.memory_format))
 _OPERATORS = operator.add.__module__  # the module of Python's operators ('_operator')
+# a pure call's key is kept only if it is small: a stranger's million-item list would be held with the model
+_KEY_ITEMS, _KEY_STRING = 32, 64
 
 
 def _operation(name: str) -> str:

@@ -307,6 +307,21 @@ def test_a_function_call_that_skipped_the_operator_check_and_wrote_a_weight_fail
     assert ModelTree.of(guard.root).pure_calls == {}
 
 
+def test_a_pure_call_is_kept_only_under_a_small_key():
+    """The keys stay with the model across requests: a call handed a long list or a long string (a stranger's
+    choice) runs under the check every time rather than leave its arguments' description there."""
+    from interlace.backends.guard import Guard
+
+    mlp = MLP().eval()
+    guard, weight, kept = Guard(mlp, untrusted=True), mlp.head.weight, ModelTree.of(mlp).pure_calls
+    parts = guard.call("torch.cat", torch.cat, ([weight] * 40,), {})
+    assert torch.equal(parts, torch.cat([weight.detach()] * 40)) and kept == {}
+    guard.call("torch.einsum", torch.einsum, ("ij," * 20 + "ij->ij", *[weight] * 21), {})
+    assert kept == {}
+    guard.call("torch.cat", torch.cat, ([weight] * 4,), {})
+    assert len(kept) == 1
+
+
 class _Writes(torch.nn.Module):
     """A module with a weight whose forward is `body(module, x)`."""
 
