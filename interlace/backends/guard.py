@@ -151,10 +151,10 @@ class Guard:
         A function call runs under the write check (`WriteCheck`) unless nothing a weight shares is in its
         reach (`reaches_no_weight`), or an earlier call of the same function on arguments of the same shapes
         ran operators none of whose schemas declares a write (the model's `ModelTree.pure_calls`, at most
-        `REHEARSALS` of them, each a small key: see `_look_through`): `x @ w.T` on a weight, after its first call, runs as it is, and the counters of the
-        weights it was handed are compared after it, as after a module call whose rehearsal saw no write. Which
-        operators a call of an allowed function runs follows from its arguments' shapes and types (the
-        key), and the counters catch a write that did not.
+        `REHEARSALS` of them, each a small key: see `_look_through`): `x @ w.T` on a weight, after its first
+        call, runs as it is, and the counters of the weights it was handed are compared after it, as after a
+        module call whose rehearsal saw no write. Which operators a call of an allowed function runs follows
+        from its arguments' shapes and types (the key), and the counters catch a write that did not.
 
         If a weight's version counter moved anyway (an operator whose schema does not declare its write),
         the call fails (`check_versions`).

@@ -59,9 +59,9 @@ class WriteCheck(TorchDispatchMode):
 
     weights: data pointer -> storage (or a tensor) of every weight. After the call, `touched` holds the
     data pointers of the weights' storages operators saw (their version counters are worth comparing,
-    see `Versions`), and `declared_write` whether any operator declared a write at all. keep: in a local run, what is handed a weight's storage before an operator writes
-    it (to copy and put back after the run), where an untrusted run refuses; `out` arguments are then
-    the caller's to give.
+    see `Versions`), and `declared_write` whether any operator declared a write at all. keep: in a local
+    run, what is handed a weight's storage before an operator writes it (to copy and put back after the
+    run), where an untrusted run refuses; `out` arguments are then the caller's to give.
     """
 
     def __init__(self, weights, what: str, keep=None):
