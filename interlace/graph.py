@@ -161,6 +161,15 @@ class Node:
         return f"%{self.index} = {self.op}{target}({', '.join(parts)}){guard}{where}"
 
 
+
+class StoreBack(Node):
+    """The `x[k] = v` of `x[k] op= y` as the recorder made it (`Recorder.store`): it knows that this node and the two
+    before it are what `item_updated` and a basic index `k` describe, so the plan need not look again. A copy of a
+    node (`_shifted`) or a decoded one is a plain Node again, which the plan looks at in full."""
+
+    __slots__ = ()
+
+
 # the line table of the code object whose lines were last asked for: (it, where each run of instructions of one
 # line starts, its line). A graph sent to a server asks for every node's line, most of them in one script or
 # cell; a code object is not a dict key here, as its hash reads all of its code.

@@ -19,7 +19,7 @@ from . import collector, ops
 from .binding import bind_saved, bound, values_of
 from .blocks import Condition, Iteration, Steps
 from .errors import InterlaceError, NotSavedError
-from .graph import Graph, Node, Ref, Request, TraceSpec, basic_index, item_updated, unique_refs
+from .graph import Graph, Node, Ref, Request, StoreBack, TraceSpec, basic_index, item_updated, unique_refs
 from .proxy import Proxy
 from .stream import Stream
 
@@ -58,10 +58,11 @@ def current() -> "Recorder":
 _inside: dict[str, bool] = {}  # file name -> whether it is interlace's or torch's (asked once per file)
 
 
-def user_location():
-    """Where the nearest frame outside interlace and torch is: `(code, offset of its current instruction)`,
+def user_location(depth: int = 2):
+    """Where the nearest frame outside interlace and torch is, from the caller's caller up (or from `depth` frames
+    up, where the caller knows that those below are interlace's): `(code, offset of its current instruction)`,
     which `Node.location` turns into (filename, lineno) when asked (see there)."""
-    frame = sys._getframe(2)
+    frame = sys._getframe(depth)
     while frame is not None:
         code = frame.f_code
         inside = _inside.get(code.co_filename)
@@ -85,6 +86,7 @@ class Recorder:
         self.missing: dict[int, str] = {}  # saved nodes that have no value: why
         self.job = None  # remote=True, blocking=False: the job handle (values bind on job.result())
         self._guard: int | None = None
+        self._basic_item: Node | None = None  # the last getitem node recorded with a basic index (`item`, `store`)
         self._step_block: Iteration | None = None  # the block over steps being recorded
         self._closed = False
 
@@ -142,8 +144,11 @@ class Recorder:
         if not self._closed and self.scanner is None and self._step_block is None and basic_index(key):
             nodes, guard, viewed = self.graph.nodes, self._guard, proxy._index
             index = len(nodes)
-            nodes.append(Node(index, "call", "operator.getitem", (Ref(viewed), key), {}, user_location(), guard, False,
-                              (viewed,) if guard is None else unique_refs([viewed], guard), True))
+            # (the user called Proxy.__getitem__, which called this: their frame is the third up)
+            node = self._basic_item = Node(index, "call", "operator.getitem", (Ref(viewed), key), {}, user_location(3),
+                                           guard, False, (viewed,) if guard is None else unique_refs([viewed], guard),
+                                           True)
+            nodes.append(node)
             return Proxy(self, index)
         return self.record("call", "operator.getitem", (proxy, key))
 
@@ -151,14 +156,19 @@ class Recorder:
         """`proxy[key] = value`. Where it is the write-back of `proxy[key] op= y` (Python's `v = proxy[key]`,
         `v op= y`, `proxy[key] = v`: a steering edit, the commonest setitem), the node is made here, as `record`
         would make it: its arguments are the two nodes just recorded and the key the getitem was recorded with
-        (the same object, so it holds no proxy), and there is nothing in them to look for."""
+        (the same object, so it holds no proxy), and there is nothing in them to look for. With a basic index
+        (`item` recorded the getitem) it is a `StoreBack`: what the plan would find again, said once."""
         nodes, guard = self.graph.nodes, self._guard
         update = len(nodes) - 1
         if (type(value) is Proxy and value._index == update and value._tracer is self and not self._closed
                 and self.scanner is None and self._step_block is None
                 and item_updated(nodes, update, proxy._index, guard) and nodes[update - 1].args[1] is key):
-            nodes.append(Node(update + 1, "call", "operator.setitem", (nodes[update - 1].args[0], key, Ref(update)), {},
-                              user_location(), guard, False, unique_refs([proxy._index, update], guard), True))
+            kind = StoreBack if nodes[update - 1] is self._basic_item else Node
+            # (x and the operator's node are two nodes: with no guard there is no duplicate to drop)
+            nodes.append(kind(update + 1, "call", "operator.setitem", (nodes[update - 1].args[0], key, Ref(update)), {},
+                              user_location(3), guard, False,
+                              (proxy._index, update) if guard is None else unique_refs([proxy._index, update], guard),
+                              True))
             return
         self.record("call", "operator.setitem", (proxy, key, value))
 
@@ -334,7 +344,8 @@ class Tracer(Recorder):
         guard = self._guard
         nodes = self.graph.nodes
         index = len(nodes)
-        nodes.append(Node(index, "module_value", envoy._path, (), kwargs, user_location(), guard, False,
+        # (the user read `envoy.output`, whose getter called this: their frame is the third up)
+        nodes.append(Node(index, "module_value", envoy._path, (), kwargs, user_location(3), guard, False,
                           () if guard is None else (guard,), True))
         return Proxy(self, index)
 

@@ -325,8 +325,9 @@ class Interleaver:
     def _post_hook(self, path, kept, edits):
         """The hook of `path`'s output; `kept`, `edits`: its events of `Plan.kept` and `Plan.edits` (by call) it may
         do itself (see `_install`)."""
-        counter, sources, owner = self._counter(path, "output"), self.sources, self.owner
-        done, values, results, saved, guard = self.done, self.values, self.results, self.saved, self.guard
+        # (few cells: each is made when this is called, once per hooked module per trace, on cold caches; the
+        # rest is read from `self` in the call, once per module call as well)
+        counter, owner = self._counter(path, "output"), self.owner
 
         def hook(module, args, output):
             if self.bypass or get_ident() != owner:
@@ -340,7 +341,7 @@ class Interleaver:
                 edit = edits.get(call)
                 if edit is None or self.ready or not self._edit(path, call, output, edit):
                     key = (path, "output", call)
-                    if key not in sources:
+                    if key not in self.sources:
                         return None
                     event = self._event(key, output)
                     return event.value if event.changed else None
@@ -349,13 +350,14 @@ class Interleaver:
             # reader to wake, nothing read to free), inline: the commonest event, a saved output (its entry in
             # `sources` stays, as an edit's does: a call comes once, and a delete costs ~1 µs on cold caches)
             if self.untrusted:
-                guard.tick()
+                self.guard.tick()
+            done = self.done
             for index in indices:
                 if not done[index]:
                     done[index] = 1
                     self.finished += 1
-                    if index in saved:
-                        values[index] = results[index] = output
+                    if index in self.saved:
+                        self.values[index] = self.results[index] = output
             if self.early_stop and self.finished == self.total and not self.events:
                 raise EarlyStop()
             return None
@@ -376,12 +378,15 @@ class Interleaver:
             if not self._checked_edit(path, call, output, edit):
                 return False
         else:
-            plain = type(output) is torch.Tensor
-            if plain:  # (holds_no_weight's test, inline: this runs in a hook, where each call costs on cold caches)
+            # (holds_no_weight's test and _onto_itself's, inline: this runs in a hook, where each call costs on
+            # cold caches)
+            strided = False
+            if type(output) is torch.Tensor:
                 pointer = output.untyped_storage().data_ptr()
                 weights, named = self.weight_memory
                 if pointer and (pointer in weights or pointer in named):
                     return False
+                strided = output.layout is torch.strided
             elif not self.guard.holds_no_weight((output,)):
                 return False
             at = steps[0]
@@ -393,7 +398,7 @@ class Interleaver:
                     at = steps[1]
                     new = operator(view, constant)
                     at = steps[2]
-                    if not _onto_itself(output, view, new):
+                    if new is not view or not strided:
                         output[where] = new
             except Exception as error:
                 self._edit_failed(path, call, output, at, error)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import deque
 
 from .. import ops
-from ..graph import Graph, Ref, basic_index, item_updated
+from ..graph import Graph, Ref, StoreBack, basic_index, item_updated
 
 VIEW_TARGETS = frozenset({"operator.getitem", "builtins.getattr"})
 
@@ -282,7 +282,8 @@ class Plan:
         one by one (the tests compare the two), without its checks for what these nodes are not. False, with
         nothing planned, where they are not such nodes."""
         nodes, update, store = self.nodes, read + 1, read + 2
-        if store >= stop or not _store_back(nodes, store):
+        # (a StoreBack is the recorder's word that _store_back holds: see Recorder.store)
+        if store >= stop or not (type(nodes[store]) is StoreBack or _store_back(nodes, store)):
             return False
         get, setitem = nodes[read], nodes[store]
         x = get.args[0].index

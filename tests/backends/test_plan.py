@@ -11,9 +11,9 @@ import torch
 import interlace
 from interlace import LanguageModel
 from interlace.backends.local import Interleaver
-from interlace.backends.plan import Plan
+from interlace.backends.plan import Plan, _store_back
 from interlace.backends.serialize import deserialize_request, serialize_request
-from interlace.graph import Graph, Request
+from interlace.graph import Graph, Request, StoreBack
 
 from helpers import same, tiny, tiny_tokenizer
 
@@ -313,3 +313,66 @@ def test_edits_planned_three_nodes_at_once_are_planned_as_node_by_node(mlp, x, m
     assert units.count(True) == 6  # layers 0, 1 (twice), 2 (first), the saved view, the doubled value; layer 0 later
     monkeypatch.setattr(Plan, "_add_edit", lambda self, read, stop: False)
     assert [_worked_out(Plan(graph, start, end)) for graph, start, end in spans] == at_once
+
+
+def test_the_recorder_marks_only_store_backs_and_a_decoded_graph_plans_as_the_recorded_one(mlp, x):
+    """`x[k] op= y` with a basic index is recorded as a `StoreBack` setitem (the plan then takes the recorder's word that
+    `_store_back` holds); the same three nodes written by hand (another key object), an advanced index, a `y` whose
+    getitem is recorded between and a plain setitem are plain nodes. Each mark is where `_store_back` holds; a graph decoded from bytes has none, plans the
+    same, and runs to the same values."""
+    net = interlace.Model(mlp)
+    with net.trace(x) as tracer:
+        embedded = net.embed.output
+        net.layers[0].output[:, 1:] *= 0.5  # marked
+        second = net.layers[1].output
+        second[0] += 1.0  # marked (an int is a basic index; _add_edit leaves it to the general path itself)
+        second[torch.tensor([1])] += 1.0  # an advanced index: not marked
+        view = second[:, 2]
+        view *= 3.0
+        second[:, 2] = view  # by hand: not marked, though _store_back holds
+        second[:, 3] = 0.0  # a plain setitem
+        second[:, 4] += embedded[:, 1]  # not marked: the getitem of `embedded` is recorded between
+        with tracer.cond(second.sum() > 0):
+            net.layers[2].output[:, 0] += 1.0  # marked (under a guard)
+        out = net.output.save()
+    nodes = tracer.graph.nodes
+    setitems = [node.index for node in nodes if node.target == "operator.setitem"]
+    marked = [index for index in setitems if type(nodes[index]) is StoreBack]
+    assert len(setitems) == 7 and marked == [setitems[0], setitems[1], setitems[6]]
+    assert all(_store_back(nodes, index) for index in marked)
+    assert [_store_back(nodes, index) for index in setitems if index not in marked] == [False, True, False, False]
+    request = Request(tracer.graph, [tracer.spec(len(nodes))])
+    loaded = deserialize_request(serialize_request(request))
+    assert not any(type(node) is StoreBack for node in loaded.graph.nodes)
+    assert _worked_out(Plan(loaded.graph, 0, len(nodes))) == _worked_out(Plan(tracer.graph, 0, len(nodes)))
+
+    seen = {}
+
+    def by_hand(name):  # the same edits, by hand, as hooks
+        def hook(module, args, output):
+            output = output.clone()
+            if name == "embed":
+                seen["embed"] = output
+            elif name == "0":
+                output[:, 1:] *= 0.5
+            elif name == "1":
+                output[0] += 1.0
+                output[1] += 1.0
+                output[:, 2] *= 3.0
+                output[:, 3] = 0.0
+                output[:, 4] += seen["embed"][:, 1]
+                seen["1"] = output
+            elif seen["1"].sum() > 0:
+                output[:, 0] += 1.0
+            return output
+        return hook
+
+    handles = [module.register_forward_hook(by_hand(name)) for name, module in
+               (("embed", mlp.embed), ("0", mlp.layers[0]), ("1", mlp.layers[1]), ("2", mlp.layers[2]))]
+    try:
+        want = mlp(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    (saved,) = [node.index for node in nodes if node.saved]
+    assert torch.allclose(out, want) and torch.allclose(net.run(loaded).results[saved], want)
