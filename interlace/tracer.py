@@ -19,7 +19,7 @@ from . import collector, ops
 from .binding import bind_saved, bound, values_of
 from .blocks import Condition, Iteration, Steps
 from .errors import InterlaceError, NotSavedError
-from .graph import Graph, Node, Ref, Request, StoreBack, TraceSpec, basic_index, item_updated, unique_refs
+from .graph import Graph, Node, Ref, Request, StoreBack, TraceSpec, basic_index, unique_refs
 from .proxy import Proxy
 from .stream import Stream
 
@@ -153,23 +153,26 @@ class Recorder:
         return self.record("call", "operator.getitem", (proxy, key))
 
     def store(self, proxy: Proxy, key, value) -> None:
-        """`proxy[key] = value`. Where it is the write-back of `proxy[key] op= y` (Python's `v = proxy[key]`,
-        `v op= y`, `proxy[key] = v`: a steering edit, the commonest setitem), the node is made here, as `record`
-        would make it: its arguments are the two nodes just recorded and the key the getitem was recorded with
-        (the same object, so it holds no proxy), and there is nothing in them to look for. With a basic index
-        (`item` recorded the getitem) it is a `StoreBack`: what the plan would find again, said once."""
-        nodes, guard = self.graph.nodes, self._guard
+        """`proxy[key] = value`. Where it is the write-back of `proxy[key] op= y` with a basic index (Python's
+        `v = proxy[key]`, which `item` recorded, `v op= y`, `proxy[key] = v`: a steering edit, the commonest setitem),
+        the node is made here, as `record` would make it, and is a `StoreBack`: what the plan would look for again,
+        said once. Its arguments are the two nodes just recorded and the key the getitem was recorded with (the same
+        object, which holds no proxy): there is nothing in them to look for."""
+        nodes, guard, read = self.graph.nodes, self._guard, self._basic_item
         update = len(nodes) - 1
-        if (type(value) is Proxy and value._index == update and value._tracer is self and not self._closed
-                and self.scanner is None and self._step_block is None
-                and item_updated(nodes, update, proxy._index, guard) and nodes[update - 1].args[1] is key):
-            kind = StoreBack if nodes[update - 1] is self._basic_item else Node
-            # (x and the operator's node are two nodes: with no guard there is no duplicate to drop)
-            nodes.append(kind(update + 1, "call", "operator.setitem", (nodes[update - 1].args[0], key, Ref(update)), {},
-                              user_location(3), guard, False,
-                              (proxy._index, update) if guard is None else unique_refs([proxy._index, update], guard),
-                              True))
-            return
+        # (item_updated's test, knowing that `read` is a getitem of one value: this is a steering edit's third node)
+        if (type(value) is Proxy and value._index == update and value._tracer is self and nodes[update - 1] is read
+                and read.args[1] is key and read.args[0].index == proxy._index and read.guard == guard
+                and not self._closed and self.scanner is None and self._step_block is None):
+            change = nodes[update]
+            changed = change.args[0] if change.args else None
+            if (change.op == "call" and change.target in ops.IN_PLACE_OPERATORS and change.guard == guard
+                    and type(changed) is Ref and changed.index == update - 1):
+                # (x and the operator's node are two nodes: with no guard there is no duplicate to drop)
+                nodes.append(StoreBack(update + 1, "call", "operator.setitem", (read.args[0], key, Ref(update)), {},
+                                       user_location(3), guard, False, (proxy._index, update) if guard is None
+                                       else unique_refs([proxy._index, update], guard), True))
+                return
         self.record("call", "operator.setitem", (proxy, key, value))
 
     def _guard_in_step(self, op: str, found: list[int]) -> int | None:

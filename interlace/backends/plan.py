@@ -33,7 +33,7 @@ class Plan:
         "graph", "nodes", "start", "end", "users", "waiting", "remaining", "event_keys", "_earlier_keys", "sources",
         "mutations", "skips", "saved", "needs_grad", "sets_requires_grad", "gradients", "row_zero", "writes",
         "reads", "plain_calls", "stores_back", "ready", "deferred", "_outside", "_last_mutation", "_previous_stop",
-        "_previous_backward", "_waiting_grads", "_previous_log", "kept", "edits", "_template",
+        "_previous_backward", "_waiting_grads", "_previous_log", "kept", "edits", "_template", "units",
     )
 
     def __init__(self, graph: Graph, start: int, end: int, *, defer_copies: bool = False):
@@ -65,6 +65,7 @@ class Plan:
         self.reads: list = [()] * end  # for each node of the span, the nodes of the span it reads
         self.plain_calls: set[int] = set()  # calls of registered operations with nothing else to check
         self.stores_back: dict[int, int] = {}  # `x[k] op= y`: its setitem -> its getitem (see _store_back)
+        self.units: set[int] = set()  # the setitems of those `_add_edit` planned (with their two nodes) at once
         self.ready: list[int] = []  # ready before the model runs, in graph order
         # copies planned later: (their first module call, first node, stop, module calls moved by, step), in
         # graph order; a deque only where there are some (an empty one allocates a block of 64: ~2 % of a trace's
@@ -155,20 +156,22 @@ class Plan:
         the event's other module values `values` (`first` among them) are read by nothing (saved: their value
         is the module's edited one, whether recorded before the edit or after). Else None. The hook then does
         the edit itself, as the general path would do it node by node."""
-        users, waiting, nodes, plain = self.users, self.waiting, self.nodes, self.plain_calls
+        users, waiting, nodes, plain, saved = self.users, self.waiting, self.nodes, self.plain_calls, self.saved
         store = changes[-1]
         node = nodes[store]
-        if (nodes[first].guard is not None or node.guard is not None or store not in plain or users[store]
-                or store in self.saved):
+        unit = store in self.units  # (then what _add_edit checked holds: its guard, the calls, the constant, ...)
+        if (nodes[first].guard is not None or users[store] or store in saved
+                or not unit and (node.guard is not None or store not in plain)):
             return None
         edit = None
         if len(changes) == 1 and users[first] == [store] and _constant(node, 2):
             edit = tuple(values), (store,), node.args[1], None, node.args[2]
         read, update = store - 2, store - 1
-        if (len(changes) == 2 and changes[0] == update and self.stores_back.get(store) == read
-                and users[first] == [read, store] and users[read] == [update, store] and users[update] == [store]
-                and waiting[read] == 1 and waiting[update] == 1 and read in plain and update in plain
-                and read not in self.saved and update not in self.saved and _constant(nodes[update], 1)):
+        if (len(changes) == 2 and changes[0] == update and users[first] == [read, store]
+                and users[read] == [update, store] and users[update] == [store] and read not in saved
+                and update not in saved and (unit or self.stores_back.get(store) == read and waiting[read] == 1
+                                             and waiting[update] == 1 and read in plain and update in plain
+                                             and _constant(nodes[update], 1))):
             operator = nodes[update]
             edit = (tuple(values), (read, update, store), node.args[1], ops.FUNCTIONS[operator.target][0],
                     operator.args[1])
@@ -187,7 +190,9 @@ class Plan:
         for node in nodes[first:stop]:
             index, op = node.index, node.op
             if op == "module_value" and node.guard is None:  # (the commonest node: it reads nothing, and it is
-                key = event_keys[index] = _module_event(node)  # ready in its module's event, not before)
+                kwargs = node.kwargs  # ready in its module's event, not before; _module_event, inline)
+                key = event_keys[index] = (node.target, "output" if kwargs["kind"] == "output" else "input",
+                                           kwargs["call"])
                 sources.setdefault(key, []).append(index)
                 continue
             if index < planned_to:
@@ -310,6 +315,7 @@ class Plan:
             self.mutations.setdefault(key, []).extend((update, store))
         self._last_mutation[read], self._last_mutation[x] = update, store
         self.stores_back[store] = read
+        self.units.add(store)
         self.plain_calls.update((read, update, store))
         self.writes.update((update, store))
         return True

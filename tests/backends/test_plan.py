@@ -264,9 +264,10 @@ def test_a_sessions_graph_holds_every_copy_after_a_generation_that_ended_early(l
 
 # -- `x[k] op= c` planned three nodes at once (Plan._add_edit) ----------------------------------------------
 def _worked_out(plan: Plan) -> dict:
-    """Everything `plan` worked out (a node's reads as a tuple, whether listed or not)."""
+    """Everything `plan` worked out (a node's reads as a tuple, whether listed or not), but which nodes `_add_edit`
+    planned (`units`)."""
     fields = {name: getattr(plan, name) for name in Plan.__slots__
-              if hasattr(plan, name) and name not in ("graph", "nodes")}
+              if hasattr(plan, name) and name not in ("graph", "nodes", "units")}
     fields["reads"] = [tuple(reads) for reads in plan.reads]
     return fields
 
