@@ -117,7 +117,9 @@ class Interleaver:
         self.not_run: dict[int, str] = {}  # saved nodes that did not run: why
         self.events: list[_Event] = []
         self.open_sources: set[int] = set()  # sources whose event is on but whose guard is not
-        self.calls: dict[tuple, list[int]] = {}  # (path, kind) -> [calls so far] (see _counter)
+        # (path, kind: "input", "output", "skip") -> [its calls so far]: a hook holds the list, so counting a call
+        # costs no lookup of its key
+        self.calls: dict[tuple, list[int]] = {}
         self.skip_values: dict[tuple, tuple] = {}
         self.bypass = False
         self.stopped = False
@@ -288,16 +290,8 @@ class Interleaver:
             handle.remove()
         self.handles.clear()
 
-    def _counter(self, path: str, kind: str) -> list[int]:
-        """The one-item list that counts the calls of `path` of `kind` ("input", "output", "skip") so far: a hook
-        holds it, so counting a call costs no lookup of its key."""
-        counter = self.calls.get((path, kind))
-        if counter is None:
-            counter = self.calls[(path, kind)] = [0]
-        return counter
-
     def _count(self, path: str, kind: str) -> int:
-        counter = self._counter(path, kind)
+        counter = self.calls.setdefault((path, kind), [0])
         call = counter[0]
         counter[0] = call + 1
         return call
@@ -305,7 +299,7 @@ class Interleaver:
     # the two hooks count calls inline: they run once per call of every hooked module, and each
     # Python call made inside them costs several times more there than in a loop (cold caches)
     def _pre_hook(self, path):
-        counter, sources, owner = self._counter(path, "input"), self.sources, self.owner
+        counter, sources, owner = self.calls.setdefault((path, "input"), [0]), self.sources, self.owner
 
         def hook(module, args, kwargs):
             if self.bypass or get_ident() != owner:
@@ -327,7 +321,7 @@ class Interleaver:
         do itself (see `_install`)."""
         # (few cells: each is made when this is called, once per hooked module per trace, on cold caches; the
         # rest is read from `self` in the call, once per module call as well)
-        counter, owner = self._counter(path, "output"), self.owner
+        counter, owner = self.calls.setdefault((path, "output"), [0]), self.owner
 
         def hook(module, args, output):
             if self.bypass or get_ident() != owner:
