@@ -161,7 +161,6 @@ class Node:
         return f"%{self.index} = {self.op}{target}({', '.join(parts)}){guard}{where}"
 
 
-
 class StoreBack(Node):
     """The `x[k] = v` of `x[k] op= y` as the recorder made it (`Recorder.store`): it knows that this node and the two
     before it are what `item_updated` and a basic index `k` describe, so the plan need not look again. A copy of a
