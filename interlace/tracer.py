@@ -19,7 +19,7 @@ from . import collector, ops
 from .binding import bind_saved, bound, values_of
 from .blocks import Condition, Iteration, Steps
 from .errors import InterlaceError, NotSavedError
-from .graph import Graph, Node, Ref, Request, StoreBack, TraceSpec, basic_index, unique_refs
+from .graph import Graph, Node, Ref, Request, StoreBack, TraceSpec, basic_index, item_updated, unique_refs
 from .proxy import Proxy
 from .stream import Stream
 
@@ -160,19 +160,14 @@ class Recorder:
         object, which holds no proxy): there is nothing in them to look for."""
         nodes, guard, read = self.graph.nodes, self._guard, self._basic_item
         update = len(nodes) - 1
-        # (item_updated's test, knowing that `read` is a getitem of one value: this is a steering edit's third node)
         if (type(value) is Proxy and value._index == update and value._tracer is self and nodes[update - 1] is read
-                and read.args[1] is key and read.args[0].index == proxy._index and read.guard == guard
-                and not self._closed and self.scanner is None and self._step_block is None):
-            change = nodes[update]
-            changed = change.args[0] if change.args else None
-            if (change.op == "call" and change.target in ops.IN_PLACE_OPERATORS and change.guard == guard
-                    and type(changed) is Ref and changed.index == update - 1):
-                # (x and the operator's node are two nodes: with no guard there is no duplicate to drop)
-                nodes.append(StoreBack(update + 1, "call", "operator.setitem", (read.args[0], key, Ref(update)), {},
-                                       user_location(3), guard, False, (proxy._index, update) if guard is None
-                                       else unique_refs([proxy._index, update], guard), True))
-                return
+                and read.args[1] is key and not self._closed and self.scanner is None and self._step_block is None
+                and item_updated(nodes, update, proxy._index, guard)):
+            # (x and the operator's node are two nodes: with no guard there is no duplicate to drop)
+            nodes.append(StoreBack(update + 1, "call", "operator.setitem", (read.args[0], key, Ref(update)), {},
+                                   user_location(3), guard, False, (proxy._index, update) if guard is None
+                                   else unique_refs([proxy._index, update], guard), True))
+            return
         self.record("call", "operator.setitem", (proxy, key, value))
 
     def _guard_in_step(self, op: str, found: list[int]) -> int | None:

@@ -190,9 +190,7 @@ class Plan:
         for node in nodes[first:stop]:
             index, op = node.index, node.op
             if op == "module_value" and node.guard is None:  # (the commonest node: it reads nothing, and it is
-                kwargs = node.kwargs  # ready in its module's event, not before; _module_event, inline)
-                key = event_keys[index] = (node.target, "output" if kwargs["kind"] == "output" else "input",
-                                           kwargs["call"])
+                key = event_keys[index] = _module_event(node)  # ready in its module's event, not before)
                 sources.setdefault(key, []).append(index)
                 continue
             if index < planned_to:
