@@ -8,7 +8,10 @@ reports the median over repeats, after warmup. Four sections:
    early stop off everywhere), the empty trace, and k saves or k steering edits
    (`output[:, -1] += c`) of k blocks for several k, as raw hooks (registered and removed per call; a save keeps the output)
    and as interlace; a least-squares line through (k, time - bare forward) gives fixed µs + µs per
-   item, so a regression shows in one run. With a venv holding nnsight (`.venv-nnsight/`, or the
+   item, so a regression shows in one run. The empty trace is also timed at the forward's edges (`edge_costs`:
+   the time outside the model's forward, trace against bare forward in shuffled pairs), which leaves the forward's
+   noise out of it: on 64 blocks that is the precise figure, the other the difference of two noisy quartiles.
+   With a venv holding nnsight (`.venv-nnsight/`, or the
    python named by `$NNSIGHT_PYTHON`; torch==2.13.0 installed first, then `nnsight==0.8.1
    "transformers==5.*"`) the same work runs there under nnsight, with its own bare forward measured
    beside it; else that column is skipped. `--baseline CHECKOUT` runs it once more under another
@@ -43,6 +46,7 @@ import argparse
 import functools
 import json
 import os
+import random
 import subprocess
 import statistics
 import sys
@@ -305,6 +309,7 @@ def scaling_rows(repeats: int, warmup: int, sizes=(1, 16, 256)) -> list[list[str
 
 # -- per item: fixed µs + µs per save / edit ---------------------------------------------------------
 FIT_COUNTS = {2: (0, 1, 2), 64: (0, 8, 16, 32, 64)}  # blocks -> numbers of saved or edited blocks
+EDGE_ROUNDS = {False: 301, True: 31}  # rounds of `edge_costs` (True: --quick)
 NNSIGHT_PYTHON = os.environ.get("NNSIGHT_PYTHON", str(Path(__file__).resolve().parents[1] / ".venv-nnsight/bin/python"))
 
 
@@ -364,8 +369,39 @@ def fit(points) -> tuple[float, float]:
     return mean_y - slope * mean_k, slope
 
 
+def edge_costs(module, ids, net, rounds: int) -> tuple[float, float]:
+    """What an empty trace adds, timed at the forward's edges: from the call to the model's forward starting, and
+    from the forward's end to the return (marked by hooks on the root, there for both sides), for the empty trace
+    and the bare forward in turn, in a shuffled order: (median over rounds of trace − bare, median of the bare
+    forward's own edges), µs of this thread's CPU time. The forward itself, ~25 ms on 64 blocks, is left out of
+    the clock, and with it the noise that makes the difference of two whole calls' quartiles move by ±100 µs
+    there. What a trace adds inside the forward (its hooks) is not seen: interlace's empty trace has none, nnsight's
+    hooks every module (its column shows only the whole figure)."""
+    clock, marks = time.thread_time_ns, [0, 0]
+    handles = [module.register_forward_pre_hook(lambda mod, args: marks.__setitem__(0, clock())),
+               module.register_forward_hook(lambda mod, args, out: marks.__setitem__(1, clock()))]
+    sides = {"bare": bare(ModelSpec("", module, [], kwargs={"input_ids": ids})),
+             "traced": _traced_items(net, ids, 0, False, None)}
+    spent = {"bare": [], "traced": []}
+    order = random.Random(0)
+    try:
+        for number in range(rounds + 2):
+            for side in order.sample(list(sides), 2):
+                start = clock()
+                sides[side]()
+                end = clock()
+                if number >= 2:
+                    spent[side].append((marks[0] - start) + (end - marks[1]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    added = statistics.median(t - b for t, b in zip(spent["traced"], spent["bare"]))
+    return added / 1e3, statistics.median(spent["bare"]) / 1e3
+
+
 def item_costs(wrap, repeats: int, warmup: int) -> dict:
-    """{(blocks, "save"|"edit", "raw"|"traced"): (fixed µs, µs per item)} and {(blocks, "empty"): µs}.
+    """{(blocks, "save"|"edit", "raw"|"traced"): (fixed µs, µs per item)}, {(blocks, "empty"): µs} and
+    {(blocks, "edges"): `edge_costs`}.
 
     wrap(module) is the tracing library's wrapper (interlace.Model or nnsight.NNsight)."""
     torch.set_num_threads(1)
@@ -373,6 +409,7 @@ def item_costs(wrap, repeats: int, warmup: int) -> dict:
     for layers, counts in FIT_COUNTS.items():
         module, ids = small_gpt2(layers)
         net, steer = wrap(module), torch.full((64,), 0.01)
+        costs[(layers, "edges")] = edge_costs(module, ids, net, EDGE_ROUNDS[repeats < 61])
         fns = {"bare": bare(ModelSpec("", module, [], kwargs={"input_ids": ids}))}
         for k in counts:
             for work in ("save", "edit"):
@@ -421,11 +458,15 @@ def item_rows(repeats: int, warmup: int, baseline: str | None = None) -> list[li
     ours, theirs = item_costs(interlace.Model, repeats, warmup), worker_costs(NNSIGHT_PYTHON, repeats, warmup)
     before = worker_costs(sys.executable, repeats, warmup, baseline) if baseline else None
 
-    def cell(costs, key, side):
+    def cell(costs, key, side, edges=True):
         if costs is None:
             return "—"
         if key[1] == "empty":
-            return f"+{costs[key + ('',)]:.0f} (mean +{costs[key + ('mean',)]:.0f})"
+            whole = f"+{costs[key + ('',)]:.0f} (mean +{costs[key + ('mean',)]:.0f})"
+            if not edges:  # (nnsight hooks every module: its empty trace adds time inside the forward too)
+                return whole
+            added, own = costs[(key[0], "edges")]
+            return f"{whole}; at the edges +{added:.0f} (the bare forward's own {own:.0f})"
         (fixed, per), mean = costs[key + (side, "")], costs[key + (side, "mean")][1]
         return f"{fixed:+.0f} + {per:.1f}/item (mean {mean:.1f})"
 
@@ -439,7 +480,7 @@ def item_rows(repeats: int, warmup: int, baseline: str | None = None) -> list[li
         for work in ("empty", "save", "edit"):
             key = (layers, work)
             raw = "—" if work == "empty" else cell(ours, key, "raw")
-            rows.append([f"GPT-2 {layers}x64", work, raw, cell(theirs, key, "traced"), cell(ours, key, "traced")]
+            rows.append([f"GPT-2 {layers}x64", work, raw, cell(theirs, key, "traced", edges=False), cell(ours, key, "traced")]
                         + ([baseline_cell(key)] if baseline else []))
     version = theirs[("version",)] if theirs else "not found"
     print(f"(nnsight: {version}" + (f"; baseline: interlace of {before[('version',)]})" if before else ")"))
