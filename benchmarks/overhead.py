@@ -8,9 +8,10 @@ reports the median over repeats, after warmup. Four sections:
    early stop off everywhere), the empty trace, and k saves or k steering edits
    (`output[:, -1] += c`) of k blocks for several k, as raw hooks (registered and removed per call; a save keeps the output)
    and as interlace; a least-squares line through (k, time - bare forward) gives fixed µs + µs per
-   item, so a regression shows in one run. The empty trace is also timed at the forward's edges (`edge_costs`:
-   the time outside the model's forward, trace against bare forward in shuffled pairs), which leaves the forward's
-   noise out of it: on 64 blocks that is the precise figure, the other the difference of two noisy quartiles.
+   item, so a regression shows in one run. The empty trace is also timed at the forward's edges (`edge_times`:
+   the time outside the model's forward, trace against bare forward in shuffled pairs; `edges.py` takes it
+   apart), which leaves the forward's noise out of it: on 64 blocks that is the precise figure, the other the
+   difference of two noisy quartiles.
    With a venv holding nnsight (`.venv-nnsight/`, or the
    python named by `$NNSIGHT_PYTHON`; torch==2.13.0 installed first, then `nnsight==0.8.1
    "transformers==5.*"`) the same work runs there under nnsight, with its own bare forward measured
@@ -369,24 +370,21 @@ def fit(points) -> tuple[float, float]:
     return mean_y - slope * mean_k, slope
 
 
-def edge_costs(module, ids, net, rounds: int) -> tuple[float, float]:
-    """What an empty trace adds, timed at the forward's edges: from the call to the model's forward starting, and
-    from the forward's end to the return (marked by hooks on the root, there for both sides), for the empty trace
-    and the bare forward in turn, in a shuffled order: (median over rounds of trace − bare, median of the bare
-    forward's own edges), µs of this thread's CPU time. The forward itself, ~25 ms on 64 blocks, is left out of
-    the clock, and with it the noise that makes the difference of two whole calls' quartiles move by ±100 µs
-    there. What a trace adds inside the forward (its hooks) is not seen: interlace's empty trace has none, nnsight's
-    hooks every module (its column shows only the whole figure)."""
+def edge_times(module, sides: dict, rounds: int) -> dict:
+    """{side: [ns outside the forward, per round]}: each side (a callable that calls `module`, the model) timed at the
+    forward's edges, from the call to the model's forward starting and from the forward's end to the return (marked
+    by hooks on the root, there for every side), one call of each side per round in a shuffled order, after two
+    rounds of warmup; this thread's CPU time. The forward itself is left out of the clock, and with it its noise (on
+    64 blocks the difference of two whole calls' quartiles moves by ±100 µs); what a side does inside the forward
+    (its hooks) is not seen."""
     clock, marks = time.thread_time_ns, [0, 0]
     handles = [module.register_forward_pre_hook(lambda mod, args: marks.__setitem__(0, clock())),
                module.register_forward_hook(lambda mod, args, out: marks.__setitem__(1, clock()))]
-    sides = {"bare": bare(ModelSpec("", module, [], kwargs={"input_ids": ids})),
-             "traced": _traced_items(net, ids, 0, False, None)}
-    spent = {"bare": [], "traced": []}
+    spent = {side: [] for side in sides}
     order = random.Random(0)
     try:
         for number in range(rounds + 2):
-            for side in order.sample(list(sides), 2):
+            for side in order.sample(list(sides), len(sides)):
                 start = clock()
                 sides[side]()
                 end = clock()
@@ -395,8 +393,21 @@ def edge_costs(module, ids, net, rounds: int) -> tuple[float, float]:
     finally:
         for handle in handles:
             handle.remove()
-    added = statistics.median(t - b for t, b in zip(spent["traced"], spent["bare"]))
-    return added / 1e3, statistics.median(spent["bare"]) / 1e3
+    return spent
+
+
+def added_at_edges(spent: dict, side: str) -> float:
+    """Median over rounds of `side`'s edges minus the bare forward's (`edge_times`), µs."""
+    return statistics.median(t - b for t, b in zip(spent[side], spent["bare"])) / 1e3
+
+
+def edge_costs(module, ids, net, rounds: int) -> tuple[float, float]:
+    """What an empty trace adds at the forward's edges (`edge_times`), against the bare forward: (median of trace −
+    bare, median of the bare forward's own edges), µs. Interlace's empty trace hooks nothing, so this is all it adds;
+    nnsight's hooks every module (its column shows only the whole figure)."""
+    spent = edge_times(module, {"bare": bare(ModelSpec("", module, [], kwargs={"input_ids": ids})),
+                                "traced": _traced_items(net, ids, 0, False, None)}, rounds)
+    return added_at_edges(spent, "traced"), statistics.median(spent["bare"]) / 1e3
 
 
 def item_costs(wrap, repeats: int, warmup: int) -> dict:
