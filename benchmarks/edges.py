@@ -17,9 +17,10 @@ bare forward's, with the 64-block figure over the 2-block one:
 
 The second table is the mechanism: a 64-block forward streams ~25 MB (weights and the vocabulary projection)
 through a 32 MB last-level cache that other processes share, a 2-block one ~13 MB; after the longer one what
-runs next finds its lines in memory rather than in that cache, at about three times the cost each (55 and 162 ns a line, 7 December). Any Python work
-between two forwards pays it, a raw hook's and the bare forward's own included: a trace that does the same work
-on 2 and 64 blocks (benchmarks/bytecodes.py and misses.py count it) costs about twice the µs on 64.
+runs next finds more of its lines in memory rather than in that cache, at 1.5 to 3 times the cost each (two runs
+of 7 December). Any Python work between two forwards pays it, a raw hook's and the bare forward's own included:
+a trace that does the same work on 2 and 64 blocks (bytecodes.py and misses.py count it) costs about twice the µs
+on 64.
 """
 
 from __future__ import annotations

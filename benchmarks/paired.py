@@ -7,7 +7,11 @@ steering edits (`out[:, -1] += c`) of the 64-block one, for this checkout, the b
 beside the bare forward. Printed: the median
 over rounds of (this checkout − baseline), and of each minus its reference (the bare forward for the empty
 trace, raw hooks for saves and edits), per trace or per item (an item's share of its 64-item trace, the
-trace's fixed cost included: ~1 µs an item).
+trace's fixed cost included: ~1 µs an item). The empty trace is timed at the forward's edges (overhead.py's
+`edge_times`: the time outside the model's forward), which leaves the forward's own noise out: on 64 blocks the
+whole call's varies by more than a trace costs. Where each package's code lies in memory moves that figure too:
+two copies of the same commit read 0.1-2.7 µs apart on 2 blocks and 6-10 µs on 64, either way (three runs of 7
+December), so a change smaller than that shows only on 2 blocks, or counted (bytecodes.py, misses.py).
 
 Why: on a shared machine the same work times several µs per item apart from one run to the next (a slow spell
 moves raw hooks' per-item cost from 12 to 21 µs), so a difference between two single-run fits under ~5 µs is
@@ -30,14 +34,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hooks import load_baseline  # noqa: E402
-from overhead import _raw_items, _traced_items, interlace, small_gpt2  # noqa: E402
+from overhead import _raw_items, _traced_items, edge_times, interlace, small_gpt2  # noqa: E402
 
 ITEMS = 64
 
 
-def variants(packages: dict, work: str, blocks: int) -> tuple[dict, int]:
-    """The callables to time for `work` ("empty", "save", "edit") on a GPT-2 of `blocks` blocks, and the count of
-    items each does."""
+def variants(packages: dict, work: str, blocks: int) -> tuple[dict, int, torch.nn.Module]:
+    """The callables to time for `work` ("empty", "save", "edit") on a GPT-2 of `blocks` blocks, the count of
+    items each does, and the model."""
     empty = work == "empty"
     module, ids = small_gpt2(blocks)
     items = 0 if empty else ITEMS
@@ -51,7 +55,7 @@ def variants(packages: dict, work: str, blocks: int) -> tuple[dict, int]:
     for name, package in packages.items():
         net = package.Model(module)
         runs[name] = _traced_items(net, ids, items, work == "edit", steer, {"early_stop": False})
-    return runs, items
+    return runs, items, module
 
 
 def paired(runs: dict, rounds: int) -> dict:
@@ -85,14 +89,18 @@ def main(argv=None) -> None:
         print("| work (reference) | this − baseline | this − reference | baseline − reference |")
         print("|---|---|---|---|")
         for work, blocks in (("empty", 2), ("empty", ITEMS), ("save", ITEMS), ("edit", ITEMS)):
-            runs, items = variants(packages, work, blocks)
-            times = paired(runs, args.rounds)
+            runs, items, module = variants(packages, work, blocks)
+            if work == "empty":
+                spent = edge_times(module, runs, args.rounds)
+                times = {name: [ns / 1e9 for ns in each] for name, each in spent.items()}
+            else:
+                times = paired(runs, args.rounds)
             other = "bare" if work == "empty" else "raw hooks"
             unit = "µs a trace" if work == "empty" else "µs an item"
             cells = [median_difference(times["this"], times["baseline"], items),
                      median_difference(times["this"], times[other], items),
                      median_difference(times["baseline"], times[other], items)]
-            label = (f"empty trace, {blocks} blocks (bare forward)" if work == "empty"
+            label = (f"empty trace at the forward's edges, {blocks} blocks (bare forward)" if work == "empty"
                      else f"each {work}, {blocks} blocks (raw hooks)")
             print(f"| {label} | " + " | ".join(f"{cell:+.2f} {unit}" for cell in cells) + " |", flush=True)
 
