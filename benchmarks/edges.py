@@ -12,8 +12,8 @@ bare forward's, with the 64-block figure over the 2-block one:
 - interlace's run, layer by layer: the grad switch it uses instead of `torch.no_grad()`, then with the collector's
   pause around it (`interlace.collector`), then with an interleaver on an empty graph (the plan, the guard, the
   hooks' install), then the whole `with model.trace(..., early_stop=False): pass` (tracer, request, `Model.run`);
-- what a cold cache line costs after each forward: reading one byte from each of 64 lines of a 64 MB buffer (a
-  page apart), against reading one byte 64 times (the same Python work, one line), divided by 63.
+- what a cold cache line costs after each forward: reading one byte from each of 64 lines of a 64 MB buffer (1 MB
+  apart), against reading one byte 64 times (the same Python work, one line), divided by 63.
 
 The second table is the mechanism: a 64-block forward streams ~25 MB (weights and the vocabulary projection)
 through a 32 MB last-level cache that other processes share, a 2-block one ~13 MB; after the longer one what
@@ -43,10 +43,9 @@ from interlace.backends.local import Interleaver  # noqa: E402
 from interlace.graph import Graph  # noqa: E402
 from overhead import ModelSpec, _traced_items, added_at_edges, bare, edge_times, small_gpt2  # noqa: E402
 
-PAGE = 4096
-BUFFER = 64 << 20  # bytes of the buffer whose pages are read cold
+BUFFER = 64 << 20  # bytes of the buffer whose lines are read cold
 READS = 64  # lines read after the forward
-ONE_LINE, SPREAD = f"then one line, read {READS} times", f"then {READS} lines, a page apart"
+ONE_LINE, SPREAD = f"then one line, read {READS} times", f"then {READS} lines, {BUFFER // READS >> 20} MB apart"
 
 
 def sides(module, ids, buffer: bytearray) -> dict:
@@ -82,7 +81,7 @@ def sides(module, ids, buffer: bytearray) -> dict:
         finally:
             collector.resume()
 
-    spread = [n * PAGE for n in range(0, BUFFER // PAGE, BUFFER // PAGE // READS)][:READS]
+    spread = [n * (BUFFER // READS) for n in range(READS)]
 
     def reading(offsets):
         def run():
