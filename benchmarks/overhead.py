@@ -310,7 +310,6 @@ def scaling_rows(repeats: int, warmup: int, sizes=(1, 16, 256)) -> list[list[str
 
 # -- per item: fixed µs + µs per save / edit ---------------------------------------------------------
 FIT_COUNTS = {2: (0, 1, 2), 64: (0, 8, 16, 32, 64)}  # blocks -> numbers of saved or edited blocks
-EDGE_ROUNDS = {False: 301, True: 31}  # rounds of `edge_costs` (True: --quick)
 NNSIGHT_PYTHON = os.environ.get("NNSIGHT_PYTHON", str(Path(__file__).resolve().parents[1] / ".venv-nnsight/bin/python"))
 
 
@@ -421,7 +420,7 @@ def item_costs(wrap, repeats: int, warmup: int) -> dict:
         module, ids = small_gpt2(layers)
         net, steer = wrap(module), torch.full((64,), 0.01)
         if wrap is interlace.Model:  # (nnsight's figure at the edges would leave out its hooks: not shown)
-            costs[(layers, "edges")] = edge_costs(module, ids, net, EDGE_ROUNDS[repeats < 61])
+            costs[(layers, "edges")] = edge_costs(module, ids, net, 5 * repeats)  # (rounds: each is short)
         fns = {"bare": bare(ModelSpec("", module, [], kwargs={"input_ids": ids}))}
         for k in counts:
             for work in ("save", "edit"):
