@@ -177,15 +177,24 @@ def token_at(model, value, idx: int):
     return value[torch.arange(value.shape[0]), position]
 
 
-def check_prompt_lengths(model, prompts, idx: int | None) -> None:
-    """A clear error, before anything runs, where token `idx` lies outside one of `prompts`."""
-    if idx is None or idx == -1:  # (every prompt has a last token: no need to tokenize them twice)
-        return
+def check_prompt_lengths(model, prompts, idx, name: str = "idx") -> list[int]:
+    """A clear error, before anything runs, where token `idx` (one for every prompt, or a sequence of one for
+    each) lies outside its prompt. Returns the prompts' lengths in tokens (none where `idx` needs no look)."""
+    if idx is None or isinstance(idx, int) and idx == -1:  # (every prompt has a last token: no need to tokenize)
+        return []
     lengths = [len(ids) for ids, _ in model._sequences(prompts)] if hasattr(model, "_sequences") else []
-    for number, length in enumerate(lengths):
-        if not -length <= idx < length:
-            raise InterlaceError(f"idx={idx} lies outside prompt {number}, which has {length} token(s): pass an idx "
-                                 f"from {-length} to {length - 1}, or leave that prompt out")
+    each = [idx] * len(lengths) if isinstance(idx, int) else [int(position) for position in idx]
+    for number, (position, length) in enumerate(zip(each, lengths)):
+        if not -length <= position < length:
+            raise InterlaceError(f"{name}={position} lies outside prompt {number} ({_shortened(prompts[number])}), "
+                                 f"which has {length} token(s): pass {name} from {-length} to {length - 1}, or leave "
+                                 "that prompt out")
+    return lengths
+
+
+def _shortened(prompt) -> str:
+    text = repr(prompt)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @torch.no_grad()

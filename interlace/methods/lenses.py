@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .activations import get_token_activations
-from .getters import kept, standardized
+from .getters import check_prompt_lengths, kept, standardized
 
 
 @torch.no_grad()
@@ -127,9 +127,10 @@ class TargetPromptBatch:
         return (self[i] for i in range(len(self)))
 
 
-def _from_end(model, prompts: list[str], positions: torch.Tensor) -> torch.Tensor:
-    """Positions counted from each prompt's end (left padding puts every prompt's end at -1)."""
-    lengths = torch.tensor([len(ids) for ids in model.tokenizer(prompts)["input_ids"]])
+def _from_end(model, prompts: list[str], positions: torch.Tensor, name: str) -> torch.Tensor:
+    """Positions counted from each prompt's end (left padding puts every prompt's end at -1); one outside its
+    prompt (`name` is the argument that gave it) is refused, as it would write padding that nothing reads."""
+    lengths = torch.tensor(check_prompt_lengths(model, prompts, positions.tolist(), name))
     return torch.where(positions < 0, positions, positions - lengths)
 
 
@@ -154,13 +155,14 @@ def patchscope_lens(
         raise ValueError("give either source_prompts or latents")
     if latents is None:
         source_prompts = [source_prompts] if isinstance(source_prompts, str) else list(source_prompts)
-        latents = get_token_activations(model, source_prompts, layers=layers, remote=remote)
     # (in a session the latents read here are a traced value: their sizes are known from the arguments)
     count = len(source_prompts) if source_prompts is not None else latents.shape[1]
     targets = TargetPromptBatch.auto(repeat_prompt() if target_patch_prompts is None else target_patch_prompts, count)
     if len(targets) != count:
         raise ValueError(f"{count} sources but {len(targets)} target prompts")
-    rows, columns = torch.arange(count), _from_end(model, targets.prompts, targets.index_to_patch)
+    rows, columns = torch.arange(count), _from_end(model, targets.prompts, targets.index_to_patch, "index_to_patch")
+    if latents is None:
+        latents = get_token_activations(model, source_prompts, layers=layers, remote=remote)
     probs = []
     for index, layer in enumerate(layers):
         with model.trace(targets.prompts, remote=remote):
@@ -181,9 +183,10 @@ def patchscope_generate(
     model = standardized(model)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     layers = list(range(model.num_layers)) if layers is None else list(layers)
-    hiddens = get_token_activations(model, prompts, layers=layers, remote=remote)
     targets = [target_patch_prompt.prompt] * len(prompts)
-    column = int(_from_end(model, targets[:1], torch.tensor([int(target_patch_prompt.index_to_patch)]))[0])
+    column = int(_from_end(model, targets[:1], torch.tensor([int(target_patch_prompt.index_to_patch)]),
+                               "index_to_patch")[0])
+    hiddens = get_token_activations(model, prompts, layers=layers, remote=remote)
     generations = {}
     for index, layer in enumerate(layers):
         hidden_states = hiddens[index]  # (by index: in a session `hiddens` is a traced value)
@@ -207,11 +210,11 @@ def patch_object_attn_lens(
     model = standardized(model)
     source_prompts = [source_prompts] if isinstance(source_prompts, str) else list(source_prompts)
     target_prompts = [target_prompts] if isinstance(target_prompts, str) else list(target_prompts)
+    rows = torch.arange(len(target_prompts))
+    columns = _from_end(model, target_prompts, torch.full((len(target_prompts),), attn_idx_patch), "attn_idx_patch")
     sources = get_token_activations(
         model, source_prompts, get_activations=lambda m, layer: m.attentions_input[layer], remote=remote
     )
-    rows = torch.arange(len(target_prompts))
-    columns = _from_end(model, target_prompts, torch.full((len(target_prompts),), attn_idx_patch))
     probs = []
     for layer in range(model.num_layers):
         with model.trace(target_prompts, remote=remote):

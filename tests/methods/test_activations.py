@@ -50,8 +50,8 @@ def test_an_index_outside_a_prompt_is_an_error_naming_it(model):
     outputs, padding = layer_outputs(model, PROMPTS[:3])
     torch.testing.assert_close(acts[0], outputs[1][torch.arange(3), padding + 1])
     for idx in (1, -2):  # before anything runs: the idx, the prompt and what would do
-        with pytest.raises(InterlaceError, match=f"idx={idx} lies outside prompt 4, which has 1 token\\(s\\): pass an "
-                                                 "idx from -1 to 0"):
+        with pytest.raises(InterlaceError, match=f"idx={idx} lies outside prompt 4 \\('w31'\\), which has 1 token\\(s\\): "
+                                                 "pass idx from -1 to 0"):
             collect_token_activations_batched(model, PROMPTS, batch_size=2, layers=[1], idx=idx, tqdm=None)
     with pytest.raises(ExecutionError, match="out of bounds") as caught:  # recorded into a trace: when it runs
         with model.trace(PROMPTS) as tracer:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from interlace import StandardizedTransformer
+from interlace.errors import InterlaceError
 from interlace.methods import (
     TargetPrompt,
     TargetPromptBatch,
@@ -155,6 +156,32 @@ def test_target_prompt_helpers():
     tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
     chat = it_repeat_prompt(tokenizer, words=["w3"])
     assert chat.prompt.startswith("<system>") and chat.prompt.endswith("<assistant>w3 w3\n?") and chat.index_to_patch == -1
+
+
+def test_a_patch_position_outside_its_target_prompt_is_refused_before_anything_runs(model):
+    """Batched with a longer target, a short one's position past its start would be a padding column: the patch
+    would write where nothing reads, and its row would come back unpatched without a word."""
+    short = "w31 w32"  # two tokens
+    calls = []
+    handle = model.module.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        for index in (2, -3):
+            targets = [TargetPrompt(TARGETS[1], -1), TargetPrompt(short, index)]
+            with pytest.raises(InterlaceError, match=f"index_to_patch={index} lies outside prompt 1 \\('w31 w32'\\), "
+                                                     "which has 2 token\\(s\\): pass index_to_patch from -2 to 1"):
+                patchscope_lens(model, source_prompts=SOURCES, target_patch_prompts=targets, layers=[1])
+            with pytest.raises(InterlaceError, match=f"index_to_patch={index} lies outside prompt 0"):
+                patchscope_generate(model, SOURCES, TargetPrompt(short, index), max_length=2, layers=[1])
+            with pytest.raises(InterlaceError, match=f"attn_idx_patch={index} lies outside prompt 1 \\('w31 w32'\\)"):
+                patch_object_attn_lens(model, SOURCES[:1], [TARGETS[1], short], attn_idx_patch=index, num_patches=1)
+    finally:
+        handle.remove()
+    assert not calls  # not even the sources' forwards
+    # the last position of each prompt, counted from its start, is its last token: the same patch as -1
+    first = TargetPromptBatch.from_prompts([TARGETS[1], short], [4, 1])
+    last = TargetPromptBatch.from_prompts([TARGETS[1], short], [-1, -1])
+    torch.testing.assert_close(patchscope_lens(model, source_prompts=SOURCES, target_patch_prompts=first, layers=[1]),
+                               patchscope_lens(model, source_prompts=SOURCES, target_patch_prompts=last, layers=[1]))
 
 
 def test_patchscope_generate_starts_with_the_lens_prediction(model):
