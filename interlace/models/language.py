@@ -366,6 +366,11 @@ class LanguageModel(Model):
             if left is not None and sum(len(ids) for ids, _ in seqs) > left:
                 raise LimitError(f"the prompts hold more than {max_tokens} tokens, over the limit of token "
                                  "positions (max_tokens); send fewer or shorter prompts")
+            empty = next((number for number, (ids, _) in enumerate(seqs) if not ids), None)
+            if empty is not None:  # (a row of padding only: the model would run on it, and its values mean nothing)
+                raise InterlaceError(
+                    f"prompt {empty} of invoke {len(rows)} has no tokens: {self._no_tokens(args[0], empty)}. Leave it "
+                    "out, or give it some text")
             rows.append((len(sequences), len(sequences) + len(seqs)))
             sequences.extend(seqs)
         length = max(len(ids) for ids, _ in sequences)
@@ -384,6 +389,13 @@ class LanguageModel(Model):
         if type(forward) is types.MethodType and type(forward.__func__) is types.FunctionType:
             return _takes(forward.__func__, name)  # (its class's function: cached, and it holds no model)
         return _takes.__wrapped__(forward, name)
+
+    def _no_tokens(self, value, number: int) -> str:
+        """Why prompt `number` of an invoke's input `value` has no tokens."""
+        texts = [value] if isinstance(value, str) else value
+        if isinstance(texts, (list, tuple)) and number < len(texts) and isinstance(texts[number], str):
+            return f"{texts[number]!r} tokenizes to nothing, and this tokenizer adds no start token"
+        return "its token ids are empty (or its attention mask is all zeros)"
 
     def _sequences(self, value, budget: int | None = None) -> list[tuple[list[int], list[int]]]:
         """(token ids, attention mask) pairs for one invoke's input; prompts are tokenized one at a

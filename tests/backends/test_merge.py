@@ -103,6 +103,19 @@ def test_a_failing_request_fails_alone(lm):
     assert_same(answers[2], lm.run(good[1]))
 
 
+def test_a_request_with_a_prompt_without_tokens_fails_alone_and_the_others_share_a_forward(lm):
+    def empty(lm, tracer):
+        with tracer.invoke(["w5 w6", ""]):
+            lm.output.logits.save()
+
+    good = [recorded(lm, steer("w5 w6", 1, 2.0)), recorded(lm, steer("w8 w9", 1, 3.0))]
+    answers, runs = run_counting(lm, [good[0], recorded(lm, empty), good[1]])
+    assert isinstance(answers[1], interlace.InterlaceError) and "prompt 1 of invoke 0 has no tokens" in str(answers[1])
+    assert sorted(runs) == [1, 2]  # the empty one tried alone (its one invoke); the two good ones in one forward
+    assert_same(answers[0], lm.run(good[0]))
+    assert_same(answers[2], lm.run(good[1]))
+
+
 def test_one_request_stopping_does_not_cut_the_forward_for_the_others(lm):
     def stops_early(lm, tracer):
         with tracer.invoke("w5 w6"):

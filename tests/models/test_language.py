@@ -64,6 +64,37 @@ def test_input_forms_give_the_same_batch():
             lm.output.save()
 
 
+def test_a_prompt_without_tokens_is_refused_naming_it_and_the_model_runs_on():
+    """A text the tokenizer makes nothing of would be a row of padding only: the model runs on it (or fails on an
+    empty float tensor, alone) and what it gives that row means nothing."""
+    model = tiny("llama")
+    lm = LanguageModel(model, tokenizer=tiny_tokenizer())
+    ids = torch.tensor([[5, 6]])
+    cases = [
+        (lambda tracer: None, "", "prompt 0 of invoke 0 has no tokens: '' tokenizes to nothing, and this tokenizer "
+                                  "adds no start token. Leave it out, or give it some text"),
+        (lambda tracer: None, ["w5 w6", " "], "prompt 1 of invoke 0 has no tokens: ' ' tokenizes to nothing"),
+        (lambda tracer: tracer.invoke(""), "w5", "prompt 0 of invoke 1 has no tokens"),
+        (lambda tracer: None, {"input_ids": ids, "attention_mask": torch.zeros_like(ids)},
+         "prompt 0 of invoke 0 has no tokens: its token ids are empty \\(or its attention mask is all zeros\\)"),
+    ]
+    for more, prompts, message in cases:
+        with pytest.raises(interlace.InterlaceError, match=message):
+            with lm.trace(prompts) as tracer:
+                invoke = more(tracer)
+                if invoke is not None:
+                    with invoke:
+                        lm.output.logits.save()
+                lm.output.logits.save()
+        assert_clean(model)
+    with pytest.raises(interlace.InterlaceError, match="prompt 0 of invoke 0 has no tokens"):
+        with lm.generate("", max_new_tokens=2):
+            lm.generator.output.save()
+    with lm.trace("w5 w6"):  # the model takes traces as before
+        logits = lm.output.logits.save()
+    torch.testing.assert_close(logits[0], alone(model, [5, 6]))
+
+
 def test_an_invoke_without_input_records_lines_for_every_row_as_nnsight_05s_does():
     model = tiny("llama")
     lm = LanguageModel(model)
