@@ -678,9 +678,11 @@ class Interleaver:
         target = self.nodes[node.args[0].index]
         new = self._resolve(node.args[1])
         event = self._find_event(target.index)
-        if target.op == "module_value" and (difference := unlike(self.values.get(target.index), new)):
+        if target.op == "module_value" and (difference := unlike(self.values.get(target.index), new, plain=True)):
             self.unlike.append(f"{target.describe()} was replaced ({self._where(node)}) by a value of {difference}: "
-                               "the modules after it expect what it gave")
+                               "the modules after it expect what it gave"
+                               + ("" if isinstance(new, torch.Tensor) else
+                                  " (to set the tensor's values instead, assign into it: `.output[:] = value`)"))
         if self.untrusted:
             self.guard.check_replacement(self.values.get(target.index, event.value), new, "the replacement value")
         if target.op == "grad":
@@ -973,8 +975,15 @@ class BatchIndexWarning(UserWarning):
 _warned_paths: set[str] = set()
 
 
-def unlike(old, new) -> str | None:
-    """How a tensor that replaces a module's tensor differs from it in shape or dtype (None: it does not)."""
+def unlike(old, new, *, plain: bool = False) -> str | None:
+    """How a tensor that replaces a module's tensor differs from it in shape or dtype (None: it does not).
+
+    plain: also describe a value that is no tensor (`output = 0`), which the modules after it may take
+    (`residual + 0`) or not: said only where the model then failed."""
+    if plain and isinstance(old, torch.Tensor) and not isinstance(new, torch.Tensor):
+        text = repr(new)
+        return (f"type {type(new).__name__} ({text if len(text) <= 30 else text[:27] + '...'}) where it gave a tensor "
+                f"of shape {list(old.shape)}")
     if not (isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor)):
         return None
     if old.shape != new.shape:

@@ -82,6 +82,33 @@ def test_a_replacement_unlike_the_value_it_replaces_is_an_error_at_its_line(repl
     assert_clean(model)
 
 
+def test_a_plain_value_in_place_of_a_tensor_runs_where_the_model_takes_it_and_names_its_line_where_not():
+    """`mlp.output = 0` is `residual + 0` to a Llama layer: it runs, with or without scan, as a hook returning zeros.
+    `layer.output = 0` breaks the next layer: the model's error names the assignment and how to set values."""
+    model = tiny("llama")
+    lm = LanguageModel(model)
+    handle = model.model.layers[0].mlp.register_forward_hook(lambda m, a, out: torch.zeros_like(out))
+    try:
+        with torch.no_grad():
+            want = model(torch.tensor([[5, 6, 7]])).logits
+    finally:
+        handle.remove()
+    for scan in (False, True):
+        with lm.trace([[5, 6, 7]], scan=scan):
+            lm.model.layers[0].mlp.output = 0
+            logits = lm.output.logits.save()
+        torch.testing.assert_close(logits, want)
+    with pytest.raises(interlace.ModelError) as info:
+        with lm.trace([[5, 6, 7]]):
+            lm.model.layers[0].output = 0  # meant: set its values
+            lm.output.logits.save()
+    message = str(info.value)
+    assert "model.layers.0.output was replaced (" in message and "# meant: set its values) by a value of type int (0) " \
+        "where it gave a tensor of shape [1, 3, 32]: the modules after it expect what it gave (to set the tensor's " \
+        "values instead, assign into it: `.output[:] = value`)" in message
+    assert_clean(model)
+
+
 def test_scan_with_invokes_and_language_model():
     model = tiny("llama")
     lm = LanguageModel(model)
