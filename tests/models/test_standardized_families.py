@@ -200,5 +200,30 @@ def test_out_of_reach_architectures_get_a_clear_error(config, message):
         interlace.StandardizedTransformer(model)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen2", "gpt_neox", "gemma2"])
+def test_the_bare_model_without_its_head_is_a_clear_error(model_type):
+    """AutoModel where AutoModelForCausalLM was meant: the family is known, but its layers sit one level up and
+    there is no head. The error says so, not torch's `get_submodule` deep in the set-up."""
+    family = FAMILIES[model_type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bare = transformers.AutoModel.from_config(tiny_family(model_type).config)
+    with pytest.raises(interlace.StandardizationError) as info:
+        interlace.StandardizedTransformer(bare)
+    assert str(info.value).startswith(
+        f"{type(bare).__name__} lacks '{family.layers}' (its layers) and '{family.lm_head}' (its head), which a "
+        f"'{model_type}' language model has. StandardizedTransformer takes the model with its language-model head "
+        "(loaded with AutoModelForCausalLM), not the bare model (AutoModel)")
+
+
+def test_a_model_without_a_model_type_is_named_so_in_the_warning():
+    model = tiny_family("gpt2")
+    model.config.model_type = ""
+    with pytest.warns(UserWarning, match="^A model whose config names no model_type is not in interlace's tested "
+                                         "family table"):
+        found = interlace.StandardizedTransformer(model)
+    assert found.family.layers == "transformer.h"
+
+
 if __name__ == "__main__":
     print(families_table())

@@ -83,14 +83,30 @@ def family_of(module: torch.nn.Module, rename_config: RenameConfig | None = None
         )
     row = FAMILIES.get(model_type)
     if row is not None and rename_config is None:
+        _check_has(module, row, model_type)
         return row
     if row is None and rename_config is None:
+        named = f"'{model_type}'" if model_type else "A model whose config names no model_type"
         warnings.warn(
-            f"'{model_type}' is not in interlace's tested family table; its module names were found by "
+            f"{named} is not in interlace's tested family table; its module names were found by "
             "search. Run `interlace check-model` on it, and pass a RenameConfig if a name is wrong.",
             stacklevel=3,
         )
     return _search(module, rename_config or RenameConfig(), row)
+
+
+def _check_has(module: torch.nn.Module, row: Family, model_type: str) -> None:
+    """A clear error where `module` lacks the layers or head that its family's models have (most often: the bare
+    model, loaded with AutoModel, which has no language-model head and keeps its layers one level up)."""
+    paths = dict(module.named_modules())
+    missing = [f"'{path}' ({part})" for part, path in (("its layers", row.layers), ("its head", row.lm_head))
+               if path not in paths]
+    if missing:
+        raise StandardizationError(
+            f"{type(module).__name__} lacks {' and '.join(missing)}, which a '{model_type}' language model has. "
+            "StandardizedTransformer takes the model with its language-model head (loaded with "
+            "AutoModelForCausalLM), not the bare model (AutoModel); for another layout pass a RenameConfig "
+            "(layers_name=..., lm_head_name=...).")
 
 
 def _search(module: torch.nn.Module, names: RenameConfig, row: Family | None = None) -> Family:
