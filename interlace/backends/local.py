@@ -395,6 +395,8 @@ class Interleaver:
                     if new is not view or not strided:
                         output[where] = new
             except Exception as error:
+                if at != steps[0]:  # (the getitem's value: the error shows its operator's operands)
+                    self.values[steps[0]] = view
                 self._edit_failed(path, call, output, at, error)
         saved = self.saved
         for index in values:
@@ -437,6 +439,8 @@ class Interleaver:
                         guard.before_call(store.target, _setitem, (output, where, new), {})
                         output[where] = new
         except Exception as error:
+            if at != steps[0]:  # (as in _edit)
+                self.values[steps[0]] = view
             self._edit_failed(path, call, output, at, error)
         return True
 
@@ -858,12 +862,32 @@ class Interleaver:
     def _execution_error(self, node, error: Exception) -> ExecutionError:
         waiting = f" in the hook of {self._event_name()}" if self.events else ""
         backward = node.op == "call_method" and node.target == "backward"  # (autograd's errors say what to do)
+        shapes = isinstance(error, (IndexError, RuntimeError)) and not backward
         return ExecutionError(
             f"{self._where(node)}\n  {type(error).__name__}: {error}\n"
-            f"  while running {node.describe()}{waiting}."
-            + (" Check the shapes and indices on that line."
-               if isinstance(error, (IndexError, RuntimeError)) and not backward else "")
+            f"  while running {node.describe()}{self._operands(node) if shapes else ''}{waiting}."
+            + (" Check the shapes and indices on that line." if shapes else "")
         ).at(node)
+
+    def _operands(self, node) -> str:
+        """` on (...)`: what node's call was handed, tensors by shape (an index error's message names a dimension
+        of torch's own view, not the user's: the shapes say which); empty where a value is gone."""
+        event = self.events[-1] if self.events else None
+
+        def value(ref):
+            if ref.index in self.values:
+                return self.values[ref.index]
+            source = self.nodes[ref.index]  # (an edit's hook hands its module value straight to it)
+            if event is not None and source.op == "module_value" and event.key == (
+                    source.target, source.kwargs.get("kind"), source.kwargs.get("call", 0)):
+                return event.value
+            raise LookupError(ref.index)
+
+        try:
+            args = map_refs(node.args, value)
+        except LookupError:
+            return ""
+        return f" on ({', '.join(_shown(arg) for arg in args)})"
 
     def _event_name(self) -> str:
         key = self.events[-1].key
@@ -945,6 +969,26 @@ class Interleaver:
                 "run another implementation than the code `.source` shows: transformers picks one when the model "
                 "runs (for experts, attention). Choose the plain Python one to read inside it, e.g. "
                 "`config._experts_implementation = \"eager\"` or `attn_implementation=\"eager\"` when loading")
+
+
+def _shown(value, depth: int = 0) -> str:
+    """A short text of an operand: a tensor by its shape and dtype (a small integer one, an index, by its values
+    too), a slice as written, containers item by item, a plain value by its repr, anything else by its type."""
+    if isinstance(value, torch.Tensor):
+        text = f"Tensor{list(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+        if not value.is_floating_point() and value.numel() <= 8 and value.device.type != "meta":
+            text += f" = {value.tolist()}"
+        return text
+    if isinstance(value, slice):
+        text = ":".join("" if part is None else str(part) for part in (value.start, value.stop))
+        return text + (f":{value.step}" if value.step is not None else "")
+    if isinstance(value, (tuple, list)) and depth < 2:
+        items = ", ".join(_shown(item, depth + 1) for item in value[:6]) + (", ..." if len(value) > 6 else "")
+        return f"({items})" if isinstance(value, tuple) else f"[{items}]"
+    if value is None or isinstance(value, (bool, int, float, complex, str)):
+        text = repr(value[:31] if isinstance(value, str) else value)  # (a stranger's long string is not copied whole)
+        return text if len(text) <= 30 else text[:27] + "..."
+    return type(value).__name__
 
 
 def _onto_itself(tensor, view, new) -> bool:

@@ -946,14 +946,21 @@ def test_shape_error_names_the_user_line_and_module(mlp, x):
             net.layers[1].output[:, 0] = torch.ones(5)  # wrong shape
     message = str(info.value)
     assert "test_local.py" in message and "torch.ones(5)" in message
-    assert "layers.1 (output, call 0)" in message
+    # what the operation was handed, tensors by shape: torch's message alone does not say which is which
+    assert "operator.setitem(...) on (Tensor[2, 8] float32, (:, 0), Tensor[5] float32) in the hook of layers.1 " \
+        "(output, call 0)" in message
     assert_clean(mlp)
+    with pytest.raises(interlace.ExecutionError) as info:  # torch names a dimension of its own view here
+        with net.trace(x):
+            net.layers[0].output[:, torch.tensor([9])].save()
+    assert "dimension 0 with size 8" in str(info.value)
+    assert "operator.getitem(...) on (Tensor[2, 8] float32, (:, Tensor[1] int64 = [9]))" in str(info.value)
     with pytest.raises(interlace.ExecutionError) as info:  # (an edit the hook does itself: see Plan.edits)
         with net.trace(x):
             net.layers[2].output[:, 1] += torch.ones(3)  # wrong shape too
     message = str(info.value)
     assert "torch.ones(3)  # wrong shape too" in message and "layers.2 (output, call 0)" in message
-    assert "operator.iadd" in message
+    assert "operator.iadd(...) on (Tensor[2] float32, Tensor[3] float32)" in message
     assert_clean(mlp)
     with torch.no_grad():  # the model still works as before
         with net.trace(x):
