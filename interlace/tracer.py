@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import warnings
 
 import torch
 
 from . import collector, ops
 from .binding import bind_saved, bound, values_of
 from .blocks import Condition, Iteration, Steps
-from .errors import InterlaceError, NotSavedError
+from .errors import InterlaceError, NotSavedError, describe_location
 from .graph import Graph, Node, Ref, Request, StoreBack, TraceSpec, basic_index, item_updated, unique_refs
 from .proxy import Proxy
 from .stream import Stream
@@ -486,11 +487,30 @@ class Tracer(Recorder):
             self.graph.make_copies()
         self.results, self.missing = outcome.results, outcome.missing
         if self.copies:
+            self._warn_of_plain_lists(frame)
             self._bind_last_steps()
         if self._caches:
             self._bind_caches()
         if self.results:
             bind_saved(frame, (self,))
+
+    def _warn_of_plain_lists(self, frame) -> None:
+        """A plain list that a block over several steps appended to holds one value, the last step's: the block is
+        recorded once (nnsight 0.5 runs its Python at every step, and ported code expects a value per step)."""
+        found = []
+        for name, held in frame.f_locals.items():
+            if type(held) is list:
+                stepped = next((item for item in held if isinstance(item, Proxy) and item._tracer is self and any(
+                    start <= item._index < end for start, end, _ in self.copies)), None)
+                if stepped is not None:
+                    found.append((name, stepped))
+        for name, stepped in found:  # (after the loop: a warning at module level adds a global)
+            line = describe_location(self.graph.nodes[stepped._index].location)
+            warnings.warn(
+                f"`{name}` is a plain list, and a block over several steps appended a value to it ({line}): the "
+                "block is recorded once, so the list holds one value, the last step's. To keep a value per step, "
+                f"make it a list recorded in the graph: `{name} = interlace.list().save()` before the block.",
+                StepsInPlainListWarning, stacklevel=5)
 
     def _bind_last_steps(self) -> None:
         """A value saved in a block over several steps binds as its last step's that ran, as a name
@@ -559,6 +579,10 @@ class Editor(Tracer):
         if exc_type is None:
             self.edited._edits = list(self.graph)  # (as recorded: see Graph.add_copy_later)
         return False
+
+
+class StepsInPlainListWarning(UserWarning):
+    """A plain Python list holds a value saved in a block over several generation steps: only the last step's."""
 
 
 def pending(options: dict) -> bool:

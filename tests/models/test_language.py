@@ -2,6 +2,7 @@
 
 import copy
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -348,6 +349,35 @@ def test_a_value_saved_in_a_block_over_steps_binds_as_its_last_step():
             step.save()  # the name bound by `as` holds it after the run, as any saved value's name
             marks.append(step)
     assert step == 3 and marks == [0, 1, 2, 3]
+
+
+def test_a_plain_list_appended_to_in_a_block_over_steps_warns_that_it_holds_the_last_step():
+    """nnsight 0.5 runs a block's Python at every step; here it is recorded once, so ported code that appends to a
+    plain list gets one value. The warning names the list and its line; `interlace.list()` and a plain list
+    filled outside any block over steps are left alone."""
+    model = tiny("gpt2")
+    lm = LanguageModel(model)
+    logits = []
+    with pytest.warns(interlace.StepsInPlainListWarning) as caught:
+        with lm.generate([5, 6, 7], max_new_tokens=3) as tracer:
+            with tracer.all():
+                logits.append(lm.lm_head.output[:, -1].save())  # one per step, as nnsight 0.5 would have it
+    message = str(caught[0].message)
+    assert message.startswith("`logits` is a plain list, and a block over several steps appended a value to it (")
+    assert "logits.append(lm.lm_head.output[:, -1].save())  # one per step" in message
+    assert "so the list holds one value, the last step's" in message and "`logits = interlace.list().save()`" in message
+    assert caught[0].filename == __file__  # the user's `with` line
+    assert len(logits) == 1 and torch.equal(logits[0], per_step_outputs(model, "lm_head", [5, 6, 7], 3)[2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", interlace.StepsInPlainListWarning)
+        kept, first = [], []
+        with lm.generate([5, 6, 7], max_new_tokens=3) as tracer:
+            every = interlace.list().save()
+            with tracer.all():
+                every.append(lm.lm_head.output[:, -1])
+            first.append(lm.lm_head.output[:, -1].save())  # the first step's, outside any block
+            kept.append(lm.generator.output.save())
+    assert len(every) == 3 and len(first) == 1 and kept[0].shape == (1, 6)
 
 
 def test_hugging_face_generation_settings_are_the_callers():
