@@ -5,6 +5,7 @@ plain forward. The by-value check of every family is in test_standardized_famili
 """
 
 import dataclasses
+import re
 import warnings
 
 import pytest
@@ -369,6 +370,23 @@ def test_steer_refuses_positions_it_cannot_index_with(llama, positions):
                                                    "or a slice"):
         with llama.trace(IDS):
             llama.steer(0, torch.zeros(32), token_positions=positions)
+
+
+@pytest.mark.parametrize("shape", [(33,), (32, 2), ()])
+def test_a_vector_not_as_wide_as_the_residual_stream_is_refused_at_its_line(llama, shape):
+    """Its own error would come from a hook or the final norm (`size of tensor a (32) must match ... (33)`)."""
+    message = re.escape(f"must have the model's hidden size (32) as its last dimension, as residual-stream values do; "
+                        f"got a tensor of shape {list(shape)}")
+    with pytest.raises(StandardizationError, match="^steer's steering_vector " + message) as info:
+        with llama.trace(IDS):
+            llama.steer(0, torch.zeros(shape))  # the steering line
+    assert "llama.steer(0, torch.zeros(shape))  # the steering line" in str(info.getrepr())
+    with pytest.raises(StandardizationError, match="^project_on_vocab's hidden " + message):
+        llama.project_on_vocab(torch.zeros(shape))
+    assert_clean(llama.module)
+    with llama.trace(IDS):  # the model traces as before
+        logits = llama.logits.save()
+    torch.testing.assert_close(logits, hooked_logits(llama.module, []))
 
 
 def test_steer_positions_is_nnterps_deprecated_name_for_token_positions(llama):

@@ -455,6 +455,7 @@ class StandardizedTransformer(LanguageModel):
             warnings.warn("`positions` is deprecated, use `token_positions` instead.", DeprecationWarning, stacklevel=2)
             token_positions = positions
         layers = [layers] if isinstance(layers, int) else sorted(layers)
+        self._check_width(steering_vector, "steer's steering_vector")
         delta = factor * steering_vector
         rows, columns = _steered(batch_index, "batch_index"), _steered(token_positions, "token_positions")
         if isinstance(rows, torch.Tensor) and isinstance(columns, torch.Tensor) and rows.dim() and columns.dim():
@@ -470,9 +471,19 @@ class StandardizedTransformer(LanguageModel):
         float32 copy of a bfloat16 model's hidden state, say).
         """
         weight = getattr(self.lm_head.module, "weight", None)
+        self._check_width(hidden, "project_on_vocab's hidden")
         if isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor):
             hidden = hidden.to(weight.dtype)
         return self.family.final_transform(self.lm_head(self.ln_final(hidden)), self.config)
+
+    def _check_width(self, value, what: str) -> None:
+        """A tensor whose last dimension is not the residual stream's width is refused at the caller's line (its
+        own error would come from inside the model's norm or a hook, naming neither)."""
+        width = self.hidden_size
+        if isinstance(value, torch.Tensor) and width is not None and (not value.dim() or value.shape[-1] != width):
+            raise StandardizationError(
+                f"{what} must have the model's hidden size ({width}) as its last dimension, as residual-stream values "
+                f"do; got a tensor of shape {list(value.shape)}")
 
     def get_topk_closest_tokens(self, hidden: torch.Tensor, k: int = 5):
         """The `k` likeliest next tokens of a saved hidden state, as `{token: probability}`.
