@@ -16,7 +16,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from ..source import rewrite_attributes, rewritten_forward
-from .tree import ModelTree
+from .tree import ModelTree, tables_of
 
 
 _HOOK_TABLES = (
@@ -56,7 +56,9 @@ class Attachments:
         and are left for the next one when this run changed nothing."""
         self.first_id = RemovableHandle.next_id  # hooks registered from now on have ids from here
         self.tree = ModelTree.of(root)
-        self.tables = self.tree.tables
+        # every module's instance dict, the root's first (the tree holds none of the root's: see tree.py)
+        self.attributes = [vars(root), *self.tree.attributes]
+        self.tables = [*tables_of(self.attributes[0]), *self.tree.tables]
         self.carried = carried and self.tree.held
         kept = self.tree.copies if self.carried else None
         self.copies = kept if kept is not None else list(map(dict.copy, self.tables))
@@ -71,8 +73,8 @@ class Attachments:
         self.clean = not changed and not hooked
         if self.clean:
             return
-        for number, ((name, _), attributes) in enumerate(zip(self.tree.modules, self.tree.attributes)):
-            name = name or "<root>"
+        names = ["<root>", *(name for name, _ in self.tree.modules)]
+        for number, (name, attributes) in enumerate(zip(names, self.attributes)):
             mine = slice(3 * number, 3 * number + 3) if changed else slice(0)
             for table, copy, what in zip(self.tables[mine], self.copies[mine], self._TABLES):
                 # (but a `.source` rewrite's: part of the model once made)

@@ -44,13 +44,18 @@ class ModelTree:
 
     def __init__(self, root: torch.nn.Module):
         self.epoch = ModelTree.epoch
-        # every (path, module), a module shared by two paths under both (its hooks are looked at once each)
-        self.modules = list(root.named_modules(remove_duplicate=False))
+        # every (path, module) below the root, a module shared by two paths under both (its hooks are looked at
+        # once each). Nothing here holds the root or its instance dict: the cache of trees is the module's, and a
+        # tree that held its key would keep every model ever traced alive (a `.source` rewrite puts a method of
+        # the module in its instance dict). Its children do not hold it.
+        everything = root.named_modules(remove_duplicate=False)
+        self.modules = [(path, module) for path, module in everything if module is not root]
         self.by_path = dict(self.modules)
         self.attributes = [vars(module) for _, module in self.modules]  # each module's instance dict (itself)
-        # what a run may change on a module in place: its instance dict, parameter table and buffer table (state.py)
-        self.tables = [table for attributes in self.attributes
-                       for table in (attributes, attributes["_parameters"], attributes["_buffers"])]
+        # what a run may change on a module in place: its instance dict, parameter table and buffer table (state.py;
+        # the root's, `tables_of(root)`, are read there)
+        self.tables = [table for attributes in self.attributes for table in tables_of(attributes)]
+        ModelTree._members.add(root)
         ModelTree._members.update(module for _, module in self.modules)
         self.weights: list[tuple[str, torch.Tensor]] = []  # (name, tensor): every parameter and buffer once
         self.tensors: dict[int, torch.Tensor] = {}  # data_ptr -> a weight with that storage
@@ -58,7 +63,7 @@ class ModelTree:
         self.buffers: list[int] = []  # the numbers in `weights` of the buffers
         self.buffer_copies: dict[int, tuple[int, torch.Tensor]] = {}  # number -> (version, copy): writes.Versions
         seen, names = set(), set()
-        for prefix, module in self.modules:
+        for prefix, module in [("", root), *self.modules]:
             for table in (module._parameters, module._buffers):
                 for key, tensor in table.items():
                     if tensor is None:
@@ -114,6 +119,11 @@ class ModelTree:
         """Whether the storage at `pointer` is a weight's."""
         tensor = self.tensors.get(pointer)
         return tensor is not None and tensor.untyped_storage().data_ptr() == pointer
+
+
+def tables_of(attributes: dict) -> tuple[dict, dict, dict]:
+    """A module's tables a run may change in place, from its instance dict: that dict, `_parameters`, `_buffers`."""
+    return attributes, attributes["_parameters"], attributes["_buffers"]
 
 
 def _registered(module, *_):

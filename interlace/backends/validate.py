@@ -197,7 +197,8 @@ def check_against_model(graph: Graph, root, extra_modules: dict, invokes: int, s
         if node.op in ("module_value", "skip", "module_call"):
             if paths is None:
                 paths = ModelTree.of(root).by_path
-            if node.target not in paths and node.target not in extra_modules and node.target not in points:
+            target = node.target
+            if target and target not in paths and target not in extra_modules and target not in points:  # ('': root)
                 _source_point(node, root, paths, extra_modules)
                 points.add(node.target)
             if node.op == "module_call" and node.target in extra_modules:

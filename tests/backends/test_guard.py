@@ -1,12 +1,17 @@
 """Local writes to weights: undone after the trace, found through a per-model index that stays current."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
 import interlace
+from interlace.backends.limits import Limits
+from interlace.backends.serialize import deserialize_request, serialize_graph
 from interlace.backends.tree import ModelTree
 
-from helpers import Table
+from helpers import MLP, Table, tiny, tiny_tokenizer
 
 
 class Net(torch.nn.Module):
@@ -122,6 +127,44 @@ def test_the_tree_is_kept_across_forwards_that_make_modules_and_listed_again_whe
     module.layers.append(torch.nn.Linear(3, 3))  # the model itself gains a module
     fresh = ModelTree.of(module)
     assert fresh is not tree and "layers.2.weight" in [name for name, _ in fresh.weights]
+
+
+def _traced_every_way(module: torch.nn.Module) -> weakref.ref:
+    """Wrap `module`, run it through a local trace that writes a weight, a `.source` read of the root's forward and
+    an untrusted run; returns a weak reference to it (everything else made here goes when this returns)."""
+    x = torch.randn(2, 3)
+    net = interlace.Model(module)
+    with net.trace(x) as tracer:
+        net.head.weight[:] = 0  # copied first, put back after the run
+        net.source.embed_0.output.save()  # rewrites the root's forward: a method of it in its own dict
+        net.output.save()
+    request = deserialize_request(serialize_graph(tracer.graph, tracer.invokes, options=tracer.spec(0).options))
+    with net.trace(x) as tracer:
+        net.layers[0].output.save()
+    request = deserialize_request(serialize_graph(tracer.graph, tracer.invokes, options=tracer.spec(0).options))
+    net.run(request, untrusted=True, limits=Limits())
+    assert ModelTree._cache.get(module) is not None
+    return weakref.ref(module)
+
+
+def test_a_model_traced_in_every_way_is_freed_when_its_last_reference_goes():
+    """The module-wide cache of trees is keyed by the model, weakly: a tree holding its model (or the model's own
+    dict) would keep every model a sweep over checkpoints or seeds traced alive, weights and all."""
+    torch.manual_seed(0)
+    for gone in (_traced_every_way(MLP().eval()), _generated_with_steering()):
+        gc.collect()
+        assert gone() is None
+
+
+def _generated_with_steering() -> weakref.ref:
+    # (in a function: before Python 3.13, the names a trace binds are written through the frame's dict of locals,
+    # which holds every local until the frame ends, `del` or not)
+    lm = interlace.StandardizedTransformer(tiny("llama"), tokenizer=tiny_tokenizer())
+    with lm.generate("w5 w6", max_new_tokens=2) as tracer:
+        with tracer.all():
+            lm.steer(1, torch.ones(32))
+        lm.layers_output[0].save()
+    return weakref.ref(lm.module)
 
 
 def test_a_module_called_on_a_weight_that_writes_it_in_place_is_undone_after_the_trace():
