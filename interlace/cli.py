@@ -171,18 +171,6 @@ def _doctor(args) -> int:
     return 1 if "FAILED" in text else 0
 
 
-def _unit(limit: str) -> str:
-    """What a limit of `Limits` counts, from its name."""
-    for ending, unit in (("_bytes", "bytes"), ("_seconds", "seconds"), ("_tokens", "tokens"), ("_bits", "bits"),
-                         ("_elements", "tensor elements"), ("_length", "items (or characters)"),
-                         ("_depth", "levels of nesting")):
-        if limit.endswith(ending):
-            return unit
-    if not limit.startswith("max_"):
-        return limit.replace("_", " ")  # flops per second: a rate, not a count
-    return limit.removeprefix("max_")  # nodes, traces, pieces, invokes: the count itself
-
-
 def _flag(parser, name: str, default, help: str) -> None:
     parser.add_argument("--" + name.replace("_", "-"), dest=name, type=type(default), default=default,
                         metavar=type(default).__name__.upper(), help=f"{help} (default {default})")
@@ -226,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="let the server reach the Hugging Face Hub (default: HF_HUB_OFFLINE=1, local files only)")
     serve.add_argument("--check-weights", action="store_true",
                        help="test mode: checksum the weights after every job (see /v1/health)")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                       help="the least severe messages the server logs (default info)")
     serve.add_argument("--standardized", action="store_true",
                        help="host it as a StandardizedTransformer, so clients can read per-head values")
     serve.add_argument("--attention-probs", action="store_true",
@@ -254,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         if spec.name != "limits":
             _flag(serve, spec.name, spec.default, service_help[spec.name])
     for name in Limits.names():
-        _flag(serve, name, getattr(Limits(), name), f"limit of every job, in {_unit(name)}")
+        _flag(serve, name, getattr(Limits(), name), Limits.described(name))
     serve.set_defaults(handler=_serve)
 
     keys = commands.add_parser("keys", help="create, list or revoke the API keys of a server")

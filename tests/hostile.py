@@ -768,6 +768,22 @@ def huge_string():
     return attack(raw([{"index": 0, "op": "log", "args": ["x" * 20_000_000]}]))
 
 
+@case("LimitError", r"trace 0: a string of 20000002 characters is over the limit of 1000000 \(max_prompt_length\)")
+def huge_prompt():
+    g = Builder()
+    g.save(g.out())
+    return attack(g.bytes(invokes=[(("w3 " * 6_666_666 + "w4 w",), {})]))
+
+
+@case(None, "")
+def a_prompt_longer_than_a_graph_string_runs():
+    """A prompt is bounded by max_prompt_length and its tokens by max_tokens, not by max_string_length (10,000
+    characters, about 2,500 tokens of English: a long document would be refused)."""
+    g = Builder()
+    g.save(g.out())
+    return attack(g.bytes(invokes=[(("w3 " * 5_000,), {})]))
+
+
 @case("LimitError", r"the graph has 1000000 nodes, over the limit of 100000 \(max_nodes\)")
 def a_million_nodes():
     nodes = b",".join([b'{"index":0,"op":"stop"}'] * 1_000_000)

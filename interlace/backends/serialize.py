@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import bisect
+import contextlib
 import functools
 import json
 import math
@@ -409,6 +410,17 @@ class _Decoder:
     def __init__(self, tensors: dict, limits: Limits):
         self.tensors, self.limits = tensors, limits
         self.used: set[str] = set()
+        # the strings of a graph are bounded by max_string_length; an invoke's, its prompts, by max_prompt_length
+        self.strings = (limits.max_string_length, "max_string_length")
+
+    @contextlib.contextmanager
+    def prompts(self):
+        """Decode an invoke's inputs: its strings are prompts, whose length in tokens a run bounds (max_tokens)."""
+        self.strings = (self.limits.max_prompt_length, "max_prompt_length")
+        try:
+            yield
+        finally:
+            self.strings = (self.limits.max_string_length, "max_string_length")
 
     def decode(self, obj, limit, depth: int = 0):
         """Decode tagged JSON; refs must point below `limit` (None: refs are not allowed here)."""
@@ -472,9 +484,9 @@ class _Decoder:
         raise SerializationError(f"unrecognized value {_short(obj)}")
 
     def text(self, value: str) -> str:
-        if len(value) > self.limits.max_string_length:
-            raise LimitError(f"a string of {len(value)} characters is over the limit of "
-                             f"{self.limits.max_string_length} (max_string_length)")
+        most, name = self.strings
+        if len(value) > most:
+            raise LimitError(f"a string of {len(value)} characters is over the limit of {most} ({name})")
         return value
 
     def check_all_used(self) -> None:
@@ -653,9 +665,10 @@ def deserialize_request(data: bytes, *, trusted: bool = False, limits: Limits | 
             if not trace.start <= trace.end <= len(graph) or traces and trace.start != traces[-1].end:
                 raise SerializationError(f"span {trace.start}..{trace.end} does not follow the previous trace")
             # an input may be the value of a node before the trace (a session's value)
-            invokes = [(tuple([decoder.decode(a, trace.start) for a in invoke.args]),
-                        {decoder.text(k): decoder.decode(v, trace.start) for k, v in invoke.kwargs.items()})
-                       for invoke in trace.invokes]
+            with decoder.prompts():
+                invokes = [(tuple([decoder.decode(a, trace.start) for a in invoke.args]),
+                            {decoder.text(k): decoder.decode(v, trace.start) for k, v in invoke.kwargs.items()})
+                           for invoke in trace.invokes]
             options = _checked_options({decoder.text(k): decoder.decode(v, None) for k, v in trace.options.items()})
         except InterlaceError as error:
             raise type(error)(f"trace {number}: {error}") from None

@@ -11,6 +11,8 @@ import sys
 import time
 
 import pytest
+
+from interlace.backends.limits import Limits
 import torch
 
 import interlace
@@ -101,7 +103,14 @@ def test_the_serve_help_gives_units_and_defaults(capsys):
         cli.main(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "port to listen on (default 8000)" in text
-    assert "--max-frame-bytes INT limit of every job, in bytes" in text and "in seconds (default 300.0)" in text
+    assert "--max-frame-bytes INT the most bytes of a whole request or result, as received (default 268435456)" in text
+    assert "--max-seconds FLOAT the most seconds of wall clock a job may run (checked between operations) " \
+        "(default 300.0)" in text
+    assert "--flops-per-second FLOAT not a limit but the machine's speed the server assumes" in text
+    assert "--log-level {debug,info,warning,error} the least severe messages the server logs (default info)" in text
+    for name in Limits.names():  # each limit says what it bounds
+        assert f"--{name.replace('_', '-')} {type(getattr(Limits(), name)).__name__.upper()} " \
+            f"{' '.join(Limits.described(name).split())} (default" in text
 
 
 def test_serve_on_a_port_in_use_says_so_before_loading_the_model(setup, capsys, monkeypatch):
