@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm as auto_tqdm
 
-from .getters import check_prompt_lengths, get_layer_output, get_num_layers, kept, token_at
+from .getters import check_prompt_lengths, get_layer_output, get_num_layers, kept, progress, token_at
 
 
 def _read(model, layers, get_activations, idx):
@@ -73,9 +73,7 @@ def collect_token_activations_batched(
     Returns `[len(layers), num_prompts, hidden]` on the CPU. tqdm: the progress bar (None for none).
     """
     check_prompt_lengths(model, prompts, idx)
-    starts = range(0, len(prompts), batch_size)
-    if tqdm is not None:
-        starts = tqdm(starts, desc="collecting activations", unit="batch")
+    starts = progress(model, range(0, len(prompts), batch_size), tqdm, "collecting activations", "batch")
     batches = [
         _traced(model, prompts[start : start + batch_size], layers, get_activations, remote, idx) for start in starts
     ]

@@ -22,6 +22,14 @@ from ..models.standardized.structure import StandardizationError, observe
 from ..proxy import Proxy
 
 
+def progress(model, items, tqdm, what: str, unit: str):
+    """`items` with a progress bar (`tqdm`; None: none), counting `unit`s of `what`; none in a session, whose
+    traces only record as the loop goes (they run when it ends)."""
+    if tqdm is None or getattr(model, "_session", None) is not None:
+        return items
+    return tqdm(items, desc=what, unit=unit)
+
+
 def kept(value):
     """A method's result: as it is, or saved where it is a traced value (the method was called inside a
     session, whose traces run when it ends; the value is known then)."""

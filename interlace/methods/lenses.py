@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm as auto_tqdm
 
 from .activations import get_token_activations
-from .getters import check_prompt_lengths, kept, standardized
+from .getters import check_prompt_lengths, kept, progress, standardized
 
 
 @torch.no_grad()
@@ -23,7 +24,9 @@ def logit_lens(model, prompts, remote: bool = False) -> torch.Tensor:
 
     Returns `[num_prompts, num_layers, vocab]` probabilities on the CPU: `project_on_vocab` of every
     layer's output (no embedding row), then softmax (in float32, whatever the model's dtype). The last
-    layer's row is `next_token_probs`.
+    layer's row is `next_token_probs`. All prompts go in one forward and the result is
+    `num_layers x vocab` floats a prompt: call it on batches of many prompts (`run_prompts(...,
+    get_probs_func=logit_lens, batch_size=...)` does, with a progress bar, for the tokens it tracks).
     """
     model = standardized(model)
     with model.trace(prompts, remote=remote):
@@ -137,14 +140,15 @@ def _from_end(model, prompts: list[str], positions: torch.Tensor, name: str) -> 
 @torch.no_grad()
 def patchscope_lens(
     model, source_prompts=None, target_patch_prompts=None, layers=None, latents=None, remote: bool = False,
-    *, layer_to_patch=None,
+    *, layer_to_patch=None, tqdm=auto_tqdm,
 ) -> torch.Tensor:
     """Write each source's last-token hidden state into its target prompt, layer by layer, and read the next token.
 
     For each layer (`layers`, or `layer_to_patch` for one; default all), one trace of the targets
     where that layer's output at each target's `index_to_patch` is the source's hidden state at the
     same layer. latents: `[len(layers), num_sources, hidden]` to patch instead of reading sources.
-    Returns `[num_sources, len(layers), vocab]` probabilities on the CPU.
+    Returns `[num_sources, len(layers), vocab]` probabilities on the CPU. tqdm: the progress bar over layers
+    (None for none).
     """
     model = standardized(model)
     if layer_to_patch is not None and layers is not None:
@@ -164,7 +168,7 @@ def patchscope_lens(
     if latents is None:
         latents = get_token_activations(model, source_prompts, layers=layers, remote=remote)
     probs = []
-    for index, layer in enumerate(layers):
+    for index, layer in progress(model, list(enumerate(layers)), tqdm, "patchscope", "layer"):
         with model.trace(targets.prompts, remote=remote):
             hidden = model.layers_output[layer]
             hidden[rows, columns] = latents[index].to(hidden)
@@ -175,10 +179,12 @@ def patchscope_lens(
 @torch.no_grad()
 def patchscope_generate(
     model, prompts, target_patch_prompt: TargetPrompt, max_length: int = 50, layers=None, remote: bool = False,
+    *, tqdm=auto_tqdm,
 ) -> dict[int, torch.Tensor]:
     """`patchscope_lens` that generates: `{layer: token ids}` generated from the patched target, on the CPU.
 
-    The patch applies to the target's own forward pass; `max_length` new tokens follow.
+    The patch applies to the target's own forward pass; `max_length` new tokens follow. tqdm: the progress bar
+    over layers (None for none).
     """
     model = standardized(model)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -188,7 +194,7 @@ def patchscope_generate(
                                "index_to_patch")[0])
     hiddens = get_token_activations(model, prompts, layers=layers, remote=remote)
     generations = {}
-    for index, layer in enumerate(layers):
+    for index, layer in progress(model, list(enumerate(layers)), tqdm, "patchscope generation", "layer"):
         hidden_states = hiddens[index]  # (by index: in a session `hiddens` is a traced value)
         with model.generate(targets, max_new_tokens=max_length, remote=remote):
             hidden = model.layers_output[layer]
@@ -200,12 +206,14 @@ def patchscope_generate(
 @torch.no_grad()
 def patch_object_attn_lens(
     model, source_prompts, target_prompts, attn_idx_patch: int, num_patches: int = 5, remote: bool = False,
+    *, tqdm=auto_tqdm,
 ) -> torch.Tensor:
     """Make the attention read each source's last token in place of one target token, over a window of layers.
 
     For each layer `l`, one trace of the targets in which the attention input at position
     `attn_idx_patch` of layers `l` to `l + num_patches - 1` is the source's last-token attention input
-    at the same layer. Returns `[num_targets, num_layers, vocab]` next-token probabilities on the CPU.
+    at the same layer. Returns `[num_targets, num_layers, vocab]` next-token probabilities on the CPU. tqdm: the
+    progress bar over layers (None for none).
     """
     model = standardized(model)
     source_prompts = [source_prompts] if isinstance(source_prompts, str) else list(source_prompts)
@@ -216,7 +224,7 @@ def patch_object_attn_lens(
         model, source_prompts, get_activations=lambda m, layer: m.attentions_input[layer], remote=remote
     )
     probs = []
-    for layer in range(model.num_layers):
+    for layer in progress(model, range(model.num_layers), tqdm, "object-attention lens", "layer"):
         with model.trace(target_prompts, remote=remote):
             for patched in range(layer, min(model.num_layers, layer + num_patches)):
                 hidden = model.attentions_input[patched]

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm as auto_tqdm
 
-from .getters import compute_next_token_probs, kept
+from .getters import compute_next_token_probs, kept, progress
 
 
 def get_first_tokens(words, tokenizer) -> list[int]:
@@ -102,9 +102,7 @@ def run_prompts(
         if list(prompt.target_tokens) != categories:
             raise ValueError(f"every prompt must track the same categories: {categories} vs {list(prompt.target_tokens)}")
     get_probs = get_probs_func or next_token_probs_unsqueeze
-    starts = range(0, len(prompts), batch_size)
-    if tqdm is not None:
-        starts = tqdm(starts, desc="running prompts", unit="batch")
+    starts = progress(model, range(0, len(prompts), batch_size), tqdm, "running prompts", "batch")
     kwargs = dict(func_kwargs or {}, **({"remote": True} if remote else {}))
     probs = torch.cat([get_probs(model, [p.prompt for p in prompts[s : s + batch_size]], **kwargs) for s in starts])
     return {

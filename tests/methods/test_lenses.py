@@ -146,6 +146,33 @@ def test_lenses_run_inside_a_session(model):
                                                                    num_patches=1))
 
 
+def test_the_lenses_that_run_a_trace_per_layer_show_progress_by_layer_but_not_in_a_session(model):
+    bars = []
+
+    def bar(items, desc, unit):  # a stand-in for tqdm: what it was handed, and each item it gave
+        bars.append((desc, unit, []))
+        for item in items:
+            bars[-1][2].append(item)
+            yield item
+
+    target = TargetPrompt(TARGETS[1], -1)
+    scope = patchscope_lens(model, source_prompts=SOURCES, target_patch_prompts=target, layers=[1, 0], tqdm=bar)
+    generated = patchscope_generate(model, SOURCES, target, max_length=2, layers=[1], tqdm=bar)
+    object_lens = patch_object_attn_lens(model, SOURCES[:1], TARGETS[1:], attn_idx_patch=-2, num_patches=1, tqdm=bar)
+    assert bars == [("patchscope", "layer", [(0, 1), (1, 0)]), ("patchscope generation", "layer", [(0, 1)]),
+                    ("object-attention lens", "layer", [0, 1])]
+    # the same numbers without a bar
+    torch.testing.assert_close(scope, patchscope_lens(model, source_prompts=SOURCES, target_patch_prompts=target,
+                                                      layers=[1, 0], tqdm=None))
+    assert torch.equal(generated[1], patchscope_generate(model, SOURCES, target, max_length=2, layers=[1], tqdm=None)[1])
+    torch.testing.assert_close(object_lens, patch_object_attn_lens(model, SOURCES[:1], TARGETS[1:], attn_idx_patch=-2,
+                                                                   num_patches=1, tqdm=None))
+    bars.clear()
+    with model.session():  # its traces run when it ends: a bar would only count their recording
+        patchscope_lens(model, source_prompts=SOURCES, target_patch_prompts=target, layers=[1], tqdm=bar)
+    assert bars == []
+
+
 def test_target_prompt_helpers():
     assert repeat_prompt() == TargetPrompt("king king\n1135 1135\nhello hello\n?", -1)
     assert repeat_prompt(["a"], rel="=", sep=";").prompt == "a=a;?"
