@@ -225,8 +225,9 @@ class Service:
     def cancel(self, job: Job, why: str = "the job was cancelled") -> None:
         """Cancel a job now: a queued one leaves the queue, a running one stops at its next operation or
         generation step (its answer, if one still comes, is dropped)."""
+        queued = job.state == "queued"  # (not what the queue's remove says: a stopping server's queue is closed)
         job.cancel.set()
-        queued = self.queues[job.model].remove(job)
+        self.queues[job.model].remove(job)
         job.fail(CancelledError(f"{why} while {'queued' if queued else 'running'}"), 410)
 
 

@@ -383,3 +383,11 @@ def test_a_stream_waiting_when_the_server_drains_says_to_submit_it_again(setup, 
         assert server.process.wait(60) == 0
     finally:
         server.stop()
+    again = Server(setup["long"], db)  # the reader gave the job up: it was cancelled, and never ran
+    try:
+        status = get(again, key, f"/v1/jobs/{tracer.job.id}").json()
+        assert status["state"] == "cancelled" and status["started"] is None, status
+        assert get(again, key, f"/v1/jobs/{tracer.job.id}/result").json()["message"] == \
+            "the job was cancelled while queued"
+    finally:
+        again.stop()
