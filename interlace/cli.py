@@ -149,7 +149,11 @@ def _keys(args) -> int:
     if args.action == "create":
         if new:
             print(f"created the key database {args.db}", file=sys.stderr)
+        others = [key.id for key in store.list() if key.name == args.name and not key.revoked]
         print(store.create(args.name))  # the only time the key is shown
+        if others:  # (rotating a key: the old one is revoked by its id, not by the name both share)
+            print(f"{args.name!r} has other active keys ({', '.join(others)}): `interlace keys revoke --name "
+                  f"{args.name}` would revoke all of them; revoke one by its id", file=sys.stderr)
     elif args.action == "list":
         for key in store.list():
             print(f"{key.id}  {key.name}  {'revoked' if key.revoked else 'active'}")
@@ -157,8 +161,9 @@ def _keys(args) -> int:
         if not args.name:
             print("interlace keys revoke needs --name NAME or key id", file=sys.stderr)
             return 2
+        active = [key.id for key in store.list() if args.name in (key.id, key.name) and not key.revoked]
         count = store.revoke(args.name)
-        print(f"revoked {count} key(s)")
+        print(f"revoked {count} key(s)" + (f": {', '.join(active)}" if count else ""))
         return 0 if count else 1
     return 0
 

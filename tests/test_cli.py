@@ -40,6 +40,24 @@ def test_serve_refuses_a_limit_that_is_not_a_number(db, capsys):
     assert "limit max_seconds must be a positive finite number, not nan" in capsys.readouterr().err
 
 
+def test_a_second_key_for_a_name_says_how_to_revoke_one_and_revoke_names_what_it_revoked(tmp_path, capsys):
+    """Rotating a key makes a second one for the same name; revoking by that name revokes both."""
+    path = str(tmp_path / "keys.db")
+    assert cli.main(["keys", "create", "--db", path, "--name", "alice"]) == 0
+    first = capsys.readouterr().out.strip()
+    assert cli.main(["keys", "create", "--db", path, "--name", "alice"]) == 0
+    second, said = capsys.readouterr()
+    old = first.split("_")[1]
+    assert f"'alice' has other active keys ({old}): `interlace keys revoke --name alice` would revoke all of them; " \
+           "revoke one by its id" in said
+    assert cli.main(["keys", "revoke", "--db", path, "--name", old]) == 0
+    assert capsys.readouterr().out == f"revoked 1 key(s): {old}\n"
+    store = KeyStore(path)
+    assert store.verify(first) is None and store.verify(second.strip()).name == "alice"
+    assert cli.main(["keys", "revoke", "--db", path, "--name", old]) == 1  # nothing left to revoke
+    assert capsys.readouterr().out == "revoked 0 key(s)\n"
+
+
 def test_serve_warns_when_no_key_is_active_and_refuses_a_missing_database(monkeypatch, tmp_path, capsys):
     path = str(tmp_path / "keys.db")
     store = KeyStore(path)
