@@ -54,6 +54,7 @@ class Point(torch.nn.Module):
         self._calls: list = []  # the callees of this point's calls now running (innermost last)
         self._inner = None  # (callee, its rewrite) once `.source` is used on this point
         self._swapped = None  # (a function calling the callee, the same calling the rewrite): see _swap
+        self.bypassed = None  # the last function called here in place of the rewritten one (see _swap)
 
     def forward(self, *args, **kwargs):
         return self._calls[-1](*args, **kwargs)
@@ -84,7 +85,8 @@ class Point(torch.nn.Module):
             if self._swapped is None or self._swapped[0] is not fn:
                 self._swapped = (fn, calling_instead(target, rewritten))
             return self._swapped[1]
-        return fn  # another function than the one rewritten (another attention implementation)
+        self.bypassed = fn  # another function than the one rewritten (another attention implementation)
+        return fn
 
     def extra_repr(self) -> str:
         return f"{self.code}  (line {self.line})"

@@ -426,6 +426,26 @@ class _Switching(torch.nn.Module):
         return torch.mul(x, 2)
 
 
+def test_a_call_site_inside_an_attention_function_the_model_did_not_call_names_the_one_it_called():
+    """`.source` of the attention call shows the eager function; under sdpa the model calls another one, so the
+    eager function's call sites never run: the error says which function ran instead, and how to get the eager."""
+    lm = interlace.LanguageModel(model_of("llama", "sdpa"))
+    inner = "model.layers.0.self_attn.source.attention_interface_0"
+    with pytest.raises(interlace.OutOfOrderError) as caught:
+        with lm.trace([[5, 6, 7]]):
+            lm.model.layers[0].self_attn.source.attention_interface_0.source.softmax_0.output.save()
+    message = str(caught.value)
+    assert f"the forward of {inner} did not make that call in this run" in message
+    assert f"{inner} last called sdpa_attention_forward, not eager_attention_forward, whose code its `.source` " \
+           "shows" in message and 'attn_implementation="eager"' in message
+    assert_clean(lm.module)
+    lm.module.set_attn_implementation("eager")  # then the call sites run
+    with lm.trace([[5, 6, 7]]):
+        probabilities = lm.model.layers[0].self_attn.source.attention_interface_0.source.softmax_0.output.save()
+    assert probabilities.shape == (1, 4, 3, 3)
+    torch.testing.assert_close(probabilities.sum(-1), torch.ones(1, 4, 3))
+
+
 @pytest.mark.parametrize("fast", [False, True])
 def test_a_call_site_its_forward_never_makes_names_the_module_and_a_wrapper_that_runs_other_code(fast):
     """The point's owner is the module (it named 'layer.source'); a forward wrapped by an implementation

@@ -37,7 +37,7 @@ from ..errors import (
     did_you_mean,
 )
 from ..graph import OPS, Graph, Ref, map_refs
-from ..source import submodule
+from ..source import Point, submodule
 from .guard import Guard
 from .limits import Limits
 from .plan import Plan
@@ -960,15 +960,28 @@ class Interleaver:
         text = (f"{source.describe()} was never reached: the forward of {owner} did not make that call in this run; "
                 f"print the `.source` of {owner} to see its calls and the branches that make them")
         try:
-            forward = self.root.get_submodule(owner).forward
-        except AttributeError:  # (an outer point, not a module)
+            outer = submodule(self.root, owner)
+        except InterlaceError:
             return text
-        if getattr(forward, "__wrapped__", None) is None:
-            return text
-        return (f"{text}. Its forward is wrapped ({getattr(forward, '__qualname__', forward)}), and the wrapper may "
-                "run another implementation than the code `.source` shows: transformers picks one when the model "
-                "runs (for experts, attention). Choose the plain Python one to read inside it, e.g. "
-                "`config._experts_implementation = \"eager\"` or `attn_implementation=\"eager\"` when loading")
+        if isinstance(outer, Point):
+            called = outer.bypassed
+            if called is None or outer._inner is None:
+                return text
+            said = (f"{owner} last called {_name(called)}, not {_name(outer._inner[0])}, whose code its "
+                    "`.source` shows")
+        else:
+            forward = outer.forward
+            if getattr(forward, "__wrapped__", None) is None:
+                return text
+            said = (f"Its forward is wrapped ({_name(forward)}), and the wrapper may run another implementation than "
+                    "the code `.source` shows")
+        return (f"{text}. {said}: transformers picks one when the model runs (for experts, attention). Choose the "
+                "plain Python one to read inside it, e.g. `config._experts_implementation = \"eager\"` or "
+                "`attn_implementation=\"eager\"` when loading")
+
+
+def _name(function) -> str:
+    return getattr(function, "__qualname__", None) or repr(function)
 
 
 def _shown(value, depth: int = 0) -> str:
