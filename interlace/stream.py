@@ -172,8 +172,9 @@ class Stream:
         """Why a saved value of the run has not bound (it binds after the last step)."""
         if self.stopped:
             return "the loop over tracer.stream() ended before the last step, which stopped the run: nothing binds"
-        return "a streamed run's saved values bind once tracer.stream() has given its last step (read them in " \
-               "the loop as step[value])"
+        return "a streamed run's saved values bind when the loop over tracer.stream() ends, after its last step " \
+               "(inside the loop, read them as step[value]; two streams read side by side with zip() end at the " \
+               "shorter, and the other's loop has not ended)"
 
     def _stop(self) -> None:
         """The reader left early: the run stops at its next step; wait for it so the model is as it was."""

@@ -226,10 +226,14 @@ def test_leaving_the_loop_early_stops_the_generation_at_its_next_step_and_leaves
 def test_a_saved_value_read_before_the_stream_ends_says_when_it_binds(lm):
     with lm.generate(PROMPT, max_new_tokens=2, stream=True) as tracer:
         out = lm.generator.output.save()
-    with pytest.raises(NotSavedError, match="bind once tracer.stream\\(\\) has given its last step"):
+    with pytest.raises(NotSavedError, match="bind when the loop over tracer.stream\\(\\) ends, after its last step"):
         out + 1
-    steps = list(tracer.stream())
-    assert len(steps) == 2 and isinstance(out, torch.Tensor) and out.shape[-1] == len(PROMPT.split()) + 2
+    steps = tracer.stream()
+    next(steps), next(steps)  # the last step given, the loop not ended
+    with pytest.raises(NotSavedError, match="bind when the loop over tracer.stream\\(\\) ends"):
+        out + 1
+    steps = [*steps]
+    assert steps == [] and isinstance(out, torch.Tensor) and out.shape[-1] == len(PROMPT.split()) + 2
 
 
 class Recording(BaseStreamer):
