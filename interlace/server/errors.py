@@ -123,13 +123,19 @@ def install(app: FastAPI) -> None:
 
     async def http_error(request: Request, error: HTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        response = error_response(ServiceError(str(error.detail), status=error.status_code, code=code))
+        refused = ServiceError(str(error.detail), status=error.status_code, code=code)
+        if error.status_code in (404, 405):  # the framework's: a route or method this server has not
+            refused.hint = (f"this server has no {request.method} {request.url.path}: its routes are listed at "
+                            "GET /docs (and /openapi.json)")
+        response = error_response(refused)
         response.headers.update(error.headers or {})  # 405's Allow
         return response
 
     async def invalid(request: Request, error: RequestValidationError):
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()[:3])
-        return error_response(ServiceError(f"invalid request: {problems}", status=400, code="bad_request"))
+        refused = ServiceError(f"invalid request: {problems}", status=400, code="bad_request")
+        refused.hint = "a parameter of the address or the query is not what the route takes (GET /docs lists them)"
+        return error_response(refused)
 
     async def unexpected(request: Request, error: Exception):
         log.exception("unexpected error in %s %s", request.method, request.url.path)

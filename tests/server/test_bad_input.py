@@ -220,6 +220,11 @@ def test_bad_input(server, keys, expected, name):
     assert body["message"] and set(body) == {"code", "message", "node", "hint"}
     if "to a weight" in name:  # its own hint, not the one about user functions
         assert "every job shares the hosted weights" in body["hint"], body
+    hints = {"unknown route": "this server has no GET /v1/everything: its routes are listed at GET /docs",
+             "negative wait": "a parameter of the address or the query is not what the route takes",
+             "unknown job": "job ids are readable only with the key that submitted them"}
+    if name in hints:  # (a route the server lacks is not a job another key owns)
+        assert body["hint"].startswith(hints[name]), body
     if code in ("GraphError", "ExecutionError", "OutOfOrderError", "RefusedError") and "graph" not in name:
         assert body["node"] is None or {"index", "op", "target", "location"} <= set(body["node"])
     assert_good_request_works(server, keys["alice"], expected)
@@ -233,6 +238,7 @@ def test_a_frame_that_lies_about_its_header_says_what_was_found(server, keys):
 def test_a_wrong_method_says_which_are_allowed(server, keys):
     response = httpx.put(f"{server.url}/v1/jobs", headers={"Authorization": f"Bearer {keys['alice']}"})
     assert response.status_code == 405 and response.json()["code"] == "method_not_allowed"
+    assert response.json()["hint"].startswith("this server has no PUT /v1/jobs")
     assert "POST" in response.headers["allow"].replace(" ", "").split(",")
 
 
