@@ -16,7 +16,7 @@ from .proxy import Proxy
 _MISSING = object()
 # Containers longer than this are not searched for saved proxies when binding names (that would
 # cost time on every trace); proxies in them still work and give their value through `.value`.
-_LARGEST_SCANNED = 1024
+LARGEST_SCANNED = 1024
 _SEARCHED = (list, dict, tuple)
 # what may hold a saved proxy, told apart by type alone: a notebook's scope has hundreds of names (IPython's
 # `_i1`, `_i2`, ...) and lists of results that hold none; they are passed over in C, not with a call each
@@ -43,7 +43,7 @@ def bound(obj, recorders: tuple, depth: int):
             return obj if value is _MISSING else value
         return obj
     kind = type(obj)
-    if depth == 0 or kind not in _SEARCHED or len(obj) > _LARGEST_SCANNED:
+    if depth == 0 or kind not in _SEARCHED or len(obj) > LARGEST_SCANNED:
         return obj
     if _HOLDERS.isdisjoint(map(type, obj.values() if kind is dict else obj)):
         return obj

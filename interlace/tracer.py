@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from . import collector, ops
-from .binding import bind_saved, bound, values_of
+from .binding import LARGEST_SCANNED, bind_saved, bound, values_of
 from .blocks import Condition, Iteration, Steps
 from .errors import InterlaceError, NotSavedError, describe_location
 from .graph import Graph, Node, Ref, Request, StoreBack, TraceSpec, basic_index, item_updated, unique_refs
@@ -499,7 +499,7 @@ class Tracer(Recorder):
         recorded once (nnsight 0.5 runs its Python at every step, and ported code expects a value per step)."""
         found = []
         for name, held in frame.f_locals.items():
-            if type(held) is list:
+            if type(held) is list and len(held) <= LARGEST_SCANNED:  # (as binding searches them)
                 stepped = next((item for item in held if isinstance(item, Proxy) and item._tracer is self and any(
                     start <= item._index < end for start, end, _ in self.copies)), None)
                 if stepped is not None:
