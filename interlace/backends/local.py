@@ -1035,12 +1035,13 @@ _warned_paths: set[str] = set()
 def unlike(old, new, *, plain: bool = False) -> str | None:
     """How a tensor that replaces a module's tensor differs from it in shape or dtype (None: it does not).
 
-    plain: also describe a value that is no tensor (`output = 0`), which the modules after it may take
-    (`residual + 0`) or not: said only where the model then failed."""
+    plain: also describe a value that is no tensor (`output = 0`), or a tensor where a tuple was (an attention's
+    output), which the modules after it may take (`residual + 0`) or not: said only where the model then failed."""
     if plain and isinstance(old, torch.Tensor) and not isinstance(new, torch.Tensor):
-        text = repr(new)
-        return (f"type {type(new).__name__} ({text if len(text) <= 30 else text[:27] + '...'}) where it gave a tensor "
-                f"of shape {list(old.shape)}")
+        return f"type {type(new).__name__} ({_shown(new)}) where it gave a tensor of shape {list(old.shape)}"
+    if plain and type(old) is tuple and isinstance(new, torch.Tensor):
+        return (f"type Tensor (shape {list(new.shape)}) where it gave a tuple of {len(old)} (to replace one of its "
+                "items, assign into that item: `.output[0][:] = value`)")
     if not (isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor)):
         return None
     if old.shape != new.shape:

@@ -106,6 +106,13 @@ def test_a_plain_value_in_place_of_a_tensor_runs_where_the_model_takes_it_and_na
     assert "model.layers.0.output was replaced (" in message and "# meant: set its values) by a value of type int (0) " \
         "where it gave a tensor of shape [1, 3, 32]: the modules after it expect what it gave (to set the tensor's " \
         "values instead, assign into it: `.output[:] = value`)" in message
+    with pytest.raises(interlace.ModelError) as info:  # an attention's output is a tuple
+        with lm.trace([[5, 6, 7]]):
+            lm.model.layers[0].self_attn.output = torch.zeros(1, 3, 32)  # meant: its first item
+            lm.output.logits.save()
+    assert "model.layers.0.self_attn.output was replaced (" in str(info.value) and "# meant: its first item) by a " \
+        "value of type Tensor (shape [1, 3, 32]) where it gave a tuple of 2 (to replace one of its items, assign " \
+        "into that item: `.output[0][:] = value`)" in str(info.value)
     assert_clean(model)
 
 
