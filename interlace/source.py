@@ -144,6 +144,10 @@ def rewrite(module: torch.nn.Module, where: str) -> Source:
             raise SourceError(f"cannot rewrite the forward of {where} ({type(module).__name__}): it is compiled "
                               "(torch.jit or torch.compile), so it runs no Python code to rewrite. Read its "
                               "submodules' .output instead, or rewrite the module before compiling it.")
+        if type(module).forward is torch.nn.Module.forward:  # (`_forward_unimplemented`: a container's)
+            raise SourceError(f"{where} ({type(module).__name__}) has no forward of its own to rewrite: it holds "
+                              "modules that its parent calls. Use the `.source` of its parent, or of one of the "
+                              f"modules it holds ({where}[0].source)")
         if "forward" in module.__dict__:
             raise SourceError(f"cannot rewrite the forward of {where} ({type(module).__name__}): the instance has "
                               "its own forward (another tool's wrapper, e.g. accelerate's hooks) in place of its "

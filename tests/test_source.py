@@ -8,6 +8,7 @@ calls, skipped points by a forward hook on the module they call.
 import functools
 import inspect
 import math
+import re
 
 import pytest
 import torch
@@ -424,6 +425,16 @@ class _Switching(torch.nn.Module):
         if x.sum() > 1e9:  # (never, here)
             x = torch.relu(x)
         return torch.mul(x, 2)
+
+
+def test_the_source_of_a_container_without_a_forward_is_an_error_naming_where_to_look():
+    lm = interlace.LanguageModel(model_of("llama"))
+    with pytest.raises(interlace.SourceError, match=re.escape(
+            "model.layers (ModuleList) has no forward of its own to rewrite: it holds modules that its parent calls. "
+            "Use the `.source` of its parent, or of one of the modules it holds (model.layers[0].source)")):
+        print(lm.model.layers.source)
+    assert "LlamaDecoderLayer.forward" in str(lm.model.layers[0].source)
+    assert_clean(lm.module)
 
 
 def test_a_call_site_inside_an_attention_function_the_model_did_not_call_names_the_one_it_called():
