@@ -535,11 +535,12 @@ class Outcome:
     missing: dict = field(default_factory=dict)  # node index -> why a saved node has no value
 
     def __repr__(self) -> str:  # (a tensor's shape, not its numbers: an outcome may hold thousands)
-        results = ", ".join(f"%{index}: {_summary(value)}" for index, value in self.results.items())
+        results = ", ".join(f"%{index}: {summary(value)}" for index, value in self.results.items())
         return f"Outcome(results={{{results}}}, logs={len(self.logs)}, missing={self.missing!r})"
 
 
-def _summary(value) -> str:
+def summary(value) -> str:
+    """A value in a few words: a tensor by type, shape and dtype, a container by its length, else its repr, cut."""
     if hasattr(value, "shape") and hasattr(value, "dtype"):  # a tensor (this module holds no torch)
         return f"{type(value).__name__}{list(value.shape)} {str(value.dtype).removeprefix('torch.')}"
     if isinstance(value, (list, tuple, dict)):

@@ -36,7 +36,7 @@ from ..errors import (
     describe_location,
     did_you_mean,
 )
-from ..graph import OPS, Graph, Ref, map_refs
+from ..graph import OPS, Graph, Ref, map_refs, summary
 from ..source import Point, submodule
 from .guard import Guard
 from .limits import Limits
@@ -877,9 +877,9 @@ class Interleaver:
         def value(ref):
             if ref.index in self.values:
                 return self.values[ref.index]
-            source = self.nodes[ref.index]  # (an edit's hook hands its module value straight to it)
-            if event is not None and source.op == "module_value" and event.key == (
-                    source.target, source.kwargs.get("kind"), source.kwargs.get("call", 0)):
+            # (an edit's hook hands its module value straight to it: the event's value)
+            if event is not None and self.nodes[ref.index].op == "module_value" and \
+                    self.plan.event_keys[ref.index] == event.key:
                 return event.value
             raise LookupError(ref.index)
 
@@ -988,7 +988,7 @@ def _shown(value, depth: int = 0) -> str:
     """A short text of an operand: a tensor by its shape and dtype (a small integer one, an index, by its values
     too), a slice as written, containers item by item, a plain value by its repr, anything else by its type."""
     if isinstance(value, torch.Tensor):
-        text = f"Tensor{list(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+        text = summary(value)
         if not value.is_floating_point() and value.numel() <= 8 and value.device.type != "meta":
             text += f" = {value.tolist()}"
         return text
